@@ -1,0 +1,11 @@
+"""sfgrpo: kernel-accelerated Stepwise-Flow-GRPO for flow-matching image models.
+
+Layers (every import points down): reference math and backend selection at the bottom, custom ops
+above them, the functional API, then trainer / compat / CLI. See ARCHITECTURE in the docs.
+"""
+
+from sfgrpo._version import __version__
+from sfgrpo import reference, schedules
+from sfgrpo.backend import available_backends, resolve_backend
+
+__all__ = ["__version__", "reference", "schedules", "available_backends", "resolve_backend"]

@@ -1,0 +1,141 @@
+"""Which implementation runs an op: decided here and nowhere else.
+
+Every op has a plain-PyTorch reference (`sfgrpo/reference.py`) and one accelerated kernel family:
+`triton` (the fused SDE-step kernels in `sfgrpo.kernels`) or `native` (the C++/CUDA module
+`sfgrpo._C`). The choice is made per call from the tensors' device and the requested backend:
+
+- `auto` (default): CUDA tensors run the op's kernel family (falling back to the reference, with a
+  one-time warning, if that family is not usable); CPU tensors run the native C++ code for
+  `native` ops and the reference for `triton` ops.
+- `reference`: plain PyTorch for every op, on every device.
+- `triton` / `native`: force that kernel family for the ops that have it (an error, not a silent
+  fallback, if it is unusable); ops of the other family keep their `auto` choice. `triton` on CPU
+  tensors runs the kernels in Triton's interpreter and needs TRITON_INTERPRET=1 in the environment
+  before Triton is first imported.
+
+The requested backend comes from a per-call `backend=` argument, else the environment variable
+SFGRPO_BACKEND, else `auto`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from sfgrpo import _native
+
+ENV_VAR = "SFGRPO_BACKEND"
+BACKENDS = ("auto", "reference", "triton", "native")
+KERNEL_FAMILIES = ("triton", "native")
+
+# op name -> kernel family; each op module registers itself here when it is defined.
+_OPS: dict[str, str] = {}
+
+
+def register_op(name: str, family: str) -> None:
+    if family not in KERNEL_FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}; expected one of {KERNEL_FAMILIES}")
+    _OPS[name] = family
+
+
+def registered_ops() -> dict[str, str]:
+    return dict(_OPS)
+
+
+def requested_backend(override: str | None = None) -> str:
+    value = override if override is not None else os.environ.get(ENV_VAR, "auto")
+    value = value.strip().lower() or "auto"
+    if value not in BACKENDS:
+        source = "backend argument" if override is not None else ENV_VAR
+        raise ValueError(f"sfgrpo: {source}={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """(usable, reason) for running Triton kernels on tensors of `device`."""
+    if not _triton_installed():
+        return False, "Triton is not installed (pip install 'sfgrpo[triton]')"
+    if device.type == "cuda":
+        if triton_interpreter_enabled():
+            return False, "TRITON_INTERPRET=1 is set, which runs kernels on CPU tensors only"
+        return True, "Triton on CUDA"
+    if device.type == "cpu":
+        if not triton_interpreter_enabled():
+            return False, "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1"
+        if importlib.util.find_spec("numpy") is None:
+            return False, "Triton's interpreter needs numpy"
+        return True, "Triton interpreter on CPU"
+    return False, f"no Triton support for device type {device.type!r}"
+
+
+def native_status(device: torch.device) -> tuple[bool, str]:
+    """(usable, reason) for running the C++/CUDA module on tensors of `device`."""
+    if not _native.available():
+        return False, "sfgrpo._C is not built"
+    if device.type == "cpu":
+        return True, "C++ (sfgrpo._C.cpu)"
+    if device.type == "cuda":
+        if not _native.has_cuda():
+            return False, "sfgrpo._C was built without CUDA code"
+        return True, "CUDA (sfgrpo._C.cuda)"
+    return False, f"no native support for device type {device.type!r}"
+
+
+def _family_status(family: str, device: torch.device) -> tuple[bool, str]:
+    return triton_status(device) if family == "triton" else native_status(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_once(op: str, device_type: str, reason: str) -> None:
+    warnings.warn(
+        f"sfgrpo: op {op!r} on {device_type} tensors falls back to the PyTorch reference: {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def resolve_backend(op: str, device: torch.device | str, override: str | None = None) -> str:
+    """Returns 'reference', 'triton' or 'native' for running `op` on tensors of `device`."""
+    if op not in _OPS:
+        raise KeyError(f"sfgrpo: unknown op {op!r}; registered ops: {sorted(_OPS)}")
+    device = torch.device(device)
+    family = _OPS[op]
+    requested = requested_backend(override)
+    if requested == "reference":
+        return "reference"
+    if requested == family:
+        usable, reason = _family_status(family, device)
+        if not usable:
+            raise RuntimeError(f"sfgrpo: backend {requested!r} requested for op {op!r} "
+                               f"on {device.type} tensors, but it is unusable: {reason}")
+        return family
+    # auto, or a forced family this op does not have: the op's default choice for the device.
+    usable, reason = _family_status(family, device)
+    if device.type == "cuda" or (device.type == "cpu" and family == "native"):
+        if usable:
+            return family
+        if device.type == "cuda":
+            _warn_fallback_once(op, device.type, reason)
+    return "reference"
+
+
+def available_backends(device: torch.device | str) -> dict[str, tuple[bool, str]]:
+    device = torch.device(device)
+    return {
+        "reference": (True, "plain PyTorch"),
+        "triton": triton_status(device),
+        "native": native_status(device),
+    }

@@ -1,0 +1,83 @@
+"""What this installation can do: versions, native build, Triton, GPU, backend per op."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+
+import torch
+
+from sfgrpo import _native, backend
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _load_ops() -> None:
+    """Imports the op modules so that every op is registered with the backend table."""
+    try:
+        importlib.import_module("sfgrpo.ops")
+    except ModuleNotFoundError as err:
+        if err.name != "sfgrpo.ops":
+            raise
+
+
+def collect() -> dict:
+    _load_ops()
+    from sfgrpo import __version__
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "versions": {
+            "sfgrpo": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda or "none (CPU build)",
+            "triton": _version("triton"),
+            "diffusers": _version("diffusers"),
+            "numpy": _version("numpy"),
+        },
+        "native": _native.build_info(),
+        "gpu": gpu,
+        "backend_requested": backend.requested_backend(),
+        "triton_interpreter": backend.triton_interpreter_enabled(),
+        "available": {d: backend.available_backends(d) for d in devices},
+        "ops": {
+            op: {d: backend.resolve_backend(op, d) for d in devices}
+            for op in sorted(backend.registered_ops())
+        },
+    }
+
+
+def format_report(info: dict) -> str:
+    lines = ["sfgrpo installation report", ""]
+    lines += [f"  {name:<10} {value}" for name, value in info["versions"].items()]
+    native = info["native"]
+    lines += ["", "native module sfgrpo._C:"]
+    if native.get("cpu"):
+        lines.append(f"  CPU code   yes ({native.get('cxx_compiler', '')})")
+        if native.get("cuda"):
+            lines.append(f"  CUDA code  yes, archs {native['cuda_archs']} (nvcc {native['cuda_compiler']})")
+        else:
+            lines.append("  CUDA code  no (nvcc was not found at build time)")
+    else:
+        lines.append(f"  not available: {native.get('error')}")
+    lines += ["", f"GPU: {info['gpu'] or 'none usable by torch'}"]
+    lines.append(f"requested backend (SFGRPO_BACKEND): {info['backend_requested']}")
+    lines.append(f"Triton interpreter (TRITON_INTERPRET): {'on' if info['triton_interpreter'] else 'off'}")
+    for device, table in info["available"].items():
+        lines.append(f"backends usable on {device}:")
+        for name, (usable, reason) in table.items():
+            lines.append(f"  {name:<10} {'yes' if usable else 'no '}  {reason}")
+    lines += ["", "backend each op will use:"]
+    if not info["ops"]:
+        lines.append("  (no ops registered)")
+    for op, per_device in info["ops"].items():
+        lines.append(f"  {op:<24} " + "  ".join(f"{d}: {b}" for d, b in per_device.items()))
+    return "\n".join(lines)

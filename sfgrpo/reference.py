@@ -1,0 +1,498 @@
+"""Plain-PyTorch reference of every formula in the SPEC: the CPU path and the test oracle.
+
+Conventions (SPEC §1): `x_t = (1 - t) x0 + t x1`, t = 1 is noise, t = 0 is data, the network
+predicts `v ~ x1 - x0`. Latents have any rank; dim 0 is the batch. Per-row quantities (t, t',
+noise level) are a Python float, a 0-d tensor or a `[B]` tensor. All math runs in float32
+whatever the storage dtype (bf16 storage overflows and loses the mean otherwise).
+
+Each function here implements exactly one formula; the fused kernels must match them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+SDE_TYPES = ("sde", "cps", "ddim", "ode")
+LOGPROB_CONVENTIONS = ("gaussian", "flow_grpo")
+REDUCTIONS = ("mean", "sum")
+KL_CONVENTIONS = ("exact", "flow_grpo")
+NONFINITE_POLICIES = ("error", "drop")
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------- per-row helpers
+def row_values(value: float | Tensor, batch: int, device: torch.device | str) -> Tensor:
+    """A per-row quantity as a float32 `[batch]` tensor (scalars are broadcast)."""
+    if isinstance(value, Tensor):
+        value = value.to(device=device, dtype=torch.float32)
+        if value.ndim == 0:
+            return value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(f"per-row value must be a scalar or have shape [{batch}], got {tuple(value.shape)}")
+        return value
+    return torch.full((batch,), float(value), dtype=torch.float32, device=device)
+
+
+def per_row(value: float | Tensor, like: Tensor) -> Tensor:
+    """A per-row quantity shaped `[B, 1, ..., 1]` to broadcast against `like`."""
+    rows = row_values(value, like.shape[0], like.device)
+    return rows.reshape((like.shape[0],) + (1,) * (like.ndim - 1))
+
+
+def _reduce_rows(values: Tensor, reduction: str) -> Tensor:
+    dims = tuple(range(1, values.ndim))
+    if reduction == "mean":
+        return values.mean(dim=dims) if dims else values
+    if reduction == "sum":
+        return values.sum(dim=dims) if dims else values
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _elements_per_row(x: Tensor) -> int:
+    return math.prod(x.shape[1:])
+
+
+# --------------------------------------------------------------------------- Tweedie (SPEC §2)
+def tweedie_x0(x: Tensor, v: Tensor, t: float | Tensor) -> Tensor:
+    """Clean estimate `x0_hat = x_t - t v` (float32)."""
+    return x.float() - per_row(t, x) * v.float()
+
+
+def tweedie_x1(x: Tensor, v: Tensor, t: float | Tensor) -> Tensor:
+    """Noise estimate `x1_hat = x_t + (1 - t) v` (float32)."""
+    return x.float() + (1.0 - per_row(t, x)) * v.float()
+
+
+# ------------------------------------------------------------------------ SDE step (SPEC §3)
+class StepCoefficients(NamedTuple):
+    """Per-row scalars of one step: `mean = c_x * x + c_v * v`, `x' = mean + std * eps`.
+
+    `std_dev_t` is what Flow-GRPO calls std_dev_t: `sigma_t` for `sde` (without sqrt(-dt)),
+    the per-step std otherwise. Its KL convention divides by it.
+    """
+
+    c_x: Tensor
+    c_v: Tensor
+    std: Tensor
+    std_dev_t: Tensor
+
+
+def sde_coefficients(
+    sde_type: str,
+    t: Tensor,
+    t_next: Tensor,
+    noise_level: Tensor,
+    sigma_max: Tensor | None = None,
+) -> StepCoefficients:
+    """Coefficients of every SDE type as functions of per-row `[B]` float32 t, t', a.
+
+    `sigma_max` is the `t~` that replaces t = 1 in `sde`'s `sqrt(t / (1 - t~))` (Flow-GRPO uses
+    the grid's second entry); by default the row's own t', which is that entry when stepping from
+    t = 1 along a grid.
+    """
+    dt = t_next - t
+    if sde_type == "sde":
+        t_tilde = torch.where(t >= 1.0, t_next if sigma_max is None else sigma_max, t)
+        sigma_t = noise_level * torch.sqrt(t / (1.0 - t_tilde))
+        correction = sigma_t**2 / (2.0 * t)
+        # mean = x + dt * (v + sigma_t^2 / (2 t) * x1_hat), x1_hat = x + (1 - t) v
+        c_x = 1.0 + dt * correction
+        c_v = dt * (1.0 + correction * (1.0 - t))
+        std = sigma_t * torch.sqrt(-dt)
+        return StepCoefficients(c_x, c_v, std, sigma_t)
+    if sde_type in ("cps", "ddim"):
+        if sde_type == "cps":
+            std = t_next * torch.sin(noise_level * (math.pi / 2.0))
+        else:  # the paper's DDIM-inspired noise form (unverified, SPEC §3)
+            std = noise_level * t_next * torch.sqrt(1.0 - t)
+        # mean = (1 - t') x0_hat + sqrt(t'^2 - s^2) x1_hat with x0_hat = x - t v, x1_hat = x + (1 - t) v
+        keep = torch.sqrt(torch.clamp(t_next**2 - std**2, min=0.0))
+        c_x = (1.0 - t_next) + keep
+        c_v = keep * (1.0 - t) - t * (1.0 - t_next)
+        return StepCoefficients(c_x, c_v, std, std)
+    if sde_type == "ode":
+        zero = torch.zeros_like(t)
+        return StepCoefficients(torch.ones_like(t), dt, zero, zero)
+    raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+
+
+def gaussian_log_prob(
+    sample: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    *,
+    sde_type: str = "sde",
+    convention: str = "gaussian",
+    reduction: str = "mean",
+) -> Tensor:
+    """Per-row log-prob of `sample` under N(mean, std^2 I) (`std` is `[B]`).
+
+    `gaussian`: exact density, `-(x'-mean)^2/(2 s^2) - log s - log sqrt(2 pi)` reduced per row.
+    `flow_grpo`: what Flow-GRPO's code computes: the exact density for `sde`, `-(x'-mean)^2` for the
+    CPS-form means (`cps`, `ddim`). Rows with std = 0 have no density and get 0 (never NaN).
+    """
+    if convention not in LOGPROB_CONVENTIONS:
+        raise ValueError(f"log-prob convention must be one of {LOGPROB_CONVENTIONS}, got {convention!r}")
+    diff_sq = (sample.float() - mean.float()) ** 2
+    has_density = std > 0
+    if convention == "flow_grpo" and sde_type in ("cps", "ddim"):
+        return torch.where(has_density, _reduce_rows(-diff_sq, reduction), 0.0)
+    safe_std = torch.where(has_density, std, torch.ones_like(std))
+    scale = 1.0 if reduction == "mean" else float(_elements_per_row(sample))
+    quad = _reduce_rows(diff_sq, reduction) / (2.0 * safe_std**2)
+    log_prob = -quad - scale * (torch.log(safe_std) + LOG_SQRT_2PI)
+    return torch.where(has_density, log_prob, 0.0)
+
+
+def gaussian_kl(
+    mean: Tensor,
+    mean_ref: Tensor,
+    coefficients: StepCoefficients,
+    *,
+    convention: str = "exact",
+    reduction: str = "mean",
+) -> Tensor:
+    """Per-row KL between N(mean, s^2) and N(mean_ref, s^2): `reduce((mean - mean_ref)^2) / (2 s^2)`.
+
+    `flow_grpo` divides by `2 std_dev_t^2` instead (for `sde` that is sigma_t^2, missing the -dt
+    factor, as Flow-GRPO's code does). Rows with no noise get 0.
+    """
+    if convention not in KL_CONVENTIONS:
+        raise ValueError(f"KL convention must be one of {KL_CONVENTIONS}, got {convention!r}")
+    var_source = coefficients.std if convention == "exact" else coefficients.std_dev_t
+    has_density = var_source > 0
+    safe = torch.where(has_density, var_source, torch.ones_like(var_source))
+    kl = _reduce_rows((mean.float() - mean_ref.float()) ** 2, reduction) / (2.0 * safe**2)
+    return torch.where(has_density, kl, 0.0)
+
+
+class SdeStepOutput(NamedTuple):
+    prev_sample: Tensor  # x', in the storage dtype of x
+    log_prob: Tensor  # [B] float32
+    mean: Tensor  # float32, shape of x
+    std: Tensor  # [B] float32 per-step std
+    std_dev_t: Tensor  # [B] float32 (Flow-GRPO's std_dev_t)
+    x0_hat: Tensor  # float32 Tweedie clean estimate
+    x1_hat: Tensor  # float32 Tweedie noise estimate
+    kl: Tensor | None  # [B] float32 when v_ref was given
+
+
+def draw_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise drawn like diffusers' `randn_tensor(..., dtype=float32)`.
+
+    A CPU generator with CUDA latents draws on the CPU and moves, as diffusers does, so the same
+    generator gives the same sample on every device.
+    """
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
+    return noise.to(like.device)
+
+
+def sde_step(
+    x: Tensor,
+    v: Tensor,
+    t: float | Tensor,
+    t_next: float | Tensor,
+    noise_level: float | Tensor = 0.7,
+    *,
+    sde_type: str = "sde",
+    prev_sample: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    logprob: str = "gaussian",
+    reduction: str = "mean",
+    v_ref: Tensor | None = None,
+    kl: str = "exact",
+    sigma_max: float | Tensor | None = None,
+) -> SdeStepOutput:
+    """One step `t -> t'` of the chosen SDE: sample x' (or score the given `prev_sample`).
+
+    Sampling rounds x' to the storage dtype of `x` *before* computing the log-prob, so scoring the
+    stored sample later gives bit-identical log-probs (on-policy ratio exactly 1).
+    """
+    if x.shape != v.shape:
+        raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
+    if x.ndim < 1:
+        raise ValueError("latents need a batch dimension")
+    batch, device = x.shape[0], x.device
+    t_row = row_values(t, batch, device)
+    t_next_row = row_values(t_next, batch, device)
+    level_row = row_values(noise_level, batch, device)
+    sigma_max_row = None if sigma_max is None else row_values(sigma_max, batch, device)
+    coeffs = sde_coefficients(sde_type, t_row, t_next_row, level_row, sigma_max_row)
+
+    shape = (batch,) + (1,) * (x.ndim - 1)
+    xf, vf = x.float(), v.float()
+    mean = coeffs.c_x.reshape(shape) * xf + coeffs.c_v.reshape(shape) * vf
+    if prev_sample is None:
+        if noise is None:
+            noise = draw_noise(x, generator)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+        prev_sample = (mean + coeffs.std.reshape(shape) * noise.float()).to(x.dtype)
+    elif prev_sample.shape != x.shape:
+        raise ValueError(f"prev_sample must have the shape of x {tuple(x.shape)}, got {tuple(prev_sample.shape)}")
+
+    log_prob = gaussian_log_prob(
+        prev_sample, mean, coeffs.std, sde_type=sde_type, convention=logprob, reduction=reduction
+    )
+    kl_value = None
+    if v_ref is not None:
+        if v_ref.shape != x.shape:
+            raise ValueError(f"v_ref must have the shape of x {tuple(x.shape)}, got {tuple(v_ref.shape)}")
+        mean_ref = coeffs.c_x.reshape(shape) * xf + coeffs.c_v.reshape(shape) * v_ref.float()
+        kl_value = gaussian_kl(mean, mean_ref, coeffs, convention=kl, reduction=reduction)
+    return SdeStepOutput(
+        prev_sample=prev_sample,
+        log_prob=log_prob,
+        mean=mean,
+        std=coeffs.std,
+        std_dev_t=coeffs.std_dev_t,
+        x0_hat=tweedie_x0(x, v, t_row),
+        x1_hat=tweedie_x1(x, v, t_row),
+        kl=kl_value,
+    )
+
+
+# --------------------------------------------------------------- ODE look-ahead (SPEC §4.2)
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def ode_lookahead(
+    x: Tensor,
+    t: float | Tensor,
+    velocity_fn: VelocityFn,
+    num_steps: int = 1,
+    *,
+    v: Tensor | None = None,
+) -> Tensor:
+    """Clean-image estimate from state `x` at time t: `num_steps` Euler steps of the ODE to t = 0.
+
+    The sub-steps are uniform in t per row. `velocity_fn(x, t_row)` gets the float32 state and a
+    `[B]` time. If `v` (the rollout's velocity at (x, t)) is given the first sub-step reuses it,
+    so `num_steps = 1` costs no network call and equals the Tweedie estimate `x - t v`.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    t_row = row_values(t, x.shape[0], x.device)
+    state = x.float()
+    for k in range(num_steps):
+        t_k = t_row * (1.0 - k / num_steps)
+        t_k1 = t_row * (1.0 - (k + 1) / num_steps)
+        velocity = v if (k == 0 and v is not None) else velocity_fn(state, t_k)
+        state = state + per_row(t_k1 - t_k, state) * velocity.float()
+    return state
+
+
+# ----------------------------------------------------------------------- advantages (SPEC §4)
+def gains(rewards: Tensor) -> Tensor:
+    """`[N, T+1]` rewards of the clean estimates after k steps -> `[N, T]` per-step gains.
+
+    `gains[:, k] = rewards[:, k+1] - rewards[:, k]` credits sampling step k; they telescope to
+    `rewards[:, T] - rewards[:, 0]`.
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [N, T+1] with T >= 1, got {tuple(rewards.shape)}")
+    return rewards[:, 1:] - rewards[:, :-1]
+
+
+class GroupStats(NamedTuple):
+    """Per-group statistics for logging. Rows follow `group_ids`, the sorted distinct ids."""
+
+    group_ids: Tensor  # [G] int64
+    mean: Tensor  # [G] or [G, K] (float64)
+    std: Tensor  # same shape as mean (float64), the std actually divided by
+    size: Tensor  # [G] int64, finite samples counted in the statistics
+    zero_std: Tensor  # same shape as mean, bool: every value equal -> advantages 0
+
+
+def _check_group_inputs(rewards: Tensor, group_ids: Tensor) -> None:
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
+    if group_ids.dtype != torch.int64:
+        raise TypeError(f"group_ids must be int64, got {group_ids.dtype}")
+    if group_ids.ndim != 1 or group_ids.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"group_ids must be [N] with N = rewards.shape[0] = {rewards.shape[0]}, got {tuple(group_ids.shape)}"
+        )
+    if group_ids.device != rewards.device:
+        raise ValueError(f"group_ids is on {group_ids.device} but rewards on {rewards.device}")
+
+
+def _finite_rows(rewards: Tensor, nonfinite: str) -> Tensor:
+    """Bool `[N]`: rows that take part in the statistics. Raises on NaN/inf under 'error'."""
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    finite = torch.isfinite(rewards).flatten(1).all(dim=1) if rewards.ndim > 1 else torch.isfinite(rewards)
+    if nonfinite == "error" and not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:8].tolist()
+        raise ValueError(
+            f"rewards contain NaN or inf in {int((~finite).sum())} sample(s) (first rows: {bad}); "
+            "pass nonfinite='drop' to leave them out of the statistics with advantage 0"
+        )
+    return finite
+
+
+def _segment_stats(values: Tensor, weight: Tensor, index: Tensor, num_groups: int, ddof: int):
+    """Mean, std, count, all-equal flag per segment over dim 0 (float64).
+
+    `weight` (0/1) is per row `[N]` or per entry (shape of `values`); weight-0 entries are left out.
+    """
+    tail = values.shape[1:]
+    w = weight if weight.shape == values.shape else weight.reshape((-1,) + (1,) * len(tail)).expand_as(values)
+    count = torch.zeros((num_groups,) + tail, dtype=torch.float64, device=values.device)
+    count.index_add_(0, index, w)
+    total = torch.zeros_like(count).index_add_(0, index, values * w)
+    mean = total / count.clamp(min=1.0)
+    centered = (values - mean[index]) * w
+    var = torch.zeros_like(count).index_add_(0, index, centered**2) / (count - ddof).clamp(min=1.0)
+    # all-equal test by max == min: exact, where a computed std of identical values may not be 0
+    big = torch.finfo(torch.float64).max
+    scatter_index = index.reshape((-1,) + (1,) * len(tail)).expand_as(values)
+    hi = torch.full_like(count, -big).scatter_reduce_(0, scatter_index, torch.where(w > 0, values, -big), "amax")
+    lo = torch.full_like(count, big).scatter_reduce_(0, scatter_index, torch.where(w > 0, values, big), "amin")
+    return mean, var.sqrt(), count, hi <= lo
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    std: str = "group",
+    eps: float = 1e-4,
+    unbiased: bool = False,
+    clip: float | None = None,
+    nonfinite: str = "error",
+    return_stats: bool = False,
+):
+    """Flow-GRPO per-prompt advantages `(r - mean_group) / (std + eps)`.
+
+    `rewards` is `[N]` or `[N, K]` (each column normalised on its own); `std="group"` uses the
+    group's std, `"global"` the std of all (finite) rewards in the batch, population std unless
+    `unbiased`. Defined results: a group of one sample, or a group whose rewards are all equal,
+    gets advantage 0; with `nonfinite="drop"` samples with NaN/inf rewards are left out of the
+    statistics and get 0. Output has the rewards' shape and dtype.
+    """
+    _check_group_inputs(rewards, group_ids)
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards must be [N] or [N, K], got {tuple(rewards.shape)}")
+    finite = _finite_rows(rewards, nonfinite)
+    values = torch.where(finite.reshape((-1,) + (1,) * (rewards.ndim - 1)), rewards, 0.0).double()
+    unique, index = torch.unique(group_ids, return_inverse=True)
+    ddof = 1 if unbiased else 0
+    mean, group_std, count, all_equal = _segment_stats(values, finite.double(), index, unique.numel(), ddof)
+    if std == "global":
+        all_index = torch.zeros_like(index)
+        _, global_std, _, global_equal = _segment_stats(values, finite.double(), all_index, 1, ddof)
+        divisor = global_std.expand_as(mean)
+        degenerate = global_equal.expand_as(mean) | (count <= 1)
+    else:
+        divisor = group_std
+        degenerate = all_equal | (count <= 1)
+    adv = (values - mean[index]) / (divisor[index] + eps)
+    keep = finite.reshape((-1,) + (1,) * (rewards.ndim - 1)) & ~degenerate[index]
+    adv = torch.where(keep, adv, 0.0)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    adv = adv.to(rewards.dtype)
+    if not return_stats:
+        return adv
+    size = count if count.ndim == 1 else count[:, 0]
+    return adv, GroupStats(unique, mean, divisor, size.long(), degenerate)
+
+
+def gain_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    normalize: str = "joint",
+    eps: float = 1e-8,
+    clip: float | None = None,
+    step_mask: Tensor | None = None,
+    nonfinite: str = "error",
+    return_stats: bool = False,
+):
+    """Stepwise-Flow-GRPO advantages `[N, T]` from stepwise rewards `[N, T+1]` (SPEC §4).
+
+    Gains `rewards[:, k+1] - rewards[:, k]` are normalised `(g - mean) / (std + eps)` with the
+    population std taken jointly over all N_g x T gains of each group (`joint`, the paper) or per
+    (group, step) (`per_step`, the ablation). `step_mask` `[T]` (bool) leaves steps that are not
+    trained out of the statistics and gives them advantage 0. Groups of one trajectory, and groups
+    whose gains are all equal, get 0; NaN/inf rewards raise, or with `nonfinite="drop"` their
+    trajectory is left out and gets 0. Output has the rewards' dtype.
+    """
+    _check_group_inputs(rewards, group_ids)
+    if normalize not in ("joint", "per_step"):
+        raise ValueError(f"normalize must be 'joint' or 'per_step', got {normalize!r}")
+    step_gains = gains(rewards)
+    n, steps = step_gains.shape
+    if step_mask is None:
+        step_mask = torch.ones(steps, dtype=torch.bool, device=rewards.device)
+    elif step_mask.shape != (steps,) or step_mask.dtype != torch.bool:
+        raise ValueError(f"step_mask must be a bool tensor of shape [{steps}], got {step_mask.dtype} {tuple(step_mask.shape)}")
+    step_mask = step_mask.to(rewards.device)
+    finite = _finite_rows(rewards, nonfinite)
+    values = torch.where(finite[:, None], step_gains, 0.0).double()
+    unique, index = torch.unique(group_ids, return_inverse=True)
+    groups = unique.numel()
+    weight = (finite[:, None] & step_mask[None, :]).double()  # [N, T]
+    trajectories = torch.zeros(groups, dtype=torch.float64, device=rewards.device).index_add_(
+        0, index, finite.double()
+    )
+    if normalize == "joint":
+        flat_index = index.repeat_interleave(steps)
+        mean, std, count, all_equal = _segment_stats(values.reshape(-1), weight.reshape(-1), flat_index, groups, 0)
+        row_mean, row_std, row_equal = mean[index, None], std[index, None], all_equal[index, None]
+    else:
+        mean, std, count, all_equal = _segment_stats(values, weight, index, groups, 0)
+        row_mean, row_std, row_equal = mean[index], std[index], all_equal[index]
+    adv = (values - row_mean) / (row_std + eps)
+    degenerate_row = (trajectories <= 1)[index, None]
+    keep = (weight > 0) & ~row_equal & ~degenerate_row
+    adv = torch.where(keep, adv, 0.0)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    adv = adv.to(rewards.dtype)
+    if not return_stats:
+        return adv
+    degenerate = all_equal | (trajectories <= 1).reshape((-1,) + (1,) * (all_equal.ndim - 1))
+    return adv, GroupStats(unique, mean, std, trajectories.long(), degenerate)
+
+
+# ------------------------------------------------------------------------- PPO loss (SPEC §4.5)
+def ppo_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_range: float = 1e-4,
+    *,
+    kl: Tensor | None = None,
+    beta: float = 0.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """`mean(max(-A r, -A clip(r, 1-eps, 1+eps))) + beta * mean(KL)`, r = exp(logp - logp_old).
+
+    All inputs share one shape (e.g. `[N, T]` per trajectory and step); `mask` (bool, same shape)
+    selects the trained entries. Returns a 0-d float32 loss.
+    """
+    if log_prob.shape != old_log_prob.shape or log_prob.shape != advantages.shape:
+        raise ValueError(
+            "log_prob, old_log_prob and advantages must share a shape, got "
+            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}"
+        )
+    ratio = torch.exp(log_prob.float() - old_log_prob.float())
+    adv = advantages.float()
+    per_entry = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))
+    if kl is not None:
+        per_entry = per_entry + beta * kl.float()
+    if mask is None:
+        return per_entry.mean()
+    weight = mask.to(per_entry.dtype)
+    return (per_entry * weight).sum() / weight.sum().clamp(min=1.0)
