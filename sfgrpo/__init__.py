@@ -5,7 +5,20 @@ above them, the functional API, then trainer / compat / CLI. See ARCHITECTURE in
 """
 
 from sfgrpo._version import __version__
-from sfgrpo import reference, schedules
+from sfgrpo import functional, reference, schedules
 from sfgrpo.backend import available_backends, resolve_backend
+from sfgrpo.functional import gain_advantages, group_advantages, ode_lookahead, ppo_loss, sde_step
 
-__all__ = ["__version__", "reference", "schedules", "available_backends", "resolve_backend"]
+__all__ = [
+    "__version__",
+    "functional",
+    "reference",
+    "schedules",
+    "available_backends",
+    "resolve_backend",
+    "gain_advantages",
+    "group_advantages",
+    "ode_lookahead",
+    "ppo_loss",
+    "sde_step",
+]

@@ -1,0 +1,5 @@
+"""torch.library custom ops of sfgrpo (namespace `sfgrpo`).
+
+One module per op family: schema, fake (meta) impl, autograd formula and per-device kernels,
+dispatching through `sfgrpo.backend.resolve_backend`. Importing this package registers them all.
+"""
