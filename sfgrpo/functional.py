@@ -7,6 +7,7 @@ its own: everything numerical it does goes through here.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,23 @@ class StepResult(NamedTuple):
     kl: Tensor | None  # [B] float32, when v_ref is given
 
 
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_latent(name: str, tensor: Tensor, like: Tensor) -> None:
+    if tensor.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of x {tuple(like.shape)}, got {tuple(tensor.shape)}")
+    if tensor.device != like.device:
+        raise ValueError(f"{name} is on {tensor.device} but x is on {like.device}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """`[B, ...]` -> contiguous `[B, D]` (a copy only when the layout needs one)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()
+
+
 def sde_step(
     x: Tensor,
     v: Tensor,
@@ -40,6 +58,8 @@ def sde_step(
     prev_sample: Tensor | None = None,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    seed_offset: int = 0,
     logprob: str = "gaussian",
     reduction: str = "mean",
     v_ref: Tensor | None = None,
@@ -50,25 +70,68 @@ def sde_step(
     return_x1_hat: bool = False,
     backend: str | None = None,
 ) -> StepResult:
-    """One SDE step t -> t' (SPEC §3): samples x' (or scores the given `prev_sample`) and returns
-    the per-row log-prob, optionally the mean, the Tweedie estimates and the KL to `v_ref`.
+    """One SDE step t -> t' (SPEC §3) in one fused pass: samples x' (or scores the given
+    `prev_sample`) and returns the per-row log-prob, optionally the mean, the Tweedie estimates and
+    the KL to the reference velocity `v_ref`.
 
-    Gradients flow to `v` (and `v_ref` for the KL) only; `x` and `prev_sample` are treated as data.
+    Latents have any rank (dim 0 is the batch) and fp32/bf16/fp16 storage; math is fp32. `t`,
+    `t_next`, `noise_level`, `sigma_max` are floats or per-row `[B]` tensors (kept on the device:
+    no host syncs). Noise, when sampling: `noise` (eps) if given; else in-kernel Philox from `seed`
+    (+ `seed_offset`, fast and reproducible, not bit-equal to torch.randn); else
+    `torch.randn(generator=...)` drawn like diffusers' `randn_tensor` (bit-compatible sampling).
+    Gradients flow to `v` (and `x`, `v_ref` when they require grad) through the mean and the
+    Tweedie estimates; the sample is data. Values are not range-checked (that would sync): the
+    caller guarantees 0 <= t' < t <= 1.
     """
-    del backend  # reference only until the fused kernels land
-    out = reference.sde_step(
-        x, v, t, t_next, noise_level, sde_type=sde_type, prev_sample=prev_sample, noise=noise,
-        generator=generator, logprob=logprob, reduction=reduction, v_ref=v_ref, kl=kl, sigma_max=sigma_max,
+    from sfgrpo.ops.sde_step import sde_step_op
+
+    if sde_type not in reference.SDE_TYPES:
+        raise ValueError(f"sde_type must be one of {reference.SDE_TYPES}, got {sde_type!r}")
+    if logprob not in reference.LOGPROB_CONVENTIONS:
+        raise ValueError(f"logprob must be one of {reference.LOGPROB_CONVENTIONS}, got {logprob!r}")
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    if kl not in reference.KL_CONVENTIONS:
+        raise ValueError(f"kl must be one of {reference.KL_CONVENTIONS}, got {kl!r}")
+    if x.ndim < 1:
+        raise ValueError("x needs a batch dimension")
+    _check_latent("x", x, x)
+    _check_latent("v", v, x)
+    if x.shape[0] > 0 and x[0].numel() == 0:
+        raise ValueError(f"x has no elements per row (shape {tuple(x.shape)})")
+    sources = sum(item is not None for item in (prev_sample, noise, generator, seed))
+    if sources > 1:
+        raise ValueError("give at most one of prev_sample (scoring), noise, generator, seed")
+    for name, tensor in (("prev_sample", prev_sample), ("noise", noise), ("v_ref", v_ref)):
+        if tensor is not None:
+            _check_latent(name, tensor, x)
+    if generator is not None:
+        noise = reference.draw_noise(x, generator)
+    batch, device = x.shape[0], x.device
+    t_row = reference.row_values(t, batch, device)
+    t_next_row = reference.row_values(t_next, batch, device)
+    level_row = reference.row_values(noise_level, batch, device)
+    sigma_max_row = t_next_row if sigma_max is None else reference.row_values(sigma_max, batch, device)
+    outputs = sde_step_op(
+        _rows(x), _rows(v), t_row.contiguous(), t_next_row.contiguous(), level_row.contiguous(),
+        sigma_max_row.contiguous(),
+        None if prev_sample is None else _rows(prev_sample.to(x.dtype)),
+        None if noise is None else _rows(noise),
+        None if v_ref is None else _rows(v_ref),
+        0 if seed is None else int(seed), int(seed_offset), seed is not None,
+        sde_type, logprob, reduction, kl, return_mean, return_x0_hat, return_x1_hat, backend,
     )
+    sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl_value = outputs
+    shape = x.shape
     return StepResult(
-        prev_sample=out.prev_sample,
-        log_prob=out.log_prob,
-        std=out.std,
-        std_dev_t=out.std_dev_t,
-        mean=out.mean if return_mean else None,
-        x0_hat=out.x0_hat if return_x0_hat else None,
-        x1_hat=out.x1_hat if return_x1_hat else None,
-        kl=out.kl,
+        prev_sample=prev_sample if prev_sample is not None else sample.reshape(shape),
+        log_prob=log_prob,
+        std=std,
+        std_dev_t=std_dev_t,
+        mean=mean.reshape(shape) if return_mean else None,
+        x0_hat=x0_hat.reshape(shape) if return_x0_hat else None,
+        x1_hat=x1_hat.reshape(shape) if return_x1_hat else None,
+        kl=kl_value if v_ref is not None else None,
     )
 
 

@@ -213,7 +213,9 @@ def sde_step(
     """One step `t -> t'` of the chosen SDE: sample x' (or score the given `prev_sample`).
 
     Sampling rounds x' to the storage dtype of `x` *before* computing the log-prob, so scoring the
-    stored sample later gives bit-identical log-probs (on-policy ratio exactly 1).
+    stored sample later gives bit-identical log-probs (on-policy ratio exactly 1). The sample is
+    data, not a function of v (as in Flow-GRPO, `prev_sample.detach()`): gradients reach `v`
+    (and `x`, `v_ref`) through the mean and the Tweedie estimates only.
     """
     if x.shape != v.shape:
         raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
@@ -234,9 +236,11 @@ def sde_step(
             noise = draw_noise(x, generator)
         elif noise.shape != x.shape:
             raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
-        prev_sample = (mean + coeffs.std.reshape(shape) * noise.float()).to(x.dtype)
+        prev_sample = (mean + coeffs.std.reshape(shape) * noise.float()).to(x.dtype).detach()
     elif prev_sample.shape != x.shape:
         raise ValueError(f"prev_sample must have the shape of x {tuple(x.shape)}, got {tuple(prev_sample.shape)}")
+    else:
+        prev_sample = prev_sample.detach()
 
     log_prob = gaussian_log_prob(
         prev_sample, mean, coeffs.std, sde_type=sde_type, convention=logprob, reduction=reduction
@@ -257,6 +261,116 @@ def sde_step(
         x1_hat=tweedie_x1(x, v, t_row),
         kl=kl_value,
     )
+
+
+def sde_step_vjp(
+    x: Tensor,
+    v: Tensor,
+    prev_sample: Tensor,
+    t: Tensor,
+    coefficients: StepCoefficients,
+    *,
+    grad_log_prob: Tensor | None = None,
+    grad_kl: Tensor | None = None,
+    grad_mean: Tensor | None = None,
+    grad_x0: Tensor | None = None,
+    grad_x1: Tensor | None = None,
+    v_ref: Tensor | None = None,
+    sde_type: str = "sde",
+    logprob: str = "gaussian",
+    reduction: str = "mean",
+    kl: str = "exact",
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Backward of `sde_step` in closed form (SPEC §3): returns float32 (dv, dv_ref, dx).
+
+    With `D_r` = elements per row (mean reduction) or 1 (sum), per row
+    `k_lp = g_logp / (s^2 D_r)` (`2 g_logp / D_r` for Flow-GRPO's cps/ddim log-prob) and
+    `k_kl = g_kl / (s_kl^2 D_r)`; then
+    `dv = c_v (k_lp (x' - mean) + g_mean + k_kl (mean - mean_ref)) - t g_x0 + (1 - t) g_x1`,
+    `dv_ref = -c_v k_kl (mean - mean_ref)`, `dx = c_x (k_lp (x' - mean) + g_mean) + g_x0 + g_x1`
+    (the KL's x-terms cancel). Rows without noise contribute no log-prob / KL gradient.
+    """
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    scale = 1.0 / _elements_per_row(x) if reduction == "mean" else 1.0
+    c_x, c_v = coefficients.c_x.reshape(shape), coefficients.c_v.reshape(shape)
+    xf, vf = x.float(), v.float()
+    mean = c_x * xf + c_v * vf
+    on_mean = torch.zeros_like(mean)
+    if grad_log_prob is not None:
+        std = coefficients.std
+        safe = torch.where(std > 0, std, torch.ones_like(std))
+        if logprob == "flow_grpo" and sde_type in ("cps", "ddim"):
+            k_lp = 2.0 * grad_log_prob.float() * scale
+        else:
+            k_lp = grad_log_prob.float() * scale / safe**2
+        k_lp = torch.where(std > 0, k_lp, 0.0)
+        on_mean = on_mean + k_lp.reshape(shape) * (prev_sample.float() - mean)
+    if grad_mean is not None:
+        on_mean = on_mean + grad_mean.float()
+    dv = c_v * on_mean
+    dx = c_x * on_mean
+    dv_ref = None
+    if grad_kl is not None and v_ref is not None:
+        kl_std = coefficients.std if kl == "exact" else coefficients.std_dev_t
+        safe = torch.where(kl_std > 0, kl_std, torch.ones_like(kl_std))
+        k_kl = torch.where(kl_std > 0, grad_kl.float() * scale / safe**2, 0.0).reshape(shape)
+        on_kl = k_kl * (mean - (c_x * xf + c_v * v_ref.float()))
+        dv = dv + c_v * on_kl
+        dv_ref = -c_v * on_kl
+    t_col = per_row(t, x)
+    if grad_x0 is not None:
+        dv = dv - t_col * grad_x0.float()
+        dx = dx + grad_x0.float()
+    if grad_x1 is not None:
+        dv = dv + (1.0 - t_col) * grad_x1.float()
+        dx = dx + grad_x1.float()
+    return dv, dv_ref, dx
+
+
+# --------------------------------------------------------------------------- Philox noise
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def philox_normal(seed: int, offsets: Tensor) -> Tensor:
+    """Standard normals from Philox-4x32-10 counters, the scheme of Triton's `tl.randn(seed, offsets)`
+    (counter = 64-bit offset, key = 64-bit seed, Box-Muller on the first two words).
+
+    The reference path's in-kernel-noise mode: the CPU reference and the Triton kernels draw the
+    same noise for the same (seed, offsets), up to the last bits of log/cos. Not bit-equal to
+    `torch.randn`; use a torch generator for diffusers compatibility.
+    """
+    import numpy as np
+
+    counters = offsets.detach().cpu().numpy().astype(np.int64).view(np.uint64)
+    mask32 = np.uint64(0xFFFFFFFF)
+    c0, c1 = counters & mask32, counters >> np.uint64(32)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+    k0, k1 = seed64 & mask32, (seed64 >> np.uint64(32)) & mask32
+    round_a, round_b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
+    for _ in range(10):
+        prod_b, prod_a = round_b * c2, round_a * c0  # exact: both factors < 2^32
+        c0, c1, c2, c3 = (
+            ((prod_b >> np.uint64(32)) ^ c1 ^ k0) & mask32,
+            prod_b & mask32,
+            ((prod_a >> np.uint64(32)) ^ c3 ^ k1) & mask32,
+            prod_a & mask32,
+        )
+        k0 = (k0 + np.uint64(_PHILOX_KEY_A)) & mask32
+        k1 = (k1 + np.uint64(_PHILOX_KEY_B)) & mask32
+
+    def to_uniform(word):
+        signed = word.astype(np.uint32).view(np.int32)
+        signed = np.where(signed < 0, ~signed, signed)
+        return signed.astype(np.float32) * np.float32(4.6566127342e-10)
+
+    u1 = np.maximum(np.float32(1.0e-7), to_uniform(c0))
+    u2 = to_uniform(c1)
+    radius = np.sqrt(np.float32(-2.0) * np.log(u1))
+    normal = radius * np.cos(np.float32(6.283185307179586) * u2)
+    return torch.from_numpy(normal.astype(np.float32)).to(offsets.device)
 
 
 # --------------------------------------------------------------- ODE look-ahead (SPEC §4.2)

@@ -3,3 +3,5 @@
 One module per op family: schema, fake (meta) impl, autograd formula and per-device kernels,
 dispatching through `sfgrpo.backend.resolve_backend`. Importing this package registers them all.
 """
+
+from sfgrpo.ops import sde_step  # noqa: F401  (registers sfgrpo::sde_step)

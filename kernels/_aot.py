@@ -1,0 +1,94 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_90 without a GPU, and a PTX report.
+
+`python -m sfgrpo.kernels._aot` compiles every variant listed by the kernel modules'
+`aot_variants()` with `triton.compile(..., GPUTarget("cuda", 90, 32))`, reads the PTX's global
+access widths and the cubin's registers / stack / local memory (spills), and prints one JSON
+object per variant. Run it without
+TRITON_INTERPRET (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SM90 = ("cuda", 90, 32)
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+def compile_sm90(fn, arg_types: dict, constexprs: dict, num_warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature = {name: arg_types.get(name, "constexpr") for name in names}
+    # what the launcher's specialisation sees for aligned tensors and D % 16 == 0
+    aligned = [name for name in names if arg_types.get(name, "").startswith("*") or name == "D"]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget(*SM90), options={"num_warps": num_warps, "enable_fp_fusion": False})
+    return compiled
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local memory of the cubin Triton's own ptxas produced (spills show up
+    as stack / local bytes), read with cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return {"registers": None, "stack_bytes": None, "local_bytes": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)), "local_bytes": int(usage.group(3))}
+
+
+def global_access_widths(ptx: str) -> dict:
+    """Counts of 128-bit (`.v4` of 32-bit words) and narrower global loads/stores in the PTX."""
+    accesses = re.findall(r"\b(ld|st)\.global((?:\.\w+)*)", ptx)
+    wide = lambda kind: sum(1 for op, mods in accesses if op == kind and ".v4" in mods and (".b32" in mods or ".f32" in mods))  # noqa: E731
+    return {"loads_128bit": wide("ld"), "stores_128bit": wide("st"),
+            "loads_narrow": sum(1 for op, _ in accesses if op == "ld") - wide("ld"),
+            "stores_narrow": sum(1 for op, _ in accesses if op == "st") - wide("st")}
+
+
+def report(modules=("sde_step",)) -> list[dict]:
+    import importlib
+
+    rows = []
+    for module_name in modules:
+        module = importlib.import_module(f"sfgrpo.kernels.{module_name}")
+        for name, fn, arg_types, constexprs, num_warps in module.aot_variants():
+            compiled = compile_sm90(fn, arg_types, constexprs, num_warps)
+            ptx = compiled.asm["ptx"]
+            target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+            rows.append({"variant": f"{module_name}/{name}", "target": target, **global_access_widths(ptx),
+                         **resource_usage(compiled.asm["cubin"])})
+    return rows
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    for row in report():
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Fused SDE step (SPEC §3): one memory pass forward, one memory pass backward.
+
+Every SDE type has `mean = c_x * x + c_v * v`, `x' = mean + std * eps` with per-row scalars, so a
+single pass over (x, v[, v_ref], x' or eps) yields the sample, the per-row squared residuals that
+make the Gaussian log-prob, the squared mean differences that make the KL, the mean and the Tweedie
+estimates. Rows are split into fixed chunks that depend only on (B, D, dtype) — never on which
+outputs are requested — so sampling and later scoring the stored sample sum in the same order and
+give bit-identical log-probs (on-policy ratio exactly 1). Partial sums go to a buffer and a tiny
+finalize kernel adds them in a fixed order (fp64): deterministic, no atomics. When a row fits in
+one chunk the main kernel finalizes in place and the step is a single launch.
+
+The per-row coefficients are recomputed from (t, t', noise level) in every program: a few scalar
+flops instead of extra launches, and no host syncs (everything per row lives in device tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+SDE_TYPE_IDS = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
+MODE_SCORE, MODE_NOISE, MODE_PHILOX = 0, 1, 2
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+# No FMA contraction: the kernels are memory-bound, and uncontracted math rounds exactly like the
+# reference and identically in every specialisation (sampling vs scoring), whatever LLVM decides.
+FP_FUSION = False
+
+
+@triton.jit
+def _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE: tl.constexpr):
+    """(c_x, c_v, std, std_dev_t) of one row, float32 — the formulas of reference.sde_coefficients."""
+    t = tl.load(t_ptr + row).to(tl.float32)
+    tn = tl.load(tn_ptr + row).to(tl.float32)
+    a = tl.load(a_ptr + row).to(tl.float32)
+    dt = tn - t
+    if SDE_TYPE == 0:  # sde (Flow-GRPO)
+        smax = tl.load(smax_ptr + row).to(tl.float32)
+        t_tilde = tl.where(t >= 1.0, smax, t)
+        sigma = a * tl.sqrt(t / (1.0 - t_tilde))
+        corr = sigma * sigma / (2.0 * t)
+        c_x = 1.0 + dt * corr
+        c_v = dt * (1.0 + corr * (1.0 - t))
+        std = sigma * tl.sqrt(-dt)
+        std_dev_t = sigma
+    elif SDE_TYPE == 3:  # ode
+        c_x = t * 0.0 + 1.0
+        c_v = dt
+        std = t * 0.0
+        std_dev_t = std
+    else:  # cps / ddim share the coefficient-preserving mean
+        if SDE_TYPE == 1:
+            std = tn * tl.sin(a * 1.5707963267948966)
+        else:
+            std = a * tn * tl.sqrt(1.0 - t)
+        keep = tl.sqrt(tl.maximum(tn * tn - std * std, 0.0))
+        c_x = (1.0 - tn) + keep
+        c_v = keep * (1.0 - t) - t * (1.0 - tn)
+        std_dev_t = std
+    return t, c_x, c_v, std, std_dev_t
+
+
+@triton.jit
+def _finalize_row(
+    sq, sq_kl, std, std_dev_t, D,
+    SDE_TYPE: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr,
+    KL_FLOW_GRPO: tl.constexpr,
+):
+    """Per-row log-prob and KL from the row's sums of squares (float32/float64 scalars)."""
+    if SUM_REDUCTION:
+        scale = 1.0
+        count = D * 1.0
+    else:
+        scale = 1.0 / D
+        count = 1.0
+    has_density = std > 0.0
+    safe_std = tl.where(has_density, std, 1.0)
+    if LOGPROB_FLOW_GRPO and (SDE_TYPE == 1 or SDE_TYPE == 2):
+        log_prob = -sq * scale
+    else:
+        log_prob = -sq * scale / (2.0 * safe_std * safe_std) - count * (tl.log(safe_std) + 0.9189385332046727)
+    log_prob = tl.where(has_density, log_prob, 0.0)
+    if KL_FLOW_GRPO:
+        kl_std = std_dev_t
+    else:
+        kl_std = std
+    kl_has = kl_std > 0.0
+    safe_kl = tl.where(kl_has, kl_std, 1.0)
+    kl = tl.where(kl_has, sq_kl * scale / (2.0 * safe_kl * safe_kl), 0.0)
+    return log_prob, kl
+
+
+@triton.jit
+def sde_step_fwd_kernel(
+    x_ptr, v_ptr, vref_ptr, sample_in_ptr, noise_ptr,
+    t_ptr, tn_ptr, a_ptr, smax_ptr,
+    sample_out_ptr, mean_ptr, x0_ptr, x1_ptr,
+    partial_ptr, partial_kl_ptr,
+    logp_ptr, kl_ptr, std_ptr, stddev_ptr,
+    seed, seed_offset,
+    D, NUM_CHUNKS,
+    SDE_TYPE: tl.constexpr, MODE: tl.constexpr, HAS_VREF: tl.constexpr,
+    WRITE_MEAN: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_X1: tl.constexpr,
+    FINALIZE: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr,
+    KL_FLOW_GRPO: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // NUM_CHUNKS
+    chunk = pid - row * NUM_CHUNKS
+    t, c_x, c_v, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
+    row_start = row.to(tl.int64) * D
+    chunk_start = chunk * (BLOCK * ITERS)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        cols = chunk_start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        offs = row_start + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = c_x * x + c_v * v
+        if MODE == 0:
+            sample = tl.load(sample_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            if MODE == 1:
+                eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                eps = tl.randn(seed, seed_offset + offs)
+            # round to the storage dtype first: the log-prob must be that of the stored sample
+            stored = (mean + std * eps).to(sample_out_ptr.dtype.element_ty)
+            tl.store(sample_out_ptr + offs, stored, mask=mask)
+            sample = stored.to(tl.float32)
+        diff = tl.where(mask, sample - mean, 0.0)
+        acc += diff * diff
+        if HAS_VREF:
+            v_ref = tl.load(vref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            mean_diff = tl.where(mask, mean - (c_x * x + c_v * v_ref), 0.0)
+            acc_kl += mean_diff * mean_diff
+        if WRITE_MEAN:
+            tl.store(mean_ptr + offs, mean, mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + offs, x - t * v, mask=mask)
+        if WRITE_X1:
+            tl.store(x1_ptr + offs, x + (1.0 - t) * v, mask=mask)
+    sq = tl.sum(acc, axis=0)
+    sq_kl = tl.sum(acc_kl, axis=0)
+    if FINALIZE:
+        log_prob, kl = _finalize_row(
+            sq, sq_kl, std, std_dev_t, D, SDE_TYPE, LOGPROB_FLOW_GRPO, SUM_REDUCTION, KL_FLOW_GRPO
+        )
+        tl.store(logp_ptr + row, log_prob)
+        tl.store(std_ptr + row, std)
+        tl.store(stddev_ptr + row, std_dev_t)
+        if HAS_VREF:
+            tl.store(kl_ptr + row, kl)
+    else:
+        tl.store(partial_ptr + pid, sq)
+        if HAS_VREF:
+            tl.store(partial_kl_ptr + pid, sq_kl)
+
+
+@triton.jit
+def sde_step_finalize_kernel(
+    partial_ptr, partial_kl_ptr,
+    t_ptr, tn_ptr, a_ptr, smax_ptr,
+    logp_ptr, kl_ptr, std_ptr, stddev_ptr,
+    D, NUM_CHUNKS,
+    SDE_TYPE: tl.constexpr, HAS_VREF: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr,
+    SUM_REDUCTION: tl.constexpr, KL_FLOW_GRPO: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per row: adds the row's chunk partials in a fixed order (fp64)."""
+    row = tl.program_id(0)
+    _, _, _, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
+    base = row.to(tl.int64) * NUM_CHUNKS
+    acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    acc_kl = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for start in range(0, NUM_CHUNKS, BLOCK_C):
+        idx = start + tl.arange(0, BLOCK_C)
+        mask = idx < NUM_CHUNKS
+        acc += tl.load(partial_ptr + base + idx, mask=mask, other=0.0).to(tl.float64)
+        if HAS_VREF:
+            acc_kl += tl.load(partial_kl_ptr + base + idx, mask=mask, other=0.0).to(tl.float64)
+    sq = tl.sum(acc, axis=0)
+    sq_kl = tl.sum(acc_kl, axis=0)
+    log_prob, kl = _finalize_row(
+        sq, sq_kl, std.to(tl.float64), std_dev_t.to(tl.float64), D, SDE_TYPE, LOGPROB_FLOW_GRPO,
+        SUM_REDUCTION, KL_FLOW_GRPO,
+    )
+    tl.store(logp_ptr + row, log_prob.to(tl.float32))
+    tl.store(std_ptr + row, std)
+    tl.store(stddev_ptr + row, std_dev_t)
+    if HAS_VREF:
+        tl.store(kl_ptr + row, kl.to(tl.float32))
+
+
+@triton.jit
+def sde_step_bwd_kernel(
+    x_ptr, v_ptr, vref_ptr, sample_ptr,
+    t_ptr, tn_ptr, a_ptr, smax_ptr,
+    g_logp_ptr, g_kl_ptr, g_mean_ptr, g_x0_ptr, g_x1_ptr,
+    dv_ptr, dvref_ptr, dx_ptr,
+    D, NUM_CHUNKS,
+    SDE_TYPE: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,
+    HAS_G_MEAN: tl.constexpr, HAS_G_X0: tl.constexpr, HAS_G_X1: tl.constexpr,
+    WRITE_DVREF: tl.constexpr, WRITE_DX: tl.constexpr,
+    LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr, KL_FLOW_GRPO: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):
+    """dL/dv (and dL/dv_ref, dL/dx when asked) from the upstream gradients, one pass.
+
+    dv = c_v * (k_lp * (x' - mean) + g_mean + k_kl * (mean - mean_ref)) - t g_x0 + (1 - t) g_x1
+    with per-row k_lp = g_logp / (s^2 D_r) (or 2 g_logp / D_r for Flow-GRPO's cps log-prob) and
+    k_kl = g_kl / (s_kl^2 D_r); D_r = D for the mean reduction, 1 for the sum.
+    """
+    pid = tl.program_id(0)
+    row = pid // NUM_CHUNKS
+    chunk = pid - row * NUM_CHUNKS
+    t, c_x, c_v, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
+    if SUM_REDUCTION:
+        scale = 1.0
+    else:
+        scale = 1.0 / D
+    k_lp = 0.0
+    if HAS_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
+        safe_std = tl.where(std > 0.0, std, 1.0)
+        if LOGPROB_FLOW_GRPO and (SDE_TYPE == 1 or SDE_TYPE == 2):
+            k_lp = 2.0 * g_logp * scale
+        else:
+            k_lp = g_logp * scale / (safe_std * safe_std)
+        k_lp = tl.where(std > 0.0, k_lp, 0.0)
+    k_kl = 0.0
+    if HAS_G_KL:
+        g_kl = tl.load(g_kl_ptr + row).to(tl.float32)
+        if KL_FLOW_GRPO:
+            kl_std = std_dev_t
+        else:
+            kl_std = std
+        safe_kl = tl.where(kl_std > 0.0, kl_std, 1.0)
+        k_kl = tl.where(kl_std > 0.0, g_kl * scale / (safe_kl * safe_kl), 0.0)
+    row_start = row.to(tl.int64) * D
+    chunk_start = chunk * (BLOCK * ITERS)
+    for i in range(ITERS):
+        cols = chunk_start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        offs = row_start + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = c_x * x + c_v * v
+        g_on_mean = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_G_LOGP:
+            sample = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g_on_mean += k_lp * (sample - mean)
+        if HAS_G_MEAN:
+            g_on_mean += tl.load(g_mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dv = c_v * g_on_mean
+        if HAS_G_KL:
+            v_ref = tl.load(vref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g_kl_mean = k_kl * (mean - (c_x * x + c_v * v_ref))
+            dv += c_v * g_kl_mean
+            if WRITE_DVREF:
+                tl.store(dvref_ptr + offs, (-c_v * g_kl_mean).to(dvref_ptr.dtype.element_ty), mask=mask)
+        dx = c_x * g_on_mean
+        if HAS_G_X0:
+            g_x0 = tl.load(g_x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dv -= t * g_x0
+            dx += g_x0
+        if HAS_G_X1:
+            g_x1 = tl.load(g_x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dv += (1.0 - t) * g_x1
+            dx += g_x1
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ launch config
+@dataclass(frozen=True)
+class LaunchConfig:
+    block: int
+    iters: int
+    num_chunks: int
+    num_warps: int
+
+    @property
+    def finalize_inline(self) -> bool:
+        return self.num_chunks == 1
+
+
+def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, target_programs: int = 1024) -> LaunchConfig:
+    """Chunking of each row. Depends only on the shape and storage dtype, never on the requested
+    outputs, so the sampling pass and the scoring pass sum residuals in exactly the same order.
+
+    Each of the 256 threads of a program handles 16 bytes of storage per tensor per iteration
+    (4 fp32 or 8 bf16/fp16 values): 128-bit loads and stores."""
+    threads = 256
+    full_block = threads * max(1, 16 // itemsize)
+    block = min(full_block, triton.next_power_of_2(max(elements_per_row, 16)))
+    blocks_per_row = triton.cdiv(elements_per_row, block)
+    # enough programs to fill the GPU, each streaming up to 32 blocks
+    wanted_chunks = max(1, triton.cdiv(target_programs, max(batch, 1)))
+    iters = triton.next_power_of_2(max(1, triton.cdiv(blocks_per_row, wanted_chunks)))
+    iters = min(iters, 32)
+    num_chunks = triton.cdiv(blocks_per_row, iters)
+    num_warps = max(1, min(8, block // (32 * max(1, 16 // itemsize))))
+    return LaunchConfig(block=block, iters=iters, num_chunks=num_chunks, num_warps=num_warps)
+
+
+# ------------------------------------------------------------------------------- launchers
+def _flags(sde_type: str, logprob: str, reduction: str, kl: str) -> dict:
+    return dict(
+        SDE_TYPE=SDE_TYPE_IDS[sde_type],
+        LOGPROB_FLOW_GRPO=logprob == "flow_grpo",
+        SUM_REDUCTION=reduction == "sum",
+        KL_FLOW_GRPO=kl == "flow_grpo",
+    )
+
+
+def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
+            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
+    """Launches the fused forward on `[B, D]` contiguous tensors; returns the op's 8 outputs."""
+    import torch
+
+    batch, elements = x.shape
+    cfg = launch_config(batch, elements, x.element_size())
+    f32 = torch.float32
+
+    def empty():  # a fresh one each time: op outputs may not alias each other
+        return x.new_empty((0,), dtype=f32)
+
+    if prev_sample is not None:
+        mode = MODE_SCORE
+    elif use_philox:
+        mode = MODE_PHILOX
+    else:
+        mode = MODE_NOISE
+    sample_out = torch.empty_like(x) if mode != MODE_SCORE else x.new_empty((0,), dtype=x.dtype)
+    mean = torch.empty(x.shape, dtype=f32, device=x.device) if write_mean else empty()
+    x0 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x0 else empty()
+    x1 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x1 else empty()
+    log_prob = torch.empty(batch, dtype=f32, device=x.device)
+    std = torch.empty(batch, dtype=f32, device=x.device)
+    std_dev_t = torch.empty(batch, dtype=f32, device=x.device)
+    kl_out = torch.empty(batch, dtype=f32, device=x.device) if v_ref is not None else empty()
+    if batch == 0:
+        return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
+    programs = batch * cfg.num_chunks
+    partial = log_prob if cfg.finalize_inline else torch.empty(programs, dtype=f32, device=x.device)
+    partial_kl = partial if (cfg.finalize_inline or v_ref is None) else torch.empty_like(partial)
+    flags = _flags(sde_type, logprob, reduction, kl)
+    # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
+    sde_step_fwd_kernel[(programs,)](
+        x, v, v_ref if v_ref is not None else v, prev_sample if prev_sample is not None else x,
+        noise if mode == MODE_NOISE else x,
+        t, t_next, noise_level, sigma_max,
+        sample_out if mode != MODE_SCORE else x, mean if write_mean else x,
+        x0 if write_x0 else x, x1 if write_x1 else x,
+        partial if not cfg.finalize_inline else log_prob, partial_kl if not cfg.finalize_inline else log_prob,
+        log_prob, kl_out if v_ref is not None else log_prob, std, std_dev_t,
+        int(seed), int(seed_offset),
+        elements, cfg.num_chunks,
+        MODE=mode, HAS_VREF=v_ref is not None,
+        WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
+        FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
+        **flags,
+    )
+    if not cfg.finalize_inline:
+        sde_step_finalize_kernel[(batch,)](
+            partial, partial_kl, t, t_next, noise_level, sigma_max,
+            log_prob, kl_out if v_ref is not None else log_prob, std, std_dev_t,
+            elements, cfg.num_chunks,
+            HAS_VREF=v_ref is not None, BLOCK_C=min(1024, triton.next_power_of_2(cfg.num_chunks)),
+            num_warps=4, enable_fp_fusion=FP_FUSION, **flags,
+        )
+    return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
+
+
+def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl,
+             grad_mean, grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx):
+    """Launches the one-pass backward; returns (dv, dv_ref, dx), empty where not needed."""
+    import torch
+
+    batch, elements = x.shape
+    cfg = launch_config(batch, elements, x.element_size())
+    dv = torch.empty_like(v)
+    has_g_kl = grad_kl is not None and v_ref is not None
+    dv_ref = torch.empty_like(v_ref) if need_dv_ref else x.new_empty((0,), dtype=torch.float32)
+    if need_dv_ref and not has_g_kl:
+        dv_ref = torch.zeros_like(v_ref)
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,), dtype=torch.float32)
+    if batch == 0:
+        return dv, dv_ref, dx
+    contiguous = lambda g: g.contiguous() if g is not None else None  # noqa: E731
+    grad_mean, grad_x0, grad_x1 = contiguous(grad_mean), contiguous(grad_x0), contiguous(grad_x1)
+    grad_log_prob = contiguous(grad_log_prob)
+    grad_kl = contiguous(grad_kl)
+    sde_step_bwd_kernel[(batch * cfg.num_chunks,)](
+        x, v, v_ref if v_ref is not None else v, sample,
+        t, t_next, noise_level, sigma_max,
+        grad_log_prob if grad_log_prob is not None else t, grad_kl if has_g_kl else t,
+        grad_mean if grad_mean is not None else x, grad_x0 if grad_x0 is not None else x,
+        grad_x1 if grad_x1 is not None else x,
+        dv, dv_ref if (need_dv_ref and has_g_kl) else dv, dx if need_dx else dv,
+        elements, cfg.num_chunks,
+        HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
+        HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
+        WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx,
+        BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+        **_flags(sde_type, logprob, reduction, kl),
+    )
+    return dv, dv_ref, dx
+
+
+# ----------------------------------------------------------------- ahead-of-time variants
+_FWD_POINTERS = ("x_ptr", "v_ptr", "vref_ptr", "sample_in_ptr", "sample_out_ptr")
+_BWD_STORAGE = ("x_ptr", "v_ptr", "vref_ptr", "sample_ptr", "dv_ptr", "dvref_ptr", "dx_ptr")
+
+
+def aot_variants():
+    """(name, kernel, {arg: type}, constexprs, num_warps) of the specialisations worth compiling
+    ahead of time for a PTX check: every SDE type, noise mode and storage dtype, with the heaviest
+    flag set (all outputs, KL) so register pressure is at its worst."""
+    scalars = {"seed": "i64", "seed_offset": "i64", "D": "i32", "NUM_CHUNKS": "i32"}
+
+    def types(fn, storage, storage_args):
+        return {name: (scalars[name] if name in scalars else f"*{storage if name in storage_args else 'fp32'}")
+                for name in fn.arg_names if name in scalars or name.endswith("_ptr")}
+
+    fwd_flags = dict(HAS_VREF=True, WRITE_MEAN=True, WRITE_X0=True, WRITE_X1=True, LOGPROB_FLOW_GRPO=False,
+                     SUM_REDUCTION=False, KL_FLOW_GRPO=False, ITERS=4)
+    for storage in ("fp32", "bf16", "fp16"):
+        cfg = launch_config(64, 1 << 20, 4 if storage == "fp32" else 2)
+        fwd_flags["BLOCK"] = cfg.block
+        for sde_type, sde_id in SDE_TYPE_IDS.items():
+            for mode in (MODE_SCORE, MODE_NOISE, MODE_PHILOX):
+                if storage != "bf16" and (sde_type != "sde"):
+                    continue  # dtypes x modes on one type, types x modes on bf16
+                for finalize in (False, True):
+                    if finalize and mode != MODE_NOISE:
+                        continue
+                    yield (f"fwd/{storage}/{sde_type}/mode{mode}/finalize{int(finalize)}", sde_step_fwd_kernel,
+                           types(sde_step_fwd_kernel, storage, _FWD_POINTERS),
+                           dict(fwd_flags, SDE_TYPE=sde_id, MODE=mode, FINALIZE=finalize), cfg.num_warps)
+        for sde_type, sde_id in SDE_TYPE_IDS.items():
+            if storage != "bf16" and sde_type != "sde":
+                continue
+            yield (f"bwd/{storage}/{sde_type}", sde_step_bwd_kernel, types(sde_step_bwd_kernel, storage, _BWD_STORAGE),
+                   dict(SDE_TYPE=sde_id, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True, HAS_G_X1=True,
+                        WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
+                        KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4), cfg.num_warps)
+    for sde_type, sde_id in SDE_TYPE_IDS.items():
+        yield (f"finalize/{sde_type}", sde_step_finalize_kernel, types(sde_step_finalize_kernel, "fp32", ()),
+               dict(SDE_TYPE=sde_id, HAS_VREF=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False, KL_FLOW_GRPO=False,
+                    BLOCK_C=1024), 4)

@@ -1,0 +1,186 @@
+"""Custom ops `sfgrpo::sde_step` and `sfgrpo::sde_step_backward` (torch.library).
+
+Both take latents flattened to `[B, D]` (contiguous; `sfgrpo.functional.sde_step` reshapes and
+validates) and per-row float32 `[B]` tensors for t, t', the noise level and sigma_max. Outputs that
+were not requested are returned as empty tensors (custom ops cannot return None), and so is the
+sample when scoring a given one (an op may not return its own input).
+
+Per device: CPU tensors run `sfgrpo.reference` (or the Triton kernels in Triton's interpreter when
+the `triton` backend is forced), CUDA tensors run the Triton kernels; `sfgrpo.backend` decides.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sfgrpo import backend, reference
+
+OP_NAME = "sde_step"
+backend.register_op(OP_NAME, "triton")
+
+_EMPTY_SHAPE = (0,)
+
+
+def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return like.new_empty(_EMPTY_SHAPE, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ forward
+@torch.library.custom_op("sfgrpo::sde_step", mutates_args=())
+def sde_step_op(
+    x: Tensor,
+    v: Tensor,
+    t: Tensor,
+    t_next: Tensor,
+    noise_level: Tensor,
+    sigma_max: Tensor,
+    prev_sample: Optional[Tensor],
+    noise: Optional[Tensor],
+    v_ref: Optional[Tensor],
+    seed: int,
+    seed_offset: int,
+    use_philox: bool,
+    sde_type: str,
+    logprob: str,
+    reduction: str,
+    kl: str,
+    write_mean: bool,
+    write_x0: bool,
+    write_x1: bool,
+    backend_name: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl)."""
+    chosen = backend.resolve_backend(OP_NAME, x.device, backend_name)
+    args = (x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
+            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1)
+    if chosen == "triton":
+        from sfgrpo.kernels import sde_step as kernels
+
+        return kernels.forward(*args)
+    return _forward_reference(*args)
+
+
+def _forward_reference(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed,
+                       seed_offset, use_philox, sde_type, logprob, reduction, kl, write_mean,
+                       write_x0, write_x1):
+    if prev_sample is None and use_philox:
+        offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + seed_offset
+        noise = reference.philox_normal(seed, offsets).reshape(x.shape)
+    out = reference.sde_step(
+        x, v, t, t_next, noise_level, sde_type=sde_type, prev_sample=prev_sample, noise=noise,
+        logprob=logprob, reduction=reduction, v_ref=v_ref, kl=kl, sigma_max=sigma_max,
+    )
+    return (
+        out.prev_sample if prev_sample is None else _empty(x, x.dtype),
+        out.log_prob,
+        out.std.clone(),  # cps/ddim/ode share one tensor for std and std_dev_t: outputs may not alias
+        out.std_dev_t.clone(),
+        out.mean if write_mean else _empty(x),
+        out.x0_hat if write_x0 else _empty(x),
+        out.x1_hat if write_x1 else _empty(x),
+        out.kl if v_ref is not None else _empty(x),
+    )
+
+
+@sde_step_op.register_fake
+def _(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
+      use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1, backend_name):
+    batch = x.shape[0]
+    full = lambda flag: x.new_empty(x.shape, dtype=torch.float32) if flag else _empty(x)  # noqa: E731
+    rows = lambda: x.new_empty((batch,), dtype=torch.float32)  # noqa: E731
+    sample = x.new_empty(x.shape) if prev_sample is None else _empty(x, x.dtype)
+    return (sample, rows(), rows(), rows(), full(write_mean), full(write_x0), full(write_x1),
+            rows() if v_ref is not None else _empty(x))
+
+
+# ----------------------------------------------------------------------------- backward
+@torch.library.custom_op("sfgrpo::sde_step_backward", mutates_args=())
+def sde_step_backward_op(
+    x: Tensor,
+    v: Tensor,
+    sample: Tensor,
+    v_ref: Optional[Tensor],
+    t: Tensor,
+    t_next: Tensor,
+    noise_level: Tensor,
+    sigma_max: Tensor,
+    grad_log_prob: Optional[Tensor],
+    grad_kl: Optional[Tensor],
+    grad_mean: Optional[Tensor],
+    grad_x0: Optional[Tensor],
+    grad_x1: Optional[Tensor],
+    sde_type: str,
+    logprob: str,
+    reduction: str,
+    kl: str,
+    need_dv_ref: bool,
+    need_dx: bool,
+    backend_name: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dv, dv_ref, dx) in the dtypes of v, v_ref, x (empty when not needed)."""
+    chosen = backend.resolve_backend(OP_NAME, x.device, backend_name)
+    args = (x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl,
+            grad_mean, grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx)
+    if chosen == "triton":
+        from sfgrpo.kernels import sde_step as kernels
+
+        return kernels.backward(*args)
+    return _backward_reference(*args)
+
+
+def _backward_reference(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob,
+                        grad_kl, grad_mean, grad_x0, grad_x1, sde_type, logprob, reduction, kl,
+                        need_dv_ref, need_dx):
+    coeffs = reference.sde_coefficients(sde_type, t, t_next, noise_level, sigma_max)
+    dv, dv_ref, dx = reference.sde_step_vjp(
+        x, v, sample, t, coeffs, grad_log_prob=grad_log_prob, grad_kl=grad_kl, grad_mean=grad_mean,
+        grad_x0=grad_x0, grad_x1=grad_x1, v_ref=v_ref, sde_type=sde_type, logprob=logprob,
+        reduction=reduction, kl=kl,
+    )
+    dv_ref_out = dv_ref.to(v_ref.dtype) if (need_dv_ref and dv_ref is not None) else _empty(x)
+    if need_dv_ref and dv_ref is None:  # no KL gradient flowed: zero, not missing
+        dv_ref_out = torch.zeros_like(v_ref)
+    return dv.to(v.dtype), dv_ref_out, dx.to(x.dtype) if need_dx else _empty(x)
+
+
+@sde_step_backward_op.register_fake
+def _(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl, grad_mean,
+      grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx, backend_name):
+    dv_ref = torch.empty_like(v_ref) if (need_dv_ref and v_ref is not None) else _empty(x)
+    return torch.empty_like(v), dv_ref, torch.empty_like(x) if need_dx else _empty(x)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    (x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
+     use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1,
+     backend_name) = inputs
+    sample = output[0] if prev_sample is None else prev_sample
+    ctx.save_for_backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max)
+    ctx.options = (sde_type, logprob, reduction, kl, backend_name)
+    ctx.has_v_ref = v_ref is not None
+
+
+def _nonempty(grad: Tensor | None) -> Tensor | None:
+    return grad if grad is not None and grad.numel() > 0 else None
+
+
+def _backward(ctx, g_sample, g_log_prob, g_std, g_std_dev_t, g_mean, g_x0, g_x1, g_kl):
+    x, v, sample, v_ref, t, t_next, noise_level, sigma_max = ctx.saved_tensors
+    sde_type, logprob, reduction, kl, backend_name = ctx.options
+    need_dv_ref = ctx.has_v_ref and ctx.needs_input_grad[8]
+    need_dx = ctx.needs_input_grad[0]
+    dv, dv_ref, dx = sde_step_backward_op(
+        x, v, sample, v_ref if ctx.has_v_ref else None, t, t_next, noise_level, sigma_max,
+        _nonempty(g_log_prob), _nonempty(g_kl) if ctx.has_v_ref else None, _nonempty(g_mean),
+        _nonempty(g_x0), _nonempty(g_x1), sde_type, logprob, reduction, kl, need_dv_ref, need_dx,
+        backend_name,
+    )
+    return (dx if need_dx else None, dv, None, None, None, None, None, None,
+            dv_ref if need_dv_ref else None) + (None,) * 11
+
+
+sde_step_op.register_autograd(_backward, setup_context=_setup_context)

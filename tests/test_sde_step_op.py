@@ -1,0 +1,267 @@
+"""The fused SDE-step op: Triton kernels (interpreter on CPU, real on CUDA) and the reference path
+against `sfgrpo.reference`, gradients against autograd through the reference, on-policy exactness,
+noise sources, opcheck, torch.compile and bad inputs."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from sfgrpo import functional as F
+from sfgrpo import reference as ref
+from sfgrpo.ops.sde_step import sde_step_op
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ACCEL = "triton"  # on CPU this runs the kernels in Triton's interpreter (conftest sets it up)
+
+SHAPES = [(1, 1), (3, 7), (2, 3, 5, 7), (4, 4, 8, 8), (2, 2, 3, 4, 5), (2, 3, 40000)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    v_ref = (v.float().cpu() + 0.05 * torch.randn(shape, generator=g)).to(dtype).to(DEVICE)
+    batch = shape[0]
+    t = (0.2 + 0.75 * torch.rand(batch, generator=g))
+    t[0] = 1.0  # first step of a schedule
+    t_next = t * (0.3 + 0.6 * torch.rand(batch, generator=g))
+    t_next[-1] = 0.0  # last step
+    level = torch.rand(batch, generator=g)
+    level[min(1, batch - 1)] = 0.0  # a row without noise
+    return x, v, v_ref, t.to(DEVICE), t_next.to(DEVICE), level.to(DEVICE)
+
+
+def _tolerances(dtype):
+    # log-probs are means of O(1) terms: fp32 math keeps them to ~1e-6 whatever the storage dtype
+    return dict(atol=2e-6, rtol=2e-6)
+
+
+def _close(a, b, atol, rtol, what):
+    torch.testing.assert_close(a.float().cpu(), b.float().cpu(), atol=atol, rtol=rtol, msg=what)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sde_type", ref.SDE_TYPES)
+def test_kernel_matches_reference_sampling_with_given_noise(shape, dtype, sde_type):
+    x, v, v_ref, t, tn, level = _inputs(shape, dtype)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    kw = dict(sde_type=sde_type, noise=noise, v_ref=v_ref, return_mean=True, return_x0_hat=True, return_x1_hat=True)
+    got = F.sde_step(x, v, t, tn, level, backend=ACCEL, **kw)
+    want = F.sde_step(x, v, t, tn, level, backend="reference", **kw)
+    oracle = ref.sde_step(x, v, t, tn, level, sde_type=sde_type, noise=noise, v_ref=v_ref)
+    assert got.prev_sample.dtype == dtype and got.prev_sample.shape == shape
+    # the sample may differ by one storage ulp where fp32 rounding differs
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    _close(got.prev_sample, oracle.prev_sample, ulp * 4, ulp, "prev_sample")
+    _close(got.mean, oracle.mean, 2e-6, 2e-6, "mean")
+    _close(got.x0_hat, oracle.x0_hat, 2e-6, 2e-6, "x0_hat")
+    _close(got.x1_hat, oracle.x1_hat, 2e-6, 2e-6, "x1_hat")
+    _close(got.std, oracle.std, 1e-7, 1e-6, "std")
+    _close(got.std_dev_t, oracle.std_dev_t, 1e-7, 1e-6, "std_dev_t")
+    _close(got.kl, oracle.kl, 1e-7, 1e-5, "kl")
+    _close(want.log_prob, oracle.log_prob, 0, 0, "reference path")
+    if dtype == torch.float32:
+        _close(got.log_prob, oracle.log_prob, **_tolerances(dtype), what="log_prob")
+    # with rounded storage, score the kernel's own sample with the reference: same sample, same density
+    rescored = ref.sde_step(x, v, t, tn, level, sde_type=sde_type, prev_sample=got.prev_sample)
+    _close(got.log_prob, rescored.log_prob, **_tolerances(dtype), what="log_prob of the stored sample")
+
+
+@pytest.mark.parametrize("sde_type", ref.SDE_TYPES)
+@pytest.mark.parametrize("logprob, reduction, kl", list(itertools.product(ref.LOGPROB_CONVENTIONS, ref.REDUCTIONS, ref.KL_CONVENTIONS)))
+def test_kernel_conventions_when_scoring(sde_type, logprob, reduction, kl):
+    x, v, v_ref, t, tn, level = _inputs((3, 2, 6, 5), torch.float32, seed=4)
+    sample = torch.randn_like(x)
+    kw = dict(sde_type=sde_type, prev_sample=sample, v_ref=v_ref, logprob=logprob, reduction=reduction, kl=kl)
+    got = F.sde_step(x, v, t, tn, level, backend=ACCEL, **kw)
+    oracle = ref.sde_step(x, v, t, tn, level, **kw)
+    scale = 60 if reduction == "sum" else 1
+    _close(got.log_prob, oracle.log_prob, 2e-6 * scale, 2e-6, "log_prob")
+    _close(got.kl, oracle.kl, 1e-6 * scale, 1e-5, "kl")
+    assert got.prev_sample is sample
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sde_type", ["sde", "cps", "ddim"])
+@pytest.mark.parametrize("source", ["noise", "seed", "generator"])
+@pytest.mark.parametrize("backend", ["reference", ACCEL])
+def test_scoring_the_drawn_sample_gives_ratio_exactly_one(dtype, sde_type, source, backend):
+    x, v, _, t, tn, level = _inputs((4, 3, 33, 17), dtype, seed=2)
+    draw = {"noise": dict(noise=torch.randn(x.shape, device=DEVICE)), "seed": dict(seed=1234, seed_offset=77),
+            "generator": dict(generator=torch.Generator(device=DEVICE).manual_seed(5))}[source]
+    drawn = F.sde_step(x, v, t, tn, level, sde_type=sde_type, backend=backend, **draw)
+    scored = F.sde_step(x, v, t, tn, level, sde_type=sde_type, prev_sample=drawn.prev_sample, backend=backend)
+    assert torch.equal(scored.log_prob, drawn.log_prob)
+    assert torch.equal(torch.exp(scored.log_prob - drawn.log_prob), torch.ones_like(drawn.log_prob))
+
+
+def test_multi_chunk_rows_are_deterministic_and_on_policy():
+    # 3 x 300k elements: several chunks per row, partial sums finalized by the second kernel
+    x, v, _, t, tn, level = _inputs((3, 300_000), torch.bfloat16, seed=6)
+    level = torch.full_like(level, 0.7)
+    a = F.sde_step(x, v, t, tn, level, seed=3, backend=ACCEL)
+    b = F.sde_step(x, v, t, tn, level, seed=3, backend=ACCEL)
+    assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
+    scored = F.sde_step(x, v, t, tn, level, prev_sample=a.prev_sample, backend=ACCEL)
+    assert torch.equal(scored.log_prob, a.log_prob)
+    oracle = ref.sde_step(x, v, t, tn, level, prev_sample=a.prev_sample)
+    _close(a.log_prob, oracle.log_prob, 2e-6, 2e-6, "log_prob")
+
+
+def test_philox_noise_matches_between_kernel_and_reference():
+    x, v, _, t, tn, level = _inputs((3, 5000), torch.float32, seed=8)
+    level = torch.full_like(level, 0.7)
+    t = torch.full_like(t, 0.8)
+    tn = torch.full_like(tn, 0.6)
+    a = F.sde_step(x, v, t, tn, level, seed=99, seed_offset=12345, backend=ACCEL, return_mean=True)
+    b = F.sde_step(x, v, t, tn, level, seed=99, seed_offset=12345, backend="reference")
+    _close(a.prev_sample, b.prev_sample, 1e-5, 1e-5, "philox sample")
+    eps = (a.prev_sample - a.mean) / ref.per_row(a.std, x)
+    assert abs(eps.mean().item()) < 0.03 and abs(eps.std().item() - 1) < 0.03
+    other = F.sde_step(x, v, t, tn, level, seed=100, seed_offset=12345, backend=ACCEL)
+    assert not torch.allclose(other.prev_sample, a.prev_sample)
+
+
+def test_generator_noise_is_diffusers_compatible():
+    x, v, _, t, tn, level = _inputs((2, 4, 8, 8), torch.float32)
+    got = F.sde_step(x, v, t, tn, level, generator=torch.Generator(device=DEVICE).manual_seed(21), backend=ACCEL,
+                     return_mean=True)
+    eps = torch.randn(x.shape, generator=torch.Generator(device=DEVICE).manual_seed(21), device=DEVICE, dtype=torch.float32)
+    _close(got.prev_sample, got.mean + ref.per_row(got.std, x) * eps, 1e-6, 1e-6, "generator sample")
+
+
+GRAD_CASES = [
+    ("sde", "gaussian", "mean", "exact"), ("sde", "gaussian", "sum", "flow_grpo"), ("cps", "flow_grpo", "mean", "exact"),
+    ("cps", "gaussian", "mean", "exact"), ("ddim", "gaussian", "sum", "exact"), ("ode", "gaussian", "mean", "exact"),
+]
+
+
+@pytest.mark.parametrize("sde_type, logprob, reduction, kl", GRAD_CASES)
+@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (2, 70_000)])
+def test_gradients_match_autograd_through_the_reference(sde_type, logprob, reduction, kl, backend, shape):
+    x, v, v_ref, t, tn, level = _inputs(shape, torch.float32, seed=3)
+    sample = (x + 0.3 * torch.randn_like(x)).detach()
+    weights = [torch.randn(shape[0], device=DEVICE) for _ in range(2)] + [torch.randn(shape, device=DEVICE) for _ in range(3)]
+
+    def run(step, **extra):
+        xs, vs, vr = (a.detach().clone().requires_grad_() for a in (x, v, v_ref))
+        out = step(xs, vs, t, tn, level, sde_type=sde_type, prev_sample=sample, v_ref=vr, logprob=logprob,
+                   reduction=reduction, kl=kl, **extra)
+        loss = ((out.log_prob * weights[0]).sum() + (out.kl * weights[1]).sum() + (out.mean * weights[2]).sum()
+                + (out.x0_hat * weights[3]).sum() + (out.x1_hat * weights[4]).sum())
+        loss.backward()
+        return xs.grad, vs.grad, vr.grad
+
+    got = run(F.sde_step, backend=backend, return_mean=True, return_x0_hat=True, return_x1_hat=True)
+    want = run(ref.sde_step)
+    scale = 1.0 if reduction == "mean" else 1.0 / math.prod(shape[1:])
+    for name, a, b in zip(("dx", "dv", "dv_ref"), got, want):
+        _close(a * scale, b * scale, 1e-5, 1e-4, name)
+
+
+@pytest.mark.parametrize("backend", ["reference", ACCEL])
+def test_gradient_flows_only_through_requested_outputs(backend):
+    x, v, _, t, tn, level = _inputs((2, 3, 4, 4), torch.bfloat16)
+    v = v.detach().requires_grad_()
+    out = F.sde_step(x, v, t, tn, level, prev_sample=torch.randn_like(x), backend=backend)
+    out.log_prob.sum().backward()
+    assert v.grad is not None and v.grad.dtype == torch.bfloat16 and torch.isfinite(v.grad.float()).all()
+    oracle_v = v.detach().clone().requires_grad_()
+    ref.sde_step(x, oracle_v, t, tn, level, prev_sample=out.prev_sample).log_prob.sum().backward()
+    _close(v.grad, oracle_v.grad, 1e-2, 1e-2, "bf16 dv")
+
+
+def _op_args(x, v, v_ref, t, tn, level, *, prev_sample=None, noise=None, write=True, backend=None, sde_type="sde"):
+    rows = lambda a: a.reshape(a.shape[0], -1).contiguous()  # noqa: E731
+    return (rows(x), rows(v), t, tn, level, tn.clone(), None if prev_sample is None else rows(prev_sample),
+            None if noise is None else rows(noise), None if v_ref is None else rows(v_ref), 0, 0, False,
+            sde_type, "gaussian", "mean", "exact", write, write, write, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("mode", ["score", "sample"])
+def test_opcheck(backend, mode):
+    x, v, v_ref, t, tn, level = _inputs((3, 2, 4, 4), torch.float32)
+    v = v.requires_grad_()
+    extra = dict(prev_sample=torch.randn_like(x)) if mode == "score" else dict(noise=torch.randn_like(x))
+    args = _op_args(x, v, v_ref.requires_grad_(), t, tn, level, backend=backend, **extra)
+    torch.library.opcheck(sde_step_op, args)
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    x, v, v_ref, t, tn, level = _inputs((2, 3, 4, 4), torch.float32)
+
+    def loss_fn(x, v, sample, t, tn, level):
+        out = F.sde_step(x, v, t, tn, level, prev_sample=sample, return_x0_hat=True)
+        return out.log_prob.sum() + out.x0_hat.square().mean()
+
+    sample = torch.randn_like(x)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    v1 = v.detach().clone().requires_grad_()
+    v2 = v.detach().clone().requires_grad_()
+    compiled(x, v1, sample, t, tn, level).backward()
+    loss_fn(x, v2, sample, t, tn, level).backward()
+    torch.testing.assert_close(v1.grad, v2.grad)
+    # and inductor compiles it too (the op is opaque to it)
+    out = torch.compile(loss_fn, fullgraph=True)(x, v, sample, t, tn, level)
+    torch.testing.assert_close(out, loss_fn(x, v, sample, t, tn, level))
+
+
+def test_non_contiguous_inputs_equal_contiguous():
+    x, v, _, t, tn, level = _inputs((3, 4, 6, 5), torch.float32)
+    xt, vt = x.transpose(2, 3).contiguous().transpose(2, 3), v.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    assert not xt.is_contiguous() or not vt.is_contiguous()
+    noise = torch.randn_like(x)
+    a = F.sde_step(xt, vt, t, tn, level, noise=noise, backend=ACCEL, return_x0_hat=True)
+    b = F.sde_step(x, v, t, tn, level, noise=noise, backend=ACCEL, return_x0_hat=True)
+    assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
+    assert torch.equal(a.x0_hat, b.x0_hat)
+
+
+@pytest.mark.parametrize("backend", ["reference", ACCEL])
+def test_empty_batch(backend):
+    x = torch.zeros(0, 4, 8, 8, device=DEVICE)
+    out = F.sde_step(x, x, torch.zeros(0, device=DEVICE), torch.zeros(0, device=DEVICE), 0.7, seed=1,
+                     return_x0_hat=True, backend=backend)
+    assert out.prev_sample.shape == x.shape and out.log_prob.shape == (0,) and out.x0_hat.shape == x.shape
+
+
+def test_bad_inputs_give_clear_errors():
+    x, v, v_ref, t, tn, level = _inputs((3, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="shape of x"):
+        F.sde_step(x, v[:, :2], t, tn, level)
+    with pytest.raises(TypeError, match="float32, bfloat16"):
+        F.sde_step(x, v.to(torch.int32), t, tn, level)
+    with pytest.raises(ValueError, match=r"shape \[3\]"):
+        F.sde_step(x, v, t[:2], tn, level)
+    with pytest.raises(ValueError, match="at most one"):
+        F.sde_step(x, v, t, tn, level, seed=1, noise=torch.randn_like(x))
+    with pytest.raises(ValueError, match="sde_type"):
+        F.sde_step(x, v, t, tn, level, sde_type="heun")
+    with pytest.raises(ValueError, match="no elements"):
+        F.sde_step(torch.zeros(2, 0), torch.zeros(2, 0), 0.5, 0.4)
+    with pytest.raises(ValueError, match="not one of"):
+        F.sde_step(x, v, t, tn, level, backend="cuda")
+    with pytest.raises(ValueError, match="shape of x"):
+        F.sde_step(x, v, t, tn, level, prev_sample=x[:, :2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_step_has_no_host_sync():
+    x, v, v_ref, t, tn, level = _inputs((8, 16, 32, 32), torch.bfloat16)
+    v = v.detach().requires_grad_()
+    sample = F.sde_step(x, v.detach(), t, tn, level, seed=0).prev_sample
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        drawn = F.sde_step(x, v.detach(), t, tn, level, seed=1, return_x0_hat=True)
+        out = F.sde_step(x, v, t, tn, level, prev_sample=sample, v_ref=v_ref)
+        (out.log_prob.sum() + 0.01 * out.kl.sum()).backward()
+        del drawn
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
