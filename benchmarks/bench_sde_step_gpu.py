@@ -1,0 +1,240 @@
+"""GPU benchmark of the fused SDE step against eager PyTorch, torch.compile and Flow-GRPO's formulas.
+
+    python benchmarks/bench_sde_step_gpu.py                 # full suite, writes benchmarks/results/
+    python benchmarks/bench_sde_step_gpu.py --quick         # two shapes, a smoke run
+
+In one run, for SD3.5-M latents (B 8-32 x 16x64x64 and 16x128x128), FLUX packed latents
+(B x 4096 x 64) and a video latent (2 x 16x21x60x104), bf16 and fp32 storage, it times
+  sample        draw x' + per-row log-prob + Tweedie x0_hat (what a rollout step needs)
+  score         log-prob of a stored sample, forward + backward to v (the PPO update)
+  score_kl      the same with the KL to a reference velocity (beta > 0)
+for: `fused` (sfgrpo's Triton kernels; Philox noise for sampling), `fused_noise` (given eps),
+`eager` (sfgrpo.reference), `compiled` (torch.compile of the reference) and `flow_grpo` (the
+Flow-GRPO formulation: per-row sigma lookup with host syncs, separate ops, a second call for the
+KL). Reports time, effective GB/s (bytes the fused algorithm must move / time), % of the device's
+measured copy bandwidth, speed-up of `fused` over each baseline, and host syncs per call.
+Writes CSV + JSON (GPU name, versions) under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flow_grpo_baseline as fg  # noqa: E402
+
+from sfgrpo import functional as F  # noqa: E402
+from sfgrpo import reference as ref  # noqa: E402
+from sfgrpo.schedules import Schedule  # noqa: E402
+
+SHAPES = {
+    "sd35m_b8_64": (8, 16, 64, 64),
+    "sd35m_b32_64": (32, 16, 64, 64),
+    "sd35m_b8_128": (8, 16, 128, 128),
+    "sd35m_b32_128": (32, 16, 128, 128),
+    "flux_b16_4096x64": (16, 4096, 64),
+    "video_b2_16x21x60x104": (2, 16, 21, 60, 104),
+}
+QUICK = ("sd35m_b8_64", "flux_b16_4096x64")
+STEP = 3  # a middle step of the SD3 10-step grid
+
+
+def time_ms(fn, warmup=5, reps=30) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def count_syncs(fn) -> int:
+    fn()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, reps=20)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def make_cases(shape, dtype, schedule):
+    device = "cuda"
+    batch = shape[0]
+    x = torch.randn(shape, device=device).to(dtype)
+    v = torch.randn(shape, device=device).to(dtype)
+    v_ref = (v.float() + 0.01 * torch.randn(shape, device=device)).to(dtype)
+    noise = torch.randn(shape, device=device)
+    t = schedule.t[STEP].to(device).expand(batch).contiguous()
+    tn = schedule.t_next[STEP].to(device).expand(batch).contiguous()
+    level = torch.full((batch,), 0.7, device=device)
+    sample = F.sde_step(x, v, t, tn, level, seed=0).prev_sample
+    weights = torch.randn(batch, device=device)
+    sigmas, timesteps = schedule.sigmas.to(device), schedule.timesteps.to(device)
+    timestep = timesteps[STEP].expand(batch)
+
+    def eager_sample():
+        ref.sde_step(x, v, t, tn, level, noise=torch.randn(shape, device=device))
+
+    def flow_sample():
+        out = fg.sde_step_with_logprob(sigmas, timesteps, v, timestep, x, 0.7)
+        return out, x.float() - sigmas[STEP] * v.float()  # x0_hat for the stepwise rewards
+
+    def score(step_fn, with_kl):
+        def run():
+            vg = v.detach().requires_grad_()
+            out = step_fn(vg, with_kl)
+            loss = (out[0] * weights).sum() + (0.01 * out[1].sum() if with_kl else 0.0)
+            loss.backward()
+        return run
+
+    def fused_score(vg, with_kl):
+        out = F.sde_step(x, vg, t, tn, level, prev_sample=sample, v_ref=v_ref if with_kl else None)
+        return out.log_prob, out.kl
+
+    def eager_score(vg, with_kl):
+        out = ref.sde_step(x, vg, t, tn, level, prev_sample=sample, v_ref=v_ref if with_kl else None)
+        return out.log_prob, out.kl
+
+    compiled_step = torch.compile(eager_score, fullgraph=True)
+
+    def flow_score(vg, with_kl):
+        _, log_prob, mean, std_dev_t = fg.sde_step_with_logprob(sigmas, timesteps, vg, timestep, x, 0.7, prev_sample=sample)
+        kl = None
+        if with_kl:
+            with torch.no_grad():
+                _, _, mean_ref, _ = fg.sde_step_with_logprob(sigmas, timesteps, v_ref, timestep, x, 0.7, prev_sample=sample)
+            kl = fg.kl_to_reference(mean, mean_ref, std_dev_t)
+        return log_prob, kl
+
+    compiled_sample = torch.compile(eager_sample, fullgraph=True)
+    return {
+        "sample": {
+            "fused": lambda: F.sde_step(x, v, t, tn, level, seed=1, return_x0_hat=True),
+            "fused_noise": lambda: F.sde_step(x, v, t, tn, level, noise=noise, return_x0_hat=True),
+            "eager": eager_sample,
+            "compiled": compiled_sample,
+            "flow_grpo": flow_sample,
+        },
+        "score": {
+            "fused": score(fused_score, False),
+            "eager": score(eager_score, False),
+            "compiled": score(compiled_step, False),
+            "flow_grpo": score(flow_score, False),
+        },
+        "score_kl": {
+            "fused": score(fused_score, True),
+            "eager": score(eager_score, True),
+            "compiled": score(compiled_step, True),
+            "flow_grpo": score(flow_score, True),
+        },
+    }
+
+
+def algorithmic_bytes(case: str, numel: int, itemsize: int) -> int:
+    """Bytes the fused algorithm must move: its reads and writes of full-size tensors."""
+    if case == "sample":  # read x, v; write x' (storage) and x0_hat (fp32)
+        return numel * (3 * itemsize + 4)
+    if case == "score":  # fwd reads x, v, x'; bwd reads x, v, x' and writes dv
+        return numel * 7 * itemsize
+    return numel * 9 * itemsize  # + v_ref read in both passes
+
+
+def versions() -> dict:
+    import triton
+
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        revision = ""
+    import sfgrpo
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton.__version__, "sfgrpo": sfgrpo.__version__, "git": revision,
+            "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    meta = versions()
+    peak = copy_bandwidth_gbs()
+    schedule = Schedule.sd3(10)
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    rows = []
+    for shape_name in (QUICK if args.quick else SHAPES):
+        shape = SHAPES[shape_name]
+        for dtype_name in args.dtypes.split(","):
+            dtype = dtypes[dtype_name]
+            cases = make_cases(shape, dtype, schedule)
+            for case, impls in cases.items():
+                nbytes = algorithmic_bytes(case, math.prod(shape), torch.empty((), dtype=dtype).element_size())
+                timings = {}
+                for impl, fn in impls.items():
+                    try:
+                        timings[impl] = (time_ms(fn), count_syncs(fn))
+                    except Exception as err:  # a baseline that cannot run this shape (e.g. OOM)
+                        print(f"  {shape_name} {dtype_name} {case} {impl}: failed ({type(err).__name__}: {err})")
+                        torch.cuda.empty_cache()
+                fused_ms = timings.get("fused", (math.nan, 0))[0]
+                for impl, (ms, syncs) in timings.items():
+                    gbs = nbytes / (ms * 1e-3) / 1e9
+                    rows.append({"shape": shape_name, "dims": "x".join(map(str, shape)), "dtype": dtype_name, "case": case,
+                                 "impl": impl, "ms": round(ms, 4), "gb_per_s": round(gbs, 1),
+                                 "pct_copy_bw": round(100 * gbs / peak, 1), "fused_speedup": round(ms / fused_ms, 2),
+                                 "host_syncs": syncs})
+                    print(f"{shape_name:>24} {dtype_name} {case:>8} {impl:>11}: {ms:8.3f} ms {gbs:7.0f} GB/s "
+                          f"{100 * gbs / peak:5.1f}% fused x{ms / fused_ms:5.2f} syncs {syncs}")
+            del cases
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = meta["gpu"].replace(" ", "_").replace("/", "_")
+    with open(out / f"sde_step_{tag}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"sde_step_{tag}.json").write_text(json.dumps({"meta": meta, "copy_bandwidth_gbs": round(peak, 1),
+                                                          "rows": rows}, indent=1))
+    print(f"copy bandwidth {peak:.0f} GB/s on {meta['gpu']}; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
