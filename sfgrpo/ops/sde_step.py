@@ -5,8 +5,10 @@ validates) and per-row float32 `[B]` tensors for t, t', the noise level and sigm
 were not requested are returned as empty tensors (custom ops cannot return None), and so is the
 sample when scoring a given one (an op may not return its own input).
 
-Per device: CPU tensors run `sfgrpo.reference` (or the Triton kernels in Triton's interpreter when
-the `triton` backend is forced), CUDA tensors run the Triton kernels; `sfgrpo.backend` decides.
+Per device: CPU tensors run the plain-PyTorch implementation (`_sde_step_torch`, the formulas of
+`sfgrpo.reference` computing only what was asked for), or the Triton kernels in Triton's
+interpreter when the `triton` backend is forced; CUDA tensors run the Triton kernels.
+`sfgrpo.backend` decides.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sfgrpo import backend, reference
+from sfgrpo import backend
+from sfgrpo.ops import _sde_step_torch
 
 OP_NAME = "sde_step"
 backend.register_op(OP_NAME, "triton")
@@ -60,29 +63,7 @@ def sde_step_op(
         from sfgrpo.kernels import sde_step as kernels
 
         return kernels.forward(*args)
-    return _forward_reference(*args)
-
-
-def _forward_reference(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed,
-                       seed_offset, use_philox, sde_type, logprob, reduction, kl, write_mean,
-                       write_x0, write_x1):
-    if prev_sample is None and use_philox:
-        offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + seed_offset
-        noise = reference.philox_normal(seed, offsets).reshape(x.shape)
-    out = reference.sde_step(
-        x, v, t, t_next, noise_level, sde_type=sde_type, prev_sample=prev_sample, noise=noise,
-        logprob=logprob, reduction=reduction, v_ref=v_ref, kl=kl, sigma_max=sigma_max,
-    )
-    return (
-        out.prev_sample if prev_sample is None else _empty(x, x.dtype),
-        out.log_prob,
-        out.std.clone(),  # cps/ddim/ode share one tensor for std and std_dev_t: outputs may not alias
-        out.std_dev_t.clone(),
-        out.mean if write_mean else _empty(x),
-        out.x0_hat if write_x0 else _empty(x),
-        out.x1_hat if write_x1 else _empty(x),
-        out.kl if v_ref is not None else _empty(x),
-    )
+    return _sde_step_torch.forward(*args)
 
 
 @sde_step_op.register_fake
@@ -128,22 +109,7 @@ def sde_step_backward_op(
         from sfgrpo.kernels import sde_step as kernels
 
         return kernels.backward(*args)
-    return _backward_reference(*args)
-
-
-def _backward_reference(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob,
-                        grad_kl, grad_mean, grad_x0, grad_x1, sde_type, logprob, reduction, kl,
-                        need_dv_ref, need_dx):
-    coeffs = reference.sde_coefficients(sde_type, t, t_next, noise_level, sigma_max)
-    dv, dv_ref, dx = reference.sde_step_vjp(
-        x, v, sample, t, coeffs, grad_log_prob=grad_log_prob, grad_kl=grad_kl, grad_mean=grad_mean,
-        grad_x0=grad_x0, grad_x1=grad_x1, v_ref=v_ref, sde_type=sde_type, logprob=logprob,
-        reduction=reduction, kl=kl,
-    )
-    dv_ref_out = dv_ref.to(v_ref.dtype) if (need_dv_ref and dv_ref is not None) else _empty(x)
-    if need_dv_ref and dv_ref is None:  # no KL gradient flowed: zero, not missing
-        dv_ref_out = torch.zeros_like(v_ref)
-    return dv.to(v.dtype), dv_ref_out, dx.to(x.dtype) if need_dx else _empty(x)
+    return _sde_step_torch.backward(*args)
 
 
 @sde_step_backward_op.register_fake

@@ -1,0 +1,1 @@
+"""Drop-in replacements for other GRPO trainers' functions (same signatures, same results)."""
