@@ -9,9 +9,10 @@ In one run, for SD3.5-M latents (B 8-32 x 16x64x64 and 16x128x128), FLUX packed 
   score         log-prob of a stored sample, forward + backward to v (the PPO update)
   score_kl      the same with the KL to a reference velocity (beta > 0)
 for: `fused` (sfgrpo's Triton kernels; Philox noise for sampling), `fused_noise` (given eps),
-`eager` (sfgrpo.reference), `compiled` (torch.compile of the reference) and `flow_grpo` (the
+`eager` (sfgrpo.reference), `compiled` (torch.compile of the reference), `flow_grpo` (the
 Flow-GRPO formulation: per-row sigma lookup with host syncs, separate ops, a second call for the
-KL). Reports time, effective GB/s (bytes the fused algorithm must move / time), % of the device's
+KL) and `compat` (sfgrpo.compat.flow_grpo.sde_step_with_logprob, the drop-in with the same
+signature: fp32 casts + device-side sigma lookup + the fused op). Reports time, effective GB/s (bytes the fused algorithm must move / time), % of the device's
 measured copy bandwidth, speed-up of `fused` over each baseline, and host syncs per call.
 Writes CSV + JSON (GPU name, versions) under benchmarks/results/.
 """
@@ -137,6 +138,22 @@ def make_cases(shape, dtype, schedule):
         return log_prob, kl
 
     compiled_sample = torch.compile(eager_sample, fullgraph=True)
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sfgrpo.compat import flow_grpo as compat
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(len(schedule.t), device=device)
+
+    def compat_score(vg, with_kl):
+        _, log_prob, mean, std_dev_t = compat.sde_step_with_logprob(scheduler, vg, timestep, x, 0.7, prev_sample=sample)
+        kl = None
+        if with_kl:
+            with torch.no_grad():
+                _, _, mean_ref, _ = compat.sde_step_with_logprob(scheduler, v_ref, timestep, x, 0.7, prev_sample=sample)
+            kl = fg.kl_to_reference(mean, mean_ref, std_dev_t)
+        return log_prob, kl
     return {
         "sample": {
             "fused": lambda: F.sde_step(x, v, t, tn, level, seed=1, return_x0_hat=True),
@@ -144,18 +161,21 @@ def make_cases(shape, dtype, schedule):
             "eager": eager_sample,
             "compiled": compiled_sample,
             "flow_grpo": flow_sample,
+            "compat": lambda: compat.sde_step_with_logprob(scheduler, v, timestep, x, 0.7),
         },
         "score": {
             "fused": score(fused_score, False),
             "eager": score(eager_score, False),
             "compiled": score(compiled_step, False),
             "flow_grpo": score(flow_score, False),
+            "compat": score(compat_score, False),
         },
         "score_kl": {
             "fused": score(fused_score, True),
             "eager": score(eager_score, True),
             "compiled": score(compiled_step, True),
             "flow_grpo": score(flow_score, True),
+            "compat": score(compat_score, True),
         },
     }
 
