@@ -83,7 +83,7 @@ def sde_step(
     Tweedie estimates; the sample is data. Values are not range-checked (that would sync): the
     caller guarantees 0 <= t' < t <= 1.
     """
-    from sfgrpo.ops.sde_step import sde_step_op
+    from sfgrpo.ops.sde_step import sde_step as sde_step_op
 
     if sde_type not in reference.SDE_TYPES:
         raise ValueError(f"sde_type must be one of {reference.SDE_TYPES}, got {sde_type!r}")

@@ -267,3 +267,20 @@ def test_cuda_training_step_has_no_host_sync():
         del drawn
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("backend", ["reference", ACCEL])
+def test_eager_fast_path_equals_the_registered_op(backend):
+    from sfgrpo.ops.sde_step import sde_step as eager_step
+
+    x, v, v_ref, t, tn, level = _inputs((3, 2, 4, 4), torch.float32)
+    sample = torch.randn_like(x)
+    results = []
+    for call in (eager_step, sde_step_op):
+        vg, vrg = v.detach().clone().requires_grad_(), v_ref.detach().clone().requires_grad_()
+        args = _op_args(x, vg, vrg, t, tn, level, prev_sample=sample, backend=backend)
+        out = call(*args)
+        (out[1].sum() + out[7].sum() + out[5].square().sum()).backward()
+        results.append([o.detach() for o in out] + [vg.grad, vrg.grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

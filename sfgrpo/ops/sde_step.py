@@ -56,14 +56,26 @@ def sde_step_op(
     backend_name: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl)."""
-    chosen = backend.resolve_backend(OP_NAME, x.device, backend_name)
-    args = (x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
-            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1)
-    if chosen == "triton":
+    return _run_forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
+                        use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1, backend_name)
+
+
+def _run_forward(*args):
+    *args, backend_name = args
+    if backend.resolve_backend(OP_NAME, args[0].device, backend_name) == "triton":
         from sfgrpo.kernels import sde_step as kernels
 
         return kernels.forward(*args)
     return _sde_step_torch.forward(*args)
+
+
+def _run_backward(*args):
+    *args, backend_name = args
+    if backend.resolve_backend(OP_NAME, args[0].device, backend_name) == "triton":
+        from sfgrpo.kernels import sde_step as kernels
+
+        return kernels.backward(*args)
+    return _sde_step_torch.backward(*args)
 
 
 @sde_step_op.register_fake
@@ -102,14 +114,8 @@ def sde_step_backward_op(
     backend_name: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dv, dv_ref, dx) in the dtypes of v, v_ref, x (empty when not needed)."""
-    chosen = backend.resolve_backend(OP_NAME, x.device, backend_name)
-    args = (x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl,
-            grad_mean, grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx)
-    if chosen == "triton":
-        from sfgrpo.kernels import sde_step as kernels
-
-        return kernels.backward(*args)
-    return _sde_step_torch.backward(*args)
+    return _run_backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl, grad_mean,
+                         grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx, backend_name)
 
 
 @sde_step_backward_op.register_fake
@@ -134,12 +140,13 @@ def _nonempty(grad: Tensor | None) -> Tensor | None:
     return grad if grad is not None and grad.numel() > 0 else None
 
 
-def _backward(ctx, g_sample, g_log_prob, g_std, g_std_dev_t, g_mean, g_x0, g_x1, g_kl):
+def _gradients(ctx, grads, run_backward):
+    g_sample, g_log_prob, g_std, g_std_dev_t, g_mean, g_x0, g_x1, g_kl = grads
     x, v, sample, v_ref, t, t_next, noise_level, sigma_max = ctx.saved_tensors
     sde_type, logprob, reduction, kl, backend_name = ctx.options
     need_dv_ref = ctx.has_v_ref and ctx.needs_input_grad[8]
     need_dx = ctx.needs_input_grad[0]
-    dv, dv_ref, dx = sde_step_backward_op(
+    dv, dv_ref, dx = run_backward(
         x, v, sample, v_ref if ctx.has_v_ref else None, t, t_next, noise_level, sigma_max,
         _nonempty(g_log_prob), _nonempty(g_kl) if ctx.has_v_ref else None, _nonempty(g_mean),
         _nonempty(g_x0), _nonempty(g_x1), sde_type, logprob, reduction, kl, need_dv_ref, need_dx,
@@ -149,4 +156,30 @@ def _backward(ctx, g_sample, g_log_prob, g_std, g_std_dev_t, g_mean, g_x0, g_x1,
             dv_ref if need_dv_ref else None) + (None,) * 11
 
 
-sde_step_op.register_autograd(_backward, setup_context=_setup_context)
+sde_step_op.register_autograd(lambda ctx, *grads: _gradients(ctx, grads, sde_step_backward_op),
+                              setup_context=_setup_context)
+
+
+class _EagerSdeStep(torch.autograd.Function):
+    """The same forward/backward as the custom op, without its dispatch layers: the op's Python
+    machinery costs ~0.1-0.7 ms per call, as much as the kernels on realistic latents. Used in
+    eager mode; under torch.compile the registered op runs (opaque, no graph break)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        outputs = _run_forward(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        ctx.mark_non_differentiable(outputs[0], outputs[2], outputs[3])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _gradients(ctx, grads, _run_backward)
+
+
+def sde_step(*inputs):
+    """Runs `sfgrpo::sde_step` (same arguments): the registered op when compiling, the lean
+    autograd.Function otherwise. Both call the same kernels."""
+    if torch.compiler.is_compiling():
+        return sde_step_op(*inputs)
+    return _EagerSdeStep.apply(*inputs)
