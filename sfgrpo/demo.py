@@ -9,8 +9,10 @@ For every reward and seed it trains both modes from the shipped backbone with id
   curves.png                  reward and class accuracy per iteration (mean +- std band)
   <reward>/<mode>/seed<k>/    each run's metrics.jsonl, plots, image grids, checkpoint
 
-The threshold of a reward is `start + fraction * (best - start)`: `start` is the mean first-
-iteration reward, `best` the highest 3-iteration moving average any run reached.
+The thresholds of a reward are `start + fraction * (best - start)`: `start` is the mean first-
+iteration reward, `best` the highest 3-iteration moving average any run reached. Runs that already
+have a checkpoint in --output-dir are resumed (a finished run is only read back), so re-running
+the demo with more iterations or seeds only trains what is new.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated reward specs (default: digit*darkness,brightness)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: stepwise,flow_grpo)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per (reward, mode) (default: 3)")
-    parser.add_argument("--iterations", type=int, default=30, help="iterations per run (default: 30)")
+    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (default: 40)")
     parser.add_argument("--prompts-per-iteration", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -40,17 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookahead-steps", type=int, default=1)
     parser.add_argument("--gradient-accumulation-steps", type=int, default=3,
                         help="forwards per optimizer step (default 3: three optimizer steps per iteration)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="fraction of the start-to-best reward gap (default 0.5)")
+    parser.add_argument("--thresholds", default="0.5,0.8",
+                        help="comma-separated fractions of the start-to-best reward gap (default 0.5,0.8)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel, 1 thread each")
+    parser.add_argument("--backbone", default="digits", help="backbone spec (default: the shipped digits model)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 8 iterations: a smoke test")
 
 
 def run_config(args: argparse.Namespace, reward: str, mode: str, seed: int) -> dict:
     from sfgrpo.trainer import TrainerConfig
 
+    output_dir = Path(args.output_dir) / reward.replace("*", "_x_") / mode / f"seed{seed}"
+    # a run that already has a checkpoint continues from it (a finished one is just read back)
+    resume = "latest" if (output_dir / "checkpoints" / "latest").exists() else None
     return TrainerConfig(
-        output_dir=str(Path(args.output_dir) / reward.replace("*", "_x_") / mode / f"seed{seed}"),
-        iterations=args.iterations, seed=seed, threads=1, backbone="digits", reward=reward, mode=mode,
+        output_dir=str(output_dir), resume_from=resume,
+        iterations=args.iterations, seed=seed, threads=1, backbone=args.backbone, reward=reward, mode=mode,
         prompts_per_iteration=args.prompts_per_iteration, group_size=args.group_size,
         learning_rate=args.learning_rate, clip_range=args.clip_range, lookahead_steps=args.lookahead_steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps, progress=False,
@@ -72,7 +79,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def summarise(results: dict, threshold_fraction: float, iterations: int) -> dict:
+def summarise(results: dict, fractions: list[float], iterations: int) -> dict:
     """results[reward][mode] = list of histories (one per seed) -> summary numbers."""
     checkpoints = sorted({max(1, iterations // 3), max(1, 2 * iterations // 3), iterations})
     summary = {"checkpoints": checkpoints, "rewards": {}}
@@ -80,19 +87,18 @@ def summarise(results: dict, threshold_fraction: float, iterations: int) -> dict
         histories = [h for runs in by_mode.values() for h in runs]
         start = sum(h[0]["reward_mean"] for h in histories) / len(histories)
         best = max(max(_moving_average([r["reward_mean"] for r in h])) for h in histories)
-        threshold = start + threshold_fraction * (best - start)
-        entry = {"start": start, "best": best, "threshold": threshold, "modes": {}}
+        thresholds = {f: start + f * (best - start) for f in fractions}
+        entry = {"start": start, "best": best, "thresholds": thresholds, "modes": {}}
         for mode, runs in by_mode.items():
-            reached = []
-            for h in runs:
-                smooth = _moving_average([r["reward_mean"] for r in h])
-                hit = next((i + 1 for i, value in enumerate(smooth) if value >= threshold), None)
-                reached.append(hit)
-            hits = [r for r in reached if r is not None]
+            smooth = [_moving_average([r["reward_mean"] for r in h]) for h in runs]
+            to_threshold = {}
+            for fraction, threshold in thresholds.items():
+                reached = [next((i + 1 for i, value in enumerate(s) if value >= threshold), None) for s in smooth]
+                hits = [r for r in reached if r is not None]
+                to_threshold[fraction] = {"iterations": reached, "mean_std": _mean_std(hits) if hits else None,
+                                          "reached": f"{len(hits)}/{len(runs)}"}
             entry["modes"][mode] = {
-                "iterations_to_threshold": reached,
-                "iterations_to_threshold_mean_std": _mean_std(hits) if hits else None,
-                "reached": f"{len(hits)}/{len(runs)}",
+                "iterations_to_threshold": to_threshold,
                 "reward_at": {c: _mean_std([h[c - 1]["reward_mean"] for h in runs]) for c in checkpoints},
                 "class_accuracy_final": _mean_std([h[-1].get("class_accuracy", float("nan")) for h in runs]),
                 "seconds_per_iteration": _mean_std([sum(r["time/iteration"] for r in h) / len(h) for h in runs]),
@@ -101,30 +107,33 @@ def summarise(results: dict, threshold_fraction: float, iterations: int) -> dict
     return summary
 
 
-def format_markdown(summary: dict, args: argparse.Namespace) -> str:
+def format_markdown(summary: dict, args: argparse.Namespace, fractions: list[float]) -> str:
     checkpoints = summary["checkpoints"]
-    head = ("| reward | mode | iters to threshold | " + " | ".join(f"reward @ {c}" for c in checkpoints)
-            + " | class acc (final) | s / iter |")
+    head = ("| reward | mode | " + " | ".join(f"iters to {f:.0%}" for f in fractions) + " | "
+            + " | ".join(f"reward @ {c}" for c in checkpoints) + " | class acc (final) | s / iter |")
     lines = [
         f"{args.seeds} seed(s), {args.iterations} iterations, {args.prompts_per_iteration} prompts x group "
-        f"{args.group_size}, lr {args.learning_rate:g}, clip {args.clip_range:g}, T' = {args.lookahead_steps}; "
-        f"threshold = start + {args.threshold:g} x (best - start). Mean +- std over seeds.",
+        f"{args.group_size}, lr {args.learning_rate:g}, clip {args.clip_range:g}, T' = {args.lookahead_steps}. "
+        "'iters to p' = first iteration whose 3-iteration moving average reaches start + p x (best - start) "
+        "(reached/seeds in brackets). Mean +- std over seeds.",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
     ]
     for reward, entry in summary["rewards"].items():
         for mode, m in entry["modes"].items():
-            if m["iterations_to_threshold_mean_std"] is None:
-                reach = f"not reached (0/{len(m['iterations_to_threshold'])})"
-            else:
-                mean, std = m["iterations_to_threshold_mean_std"]
-                reach = f"{mean:.1f} +- {std:.1f} ({m['reached']})"
-            at = " | ".join(f"{m['reward_at'][c][0]:.4f} +- {m['reward_at'][c][1]:.4f}" for c in checkpoints)
+            reach = []
+            for fraction in fractions:
+                hit = m["iterations_to_threshold"][fraction]
+                if hit["mean_std"] is None:
+                    reach.append(f"not reached (0/{len(hit['iterations'])})")
+                else:
+                    reach.append(f"{hit['mean_std'][0]:.1f} +- {hit['mean_std'][1]:.1f} ({hit['reached']})")
+            at = " | ".join(f"{m['reward_at'][c][0]:.3f} +- {m['reward_at'][c][1]:.3f}" for c in checkpoints)
             acc = m["class_accuracy_final"]
             sec = m["seconds_per_iteration"]
-            lines.append(f"| `{reward}` (threshold {entry['threshold']:.4f}) | {mode} | {reach} | {at} | "
-                         f"{acc[0]:.2f} +- {acc[1]:.2f} | {sec[0]:.2f} |")
+            lines.append(f"| `{reward}` | {mode} | {' | '.join(reach)} | {at} | {acc[0]:.2f} +- {acc[1]:.2f} | "
+                         f"{sec[0]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,10 +191,11 @@ def main(args: argparse.Namespace) -> int:
     results: dict = {}
     for (reward, mode, _seed), history in zip(jobs, histories):
         results.setdefault(reward, {}).setdefault(mode, []).append(history)
-    summary = summarise(results, args.threshold, args.iterations)
+    fractions = [float(f) for f in args.thresholds.split(",") if f.strip()]
+    summary = summarise(results, fractions, args.iterations)
     summary["wall_seconds"] = time.time() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = format_markdown(summary, args)
+    table = format_markdown(summary, args, fractions)
     (out / "summary.md").write_text(table)
     plot_curves(results, out / "curves.png")
     print(table)

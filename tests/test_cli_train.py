@@ -42,3 +42,15 @@ def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
 def test_demo_help():
     result = run("demo", "--help")
     assert result.returncode == 0 and "--seeds" in result.stdout
+
+
+def test_demo_runs_both_modes_and_writes_the_summary(tmp_path):
+    result = run("demo", "--backbone", "tiny-random", "--rewards", "brightness,contrast", "--seeds", "2",
+                 "--iterations", "2", "--jobs", "1", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["rewards"]) == {"brightness", "contrast"}
+    assert set(summary["rewards"]["brightness"]["modes"]) == {"stepwise", "flow_grpo"}
+    table = (tmp_path / "summary.md").read_text()
+    assert "| `brightness`" in table and "flow_grpo" in table
+    assert (tmp_path / "brightness" / "stepwise" / "seed1" / "metrics.jsonl").exists()

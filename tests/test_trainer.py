@@ -231,3 +231,13 @@ def test_select_rows_handles_tuples():
     cond = (torch.arange(6), torch.arange(12).reshape(6, 2))
     picked = select_rows(cond, torch.tensor([0, 5]))
     assert picked[0].tolist() == [0, 5] and picked[1].tolist() == [[0, 1], [10, 11]]
+
+
+def test_plots_and_grids_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    trainer = Trainer(tiny_config(tmp_path, plots=True, iterations=2, image_every=1))
+    trainer.train()
+    run = tmp_path / "run"
+    assert (run / "reward.png").stat().st_size > 0 and (run / "gains.png").stat().st_size > 0
+    assert (run / "images" / "samples-iter000001.png").exists()
+    assert (run / "images" / "estimates-iter000002.png").exists()
