@@ -132,8 +132,8 @@ def test_kl_is_zero_before_the_first_update_and_positive_after(tmp_path):
 
 def test_lora_trains_only_adapters_and_uses_them_for_kl(tmp_path):
     pytest.importorskip("peft")
-    trainer = Trainer(tiny_config(tmp_path, use_lora=True, lora_rank=4, lora_alpha=8.0, beta=0.1,
-                                  learning_rate=1e-2, gradient_accumulation_steps=1))
+    lora = dict(use_lora=True, lora_rank=4, lora_alpha=8.0, beta=0.1, learning_rate=1e-2, gradient_accumulation_steps=1)
+    trainer = Trainer(tiny_config(tmp_path, **lora))
     assert trainer.trainable and all("lora_" in name for name in trainer.trainable)
     frozen = {n: p.detach().clone() for n, p in trainer.model.transformer.named_parameters() if "lora_" not in n}
     record = trainer.train_iteration()
@@ -142,7 +142,7 @@ def test_lora_trains_only_adapters_and_uses_them_for_kl(tmp_path):
         if "lora_" not in n:
             assert torch.equal(p, frozen[n]), n
     trainer.save_checkpoint()
-    resumed = Trainer(tiny_config(tmp_path, use_lora=True, lora_rank=4, lora_alpha=8.0, resume_from="latest"))
+    resumed = Trainer(tiny_config(tmp_path, resume_from="latest", **lora))
     for name, value in trainer.trainable.items():
         assert torch.equal(value, resumed.trainable[name])
 
@@ -241,3 +241,24 @@ def test_plots_and_grids_are_written(tmp_path):
     assert (run / "reward.png").stat().st_size > 0 and (run / "gains.png").stat().st_size > 0
     assert (run / "images" / "samples-iter000001.png").exists()
     assert (run / "images" / "estimates-iter000002.png").exists()
+
+
+def test_modes_share_rollouts_and_differ_only_in_credit(tmp_path):
+    rewards = torch.tensor([[0.0, 0.1, 0.5, 0.6, 0.7], [0.0, 0.3, 0.2, 0.2, 0.4], [0.0, 0.0, 0.1, 0.1, 0.2],
+                            [0.0, 0.2, 0.2, 0.5, 0.3], [0.0, 0.1, 0.1, 0.1, 0.1], [0.0, 0.4, 0.3, 0.2, 0.1]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    by_mode = {m: Trainer(tiny_config(tmp_path / m, mode=m)).advantages(rewards, groups)
+               for m in ("stepwise", "stepwise_per_step", "flow_grpo")}
+    trained = torch.tensor([True, True, True, False])  # the last sde step is not trained
+    for adv in by_mode.values():
+        assert adv.shape == (6, 4) and torch.all(adv[:, ~trained] == 0)
+    assert not torch.allclose(by_mode["stepwise"], by_mode["stepwise_per_step"])
+    flow = by_mode["flow_grpo"][:, trained]
+    assert torch.all(flow == flow[:, :1])  # one advantage per trajectory, the same at every step
+    torch.testing.assert_close(by_mode["stepwise"], functional.gain_advantages(rewards, groups, step_mask=trained))
+
+
+def test_resume_with_changed_settings_warns(tmp_path):
+    Trainer(tiny_config(tmp_path, iterations=1)).train()
+    with pytest.warns(UserWarning, match="changed settings"):
+        Trainer(tiny_config(tmp_path, iterations=2, learning_rate=1.0, resume_from="latest"))

@@ -13,6 +13,7 @@ import copy
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from sfgrpo.trainer.config import TrainerConfig
 from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estimates, rollout, select_rows
 
 TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
+# settings a resumed run may change without breaking reproducibility
+RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
+                     "image_every", "device"}
 
 
 class PhaseTimer:
@@ -359,6 +363,11 @@ class Trainer:
                     value.copy_(saved["ema"][name])
         self.optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
+        changed = {k: (state["config"].get(k), v) for k, v in self.config.to_dict().items()
+                   if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
+        if changed:
+            warnings.warn(f"resuming {path} with changed settings (saved, now): {changed}; the run will not "
+                          "reproduce an uninterrupted one", stacklevel=2)
         self.iteration = int(state["iteration"])
         self.noise_generator.set_state(state["noise_generator"])
         self.update_generator.set_state(state["update_generator"])
