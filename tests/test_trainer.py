@@ -262,3 +262,22 @@ def test_resume_with_changed_settings_warns(tmp_path):
     Trainer(tiny_config(tmp_path, iterations=1)).train()
     with pytest.warns(UserWarning, match="changed settings"):
         Trainer(tiny_config(tmp_path, iterations=2, learning_rate=1.0, resume_from="latest"))
+
+
+def test_chunked_lookahead_matches_the_single_batch(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, lookahead_steps=3, guidance_scale=2.0))
+    batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    from sfgrpo.trainer.rollout import clean_estimates
+
+    whole = clean_estimates(trainer.guided, batch, trainer.steps, 3)
+    chunked = clean_estimates(trainer.guided, batch, trainer.steps, 3, batch_size=5)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_yaml_config(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"mode": "stepwise_per_step", "lookahead_steps": 2}))
+    config = TrainerConfig.from_file(path)
+    assert config.normalize == "per_step" and config.lookahead_steps == 2

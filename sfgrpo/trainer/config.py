@@ -44,6 +44,8 @@ class TrainerConfig:
     advantage_eps: float | None = _help("epsilon in (g - mean) / (std + eps) (None: 1e-8 stepwise, 1e-4 flow_grpo)", default=None)
     flow_grpo_std: str = _help("flow_grpo advantage std: global (Flow-GRPO default) | group", default="global")
     lookahead_steps: int = _help("T': Euler sub-steps of the clean estimate (1 = Tweedie, no extra network call)", default=1)
+    lookahead_batch_size: int | None = _help(
+        "states per network call in the look-ahead (None: all N x T at once; set it for big backbones)", default=None)
     # ------------------------------------------------------------------ sampling
     num_steps: int = _help("T: sampling steps of a rollout", default=10)
     shift: float = _help("SD3 schedule shift", default=3.0)
@@ -118,6 +120,8 @@ class TrainerConfig:
         need(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")
         need(self.num_steps >= 2, f"num_steps must be >= 2, got {self.num_steps}")
         need(self.lookahead_steps >= 1, f"lookahead_steps must be >= 1, got {self.lookahead_steps}")
+        need(self.lookahead_batch_size is None or self.lookahead_batch_size >= 1,
+             f"lookahead_batch_size must be >= 1, got {self.lookahead_batch_size}")
         need(self.group_size >= 2, f"group_size must be >= 2 (advantages compare trajectories of a group), got {self.group_size}")
         need(self.prompts_per_iteration >= 1, f"prompts_per_iteration must be >= 1, got {self.prompts_per_iteration}")
         need(len(self.prompt_list) >= 1, "prompts is empty")

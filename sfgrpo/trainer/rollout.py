@@ -125,11 +125,13 @@ def functional_noise(shape: tuple, generator: torch.Generator, device) -> Tensor
 
 
 @torch.no_grad()
-def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", lookahead_steps: int) -> Tensor:
+def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", lookahead_steps: int,
+                    batch_size: int | None = None) -> Tensor:
     """`[T, N, ...]` estimates of the final image from every stored state, T' Euler sub-steps each.
 
-    All N x T states go through the network together; the first sub-step reuses the rollout's
-    velocity, so T' = 1 (the Tweedie estimate) costs no network call at all.
+    All N x T states go through the network together (`batch_size` rows per call, when given); the
+    first sub-step reuses the rollout's velocity, so T' = 1 (the Tweedie estimate) costs no network
+    call at all.
     """
     num_steps, n = batch.states.shape[:2]
     flat = batch.states.flatten(0, 1)
@@ -138,7 +140,13 @@ def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", loo
     null_cond = repeat_rows(batch.null_cond, num_steps)
 
     def velocity_fn(state: Tensor, t: Tensor) -> Tensor:
-        return guided(state, t, cond, null_cond)
+        if batch_size is None or batch_size >= state.shape[0]:
+            return guided(state, t, cond, null_cond)
+        parts = []
+        for start in range(0, state.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            parts.append(guided(state[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows)))
+        return torch.cat(parts)
 
     estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps, v=batch.velocities.flatten(0, 1))
     return estimates.reshape(batch.states.shape)

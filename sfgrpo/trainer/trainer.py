@@ -114,7 +114,8 @@ class Trainer:
         columns). Flow-GRPO: the final latents only."""
         if not self.config.is_stepwise:
             return batch.final[None]
-        estimates = clean_estimates(self.guided, batch, self.steps, self.config.lookahead_steps)
+        estimates = clean_estimates(self.guided, batch, self.steps, self.config.lookahead_steps,
+                                    self.config.lookahead_batch_size)
         return torch.cat([estimates, batch.final[None].float()])
 
     def advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
