@@ -135,8 +135,9 @@ class Trainer:
         return per_trajectory[:, None] * trained[None, :].to(per_trajectory.dtype)
 
     def update(self, batch: Rollout, advantages: Tensor) -> tuple[Tensor, Tensor]:
-        """PPO over every trained (step, trajectory chunk); returns per-forward stats `[M, 5]` and grad norms
-        (loss, mean ratio, clip fraction, approx KL to old, KL to reference) without host syncs."""
+        """PPO over every trained (step, trajectory chunk). Returns, without any host sync, the
+        per-forward stats `[M, 5]` (loss, mean ratio, clip fraction, approx KL to the old policy, KL
+        to the reference) and the grad norm of each optimizer step."""
         cfg, n = self.config, advantages.shape[0]
         records, grad_norms = [], []
         for _ in range(cfg.num_inner_epochs):
