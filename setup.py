@@ -85,7 +85,8 @@ setup(
     ],
     # Triton kernels live in kernels/ at the top of the repository but install as sfgrpo.kernels.
     package_dir={"sfgrpo": "sfgrpo", "sfgrpo.kernels": "kernels"},
-    package_data={"sfgrpo": ["py.typed"]},
+    # the built-in digits backbone and classifier reward ship in the wheel, so `sfgrpo demo` is offline
+    package_data={"sfgrpo": ["py.typed"], "sfgrpo.assets": ["*.safetensors", "*.json"]},
     ext_modules=[CMakeExtension("sfgrpo._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -8,6 +8,7 @@ from sfgrpo._version import __version__
 from sfgrpo import functional, reference, schedules
 from sfgrpo.backend import available_backends, resolve_backend
 from sfgrpo.functional import gain_advantages, group_advantages, ode_lookahead, ppo_loss, sde_step
+from sfgrpo.trainer import Trainer, TrainerConfig
 
 __all__ = [
     "__version__",
@@ -21,4 +22,6 @@ __all__ = [
     "ode_lookahead",
     "ppo_loss",
     "sde_step",
+    "Trainer",
+    "TrainerConfig",
 ]

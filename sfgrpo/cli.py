@@ -15,12 +15,49 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sfgrpo.trainer import Trainer
+    from sfgrpo.trainer.cli_args import config_from_args
+
+    config = config_from_args(args)
+    history = Trainer(config).train()
+    if history:
+        last = history[-1]
+        summary = {k: last[k] for k in ("iteration", "reward_mean", "class_accuracy") if k in last}
+        print(json.dumps(summary))
+    print(f"outputs in {config.output_dir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sfgrpo import demo
+
+    return demo.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfgrpo", description="Stepwise-Flow-GRPO engine")
     sub = parser.add_subparsers(dest="command", required=True)
     info_parser = sub.add_parser("info", help="versions, native build, GPU and backend per op")
     info_parser.add_argument("--json", action="store_true", help="machine-readable output")
     info_parser.set_defaults(func=_cmd_info)
+
+    from sfgrpo.trainer.cli_args import add_config_arguments
+
+    train_parser = sub.add_parser(
+        "train", help="fine-tune with Stepwise-Flow-GRPO or Flow-GRPO",
+        description="Fine-tune a flow model with Stepwise-Flow-GRPO (--mode stepwise) or Flow-GRPO "
+        "(--mode flow_grpo). Every flag is a TrainerConfig field; --config FILE (JSON/YAML) sets many at once.",
+    )
+    add_config_arguments(train_parser)
+    train_parser.set_defaults(func=_cmd_train)
+
+    from sfgrpo import demo
+
+    demo_parser = sub.add_parser("demo", help="stepwise vs Flow-GRPO on the built-in digits model (offline, CPU)",
+                                 description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,203 @@
+"""`sfgrpo demo`: Stepwise-Flow-GRPO vs Flow-GRPO on the built-in digits model, offline, on CPU.
+
+For every reward and seed it trains both modes from the shipped backbone with identical settings
+(same prompts, same initial noise streams, same optimiser), then writes to --output-dir:
+
+  summary.md / summary.json   iterations to a reward threshold, reward at fixed iterations and
+                              class accuracy (mean +- std over seeds): reward hacking shows up as
+                              a rising reward with a falling accuracy
+  curves.png                  reward and class accuracy per iteration (mean +- std band)
+  <reward>/<mode>/seed<k>/    each run's metrics.jsonl, plots, image grids, checkpoint
+
+The thresholds of a reward are `start + fraction * (best - start)`: `start` is the mean first-
+iteration reward, `best` the highest 3-iteration moving average any run reached. Runs that already
+have a checkpoint in --output-dir are resumed (a finished run is only read back), so re-running
+the demo with more iterations or seeds only trains what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+MODES = ("stepwise", "flow_grpo")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", default="sfgrpo-demo", help="where results go (default: sfgrpo-demo)")
+    parser.add_argument("--rewards", default="digit*darkness,brightness",
+                        help="comma-separated reward specs (default: digit*darkness,brightness)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: stepwise,flow_grpo)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per (reward, mode) (default: 3)")
+    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (default: 40)")
+    parser.add_argument("--prompts-per-iteration", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--clip-range", type=float, default=1e-2)
+    parser.add_argument("--lookahead-steps", type=int, default=1)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=3,
+                        help="forwards per optimizer step (default 3: three optimizer steps per iteration)")
+    parser.add_argument("--thresholds", default="0.5,0.8",
+                        help="comma-separated fractions of the start-to-best reward gap (default 0.5,0.8)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel, 1 thread each")
+    parser.add_argument("--backbone", default="digits", help="backbone spec (default: the shipped digits model)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 8 iterations: a smoke test")
+
+
+def run_config(args: argparse.Namespace, reward: str, mode: str, seed: int) -> dict:
+    from sfgrpo.trainer import TrainerConfig
+
+    output_dir = Path(args.output_dir) / reward.replace("*", "_x_") / mode / f"seed{seed}"
+    # a run that already has a checkpoint continues from it (a finished one is just read back)
+    resume = "latest" if (output_dir / "checkpoints" / "latest").exists() else None
+    return TrainerConfig(
+        output_dir=str(output_dir), resume_from=resume,
+        iterations=args.iterations, seed=seed, threads=1, backbone=args.backbone, reward=reward, mode=mode,
+        prompts_per_iteration=args.prompts_per_iteration, group_size=args.group_size,
+        learning_rate=args.learning_rate, clip_range=args.clip_range, lookahead_steps=args.lookahead_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, progress=False,
+    ).to_dict()
+
+
+def _train(config: dict) -> list[dict]:
+    from sfgrpo.trainer import Trainer, TrainerConfig
+
+    return Trainer(TrainerConfig(**config)).train()
+
+
+def _moving_average(values: list[float], window: int = 3) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def summarise(results: dict, fractions: list[float], iterations: int) -> dict:
+    """results[reward][mode] = list of histories (one per seed) -> summary numbers."""
+    checkpoints = sorted({max(1, iterations // 3), max(1, 2 * iterations // 3), iterations})
+    summary = {"checkpoints": checkpoints, "rewards": {}}
+    for reward, by_mode in results.items():
+        histories = [h for runs in by_mode.values() for h in runs]
+        start = sum(h[0]["reward_mean"] for h in histories) / len(histories)
+        best = max(max(_moving_average([r["reward_mean"] for r in h])) for h in histories)
+        thresholds = {f: start + f * (best - start) for f in fractions}
+        entry = {"start": start, "best": best, "thresholds": thresholds, "modes": {}}
+        for mode, runs in by_mode.items():
+            smooth = [_moving_average([r["reward_mean"] for r in h]) for h in runs]
+            to_threshold = {}
+            for fraction, threshold in thresholds.items():
+                reached = [next((i + 1 for i, value in enumerate(s) if value >= threshold), None) for s in smooth]
+                hits = [r for r in reached if r is not None]
+                to_threshold[fraction] = {"iterations": reached, "mean_std": _mean_std(hits) if hits else None,
+                                          "reached": f"{len(hits)}/{len(runs)}"}
+            entry["modes"][mode] = {
+                "iterations_to_threshold": to_threshold,
+                "reward_at": {c: _mean_std([h[c - 1]["reward_mean"] for h in runs]) for c in checkpoints},
+                "class_accuracy_final": _mean_std([h[-1].get("class_accuracy", float("nan")) for h in runs]),
+                "seconds_per_iteration": _mean_std([sum(r["time/iteration"] for r in h) / len(h) for h in runs]),
+            }
+        summary["rewards"][reward] = entry
+    return summary
+
+
+def format_markdown(summary: dict, args: argparse.Namespace, fractions: list[float]) -> str:
+    checkpoints = summary["checkpoints"]
+    head = ("| reward | mode | " + " | ".join(f"iters to {f:.0%}" for f in fractions) + " | "
+            + " | ".join(f"reward @ {c}" for c in checkpoints) + " | class acc (final) | s / iter |")
+    lines = [
+        f"{args.seeds} seed(s), {args.iterations} iterations, {args.prompts_per_iteration} prompts x group "
+        f"{args.group_size}, lr {args.learning_rate:g}, clip {args.clip_range:g}, T' = {args.lookahead_steps}. "
+        "'iters to p' = first iteration whose 3-iteration moving average reaches start + p x (best - start) "
+        "(reached/seeds in brackets). Mean +- std over seeds.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for reward, entry in summary["rewards"].items():
+        for mode, m in entry["modes"].items():
+            reach = []
+            for fraction in fractions:
+                hit = m["iterations_to_threshold"][fraction]
+                if hit["mean_std"] is None:
+                    reach.append(f"not reached (0/{len(hit['iterations'])})")
+                else:
+                    reach.append(f"{hit['mean_std'][0]:.1f} +- {hit['mean_std'][1]:.1f} ({hit['reached']})")
+            at = " | ".join(f"{m['reward_at'][c][0]:.3f} +- {m['reward_at'][c][1]:.3f}" for c in checkpoints)
+            acc = m["class_accuracy_final"]
+            sec = m["seconds_per_iteration"]
+            lines.append(f"| `{reward}` | {mode} | {' | '.join(reach)} | {at} | {acc[0]:.2f} +- {acc[1]:.2f} | "
+                         f"{sec[0]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: curves.png skipped")
+        return False
+    import torch
+
+    fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
+    for column, (reward, by_mode) in enumerate(results.items()):
+        for mode, runs in by_mode.items():
+            for row, key in enumerate(("reward_mean", "class_accuracy")):
+                if key not in runs[0][0]:
+                    continue
+                values = torch.tensor([[r[key] for r in h] for h in runs])
+                mean, std = values.mean(0), values.std(0, unbiased=False)
+                x = list(range(1, values.shape[1] + 1))
+                ax = axes[row][column]
+                ax.plot(x, mean.tolist(), label=mode)
+                ax.fill_between(x, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2)
+                ax.set_xlabel("iteration")
+                ax.set_ylabel("reward" if row == 0 else "class accuracy")
+        axes[0][column].set_title(reward)
+        axes[0][column].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.seeds, args.iterations = 1, 8
+    rewards = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    jobs = [(reward, mode, seed) for reward in rewards for seed in range(args.seeds) for mode in modes]
+    configs = [run_config(args, *job) for job in jobs]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"sfgrpo demo: {len(jobs)} runs x {args.iterations} iterations ({args.jobs} in parallel) -> {out}")
+    start = time.time()
+    if args.jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            histories = list(pool.map(_train, configs))
+    else:
+        histories = [_train(c) for c in configs]
+    results: dict = {}
+    for (reward, mode, _seed), history in zip(jobs, histories):
+        results.setdefault(reward, {}).setdefault(mode, []).append(history)
+    fractions = [float(f) for f in args.thresholds.split(",") if f.strip()]
+    summary = summarise(results, fractions, args.iterations)
+    summary["wall_seconds"] = time.time() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = format_markdown(summary, args, fractions)
+    (out / "summary.md").write_text(table)
+    plot_curves(results, out / "curves.png")
+    print(table)
+    print(f"done in {summary['wall_seconds']:.0f} s; summary.md, summary.json, curves.png in {out}")
+    return 0

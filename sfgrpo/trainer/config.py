@@ -1,0 +1,174 @@
+"""`TrainerConfig`: one dataclass whose field names are the `sfgrpo train` flags (TRL-style).
+
+A run is configured by defaults < config file (JSON, or YAML when PyYAML is installed) < flags.
+`validate()` turns every bad combination into one clear `ValueError` before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("stepwise", "stepwise_per_step", "flow_grpo")
+SDE_TYPES = ("sde", "cps", "ddim")
+MIXED_PRECISION = ("no", "bf16")
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainerConfig:
+    # ------------------------------------------------------------------ run
+    output_dir: str = _help("directory for metrics.jsonl, checkpoints, plots and grids", default="sfgrpo-run")
+    iterations: int = _help("number of training iterations (rollout + update)", default=50)
+    seed: int = _help("seed of every random stream (noise, prompt order, minibatch order)", default=0)
+    device: str = _help("torch device", default="cpu")
+    threads: int | None = _help("torch CPU threads (None: torch's default)", default=None)
+    # ------------------------------------------------------------------ backbone and data
+    backbone: str = _help(
+        "'digits' (the shipped pretrained digits model), 'digits-random' / 'tiny-random' (random init, "
+        "for tests) or a directory written by DigitsBackbone.save", default="digits")
+    prompts: str = _help("comma-separated prompt list; for the digits backbone the classes", default="0,1,2,3,4,5,6,7,8,9")
+    prompts_per_iteration: int = _help("groups per iteration (distinct prompts, each with its own shared noise)", default=4)
+    group_size: int = _help("trajectories per group (same prompt, same initial noise)", default=8)
+    reward: str = _help("reward spec: a name, a product 'digit*darkness', or 'module:function'", default="digit*darkness")
+    # ------------------------------------------------------------------ method
+    mode: str = _help("stepwise (gains, joint normalisation) | stepwise_per_step (ablation) | flow_grpo", default="stepwise")
+    advantage_normalize: str | None = _help("joint | per_step (None: from mode)", default=None)
+    advantage_clip: float | None = _help("clip advantages to +-this (None: 5 for flow_grpo, off for stepwise)", default=None)
+    advantage_eps: float | None = _help("epsilon in (g - mean) / (std + eps) (None: 1e-8 stepwise, 1e-4 flow_grpo)", default=None)
+    flow_grpo_std: str = _help("flow_grpo advantage std: global (Flow-GRPO default) | group", default="global")
+    lookahead_steps: int = _help("T': Euler sub-steps of the clean estimate (1 = Tweedie, no extra network call)", default=1)
+    lookahead_batch_size: int | None = _help(
+        "states per network call in the look-ahead (None: all N x T at once; set it for big backbones)", default=None)
+    # ------------------------------------------------------------------ sampling
+    num_steps: int = _help("T: sampling steps of a rollout", default=10)
+    shift: float = _help("SD3 schedule shift", default=3.0)
+    sde_type: str = _help("sde (Flow-GRPO) | cps | ddim", default="sde")
+    noise_level: float = _help("SDE noise level a", default=0.7)
+    guidance_scale: float = _help("classifier-free guidance scale (1 = no CFG, one network call per step)", default=1.0)
+    logprob: str = _help("log-prob convention: gaussian | flow_grpo", default="gaussian")
+    train_last_step: bool = _help("also train the last step (Flow-GRPO leaves it out: its std is ~0)", default=False)
+    # ------------------------------------------------------------------ optimisation
+    learning_rate: float = _help("AdamW learning rate", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay", default=1e-4)
+    adam_beta1: float = _help("AdamW beta1", default=0.9)
+    adam_beta2: float = _help("AdamW beta2", default=0.999)
+    adam_eps: float = _help("AdamW epsilon", default=1e-8)
+    clip_range: float = _help("PPO ratio clip range (SPEC default 1e-4; 1e-2 suits the digits model)", default=1e-2)
+    beta: float = _help("KL weight against the reference policy (backbone with LoRA disabled / frozen copy)", default=0.0)
+    kl: str = _help("KL convention: exact | flow_grpo", default="exact")
+    num_inner_epochs: int = _help("passes over each rollout batch", default=1)
+    train_batch_size: int | None = _help(
+        "trajectories per update forward (None: the whole batch, which keeps the on-policy ratio exactly 1)", default=None)
+    gradient_accumulation_steps: int | None = _help(
+        "forwards (one trained step x one trajectory chunk) per optimizer step (None: all of an epoch)", default=None)
+    max_grad_norm: float | None = _help("gradient-norm clip (None: off)", default=1.0)
+    mixed_precision: str = _help("no | bf16 (autocast of the network; SDE math stays fp32)", default="no")
+    ema_decay: float = _help("EMA of the trained weights (0: off)", default=0.0)
+    # ------------------------------------------------------------------ LoRA (needs peft)
+    use_lora: bool = _help("train LoRA adapters (peft) instead of the full transformer", default=False)
+    lora_rank: int = _help("LoRA rank", default=32)
+    lora_alpha: float = _help("LoRA alpha", default=64.0)
+    lora_target_modules: str = _help("comma-separated module names that get adapters", default="to_q,to_k,to_v,to_out.0")
+    # ------------------------------------------------------------------ logging and checkpoints
+    checkpoint_every: int = _help("save a checkpoint every N iterations (0: only at the end)", default=0)
+    resume_from: str | None = _help("checkpoint directory, or 'latest' in output_dir", default=None)
+    image_every: int = _help("write sample / intermediate-estimate grids every N iterations (0: only at the end)", default=0)
+    plots: bool = _help("write reward and per-step gain plots (needs matplotlib; skipped without it)", default=True)
+    progress: bool = _help("tqdm progress bar", default=True)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def normalize(self) -> str:
+        if self.advantage_normalize is not None:
+            return self.advantage_normalize
+        return "per_step" if self.mode == "stepwise_per_step" else "joint"
+
+    @property
+    def is_stepwise(self) -> bool:
+        return self.mode != "flow_grpo"
+
+    @property
+    def prompt_list(self) -> list[str]:
+        return [p.strip() for p in self.prompts.split(",") if p.strip()]
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_iteration * self.group_size
+
+    def validate(self) -> "TrainerConfig":
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(f"bad trainer config: {message}")
+
+        need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        need(self.advantage_normalize in (None, "joint", "per_step"),
+             f"advantage_normalize must be joint or per_step, got {self.advantage_normalize!r}")
+        need(not (self.mode == "flow_grpo" and self.advantage_normalize is not None),
+             "advantage_normalize applies to the stepwise modes only")
+        need(self.flow_grpo_std in ("global", "group"), f"flow_grpo_std must be global or group, got {self.flow_grpo_std!r}")
+        need(self.sde_type in SDE_TYPES, f"sde_type must be one of {SDE_TYPES}, got {self.sde_type!r}")
+        need(self.logprob in ("gaussian", "flow_grpo"), f"logprob must be gaussian or flow_grpo, got {self.logprob!r}")
+        need(self.kl in ("exact", "flow_grpo"), f"kl must be exact or flow_grpo, got {self.kl!r}")
+        need(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        need(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")
+        need(self.num_steps >= 2, f"num_steps must be >= 2, got {self.num_steps}")
+        need(self.lookahead_steps >= 1, f"lookahead_steps must be >= 1, got {self.lookahead_steps}")
+        need(self.lookahead_batch_size is None or self.lookahead_batch_size >= 1,
+             f"lookahead_batch_size must be >= 1, got {self.lookahead_batch_size}")
+        need(self.group_size >= 2, f"group_size must be >= 2 (advantages compare trajectories of a group), got {self.group_size}")
+        need(self.prompts_per_iteration >= 1, f"prompts_per_iteration must be >= 1, got {self.prompts_per_iteration}")
+        need(len(self.prompt_list) >= 1, "prompts is empty")
+        need(self.noise_level > 0, f"noise_level must be > 0 (a rollout without noise cannot be trained), got {self.noise_level}")
+        need(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(self.num_inner_epochs >= 1, f"num_inner_epochs must be >= 1, got {self.num_inner_epochs}")
+        need(self.train_batch_size is None or 1 <= self.train_batch_size <= self.batch_size,
+             f"train_batch_size must be in 1..{self.batch_size} (the rollout batch), got {self.train_batch_size}")
+        need(self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1,
+             f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
+        return self
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"bad trainer config: unknown field(s) {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainerConfig":
+        """JSON (`.json`) or YAML (`.yaml`/`.yml`, needs PyYAML); `overrides` win over the file."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as err:
+                raise ImportError(f"{path} is YAML: install PyYAML, or use a JSON config") from err
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"bad trainer config: {path} must hold a mapping of field names to values")
+        return cls.from_dict({**values, **overrides})

@@ -1,0 +1,184 @@
+"""Rollouts and clean estimates: the sampling half of an iteration.
+
+`rollout` runs T stochastic steps from one shared initial noise per group and stores what the
+update needs (states, samples, old log-probs) plus the guided velocities, which the look-ahead
+reuses for its first Euler sub-step. `clean_estimates` turns every stored state into an estimate
+of the final image, batched over all N x T states. All math goes through `sfgrpo.functional`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sfgrpo import functional
+
+Condition = Any  # whatever the backbone's encode_prompts returns: a tensor or a tuple of tensors
+
+
+def select_rows(cond: Condition, rows: Tensor | slice) -> Condition:
+    if isinstance(cond, Tensor):
+        return cond[rows]
+    return type(cond)(select_rows(c, rows) for c in cond)
+
+
+def repeat_rows(cond: Condition, times: int) -> Condition:
+    """`[B, ...]` -> `[times * B, ...]` (block repeat, matching a `[T, B]` -> `[T * B]` flatten)."""
+    if isinstance(cond, Tensor):
+        return cond.repeat((times,) + (1,) * (cond.ndim - 1))
+    return type(cond)(repeat_rows(c, times) for c in cond)
+
+
+def concat_rows(first: Condition, second: Condition) -> Condition:
+    if isinstance(first, Tensor):
+        return torch.cat([first, second])
+    return type(first)(concat_rows(a, b) for a, b in zip(first, second))
+
+
+@dataclass
+class GuidedModel:
+    """The backbone's velocity with classifier-free guidance and optional autocast."""
+
+    model: Any
+    guidance_scale: float
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.model.device.type, dtype=self.autocast_dtype)
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition) -> Tensor:
+        with self.autocast():
+            if self.guidance_scale == 1.0:
+                return self.model.velocity(x, t, cond).float()
+            both = self.model.velocity(torch.cat([x, x]), torch.cat([t, t]), concat_rows(null_cond, cond)).float()
+        v_uncond, v_cond = both.chunk(2)
+        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+
+
+@dataclass
+class Rollout:
+    """A batch of N trajectories of T steps. Row n belongs to group `group_ids[n]`."""
+
+    prompts: list
+    group_ids: Tensor  # [N] int64
+    cond: Condition  # [N, ...]
+    null_cond: Condition  # [N, ...]
+    states: Tensor  # [T, N, ...]: x before step k (states[0] = the shared initial noise)
+    samples: Tensor  # [T, N, ...]: x after step k (samples[-1] = final latents)
+    log_probs: Tensor  # [T, N] float32, old log-probs of the samples
+    velocities: Tensor  # [T, N, ...] float32 guided velocities at the states
+
+    @property
+    def final(self) -> Tensor:
+        return self.samples[-1]
+
+
+@torch.no_grad()
+def rollout(
+    guided: GuidedModel,
+    prompts: list,
+    group_size: int,
+    steps: "StepTable",
+    *,
+    sde_type: str,
+    logprob: str,
+    generator: torch.Generator,
+) -> Rollout:
+    """Samples `group_size` trajectories per prompt, all trajectories of a group starting from the
+    same initial noise, so every difference within a group comes from the SDE's noise."""
+    model = guided.model
+    n = len(prompts) * group_size
+    expanded = [p for p in prompts for _ in range(group_size)]
+    group_ids = torch.arange(len(prompts), device=model.device).repeat_interleave(group_size)
+    cond = model.encode_prompts(expanded)
+    null_cond = model.null_condition(n)
+    shared = functional_noise((len(prompts), *model.latent_shape), generator, model.device)
+    x = shared.repeat_interleave(group_size, dim=0)
+    states, samples, log_probs, velocities = [], [], [], []
+    for k in range(steps.num_steps):
+        t_row = torch.full((n,), steps.t[k], device=model.device)
+        v = guided(x, t_row, cond, null_cond)
+        out = functional.sde_step(
+            x, v, steps.t[k], steps.t_next[k], steps.noise_level[k], sde_type=sde_type,
+            generator=generator, logprob=logprob, sigma_max=steps.sigma_max,
+        )
+        states.append(x)
+        samples.append(out.prev_sample)
+        log_probs.append(out.log_prob)
+        velocities.append(v)
+        x = out.prev_sample
+    return Rollout(
+        prompts=expanded, group_ids=group_ids, cond=cond, null_cond=null_cond, states=torch.stack(states),
+        samples=torch.stack(samples), log_probs=torch.stack(log_probs), velocities=torch.stack(velocities),
+    )
+
+
+def functional_noise(shape: tuple, generator: torch.Generator, device) -> Tensor:
+    """Standard normal initial noise drawn from the run's generator (diffusers' randn_tensor rule)."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", lookahead_steps: int,
+                    batch_size: int | None = None) -> Tensor:
+    """`[T, N, ...]` estimates of the final image from every stored state, T' Euler sub-steps each.
+
+    All N x T states go through the network together (`batch_size` rows per call, when given); the
+    first sub-step reuses the rollout's velocity, so T' = 1 (the Tweedie estimate) costs no network
+    call at all.
+    """
+    num_steps, n = batch.states.shape[:2]
+    flat = batch.states.flatten(0, 1)
+    t_rows = torch.tensor(steps.t[:num_steps], device=flat.device).repeat_interleave(n)
+    cond = repeat_rows(batch.cond, num_steps)
+    null_cond = repeat_rows(batch.null_cond, num_steps)
+
+    def velocity_fn(state: Tensor, t: Tensor) -> Tensor:
+        if batch_size is None or batch_size >= state.shape[0]:
+            return guided(state, t, cond, null_cond)
+        parts = []
+        for start in range(0, state.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            parts.append(guided(state[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows)))
+        return torch.cat(parts)
+
+    estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps, v=batch.velocities.flatten(0, 1))
+    return estimates.reshape(batch.states.shape)
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Host-side per-step constants of the sampling grid, fixed for a run (no device syncs)."""
+
+    t: list[float]
+    t_next: list[float]
+    noise_level: list[float]
+    sigma_max: float
+    trained: list[int]  # indices of the steps the update trains
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.t)
+
+    @classmethod
+    def build(cls, sigmas: Tensor, sde_type: str, noise_level: float, train_last_step: bool) -> "StepTable":
+        t, t_next = sigmas[:-1].tolist(), sigmas[1:].tolist()
+        sigma_max = float(sigmas[1])
+        levels = [noise_level] * len(t)
+        # a step is trainable when it has a density: ask the SDE step itself for its std
+        probe = torch.zeros(len(t), 1)
+        std = functional.sde_step(
+            probe, probe, torch.tensor(t), torch.tensor(t_next), torch.tensor(levels), sde_type=sde_type,
+            noise=probe, sigma_max=sigma_max,
+        ).std
+        trained = [k for k in range(len(t)) if float(std[k]) > 0 and (train_last_step or k < len(t) - 1)]
+        if not trained:
+            raise ValueError(f"no trainable step: every step of this {sde_type!r} schedule is deterministic")
+        return cls(t, t_next, levels, sigma_max, trained)
+

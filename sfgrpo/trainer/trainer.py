@@ -1,0 +1,388 @@
+"""`Trainer`: Stepwise-Flow-GRPO and Flow-GRPO in one code path.
+
+The whole iteration is `train_iteration`: rollout -> clean estimates -> decode + rewards ->
+advantages -> PPO update. The two modes differ in exactly two places: which latents are scored
+(every state's clean estimate plus the final image, or the final image only) and which advantage
+function turns the rewards into per-step credit. Everything numerical is `sfgrpo.functional`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sfgrpo import functional
+from sfgrpo.rewards import get_reward
+from sfgrpo.schedules import Schedule
+from sfgrpo.trainer import checkpoint as ckpt
+from sfgrpo.trainer.config import TrainerConfig
+from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estimates, rollout, select_rows
+
+TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
+# settings a resumed run may change without breaking reproducibility
+RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
+                     "image_every", "device"}
+
+
+class PhaseTimer:
+    """Wall time per phase; synchronises CUDA at phase boundaries only (never inside the update)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    """Fine-tunes `model` (default: `config.backbone`) on `reward` (default: `config.reward`)."""
+
+    def __init__(self, config: TrainerConfig, model=None, reward=None):
+        self.config = cfg = config.validate()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(cfg.device)
+        if model is None:
+            from sfgrpo.models.digits import load_backbone
+
+            model = load_backbone(cfg.backbone, cfg.seed)
+        self.model = model.to(self.device).requires_grad_(False)
+        self.reward = get_reward(reward if reward is not None else cfg.reward)
+        self.steps = StepTable.build(Schedule.sd3(cfg.num_steps, cfg.shift).sigmas, cfg.sde_type, cfg.noise_level,
+                                     cfg.train_last_step)
+        self.reference_transformer = None
+        if cfg.beta > 0 and not cfg.use_lora:  # the KL's reference policy: a frozen copy of the backbone
+            self.reference_transformer = copy.deepcopy(self.model.transformer).requires_grad_(False)
+        self.trainable = self._make_trainable()
+        self.optimizer = torch.optim.AdamW(
+            list(self.trainable.values()), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        )
+        self.ema = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.ema_decay > 0 else None
+        self.guided = GuidedModel(self.model, cfg.guidance_scale, torch.bfloat16 if cfg.mixed_precision == "bf16" else None)
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # minibatch order: trajectory permutations (torch, CPU) and the order of (step, chunk)
+        # forwards (Python, host-side, so shuffling never touches the device)
+        self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.order_random = random.Random(cfg.seed + 2)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.last_images: Tensor | None = None  # [K, N, C, H, W] decoded images of the last iteration
+        self.last_prompts: list = []
+        self.output_dir = Path(cfg.output_dir)
+        self.monitor = self._class_accuracy_monitor()
+        if cfg.resume_from:
+            self.load_checkpoint(cfg.resume_from)
+
+    # ================================================================== one iteration
+    def train_iteration(self) -> dict:
+        cfg, timer = self.config, PhaseTimer(self.device)
+        prompts = self.prompts_for(self.iteration)
+        with timer("rollout"):
+            batch = rollout(self.guided, prompts, cfg.group_size, self.steps, sde_type=cfg.sde_type,
+                            logprob=cfg.logprob, generator=self.noise_generator)
+        with timer("lookahead"):
+            latents = self.scored_latents(batch)  # [K, N, ...]
+        with timer("decode"):
+            images = self.model.decode(latents.flatten(0, 1))
+        with timer("reward"):
+            rewards = self.reward(images, batch.prompts * latents.shape[0]).reshape(latents.shape[0], -1).T  # [N, K]
+        advantages = self.advantages(rewards, batch.group_ids)  # [N, T]
+        with timer("update"):
+            update_stats = self.update(batch, advantages)
+        self.iteration += 1
+        self.last_images, self.last_prompts = images.reshape(*latents.shape[:2], *images.shape[1:]), batch.prompts
+        return self._record(rewards, advantages, update_stats, timer.seconds)
+
+    def scored_latents(self, batch: Rollout) -> Tensor:
+        """Stepwise: the clean estimate after k steps for k = 0..T-1, then the final latents (T+1
+        columns). Flow-GRPO: the final latents only."""
+        if not self.config.is_stepwise:
+            return batch.final[None]
+        estimates = clean_estimates(self.guided, batch, self.steps, self.config.lookahead_steps,
+                                    self.config.lookahead_batch_size)
+        return torch.cat([estimates, batch.final[None].float()])
+
+    def advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+        """`[N, T]` per-step credit; zero on steps that are not trained."""
+        cfg, num_steps = self.config, self.steps.num_steps
+        trained = torch.zeros(num_steps, dtype=torch.bool, device=rewards.device)
+        trained[self.steps.trained] = True
+        if cfg.is_stepwise:
+            return functional.gain_advantages(
+                rewards, group_ids, normalize=cfg.normalize, clip=cfg.advantage_clip, step_mask=trained,
+                eps=1e-8 if cfg.advantage_eps is None else cfg.advantage_eps,
+            )
+        per_trajectory = functional.group_advantages(
+            rewards[:, -1], group_ids, std=cfg.flow_grpo_std, clip=5.0 if cfg.advantage_clip is None else cfg.advantage_clip,
+            eps=1e-4 if cfg.advantage_eps is None else cfg.advantage_eps,
+        )
+        return per_trajectory[:, None] * trained[None, :].to(per_trajectory.dtype)
+
+    def update(self, batch: Rollout, advantages: Tensor) -> tuple[Tensor, Tensor]:
+        """PPO over every trained (step, trajectory chunk). Returns, without any host sync, the
+        per-forward stats `[M, 5]` (loss, mean ratio, clip fraction, approx KL to the old policy, KL
+        to the reference) and the grad norm of each optimizer step."""
+        cfg, n = self.config, advantages.shape[0]
+        records, grad_norms = [], []
+        for _ in range(cfg.num_inner_epochs):
+            if cfg.train_batch_size is None or cfg.train_batch_size >= n:
+                row_chunks = [slice(None)]  # the rollout's own batch: exact on-policy log-probs
+            else:
+                permutation = torch.randperm(n, generator=self.update_generator).to(advantages.device)
+                row_chunks = list(permutation.split(cfg.train_batch_size))
+            work = [(k, rows) for k in self.steps.trained for rows in row_chunks]
+            order = list(range(len(work)))
+            self.order_random.shuffle(order)
+            accumulation = cfg.gradient_accumulation_steps or len(work)
+            for position, index in enumerate(order):
+                loss, record = self.step_loss(batch, advantages, *work[index])
+                (loss / accumulation).backward()
+                records.append(record)
+                if (position + 1) % accumulation == 0 or position + 1 == len(order):
+                    grad_norms.append(self.optimizer_step())
+        return torch.stack(records), torch.stack(grad_norms)
+
+    def step_loss(self, batch: Rollout, advantages: Tensor, k: int, rows) -> tuple[Tensor, Tensor]:
+        """PPO loss of step k on some trajectories: re-score the stored samples with the current
+        weights (and, when beta > 0, the reference weights for the KL)."""
+        cfg, steps = self.config, self.steps
+        x, stored = batch.states[k][rows], batch.samples[k][rows]
+        cond, null_cond = select_rows(batch.cond, rows), select_rows(batch.null_cond, rows)
+        t_row = torch.full((x.shape[0],), steps.t[k], device=x.device)
+        v = self.guided(x, t_row, cond, null_cond)
+        v_ref = None
+        if cfg.beta > 0:
+            with torch.no_grad(), self.reference_weights():
+                v_ref = self.guided(x, t_row, cond, null_cond)
+        scored = functional.sde_step(
+            x, v, steps.t[k], steps.t_next[k], steps.noise_level[k], sde_type=cfg.sde_type, prev_sample=stored,
+            logprob=cfg.logprob, v_ref=v_ref, kl=cfg.kl, sigma_max=steps.sigma_max,
+        )
+        old_log_prob = batch.log_probs[k][rows]
+        loss = functional.ppo_loss(scored.log_prob, old_log_prob, advantages[:, k][rows], cfg.clip_range,
+                                   kl=scored.kl, beta=cfg.beta)
+        with torch.no_grad():
+            log_ratio = scored.log_prob - old_log_prob
+            ratio = log_ratio.exp()
+            kl_ref = scored.kl.mean() if scored.kl is not None else torch.zeros((), device=x.device)
+            record = torch.stack([
+                loss.detach(), ratio.mean(), ((ratio - 1.0).abs() > cfg.clip_range).float().mean(),
+                0.5 * log_ratio.square().mean(), kl_ref,
+            ])
+        return loss, record
+
+    def optimizer_step(self) -> Tensor:
+        params = list(self.trainable.values())
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in params], 1.0 - self.config.ema_decay)
+        return grad_norm.detach()
+
+    # ================================================================== training loop
+    def train(self) -> list[dict]:
+        """Runs up to `config.iterations`, logging metrics.jsonl, checkpoints, images and plots."""
+        from sfgrpo.trainer import artifacts
+
+        cfg = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.output_dir / "config.json")
+        metrics_path = self.output_dir / "metrics.jsonl"
+        self._rewrite_metrics(metrics_path)
+        bar = _progress(range(self.iteration, cfg.iterations), cfg.progress, initial=self.iteration, total=cfg.iterations)
+        for _ in bar:
+            record = self.train_iteration()
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(reward=f"{record['reward_mean']:.4f}", refresh=False)
+            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if cfg.image_every and self.iteration % cfg.image_every == 0:
+                artifacts.write_grids(self, self.output_dir / "images")
+        if cfg.iterations > 0 and self.history and self.history[-1]["iteration"] == self.iteration:
+            self.save_checkpoint()
+            artifacts.write_grids(self, self.output_dir / "images")
+        if cfg.plots:
+            artifacts.write_plots(self.history, self.output_dir)
+        return self.history
+
+    def prompts_for(self, iteration: int) -> list[str]:
+        """The prompts of an iteration: a seeded permutation per iteration (the data position is the
+        iteration), so a resumed run sees exactly the prompts the uninterrupted run saw."""
+        pool, count = self.config.prompt_list, self.config.prompts_per_iteration
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + iteration)
+        chosen: list[str] = []
+        while len(chosen) < count:
+            chosen += [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+        return chosen[:count]
+
+    # ================================================================== logging
+    def _record(self, rewards: Tensor, advantages: Tensor, update_stats, seconds: dict) -> dict:
+        records, grad_norms = update_stats
+        final = rewards[:, -1]
+        values = {
+            "reward_mean": final.mean(), "reward_std": final.std(unbiased=False),
+            "advantage_abs_mean": advantages.abs().mean(),
+        }
+        update = records.mean(dim=0)
+        for i, key in enumerate(("loss", "ratio_mean", "clip_fraction", "approx_kl", "kl")):
+            values[key] = update[i]
+        values["grad_norm"] = grad_norms.mean()
+        if self.monitor is not None:
+            values["class_accuracy"] = self.monitor(self.last_images[-1], self.last_prompts).mean()
+        record = {"iteration": self.iteration, "samples": self.iteration * rewards.shape[0]}
+        record.update({k: float(v) for k, v in zip(values, torch.stack(list(values.values())).tolist())})
+        if rewards.shape[1] > 1:  # stepwise: reward of the estimate after k steps, and |gain| of each step
+            record["reward_by_step"] = rewards.mean(dim=0).tolist()
+            record["gain_abs_by_step"] = (rewards[:, 1:] - rewards[:, :-1]).abs().mean(dim=0).tolist()
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record.update({f"time/{k}": seconds.get(k, 0.0) for k in TIME_KEYS})
+        record["time/iteration"] = sum(seconds.values())
+        self.history.append(record)
+        return record
+
+    def _rewrite_metrics(self, path: Path) -> None:
+        """Keeps the metrics of iterations already done (a resumed run drops rows past its checkpoint)."""
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def _class_accuracy_monitor(self):
+        from sfgrpo.models.digits import DigitsBackbone
+
+        if not isinstance(self.model, DigitsBackbone):
+            return None
+        try:
+            from sfgrpo.models.digit_classifier import DigitClassifier
+
+            DigitClassifier.load()
+        except FileNotFoundError:
+            return None
+        from sfgrpo.rewards.builtin import digit_accuracy
+
+        return digit_accuracy
+
+    # ================================================================== weights
+    def _make_trainable(self) -> dict[str, torch.nn.Parameter]:
+        cfg, transformer = self.config, self.model.transformer
+        if cfg.use_lora:
+            try:
+                from peft import LoraConfig
+            except ImportError as err:
+                raise ImportError("use_lora needs peft: pip install 'sfgrpo[train]' (or pip install peft)") from err
+            targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                               init_lora_weights="gaussian"))
+            params = {f"transformer.{n}": p for n, p in transformer.named_parameters() if "lora_" in n}
+            for p in params.values():
+                p.requires_grad_(True)
+        else:
+            transformer.requires_grad_(True)
+            params = {f"transformer.{n}": p for n, p in transformer.named_parameters()}
+        if not params:
+            raise ValueError(f"nothing to train: no LoRA adapters matched {cfg.lora_target_modules!r}")
+        return params
+
+    @contextlib.contextmanager
+    def reference_weights(self):
+        """The reference policy of the KL term: LoRA disabled, or the frozen copy of the backbone."""
+        if self.config.use_lora:
+            self.model.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.model.transformer.enable_adapters()
+        else:
+            trained, self.model.transformer = self.model.transformer, self.reference_transformer
+            try:
+                yield
+            finally:
+                self.model.transformer = trained
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily swaps the EMA weights in (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self.trainable.items()}
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(saved[n])
+
+    # ================================================================== checkpoints
+    def save_checkpoint(self) -> Path:
+        state = {
+            "iteration": self.iteration,
+            "data_position": self.iteration,
+            "noise_generator": self.noise_generator.get_state(),
+            "update_generator": self.update_generator.get_state(),
+            "order_random": self.order_random.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+            "history": self.history,
+        }
+        return ckpt.save_checkpoint(
+            self.output_dir / "checkpoints", self.iteration, weights=dict(self.trainable), ema=self.ema,
+            optimizer_state=self.optimizer.state_dict(), state=state,
+        )
+
+    def load_checkpoint(self, spec: str) -> None:
+        path = ckpt.resolve_checkpoint(spec, self.output_dir / "checkpoints")
+        saved = ckpt.load_checkpoint(path)
+        missing = sorted(set(self.trainable) - set(saved["weights"]))
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} trained tensor(s), e.g. {missing[:3]} "
+                             "(LoRA vs full fine-tune mismatch?)")
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(saved["weights"][name])
+            if self.ema is not None and saved["ema"] is not None:
+                for name, value in self.ema.items():
+                    value.copy_(saved["ema"][name])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        changed = {k: (state["config"].get(k), v) for k, v in self.config.to_dict().items()
+                   if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
+        if changed:
+            warnings.warn(f"resuming {path} with changed settings (saved, now): {changed}; the run will not "
+                          "reproduce an uninterrupted one", stacklevel=2)
+        self.iteration = int(state["iteration"])
+        self.noise_generator.set_state(state["noise_generator"])
+        self.update_generator.set_state(state["update_generator"])
+        self.order_random.setstate(state["order_random"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = [r for r in state["history"] if r["iteration"] <= self.iteration]
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,283 @@
+"""The trainer on a tiny random SD3 transformer (class-embedding conditioner, identity decode)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sfgrpo import functional
+from sfgrpo.rewards import RewardError
+from sfgrpo.trainer import Trainer, TrainerConfig
+from sfgrpo.trainer.rollout import rollout, select_rows
+
+torch.set_num_threads(1)
+
+
+def tiny_config(tmp_path, **overrides) -> TrainerConfig:
+    values = dict(output_dir=str(tmp_path / "run"), backbone="tiny-random", reward="brightness", iterations=2,
+                  prompts_per_iteration=2, group_size=3, num_steps=4, progress=False, plots=False)
+    values.update(overrides)
+    return TrainerConfig(**values)
+
+
+def _finite(record: dict) -> bool:
+    return all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+@pytest.mark.parametrize("mode", ["stepwise", "stepwise_per_step", "flow_grpo"])
+@pytest.mark.parametrize("sde_type,lookahead,cfg", [("sde", 1, 1.0), ("cps", 2, 2.0), ("ddim", 1, 1.5)])
+def test_full_iteration_runs_and_logs(tmp_path, mode, sde_type, lookahead, cfg):
+    trainer = Trainer(tiny_config(tmp_path, mode=mode, sde_type=sde_type, lookahead_steps=lookahead,
+                                  guidance_scale=cfg, noise_level=0.8 if sde_type != "sde" else 0.7))
+    record = trainer.train_iteration()
+    assert record["iteration"] == 1 and _finite(record)
+    assert trainer.last_images.shape[1:] == (6, 1, 8, 8)
+    if mode == "flow_grpo":
+        assert trainer.last_images.shape[0] == 1 and "reward_by_step" not in record
+    else:  # T + 1 reward columns, T gains
+        assert trainer.last_images.shape[0] == 5
+        assert len(record["reward_by_step"]) == 5 and len(record["gain_abs_by_step"]) == 4
+    if sde_type == "ddim":  # first step (t = 1) and last step have no noise: never trained
+        assert 0 not in trainer.steps.trained and 3 not in trainer.steps.trained
+
+
+def test_on_policy_ratio_is_exactly_one(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, guidance_scale=2.0))
+    batch = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    advantages = torch.randn(6, trainer.steps.num_steps)
+    for k in trainer.steps.trained:
+        _, record = trainer.step_loss(batch, advantages, k, slice(None))
+        assert record[1].item() == 1.0  # mean ratio, computed as exp(logp - logp_old)
+        v = trainer.guided(batch.states[k], torch.full((6,), trainer.steps.t[k]), batch.cond, batch.null_cond)
+        scored = functional.sde_step(batch.states[k], v, trainer.steps.t[k], trainer.steps.t_next[k], 0.7,
+                                     prev_sample=batch.samples[k], sigma_max=trainer.steps.sigma_max)
+        assert torch.equal(scored.log_prob, batch.log_probs[k])
+
+
+def test_groups_share_initial_noise_and_differ_afterwards(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    start = batch.states[0]
+    assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2]) and not torch.equal(start[0], start[3])
+    assert not torch.equal(batch.final[0], batch.final[1])
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_lookahead_one_step_is_tweedie_without_network_calls(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = trainer.model.velocity
+    trainer.model.velocity = lambda *a: calls.append(1) or original(*a)
+    estimates = trainer.scored_latents(batch)
+    assert not calls and estimates.shape == (5, 6, 1, 8, 8)
+    t = torch.tensor(trainer.steps.t)[:, None, None, None, None]
+    torch.testing.assert_close(estimates[:-1], batch.states - t * batch.velocities)
+    assert torch.equal(estimates[-1], batch.final)
+
+
+def test_reward_rises_on_an_easy_reward(tmp_path):
+    config = tiny_config(tmp_path, iterations=10, learning_rate=3e-3, clip_range=0.2, group_size=6,
+                         gradient_accumulation_steps=1, seed=1)
+    history = Trainer(config).train()
+    first = sum(r["reward_mean"] for r in history[:2]) / 2
+    last = sum(r["reward_mean"] for r in history[-2:]) / 2
+    assert last > first + 0.02, [round(r["reward_mean"], 4) for r in history]
+
+
+DETERMINISTIC = lambda record: {k: v for k, v in record.items() if not k.startswith("time/")}  # noqa: E731
+
+
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "train_batch_size": 4, "gradient_accumulation_steps": 2,
+                                        "mode": "flow_grpo", "beta": 0.05}])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
+    full = Trainer(tiny_config(tmp_path / "a", iterations=4, **extra)).train()
+    Trainer(tiny_config(tmp_path / "b", iterations=2, **extra)).train()
+    resumed_trainer = Trainer(tiny_config(tmp_path / "b", iterations=4, resume_from="latest", **extra))
+    assert resumed_trainer.iteration == 2
+    resumed = resumed_trainer.train()
+    assert [DETERMINISTIC(r) for r in resumed] == [DETERMINISTIC(r) for r in full]
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
+    a = Trainer(tiny_config(tmp_path / "a", iterations=4, resume_from="latest", **extra))
+    for name, value in a.trainable.items():
+        assert torch.equal(value, resumed_trainer.trainable[name]), name
+
+
+def test_checkpoint_layout_is_complete(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, iterations=1, ema_decay=0.5))
+    trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "iter-000001"
+    files = sorted(p.name for p in (root / "iter-000001").iterdir())
+    assert files == ["ema.safetensors", "optimizer.pt", "state.pt", "weights.safetensors"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_kl_is_zero_before_the_first_update_and_positive_after(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, beta=0.1, learning_rate=1e-2, gradient_accumulation_steps=1))
+    first = trainer.train_iteration()
+    assert first["kl"] > 0  # several optimizer steps happen within the iteration
+    batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trainer.model.transformer.load_state_dict(trainer.reference_transformer.state_dict())
+    _, record = trainer.step_loss(batch, torch.zeros(6, 4), trainer.steps.trained[0], slice(None))
+    assert record[4].item() == 0.0
+
+
+def test_lora_trains_only_adapters_and_uses_them_for_kl(tmp_path):
+    pytest.importorskip("peft")
+    lora = dict(use_lora=True, lora_rank=4, lora_alpha=8.0, beta=0.1, learning_rate=1e-2, gradient_accumulation_steps=1)
+    trainer = Trainer(tiny_config(tmp_path, **lora))
+    assert trainer.trainable and all("lora_" in name for name in trainer.trainable)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.transformer.named_parameters() if "lora_" not in n}
+    record = trainer.train_iteration()
+    assert _finite(record) and record["kl"] > 0
+    for n, p in trainer.model.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, frozen[n]), n
+    trainer.save_checkpoint()
+    resumed = Trainer(tiny_config(tmp_path, resume_from="latest", **lora))
+    for name, value in trainer.trainable.items():
+        assert torch.equal(value, resumed.trainable[name])
+
+
+def test_bf16_mixed_precision_runs(tmp_path):
+    record = Trainer(tiny_config(tmp_path, mixed_precision="bf16")).train_iteration()
+    assert _finite(record) and record["ratio_mean"] == 1.0
+
+
+def test_prompts_are_a_deterministic_function_of_seed_and_iteration(tmp_path):
+    a, b = Trainer(tiny_config(tmp_path)), Trainer(tiny_config(tmp_path))
+    assert [a.prompts_for(i) for i in range(5)] == [b.prompts_for(i) for i in range(5)]
+    assert len(set(a.prompts_for(0))) == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"mode": "grpo"}, "mode must be one of"),
+    ({"group_size": 1}, "group_size must be >= 2"),
+    ({"sde_type": "euler"}, "sde_type must be one of"),
+    ({"train_batch_size": 100}, "train_batch_size must be in"),
+    ({"mode": "flow_grpo", "advantage_normalize": "per_step"}, "stepwise modes only"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"noise_level": 0.0}, "noise_level must be > 0"),
+])
+def test_bad_configs_fail_clearly(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_config(tmp_path, **overrides))
+
+
+def test_unknown_config_fields_and_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainerConfig.from_dict({"learning_rat": 1.0})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"group_size": 5, "mode": "flow_grpo"}))
+    config = TrainerConfig.from_file(path, group_size=7)
+    assert config.group_size == 7 and config.mode == "flow_grpo"
+
+
+def nan_reward(images, prompts):
+    return torch.full((images.shape[0],), float("nan"))
+
+
+def short_reward(images, prompts):
+    return torch.zeros(images.shape[0] - 1)
+
+
+@pytest.mark.parametrize("reward,message", [
+    (nan_reward, "NaN or inf"),
+    (short_reward, "one score per image"),
+    (lambda images, prompts: "bad", "not numbers"),
+])
+def test_bad_reward_functions_fail_clearly(tmp_path, reward, message):
+    trainer = Trainer(tiny_config(tmp_path), reward=reward)
+    with pytest.raises(RewardError, match=message):
+        trainer.train_iteration()
+
+
+def test_no_host_sync_in_the_update(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    advantages = torch.randn(6, 4)
+
+    import inspect
+
+    original_item, original_tolist = torch.Tensor.item, torch.Tensor.tolist
+
+    def guard(original):
+        def forbidden(*args, **kwargs):
+            # torch's own AdamW reads its CPU step counter; everything of ours stays on the device
+            if "torch/optim" not in inspect.stack()[1].filename:
+                raise AssertionError("host sync (.item/.tolist) inside the update")
+            return original(*args, **kwargs)
+
+        return forbidden
+
+    torch.Tensor.item, torch.Tensor.tolist = guard(original_item), guard(original_tolist)
+    try:
+        records, grad_norms = trainer.update(batch, advantages)
+    finally:
+        torch.Tensor.item, torch.Tensor.tolist = original_item, original_tolist
+    assert records.shape == (len(trainer.steps.trained), 5) and grad_norms.shape == (1,)
+
+
+def test_select_rows_handles_tuples():
+    cond = (torch.arange(6), torch.arange(12).reshape(6, 2))
+    picked = select_rows(cond, torch.tensor([0, 5]))
+    assert picked[0].tolist() == [0, 5] and picked[1].tolist() == [[0, 1], [10, 11]]
+
+
+def test_plots_and_grids_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    trainer = Trainer(tiny_config(tmp_path, plots=True, iterations=2, image_every=1))
+    trainer.train()
+    run = tmp_path / "run"
+    assert (run / "reward.png").stat().st_size > 0 and (run / "gains.png").stat().st_size > 0
+    assert (run / "images" / "samples-iter000001.png").exists()
+    assert (run / "images" / "estimates-iter000002.png").exists()
+
+
+def test_modes_share_rollouts_and_differ_only_in_credit(tmp_path):
+    rewards = torch.tensor([[0.0, 0.1, 0.5, 0.6, 0.7], [0.0, 0.3, 0.2, 0.2, 0.4], [0.0, 0.0, 0.1, 0.1, 0.2],
+                            [0.0, 0.2, 0.2, 0.5, 0.3], [0.0, 0.1, 0.1, 0.1, 0.1], [0.0, 0.4, 0.3, 0.2, 0.1]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    by_mode = {m: Trainer(tiny_config(tmp_path / m, mode=m)).advantages(rewards, groups)
+               for m in ("stepwise", "stepwise_per_step", "flow_grpo")}
+    trained = torch.tensor([True, True, True, False])  # the last sde step is not trained
+    for adv in by_mode.values():
+        assert adv.shape == (6, 4) and torch.all(adv[:, ~trained] == 0)
+    assert not torch.allclose(by_mode["stepwise"], by_mode["stepwise_per_step"])
+    flow = by_mode["flow_grpo"][:, trained]
+    assert torch.all(flow == flow[:, :1])  # one advantage per trajectory, the same at every step
+    torch.testing.assert_close(by_mode["stepwise"], functional.gain_advantages(rewards, groups, step_mask=trained))
+
+
+def test_resume_with_changed_settings_warns(tmp_path):
+    Trainer(tiny_config(tmp_path, iterations=1)).train()
+    with pytest.warns(UserWarning, match="changed settings"):
+        Trainer(tiny_config(tmp_path, iterations=2, learning_rate=1.0, resume_from="latest"))
+
+
+def test_chunked_lookahead_matches_the_single_batch(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, lookahead_steps=3, guidance_scale=2.0))
+    batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    from sfgrpo.trainer.rollout import clean_estimates
+
+    whole = clean_estimates(trainer.guided, batch, trainer.steps, 3)
+    chunked = clean_estimates(trainer.guided, batch, trainer.steps, 3, batch_size=5)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_yaml_config(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"mode": "stepwise_per_step", "lookahead_steps": 2}))
+    config = TrainerConfig.from_file(path)
+    assert config.normalize == "per_step" and config.lookahead_steps == 2
