@@ -3,3 +3,5 @@
 One module per op family: schema, fake (meta) impl, autograd formula and per-device kernels,
 dispatching through `sfgrpo.backend.resolve_backend`. Importing this package registers them all.
 """
+
+from sfgrpo.ops import advantages  # noqa: F401  (registers sfgrpo::gain_advantages, ...)
