@@ -152,6 +152,7 @@ void normalize_groups(const Job<T>& job, int64_t first_group, int64_t last_group
   Scratch scratch(columns);
   std::vector<Moments> group(stat_columns);
   std::vector<double> divisor(stat_columns);
+  std::vector<double> scale(stat_columns);
   std::vector<uint8_t> zero(stat_columns);
   for (int64_t g = first_group; g < last_group; ++g) {
     const int64_t* rows = layout.rows.data() + layout.offsets[g];
@@ -161,6 +162,7 @@ void normalize_groups(const Job<T>& job, int64_t first_group, int64_t last_group
     for (int64_t s = 0; s < stat_columns; ++s) {
       const Moments& spread = job.batch ? job.batch[s] : group[s];
       divisor[s] = spread.std;
+      scale[s] = math::inverse_spread(spread.std, p);
       zero[s] = spread.all_equal || size <= 1;
     }
     for (int64_t k = 0; k < count; ++k) {
@@ -172,7 +174,7 @@ void normalize_groups(const Job<T>& job, int64_t first_group, int64_t last_group
         const int64_t s = p.pooled ? 0 : c;
         const bool keep = finite && !zero[s] && math::column_counted(p.column_mask, c);
         out[c] = keep ? static_cast<T>(math::standardize(math::value_at(row, c, p.gains),
-                                                          group[s].mean, divisor[s], p))
+                                                          group[s].mean, scale[s], p))
                       : T(0);
       }
     }

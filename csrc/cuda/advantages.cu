@@ -293,6 +293,7 @@ __global__ void normalize_groups_kernel(AdvantageProblem p, const T* __restrict_
       const double divisor = batch ? batch[stat_columns + s] : group_std;
       const bool all_equal = batch ? batch[2 * stat_columns + s] != 0.0 : first.all_equal();
       const bool zero = all_equal || size <= 1.0;
+      const double scale = math::inverse_spread(divisor, p);
       for (int64_t e = lane; e < elements; e += 32) {
         int64_t k, c;
         map.locate(e, k, c);
@@ -300,7 +301,7 @@ __global__ void normalize_groups_kernel(AdvantageProblem p, const T* __restrict_
         const bool keep = finite[i] && !zero && math::column_counted(p.column_mask, c);
         out[i * columns + c] =
             keep ? static_cast<T>(math::standardize(
-                       math::value_at(rewards + i * p.width, c, p.gains), mean, divisor, p))
+                       math::value_at(rewards + i * p.width, c, p.gains), mean, scale, p))
                  : T(0);
       }
       if (stats.requested() && lane == 0) {

@@ -66,9 +66,15 @@ SFGRPO_HD double std_from(double squared_deviations, double count, int ddof) {
   return sqrt(squared_deviations / (dof > 1.0 ? dof : 1.0));
 }
 
-// (v - mean) / (std + eps), clamped like torch.clamp (a NaN stays NaN).
-SFGRPO_HD double standardize(double v, double mean, double std, const AdvantageProblem& p) {
-  double a = (v - mean) / (std + p.eps);
+// The factor 1 / (std + eps) that every value of a group is scaled by: one division per group
+// instead of one per value (a division costs ~10x a multiplication). An infinite scale (std + eps
+// == 0) only occurs for groups whose values are all equal, which get 0 anyway.
+SFGRPO_HD double inverse_spread(double std, const AdvantageProblem& p) { return 1.0 / (std + p.eps); }
+
+// (v - mean) / (std + eps) as (v - mean) * inverse_spread, clamped like torch.clamp (a NaN stays
+// NaN).
+SFGRPO_HD double standardize(double v, double mean, double scale, const AdvantageProblem& p) {
+  double a = (v - mean) * scale;
   if (p.clip) a = a < -p.clip_value ? -p.clip_value : (a > p.clip_value ? p.clip_value : a);
   return a;
 }
