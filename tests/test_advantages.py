@@ -382,6 +382,19 @@ def test_same_bits_every_run_and_for_any_thread_count(monkeypatch):
         adv_ops.set_num_threads(-1)
 
 
+def test_thread_split_with_one_giant_group_and_few_groups():
+    g = torch.Generator().manual_seed(13)
+    ids = torch.cat([torch.full((20_000,), -5), torch.arange(3_000) % 7])[torch.randperm(23_000, generator=g)]
+    rewards = torch.randn(23_000, 5, generator=g, dtype=torch.float64)
+    results = []
+    for threads in (1, 4, 32):  # more threads than groups, and one group holding most rows
+        adv_ops.set_num_threads(threads)
+        results.append(F.gain_advantages(rewards, ids, normalize="per_step", backend="native"))
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    torch.testing.assert_close(results[0], ref.gain_advantages(rewards, ids, normalize="per_step"),
+                               rtol=1e-10, atol=1e-10)
+
+
 # ---------------------------------------------------------------------------- torch.library
 def _op_samples():
     ids = random_layout(30, seed=3)

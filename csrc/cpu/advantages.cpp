@@ -194,7 +194,8 @@ void normalize_groups(const Job<T>& job, int64_t first_group, int64_t last_group
 int pick_threads(int requested, int64_t values, int64_t groups) {
   int64_t threads = requested;
   if (threads <= 0) {
-    const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    // hardware_concurrency() reads /sys on Linux (microseconds): ask once per process.
+    static const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
     threads = std::min(cores, values / kValuesPerThread);
   }
   threads = std::min<int64_t>(threads, kMaxThreads);
