@@ -7,7 +7,12 @@
 //  3. segments: head flags + inclusive scan + scatter -> CSR offsets and G, left on the device
 //  4. batch:    (global std only) one block reduces the whole batch in a fixed order
 //  5. groups:   one warp per group (grid-stride over G, read from device memory): two-pass
-//               statistics with a fixed lane order and butterfly reductions, then the advantages
+//               statistics with a fixed lane order and butterfly reductions, then the advantages;
+//               groups with more than kWarpGroupValues values are queued instead and
+//  6. large:    one 1024-thread block per queued group, same two passes, block-wide reductions
+//
+// A group always takes the same path (decided by its size), and each path reduces in a fixed
+// order, so the result never depends on scheduling.
 //
 // G is data-dependent, so kernels are sized by N (an upper bound) and read G on the device.
 #include <cuda_runtime.h>
@@ -31,6 +36,10 @@ constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kMaxBlocks = 4096;
 constexpr int kBatchThreads = 1024;
+// Groups with more values than this are normalised by a whole block instead of one warp.
+constexpr int64_t kWarpGroupValues = 4096;
+constexpr int kBlockTeamThreads = 1024;
+constexpr int kMaxLargeBlocks = 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 void check(cudaError_t err, const char* what) {
@@ -55,6 +64,8 @@ struct Workspace {
   int32_t* offsets = nullptr;      // [N + 1] CSR offsets (first G + 1 used)
   uint8_t* finite = nullptr;       // [N]
   double* batch = nullptr;         // [3 * stat_columns] batch mean, std, all-equal flag
+  int32_t* large_groups = nullptr; // [N] groups queued for the block path
+  int32_t* large_count = nullptr;  // [1] how many
   void* cub_temp = nullptr;
   size_t cub_bytes = 0;
   size_t total_bytes = 0;
@@ -93,6 +104,8 @@ Workspace carve(const AdvantageProblem& p, void* base) {
   ws.offsets = static_cast<int32_t*>(take(sizeof(int32_t) * (n + 1)));
   ws.finite = static_cast<uint8_t*>(take(n));
   ws.batch = static_cast<double*>(take(sizeof(double) * 3 * p.stat_columns()));
+  ws.large_groups = static_cast<int32_t*>(take(sizeof(int32_t) * n));
+  ws.large_count = static_cast<int32_t*>(take(sizeof(int32_t)));
   ws.cub_bytes = cub_temp_bytes(n);
   ws.cub_temp = take(ws.cub_bytes);
   ws.total_bytes = at + 256;
@@ -114,15 +127,8 @@ __device__ __forceinline__ double warp_max(double v) {
   for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
-__device__ __forceinline__ FirstMoments warp_merge(FirstMoments m) {
-  m.count = warp_sum(m.count);
-  m.sum = warp_sum(m.sum);
-  m.lo = warp_min(m.lo);
-  m.hi = warp_max(m.hi);
-  return m;
-}
 
-// Block-wide reductions for the single-block batch kernel: warps reduce, then warp 0 reduces the
+// Block-wide reductions (batch kernel, large groups): warps reduce, then warp 0 reduces the
 // per-warp results in warp order. Every thread gets the result.
 template <typename Op>
 __device__ double block_reduce(double v, double identity, Op op, double* scratch) {
@@ -152,6 +158,34 @@ struct MinOp {
 struct MaxOp {
   __device__ double operator()(double a, double b) const { return fmax(a, b); }
 };
+
+// The threads that normalise one group together: a warp (prompt-sized groups) or a whole block
+// (large groups). Element e of a group goes to thread e % size(); reductions have a fixed shape.
+struct WarpTeam {
+  __device__ int rank() const { return threadIdx.x & 31; }
+  __device__ int size() const { return 32; }
+  __device__ double sum(double v) const { return warp_sum(v); }
+  __device__ double min(double v) const { return warp_min(v); }
+  __device__ double max(double v) const { return warp_max(v); }
+};
+
+struct BlockTeam {
+  double* scratch;  // 33 doubles of shared memory
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ double sum(double v) const { return block_reduce(v, 0.0, SumOp{}, scratch); }
+  __device__ double min(double v) const { return block_reduce(v, INFINITY, MinOp{}, scratch); }
+  __device__ double max(double v) const { return block_reduce(v, -INFINITY, MaxOp{}, scratch); }
+};
+
+template <typename Team>
+__device__ __forceinline__ FirstMoments team_merge(const Team& team, FirstMoments m) {
+  m.count = team.sum(m.count);
+  m.sum = team.sum(m.sum);
+  m.lo = team.min(m.lo);
+  m.hi = team.max(m.hi);
+  return m;
+}
 
 // ---------------------------------------------------------------------------------- kernels
 template <typename T>
@@ -207,7 +241,7 @@ __device__ __forceinline__ ElementMap element_map(const AdvantageProblem& p, int
 
 // Batch statistics for global_std: one block, fixed element-to-thread assignment.
 template <typename T>
-__global__ void batch_moments_kernel(AdvantageProblem p, const T* __restrict__ rewards,
+__global__ void __launch_bounds__(kBatchThreads) batch_moments_kernel(AdvantageProblem p, const T* __restrict__ rewards,
                                      const uint8_t* __restrict__ finite, double* __restrict__ batch) {
   __shared__ double scratch[33];
   const int64_t stat_columns = p.stat_columns();
@@ -243,78 +277,112 @@ __global__ void batch_moments_kernel(AdvantageProblem p, const T* __restrict__ r
   }
 }
 
-// One warp per group: statistics in two passes, then the group's advantages (and stats).
+// Everything the group kernels read, in one kernel argument.
 template <typename T>
-__global__ void normalize_groups_kernel(AdvantageProblem p, const T* __restrict__ rewards,
-                                        const int64_t* __restrict__ keys_sorted,
-                                        const int32_t* __restrict__ rows,
-                                        const int32_t* __restrict__ offsets,
-                                        const uint8_t* __restrict__ finite,
-                                        const int64_t* __restrict__ group_count,
-                                        const double* __restrict__ batch, GroupStatsBuffers stats,
-                                        T* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t groups = *group_count;
+struct GroupArgs {
+  AdvantageProblem p;
+  const T* rewards;
+  const int64_t* keys_sorted;
+  const int32_t* rows;     // row numbers grouped by ascending id, ascending inside a group
+  const int32_t* offsets;  // CSR offsets
+  const uint8_t* finite;
+  const int64_t* group_count;
+  const double* batch;  // batch statistics (global_std) or nullptr
+  GroupStatsBuffers stats;
+  T* out;
+  int32_t* large_groups;  // queue of groups left to the block path
+  int32_t* large_count;
+};
+
+// Statistics in two passes, then the advantages (and the stats row) of group g, by one team.
+template <typename T, typename Team>
+__device__ void normalize_group(const Team& team, const GroupArgs<T>& a, int64_t g) {
+  const AdvantageProblem& p = a.p;
   const int64_t columns = p.columns();
   const int64_t stat_columns = p.stat_columns();
-  for (int64_t g = warp; g < groups; g += warps) {
-    const int32_t* group_rows = rows + offsets[g];
-    const int64_t count = offsets[g + 1] - offsets[g];
-    double size = 0.0;
-    for (int64_t k = lane; k < count; k += 32) size += finite[group_rows[k]];
-    size = warp_sum(size);
+  const int32_t* group_rows = a.rows + a.offsets[g];
+  const int64_t count = a.offsets[g + 1] - a.offsets[g];
+  const int rank = team.rank();
+  const int stride = team.size();
+  double size = 0.0;
+  for (int64_t k = rank; k < count; k += stride) size += a.finite[group_rows[k]];
+  size = team.sum(size);
 
-    for (int64_t s = 0; s < stat_columns; ++s) {
-      const ElementMap map = element_map(p, s);
-      const int64_t elements = count * map.per_row;
-      FirstMoments first;
-      for (int64_t e = lane; e < elements; e += 32) {
-        int64_t k, c;
-        map.locate(e, k, c);
-        const int64_t i = group_rows[k];
-        if (!finite[i] || !math::column_counted(p.column_mask, c)) continue;
-        first.add(math::value_at(rewards + i * p.width, c, p.gains));
-      }
-      first = warp_merge(first);
-      const double mean = first.mean();
-      double squares = 0.0;
-      for (int64_t e = lane; e < elements; e += 32) {
-        int64_t k, c;
-        map.locate(e, k, c);
-        const int64_t i = group_rows[k];
-        if (!finite[i] || !math::column_counted(p.column_mask, c)) continue;
-        const double d = math::value_at(rewards + i * p.width, c, p.gains) - mean;
-        squares += d * d;
-      }
-      squares = warp_sum(squares);
-      const double group_std = math::std_from(squares, first.count, p.ddof);
-      const double divisor = batch ? batch[stat_columns + s] : group_std;
-      const bool all_equal = batch ? batch[2 * stat_columns + s] != 0.0 : first.all_equal();
-      const bool zero = all_equal || size <= 1.0;
-      const double scale = math::inverse_spread(divisor, p);
-      for (int64_t e = lane; e < elements; e += 32) {
-        int64_t k, c;
-        map.locate(e, k, c);
-        const int64_t i = group_rows[k];
-        const bool keep = finite[i] && !zero && math::column_counted(p.column_mask, c);
-        out[i * columns + c] =
-            keep ? static_cast<T>(math::standardize(
-                       math::value_at(rewards + i * p.width, c, p.gains), mean, scale, p))
-                 : T(0);
-      }
-      if (stats.requested() && lane == 0) {
-        stats.mean[g * stat_columns + s] = mean;
-        stats.std[g * stat_columns + s] = divisor;
-        stats.zero_std[g * stat_columns + s] = zero;
-      }
+  for (int64_t s = 0; s < stat_columns; ++s) {
+    const ElementMap map = element_map(p, s);
+    const int64_t elements = count * map.per_row;
+    FirstMoments first;
+    for (int64_t e = rank; e < elements; e += stride) {
+      int64_t k, c;
+      map.locate(e, k, c);
+      const int64_t i = group_rows[k];
+      if (!a.finite[i] || !math::column_counted(p.column_mask, c)) continue;
+      first.add(math::value_at(a.rewards + i * p.width, c, p.gains));
     }
-    if (stats.requested() && lane == 0) {
-      stats.group_ids[g] = keys_sorted[offsets[g]];
-      stats.size[g] = static_cast<int64_t>(size);
+    first = team_merge(team, first);
+    const double mean = first.mean();
+    double squares = 0.0;
+    for (int64_t e = rank; e < elements; e += stride) {
+      int64_t k, c;
+      map.locate(e, k, c);
+      const int64_t i = group_rows[k];
+      if (!a.finite[i] || !math::column_counted(p.column_mask, c)) continue;
+      const double d = math::value_at(a.rewards + i * p.width, c, p.gains) - mean;
+      squares += d * d;
+    }
+    squares = team.sum(squares);
+    const double group_std = math::std_from(squares, first.count, p.ddof);
+    const double divisor = a.batch ? a.batch[stat_columns + s] : group_std;
+    const bool all_equal = a.batch ? a.batch[2 * stat_columns + s] != 0.0 : first.all_equal();
+    const bool zero = all_equal || size <= 1.0;
+    const double scale = math::inverse_spread(divisor, p);
+    for (int64_t e = rank; e < elements; e += stride) {
+      int64_t k, c;
+      map.locate(e, k, c);
+      const int64_t i = group_rows[k];
+      const bool keep = a.finite[i] && !zero && math::column_counted(p.column_mask, c);
+      a.out[i * columns + c] =
+          keep ? static_cast<T>(math::standardize(
+                     math::value_at(a.rewards + i * p.width, c, p.gains), mean, scale, p))
+               : T(0);
+    }
+    if (a.stats.requested() && rank == 0) {
+      a.stats.mean[g * stat_columns + s] = mean;
+      a.stats.std[g * stat_columns + s] = divisor;
+      a.stats.zero_std[g * stat_columns + s] = zero;
     }
   }
+  if (a.stats.requested() && rank == 0) {
+    a.stats.group_ids[g] = a.keys_sorted[a.offsets[g]];
+    a.stats.size[g] = static_cast<int64_t>(size);
+  }
+}
+
+// One warp per group (grid-stride over the G groups); large groups are queued for the blocks.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) normalize_groups_kernel(GroupArgs<T> a) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t groups = *a.group_count;
+  for (int64_t g = warp; g < groups; g += warps) {
+    const int64_t values = static_cast<int64_t>(a.offsets[g + 1] - a.offsets[g]) * a.p.columns();
+    if (values > kWarpGroupValues) {
+      // an integer queue: its order varies, but each queued group is still reduced by exactly
+      // one block in a fixed order
+      if ((threadIdx.x & 31) == 0) a.large_groups[atomicAdd(a.large_count, 1)] = static_cast<int32_t>(g);
+      continue;
+    }
+    normalize_group(WarpTeam{}, a, g);
+  }
+}
+
+// One block per queued large group.
+template <typename T>
+__global__ void __launch_bounds__(kBlockTeamThreads) normalize_large_groups_kernel(GroupArgs<T> a) {
+  __shared__ double scratch[33];
+  const BlockTeam team{scratch};
+  const int queued = *a.large_count;
+  for (int j = blockIdx.x; j < queued; j += gridDim.x) normalize_group(team, a, a.large_groups[j]);
 }
 
 }  // namespace
@@ -340,6 +408,7 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
                                 std::to_string(ws.total_bytes) + " bytes)");
   }
 
+  check(cudaMemsetAsync(ws.large_count, 0, sizeof(int32_t), stream), "clearing the queue");
   prepare_rows_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
       rewards, n, p.width, ws.rows_in, ws.finite, reinterpret_cast<unsigned long long*>(counts + 1));
   check(cudaGetLastError(), "prepare_rows_kernel launch");
@@ -364,9 +433,18 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
     check(cudaGetLastError(), "batch_moments_kernel launch");
     batch = ws.batch;
   }
-  normalize_groups_kernel<T><<<blocks_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
-      p, rewards, ws.keys_sorted, ws.rows_sorted, ws.offsets, ws.finite, counts, batch, stats, out);
+  GroupArgs<T> args{p,          rewards, ws.keys_sorted, ws.rows_sorted, ws.offsets,
+                    ws.finite,  counts,  batch,          stats,          out,
+                    ws.large_groups, ws.large_count};
+  normalize_groups_kernel<T><<<blocks_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(args);
   check(cudaGetLastError(), "normalize_groups_kernel launch");
+  // At most values / (kWarpGroupValues + 1) groups can be large: no launch when none can be.
+  const int64_t most_large = n * p.columns() / (kWarpGroupValues + 1);
+  if (most_large > 0) {
+    const int blocks = static_cast<int>(most_large < kMaxLargeBlocks ? most_large : kMaxLargeBlocks);
+    normalize_large_groups_kernel<T><<<blocks, kBlockTeamThreads, 0, stream>>>(args);
+    check(cudaGetLastError(), "normalize_large_groups_kernel launch");
+  }
 }
 
 template void advantages_cuda<float>(const AdvantageProblem&, const float*, const int64_t*, float*,
