@@ -14,6 +14,9 @@ import torch
 from torch import Tensor
 
 from sfgrpo import reference
+from sfgrpo.backend import resolve_backend
+from sfgrpo.gather import gather_batch
+from sfgrpo.ops import advantages as advantage_ops
 from sfgrpo.reference import VelocityFn
 
 
@@ -152,14 +155,45 @@ def gain_advantages(
     step_mask: Tensor | None = None,
     nonfinite: str = "error",
     return_stats: bool = False,
+    gather: bool = False,
+    process_group=None,
     backend: str | None = None,
 ):
-    """Stepwise advantages `[N, T]` from stepwise rewards `[N, T+1]`; see `reference.gain_advantages`."""
-    del backend
-    return reference.gain_advantages(
-        rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
-        nonfinite=nonfinite, return_stats=return_stats,
+    """Stepwise-Flow-GRPO advantages `[N, T]` from stepwise rewards `[N, T+1]` (SPEC §4).
+
+    Column k of `rewards` is the reward of the clean estimate after k sampling steps; the gains
+    `rewards[:, k+1] - rewards[:, k]` credit step k and are normalised `(g - mean) / (std + eps)`
+    (population std) over all N_g x T gains of each group (`normalize="joint"`, the paper) or per
+    (group, step) (`"per_step"`). `group_ids` (int64 `[N]`, any values, any order) names the
+    groups. `step_mask` (bool `[T]`) leaves steps out of the statistics with advantage 0; `clip`
+    clamps to [-clip, clip]. A group of one trajectory, or one whose gains are all equal, gets 0.
+    NaN/inf rewards raise, or with `nonfinite="drop"` their trajectory is left out with advantage 0.
+    `return_stats=True` returns `(advantages, GroupStats)` (groups in ascending id order).
+
+    `gather=True` (or a `process_group`) all-gathers the batch over torch.distributed first, so
+    groups may be spread over ranks: every rank gets the same statistics and its own rows back.
+    Output has the rewards' dtype and carries no gradient. Runs the native engine (C++ / CUDA)
+    unless the backend (`backend=`, SFGRPO_BACKEND) says `reference`.
+    """
+    advantage_ops.check_gain_inputs(
+        rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask, nonfinite=nonfinite
     )
+    if step_mask is not None:
+        step_mask = step_mask.to(rewards.device)
+    rows = None
+    if gather or process_group is not None:
+        rewards, group_ids, rows = gather_batch(rewards, group_ids, process_group)
+    if resolve_backend("gain_advantages", rewards.device, backend) == "reference":
+        result = reference.gain_advantages(
+            rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
+            nonfinite=nonfinite, return_stats=return_stats,
+        )
+    else:
+        result = advantage_ops.gain_advantages(
+            rewards, group_ids, normalize=normalize, eps=float(eps), clip=None if clip is None else float(clip),
+            step_mask=step_mask, nonfinite=nonfinite, return_stats=return_stats,
+        )
+    return _this_rank_rows(result, rows, return_stats)
 
 
 def group_advantages(
@@ -172,14 +206,43 @@ def group_advantages(
     clip: float | None = None,
     nonfinite: str = "error",
     return_stats: bool = False,
+    gather: bool = False,
+    process_group=None,
     backend: str | None = None,
 ):
-    """Flow-GRPO per-prompt advantages; see `reference.group_advantages`."""
-    del backend
-    return reference.group_advantages(
-        rewards, group_ids, std=std, eps=eps, unbiased=unbiased, clip=clip, nonfinite=nonfinite,
-        return_stats=return_stats,
-    )
+    """Flow-GRPO per-prompt advantages `(r - mean_group) / (std + eps)` (SPEC §4, §7).
+
+    `rewards` is `[N]` (one reward per sample) or `[N, K]` (each column normalised on its own);
+    `std="group"` divides by the group's std, `"global"` by the std of the whole batch (Flow-GRPO's
+    `global_std`), population std unless `unbiased`. Groups of one sample, or whose rewards are
+    all equal, get 0; `nonfinite`, `clip`, `return_stats`, `gather`/`process_group` and `backend`
+    as in `gain_advantages`. Output has the rewards' shape and dtype and carries no gradient.
+    """
+    advantage_ops.check_group_inputs(rewards, group_ids, std=std, eps=eps, clip=clip, nonfinite=nonfinite)
+    rows = None
+    if gather or process_group is not None:
+        rewards, group_ids, rows = gather_batch(rewards, group_ids, process_group)
+    if resolve_backend("group_advantages", rewards.device, backend) == "reference":
+        result = reference.group_advantages(
+            rewards, group_ids, std=std, eps=eps, unbiased=unbiased, clip=clip, nonfinite=nonfinite,
+            return_stats=return_stats,
+        )
+    else:
+        result = advantage_ops.group_advantages(
+            rewards, group_ids, std=std, eps=float(eps), unbiased=bool(unbiased),
+            clip=None if clip is None else float(clip), nonfinite=nonfinite, return_stats=return_stats,
+        )
+    return _this_rank_rows(result, rows, return_stats)
+
+
+def _this_rank_rows(result, rows: slice | None, return_stats: bool):
+    """After a gather: this rank's rows of the advantages (the statistics are global)."""
+    if rows is None:
+        return result
+    if return_stats:
+        advantages, stats = result
+        return advantages[rows], stats
+    return result[rows]
 
 
 def ppo_loss(

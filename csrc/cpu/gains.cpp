@@ -1,18 +1,12 @@
-#include <cstddef>
-#include <unordered_map>
-
+#include "group_index.h"
 #include "sfgrpo/advantages.h"
 
 namespace sfgrpo {
 
 int64_t dense_group_index_cpu(const int64_t* ids, int64_t n, int64_t* out) {
-  std::unordered_map<int64_t, int64_t> index;
-  index.reserve(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    auto it = index.emplace(ids[i], static_cast<int64_t>(index.size())).first;
-    out[i] = it->second;
-  }
-  return static_cast<int64_t>(index.size());
+  GroupIndex index;
+  for (int64_t i = 0; i < n; ++i) out[i] = index.insert(ids[i]);
+  return index.size();
 }
 
 template <typename T>

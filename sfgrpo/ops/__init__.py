@@ -4,4 +4,5 @@ One module per op family: schema, fake (meta) impl, autograd formula and per-dev
 dispatching through `sfgrpo.backend.resolve_backend`. Importing this package registers them all.
 """
 
+from sfgrpo.ops import advantages  # noqa: F401  (registers sfgrpo::gain_advantages, ...)
 from sfgrpo.ops import sde_step  # noqa: F401  (registers sfgrpo::sde_step)

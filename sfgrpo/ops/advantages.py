@@ -1,0 +1,365 @@
+"""The advantage engine as torch.library custom ops (namespace `sfgrpo`), backed by `sfgrpo._C`.
+
+Ops (CPU and CUDA kernels, fake impls, opcheck-clean, torch.compile(fullgraph=True)-friendly):
+
+- `sfgrpo::gain_advantages(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite)`
+  -> advantages `[N, T]`
+- `sfgrpo::group_advantages(rewards, group_ids, std, eps, unbiased, clip, nonfinite)`
+  -> advantages of the rewards' shape (`[N]` or `[N, K]`)
+- `sfgrpo::gain_advantages_with_stats` / `sfgrpo::group_advantages_with_stats`: the same plus
+  per-group statistics. The number of groups G depends on the data, so the statistics come
+  padded to N rows (zeros past G) with G as a 0-d int64 tensor; `gain_advantages(...,
+  return_stats=True)` below slices them into a `GroupStats`.
+
+Advantages are constants of the policy-gradient loss: the ops have an autograd registration that
+marks their outputs non-differentiable (like `argmax`), so `rewards.requires_grad` never makes
+them part of a graph.
+
+NaN/inf policy: the native code always leaves rows with a non-finite reward out of the
+statistics with advantage 0 and counts them. `nonfinite="drop"` stops there (no host sync on
+CUDA); `nonfinite="error"` turns a non-zero count into a ValueError, which on CUDA costs one
+device->host sync to read the count.
+
+Threads (CPU): `set_num_threads(n)` or SFGRPO_NUM_THREADS caps the worker threads (0/unset:
+chosen from the problem size). Any thread count gives bitwise identical results.
+
+`sfgrpo.functional.gain_advantages` / `group_advantages` are the public entry points: they
+validate, choose the backend (`sfgrpo.backend`) and call `gain_advantages` / `group_advantages`
+here when it is `native`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from sfgrpo import _native, backend
+from sfgrpo.reference import NONFINITE_POLICIES, GroupStats
+
+NORMALIZE_MODES = ("joint", "per_step")
+STD_MODES = ("group", "global")
+NATIVE_DTYPES = (torch.float32, torch.float64)
+THREADS_ENV = "SFGRPO_NUM_THREADS"
+
+backend.register_op("gain_advantages", "native")
+backend.register_op("group_advantages", "native")
+
+
+# ------------------------------------------------------------------------------ thread knob
+def _threads_from_env() -> int:
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return 0
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(f"{THREADS_ENV} must be an integer, got {value!r}") from None
+    return max(threads, 0)
+
+
+_num_threads: int | None = None  # None: follow the environment
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Caps the CPU worker threads of the native engine (None or 0: automatic)."""
+    global _num_threads
+    if threads is not None and (not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"threads must be a non-negative int or None, got {threads!r}")
+    _num_threads = threads
+
+
+def get_num_threads() -> int:
+    """The thread cap in force: 0 means chosen from the problem size."""
+    return _threads_from_env() if _num_threads is None else _num_threads
+
+
+# ------------------------------------------------------------------------------- validation
+def _check_common(rewards: Tensor, group_ids: Tensor, eps: float, clip: float | None, nonfinite: str,
+                  native_only: bool) -> None:
+    if not isinstance(rewards, Tensor) or not isinstance(group_ids, Tensor):
+        raise TypeError("rewards and group_ids must be tensors")
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating-point tensor (float32 or float64), got {rewards.dtype}")
+    if native_only and rewards.dtype not in NATIVE_DTYPES:
+        raise TypeError(f"the native advantage ops take float32 or float64 rewards, got {rewards.dtype}")
+    if group_ids.dtype != torch.int64:
+        raise TypeError(f"group_ids must be int64, got {group_ids.dtype} (convert with group_ids.long())")
+    if rewards.ndim < 1 or group_ids.ndim != 1 or group_ids.shape[0] != rewards.shape[0]:
+        n = rewards.shape[0] if rewards.ndim >= 1 else "?"
+        raise ValueError(f"group_ids must be [N] with N = rewards.shape[0] = {n}, got {tuple(group_ids.shape)}")
+    if group_ids.device != rewards.device:
+        raise ValueError(f"group_ids is on {group_ids.device} but rewards on {rewards.device}")
+    if native_only and rewards.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the native advantage ops run on CPU and CUDA tensors, got {rewards.device}")
+    if not isinstance(eps, (int, float)) or not (eps >= 0.0 and eps != float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0.0):
+        raise ValueError(f"clip must be None or a number > 0, got {clip!r}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+
+
+def check_gain_inputs(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: float, clip: float | None,
+                      step_mask: Tensor | None, nonfinite: str, native_only: bool = False) -> None:
+    """Clear errors for every malformed input of `gain_advantages`, before any kernel runs."""
+    _check_common(rewards, group_ids, eps, clip, nonfinite, native_only)
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [N, T+1] with T >= 1, got {tuple(rewards.shape)}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be 'joint' or 'per_step', got {normalize!r}")
+    if step_mask is not None:
+        steps = rewards.shape[1] - 1
+        if not isinstance(step_mask, Tensor) or step_mask.dtype != torch.bool or step_mask.shape != (steps,):
+            got = f"{step_mask.dtype} {tuple(step_mask.shape)}" if isinstance(step_mask, Tensor) else type(step_mask)
+            raise ValueError(f"step_mask must be a bool tensor of shape [{steps}], got {got}")
+        if native_only and step_mask.device != rewards.device:
+            raise ValueError(f"step_mask is on {step_mask.device} but rewards on {rewards.device}")
+
+
+def check_group_inputs(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float, clip: float | None,
+                       nonfinite: str, native_only: bool = False) -> None:
+    """Clear errors for every malformed input of `group_advantages`, before any kernel runs."""
+    _check_common(rewards, group_ids, eps, clip, nonfinite, native_only)
+    if rewards.ndim not in (1, 2) or (rewards.ndim == 2 and rewards.shape[1] < 1):
+        raise ValueError(f"rewards must be [N] or [N, K] with K >= 1, got {tuple(rewards.shape)}")
+    if std not in STD_MODES:
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+
+
+# ----------------------------------------------------------------------------- native call
+class _Problem(NamedTuple):
+    gains: bool  # normalise consecutive-column differences
+    pooled: bool  # one statistic per group over all columns
+    global_std: bool  # divide by the batch's std
+    ddof: int
+    eps: float
+    clip: float | None
+
+
+class _PaddedStats(NamedTuple):
+    group_ids: Tensor  # [N] int64, first G rows used
+    mean: Tensor  # [N, S] float64
+    std: Tensor  # [N, S] float64
+    size: Tensor  # [N] int64
+    zero_std: Tensor  # [N, S] bool
+    num_groups: Tensor  # [] int64
+
+
+def _padded_stats(rows: int, stat_columns: int, device: torch.device) -> _PaddedStats:
+    # zeros, not empty: the padding past G must be deterministic (opcheck compares runs)
+    return _PaddedStats(
+        group_ids=torch.zeros(rows, dtype=torch.int64, device=device),
+        mean=torch.zeros(rows, stat_columns, dtype=torch.float64, device=device),
+        std=torch.zeros(rows, stat_columns, dtype=torch.float64, device=device),
+        size=torch.zeros(rows, dtype=torch.int64, device=device),
+        zero_std=torch.zeros(rows, stat_columns, dtype=torch.bool, device=device),
+        num_groups=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def _raise_nonfinite(rewards: Tensor) -> None:
+    finite = torch.isfinite(rewards).reshape(rewards.shape[0], -1).all(dim=1)
+    bad = (~finite).nonzero().flatten()
+    raise ValueError(
+        f"rewards contain NaN or inf in {bad.numel()} sample(s) (first rows: {bad[:8].tolist()}); "
+        "pass nonfinite='drop' to leave them out of the statistics with advantage 0"
+    )
+
+
+def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_mask: Tensor | None,
+                nonfinite: str, with_stats: bool) -> tuple[Tensor, _PaddedStats | None]:
+    """Runs the engine on a 2-d `rewards`; returns advantages `[N, columns]` (and padded stats)."""
+    rewards = rewards.contiguous()
+    group_ids = group_ids.contiguous()
+    rows, width = rewards.shape
+    columns = width - 1 if problem.gains else width
+    stat_columns = 1 if problem.pooled else columns
+    device = rewards.device
+    out = torch.empty((rows, columns), dtype=rewards.dtype, device=device)
+    stats = _padded_stats(rows, stat_columns, device) if with_stats else None
+    if rows == 0:
+        return out, stats
+    mask = column_mask.contiguous().view(torch.uint8) if column_mask is not None else None
+    args = dict(
+        dtype=str(rewards.dtype).removeprefix("torch."),
+        rewards=rewards.data_ptr(), group_ids=group_ids.data_ptr(), out=out.data_ptr(),
+        rows=rows, width=width, gains=problem.gains, pooled=problem.pooled, global_std=problem.global_std,
+        ddof=problem.ddof, eps=float(problem.eps), clip=None if problem.clip is None else float(problem.clip),
+        column_mask=0 if mask is None else mask.data_ptr(),
+        stats=None if stats is None else tuple(t.data_ptr() for t in stats[:5]),
+    )
+    if device.type == "cpu":
+        groups, nonfinite_rows = _native.require("the native advantage ops").cpu.advantages(
+            **args, num_threads=get_num_threads()
+        )
+        if stats is not None:
+            stats.num_groups.fill_(groups)
+        if nonfinite == "error" and nonfinite_rows:
+            _raise_nonfinite(rewards)
+        return out, stats
+    cuda = _native.require_cuda("the native advantage ops")
+    with torch.cuda.device(device):
+        workspace = torch.empty(
+            cuda.advantages_workspace_bytes(rows, width, problem.gains, problem.pooled), dtype=torch.uint8,
+            device=device,
+        )
+        counts = torch.empty(2, dtype=torch.int64, device=device)  # {groups, nonfinite rows}
+        stream = torch.cuda.current_stream(device).cuda_stream
+        cuda.advantages(**args, counts=counts.data_ptr(), workspace=workspace.data_ptr(),
+                        workspace_bytes=workspace.numel(), stream=stream)
+    if stats is not None:
+        stats.num_groups.copy_(counts[0])
+    if nonfinite == "error" and bool(counts[1] != 0):  # the one device->host sync of this policy
+        _raise_nonfinite(rewards)
+    return out, stats
+
+
+def _gain_problem(normalize: str, eps: float, clip: float | None) -> _Problem:
+    return _Problem(gains=True, pooled=normalize == "joint", global_std=False, ddof=0, eps=eps, clip=clip)
+
+
+def _group_problem(std: str, eps: float, unbiased: bool, clip: float | None) -> _Problem:
+    return _Problem(gains=False, pooled=False, global_std=std == "global", ddof=int(unbiased), eps=eps, clip=clip)
+
+
+def _as_matrix(rewards: Tensor) -> Tensor:
+    return rewards.reshape(-1, 1) if rewards.ndim == 1 else rewards
+
+
+# ------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("sfgrpo::gain_advantages", mutates_args=(), device_types=("cpu", "cuda"))
+def gain_advantages_op(
+    rewards: Tensor, group_ids: Tensor, normalize: str, eps: float, clip: Optional[float],
+    step_mask: Optional[Tensor], nonfinite: str,
+) -> Tensor:
+    check_gain_inputs(rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
+                      nonfinite=nonfinite, native_only=True)
+    out, _ = _run_native(rewards, group_ids, _gain_problem(normalize, eps, clip), step_mask, nonfinite, False)
+    return out
+
+
+@gain_advantages_op.register_fake
+def _gain_advantages_fake(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite):
+    return rewards.new_empty((rewards.shape[0], rewards.shape[1] - 1))
+
+
+@torch.library.custom_op("sfgrpo::gain_advantages_with_stats", mutates_args=(), device_types=("cpu", "cuda"))
+def gain_advantages_with_stats_op(
+    rewards: Tensor, group_ids: Tensor, normalize: str, eps: float, clip: Optional[float],
+    step_mask: Optional[Tensor], nonfinite: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_gain_inputs(rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
+                      nonfinite=nonfinite, native_only=True)
+    out, stats = _run_native(rewards, group_ids, _gain_problem(normalize, eps, clip), step_mask, nonfinite, True)
+    return (out, *stats)
+
+
+@gain_advantages_with_stats_op.register_fake
+def _gain_advantages_with_stats_fake(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite):
+    rows, steps = rewards.shape[0], rewards.shape[1] - 1
+    return (rewards.new_empty((rows, steps)), *_fake_stats(rewards, 1 if normalize == "joint" else steps))
+
+
+@torch.library.custom_op("sfgrpo::group_advantages", mutates_args=(), device_types=("cpu", "cuda"))
+def group_advantages_op(
+    rewards: Tensor, group_ids: Tensor, std: str, eps: float, unbiased: bool, clip: Optional[float],
+    nonfinite: str,
+) -> Tensor:
+    check_group_inputs(rewards, group_ids, std=std, eps=eps, clip=clip, nonfinite=nonfinite, native_only=True)
+    problem = _group_problem(std, eps, unbiased, clip)
+    out, _ = _run_native(_as_matrix(rewards), group_ids, problem, None, nonfinite, False)
+    return out.reshape(rewards.shape)
+
+
+@group_advantages_op.register_fake
+def _group_advantages_fake(rewards, group_ids, std, eps, unbiased, clip, nonfinite):
+    return torch.empty_like(rewards, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sfgrpo::group_advantages_with_stats", mutates_args=(), device_types=("cpu", "cuda"))
+def group_advantages_with_stats_op(
+    rewards: Tensor, group_ids: Tensor, std: str, eps: float, unbiased: bool, clip: Optional[float],
+    nonfinite: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_group_inputs(rewards, group_ids, std=std, eps=eps, clip=clip, nonfinite=nonfinite, native_only=True)
+    problem = _group_problem(std, eps, unbiased, clip)
+    out, stats = _run_native(_as_matrix(rewards), group_ids, problem, None, nonfinite, True)
+    return (out.reshape(rewards.shape), *stats)
+
+
+@group_advantages_with_stats_op.register_fake
+def _group_advantages_with_stats_fake(rewards, group_ids, std, eps, unbiased, clip, nonfinite):
+    columns = 1 if rewards.ndim == 1 else rewards.shape[1]
+    return (torch.empty_like(rewards, memory_format=torch.contiguous_format), *_fake_stats(rewards, columns))
+
+
+def _fake_stats(rewards: Tensor, stat_columns: int) -> tuple[Tensor, ...]:
+    rows = rewards.shape[0]
+    return (
+        rewards.new_empty((rows,), dtype=torch.int64),
+        rewards.new_empty((rows, stat_columns), dtype=torch.float64),
+        rewards.new_empty((rows, stat_columns), dtype=torch.float64),
+        rewards.new_empty((rows,), dtype=torch.int64),
+        rewards.new_empty((rows, stat_columns), dtype=torch.bool),
+        rewards.new_empty((), dtype=torch.int64),
+    )
+
+
+# Advantages are constants of the loss (no gradient flows into the rewards): mark every output
+# non-differentiable so a `rewards` that requires grad simply yields plain tensors.
+def _non_differentiable(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+
+def _no_gradient(ctx, *grads):
+    return (None,) * 7
+
+
+for _op in (gain_advantages_op, gain_advantages_with_stats_op, group_advantages_op, group_advantages_with_stats_op):
+    _op.register_autograd(_no_gradient, setup_context=_non_differentiable)
+
+
+# ------------------------------------------------------------------ Python-level entry points
+def _compute_dtype(rewards: Tensor) -> Tensor:
+    """float16/bfloat16 rewards run in float32 (the result is cast back to their dtype)."""
+    return rewards if rewards.dtype in NATIVE_DTYPES else rewards.float()
+
+
+def _group_stats(padded: tuple[Tensor, ...], squeeze_columns: bool) -> GroupStats:
+    group_ids, mean, std, size, zero_std, num_groups = padded
+    groups = int(num_groups)  # statistics are for logging: one sync on CUDA is fine here
+
+    def take(t: Tensor) -> Tensor:
+        t = t[:groups]
+        return t.squeeze(1) if squeeze_columns and t.ndim == 2 else t
+
+    return GroupStats(take(group_ids), take(mean), take(std), take(size), take(zero_std))
+
+
+def gain_advantages(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: float, clip: float | None,
+                    step_mask: Tensor | None, nonfinite: str, return_stats: bool):
+    """Runs `sfgrpo::gain_advantages[_with_stats]`; the same results as `reference.gain_advantages`."""
+    values = _compute_dtype(rewards)
+    if not return_stats:
+        adv = torch.ops.sfgrpo.gain_advantages(values, group_ids, normalize, eps, clip, step_mask, nonfinite)
+        return adv.to(rewards.dtype)
+    adv, *padded = torch.ops.sfgrpo.gain_advantages_with_stats(
+        values, group_ids, normalize, eps, clip, step_mask, nonfinite
+    )
+    return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=normalize == "joint")
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float, unbiased: bool,
+                     clip: float | None, nonfinite: str, return_stats: bool):
+    """Runs `sfgrpo::group_advantages[_with_stats]`; the same results as `reference.group_advantages`."""
+    values = _compute_dtype(rewards)
+    if not return_stats:
+        adv = torch.ops.sfgrpo.group_advantages(values, group_ids, std, eps, unbiased, clip, nonfinite)
+        return adv.to(rewards.dtype)
+    adv, *padded = torch.ops.sfgrpo.group_advantages_with_stats(
+        values, group_ids, std, eps, unbiased, clip, nonfinite
+    )
+    return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=rewards.ndim == 1)
