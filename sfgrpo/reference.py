@@ -121,6 +121,35 @@ def sde_coefficients(
     raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
 
 
+def _check_conventions(sde_type: str, convention: str, reduction: str) -> None:
+    if convention not in LOGPROB_CONVENTIONS:
+        raise ValueError(f"log-prob convention must be one of {LOGPROB_CONVENTIONS}, got {convention!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _uses_bare_squares(sde_type: str, convention: str) -> bool:
+    """Flow-GRPO's log-prob for the CPS-form means is `-(x' - mean)^2`: no constants, no 1/(2 s^2)."""
+    return convention == "flow_grpo" and sde_type in ("cps", "ddim")
+
+
+def log_prob_from_squares(
+    sum_sq: Tensor, std: Tensor, elements: int, *, sde_type: str = "sde", convention: str = "gaussian",
+    reduction: str = "mean",
+) -> Tensor:
+    """Per-row log-prob from the row's `sum((x' - mean)^2)` over its `elements` values (the form every
+    implementation reduces to). Rows with std = 0 have no density and get 0 (never NaN)."""
+    _check_conventions(sde_type, convention, reduction)
+    scale = 1.0 / elements if reduction == "mean" else 1.0
+    has_density = std > 0
+    if _uses_bare_squares(sde_type, convention):
+        return torch.where(has_density, -sum_sq * scale, 0.0)
+    safe_std = torch.where(has_density, std, torch.ones_like(std))
+    count = 1.0 if reduction == "mean" else float(elements)
+    log_prob = -sum_sq * scale / (2.0 * safe_std**2) - count * (torch.log(safe_std) + LOG_SQRT_2PI)
+    return torch.where(has_density, log_prob, 0.0)
+
+
 def gaussian_log_prob(
     sample: Tensor,
     mean: Tensor,
@@ -136,17 +165,25 @@ def gaussian_log_prob(
     `flow_grpo`: what Flow-GRPO's code computes: the exact density for `sde`, `-(x'-mean)^2` for the
     CPS-form means (`cps`, `ddim`). Rows with std = 0 have no density and get 0 (never NaN).
     """
-    if convention not in LOGPROB_CONVENTIONS:
-        raise ValueError(f"log-prob convention must be one of {LOGPROB_CONVENTIONS}, got {convention!r}")
-    diff_sq = (sample.float() - mean.float()) ** 2
-    has_density = std > 0
-    if convention == "flow_grpo" and sde_type in ("cps", "ddim"):
-        return torch.where(has_density, _reduce_rows(-diff_sq, reduction), 0.0)
-    safe_std = torch.where(has_density, std, torch.ones_like(std))
-    scale = 1.0 if reduction == "mean" else float(_elements_per_row(sample))
-    quad = _reduce_rows(diff_sq, reduction) / (2.0 * safe_std**2)
-    log_prob = -quad - scale * (torch.log(safe_std) + LOG_SQRT_2PI)
-    return torch.where(has_density, log_prob, 0.0)
+    sum_sq = _reduce_rows((sample.float() - mean.float()) ** 2, "sum")
+    return log_prob_from_squares(
+        sum_sq, std, _elements_per_row(sample), sde_type=sde_type, convention=convention, reduction=reduction
+    )
+
+
+def kl_std(coefficients: StepCoefficients, convention: str = "exact") -> Tensor:
+    """The std the KL divides by: the step's std (`exact`), or Flow-GRPO's std_dev_t (`flow_grpo`;
+    for `sde` that is sigma_t, missing the sqrt(-dt) factor, as Flow-GRPO's code does)."""
+    if convention not in KL_CONVENTIONS:
+        raise ValueError(f"KL convention must be one of {KL_CONVENTIONS}, got {convention!r}")
+    return coefficients.std if convention == "exact" else coefficients.std_dev_t
+
+
+def kl_from_squares(sum_sq: Tensor, std: Tensor, elements: int, reduction: str = "mean") -> Tensor:
+    """Per-row KL `reduce((mean - mean_ref)^2) / (2 s^2)` from the row's sum of squares; 0 without noise."""
+    scale = 1.0 / elements if reduction == "mean" else 1.0
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, sum_sq * scale / (2.0 * safe**2), 0.0)
 
 
 def gaussian_kl(
@@ -157,18 +194,32 @@ def gaussian_kl(
     convention: str = "exact",
     reduction: str = "mean",
 ) -> Tensor:
-    """Per-row KL between N(mean, s^2) and N(mean_ref, s^2): `reduce((mean - mean_ref)^2) / (2 s^2)`.
+    """Per-row KL between N(mean, s^2) and N(mean_ref, s^2): `reduce((mean - mean_ref)^2) / (2 s^2)`
+    (`s` chosen by `kl_std`). Rows with no noise get 0."""
+    sum_sq = _reduce_rows((mean.float() - mean_ref.float()) ** 2, "sum")
+    return kl_from_squares(sum_sq, kl_std(coefficients, convention), _elements_per_row(mean), reduction)
 
-    `flow_grpo` divides by `2 std_dev_t^2` instead (for `sde` that is sigma_t^2, missing the -dt
-    factor, as Flow-GRPO's code does). Rows with no noise get 0.
-    """
-    if convention not in KL_CONVENTIONS:
-        raise ValueError(f"KL convention must be one of {KL_CONVENTIONS}, got {convention!r}")
-    var_source = coefficients.std if convention == "exact" else coefficients.std_dev_t
-    has_density = var_source > 0
-    safe = torch.where(has_density, var_source, torch.ones_like(var_source))
-    kl = _reduce_rows((mean.float() - mean_ref.float()) ** 2, reduction) / (2.0 * safe**2)
-    return torch.where(has_density, kl, 0.0)
+
+def log_prob_grad_scale(
+    grad_log_prob: Tensor, std: Tensor, elements: int, *, sde_type: str = "sde", convention: str = "gaussian",
+    reduction: str = "mean",
+) -> Tensor:
+    """Per-row `k` with `dL/dmean = k (x' - mean)` from `dL/dlogp`: `g / (s^2 D_r)`, or `2 g / D_r` for
+    Flow-GRPO's bare-squares log-prob (`D_r` = elements for the mean reduction, 1 for the sum)."""
+    scale = 1.0 / elements if reduction == "mean" else 1.0
+    if _uses_bare_squares(sde_type, convention):
+        k = 2.0 * grad_log_prob.float() * scale
+    else:
+        safe = torch.where(std > 0, std, torch.ones_like(std))
+        k = grad_log_prob.float() * scale / safe**2
+    return torch.where(std > 0, k, 0.0)
+
+
+def kl_grad_scale(grad_kl: Tensor, std: Tensor, elements: int, reduction: str = "mean") -> Tensor:
+    """Per-row `k` with `dL/dmean = k (mean - mean_ref)` from `dL/dKL`: `g / (s_kl^2 D_r)`."""
+    scale = 1.0 / elements if reduction == "mean" else 1.0
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, grad_kl.float() * scale / safe**2, 0.0)
 
 
 class SdeStepOutput(NamedTuple):
@@ -291,19 +342,14 @@ def sde_step_vjp(
     (the KL's x-terms cancel). Rows without noise contribute no log-prob / KL gradient.
     """
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    scale = 1.0 / _elements_per_row(x) if reduction == "mean" else 1.0
     c_x, c_v = coefficients.c_x.reshape(shape), coefficients.c_v.reshape(shape)
     xf, vf = x.float(), v.float()
     mean = c_x * xf + c_v * vf
     on_mean = torch.zeros_like(mean)
+    elements = _elements_per_row(x)
     if grad_log_prob is not None:
-        std = coefficients.std
-        safe = torch.where(std > 0, std, torch.ones_like(std))
-        if logprob == "flow_grpo" and sde_type in ("cps", "ddim"):
-            k_lp = 2.0 * grad_log_prob.float() * scale
-        else:
-            k_lp = grad_log_prob.float() * scale / safe**2
-        k_lp = torch.where(std > 0, k_lp, 0.0)
+        k_lp = log_prob_grad_scale(grad_log_prob, coefficients.std, elements, sde_type=sde_type, convention=logprob,
+                                   reduction=reduction)
         on_mean = on_mean + k_lp.reshape(shape) * (prev_sample.float() - mean)
     if grad_mean is not None:
         on_mean = on_mean + grad_mean.float()
@@ -311,9 +357,7 @@ def sde_step_vjp(
     dx = c_x * on_mean
     dv_ref = None
     if grad_kl is not None and v_ref is not None:
-        kl_std = coefficients.std if kl == "exact" else coefficients.std_dev_t
-        safe = torch.where(kl_std > 0, kl_std, torch.ones_like(kl_std))
-        k_kl = torch.where(kl_std > 0, grad_kl.float() * scale / safe**2, 0.0).reshape(shape)
+        k_kl = kl_grad_scale(grad_kl, kl_std(coefficients, kl), elements, reduction).reshape(shape)
         on_kl = k_kl * (mean - (c_x * xf + c_v * v_ref.float()))
         dv = dv + c_v * on_kl
         dv_ref = -c_v * on_kl

@@ -17,25 +17,6 @@ def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return like.new_empty((0,), dtype=dtype)
 
 
-def _row_log_prob(sq: Tensor, std: Tensor, elements: int, sde_type: str, logprob: str, reduction: str) -> Tensor:
-    """Per-row log-prob from the row's sum of squared residuals (the reference's formula)."""
-    mean_reduction = reduction == "mean"
-    scaled = sq / elements if mean_reduction else sq
-    has_density = std > 0
-    if logprob == "flow_grpo" and sde_type in ("cps", "ddim"):
-        return torch.where(has_density, -scaled, 0.0)
-    safe = torch.where(has_density, std, torch.ones_like(std))
-    count = 1.0 if mean_reduction else float(elements)
-    log_prob = -scaled / (2.0 * safe**2) - count * (torch.log(safe) + reference.LOG_SQRT_2PI)
-    return torch.where(has_density, log_prob, 0.0)
-
-
-def _row_kl(sq: Tensor, kl_std: Tensor, elements: int, reduction: str) -> Tensor:
-    scaled = sq / elements if reduction == "mean" else sq
-    safe = torch.where(kl_std > 0, kl_std, torch.ones_like(kl_std))
-    return torch.where(kl_std > 0, scaled / (2.0 * safe**2), 0.0)
-
-
 def _mean(xf: Tensor, vf: Tensor, c_x: Tensor, c_v: Tensor) -> Tensor:
     """`c_x x + c_v v` into a fresh buffer (never in place on the inputs)."""
     return torch.mul(xf, c_x).addcmul_(vf, c_v)
@@ -63,12 +44,15 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         sample_out = _empty(x, x.dtype)
         sample = prev_sample
     residual = torch.sub(sample.float(), mean)
-    log_prob = _row_log_prob(_sum_of_squares_(residual), coeffs.std, elements, sde_type, logprob, reduction)
+    log_prob = reference.log_prob_from_squares(
+        _sum_of_squares_(residual), coeffs.std, elements, sde_type=sde_type, convention=logprob, reduction=reduction
+    )
     kl_value = _empty(x)
     if v_ref is not None:
         mean_diff = torch.sub(mean, _mean(xf, v_ref.float(), c_x, c_v), out=residual)  # reuse the scratch buffer
-        kl_std = coeffs.std if kl == "exact" else coeffs.std_dev_t
-        kl_value = _row_kl(_sum_of_squares_(mean_diff), kl_std, elements, reduction)
+        kl_value = reference.kl_from_squares(
+            _sum_of_squares_(mean_diff), reference.kl_std(coeffs, kl), elements, reduction
+        )
     t_col = t[:, None]
     return (
         sample_out,
@@ -87,18 +71,13 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     """(dv, dv_ref, dx) by the closed form of `reference.sde_step_vjp`, in place on scratch buffers."""
     batch, elements = x.shape
     coeffs = reference.sde_coefficients(sde_type, t, t_next, noise_level, sigma_max)
-    scale = 1.0 / elements if reduction == "mean" else 1.0
     c_x, c_v = coeffs.c_x[:, None], coeffs.c_v[:, None]
     xf, vf = x.float(), v.float()
     on_mean = None  # dL/dmean, [B, D], a buffer we own
     if grad_log_prob is not None:
-        std = coeffs.std
-        safe = torch.where(std > 0, std, torch.ones_like(std))
-        if logprob == "flow_grpo" and sde_type in ("cps", "ddim"):
-            k_lp = 2.0 * grad_log_prob.float() * scale
-        else:
-            k_lp = grad_log_prob.float() * scale / safe**2
-        k_lp = torch.where(std > 0, k_lp, 0.0)[:, None]
+        k_lp = reference.log_prob_grad_scale(
+            grad_log_prob, coeffs.std, elements, sde_type=sde_type, convention=logprob, reduction=reduction
+        )[:, None]
         # (x' - mean) * k_lp, built in the mean's buffer
         on_mean = _mean(xf, vf, c_x, c_v).sub_(sample.float()).mul_(-k_lp)
     if grad_mean is not None:
@@ -109,9 +88,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     dv = torch.zeros_like(vf) if on_mean is None else on_mean.mul_(c_v)
     dv_ref = None
     if grad_kl is not None and v_ref is not None:
-        kl_std = coeffs.std if kl == "exact" else coeffs.std_dev_t
-        safe = torch.where(kl_std > 0, kl_std, torch.ones_like(kl_std))
-        k_kl = torch.where(kl_std > 0, grad_kl.float() * scale / safe**2, 0.0)[:, None]
+        k_kl = reference.kl_grad_scale(grad_kl, reference.kl_std(coeffs, kl), elements, reduction)[:, None]
         # mean - mean_ref, exactly as the forward formed it, times k_kl c_v
         on_kl = _mean(xf, vf, c_x, c_v).sub_(_mean(xf, v_ref.float(), c_x, c_v)).mul_(k_kl * c_v)
         dv.add_(on_kl)
