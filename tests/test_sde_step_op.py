@@ -284,3 +284,41 @@ def test_eager_fast_path_equals_the_registered_op(backend):
         results.append([o.detach() for o in out] + [vg.grad, vrg.grad])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_replays_the_step():
+    # per-row t / t' / noise level live in device tensors, so a captured step replays with new values
+    x, v, _, t, tn, level = _inputs((4, 4, 16, 16), torch.bfloat16)
+    noise = torch.randn(x.shape, device=DEVICE)
+    F.sde_step(x, v, t, tn, level, noise=noise)  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = F.sde_step(x, v, t, tn, level, noise=noise, return_x0_hat=True)
+    t.copy_(torch.full_like(t, 0.6))
+    tn.copy_(torch.full_like(tn, 0.3))
+    graph.replay()
+    expected = F.sde_step(x, v, t, tn, level, noise=noise, return_x0_hat=True)
+    assert torch.equal(captured.prev_sample, expected.prev_sample)
+    assert torch.equal(captured.log_prob, expected.log_prob) and torch.equal(captured.x0_hat, expected.x0_hat)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compat_step_has_no_host_sync():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sfgrpo.compat import flow_grpo as compat
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10, device=DEVICE)
+    x, v = torch.randn(4, 16, 32, 32, device=DEVICE), torch.randn(4, 16, 32, 32, device=DEVICE)
+    ts = scheduler.timesteps[3].expand(4)
+    sample = compat.sde_step_with_logprob(scheduler, v, ts, x)[0]  # builds the schedule table
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vg = v.clone().requires_grad_()
+        compat.sde_step_with_logprob(scheduler, vg, ts, x, prev_sample=sample)[1].sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
