@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One command for a machine with a CUDA GPU: install, run the whole test suite on the GPU (the op
+# tests switch to CUDA tensors and real Triton kernels when a GPU is present), then the kernel and
+# advantage benchmarks. Results land in benchmarks/results/ named after the GPU; commit them.
+#
+#   bash benchmarks/run_gpu_suite.sh            # full suite
+#   QUICK=1 bash benchmarks/run_gpu_suite.sh    # two shapes per benchmark
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
+pip install -q ".[test]"
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_').replace('/', '_'))")
+mkdir -p benchmarks/results
+sfgrpo info | tee "benchmarks/results/info_${gpu}.txt"
+pytest -q -p no:cacheprovider 2>&1 | tee "benchmarks/results/tests_${gpu}.txt"
+python benchmarks/bench_sde_step_gpu.py ${QUICK:+--quick} --out benchmarks/results
+python benchmarks/bench_advantages.py ${QUICK:+--quick} --out "benchmarks/results/advantages_${gpu}.md"
+python -m sfgrpo.kernels._aot > "benchmarks/results/aot_sm90.jsonl"
+echo "results in benchmarks/results/ (GPU: ${gpu})"
