@@ -209,11 +209,15 @@ def shard_fsdp(transformer: nn.Module, device: torch.device) -> nn.Module:
 
 
 def wrap_ddp(transformer: nn.Module, device: torch.device) -> nn.Module:
-    # broadcast_buffers=False: the backbone's buffers (position embeddings) are constants, and
-    # without the per-forward buffer broadcast a no-grad forward (rollout, look-ahead, reference)
-    # is free of collectives, so ranks may run different numbers of them.
+    # No per-forward buffer broadcast: the backbone's buffers (position embeddings) are constants,
+    # and without it a no-grad forward (rollout, look-ahead, reference) is free of collectives, so
+    # ranks may run different numbers of them (unequal shares). torch >= 2.13 renamed the option.
+    import inspect
+
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
     return nn.parallel.DistributedDataParallel(
-        transformer, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        transformer, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
 def gradient_sync(module: nn.Module, enabled: bool):
