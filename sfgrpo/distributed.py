@@ -68,7 +68,13 @@ def init_from_env(device: str = "cpu") -> DistributedContext:
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        # The store torchrun hands out outlives a restart of the worker group (--max-restarts), and
+        # a restarted group reading the dead workers' keys (gloo's peer addresses) fails to connect.
+        # Namespacing the keys by restart count gives every attempt a clean slate.
+        store, rank, world_size = next(torch.distributed.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = torch.distributed.PrefixStore(f"sfgrpo/attempt-{attempt}/", store)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size)
     return context()
 
 
