@@ -56,7 +56,9 @@ class Trainer:
         self.config = cfg = config.validate()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.dist = distributed.context()  # rank / world size (world of 1 without torch.distributed)
+        # rank / world size: joins torchrun's process group when launched by torchrun (no-op when the
+        # caller already initialised one); a world of 1 otherwise
+        self.dist = distributed.init_from_env(cfg.device)
         self.device = distributed.local_device(cfg.device, self.dist)
         self._check_distributed_batch()
         if model is None:
