@@ -16,16 +16,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sfgrpo import distributed
     from sfgrpo.trainer import Trainer
     from sfgrpo.trainer.cli_args import config_from_args
 
     config = config_from_args(args)
-    history = Trainer(config).train()
-    if history:
-        last = history[-1]
-        summary = {k: last[k] for k in ("iteration", "reward_mean", "class_accuracy") if k in last}
-        print(json.dumps(summary))
-    print(f"outputs in {config.output_dir}")
+    # under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set): one process group, NCCL on CUDA, gloo on CPU
+    ctx = distributed.init_from_env(config.device)
+    try:
+        history = Trainer(config).train()
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        if history:
+            last = history[-1]
+            summary = {k: last[k] for k in ("iteration", "reward_mean", "class_accuracy") if k in last}
+            print(json.dumps(summary))
+        print(f"outputs in {config.output_dir}" + (f" ({ctx.world_size} processes)" if ctx.enabled else ""))
     return 0
 
 

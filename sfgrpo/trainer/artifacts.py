@@ -36,15 +36,16 @@ def save_png(grid: Tensor, path: Path) -> bool:
     return True
 
 
-def write_grids(trainer, directory: Path) -> None:
+def write_grids(trainer, directory: Path, final: Tensor | None = None) -> None:
     """samples-iterNNNNNN.png: final images, one row per group. estimates-iterNNNNNN.png: the first
-    group's clean estimates after 0..T steps (one row per trajectory; stepwise modes only)."""
+    group's clean estimates after 0..T steps (one row per trajectory; stepwise modes only).
+    `final`: the global batch's final images when this process holds only its share (distributed)."""
     images = trainer.last_images  # [K, N, C, H, W]
     if images is None:
         return
     groups, group_size = trainer.config.prompts_per_iteration, trainer.config.group_size
     tag = f"iter{trainer.iteration:06d}"
-    final = images[-1].reshape(groups, group_size, *images.shape[2:])
+    final = (images[-1] if final is None else final).reshape(groups, group_size, *images.shape[2:])
     save_png(image_grid(final.cpu()), directory / f"samples-{tag}.png")
     if images.shape[0] > 1:
         first_group = images[:, :group_size].transpose(0, 1)  # [group, K, ...]

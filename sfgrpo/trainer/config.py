@@ -82,6 +82,14 @@ class TrainerConfig:
     image_every: int = _help("write sample / intermediate-estimate grids every N iterations (0: only at the end)", default=0)
     plots: bool = _help("write reward and per-step gain plots (needs matplotlib; skipped without it)", default=True)
     progress: bool = _help("tqdm progress bar", default=True)
+    # --- distributed (issue 7)
+    distributed: str = _help(
+        "strategy when launched on several processes (torchrun): ddp (replicated model, gradient all-reduce; "
+        "LoRA and small backbones) | fsdp (FSDP2 fully_shard of every transformer block, then the root; full "
+        "fine-tuning of large backbones)", default="ddp")
+    activation_checkpointing: bool | None = _help(
+        "recompute each transformer block in the backward instead of storing activations (None: on with "
+        "distributed=fsdp, off otherwise)", default=None)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -139,6 +147,7 @@ class TrainerConfig:
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
+        need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
         return self
 
     # ------------------------------------------------------------------ files

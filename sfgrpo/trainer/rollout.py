@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from sfgrpo import functional
+from sfgrpo.distributed import TrajectoryNoise
 
 Condition = Any  # whatever the backbone's encode_prompts returns: a tensor or a tuple of tensors
 
@@ -88,25 +89,43 @@ def rollout(
     *,
     sde_type: str,
     logprob: str,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    noise: TrajectoryNoise | None = None,
+    rows: Sequence[int] | None = None,
 ) -> Rollout:
     """Samples `group_size` trajectories per prompt, all trajectories of a group starting from the
-    same initial noise, so every difference within a group comes from the SDE's noise."""
+    same initial noise, so every difference within a group comes from the SDE's noise.
+
+    Noise comes from `generator` (a stream: what is drawn depends on what was drawn before) or from
+    `noise` (stateless, a function of the global trajectory index: what the trainer uses). With
+    `noise`, `rows` picks which trajectories of the global batch (row j = prompt j // group_size)
+    this process rolls out: a rank's share of a data-parallel batch (default: all of them).
+    """
     model = guided.model
-    n = len(prompts) * group_size
-    expanded = [p for p in prompts for _ in range(group_size)]
-    group_ids = torch.arange(len(prompts), device=model.device).repeat_interleave(group_size)
+    if (generator is None) == (noise is None):
+        raise ValueError("rollout needs exactly one of generator (a stream) or noise (stateless)")
+    rows = list(range(len(prompts) * group_size)) if rows is None else list(rows)
+    if generator is not None and rows != list(range(len(prompts) * group_size)):
+        raise ValueError("rows needs stateless noise (noise=TrajectoryNoise(...))")
+    n = len(rows)
+    row_groups = [j // group_size for j in rows]
+    expanded = [prompts[g] for g in row_groups]
+    group_ids = torch.tensor(row_groups, dtype=torch.int64, device=model.device)
     cond = model.encode_prompts(expanded)
     null_cond = model.null_condition(n)
-    shared = functional_noise((len(prompts), *model.latent_shape), generator, model.device)
-    x = shared.repeat_interleave(group_size, dim=0)
+    if noise is not None:
+        x = noise.initial(row_groups, model.latent_shape).to(model.device)
+    else:
+        shared = functional_noise((len(prompts), *model.latent_shape), generator, model.device)
+        x = shared.repeat_interleave(group_size, dim=0)
     states, samples, log_probs, velocities = [], [], [], []
     for k in range(steps.num_steps):
         t_row = torch.full((n,), steps.t[k], device=model.device)
         v = guided(x, t_row, cond, null_cond)
         out = functional.sde_step(
-            x, v, steps.t[k], steps.t_next[k], steps.noise_level[k], sde_type=sde_type,
-            generator=generator, logprob=logprob, sigma_max=steps.sigma_max,
+            x, v, steps.t[k], steps.t_next[k], steps.noise_level[k], sde_type=sde_type, generator=generator,
+            noise=None if noise is None else noise.step(rows, k, x.shape[1:]).to(x.device),
+            logprob=logprob, sigma_max=steps.sigma_max,
         )
         states.append(x)
         samples.append(out.prev_sample)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sfgrpo import functional
+from sfgrpo import distributed, functional
 from sfgrpo.rewards import get_reward
 from sfgrpo.schedules import Schedule
 from sfgrpo.trainer import checkpoint as ckpt
@@ -29,7 +29,7 @@ from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estima
 TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
 # settings a resumed run may change without breaking reproducibility
 RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
-                     "image_every", "device"}
+                     "image_every", "device", "activation_checkpointing"}
 
 
 class PhaseTimer:
@@ -56,7 +56,11 @@ class Trainer:
         self.config = cfg = config.validate()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device(cfg.device)
+        # rank / world size: joins torchrun's process group when launched by torchrun (no-op when the
+        # caller already initialised one); a world of 1 otherwise
+        self.dist = distributed.init_from_env(cfg.device)
+        self.device = distributed.local_device(cfg.device, self.dist)
+        self._check_distributed_batch()
         if model is None:
             from sfgrpo.models.digits import load_backbone
 
@@ -69,40 +73,46 @@ class Trainer:
         if cfg.beta > 0 and not cfg.use_lora:  # the KL's reference policy: a frozen copy of the backbone
             self.reference_transformer = copy.deepcopy(self.model.transformer).requires_grad_(False)
         self.trainable = self._make_trainable()
+        self._wrap_for_distributed()
         self.optimizer = torch.optim.AdamW(
             list(self.trainable.values()), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
         )
         self.ema = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.ema_decay > 0 else None
         self.guided = GuidedModel(self.model, cfg.guidance_scale, torch.bfloat16 if cfg.mixed_precision == "bf16" else None)
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # rollout noise is stateless (distributed.TrajectoryNoise: a function of seed, iteration and
+        # global trajectory index), so it needs no generator here and no state in checkpoints.
         # minibatch order: trajectory permutations (torch, CPU) and the order of (step, chunk)
         # forwards (Python, host-side, so shuffling never touches the device)
         self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.order_random = random.Random(cfg.seed + 2)
         self.iteration = 0
+        self.loss_scale = 1.0  # this rank's share of the global batch, see distributed.loss_scale
         self.history: list[dict] = []
         self.last_images: Tensor | None = None  # [K, N, C, H, W] decoded images of the last iteration
         self.last_prompts: list = []
         self.output_dir = Path(cfg.output_dir)
         self.monitor = self._class_accuracy_monitor()
-        if cfg.resume_from:
+        if cfg.resume_from and not self._fresh_start(cfg.resume_from):
             self.load_checkpoint(cfg.resume_from)
 
     # ================================================================== one iteration
     def train_iteration(self) -> dict:
         cfg, timer = self.config, PhaseTimer(self.device)
-        prompts = self.prompts_for(self.iteration)
+        prompts = self.prompts_for(self.iteration)  # the global batch's prompts, the same on every rank
+        rows = distributed.shard_rows(cfg.batch_size, self.dist.rank, self.dist.world_size)  # this rank's share
+        self.loss_scale = distributed.loss_scale(len(rows), cfg.batch_size, self.dist.world_size)
         with timer("rollout"):
             batch = rollout(self.guided, prompts, cfg.group_size, self.steps, sde_type=cfg.sde_type,
-                            logprob=cfg.logprob, generator=self.noise_generator)
+                            logprob=cfg.logprob, noise=distributed.TrajectoryNoise(cfg.seed, self.iteration, self.device),
+                            rows=rows)
         with timer("lookahead"):
             latents = self.scored_latents(batch)  # [K, N, ...]
         with timer("decode"):
             images = self.model.decode(latents.flatten(0, 1))
         with timer("reward"):
             rewards = self.reward(images, batch.prompts * latents.shape[0]).reshape(latents.shape[0], -1).T  # [N, K]
-        advantages = self.advantages(rewards, batch.group_ids)  # [N, T]
+        advantages = self.advantages(rewards, batch.group_ids)  # [N, T] (this rank's rows; global statistics)
         with timer("update"):
             update_stats = self.update(batch, advantages)
         self.iteration += 1
@@ -126,11 +136,11 @@ class Trainer:
         if cfg.is_stepwise:
             return functional.gain_advantages(
                 rewards, group_ids, normalize=cfg.normalize, clip=cfg.advantage_clip, step_mask=trained,
-                eps=1e-8 if cfg.advantage_eps is None else cfg.advantage_eps,
+                eps=1e-8 if cfg.advantage_eps is None else cfg.advantage_eps, gather=self.dist.enabled,
             )
         per_trajectory = functional.group_advantages(
             rewards[:, -1], group_ids, std=cfg.flow_grpo_std, clip=5.0 if cfg.advantage_clip is None else cfg.advantage_clip,
-            eps=1e-4 if cfg.advantage_eps is None else cfg.advantage_eps,
+            eps=1e-4 if cfg.advantage_eps is None else cfg.advantage_eps, gather=self.dist.enabled,
         )
         return per_trajectory[:, None] * trained[None, :].to(per_trajectory.dtype)
 
@@ -141,20 +151,26 @@ class Trainer:
         cfg, n = self.config, advantages.shape[0]
         records, grad_norms = [], []
         for _ in range(cfg.num_inner_epochs):
-            if cfg.train_batch_size is None or cfg.train_batch_size >= n:
+            # under data parallelism train_batch_size is global: each rank takes its share of a minibatch
+            chunk = None if cfg.train_batch_size is None else cfg.train_batch_size // self.dist.world_size
+            if chunk is None or chunk >= n:
                 row_chunks = [slice(None)]  # the rollout's own batch: exact on-policy log-probs
             else:
                 permutation = torch.randperm(n, generator=self.update_generator).to(advantages.device)
-                row_chunks = list(permutation.split(cfg.train_batch_size))
+                row_chunks = list(permutation.split(chunk))
             work = [(k, rows) for k in self.steps.trained for rows in row_chunks]
             order = list(range(len(work)))
             self.order_random.shuffle(order)
             accumulation = cfg.gradient_accumulation_steps or len(work)
             for position, index in enumerate(order):
-                loss, record = self.step_loss(batch, advantages, *work[index])
-                (loss / accumulation).backward()
+                window_ends = (position + 1) % accumulation == 0 or position + 1 == len(order)
+                # DDP all-reduces only on a window's last backward; loss_scale makes the reduced
+                # gradient that of the global batch's mean (1.0 on one process)
+                with distributed.gradient_sync(self.model.transformer, window_ends):
+                    loss, record = self.step_loss(batch, advantages, *work[index])
+                    (loss * self.loss_scale / accumulation).backward()
                 records.append(record)
-                if (position + 1) % accumulation == 0 or position + 1 == len(order):
+                if window_ends:
                     grad_norms.append(self.optimizer_step())
         return torch.stack(records), torch.stack(grad_norms)
 
@@ -190,7 +206,7 @@ class Trainer:
     def optimizer_step(self) -> Tensor:
         params = list(self.trainable.values())
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -202,28 +218,40 @@ class Trainer:
         """Runs up to `config.iterations`, logging metrics.jsonl, checkpoints, images and plots."""
         from sfgrpo.trainer import artifacts
 
-        cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.output_dir / "config.json")
+        cfg, main = self.config, self.dist.is_main  # only rank 0 writes files; every rank computes
         metrics_path = self.output_dir / "metrics.jsonl"
-        self._rewrite_metrics(metrics_path)
-        bar = _progress(range(self.iteration, cfg.iterations), cfg.progress, initial=self.iteration, total=cfg.iterations)
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.output_dir / "config.json")
+            self._rewrite_metrics(metrics_path)
+        bar = _progress(range(self.iteration, cfg.iterations), cfg.progress and main, initial=self.iteration,
+                        total=cfg.iterations)
         for _ in bar:
             record = self.train_iteration()
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            if main:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(reward=f"{record['reward_mean']:.4f}", refresh=False)
             if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             if cfg.image_every and self.iteration % cfg.image_every == 0:
-                artifacts.write_grids(self, self.output_dir / "images")
+                self._write_grids()
         if cfg.iterations > 0 and self.history and self.history[-1]["iteration"] == self.iteration:
             self.save_checkpoint()
-            artifacts.write_grids(self, self.output_dir / "images")
-        if cfg.plots:
+            self._write_grids()
+        if cfg.plots and main:
             artifacts.write_plots(self.history, self.output_dir)
+        distributed.barrier()
         return self.history
+
+    def _write_grids(self) -> None:
+        """Sample grids of the whole global batch (gathered; a collective), written by rank 0."""
+        from sfgrpo.trainer import artifacts
+
+        final = distributed.gather_rows(self.last_images[-1]) if self.last_images is not None else None
+        if self.dist.is_main:
+            artifacts.write_grids(self, self.output_dir / "images", final=final)
 
     def prompts_for(self, iteration: int) -> list[str]:
         """The prompts of an iteration: a seeded permutation per iteration (the data position is the
@@ -238,6 +266,12 @@ class Trainer:
     # ================================================================== logging
     def _record(self, rewards: Tensor, advantages: Tensor, update_stats, seconds: dict) -> dict:
         records, grad_norms = update_stats
+        # metrics of the global batch: per-row values are gathered, per-forward means weighted by
+        # this rank's share, so every rank logs the same record (rank 0 writes it)
+        local_images, local_prompts = self.last_images[-1], self.last_prompts
+        rewards, advantages = distributed.gather_rows(rewards), distributed.gather_rows(advantages)
+        records = distributed.weighted_mean_over_ranks(records, self.loss_scale / self.dist.world_size)
+        seconds = dict(zip(seconds, distributed.max_over_ranks(list(seconds.values()))))
         final = rewards[:, -1]
         values = {
             "reward_mean": final.mean(), "reward_std": final.std(unbiased=False),
@@ -248,7 +282,7 @@ class Trainer:
             values[key] = update[i]
         values["grad_norm"] = grad_norms.mean()
         if self.monitor is not None:
-            values["class_accuracy"] = self.monitor(self.last_images[-1], self.last_prompts).mean()
+            values["class_accuracy"] = distributed.gather_rows(self.monitor(local_images, local_prompts)).mean()
         record = {"iteration": self.iteration, "samples": self.iteration * rewards.shape[0]}
         record.update({k: float(v) for k, v in zip(values, torch.stack(list(values.values())).tolist())})
         if rewards.shape[1] > 1:  # stepwise: reward of the estimate after k steps, and |gain| of each step
@@ -288,8 +322,10 @@ class Trainer:
             except ImportError as err:
                 raise ImportError("use_lora needs peft: pip install 'sfgrpo[train]' (or pip install peft)") from err
             targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
-            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                               init_lora_weights="gaussian"))
+            with torch.random.fork_rng(devices=[]):  # seeded adapters: every rank starts from the same ones
+                torch.manual_seed(cfg.seed)
+                transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                                   init_lora_weights="gaussian"))
             params = {f"transformer.{n}": p for n, p in transformer.named_parameters() if "lora_" in n}
             for p in params.values():
                 p.requires_grad_(True)
@@ -300,15 +336,70 @@ class Trainer:
             raise ValueError(f"nothing to train: no LoRA adapters matched {cfg.lora_target_modules!r}")
         return params
 
+    # ================================================================== data parallelism
+    def _check_distributed_batch(self) -> None:
+        cfg, world = self.config, self.dist.world_size
+        if not self.dist.enabled:
+            return
+        if cfg.batch_size < world:
+            raise ValueError(f"bad trainer config: {cfg.batch_size} trajectories per iteration cannot be split "
+                             f"over {world} processes")
+        # FSDP's forwards are collectives (parameter all-gathers): every rank must run as many of
+        # them, hence equal shares. So must minibatches (the same number of backwards per rank).
+        equal = cfg.batch_size % world == 0
+        if not equal and (cfg.distributed == "fsdp" or cfg.train_batch_size is not None):
+            raise ValueError(f"bad trainer config: {cfg.batch_size} trajectories per iteration must be a multiple "
+                             f"of the {world} processes with distributed=fsdp or a train_batch_size")
+        if cfg.train_batch_size is not None and cfg.train_batch_size % world:
+            raise ValueError(f"bad trainer config: train_batch_size ({cfg.train_batch_size}, global) must be a "
+                             f"multiple of the {world} processes")
+
+    def _wrap_for_distributed(self) -> None:
+        """DDP (replicas, gradient all-reduce) or FSDP2 (sharded blocks, then the root) around the
+        transformer; activation checkpointing first. The trained parameters are looked up again
+        afterwards: FSDP2 replaces them with sharded ones (DDP keeps them)."""
+        cfg = self.config
+        checkpointing = cfg.activation_checkpointing
+        if checkpointing is None:
+            checkpointing = self.dist.enabled and cfg.distributed == "fsdp"
+        if checkpointing:
+            distributed.enable_activation_checkpointing(self.model.transformer)
+        if not self.dist.enabled:
+            return
+        if cfg.distributed == "ddp":
+            self.model.transformer = distributed.wrap_ddp(self.model.transformer, self.device)
+            return
+        distributed.shard_fsdp(self.model.transformer, self.device)
+        if self.reference_transformer is not None:  # the KL's frozen copy is sharded too
+            distributed.shard_fsdp(self.reference_transformer, self.device)
+        names = set(self.trainable)
+        self.trainable = {f"transformer.{n}": p for n, p in self.model.transformer.named_parameters()
+                          if f"transformer.{n}" in names}
+
+    @property
+    def _sharded(self) -> bool:
+        return self.dist.enabled and self.config.distributed == "fsdp"
+
+    def _fresh_start(self, spec: str) -> bool:
+        """`resume_from='latest'` before any checkpoint exists starts from scratch, so the first launch
+        and every elastic restart (torchrun --max-restarts) can share one command line."""
+        if spec == ckpt.LATEST and not (self.output_dir / "checkpoints" / ckpt.LATEST).exists():
+            if self.dist.is_main:
+                warnings.warn(f"resume_from='latest': no checkpoint in {self.output_dir / 'checkpoints'} yet, "
+                              "starting from scratch", stacklevel=3)
+            return True
+        return False
+
     @contextlib.contextmanager
     def reference_weights(self):
         """The reference policy of the KL term: LoRA disabled, or the frozen copy of the backbone."""
         if self.config.use_lora:
-            self.model.transformer.disable_adapters()
+            transformer = distributed.unwrap(self.model.transformer)
+            transformer.disable_adapters()
             try:
                 yield
             finally:
-                self.model.transformer.enable_adapters()
+                transformer.enable_adapters()
         else:
             trained, self.model.transformer = self.model.transformer, self.reference_transformer
             try:
@@ -334,21 +425,48 @@ class Trainer:
                     p.copy_(saved[n])
 
     # ================================================================== checkpoints
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes; every rank calls (under FSDP the full tensors are gathered collectively).
+        Replicated state (DDP weights, optimizer, generators) is identical on every rank and rollout
+        noise is stateless, so rank 0's copy is everything any rank needs to resume."""
+        weights = {n: distributed.full_tensor(p.detach()) for n, p in self.trainable.items()}
+        ema = None if self.ema is None else {n: distributed.full_tensor(v) for n, v in self.ema.items()}
+        optimizer_state = self._optimizer_state()
+        if not self.dist.is_main:
+            distributed.barrier()
+            return None
         state = {
             "iteration": self.iteration,
             "data_position": self.iteration,
-            "noise_generator": self.noise_generator.get_state(),
             "update_generator": self.update_generator.get_state(),
             "order_random": self.order_random.getstate(),
             "torch_rng": torch.get_rng_state(),
             "config": self.config.to_dict(),
             "history": self.history,
         }
-        return ckpt.save_checkpoint(
-            self.output_dir / "checkpoints", self.iteration, weights=dict(self.trainable), ema=self.ema,
-            optimizer_state=self.optimizer.state_dict(), state=state,
+        path = ckpt.save_checkpoint(
+            self.output_dir / "checkpoints", self.iteration, weights=weights, ema=ema,
+            optimizer_state=optimizer_state, state=state,
         )
+        distributed.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
+        return path
+
+    def _optimizer_state(self) -> dict:
+        if not self._sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model.transformer, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        if not self._sharded:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model.transformer, self.optimizer, saved,
+                                 options=StateDictOptions(full_state_dict=True))
 
     def load_checkpoint(self, spec: str) -> None:
         path = ckpt.resolve_checkpoint(spec, self.output_dir / "checkpoints")
@@ -357,13 +475,12 @@ class Trainer:
         if missing:
             raise ValueError(f"checkpoint {path} lacks {len(missing)} trained tensor(s), e.g. {missing[:3]} "
                              "(LoRA vs full fine-tune mismatch?)")
-        with torch.no_grad():
-            for name, param in self.trainable.items():
-                param.copy_(saved["weights"][name])
-            if self.ema is not None and saved["ema"] is not None:
-                for name, value in self.ema.items():
-                    value.copy_(saved["ema"][name])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        for name, param in self.trainable.items():
+            distributed.copy_full_into(param, saved["weights"][name])
+        if self.ema is not None and saved["ema"] is not None:
+            for name, value in self.ema.items():
+                distributed.copy_full_into(value, saved["ema"][name])
+        self._load_optimizer_state(saved["optimizer"])
         state = saved["state"]
         changed = {k: (state["config"].get(k), v) for k, v in self.config.to_dict().items()
                    if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
@@ -371,7 +488,6 @@ class Trainer:
             warnings.warn(f"resuming {path} with changed settings (saved, now): {changed}; the run will not "
                           "reproduce an uninterrupted one", stacklevel=2)
         self.iteration = int(state["iteration"])
-        self.noise_generator.set_state(state["noise_generator"])
         self.update_generator.set_state(state["update_generator"])
         self.order_random.setstate(state["order_random"])
         torch.set_rng_state(state["torch_rng"])
