@@ -189,3 +189,24 @@ def test_client_errors_fail_without_retries():
 def test_bad_url_options():
     with pytest.raises(ValueError, match="unknown option"):
         get_reward("http://127.0.0.1:1/score#timeout=1&tries=3")
+
+
+def test_trainer_iteration_with_served_and_learned_reward_mixture(tmp_path):
+    """A real (tiny SD3) backbone trained on 0.5 * CLIP score + 0.5 * a served reward."""
+    pytest.importorskip("transformers")
+    from sfgrpo.models.tiny import save_tiny_clip, save_tiny_sd3
+    from sfgrpo.trainer import Trainer, TrainerConfig
+
+    clip_dir, sd3_dir = save_tiny_clip(tmp_path / "clip"), save_tiny_sd3(tmp_path / "sd3")
+    server = Served("jpeg_compressibility")
+    try:
+        config = TrainerConfig(
+            output_dir=str(tmp_path / "run"), backbone=str(sd3_dir), prompts="a cat,a dog",
+            reward=f"0.5*clip_score:{clip_dir} + 0.5*{server.url}#batch_size=4&backoff=0.01",
+            iterations=1, prompts_per_iteration=2, group_size=2, num_steps=3, progress=False, plots=False,
+            resolution=16, max_sequence_length=8, guidance_scale=2.0,
+        )
+        record = Trainer(config).train_iteration()
+        assert len(record["reward_by_step"]) == 4 and server.server.requests == []  # base handler keeps no log
+    finally:
+        server.stop()
