@@ -29,9 +29,22 @@ def flux_dir(tmp_path_factory):
     return save_tiny_flux(tmp_path_factory.mktemp("flux"))
 
 
+@pytest.fixture(scope="module")
+def variant_dirs(tmp_path_factory):
+    """SD3 with a T5 (as SD3.5 ships) and FLUX without guidance embedding (as FLUX.1-schnell)."""
+    return {"sd3_t5": save_tiny_sd3(tmp_path_factory.mktemp("sd3_t5"), with_t5=True),
+            "flux_schnell": save_tiny_flux(tmp_path_factory.mktemp("flux_schnell"), guidance_embeds=False)}
+
+
 @pytest.fixture(params=["sd3", "flux"])
 def checkpoint(request, sd3_dir, flux_dir):
     return request.param, (sd3_dir if request.param == "sd3" else flux_dir)
+
+
+@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell"])
+def any_checkpoint(request, sd3_dir, flux_dir, variant_dirs):
+    paths = {"sd3": sd3_dir, "flux": flux_dir, **variant_dirs}
+    return request.param.split("_")[0], paths[request.param]
 
 
 def test_family_is_read_from_model_index(sd3_dir, flux_dir, tmp_path):
@@ -74,11 +87,11 @@ def test_prompt_embeddings_are_cached_per_string(checkpoint):
     assert null[0].shape[0] == 4 and torch.equal(null[0][0], null[0][3])
 
 
-def test_ode_sampling_and_decode_match_the_diffusers_pipeline(checkpoint):
+def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
     """Same noise, same grid: Euler steps through our velocity reproduce the pipeline's own sampler,
     which pins the time convention (1000 t for SD3, t for FLUX), CFG, FLUX's guidance embedding and
     ids, packing, the scheduler grid (FLUX's dynamic mu) and the VAE's scaling/shift."""
-    family, path = checkpoint
+    family, path = any_checkpoint
     model = load_pipeline_backbone(path, OPTIONS)
     cfg = 2.5 if family == "sd3" else 1.0
     guided = GuidedModel(model, cfg)
@@ -157,3 +170,22 @@ def test_xformers_backend_fails_clearly_when_missing(sd3_dir):
         load_pipeline_backbone(sd3_dir, PipelineOptions(resolution=16, attention_backend="xformers"))
     with pytest.raises(ValueError, match="attention_backend"):
         TrainerConfig(attention_backend="flash").validate()
+
+
+def test_cli_flags_reach_the_backbone(sd3_dir, tmp_path):
+    from sfgrpo.cli import main
+    from sfgrpo.schedules import Schedule
+
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps(["a, b", "c"]))
+    args = ["train", "--backbone", str(sd3_dir), "--prompt-file", str(prompt_file), "--resolution", "16",
+            "--max-sequence-length", "8", "--iterations", "1", "--prompts-per-iteration", "2", "--group-size", "2",
+            "--num-steps", "3", "--decode-batch-size", "5", "--reward", "brightness", "--no-schedule-from-checkpoint", "--shift", "1.5",
+            "--output-dir", str(tmp_path / "run"), "--no-progress", "--no-plots"]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["decode_batch_size"] == 5 and saved["schedule_from_checkpoint"] is False
+    config = TrainerConfig.from_dict(saved)
+    trainer = Trainer(config)
+    assert trainer.model.options.decode_batch_size == 5 and config.prompt_list == ["a, b", "c"]
+    torch.testing.assert_close(torch.tensor(trainer.steps.t + [0.0]), Schedule.sd3(3, 1.5).sigmas)

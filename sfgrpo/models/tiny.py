@@ -59,8 +59,18 @@ def _tiny_vae():
     )
 
 
-def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
-    """A random SD3 pipeline (two tiny CLIP encoders, no T5, 2x VAE) saved with `save_pretrained`."""
+def _tiny_t5():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tiny_t5_tokenizer()), d_model=T5_WIDTH, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    ))
+
+
+def save_tiny_sd3(directory: str | Path, seed: int = 0, with_t5: bool = False) -> Path:
+    """A random SD3 pipeline (two tiny CLIP encoders, optionally a tiny T5 -- SD3 runs without one --,
+    2x VAE) saved with `save_pretrained`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -78,8 +88,8 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(len(tokenizer))),
         tokenizer_2=tiny_clip_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=_tiny_t5() if with_t5 else None,
+        tokenizer_3=tiny_t5_tokenizer() if with_t5 else None,
     )
     pipe.save_pretrained(str(directory))
     return Path(directory)
@@ -88,7 +98,7 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
 def save_tiny_flux(directory: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """A random FLUX pipeline (tiny CLIP + tiny T5, 2x VAE, guidance embedding like FLUX.1-dev)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()
@@ -105,10 +115,7 @@ def save_tiny_flux(directory: str | Path, seed: int = 0, guidance_embeds: bool =
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_clip_text_config(len(clip_tokenizer))),
         tokenizer=clip_tokenizer,
-        text_encoder_2=T5EncoderModel(T5Config(
-            vocab_size=len(t5_tokenizer), d_model=T5_WIDTH, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        )),
+        text_encoder_2=_tiny_t5(),
         tokenizer_2=t5_tokenizer,
     )
     pipe.save_pretrained(str(directory))
