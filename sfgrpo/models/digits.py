@@ -181,9 +181,16 @@ def load_digits_backbone(path: str | Path | None = None) -> DigitsBackbone:
 TINY_CONFIG = DigitsConfig(num_layers=1, num_heads=1, head_dim=16, text_tokens=2, text_dim=16, pooled_dim=16)
 
 
-def load_backbone(spec: str, seed: int = 0) -> DigitsBackbone:
+def load_backbone(spec: str, seed: int = 0, config=None):
     """`digits` (shipped weights), `digits-random` (the same shape, random init), `tiny-random`
-    (a one-layer SD3 transformer for tests), or a directory written by `DigitsBackbone.save`."""
+    (a one-layer SD3 transformer for tests), a directory written by `DigitsBackbone.save`, or a
+    diffusers checkpoint directory (SD3/SD3.5, FLUX: `model_index.json` decides; `config`, a
+    `TrainerConfig`, supplies resolution, dtype, decode batch size etc., see `PipelineOptions`)."""
+    from sfgrpo.models import pipelines
+
+    if pipelines.pipeline_class_name(spec) is not None:
+        options = pipelines.PipelineOptions.from_config(config) if config is not None else None
+        return pipelines.load_pipeline_backbone(spec, options)
     if spec == "digits":
         return load_digits_backbone()
     if spec in ("digits-random", "tiny-random"):
@@ -192,4 +199,5 @@ def load_backbone(spec: str, seed: int = 0) -> DigitsBackbone:
             return DigitsBackbone(DigitsConfig() if spec == "digits-random" else TINY_CONFIG).eval()
     if Path(spec).is_dir():
         return load_digits_backbone(spec)
-    raise ValueError(f"unknown backbone {spec!r}: use 'digits', 'digits-random', 'tiny-random' or a saved model directory")
+    raise ValueError(f"unknown backbone {spec!r}: use 'digits', 'digits-random', 'tiny-random', a saved digits model "
+                     "directory or a diffusers checkpoint directory (SD3/SD3.5, FLUX)")

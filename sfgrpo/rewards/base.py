@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import urllib.parse
 from typing import Callable, Sequence
 
 import torch
@@ -70,16 +72,61 @@ def _product(names: list[str], parts: list[RewardFunction]) -> RawReward:
     return product
 
 
-def get_reward(spec: str | Callable | RewardFunction) -> RewardFunction:
-    """Resolves a name, a `a*b` product, `module:function`, or a callable."""
-    if isinstance(spec, RewardFunction):
-        return spec
-    if callable(spec):
-        return RewardFunction(getattr(spec, "__name__", "custom"), spec)
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a reward is a name, 'a*b', 'module:function' or a callable, got {spec!r}")
+def _mixture(terms: list[tuple[float, RewardFunction]]) -> RawReward:
+    def mixture(images: Tensor, prompts: Sequence) -> Tensor:
+        return sum(weight * part(images, prompts) for weight, part in terms)
+
+    return mixture
+
+
+# ---------------------------------------------------------------------- rewards with an argument
+RewardFactory = Callable[..., RawReward]
+_FACTORIES: dict[str, RewardFactory] = {}
+_BUILT: dict[str, RewardFunction] = {}  # one instance per spec: a model is loaded once per process
+
+
+def register_reward_factory(name: str):
+    """Decorator: `factory(argument, **options) -> fn(images, prompts)` becomes the spec
+    `name:argument` or `name:argument?key=value&key=value` (e.g. `clip_score:/models/clip`).
+    Options arrive as strings; the factory converts them."""
+
+    def decorate(factory: RewardFactory) -> RewardFactory:
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_reward_factories() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def _from_factory(spec: str) -> RewardFunction:
+    if spec not in _BUILT:
+        name, _, rest = spec.partition(":")
+        argument, _, query = rest.partition("?")
+        options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+        _BUILT[spec] = RewardFunction(spec, _FACTORIES[name](argument, **options))
+    return _BUILT[spec]
+
+
+def _from_url(spec: str) -> RewardFunction:
+    if spec not in _BUILT:
+        from sfgrpo.rewards.http_client import HttpReward
+
+        _BUILT[spec] = RewardFunction(spec, HttpReward.from_spec(spec))
+    return _BUILT[spec]
+
+
+def _single(spec: str) -> RewardFunction:
+    """One reward: a URL, `factory:argument`, `module:function` or a registered name."""
     spec = spec.strip()
+    if spec.startswith(("http://", "https://")):
+        return _from_url(spec)
     if ":" in spec:
+        prefix = spec.partition(":")[0]
+        if prefix in _FACTORIES:
+            return _from_factory(spec)
         module_name, _, attr = spec.partition(":")
         try:
             fn = getattr(importlib.import_module(module_name), attr)
@@ -88,11 +135,71 @@ def get_reward(spec: str | Callable | RewardFunction) -> RewardFunction:
         if not callable(fn):
             raise ValueError(f"reward {spec!r} is not callable")
         return RewardFunction(spec, fn)
-    names = [name.strip() for name in spec.split("*")]
-    unknown = [name for name in names if name not in _REGISTRY]
-    if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; known: {list_rewards()} (or 'module:function')")
-    if len(names) == 1:
-        return RewardFunction(spec, _REGISTRY[spec])
-    parts = [RewardFunction(name, _REGISTRY[name]) for name in names]
-    return RewardFunction(spec, _product(names, parts))
+    if spec not in _REGISTRY:
+        raise ValueError(f"unknown reward(s) [{spec!r}]; known: {list_rewards()}, with an argument: "
+                         f"{[f + ':...' for f in list_reward_factories()]} (or 'module:function', or a URL)")
+    return RewardFunction(spec, _REGISTRY[spec])
+
+
+def _as_weight(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _term(text: str) -> tuple[float, RewardFunction]:
+    """`0.7*pickscore:/p` -> (0.7, pickscore); `digit*darkness` -> (1, product)."""
+    weight, specs = 1.0, []
+    for factor in text.split("*"):
+        number = _as_weight(factor.strip())
+        if number is None:
+            specs.append(factor.strip())
+        else:
+            weight *= number
+    if not specs or not all(specs):
+        raise ValueError(f"bad reward term {text!r}: expected [weight*]reward[*reward...]")
+    parts = [_single(s) for s in specs]
+    reward = parts[0] if len(parts) == 1 else RewardFunction("*".join(specs), _product(specs, parts))
+    return weight, reward
+
+
+def _mixture_spec(terms: list[tuple[float, RewardFunction]], name: str) -> RewardFunction:
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+    return RewardFunction(name, _mixture(terms))
+
+
+def get_reward(spec: str | dict | Callable | RewardFunction) -> RewardFunction:
+    """Resolves a reward spec:
+
+    - a registered name (`brightness`), a product `digit*darkness`, `module:function`;
+    - `name:argument[?options]` for rewards that need one, e.g. a model path `clip_score:/models/clip`;
+    - a URL `http://host:port/path[#options]`, a reward served by another process;
+    - a weighted mixture `0.7*pickscore:/p + 0.3*aesthetic:/h?clip=/c`, or the same as a mapping
+      `{"pickscore:/p": 0.7, "aesthetic:/h?clip=/c": 0.3}` (a dict, or its JSON text) -- the mapping
+      form is needed when a path itself contains `+` or `*`;
+    - a callable `fn(images, prompts)`.
+    """
+    if isinstance(spec, RewardFunction):
+        return spec
+    if isinstance(spec, dict):
+        if not spec:
+            raise ValueError("an empty reward mixture")
+        terms = [(float(weight), _single(name)) for name, weight in spec.items()]
+        return _mixture_spec(terms, " + ".join(f"{w}*{n}" for n, w in spec.items()))
+    if callable(spec):
+        return RewardFunction(getattr(spec, "__name__", "custom"), spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a reward is a name, 'a*b', 'module:function', 'name:path', a URL, a mixture "
+                         f"or a callable, got {spec!r}")
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            mapping = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"reward mixture {spec!r} is not valid JSON: {err}") from err
+        return get_reward(mapping)
+    if spec.startswith(("http://", "https://")):  # a URL may contain '+' and '*' (query strings)
+        return _single(spec)
+    return _mixture_spec([_term(term) for term in spec.split("+")], spec)

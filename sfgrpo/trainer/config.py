@@ -91,6 +91,21 @@ class TrainerConfig:
         "recompute each transformer block in the backward instead of storing activations (None: on with "
         "distributed=fsdp, off otherwise)", default=None)
 
+    # --- real backbones and learned rewards (issue 7)
+    prompt_file: str | None = _help(
+        "file of prompts for real backbones: one per line, or a JSON list (replaces --prompts)", default=None)
+    resolution: int = _help("real backbones: image height = width in pixels", default=512)
+    model_dtype: str = _help("real backbones: storage dtype float32 | bfloat16 | float16 (LoRA stays fp32)",
+                             default="float32")
+    max_sequence_length: int | None = _help("real backbones: T5 tokens (None: 256 SD3, 512 FLUX)", default=None)
+    embedded_guidance_scale: float = _help("FLUX-dev guidance embedding (not CFG; ignored by other models)",
+                                           default=3.5)
+    decode_batch_size: int = _help("real backbones: latents per VAE decode call", default=8)
+    attention_backend: str = _help("real backbones: sdpa | xformers (needs xformers installed)", default="sdpa")
+    schedule_from_checkpoint: bool = _help(
+        "real backbones: sample on the checkpoint scheduler's grid (its shift; FLUX's resolution-dependent mu); "
+        "off: SD3 grid with --shift", default=True)
+
     # ------------------------------------------------------------------ derived
     @property
     def normalize(self) -> str:
@@ -104,6 +119,10 @@ class TrainerConfig:
 
     @property
     def prompt_list(self) -> list[str]:
+        if self.prompt_file:
+            from sfgrpo.models.prompts import read_prompt_file
+
+            return read_prompt_file(self.prompt_file)
         return [p.strip() for p in self.prompts.split(",") if p.strip()]
 
     @property
@@ -148,6 +167,12 @@ class TrainerConfig:
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        need(self.prompt_file is None or Path(self.prompt_file).is_file(), f"prompt_file {self.prompt_file!r} not found")
+        need(self.model_dtype in ("float32", "bfloat16", "float16"),
+             f"model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}")
+        need(self.attention_backend in ("sdpa", "xformers"),
+             f"attention_backend must be sdpa or xformers, got {self.attention_backend!r}")
+        need(self.decode_batch_size >= 1 and self.resolution >= 8, "decode_batch_size must be >= 1, resolution >= 8")
         return self
 
     # ------------------------------------------------------------------ files

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sfgrpo import distributed, functional
 from sfgrpo.rewards import get_reward
-from sfgrpo.schedules import Schedule
+from sfgrpo.models.pipelines import sampling_sigmas
 from sfgrpo.trainer import checkpoint as ckpt
 from sfgrpo.trainer.config import TrainerConfig
 from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estimates, rollout, select_rows
@@ -64,10 +64,10 @@ class Trainer:
         if model is None:
             from sfgrpo.models.digits import load_backbone
 
-            model = load_backbone(cfg.backbone, cfg.seed)
+            model = load_backbone(cfg.backbone, cfg.seed, cfg)
         self.model = model.to(self.device).requires_grad_(False)
         self.reward = get_reward(reward if reward is not None else cfg.reward)
-        self.steps = StepTable.build(Schedule.sd3(cfg.num_steps, cfg.shift).sigmas, cfg.sde_type, cfg.noise_level,
+        self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
                                      cfg.train_last_step)
         self.reference_transformer = None
         if cfg.beta > 0 and not cfg.use_lora:  # the KL's reference policy: a frozen copy of the backbone
@@ -327,7 +327,8 @@ class Trainer:
                 transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
                                                    init_lora_weights="gaussian"))
             params = {f"transformer.{n}": p for n, p in transformer.named_parameters() if "lora_" in n}
-            for p in params.values():
+            for p in params.values():  # adapters train in fp32 even on a bf16/fp16 base (peft casts inputs)
+                p.data = p.data.float()
                 p.requires_grad_(True)
         else:
             transformer.requires_grad_(True)

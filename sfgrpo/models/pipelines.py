@@ -1,0 +1,348 @@
+"""Real backbones from a local diffusers checkpoint directory: SD3 / SD3.5 and FLUX.
+
+`load_pipeline_backbone(path, options)` reads the checkpoint's own `model_index.json`, picks the
+family from its `_class_name` and wraps the pipeline's components in the small interface the
+trainer uses (the same one `DigitsBackbone` has):
+
+- `encode_prompts(prompts)` / `null_condition(batch)`: text conditioning, cached per prompt
+  string (the text encoders are frozen, so a prompt's embedding never changes during training);
+- `velocity(x, t, cond)`: the transformer's prediction in sfgrpo's convention, `v = noise - data`
+  at per-row `t` in [0, 1] (t = 1 is noise) -- both families already predict exactly that, they
+  only differ in how the time is fed in (see each class);
+- `decode(latents)`: VAE decode in chunks of `decode_batch_size`, images in [0, 1];
+- `latent_shape`, `device`, `dtype`, `.transformer` (what LoRA and the KL reference act on);
+- `sampling_sigmas(num_steps)`: the grid the checkpoint's own pipeline would sample with.
+
+Text encoders and the VAE are frozen (`requires_grad_(False)`, eval mode) and always run under
+`no_grad`; only the transformer is ever trained. Text encoding calls the pipeline's public
+`encode_prompt`, so the exact recipe of each checkpoint (penultimate CLIP layers, T5 padding,
+a missing T5) is the one diffusers implements for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+SD3_PIPELINES = ("StableDiffusion3Pipeline",)
+FLUX_PIPELINES = ("FluxPipeline",)
+
+
+@dataclass
+class PipelineOptions:
+    """How a real backbone is loaded and run (the `TrainerConfig` fields of the same names)."""
+
+    resolution: int = 512  # square images, pixels
+    model_dtype: str = "float32"  # storage dtype of every component ("bfloat16" on GPUs)
+    max_sequence_length: int | None = None  # T5 tokens (None: 256 for SD3, 512 for FLUX)
+    embedded_guidance_scale: float = 3.5  # FLUX-dev's guidance embedding (ignored without one)
+    decode_batch_size: int = 8  # latents per VAE decode call
+    attention_backend: str = "sdpa"
+
+    @classmethod
+    def from_config(cls, config) -> "PipelineOptions":
+        """Picks the fields of the same names from a `TrainerConfig` (or anything with them)."""
+        names = cls.__dataclass_fields__
+        return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)})
+
+    def validate(self) -> "PipelineOptions":
+        if self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}, got {self.model_dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.resolution < 8 or self.decode_batch_size < 1:
+            raise ValueError(f"resolution must be >= 8 and decode_batch_size >= 1, got {self.resolution}, "
+                             f"{self.decode_batch_size}")
+        return self
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict:
+    """`dtype=` on diffusers versions that renamed it (they warn about `torch_dtype=`)."""
+    import diffusers.utils.deprecation_utils as deprecation
+
+    return {"dtype": dtype} if hasattr(deprecation, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def pipeline_class_name(path: str | Path) -> str | None:
+    """The `_class_name` of a diffusers checkpoint directory, or None when it is not one."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    return json.loads(index.read_text()).get("_class_name")
+
+
+def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = None) -> "PipelineBackbone":
+    """SD3/SD3.5 or FLUX from a local diffusers directory, chosen by its `model_index.json`."""
+    options = (options or PipelineOptions()).validate()
+    class_name = pipeline_class_name(path)
+    if class_name in SD3_PIPELINES:
+        from diffusers import StableDiffusion3Pipeline as pipeline_class
+
+        backbone_class = SD3Backbone
+    elif class_name in FLUX_PIPELINES:
+        from diffusers import FluxPipeline as pipeline_class
+
+        backbone_class = FluxBackbone
+    else:
+        raise ValueError(f"{path}: model_index.json names pipeline {class_name!r}; supported: "
+                         f"{SD3_PIPELINES + FLUX_PIPELINES}")
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    # components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly
+    absent = {name: None for name, value in index.items()
+              if not name.startswith("_") and isinstance(value, list) and value[0] is None}
+    pipe = pipeline_class.from_pretrained(str(path), **_dtype_argument(DTYPES[options.model_dtype]), **absent)
+    return backbone_class(pipe, options)
+
+
+class PipelineBackbone(nn.Module):
+    """What SD3 and FLUX share: frozen text encoders + VAE, prompt cache, batched decode."""
+
+    family = "?"
+
+    def __init__(self, pipe, options: PipelineOptions):
+        super().__init__()
+        self.options = options
+        self.pipe = pipe  # kept for encode_prompt; its modules are registered below as well
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        # registered so that .to(device) moves them with the transformer
+        self.text_encoders = nn.ModuleList(
+            [m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+             if m is not None])
+        for frozen in (self.vae, *self.text_encoders):
+            frozen.requires_grad_(False).eval()
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._prompt_cache: dict[str, tuple[Tensor, ...]] = {}
+        set_attention_backend(self.transformer, options.attention_backend, self.family)
+
+    # ---------------------------------------------------------------- trainer interface
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def train(self, mode: bool = True):
+        """Only the transformer follows train/eval; the frozen parts stay in eval (no dropout)."""
+        self.training = mode
+        self.transformer.train(mode)
+        return self
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, ...]:
+        """Per-row conditioning; each distinct prompt string is encoded once per run."""
+        prompts = [str(p) for p in prompts]
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode_text(missing)
+            for row, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = tuple(part[row:row + 1].detach() for part in encoded)
+        rows = [self._prompt_cache[p] for p in prompts]
+        return tuple(torch.cat(parts).to(self.device) for parts in zip(*rows))
+
+    def null_condition(self, batch: int) -> tuple[Tensor, ...]:
+        """The empty prompt, the negative of classifier-free guidance (as in diffusers)."""
+        empty = self.encode_prompts([""])
+        return tuple(part.expand(batch, *part.shape[1:]) for part in empty)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (the backbone's own layout) -> float32 images `[B, 3, H, W]` in [0, 1]."""
+        images = []
+        vae_dtype = next(self.vae.parameters()).dtype
+        for chunk in latents.split(self.options.decode_batch_size):
+            z = self._to_vae_latents(chunk)
+            z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+            decoded = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
+            images.append((decoded.float() * 0.5 + 0.5).clamp(0.0, 1.0))
+        return torch.cat(images) if images else latents.new_zeros((0, 3, self.height, self.height))
+
+    @property
+    def height(self) -> int:
+        return self.options.resolution
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- family-specific
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _to_vae_latents(self, latents: Tensor) -> Tensor:
+        return latents
+
+    def _scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+
+
+class SD3Backbone(PipelineBackbone):
+    """SD3 / SD3.5: latents `[C, H/8, W/8]`; the transformer takes `timestep = 1000 t`."""
+
+    family = "sd3"
+
+    @property
+    def latent_size(self) -> int:
+        size = self.options.resolution // self.vae_scale_factor
+        patch = self.transformer.config.patch_size
+        if size % patch:
+            raise ValueError(f"resolution {self.options.resolution} must be a multiple of "
+                             f"{self.vae_scale_factor * patch} for this checkpoint")
+        return size
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.transformer.config.in_channels, self.latent_size, self.latent_size)
+
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.options.max_sequence_length or 256,
+        )
+        return embeds.to(self.dtype), pooled.to(self.dtype)
+
+    def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
+        embeds, pooled = cond
+        return self.transformer(
+            hidden_states=latents.to(self.dtype), timestep=t.float() * 1000.0,
+            encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False,
+        )[0]
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """What `StableDiffusion3Pipeline` samples with: the checkpoint scheduler's `set_timesteps`
+        (its static shift, or resolution-dependent `mu` when it uses dynamic shifting)."""
+        scheduler = self._scheduler()
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            seq_len = (self.latent_size // self.transformer.config.patch_size) ** 2
+            kwargs["mu"] = _calculate_shift(seq_len, scheduler.config, default_max_shift=1.16)
+        scheduler.set_timesteps(num_steps, **kwargs)
+        return scheduler.sigmas.float().cpu()
+
+
+class FluxBackbone(PipelineBackbone):
+    """FLUX.1: latents are *packed*, `[(H/16)(W/16), 4C]` (2x2 patches of the `[C, H/8, W/8]` VAE
+    latent, the layout the transformer reads and writes). The SDE runs on the packed tensor -- a
+    permutation, so N(0, I) noise and per-element log-probs mean the same -- and `decode` unpacks.
+    The transformer takes `timestep = t` (diffusers' pipeline passes `timestep / 1000`), the
+    guidance embedding (FLUX.1-dev) and position ids for image patches and text tokens."""
+
+    family = "flux"
+
+    @property
+    def latent_grid(self) -> int:
+        """Side of the packed grid: the VAE latent side halved (2x2 patches)."""
+        size = self.options.resolution // (self.vae_scale_factor * 2)
+        if size < 1 or self.options.resolution % (self.vae_scale_factor * 2):
+            raise ValueError(f"resolution {self.options.resolution} must be a multiple of {self.vae_scale_factor * 2}")
+        return size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.latent_grid ** 2, self.latent_channels * 4)
+
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.options.max_sequence_length or 512,
+        )
+        return embeds.to(self.dtype), pooled.to(self.dtype)
+
+    def image_ids(self, device, dtype) -> Tensor:
+        """`[L, 3]` position ids of the packed patches: (0, row, column)."""
+        grid = self.latent_grid
+        ids = torch.zeros(grid, grid, 3)
+        ids[..., 1] = torch.arange(grid)[:, None]
+        ids[..., 2] = torch.arange(grid)[None, :]
+        return ids.reshape(grid * grid, 3).to(device=device, dtype=dtype)
+
+    def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
+        embeds, pooled = cond
+        batch, dtype = latents.shape[0], self.dtype
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.options.embedded_guidance_scale, device=latents.device,
+                                  dtype=torch.float32)
+        return self.transformer(
+            hidden_states=latents.to(dtype), timestep=t.to(dtype), guidance=guidance,
+            pooled_projections=pooled, encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
+            img_ids=self.image_ids(latents.device, dtype), return_dict=False,
+        )[0]
+
+    def pack(self, latents: Tensor) -> Tensor:
+        """`[B, C, H, W]` VAE latents -> `[B, (H/2)(W/2), 4C]`."""
+        b, c, h, w = latents.shape
+        return latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """Inverse of `pack`."""
+        b, _, channels = packed.shape
+        grid = self.latent_grid
+        c = channels // 4
+        return packed.reshape(b, grid, grid, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * 2, grid * 2)
+
+    def _to_vae_latents(self, latents: Tensor) -> Tensor:
+        return self.unpack(latents)
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """What `FluxPipeline` samples with: `linspace(1, 1/T, T)` shifted by the resolution-dependent
+        `mu` of the checkpoint's scheduler config, then a final 0."""
+        import numpy as np
+
+        scheduler = self._scheduler()
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = _calculate_shift(self.latent_grid ** 2, scheduler.config, default_max_shift=1.15)
+        scheduler.set_timesteps(sigmas=sigmas, **kwargs)
+        return scheduler.sigmas.float().cpu()
+
+
+def _calculate_shift(image_seq_len: int, config, default_max_shift: float) -> float:
+    """diffusers' `calculate_shift`: `mu` linear in the number of image tokens."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", default_max_shift)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def set_attention_backend(transformer, backend: str, family: str) -> None:
+    """`sdpa`: PyTorch's scaled_dot_product_attention (diffusers' default, nothing to do).
+    `xformers`: memory-efficient attention, only when the xformers package is installed."""
+    if backend == "sdpa":
+        return
+    if backend != "xformers":
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if importlib.util.find_spec("xformers") is None:
+        raise ImportError("attention_backend='xformers' needs the xformers package (pip install 'sfgrpo[xformers]', "
+                          "GPU builds only); use attention_backend='sdpa' otherwise")
+    if family == "flux":  # FLUX's attention goes through diffusers' dispatcher
+        transformer.set_attention_backend("xformers")
+    else:  # SD3's joint-attention processors are swapped for their xformers twins
+        transformer.enable_xformers_memory_efficient_attention()
+
+
+def sampling_sigmas(model, config) -> Tensor:
+    """The run's sampling grid: the checkpoint's own (real backbones, unless
+    `schedule_from_checkpoint` is off) or SD3's shifted grid with `config.shift`."""
+    if getattr(config, "schedule_from_checkpoint", True) and hasattr(model, "sampling_sigmas"):
+        return model.sampling_sigmas(config.num_steps)
+    from sfgrpo.schedules import Schedule
+
+    return Schedule.sd3(config.num_steps, config.shift).sigmas

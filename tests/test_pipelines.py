@@ -1,0 +1,191 @@
+"""Real-backbone loading (SD3, FLUX) on tiny random diffusers checkpoints built offline."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sfgrpo.models import load_backbone
+from sfgrpo.models.pipelines import FluxBackbone, PipelineOptions, SD3Backbone, load_pipeline_backbone
+from sfgrpo.models.tiny import save_tiny_flux, save_tiny_sd3
+from sfgrpo.trainer import Trainer, TrainerConfig
+from sfgrpo.trainer.rollout import GuidedModel, rollout
+
+torch.set_num_threads(1)
+pytest.importorskip("transformers")
+
+OPTIONS = PipelineOptions(resolution=16, max_sequence_length=8, decode_batch_size=3)
+PROMPTS = ["a red cat", "two dogs, sleeping", "x"]
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return save_tiny_flux(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.fixture(scope="module")
+def variant_dirs(tmp_path_factory):
+    """SD3 with a T5 (as SD3.5 ships) and FLUX without guidance embedding (as FLUX.1-schnell)."""
+    return {"sd3_t5": save_tiny_sd3(tmp_path_factory.mktemp("sd3_t5"), with_t5=True),
+            "flux_schnell": save_tiny_flux(tmp_path_factory.mktemp("flux_schnell"), guidance_embeds=False)}
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def checkpoint(request, sd3_dir, flux_dir):
+    return request.param, (sd3_dir if request.param == "sd3" else flux_dir)
+
+
+@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell"])
+def any_checkpoint(request, sd3_dir, flux_dir, variant_dirs):
+    paths = {"sd3": sd3_dir, "flux": flux_dir, **variant_dirs}
+    return request.param.split("_")[0], paths[request.param]
+
+
+def test_family_is_read_from_model_index(sd3_dir, flux_dir, tmp_path):
+    assert isinstance(load_pipeline_backbone(sd3_dir, OPTIONS), SD3Backbone)
+    assert isinstance(load_backbone(str(flux_dir)), FluxBackbone)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
+        load_backbone(str(tmp_path))
+
+
+def test_frozen_parts_and_latent_layouts(checkpoint):
+    family, path = checkpoint
+    model = load_pipeline_backbone(path, OPTIONS)
+    for frozen in (model.vae, *model.text_encoders):
+        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    # 16 px, 2x VAE: SD3 keeps [C, 8, 8]; FLUX packs 2x2 patches into [16 tokens, 4 * 4 channels]
+    assert model.latent_shape == ((4, 8, 8) if family == "sd3" else (16, 16))
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        latents = torch.randn(2, 4, 8, 8)
+        packed = model.pack(latents)
+        assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 4, 8, 8))
+        assert torch.equal(model.unpack(packed), latents)
+        assert torch.equal(model.image_ids("cpu", torch.float32),
+                           FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32))
+
+
+def test_prompt_embeddings_are_cached_per_string(checkpoint):
+    _, path = checkpoint
+    model = load_pipeline_backbone(path, OPTIONS)
+    calls = []
+    original = model._encode_text
+    model._encode_text = lambda prompts: calls.append(list(prompts)) or original(prompts)
+    first = model.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    again = model.encode_prompts([PROMPTS[1], PROMPTS[0]])
+    assert calls == [[PROMPTS[0], PROMPTS[1]]]  # each distinct prompt encoded once, in one batch
+    assert torch.equal(first[0][0], first[0][2]) and torch.equal(again[0][0], first[0][1])
+    null = model.null_condition(4)
+    assert null[0].shape[0] == 4 and torch.equal(null[0][0], null[0][3])
+
+
+def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
+    """Same noise, same grid: Euler steps through our velocity reproduce the pipeline's own sampler,
+    which pins the time convention (1000 t for SD3, t for FLUX), CFG, FLUX's guidance embedding and
+    ids, packing, the scheduler grid (FLUX's dynamic mu) and the VAE's scaling/shift."""
+    family, path = any_checkpoint
+    model = load_pipeline_backbone(path, OPTIONS)
+    cfg = 2.5 if family == "sd3" else 1.0
+    guided = GuidedModel(model, cfg)
+    sigmas = model.sampling_sigmas(4)
+    noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    x = noise.clone()
+    with torch.no_grad():
+        cond, null = model.encode_prompts(PROMPTS[:2]), model.null_condition(2)
+        for k in range(4):
+            x = x + (sigmas[k + 1] - sigmas[k]) * guided(x, torch.full((2,), float(sigmas[k])), cond, null)
+    guidance = cfg if family == "sd3" else OPTIONS.embedded_guidance_scale
+    kwargs = dict(height=16, width=16, num_inference_steps=4, guidance_scale=guidance, max_sequence_length=8)
+    reference = model.pipe(PROMPTS[:2], latents=noise.clone(), output_type="latent", **kwargs).images
+    torch.testing.assert_close(x, reference, atol=1e-5, rtol=1e-5)
+    images = model.decode(torch.cat([x, x, x]))  # 6 latents, decode batches of 3
+    reference_images = model.pipe(PROMPTS[:2], latents=noise.clone(), output_type="pt", **kwargs).images
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.float32
+    torch.testing.assert_close(images[:2], reference_images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(images[4:], reference_images, atol=1e-5, rtol=1e-5)
+
+
+def test_sd3_grid_is_the_checkpoint_schedulers(sd3_dir):
+    from sfgrpo.schedules import Schedule
+
+    model = load_pipeline_backbone(sd3_dir, OPTIONS)
+    torch.testing.assert_close(model.sampling_sigmas(10), Schedule.sd3(10, 3.0).sigmas)
+
+
+@pytest.mark.parametrize("mode", ["stepwise", "flow_grpo"])
+def test_full_trainer_iteration(checkpoint, mode, tmp_path):
+    family, path = checkpoint
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("# prompts\na red cat\n\ntwo dogs, sleeping\n")
+    config = TrainerConfig(
+        output_dir=str(tmp_path / "run"), backbone=str(path), prompt_file=str(prompt_file), reward="brightness",
+        iterations=1, prompts_per_iteration=2, group_size=2, num_steps=3, lookahead_steps=2, progress=False,
+        plots=False, resolution=16, max_sequence_length=8, decode_batch_size=4, mode=mode, use_lora=True,
+        lora_rank=2, lora_alpha=4.0, beta=0.04, clip_range=1e-4, learning_rate=1e-3,
+        guidance_scale=2.0 if family == "sd3" else 1.0, image_every=1,
+    )
+    trainer = Trainer(config)
+    assert config.prompt_list == ["a red cat", "two dogs, sleeping"]
+    before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    history = trainer.train()
+    record = history[-1]
+    assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+    assert trainer.last_images.shape[1:] == (4, 3, 16, 16)
+    assert trainer.last_images.shape[0] == (4 if mode == "stepwise" else 1)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.trainable.items())
+    assert all(p.dtype == torch.float32 for p in trainer.trainable.values())
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_on_policy_ratio_is_exactly_one(checkpoint, tmp_path):
+    family, path = checkpoint
+    config = TrainerConfig(
+        output_dir=str(tmp_path / "run"), backbone=str(path), prompts="a cat,a dog", reward="brightness",
+        prompts_per_iteration=2, group_size=2, num_steps=3, progress=False, plots=False, resolution=16,
+        max_sequence_length=8, guidance_scale=3.0 if family == "sd3" else 1.0,
+    )
+    trainer = Trainer(config)
+    batch = rollout(trainer.guided, ["a cat", "a dog"], 2, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    advantages = torch.randn(4, trainer.steps.num_steps)
+    for k in trainer.steps.trained:
+        _, record = trainer.step_loss(batch, advantages, k, slice(None))
+        assert record[1].item() == 1.0
+
+
+def test_xformers_backend_fails_clearly_when_missing(sd3_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed")
+    with pytest.raises(ImportError, match="xformers"):
+        load_pipeline_backbone(sd3_dir, PipelineOptions(resolution=16, attention_backend="xformers"))
+    with pytest.raises(ValueError, match="attention_backend"):
+        TrainerConfig(attention_backend="flash").validate()
+
+
+def test_cli_flags_reach_the_backbone(sd3_dir, tmp_path):
+    from sfgrpo.cli import main
+    from sfgrpo.schedules import Schedule
+
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps(["a, b", "c"]))
+    args = ["train", "--backbone", str(sd3_dir), "--prompt-file", str(prompt_file), "--resolution", "16",
+            "--max-sequence-length", "8", "--iterations", "1", "--prompts-per-iteration", "2", "--group-size", "2",
+            "--num-steps", "3", "--decode-batch-size", "5", "--reward", "brightness", "--no-schedule-from-checkpoint", "--shift", "1.5",
+            "--output-dir", str(tmp_path / "run"), "--no-progress", "--no-plots"]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["decode_batch_size"] == 5 and saved["schedule_from_checkpoint"] is False
+    config = TrainerConfig.from_dict(saved)
+    trainer = Trainer(config)
+    assert trainer.model.options.decode_batch_size == 5 and config.prompt_list == ["a, b", "c"]
+    torch.testing.assert_close(torch.tensor(trainer.steps.t + [0.0]), Schedule.sd3(3, 1.5).sigmas)
