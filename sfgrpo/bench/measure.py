@@ -22,11 +22,15 @@ class BackboneClock:
     def __init__(self, module: torch.nn.Module, synchronize: bool = False):
         self.seconds, self._forward_start, self._backward = 0.0, 0.0, None
         self._sync = synchronize and torch.cuda.is_available()
-        module.register_forward_pre_hook(self._forward_begins)
-        module.register_forward_hook(self._forward_ends)
+        self.watch(module)
         for parameter in module.parameters():
             if parameter.requires_grad:
                 parameter.register_post_accumulate_grad_hook(self._gradient_done)
+
+    def watch(self, module: torch.nn.Module) -> None:
+        """Counts the forward of another network too (the frozen KL reference of a full fine-tune)."""
+        module.register_forward_pre_hook(self._forward_begins)
+        module.register_forward_hook(self._forward_ends)
 
     def _now(self) -> float:
         if self._sync:

@@ -17,19 +17,33 @@ COLUMNS = ("suite", "case", "kind", "backbone", "mode", "implementation", "batch
            "status", "device", "torch", "sfgrpo", "git", "date")
 
 
-def environment(device: str) -> dict:
+def environment(device: str, directory: str | Path = ".") -> dict:
     """Device name, versions, git revision and date, repeated on every row."""
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
     else:
-        name = f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
-    return {"device": name, "torch": torch.__version__, "sfgrpo": sfgrpo.__version__, "git": git_revision(),
+        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    return {"device": name, "torch": torch.__version__, "sfgrpo": sfgrpo.__version__, "git": git_revision(directory),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def git_revision() -> str:
-    """The revision of the checkout sfgrpo runs from (or the current directory's), 'unknown' outside git."""
-    for where in (Path(sfgrpo.__file__).resolve().parent, Path.cwd()):
+def cpu_model() -> str:
+    try:  # Linux names the processor model here; platform.processor() only says "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def git_revision(*places) -> str:
+    """The git revision of the first of `places`, sfgrpo's own directory or the current directory that
+    is inside a checkout (an installed sfgrpo is not: then the results folder's checkout counts)."""
+    for where in (*places, Path(sfgrpo.__file__).resolve().parent, Path.cwd()):
+        where = Path(where)
+        while not where.exists():
+            where = where.parent
         try:
             out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
                                  text=True, timeout=5)
@@ -45,7 +59,7 @@ def git_revision() -> str:
 def write_results(rows: list[dict], suite: str, device: str, directory: str | Path) -> dict[str, Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    env = environment(device)
+    env = environment(device, directory)
     full = [{**{c: None for c in COLUMNS}, **row, "suite": suite, **env} for row in rows]
     paths = {"csv": directory / "results.csv", "json": directory / "results.json", "md": directory / "results.md"}
     with open(paths["csv"], "w", newline="") as handle:
