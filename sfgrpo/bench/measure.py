@@ -21,7 +21,7 @@ class BackboneClock:
 
     def __init__(self, module: torch.nn.Module, synchronize: bool = False):
         self.seconds, self._forward_start, self._backward = 0.0, 0.0, None
-        self._sync = synchronize and torch.cuda.is_available()
+        self.synchronize = synchronize and torch.cuda.is_available()
         self.watch(module)
         for parameter in module.parameters():
             if parameter.requires_grad:
@@ -33,7 +33,7 @@ class BackboneClock:
         module.register_forward_hook(self._forward_ends)
 
     def _now(self) -> float:
-        if self._sync:
+        if self.synchronize:
             torch.cuda.synchronize()
         return time.perf_counter()
 

@@ -82,21 +82,25 @@ def run_one(case: Case, implementation: str, prompts: int, suite: Suite) -> dict
             clock.watch(trainer.reference_transformer)
         syncs_iteration, syncs_update = SyncCounter(device), SyncCounter(device)
         trainer.update = syncs_update.wrap(trainer.update)  # instance attribute: counts inside the update only
-        records, outside, iteration_syncs, update_syncs = [], [], [], []
+        records, outside = [], []
         reset_peak_memory(device)
         for index in range(suite.warmup + suite.iterations):
             clock.take()
             start = time.perf_counter()
-            with syncs_iteration.counting():
-                record = trainer.train_iteration()
+            record = trainer.train_iteration()
             total = time.perf_counter() - start
-            in_update, elsewhere = syncs_update.take(), syncs_iteration.take()
             if index >= suite.warmup:
                 records.append(record)
                 outside.append(1.0 - clock.take() / total)
-                if in_update is not None:
-                    update_syncs.append(in_update)
-                    iteration_syncs.append(in_update + elsewhere)
+        iteration_syncs = update_syncs = None
+        if syncs_update.enabled:
+            # one more iteration just to count syncs, with the clock's own synchronisations off so that
+            # only the trainer's are counted
+            clock.synchronize = False
+            with syncs_iteration.counting():
+                trainer.train_iteration()
+            update_syncs = syncs_update.take()
+            iteration_syncs = update_syncs + syncs_iteration.take()
         peak, peak_kind = peak_memory_mb(device)
         batch = trainer.config.batch_size
         del trainer
@@ -114,8 +118,8 @@ def run_one(case: Case, implementation: str, prompts: int, suite: Suite) -> dict
         **{f"seconds_{k}": v for k, v in phases.items()},
         "peak_memory_mb": peak,
         "outside_backbone_share": statistics.median(outside),
-        "host_syncs_per_iteration": statistics.median(iteration_syncs) if iteration_syncs else None,
-        "host_syncs_in_update": statistics.median(update_syncs) if update_syncs else None,
+        "host_syncs_per_iteration": iteration_syncs,
+        "host_syncs_in_update": update_syncs,
     }
     return {"batch": batch, "metrics": metrics, "peak_memory_kind": peak_kind}
 
