@@ -9,6 +9,7 @@ import pytest
 from sfgrpo.bench import configs, get_suite
 from sfgrpo.bench.report import COLUMNS
 from sfgrpo.cli import main
+from sfgrpo.trainer import TrainerConfig
 
 
 def test_quick_suite_writes_results(tmp_path):
@@ -85,6 +86,27 @@ def test_suites_are_well_formed():
         for case in suite.cases:
             assert case.kind in ("rollout", "lookahead", "update", "iteration")
             assert case.backbone == "digits" or case.backbone in configs.TRANSFORMERS
+        for case in suite.cases:  # every case's trainer settings are valid (typos fail here, not on a GPU)
+            for prompts in case.prompts_sweep:
+                TrainerConfig(output_dir="unused", prompts_per_iteration=prompts, **case.overrides).validate()
     gpu = get_suite("gpu")
     assert gpu.device == "cuda" and {"sd35m", "flux1-dev"} <= {c.backbone for c in gpu.cases}
     assert any("sfgrpo+compile" in c.implementations for c in gpu.cases)
+
+
+def test_real_size_config_in_bf16_on_meta():
+    import torch
+
+    transformer = configs.build_transformer("sd35m", device="meta", dtype=torch.bfloat16)
+    assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_sync_counter_is_off_on_cpu():
+    import torch
+
+    from sfgrpo.bench import SyncCounter
+
+    counter = SyncCounter(torch.device("cpu"))
+    assert counter.wrap(lambda x: x + 1)(1) == 2
+    assert counter.take() is None  # reported as n/a

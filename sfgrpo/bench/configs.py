@@ -67,10 +67,14 @@ def build_transformer(name: str, device: str | torch.device = "cpu", dtype: torc
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     model_class = SD3Transformer2DModel if family(name) == "sd3" else FluxTransformer2DModel
-    with torch.device(device):
-        model = model_class(**transformer_config(name))
-    # casting only when asked: diffusers warns about any .to(dtype) on a fresh model
-    return model if dtype == torch.float32 else model.to(dtype)
+    # built directly in `dtype` on `device`: FLUX.1-dev in fp32 first would need 48 GB before any cast
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_class(**transformer_config(name))
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def parameter_count(module: torch.nn.Module) -> int:
