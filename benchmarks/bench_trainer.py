@@ -21,6 +21,7 @@ import time
 import torch
 
 import sfgrpo
+from sfgrpo.bench.measure import BackboneClock  # time inside the transformer
 from sfgrpo.trainer import Trainer, TrainerConfig
 from sfgrpo.trainer.trainer import TIME_KEYS
 
@@ -30,48 +31,6 @@ CONFIGS = {
     "stepwise T'=2": dict(mode="stepwise", lookahead_steps=2),
     "stepwise T'=5": dict(mode="stepwise", lookahead_steps=5),
 }
-
-
-class BackboneClock:
-    """Wall time spent inside the transformer's forward and backward, so the share of an iteration
-    spent outside the backbone can be reported. Forward: module hooks. Backward: from the moment the
-    gradient of the transformer's output arrives to the last gradient accumulated into one of its
-    parameters (module backward hooks fire too early when the inputs need no gradient)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.seconds, self._forward_start, self._backward = 0.0, 0.0, None
-        module.register_forward_pre_hook(self._forward_begins)
-        module.register_forward_hook(self._forward_ends)
-        for parameter in module.parameters():
-            if parameter.requires_grad:
-                parameter.register_post_accumulate_grad_hook(self._gradient_done)
-
-    def _forward_begins(self, *_):
-        self._forward_start = time.perf_counter()
-
-    def _forward_ends(self, _module, _inputs, output):
-        self.seconds += time.perf_counter() - self._forward_start
-        tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-            tensor.register_hook(self._backward_begins)
-
-    def _backward_begins(self, _grad):
-        self._close()
-        self._backward = [time.perf_counter(), None]
-
-    def _gradient_done(self, _parameter):
-        if self._backward is not None:
-            self._backward[1] = time.perf_counter()
-
-    def _close(self):
-        if self._backward is not None and self._backward[1] is not None:
-            self.seconds += self._backward[1] - self._backward[0]
-        self._backward = None
-
-    def take(self) -> float:
-        self._close()
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
 
 
 def main() -> int:

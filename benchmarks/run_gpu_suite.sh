@@ -16,4 +16,6 @@ pytest -q -p no:cacheprovider 2>&1 | tee "benchmarks/results/tests_${gpu}.txt"
 python benchmarks/bench_sde_step_gpu.py ${QUICK:+--quick} --out benchmarks/results
 python benchmarks/bench_advantages.py ${QUICK:+--quick} --out "benchmarks/results/advantages_${gpu}.md"
 python -m sfgrpo.kernels._aot > "benchmarks/results/aot_sm90.jsonl"
+# training-loop benchmark: real-size SD3.5-M / FLUX.1-dev transformers, sfgrpo vs reference ops vs compile
+sfgrpo bench --suite gpu ${QUICK:+--cases sd35m} --output-dir "benchmarks/results/bench-gpu-${gpu}"
 echo "results in benchmarks/results/ (GPU: ${gpu})"

@@ -42,6 +42,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sfgrpo import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfgrpo", description="Stepwise-Flow-GRPO engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=_cmd_demo)
+
+    from sfgrpo import bench
+
+    bench_parser = sub.add_parser("bench", help="benchmark suites: sfgrpo vs reference ops vs torch.compile",
+                                  description=bench.__doc__)
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,64 @@
+"""`sfgrpo bench`: named benchmark suites of the training loop (rollout, look-ahead, update, whole
+iteration) on the built-in backbone and on SD3.5-Medium / FLUX.1-dev transformers built from their
+published configs with random weights; sfgrpo vs the plain-PyTorch reference ops vs torch.compile."""
+
+from pathlib import Path
+
+from sfgrpo.bench.measure import BackboneClock, SyncCounter
+from sfgrpo.bench.suites import SUITES, Case, Suite, get_suite
+
+__all__ = ["BackboneClock", "Case", "SUITES", "Suite", "SyncCounter", "get_suite", "main", "run"]
+
+
+def run(suite: str | Suite, output_dir: str, progress: bool = True, case_filter: str | None = None,
+        device: str | None = None) -> dict:
+    """Runs a suite and writes its results folder; returns the written paths."""
+    from sfgrpo.bench.report import write_results
+    from sfgrpo.bench.runner import run_suite
+
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    if device:
+        suite.device = device
+    rows = run_suite(suite, progress=progress, case_filter=case_filter)
+    return write_results(rows, suite.name, suite.device, output_dir)
+
+
+def default_output_dir(suite: Suite) -> str:
+    """benchmarks/results/<suite>-<device> (the GPU's name on CUDA)."""
+    import re
+
+    import torch
+
+    if suite.device.startswith("cuda") and torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = "cpu"
+    return f"benchmarks/results/bench-{suite.name}-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()}"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--suite", default="cpu", choices=SUITES, help="cpu: small configs (minutes); "
+                        "gpu: real-size SD3.5-M / FLUX.1-dev transformers; quick: seconds-long smoke run")
+    parser.add_argument("--quick", action="store_true", help="the CPU smoke run (same as --suite quick)")
+    parser.add_argument("--output-dir", help="results folder (default benchmarks/results/bench-<suite>-<device>)")
+    parser.add_argument("--device", help="override the suite's device (e.g. cuda:1)")
+    parser.add_argument("--cases", help="run only the cases whose name contains this text")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def main(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suite = get_suite("quick" if args.quick else args.suite)
+    if args.device:
+        suite.device = args.device
+    if suite.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"sfgrpo bench: suite {suite.name!r} needs a CUDA device; use --suite cpu (or --quick)")
+    output_dir = args.output_dir or default_output_dir(suite)
+    paths = run(suite, output_dir, progress=not args.no_progress, case_filter=args.cases)
+    print(Path(paths["md"]).read_text())
+    print(f"results in {output_dir}: " + ", ".join(p.name for p in paths.values()))
+    return 0

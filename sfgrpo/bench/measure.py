@@ -1,0 +1,116 @@
+"""What the benchmark measures besides wall time: time inside the backbone, peak memory, host syncs."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+import warnings
+
+import torch
+
+
+class BackboneClock:
+    """Wall time spent inside the transformer's forward and backward, so the share of an iteration
+    spent outside the backbone can be reported. Forward: module hooks. Backward: from the moment the
+    gradient of the transformer's output arrives to the last gradient accumulated into one of its
+    parameters (module backward hooks fire too early when the inputs need no gradient). On CUDA the
+    hooks see launch times, not kernel times, so the share is only meaningful on CPU or with
+    synchronising hooks (`synchronize=True`)."""
+
+    def __init__(self, module: torch.nn.Module, synchronize: bool = False):
+        self.seconds, self._forward_start, self._backward = 0.0, 0.0, None
+        self.synchronize = synchronize and torch.cuda.is_available()
+        self.watch(module)
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.register_post_accumulate_grad_hook(self._gradient_done)
+
+    def watch(self, module: torch.nn.Module) -> None:
+        """Counts the forward of another network too (the frozen KL reference of a full fine-tune)."""
+        module.register_forward_pre_hook(self._forward_begins)
+        module.register_forward_hook(self._forward_ends)
+
+    def _now(self) -> float:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _forward_begins(self, *_):
+        self._forward_start = self._now()
+
+    def _forward_ends(self, _module, _inputs, output):
+        self.seconds += self._now() - self._forward_start
+        tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            tensor.register_hook(self._backward_begins)
+
+    def _backward_begins(self, _grad):
+        self._close()
+        self._backward = [self._now(), None]
+
+    def _gradient_done(self, _parameter):
+        if self._backward is not None:
+            self._backward[1] = self._now()
+
+    def _close(self):
+        if self._backward is not None and self._backward[1] is not None:
+            self.seconds += self._backward[1] - self._backward[0]
+        self._backward = None
+
+    def take(self) -> float:
+        self._close()
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(megabytes, what was measured): CUDA's max_memory_allocated since the last reset, or on CPU the
+    process's resident-set high-water mark (it never goes down, so later cases include earlier ones)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "cpu_rss_high_water"
+
+
+class SyncCounter:
+    """Counts host-device synchronisations (CUDA only) by turning on torch's sync debug mode in
+    "warn" and counting its warnings. `count()` wraps a callable; the counts add up in `.total`."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.total = 0
+
+    @contextlib.contextmanager
+    def counting(self):
+        if not self.enabled:
+            yield
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        self.total += sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    def wrap(self, function):
+        def counted(*args, **kwargs):
+            with self.counting():
+                return function(*args, **kwargs)
+        return counted
+
+    def take(self) -> int | None:
+        if not self.enabled:
+            return None
+        total, self.total = self.total, 0
+        return total
