@@ -51,9 +51,9 @@ class _ScheduleTable:
         matches = timestep[:, None] == self.timesteps[None, :]
         count = matches.sum(dim=1)
         first = matches.to(torch.int8).argmax(dim=1)
-        rows = torch.arange(timestep.numel(), device=timestep.device)
-        later = matches.clone()
-        later[rows, first] = False
+        # elementwise, not `later[rows, first] = False`: advanced-index assignment syncs on CUDA
+        positions = torch.arange(self.timesteps.numel(), device=timestep.device)
+        later = matches & (positions[None, :] != first[:, None])
         second = later.to(torch.int8).argmax(dim=1)
         index = torch.where(count > 1, second, first)
         # an asynchronous check: no host sync, still a clear error for a timestep not in the schedule
