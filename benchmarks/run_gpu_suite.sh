@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
-pip install -q ".[test]"
+# SKIP_INSTALL=1 where nothing can be downloaded (install sfgrpo and its wheels by hand first)
+[ -n "${SKIP_INSTALL:-}" ] || pip install -q ".[test]"
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_').replace('/', '_'))")
 mkdir -p benchmarks/results
 sfgrpo info | tee "benchmarks/results/info_${gpu}.txt"
