@@ -64,6 +64,22 @@ def _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE: tl.constexp
 
 
 @triton.jit
+def _chunk_of(pid, NUM_CHUNKS, D, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Row of program `pid` and where its chunk starts: (row, first flat offset of the row, first column)."""
+    row = pid // NUM_CHUNKS
+    chunk = pid - row * NUM_CHUNKS
+    return row, row.to(tl.int64) * D, chunk * (BLOCK * ITERS)
+
+
+@triton.jit
+def _kl_std(std, std_dev_t, KL_FLOW_GRPO: tl.constexpr):
+    """The std the KL divides by: the step's (exact) or Flow-GRPO's std_dev_t (reference.kl_std)."""
+    if KL_FLOW_GRPO:
+        return std_dev_t
+    return std
+
+
+@triton.jit
 def _finalize_row(
     sq, sq_kl, std, std_dev_t, D,
     SDE_TYPE: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr,
@@ -83,10 +99,7 @@ def _finalize_row(
     else:
         log_prob = -sq * scale / (2.0 * safe_std * safe_std) - count * (tl.log(safe_std) + 0.9189385332046727)
     log_prob = tl.where(has_density, log_prob, 0.0)
-    if KL_FLOW_GRPO:
-        kl_std = std_dev_t
-    else:
-        kl_std = std
+    kl_std = _kl_std(std, std_dev_t, KL_FLOW_GRPO)
     kl_has = kl_std > 0.0
     safe_kl = tl.where(kl_has, kl_std, 1.0)
     kl = tl.where(kl_has, sq_kl * scale / (2.0 * safe_kl * safe_kl), 0.0)
@@ -109,11 +122,8 @@ def sde_step_fwd_kernel(
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = pid // NUM_CHUNKS
-    chunk = pid - row * NUM_CHUNKS
+    row, row_start, chunk_start = _chunk_of(pid, NUM_CHUNKS, D, BLOCK, ITERS)
     t, c_x, c_v, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
-    row_start = row.to(tl.int64) * D
-    chunk_start = chunk * (BLOCK * ITERS)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
@@ -217,8 +227,7 @@ def sde_step_bwd_kernel(
     k_kl = g_kl / (s_kl^2 D_r); D_r = D for the mean reduction, 1 for the sum.
     """
     pid = tl.program_id(0)
-    row = pid // NUM_CHUNKS
-    chunk = pid - row * NUM_CHUNKS
+    row, row_start, chunk_start = _chunk_of(pid, NUM_CHUNKS, D, BLOCK, ITERS)
     t, c_x, c_v, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
     if SUM_REDUCTION:
         scale = 1.0
@@ -236,14 +245,9 @@ def sde_step_bwd_kernel(
     k_kl = 0.0
     if HAS_G_KL:
         g_kl = tl.load(g_kl_ptr + row).to(tl.float32)
-        if KL_FLOW_GRPO:
-            kl_std = std_dev_t
-        else:
-            kl_std = std
+        kl_std = _kl_std(std, std_dev_t, KL_FLOW_GRPO)
         safe_kl = tl.where(kl_std > 0.0, kl_std, 1.0)
         k_kl = tl.where(kl_std > 0.0, g_kl * scale / (safe_kl * safe_kl), 0.0)
-    row_start = row.to(tl.int64) * D
-    chunk_start = chunk * (BLOCK * ITERS)
     for i in range(ITERS):
         cols = chunk_start + i * BLOCK + tl.arange(0, BLOCK)
         mask = cols < D
