@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "sfgrpo/advantages.h"
+#include "sfgrpo/sde_step.h"
 
 namespace py = pybind11;
 
@@ -64,6 +65,47 @@ sfgrpo::GroupStatsBuffers make_stats(const std::optional<StatsAddresses>& addres
     stats.zero_std = as_ptr<uint8_t>(std::get<4>(*addresses));
   }
   return stats;
+}
+
+// A latent crosses as (address, storage code); address 0 = absent.
+using LatentArg = std::tuple<std::uintptr_t, int>;
+
+sfgrpo::Storage storage(int code) {
+  if (code < 0 || code > 3) throw std::invalid_argument("sfgrpo._C: bad storage code " + std::to_string(code));
+  return static_cast<sfgrpo::Storage>(code);
+}
+
+sfgrpo::Latent latent(const LatentArg& arg) {
+  return {reinterpret_cast<const void*>(std::get<0>(arg)), storage(std::get<1>(arg))};
+}
+
+sfgrpo::MutableLatent mutable_latent(const LatentArg& arg) {
+  return {reinterpret_cast<void*>(std::get<0>(arg)), storage(std::get<1>(arg))};
+}
+
+// (rows, elements, sde type code, flow_grpo log-prob, sum reduction, flow_grpo KL,
+//  t, t_next, noise_level, sigma_max addresses)
+using SdeProblemArg = std::tuple<int64_t, int64_t, int, bool, bool, bool, std::uintptr_t,
+                                 std::uintptr_t, std::uintptr_t, std::uintptr_t>;
+
+sfgrpo::SdeStepProblem sde_problem(const SdeProblemArg& arg) {
+  sfgrpo::SdeStepProblem p;
+  p.rows = std::get<0>(arg);
+  p.elements = std::get<1>(arg);
+  const int type = std::get<2>(arg);
+  if (p.rows < 0 || p.elements < 1 || type < 0 || type > 3) {
+    throw std::invalid_argument("sfgrpo._C: bad sde_step problem rows=" + std::to_string(p.rows) +
+                                " elements=" + std::to_string(p.elements) + " type=" + std::to_string(type));
+  }
+  p.sde_type = static_cast<sfgrpo::SdeType>(type);
+  p.flow_grpo_logprob = std::get<3>(arg);
+  p.sum_reduction = std::get<4>(arg);
+  p.flow_grpo_kl = std::get<5>(arg);
+  p.t = as_ptr<const float>(std::get<6>(arg));
+  p.t_next = as_ptr<const float>(std::get<7>(arg));
+  p.noise_level = as_ptr<const float>(std::get<8>(arg));
+  p.sigma_max = as_ptr<const float>(std::get<9>(arg));
+  return p;
 }
 
 py::dict build_info() {
@@ -138,6 +180,75 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rewards"), py::arg("group_ids"), py::arg("out"), py::arg("rows"), py::arg("width"),
       py::arg("gains"), py::arg("pooled"), py::arg("global_std"), py::arg("ddof"), py::arg("eps"),
       py::arg("clip"), py::arg("column_mask"), py::arg("stats"), py::arg("num_threads"));
+
+  cpu.def(
+      "sde_step_forward",
+      [](const SdeProblemArg& problem, const LatentArg& x, const LatentArg& v,
+         const LatentArg& prev_sample, const LatentArg& noise, const LatentArg& v_ref,
+         const LatentArg& sample, std::uintptr_t log_prob, std::uintptr_t std_out,
+         std::uintptr_t std_dev_t, std::uintptr_t mean, std::uintptr_t x0_hat,
+         std::uintptr_t x1_hat, std::uintptr_t kl, int num_threads) {
+        const auto p = sde_problem(problem);
+        sfgrpo::SdeForwardInputs in{latent(x), latent(v), latent(prev_sample), latent(noise),
+                                    latent(v_ref)};
+        sfgrpo::SdeForwardOutputs out;
+        out.sample = mutable_latent(sample);
+        out.log_prob = as_ptr<float>(log_prob);
+        out.std = as_ptr<float>(std_out);
+        out.std_dev_t = as_ptr<float>(std_dev_t);
+        out.mean = as_ptr<float>(mean);
+        out.x0_hat = as_ptr<float>(x0_hat);
+        out.x1_hat = as_ptr<float>(x1_hat);
+        out.kl = as_ptr<float>(kl);
+        if (!in.x.present() || !in.v.present() || (!in.prev_sample.present() && !in.noise.present())) {
+          throw std::invalid_argument("sfgrpo._C: sde_step_forward needs x, v and prev_sample or noise");
+        }
+        py::gil_scoped_release release;
+        sfgrpo::sde_step_forward_cpu(p, in, out, num_threads);
+      },
+      "Fused SDE step forward on [rows, elements] latents (addresses 0 = absent)",
+      py::arg("problem"), py::arg("x"), py::arg("v"), py::arg("prev_sample"), py::arg("noise"),
+      py::arg("v_ref"), py::arg("sample"), py::arg("log_prob"), py::arg("std"),
+      py::arg("std_dev_t"), py::arg("mean"), py::arg("x0_hat"), py::arg("x1_hat"), py::arg("kl"),
+      py::arg("num_threads"));
+  cpu.def(
+      "sde_step_backward",
+      [](const SdeProblemArg& problem, const LatentArg& x, const LatentArg& v,
+         const LatentArg& sample, const LatentArg& v_ref, std::uintptr_t grad_log_prob,
+         std::uintptr_t grad_kl, std::uintptr_t grad_mean, std::uintptr_t grad_x0,
+         std::uintptr_t grad_x1, const LatentArg& dv, const LatentArg& dv_ref, const LatentArg& dx,
+         int num_threads) {
+        const auto p = sde_problem(problem);
+        sfgrpo::SdeBackwardInputs in;
+        in.x = latent(x);
+        in.v = latent(v);
+        in.sample = latent(sample);
+        in.v_ref = latent(v_ref);
+        in.grad_log_prob = as_ptr<const float>(grad_log_prob);
+        in.grad_kl = as_ptr<const float>(grad_kl);
+        in.grad_mean = as_ptr<const float>(grad_mean);
+        in.grad_x0 = as_ptr<const float>(grad_x0);
+        in.grad_x1 = as_ptr<const float>(grad_x1);
+        sfgrpo::SdeBackwardOutputs out{mutable_latent(dv), mutable_latent(dv_ref), mutable_latent(dx)};
+        if (!in.x.present() || !in.v.present() || !out.dv.present() ||
+            (in.grad_log_prob != nullptr && !in.sample.present())) {
+          throw std::invalid_argument("sfgrpo._C: sde_step_backward needs x, v, dv (and the sample for a log-prob gradient)");
+        }
+        py::gil_scoped_release release;
+        sfgrpo::sde_step_backward_cpu(p, in, out, num_threads);
+      },
+      "Fused SDE step backward (addresses 0 = absent)", py::arg("problem"), py::arg("x"),
+      py::arg("v"), py::arg("sample"), py::arg("v_ref"), py::arg("grad_log_prob"),
+      py::arg("grad_kl"), py::arg("grad_mean"), py::arg("grad_x0"), py::arg("grad_x1"),
+      py::arg("dv"), py::arg("dv_ref"), py::arg("dx"), py::arg("num_threads"));
+  cpu.def(
+      "convert_storage",
+      [](int src_type, std::uintptr_t src, int dst_type, std::uintptr_t dst, int64_t count) {
+        sfgrpo::convert_storage_cpu(storage(src_type), reinterpret_cast<const void*>(src),
+                                    storage(dst_type), reinterpret_cast<void*>(dst), count);
+      },
+      "Converts between storage types with torch's rounding (tests)", py::arg("src_type"),
+      py::arg("src"), py::arg("dst_type"), py::arg("dst"), py::arg("count"));
 
 #ifdef SFGRPO_WITH_CUDA
   py::module_ cuda = m.def_submodule("cuda", "CUDA implementations (enqueued on the given stream)");

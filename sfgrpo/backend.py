@@ -6,7 +6,7 @@ Every op has a plain-PyTorch reference (`sfgrpo/reference.py`) and one accelerat
 
 - `auto` (default): CUDA tensors run the op's kernel family (falling back to the reference, with a
   one-time warning, if that family is not usable); CPU tensors run the native C++ code for
-  `native` ops and the reference for `triton` ops.
+  `native` ops and for ops registered with a native CPU kernel (the SDE step), else the reference.
 - `reference`: plain PyTorch for every op, on every device.
 - `triton` / `native`: force that kernel family for the ops that have it (an error, not a silent
   fallback, if it is unusable); ops of the other family keep their `auto` choice. `triton` on CPU
@@ -34,12 +34,18 @@ KERNEL_FAMILIES = ("triton", "native")
 
 # op name -> kernel family; each op module registers itself here when it is defined.
 _OPS: dict[str, str] = {}
+# op name -> the family of its CPU kernel, for ops whose CPU kernel is not of their own family
+# (the SDE step: Triton on CUDA, C++ on CPU)
+_CPU_FAMILY: dict[str, str] = {}
 
 
-def register_op(name: str, family: str) -> None:
-    if family not in KERNEL_FAMILIES:
-        raise ValueError(f"unknown kernel family {family!r}; expected one of {KERNEL_FAMILIES}")
+def register_op(name: str, family: str, cpu_family: str | None = None) -> None:
+    for value in (family, cpu_family or family):
+        if value not in KERNEL_FAMILIES:
+            raise ValueError(f"unknown kernel family {value!r}; expected one of {KERNEL_FAMILIES}")
     _OPS[name] = family
+    if cpu_family is not None and cpu_family != family:
+        _CPU_FAMILY[name] = cpu_family
 
 
 def registered_ops() -> dict[str, str]:
@@ -115,6 +121,15 @@ def resolve_backend(op: str, device: torch.device | str, override: str | None = 
     family = _OPS[op]
     requested = requested_backend(override)
     if requested == "reference":
+        return "reference"
+    cpu_family = _CPU_FAMILY.get(op) if device.type == "cpu" else None
+    if cpu_family is not None and requested in ("auto", cpu_family):
+        usable, reason = _family_status(cpu_family, device)
+        if usable:
+            return cpu_family
+        if requested == cpu_family:
+            raise RuntimeError(f"sfgrpo: backend {requested!r} requested for op {op!r} "
+                               f"on cpu tensors, but it is unusable: {reason}")
         return "reference"
     if requested == family:
         usable, reason = _family_status(family, device)

@@ -128,6 +128,25 @@ def test_backend_forced_triton_on_cpu_needs_interpreter(fake_ops, monkeypatch):
     assert backend.resolve_backend("fused_thing", "cpu", override="triton") == "triton"
 
 
+def test_backend_op_with_a_native_cpu_kernel(monkeypatch):
+    # the SDE step: Triton on CUDA, C++ on CPU (auto), the reference on request
+    monkeypatch.setattr(backend, "_OPS", {"step": "triton"})
+    monkeypatch.setattr(backend, "_CPU_FAMILY", {"step": "native"})
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    assert backend.resolve_backend("step", "cpu") == "native"
+    assert backend.resolve_backend("step", "cpu", override="native") == "native"
+    assert backend.resolve_backend("step", "cpu", override="reference") == "reference"
+    monkeypatch.setattr(backend._native, "_C", None)  # as if the extension was not built
+    assert backend.resolve_backend("step", "cpu") == "reference"
+    with pytest.raises(RuntimeError, match="not built"):
+        backend.resolve_backend("step", "cpu", override="native")
+
+
+def test_sde_step_runs_native_on_cpu_by_default(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    assert backend.resolve_backend("sde_step", "cpu") == "native"
+
+
 def test_backend_rejects_unknown_names(fake_ops, monkeypatch):
     with pytest.raises(ValueError, match="not one of"):
         backend.resolve_backend("fused_thing", "cpu", override="cuda")

@@ -13,7 +13,10 @@ from sfgrpo import reference as ref
 from sfgrpo.ops.sde_step import sde_step_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACCEL = "triton"  # on CPU this runs the kernels in Triton's interpreter (conftest sets it up)
+# Triton on CUDA; on CPU the Triton kernels in Triton's interpreter (conftest sets it up) and the
+# C++ kernels of sfgrpo._C
+ACCELS = ["triton"] if DEVICE == "cuda" else ["triton", "native"]
+BACKENDS = ["reference", *ACCELS]
 
 SHAPES = [(1, 1), (3, 7), (2, 3, 5, 7), (4, 4, 8, 8), (2, 2, 3, 4, 5), (2, 3, 40000)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -46,11 +49,12 @@ def _close(a, b, atol, rtol, what):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sde_type", ref.SDE_TYPES)
-def test_kernel_matches_reference_sampling_with_given_noise(shape, dtype, sde_type):
+@pytest.mark.parametrize("accel", ACCELS)
+def test_kernel_matches_reference_sampling_with_given_noise(shape, dtype, sde_type, accel):
     x, v, v_ref, t, tn, level = _inputs(shape, dtype)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     kw = dict(sde_type=sde_type, noise=noise, v_ref=v_ref, return_mean=True, return_x0_hat=True, return_x1_hat=True)
-    got = F.sde_step(x, v, t, tn, level, backend=ACCEL, **kw)
+    got = F.sde_step(x, v, t, tn, level, backend=accel, **kw)
     want = F.sde_step(x, v, t, tn, level, backend="reference", **kw)
     oracle = ref.sde_step(x, v, t, tn, level, sde_type=sde_type, noise=noise, v_ref=v_ref)
     assert got.prev_sample.dtype == dtype and got.prev_sample.shape == shape
@@ -75,11 +79,12 @@ def test_kernel_matches_reference_sampling_with_given_noise(shape, dtype, sde_ty
 
 @pytest.mark.parametrize("sde_type", ref.SDE_TYPES)
 @pytest.mark.parametrize("logprob, reduction, kl", list(itertools.product(ref.LOGPROB_CONVENTIONS, ref.REDUCTIONS, ref.KL_CONVENTIONS)))
-def test_kernel_conventions_when_scoring(sde_type, logprob, reduction, kl):
+@pytest.mark.parametrize("accel", ACCELS)
+def test_kernel_conventions_when_scoring(sde_type, logprob, reduction, kl, accel):
     x, v, v_ref, t, tn, level = _inputs((3, 2, 6, 5), torch.float32, seed=4)
     sample = torch.randn_like(x)
     kw = dict(sde_type=sde_type, prev_sample=sample, v_ref=v_ref, logprob=logprob, reduction=reduction, kl=kl)
-    got = F.sde_step(x, v, t, tn, level, backend=ACCEL, **kw)
+    got = F.sde_step(x, v, t, tn, level, backend=accel, **kw)
     oracle = ref.sde_step(x, v, t, tn, level, **kw)
     scale = 60 if reduction == "sum" else 1
     _close(got.log_prob, oracle.log_prob, 2e-6 * scale, 2e-6, "log_prob")
@@ -90,7 +95,7 @@ def test_kernel_conventions_when_scoring(sde_type, logprob, reduction, kl):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sde_type", ["sde", "cps", "ddim"])
 @pytest.mark.parametrize("source", ["noise", "seed", "generator"])
-@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scoring_the_drawn_sample_gives_ratio_exactly_one(dtype, sde_type, source, backend):
     x, v, _, t, tn, level = _inputs((4, 3, 33, 17), dtype, seed=2)
     draw = {"noise": dict(noise=torch.randn(x.shape, device=DEVICE)), "seed": dict(seed=1234, seed_offset=77),
@@ -101,36 +106,84 @@ def test_scoring_the_drawn_sample_gives_ratio_exactly_one(dtype, sde_type, sourc
     assert torch.equal(torch.exp(scored.log_prob - drawn.log_prob), torch.ones_like(drawn.log_prob))
 
 
-def test_multi_chunk_rows_are_deterministic_and_on_policy():
+@pytest.mark.parametrize("accel", ACCELS)
+def test_multi_chunk_rows_are_deterministic_and_on_policy(accel):
     # 3 x 300k elements: several chunks per row, partial sums finalized by the second kernel
     x, v, _, t, tn, level = _inputs((3, 300_000), torch.bfloat16, seed=6)
     level = torch.full_like(level, 0.7)
-    a = F.sde_step(x, v, t, tn, level, seed=3, backend=ACCEL)
-    b = F.sde_step(x, v, t, tn, level, seed=3, backend=ACCEL)
+    a = F.sde_step(x, v, t, tn, level, seed=3, backend=accel)
+    b = F.sde_step(x, v, t, tn, level, seed=3, backend=accel)
     assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
-    scored = F.sde_step(x, v, t, tn, level, prev_sample=a.prev_sample, backend=ACCEL)
+    scored = F.sde_step(x, v, t, tn, level, prev_sample=a.prev_sample, backend=accel)
     assert torch.equal(scored.log_prob, a.log_prob)
     oracle = ref.sde_step(x, v, t, tn, level, prev_sample=a.prev_sample)
     _close(a.log_prob, oracle.log_prob, 2e-6, 2e-6, "log_prob")
 
 
-def test_philox_noise_matches_between_kernel_and_reference():
+@pytest.mark.skipif(DEVICE != "cpu", reason="the native SDE step is the CPU kernel")
+def test_native_cpu_step_has_the_same_bits_for_any_thread_count():
+    # 2 x 200k elements: several 64k-element chunks per row, spread over threads when allowed
+    x, v, v_ref, t, tn, level = _inputs((2, 200_000), torch.float32, seed=11)
+    noise = torch.randn(x.shape)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            vv = v.clone().requires_grad_()
+            out = F.sde_step(x, vv, t, tn, level, noise=noise, v_ref=v_ref, backend="native")
+            (out.log_prob.sum() + out.kl.sum()).backward()
+            results.append((out.prev_sample, out.log_prob, out.kl, vv.grad))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the native SDE step is the CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_native_storage_rounding_equals_torch(dtype):
+    from sfgrpo._native import require
+    from sfgrpo.ops._sde_step_native import storage_code
+
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 65504.0, 65519.9, 65520.0, 1e6, -1e6, 1e-8, -1e-8, 6.1e-5,
+                            5.96e-8, 2.98e-8, 2.99e-8, 1e-40, float("inf"), float("-inf"), 3.0e38])
+    bits = torch.randint(0, 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    random_floats = (bits.to(torch.int32)).view(torch.float32)  # every exponent, both tails of every rounding
+    values = torch.cat([special, random_floats, -random_floats, torch.randn(10_000)])
+    values = values[~values.isnan()]
+    module = require()
+    stored = torch.empty(values.shape, dtype=dtype)
+    module.cpu.convert_storage(0, values.data_ptr(), storage_code(dtype), stored.data_ptr(), values.numel())
+    assert torch.equal(stored.view(torch.int16 if dtype != torch.float64 else torch.int64),
+                       values.to(dtype).view(torch.int16 if dtype != torch.float64 else torch.int64))
+    back = torch.empty(values.shape, dtype=torch.float32)
+    module.cpu.convert_storage(storage_code(dtype), stored.data_ptr(), 0, back.data_ptr(), values.numel())
+    assert torch.equal(back, stored.float())
+    nan = torch.full((3,), float("nan"))
+    module.cpu.convert_storage(0, nan.data_ptr(), storage_code(dtype), stored.data_ptr(), 3)
+    assert stored[:3].isnan().all()
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_philox_noise_matches_between_kernel_and_reference(accel):
     x, v, _, t, tn, level = _inputs((3, 5000), torch.float32, seed=8)
     level = torch.full_like(level, 0.7)
     t = torch.full_like(t, 0.8)
     tn = torch.full_like(tn, 0.6)
-    a = F.sde_step(x, v, t, tn, level, seed=99, seed_offset=12345, backend=ACCEL, return_mean=True)
+    a = F.sde_step(x, v, t, tn, level, seed=99, seed_offset=12345, backend=accel, return_mean=True)
     b = F.sde_step(x, v, t, tn, level, seed=99, seed_offset=12345, backend="reference")
     _close(a.prev_sample, b.prev_sample, 1e-5, 1e-5, "philox sample")
     eps = (a.prev_sample - a.mean) / ref.per_row(a.std, x)
     assert abs(eps.mean().item()) < 0.03 and abs(eps.std().item() - 1) < 0.03
-    other = F.sde_step(x, v, t, tn, level, seed=100, seed_offset=12345, backend=ACCEL)
+    other = F.sde_step(x, v, t, tn, level, seed=100, seed_offset=12345, backend=accel)
     assert not torch.allclose(other.prev_sample, a.prev_sample)
 
 
-def test_generator_noise_is_diffusers_compatible():
+@pytest.mark.parametrize("accel", ACCELS)
+def test_generator_noise_is_diffusers_compatible(accel):
     x, v, _, t, tn, level = _inputs((2, 4, 8, 8), torch.float32)
-    got = F.sde_step(x, v, t, tn, level, generator=torch.Generator(device=DEVICE).manual_seed(21), backend=ACCEL,
+    got = F.sde_step(x, v, t, tn, level, generator=torch.Generator(device=DEVICE).manual_seed(21), backend=accel,
                      return_mean=True)
     eps = torch.randn(x.shape, generator=torch.Generator(device=DEVICE).manual_seed(21), device=DEVICE, dtype=torch.float32)
     _close(got.prev_sample, got.mean + ref.per_row(got.std, x) * eps, 1e-6, 1e-6, "generator sample")
@@ -143,7 +196,7 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize("sde_type, logprob, reduction, kl", GRAD_CASES)
-@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(3, 2, 5, 7), (2, 70_000)])
 def test_gradients_match_autograd_through_the_reference(sde_type, logprob, reduction, kl, backend, shape):
     x, v, v_ref, t, tn, level = _inputs(shape, torch.float32, seed=3)
@@ -166,7 +219,7 @@ def test_gradients_match_autograd_through_the_reference(sde_type, logprob, reduc
         _close(a * scale, b * scale, 1e-5, 1e-4, name)
 
 
-@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_flows_only_through_requested_outputs(backend):
     x, v, _, t, tn, level = _inputs((2, 3, 4, 4), torch.bfloat16)
     v = v.detach().requires_grad_()
@@ -185,7 +238,7 @@ def _op_args(x, v, v_ref, t, tn, level, *, prev_sample=None, noise=None, write=T
             sde_type, "gaussian", "mean", "exact", write, write, write, backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["score", "sample"])
 def test_opcheck(backend, mode):
     x, v, v_ref, t, tn, level = _inputs((3, 2, 4, 4), torch.float32)
@@ -214,18 +267,19 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     torch.testing.assert_close(out, loss_fn(x, v, sample, t, tn, level))
 
 
-def test_non_contiguous_inputs_equal_contiguous():
+@pytest.mark.parametrize("accel", ACCELS)
+def test_non_contiguous_inputs_equal_contiguous(accel):
     x, v, _, t, tn, level = _inputs((3, 4, 6, 5), torch.float32)
     xt, vt = x.transpose(2, 3).contiguous().transpose(2, 3), v.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
     assert not xt.is_contiguous() or not vt.is_contiguous()
     noise = torch.randn_like(x)
-    a = F.sde_step(xt, vt, t, tn, level, noise=noise, backend=ACCEL, return_x0_hat=True)
-    b = F.sde_step(x, v, t, tn, level, noise=noise, backend=ACCEL, return_x0_hat=True)
+    a = F.sde_step(xt, vt, t, tn, level, noise=noise, backend=accel, return_x0_hat=True)
+    b = F.sde_step(x, v, t, tn, level, noise=noise, backend=accel, return_x0_hat=True)
     assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
     assert torch.equal(a.x0_hat, b.x0_hat)
 
 
-@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x = torch.zeros(0, 4, 8, 8, device=DEVICE)
     out = F.sde_step(x, x, torch.zeros(0, device=DEVICE), torch.zeros(0, device=DEVICE), 0.7, seed=1,
@@ -269,7 +323,7 @@ def test_cuda_training_step_has_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("backend", ["reference", ACCEL])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_fast_path_equals_the_registered_op(backend):
     from sfgrpo.ops.sde_step import sde_step as eager_step
 

@@ -5,10 +5,11 @@ validates) and per-row float32 `[B]` tensors for t, t', the noise level and sigm
 were not requested are returned as empty tensors (custom ops cannot return None), and so is the
 sample when scoring a given one (an op may not return its own input).
 
-Per device: CPU tensors run the plain-PyTorch implementation (`_sde_step_torch`, the formulas of
-`sfgrpo.reference` computing only what was asked for), or the Triton kernels in Triton's
-interpreter when the `triton` backend is forced; CUDA tensors run the Triton kernels.
-`sfgrpo.backend` decides.
+Per device: CPU tensors run the C++ kernels of `sfgrpo._C` (`_sde_step_native`), or the
+plain-PyTorch implementation (`_sde_step_torch`, the formulas of `sfgrpo.reference` computing only
+what was asked for) with the `reference` backend or without the compiled module, or the Triton
+kernels in Triton's interpreter when the `triton` backend is forced; CUDA tensors run the Triton
+kernels. `sfgrpo.backend` decides.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from torch import Tensor
 
 from sfgrpo import backend
-from sfgrpo.ops import _sde_step_torch
+from sfgrpo.ops import _sde_step_native, _sde_step_torch
 
 OP_NAME = "sde_step"
-backend.register_op(OP_NAME, "triton")
+backend.register_op(OP_NAME, "triton", cpu_family="native")
 
 _EMPTY_SHAPE = (0,)
 
@@ -60,22 +61,23 @@ def sde_step_op(
                         use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1, backend_name)
 
 
-def _run_forward(*args):
-    *args, backend_name = args
-    if backend.resolve_backend(OP_NAME, args[0].device, backend_name) == "triton":
+def _implementation(device: torch.device, backend_name: Optional[str]):
+    chosen = backend.resolve_backend(OP_NAME, device, backend_name)
+    if chosen == "triton":
         from sfgrpo.kernels import sde_step as kernels
 
-        return kernels.forward(*args)
-    return _sde_step_torch.forward(*args)
+        return kernels
+    return _sde_step_native if chosen == "native" else _sde_step_torch
+
+
+def _run_forward(*args):
+    *args, backend_name = args
+    return _implementation(args[0].device, backend_name).forward(*args)
 
 
 def _run_backward(*args):
     *args, backend_name = args
-    if backend.resolve_backend(OP_NAME, args[0].device, backend_name) == "triton":
-        from sfgrpo.kernels import sde_step as kernels
-
-        return kernels.backward(*args)
-    return _sde_step_torch.backward(*args)
+    return _implementation(args[0].device, backend_name).backward(*args)
 
 
 @sde_step_op.register_fake

@@ -1,0 +1,108 @@
+"""The `sfgrpo::sde_step` ops on CPU tensors by the C++ kernels of `sfgrpo._C` (csrc/cpu/sde_step.cpp):
+one pass forward, one pass backward, the same signatures as `_sde_step_torch`. On the small latents
+of a training step this is one native call instead of ~40 PyTorch ops, whose dispatch cost is most
+of the step's time outside the backbone; on large latents it streams memory once.
+
+In-kernel Philox noise is drawn by `sfgrpo.reference.philox_normal` (the same bits as the PyTorch
+path) and handed to the kernel as eps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sfgrpo import _native, reference
+
+_STORAGE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_SDE_TYPES = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
+_ABSENT = (0, 0)
+
+
+def storage_code(dtype: torch.dtype) -> int:
+    try:
+        return _STORAGE[dtype]
+    except KeyError:
+        raise TypeError(f"sfgrpo: the native SDE step stores float32, bfloat16, float16 or float64, got {dtype}") from None
+
+
+def _latent(tensor: Tensor | None) -> tuple[int, int]:
+    """(address, storage code) of a contiguous latent; (0, 0) for none."""
+    if tensor is None:
+        return _ABSENT
+    return tensor.data_ptr(), storage_code(tensor.dtype)
+
+
+def _address(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _contiguous(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.contiguous()
+
+
+def _f32(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.to(torch.float32).contiguous()
+
+
+def _problem(x: Tensor, rows: tuple[Tensor, Tensor, Tensor, Tensor], sde_type: str, logprob: str, reduction: str,
+             kl: str) -> tuple:
+    t, t_next, noise_level, sigma_max = rows
+    return (x.shape[0], x.shape[1], _SDE_TYPES[sde_type], logprob == "flow_grpo", reduction == "sum",
+            kl == "flow_grpo", t.data_ptr(), t_next.data_ptr(), noise_level.data_ptr(), sigma_max.data_ptr())
+
+
+def _rows(*values: Tensor) -> tuple[Tensor, ...]:
+    return tuple(value.to(torch.float32).contiguous() for value in values)
+
+
+def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
+            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
+    module = _native.require("the native CPU SDE step")
+    x, v, prev_sample, noise, v_ref = (_contiguous(a) for a in (x, v, prev_sample, noise, v_ref))
+    rows = _rows(t, t_next, noise_level, sigma_max)
+    batch, elements = x.shape
+    if prev_sample is None and use_philox:
+        offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + seed_offset
+        noise = reference.philox_normal(seed, offsets).reshape(x.shape)
+    sample = x.new_empty(x.shape) if prev_sample is None else _empty(x, x.dtype)
+    log_prob, std, std_dev_t = (x.new_empty((batch,), dtype=torch.float32) for _ in range(3))
+    full = lambda flag: x.new_empty(x.shape, dtype=torch.float32) if flag else _empty(x)  # noqa: E731
+    mean, x0_hat, x1_hat = full(write_mean), full(write_x0), full(write_x1)
+    kl_value = x.new_empty((batch,), dtype=torch.float32) if v_ref is not None else _empty(x)
+    if batch > 0:
+        module.cpu.sde_step_forward(
+            _problem(x, rows, sde_type, logprob, reduction, kl), _latent(x), _latent(v), _latent(prev_sample),
+            _latent(noise), _latent(v_ref), _latent(sample if prev_sample is None else None), log_prob.data_ptr(),
+            std.data_ptr(), std_dev_t.data_ptr(), _address(mean if write_mean else None),
+            _address(x0_hat if write_x0 else None), _address(x1_hat if write_x1 else None),
+            _address(kl_value if v_ref is not None else None), torch.get_num_threads(),
+        )
+    return sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl_value
+
+
+def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl, grad_mean,
+             grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx):
+    """(dv, dv_ref, dx) in the dtypes of v, v_ref, x (empty when not needed)."""
+    module = _native.require("the native CPU SDE step")
+    x, v, sample, v_ref = (_contiguous(a) for a in (x, v, sample, v_ref))
+    grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1 = (
+        _f32(g) for g in (grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1)
+    )
+    rows = _rows(t, t_next, noise_level, sigma_max)
+    dv = torch.empty_like(v)
+    dv_ref = torch.empty_like(v_ref) if (need_dv_ref and v_ref is not None) else _empty(x)
+    dx = torch.empty_like(x) if need_dx else _empty(x)
+    if x.shape[0] > 0:
+        module.cpu.sde_step_backward(
+            _problem(x, rows, sde_type, logprob, reduction, kl), _latent(x), _latent(v),
+            _latent(sample if grad_log_prob is not None else None), _latent(v_ref if grad_kl is not None else None),
+            _address(grad_log_prob), _address(grad_kl), _address(grad_mean), _address(grad_x0), _address(grad_x1),
+            _latent(dv), _latent(dv_ref if dv_ref.numel() else None), _latent(dx if need_dx else None),
+            torch.get_num_threads(),
+        )
+    return dv, dv_ref, dx
