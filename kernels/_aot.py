@@ -63,7 +63,10 @@ def global_access_widths(ptx: str) -> dict:
     wide = lambda kind: sum(1 for op, mods in accesses if op == kind and ".v4" in mods and (".b32" in mods or ".f32" in mods))  # noqa: E731
     return {"loads_128bit": wide("ld"), "stores_128bit": wide("st"),
             "loads_narrow": sum(1 for op, _ in accesses if op == "ld") - wide("ld"),
-            "stores_narrow": sum(1 for op, _ in accesses if op == "st") - wide("st")}
+            "stores_narrow": sum(1 for op, _ in accesses if op == "st") - wide("st"),
+            # cross-program hand-offs: acquire/release atomics, and loads that skip the (incoherent) L1
+            "atomics_acq_rel": len(re.findall(r"\batom\.(?:\w+\.)*acq_rel", ptx)),
+            "loads_cg": sum(1 for op, mods in accesses if op == "ld" and ".cg" in mods)}
 
 
 def report(modules=("sde_step",)) -> list[dict]:

@@ -5,9 +5,10 @@ single pass over (x, v[, v_ref], x' or eps) yields the sample, the per-row squar
 make the Gaussian log-prob, the squared mean differences that make the KL, the mean and the Tweedie
 estimates. Rows are split into fixed chunks that depend only on (B, D, dtype) — never on which
 outputs are requested — so sampling and later scoring the stored sample sum in the same order and
-give bit-identical log-probs (on-policy ratio exactly 1). Partial sums go to a buffer and a tiny
-finalize kernel adds them in a fixed order (fp64): deterministic, no atomics. When a row fits in
-one chunk the main kernel finalizes in place and the step is a single launch.
+give bit-identical log-probs (on-policy ratio exactly 1). When a row spans several chunks, the
+programs store partial sums, take a ticket from the row's counter, and the row's last program adds
+the partials in chunk order (fp64): deterministic (no atomics on values), and a step is always a
+single launch (host launch overhead, not bandwidth, dominates small steps).
 
 The per-row coefficients are recomputed from (t, t', noise level) in every program: a few scalar
 flops instead of extra launches, and no host syncs (everything per row lives in device tensors).
@@ -111,7 +112,7 @@ def sde_step_fwd_kernel(
     x_ptr, v_ptr, vref_ptr, sample_in_ptr, noise_ptr,
     t_ptr, tn_ptr, a_ptr, smax_ptr,
     sample_out_ptr, mean_ptr, x0_ptr, x1_ptr,
-    partial_ptr, partial_kl_ptr,
+    partial_ptr, partial_kl_ptr, ticket_ptr,
     logp_ptr, kl_ptr, std_ptr, stddev_ptr,
     seed, seed_offset,
     D, NUM_CHUNKS,
@@ -119,8 +120,12 @@ def sde_step_fwd_kernel(
     WRITE_MEAN: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_X1: tl.constexpr,
     FINALIZE: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr,
     KL_FLOW_GRPO: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """FINALIZE (one chunk per row): the program writes its row's outputs. Otherwise each program
+    stores its chunk's partial sums and takes a ticket from the row's counter; the row's last
+    program adds the partials in chunk order (fp64, the same bits whichever program finishes last)
+    and writes the outputs: one launch per step, no atomics on the sums."""
     pid = tl.program_id(0)
     row, row_start, chunk_start = _chunk_of(pid, NUM_CHUNKS, D, BLOCK, ITERS)
     t, c_x, c_v, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
@@ -171,29 +176,33 @@ def sde_step_fwd_kernel(
         tl.store(partial_ptr + pid, sq)
         if HAS_VREF:
             tl.store(partial_kl_ptr + pid, sq_kl)
+        tl.debug_barrier()  # the partials are stored before the ticket releases them
+        ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel")
+        if ticket == NUM_CHUNKS - 1:
+            _finalize_from_partials(
+                partial_ptr, partial_kl_ptr, logp_ptr, kl_ptr, std_ptr, stddev_ptr, row, std, std_dev_t, D,
+                NUM_CHUNKS, SDE_TYPE, HAS_VREF, LOGPROB_FLOW_GRPO, SUM_REDUCTION, KL_FLOW_GRPO, BLOCK_C,
+            )
+            tl.store(ticket_ptr + row, 0)  # the counter is ready for the next launch (CUDA graphs replay it)
 
 
 @triton.jit
-def sde_step_finalize_kernel(
-    partial_ptr, partial_kl_ptr,
-    t_ptr, tn_ptr, a_ptr, smax_ptr,
-    logp_ptr, kl_ptr, std_ptr, stddev_ptr,
-    D, NUM_CHUNKS,
+def _finalize_from_partials(
+    partial_ptr, partial_kl_ptr, logp_ptr, kl_ptr, std_ptr, stddev_ptr, row, std, std_dev_t, D, NUM_CHUNKS,
     SDE_TYPE: tl.constexpr, HAS_VREF: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr,
     SUM_REDUCTION: tl.constexpr, KL_FLOW_GRPO: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program per row: adds the row's chunk partials in a fixed order (fp64)."""
-    row = tl.program_id(0)
-    _, _, _, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
+    """A row's log-prob and KL from its chunk partials, added in a fixed order in fp64. Partials
+    written by other programs are read past L1 (`.cg`), which is not coherent across SMs."""
     base = row.to(tl.int64) * NUM_CHUNKS
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     acc_kl = tl.zeros([BLOCK_C], dtype=tl.float64)
     for start in range(0, NUM_CHUNKS, BLOCK_C):
         idx = start + tl.arange(0, BLOCK_C)
         mask = idx < NUM_CHUNKS
-        acc += tl.load(partial_ptr + base + idx, mask=mask, other=0.0).to(tl.float64)
+        acc += tl.load(partial_ptr + base + idx, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
         if HAS_VREF:
-            acc_kl += tl.load(partial_kl_ptr + base + idx, mask=mask, other=0.0).to(tl.float64)
+            acc_kl += tl.load(partial_kl_ptr + base + idx, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
     sq = tl.sum(acc, axis=0)
     sq_kl = tl.sum(acc_kl, axis=0)
     log_prob, kl = _finalize_row(
@@ -294,6 +303,11 @@ class LaunchConfig:
     def finalize_inline(self) -> bool:
         return self.num_chunks == 1
 
+    @property
+    def partials_block(self) -> int:
+        """Partials the row's last program adds per iteration (1 when rows are not split)."""
+        return 1 if self.finalize_inline else min(1024, triton.next_power_of_2(self.num_chunks))
+
 
 @functools.lru_cache(maxsize=1024)  # on the host path of every call: ~40 us uncached under Triton 3.6
 def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, target_programs: int = 1024) -> LaunchConfig:
@@ -354,8 +368,12 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     if batch == 0:
         return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
     programs = batch * cfg.num_chunks
-    partial = log_prob if cfg.finalize_inline else torch.empty(programs, dtype=f32, device=x.device)
-    partial_kl = partial if (cfg.finalize_inline or v_ref is None) else torch.empty_like(partial)
+    if cfg.finalize_inline:
+        partial = partial_kl = tickets = log_prob  # unused: FINALIZE writes the outputs directly
+    else:
+        partial = torch.empty(programs * (2 if v_ref is not None else 1), dtype=f32, device=x.device)
+        partial_kl = partial[programs:] if v_ref is not None else partial
+        tickets = torch.zeros(batch, dtype=torch.int32, device=x.device)
     flags = _flags(sde_type, logprob, reduction, kl)
     # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
     sde_step_fwd_kernel[(programs,)](
@@ -364,24 +382,16 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         t, t_next, noise_level, sigma_max,
         sample_out if mode != MODE_SCORE else x, mean if write_mean else x,
         x0 if write_x0 else x, x1 if write_x1 else x,
-        partial if not cfg.finalize_inline else log_prob, partial_kl if not cfg.finalize_inline else log_prob,
+        partial, partial_kl, tickets,
         log_prob, kl_out if v_ref is not None else log_prob, std, std_dev_t,
         int(seed), int(seed_offset),
         elements, cfg.num_chunks,
         MODE=mode, HAS_VREF=v_ref is not None,
         WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
-        FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
-        enable_fp_fusion=FP_FUSION,
+        FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
+        num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
         **flags,
     )
-    if not cfg.finalize_inline:
-        sde_step_finalize_kernel[(batch,)](
-            partial, partial_kl, t, t_next, noise_level, sigma_max,
-            log_prob, kl_out if v_ref is not None else log_prob, std, std_dev_t,
-            elements, cfg.num_chunks,
-            HAS_VREF=v_ref is not None, BLOCK_C=min(1024, triton.next_power_of_2(cfg.num_chunks)),
-            num_warps=4, enable_fp_fusion=FP_FUSION, **flags,
-        )
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
 
 
@@ -433,7 +443,10 @@ def aot_variants():
     scalars = {"seed": "i64", "seed_offset": "i64", "D": "i32", "NUM_CHUNKS": "i32"}
 
     def types(fn, storage, storage_args):
-        return {name: (scalars[name] if name in scalars else f"*{storage if name in storage_args else 'fp32'}")
+        def pointer(name):
+            return "*i32" if name == "ticket_ptr" else f"*{storage if name in storage_args else 'fp32'}"
+
+        return {name: (scalars[name] if name in scalars else pointer(name))
                 for name in fn.arg_names if name in scalars or name.endswith("_ptr")}
 
     fwd_flags = dict(HAS_VREF=True, WRITE_MEAN=True, WRITE_X0=True, WRITE_X1=True, LOGPROB_FLOW_GRPO=False,
@@ -450,7 +463,8 @@ def aot_variants():
                         continue
                     yield (f"fwd/{storage}/{sde_type}/mode{mode}/finalize{int(finalize)}", sde_step_fwd_kernel,
                            types(sde_step_fwd_kernel, storage, _FWD_POINTERS),
-                           dict(fwd_flags, SDE_TYPE=sde_id, MODE=mode, FINALIZE=finalize), cfg.num_warps)
+                           dict(fwd_flags, SDE_TYPE=sde_id, MODE=mode, FINALIZE=finalize,
+                                BLOCK_C=1 if finalize else 1024), cfg.num_warps)
         for sde_type, sde_id in SDE_TYPE_IDS.items():
             if storage != "bf16" and sde_type != "sde":
                 continue
@@ -458,7 +472,4 @@ def aot_variants():
                    dict(SDE_TYPE=sde_id, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True, HAS_G_X1=True,
                         WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
                         KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4), cfg.num_warps)
-    for sde_type, sde_id in SDE_TYPE_IDS.items():
-        yield (f"finalize/{sde_type}", sde_step_finalize_kernel, types(sde_step_finalize_kernel, "fp32", ()),
-               dict(SDE_TYPE=sde_id, HAS_VREF=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False, KL_FLOW_GRPO=False,
-                    BLOCK_C=1024), 4)
+

@@ -30,7 +30,7 @@ def test_every_sde_type_mode_and_dtype_compiles_for_sm90(variants):
             assert f"sde_step/fwd/{storage}/sde/mode{mode}/finalize0" in variants
         assert f"sde_step/bwd/{storage}/sde" in variants
     for sde_type in ("sde", "cps", "ddim", "ode"):
-        assert f"sde_step/bwd/bf16/{sde_type}" in variants and f"sde_step/finalize/{sde_type}" in variants
+        assert f"sde_step/bwd/bf16/{sde_type}" in variants and f"sde_step/fwd/bf16/{sde_type}/mode0/finalize0" in variants
     assert all(row["target"].startswith("sm_90") for row in variants.values())
 
 
@@ -51,3 +51,13 @@ def test_streamed_tensors_use_128bit_accesses(variants):
         elif name.startswith("sde_step/bwd/"):
             # x, v, v_ref, sample, and three upstream gradients; dv, dv_ref, dx written
             assert row["loads_128bit"] >= 7 and row["stores_128bit"] >= 3, f"{name}: {row}"
+
+
+def test_split_rows_hand_their_partials_over_with_acquire_release(variants):
+    # rows split over several programs: the last program (ticket from an acq_rel atomic) adds the
+    # partials, read with .cg loads that bypass the SM's L1; single-chunk rows need neither
+    for name, row in variants.items():
+        if name.startswith("sde_step/fwd/") and name.endswith("finalize0"):
+            assert row["atomics_acq_rel"] >= 1 and row["loads_cg"] >= 1, f"{name}: {row}"
+        elif name.startswith("sde_step/fwd/"):
+            assert row["atomics_acq_rel"] == 0, f"{name}: {row}"

@@ -108,7 +108,7 @@ def test_scoring_the_drawn_sample_gives_ratio_exactly_one(dtype, sde_type, sourc
 
 @pytest.mark.parametrize("accel", ACCELS)
 def test_multi_chunk_rows_are_deterministic_and_on_policy(accel):
-    # 3 x 300k elements: several chunks per row, partial sums finalized by the second kernel
+    # 3 x 300k elements: several chunks per row, partial sums added by the row's last program
     x, v, _, t, tn, level = _inputs((3, 300_000), torch.bfloat16, seed=6)
     level = torch.full_like(level, 0.7)
     a = F.sde_step(x, v, t, tn, level, seed=3, backend=accel)
