@@ -12,8 +12,10 @@ for: `fused` (sfgrpo's Triton kernels; Philox noise for sampling), `fused_noise`
 `eager` (sfgrpo.reference), `compiled` (torch.compile of the reference), `flow_grpo` (the
 Flow-GRPO formulation: per-row sigma lookup with host syncs, separate ops, a second call for the
 KL) and `compat` (sfgrpo.compat.flow_grpo.sde_step_with_logprob, the drop-in with the same
-signature: fp32 casts + device-side sigma lookup + the fused op). Reports time, effective GB/s (bytes the fused algorithm must move / time), % of the device's
-measured copy bandwidth, speed-up of `fused` over each baseline, and host syncs per call.
+signature: fp32 casts + device-side sigma lookup + the fused op). Reports time per lone call (latency, host overhead included) and per call when 20 run
+back-to-back (throughput: the host runs ahead of the GPU), effective GB/s (bytes the fused
+algorithm must move / time), % of the device's measured copy bandwidth, speed-up of `fused` over
+each baseline, and host syncs per call.
 Writes CSV + JSON (GPU name, versions) under benchmarks/results/.
 """
 
@@ -67,6 +69,26 @@ def time_ms(fn, warmup=5, reps=30) -> float:
     return times[len(times) // 2]
 
 
+def time_pipelined_ms(fn, calls=20, warmup=3, reps=5) -> float:
+    """Per-call time of `calls` back-to-back calls between two events (median of `reps`): the host
+    enqueues ahead of the GPU, so this is max(host time, GPU time) per call, the training-loop
+    throughput, while `time_ms` (one call between events) is the latency of a lone call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def count_syncs(fn) -> int:
     fn()
     torch.cuda.synchronize()
@@ -104,7 +126,10 @@ def make_cases(shape, dtype, schedule):
     timestep = timesteps[STEP].expand(batch)
 
     def eager_sample():
-        ref.sde_step(x, v, t, tn, level, noise=torch.randn(shape, device=device))
+        # returns what the fused call returns: a compiled function without outputs would be
+        # dead-code-eliminated to nothing by inductor
+        out = ref.sde_step(x, v, t, tn, level, noise=torch.randn(shape, device=device))
+        return out.prev_sample, out.log_prob, out.x0_hat
 
     def flow_sample():
         out = fg.sde_step_with_logprob(sigmas, timesteps, v, timestep, x, 0.7)
@@ -228,19 +253,24 @@ def main() -> int:
                 timings = {}
                 for impl, fn in impls.items():
                     try:
-                        timings[impl] = (time_ms(fn), count_syncs(fn))
+                        timings[impl] = (time_ms(fn), time_pipelined_ms(fn), count_syncs(fn))
                     except Exception as err:  # a baseline that cannot run this shape (e.g. OOM)
                         print(f"  {shape_name} {dtype_name} {case} {impl}: failed ({type(err).__name__}: {err})")
                         torch.cuda.empty_cache()
-                fused_ms = timings.get("fused", (math.nan, 0))[0]
-                for impl, (ms, syncs) in timings.items():
+                fused_ms, fused_pipelined = timings.get("fused", (math.nan, math.nan, 0))[:2]
+                for impl, (ms, pipelined, syncs) in timings.items():
                     gbs = nbytes / (ms * 1e-3) / 1e9
+                    gbs_pipelined = nbytes / (pipelined * 1e-3) / 1e9
                     rows.append({"shape": shape_name, "dims": "x".join(map(str, shape)), "dtype": dtype_name, "case": case,
                                  "impl": impl, "ms": round(ms, 4), "gb_per_s": round(gbs, 1),
                                  "pct_copy_bw": round(100 * gbs / peak, 1), "fused_speedup": round(ms / fused_ms, 2),
+                                 "ms_pipelined": round(pipelined, 4), "gb_per_s_pipelined": round(gbs_pipelined, 1),
+                                 "pct_copy_bw_pipelined": round(100 * gbs_pipelined / peak, 1),
+                                 "fused_speedup_pipelined": round(pipelined / fused_pipelined, 2),
                                  "host_syncs": syncs})
                     print(f"{shape_name:>24} {dtype_name} {case:>8} {impl:>11}: {ms:8.3f} ms {gbs:7.0f} GB/s "
-                          f"{100 * gbs / peak:5.1f}% fused x{ms / fused_ms:5.2f} syncs {syncs}")
+                          f"{100 * gbs / peak:5.1f}% fused x{ms / fused_ms:5.2f} | back-to-back {pipelined:8.3f} ms "
+                          f"{100 * gbs_pipelined / peak:5.1f}% fused x{pipelined / fused_pipelined:5.2f} | syncs {syncs}")
             del cases
             torch.cuda.empty_cache()
     out = Path(args.out)

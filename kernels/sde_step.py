@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from sfgrpo.kernels._launch import DirectLauncher
+
 SDE_TYPE_IDS = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
 MODE_SCORE, MODE_NOISE, MODE_PHILOX = 0, 1, 2
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -330,6 +332,11 @@ def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, target_p
 
 
 # ------------------------------------------------------------------------------- launchers
+_FWD_LAUNCHER = DirectLauncher(sde_step_fwd_kernel)
+_BWD_LAUNCHER = DirectLauncher(sde_step_bwd_kernel)
+
+
+@functools.lru_cache(maxsize=None)
 def _flags(sde_type: str, logprob: str, reduction: str, kl: str) -> dict:
     return dict(
         SDE_TYPE=SDE_TYPE_IDS[sde_type],
@@ -376,7 +383,8 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         tickets = torch.zeros(batch, dtype=torch.int32, device=x.device)
     flags = _flags(sde_type, logprob, reduction, kl)
     # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
-    sde_step_fwd_kernel[(programs,)](
+    _FWD_LAUNCHER.with_constexprs(
+        (programs,), (
         x, v, v_ref if v_ref is not None else v, prev_sample if prev_sample is not None else x,
         noise if mode == MODE_NOISE else x,
         t, t_next, noise_level, sigma_max,
@@ -385,12 +393,12 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         partial, partial_kl, tickets,
         log_prob, kl_out if v_ref is not None else log_prob, std, std_dev_t,
         int(seed), int(seed_offset),
-        elements, cfg.num_chunks,
-        MODE=mode, HAS_VREF=v_ref is not None,
-        WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
-        FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
+        elements, cfg.num_chunks),
+        dict(MODE=mode, HAS_VREF=v_ref is not None,
+             WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
+             FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
+             **flags),
         num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-        **flags,
     )
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
 
@@ -414,19 +422,20 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     grad_mean, grad_x0, grad_x1 = contiguous(grad_mean), contiguous(grad_x0), contiguous(grad_x1)
     grad_log_prob = contiguous(grad_log_prob)
     grad_kl = contiguous(grad_kl)
-    sde_step_bwd_kernel[(batch * cfg.num_chunks,)](
+    _BWD_LAUNCHER.with_constexprs(
+        (batch * cfg.num_chunks,), (
         x, v, v_ref if v_ref is not None else v, sample,
         t, t_next, noise_level, sigma_max,
         grad_log_prob if grad_log_prob is not None else t, grad_kl if has_g_kl else t,
         grad_mean if grad_mean is not None else x, grad_x0 if grad_x0 is not None else x,
         grad_x1 if grad_x1 is not None else x,
         dv, dv_ref if (need_dv_ref and has_g_kl) else dv, dx if need_dx else dv,
-        elements, cfg.num_chunks,
-        HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
-        HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
-        WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx,
-        BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-        **_flags(sde_type, logprob, reduction, kl),
+        elements, cfg.num_chunks),
+        dict(HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
+             HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
+             WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx, BLOCK=cfg.block, ITERS=cfg.iters,
+             **_flags(sde_type, logprob, reduction, kl)),
+        num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return dv, dv_ref, dx
 

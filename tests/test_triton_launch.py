@@ -1,0 +1,149 @@
+"""Direct launch of compiled Triton kernels (sfgrpo.kernels._launch): the specialisation key, the
+cache of compiled kernels, the fallbacks; on a GPU, direct launches give the JIT launch's bits."""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+class _Param:
+    def __init__(self, is_constexpr):
+        self.is_constexpr = is_constexpr
+
+
+class FakeCompiled:
+    function = object()
+
+    def __init__(self, log, fail=False):
+        self.log, self.fail = log, fail
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            if self.fail:
+                raise TypeError("launcher takes 3 arguments")
+            self.log.append(("direct", grid, args, stream))
+        return runner
+
+
+class FakeKernel:
+    """Stands for a JITFunction: `kernel[grid](*args, **options)` records a JIT launch."""
+
+    arg_names = ["x_ptr", "n", "BLOCK"]
+    params = [_Param(False), _Param(False), _Param(True)]
+
+    def __init__(self, fail=False):
+        self.log, self.fail = [], fail
+
+    def __getitem__(self, grid):
+        def run(*args, **options):
+            self.log.append(("jit", grid, args, options))
+            return FakeCompiled(self.log, self.fail)
+        return run
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    from sfgrpo.kernels import _launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(_launch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_launch, "_disabled_reason", None)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
+    return _launch
+
+
+def test_second_launch_of_a_specialisation_skips_the_jit(launch):
+    kernel = FakeKernel()
+    launcher = launch.DirectLauncher(kernel)
+    x = torch.zeros(64)
+    launcher((4,), x, 32, 128, num_warps=4)
+    launcher.with_constexprs((4,), (x, 48), {"BLOCK": 128}, num_warps=4)  # same key: 48 % 16 == 0
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct"]
+    _, grid, args, stream = kernel.log[1]
+    assert grid == (4, 1, 1) and args == (x, 48, 128) and stream == 1234
+
+
+@pytest.mark.parametrize("change", ["int_not_divisible", "int_one", "int64", "misaligned", "dtype", "constexpr", "options"])
+def test_anything_triton_specialises_on_gets_its_own_kernel(launch, change):
+    kernel = FakeKernel()
+    launcher = launch.DirectLauncher(kernel)
+    x = torch.zeros(64)
+    launcher((1,), x, 32, 128, num_warps=4)
+    args, options = [x, 32, 128], dict(num_warps=4)
+    if change == "int_not_divisible":
+        args[1] = 33
+    elif change == "int_one":
+        args[1] = 1
+    elif change == "int64":
+        args[1] = 2**40
+    elif change == "misaligned":
+        args[0] = x[1:]  # 4 bytes past a 16-byte boundary
+    elif change == "dtype":
+        args[0] = x.double()
+    elif change == "constexpr":
+        args[2] = 256
+    else:
+        options = dict(num_warps=8)
+    launcher((1,), *args, **options)
+    assert [entry[0] for entry in kernel.log] == ["jit", "jit"]
+
+
+def test_a_runner_that_rejects_the_call_turns_direct_launch_off(launch):
+    kernel = FakeKernel(fail=True)
+    launcher = launch.DirectLauncher(kernel)
+    x = torch.zeros(64)
+    launcher((1,), x, 32, 128)
+    with pytest.warns(RuntimeWarning, match="launching Triton kernels directly failed"):
+        launcher((1,), x, 32, 128)
+    launcher((1,), x, 32, 128)
+    assert [entry[0] for entry in kernel.log] == ["jit", "jit", "jit"] and not launch.enabled()
+
+
+@pytest.mark.parametrize("env", [{"SFGRPO_TRITON_DIRECT_LAUNCH": "0"}, {"TRITON_INTERPRET": "1"}])
+def test_switched_off_by_environment(launch, monkeypatch, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    kernel = FakeKernel()
+    launcher = launch.DirectLauncher(kernel)
+    x = torch.zeros(64)
+    for _ in range(3):
+        launcher((1,), x, 32, 128)
+    assert [entry[0] for entry in kernel.log] == ["jit"] * 3
+
+
+def test_wrong_argument_count_is_an_error(launch):
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        launch.DirectLauncher(FakeKernel())((1,), torch.zeros(4), 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7), (4, 16, 33, 17), (2, 300_000)])
+def test_cuda_direct_launches_equal_jit_launches(monkeypatch, dtype, shape):
+    from sfgrpo import functional as F
+    from sfgrpo.kernels import _launch
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn((shape[0], shape[1] * 2, *shape[2:]), generator=g).to(dtype).cuda()
+    x = base[:, 1:shape[1] + 1]  # not 16-byte aligned, and not contiguous
+    v = torch.randn(shape, generator=g).to(dtype).cuda()
+    t = torch.full((shape[0],), 0.8, device="cuda")
+
+    def run():
+        vg = v.clone().requires_grad_()
+        out = F.sde_step(x, vg, t, t * 0.7, 0.7, seed=5, return_x0_hat=True)
+        scored = F.sde_step(x.contiguous(), vg, t, t * 0.7, 0.7, prev_sample=out.prev_sample, v_ref=v)
+        (scored.log_prob.sum() + scored.kl.sum() + out.x0_hat.float().sum()).backward()
+        return out.prev_sample, out.log_prob, scored.log_prob, scored.kl, vg.grad
+
+    monkeypatch.setenv(_launch.ENV_VAR, "0")
+    jit = run()
+    monkeypatch.setenv(_launch.ENV_VAR, "1")
+    run()  # compiles / caches
+    direct = run()
+    assert _launch.enabled()
+    for a, b in zip(jit, direct):
+        assert torch.equal(a, b)
