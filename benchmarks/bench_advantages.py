@@ -24,7 +24,6 @@ import pytest
 import torch
 
 import sfgrpo
-from sfgrpo import reference
 
 SIZES = [(1_152, 48), (24_576, 1_024), (65_536, 4_096)]
 STEPS = 10
@@ -193,7 +192,10 @@ def gpu_section() -> list[str]:
     device = torch.device("cuda")
     lines = ["### GPU (CUDA events, 1M gains = 100,000 trajectories x 10 steps, groups of 16)", "",
              f"device: {torch.cuda.get_device_name(device)}", "",
-             "| case | median µs |", "|---|---|"]
+             "`call`: one eager call between two events (host work included); `GPU only`: replay of the "
+             "call captured in a CUDA graph (kernel time, no Python, no launch overhead; n/a for calls "
+             "that synchronise).", "",
+             "| case | call, median µs | GPU only (graph replay), median µs |", "|---|---|---|"]
     samples = 100_000
     ids = torch.from_numpy(np.random.default_rng(0).permutation(np.arange(samples) // 16)).to(device)
     rewards = torch.rand(samples, STEPS + 1, device=device)
@@ -208,18 +210,36 @@ def gpu_section() -> list[str]:
                                                                               nonfinite="drop"),
         "reference gain_advantages (torch)": lambda: sfgrpo.gain_advantages(rewards, ids, backend="reference"),
     }
-    for name, fn in cases.items():
-        for _ in range(5):
-            fn()
+    def event_times(fn, reps=50):
         times = []
-        for _ in range(50):
+        for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3)
-        lines.append(f"| {name} | {statistics.median(times):.1f} |")
+        return statistics.median(times)
+
+    for name, fn in cases.items():
+        for _ in range(5):
+            fn()
+        call = event_times(fn)
+        graph_time = "n/a"
+        if "sync" not in name and "reference" not in name:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn()  # warm-up on the capture stream
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph):
+                    fn()
+                graph_time = f"{event_times(graph.replay):.1f}"
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                graph_time = f"capture failed ({type(err).__name__})"
+        lines.append(f"| {name} | {call:.1f} | {graph_time} |")
     return lines
 
 

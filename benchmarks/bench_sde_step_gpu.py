@@ -15,7 +15,8 @@ KL) and `compat` (sfgrpo.compat.flow_grpo.sde_step_with_logprob, the drop-in wit
 signature: fp32 casts + device-side sigma lookup + the fused op). Reports time per lone call (latency, host overhead included) and per call when 20 run
 back-to-back (throughput: the host runs ahead of the GPU), effective GB/s (bytes the fused
 algorithm must move / time), % of the device's measured copy bandwidth, speed-up of `fused` over
-each baseline, and host syncs per call.
+each baseline, the GPU-only time (the call captured in a CUDA graph and replayed) and host syncs
+per call.
 Writes CSV + JSON (GPU name, versions) under benchmarks/results/.
 """
 
@@ -87,6 +88,25 @@ def time_pipelined_ms(fn, calls=20, warmup=3, reps=5) -> float:
         times.append(start.elapsed_time(end) / calls)
     times.sort()
     return times[len(times) // 2]
+
+
+def time_graph_ms(fn) -> float:
+    """GPU-only time per call: `fn` captured in a CUDA graph and replayed (no Python, no launch
+    overhead). NaN when `fn` cannot be captured (it synchronises with the host)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_ms(graph.replay, warmup=3, reps=20)
+    except Exception:  # noqa: BLE001 - host syncs, or ops that cannot be captured
+        torch.cuda.synchronize()
+        return math.nan
 
 
 def count_syncs(fn) -> int:
@@ -253,12 +273,13 @@ def main() -> int:
                 timings = {}
                 for impl, fn in impls.items():
                     try:
-                        timings[impl] = (time_ms(fn), time_pipelined_ms(fn), count_syncs(fn))
+                        timings[impl] = (time_ms(fn), time_pipelined_ms(fn), count_syncs(fn), time_graph_ms(fn))
                     except Exception as err:  # a baseline that cannot run this shape (e.g. OOM)
                         print(f"  {shape_name} {dtype_name} {case} {impl}: failed ({type(err).__name__}: {err})")
                         torch.cuda.empty_cache()
-                fused_ms, fused_pipelined = timings.get("fused", (math.nan, math.nan, 0))[:2]
-                for impl, (ms, pipelined, syncs) in timings.items():
+                fused_ms, fused_pipelined = timings.get("fused", (math.nan, math.nan, 0, math.nan))[:2]
+                for impl, (ms, pipelined, syncs, graph_ms) in timings.items():
+                    gbs_graph = nbytes / (graph_ms * 1e-3) / 1e9
                     gbs = nbytes / (ms * 1e-3) / 1e9
                     gbs_pipelined = nbytes / (pipelined * 1e-3) / 1e9
                     rows.append({"shape": shape_name, "dims": "x".join(map(str, shape)), "dtype": dtype_name, "case": case,
@@ -267,10 +288,12 @@ def main() -> int:
                                  "ms_pipelined": round(pipelined, 4), "gb_per_s_pipelined": round(gbs_pipelined, 1),
                                  "pct_copy_bw_pipelined": round(100 * gbs_pipelined / peak, 1),
                                  "fused_speedup_pipelined": round(pipelined / fused_pipelined, 2),
+                                 "ms_gpu_only": round(graph_ms, 4), "pct_copy_bw_gpu_only": round(100 * gbs_graph / peak, 1),
                                  "host_syncs": syncs})
                     print(f"{shape_name:>24} {dtype_name} {case:>8} {impl:>11}: {ms:8.3f} ms {gbs:7.0f} GB/s "
                           f"{100 * gbs / peak:5.1f}% fused x{ms / fused_ms:5.2f} | back-to-back {pipelined:8.3f} ms "
-                          f"{100 * gbs_pipelined / peak:5.1f}% fused x{pipelined / fused_pipelined:5.2f} | syncs {syncs}")
+                          f"{100 * gbs_pipelined / peak:5.1f}% fused x{pipelined / fused_pipelined:5.2f} | GPU only {graph_ms:7.3f} ms "
+                          f"{100 * gbs_graph / peak:5.1f}% | syncs {syncs}")
             del cases
             torch.cuda.empty_cache()
     out = Path(args.out)

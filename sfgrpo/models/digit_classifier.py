@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 CLASSIFIER_WEIGHTS = "digits_classifier.safetensors"
