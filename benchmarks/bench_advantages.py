@@ -266,6 +266,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the markdown here as well as to stdout")
     parser.add_argument("--quick", action="store_true", help="one round of the slow baselines")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU section (no CPU tables)")
     args = parser.parse_args(argv)
     from sfgrpo.ops import advantages as ops
 
@@ -280,7 +281,8 @@ def main(argv=None) -> None:
         "Speed-ups compare best with best.",
         "",
     ]
-    lines = header + cpu_table(SIZES, args.quick) + [""] + gpu_section() + [""]
+    cpu = [] if args.gpu_only else cpu_table(SIZES, args.quick) + [""]
+    lines = header + cpu + gpu_section() + [""]
     text = "\n".join(lines)
     print(text)
     if args.out:
