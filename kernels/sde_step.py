@@ -34,14 +34,25 @@ FP_FUSION = False
 
 
 @triton.jit
-def _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE: tl.constexpr):
-    """(c_x, c_v, std, std_dev_t) of one row, float32 — the formulas of reference.sde_coefficients."""
-    t = tl.load(t_ptr + row).to(tl.float32)
-    tn = tl.load(tn_ptr + row).to(tl.float32)
-    a = tl.load(a_ptr + row).to(tl.float32)
+def _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax_val, row,
+                      SDE_TYPE: tl.constexpr, ROW_SCALARS: tl.constexpr):
+    """(c_x, c_v, std, std_dev_t) of one row, float32 — the formulas of reference.sde_coefficients.
+    ROW_SCALARS: every row has the same (t, t', a, sigma_max), passed by value (no per-row tensors
+    to build on the device, no loads)."""
+    if ROW_SCALARS:
+        t = tl.cast(t_val, tl.float32)  # (tl.cast: the interpreter passes Python floats)
+        tn = tl.cast(tn_val, tl.float32)
+        a = tl.cast(a_val, tl.float32)
+    else:
+        t = tl.load(t_ptr + row).to(tl.float32)
+        tn = tl.load(tn_ptr + row).to(tl.float32)
+        a = tl.load(a_ptr + row).to(tl.float32)
     dt = tn - t
     if SDE_TYPE == 0:  # sde (Flow-GRPO)
-        smax = tl.load(smax_ptr + row).to(tl.float32)
+        if ROW_SCALARS:
+            smax = tl.cast(smax_val, tl.float32)
+        else:
+            smax = tl.load(smax_ptr + row).to(tl.float32)
         t_tilde = tl.where(t >= 1.0, smax, t)
         sigma = a * tl.sqrt(t / (1.0 - t_tilde))
         corr = sigma * sigma / (2.0 * t)
@@ -112,13 +123,13 @@ def _finalize_row(
 @triton.jit
 def sde_step_fwd_kernel(
     x_ptr, v_ptr, vref_ptr, sample_in_ptr, noise_ptr,
-    t_ptr, tn_ptr, a_ptr, smax_ptr,
+    t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax_val,
     sample_out_ptr, mean_ptr, x0_ptr, x1_ptr,
     partial_ptr, partial_kl_ptr, ticket_ptr,
     logp_ptr, kl_ptr, std_ptr, stddev_ptr,
     seed, seed_offset,
     D, NUM_CHUNKS,
-    SDE_TYPE: tl.constexpr, MODE: tl.constexpr, HAS_VREF: tl.constexpr,
+    SDE_TYPE: tl.constexpr, ROW_SCALARS: tl.constexpr, MODE: tl.constexpr, HAS_VREF: tl.constexpr,
     WRITE_MEAN: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_X1: tl.constexpr,
     FINALIZE: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr,
     KL_FLOW_GRPO: tl.constexpr,
@@ -130,7 +141,9 @@ def sde_step_fwd_kernel(
     and writes the outputs: one launch per step, no atomics on the sums."""
     pid = tl.program_id(0)
     row, row_start, chunk_start = _chunk_of(pid, NUM_CHUNKS, D, BLOCK, ITERS)
-    t, c_x, c_v, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
+    t, c_x, c_v, std, std_dev_t = _row_coefficients(
+        t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax_val, row, SDE_TYPE, ROW_SCALARS
+    )
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
@@ -221,11 +234,11 @@ def _finalize_from_partials(
 @triton.jit
 def sde_step_bwd_kernel(
     x_ptr, v_ptr, vref_ptr, sample_ptr,
-    t_ptr, tn_ptr, a_ptr, smax_ptr,
+    t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax_val,
     g_logp_ptr, g_kl_ptr, g_mean_ptr, g_x0_ptr, g_x1_ptr,
     dv_ptr, dvref_ptr, dx_ptr,
     D, NUM_CHUNKS,
-    SDE_TYPE: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,
+    SDE_TYPE: tl.constexpr, ROW_SCALARS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,
     HAS_G_MEAN: tl.constexpr, HAS_G_X0: tl.constexpr, HAS_G_X1: tl.constexpr,
     WRITE_DVREF: tl.constexpr, WRITE_DX: tl.constexpr,
     LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr, KL_FLOW_GRPO: tl.constexpr,
@@ -239,7 +252,9 @@ def sde_step_bwd_kernel(
     """
     pid = tl.program_id(0)
     row, row_start, chunk_start = _chunk_of(pid, NUM_CHUNKS, D, BLOCK, ITERS)
-    t, c_x, c_v, std, std_dev_t = _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, row, SDE_TYPE)
+    t, c_x, c_v, std, std_dev_t = _row_coefficients(
+        t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax_val, row, SDE_TYPE, ROW_SCALARS
+    )
     if SUM_REDUCTION:
         scale = 1.0
     else:
@@ -332,6 +347,28 @@ def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, target_p
 
 
 # ------------------------------------------------------------------------------- launchers
+class _Rows:
+    """The per-row (t, t', a, sigma_max) as the kernels take them: four scalars when all are 0-d
+    CPU tensors (one value for every row: nothing to build on the device), else four `[B]` device
+    tensors."""
+
+    __slots__ = ("pointers", "values", "scalars")
+
+    def __init__(self, values, batch: int, device):
+        import torch
+
+        self.scalars = all(v.ndim == 0 and v.device.type == "cpu" for v in values)
+        if self.scalars:
+            self.values = tuple(float(v) for v in values)  # CPU tensors: no device sync
+            self.pointers = (values[0],) * 4  # unused by the kernel
+        else:
+            self.values = (0.0,) * 4
+            self.pointers = tuple(
+                (torch.full((batch,), float(v), dtype=torch.float32, device=device)
+                 if v.ndim == 0 and v.device.type == "cpu" else v) for v in values
+            )
+
+
 _FWD_LAUNCHER = DirectLauncher(sde_step_fwd_kernel)
 _BWD_LAUNCHER = DirectLauncher(sde_step_bwd_kernel)
 
@@ -353,6 +390,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
 
     batch, elements = x.shape
     cfg = launch_config(batch, elements, x.element_size())
+    rows = _Rows((t, t_next, noise_level, sigma_max), batch, x.device)
     f32 = torch.float32
 
     def empty():  # a fresh one each time: op outputs may not alias each other
@@ -387,7 +425,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         (programs,), (
         x, v, v_ref if v_ref is not None else v, prev_sample if prev_sample is not None else x,
         noise if mode == MODE_NOISE else x,
-        t, t_next, noise_level, sigma_max,
+        *rows.pointers, *rows.values,
         sample_out if mode != MODE_SCORE else x, mean if write_mean else x,
         x0 if write_x0 else x, x1 if write_x1 else x,
         partial, partial_kl, tickets,
@@ -397,7 +435,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         dict(MODE=mode, HAS_VREF=v_ref is not None,
              WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
              FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
-             **flags),
+             ROW_SCALARS=rows.scalars, **flags),
         num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
@@ -410,6 +448,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
 
     batch, elements = x.shape
     cfg = launch_config(batch, elements, x.element_size())
+    rows = _Rows((t, t_next, noise_level, sigma_max), batch, x.device)
     dv = torch.empty_like(v)
     has_g_kl = grad_kl is not None and v_ref is not None
     dv_ref = torch.empty_like(v_ref) if need_dv_ref else x.new_empty((0,), dtype=torch.float32)
@@ -425,7 +464,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     _BWD_LAUNCHER.with_constexprs(
         (batch * cfg.num_chunks,), (
         x, v, v_ref if v_ref is not None else v, sample,
-        t, t_next, noise_level, sigma_max,
+        *rows.pointers, *rows.values,
         grad_log_prob if grad_log_prob is not None else t, grad_kl if has_g_kl else t,
         grad_mean if grad_mean is not None else x, grad_x0 if grad_x0 is not None else x,
         grad_x1 if grad_x1 is not None else x,
@@ -434,7 +473,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         dict(HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
              HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
              WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx, BLOCK=cfg.block, ITERS=cfg.iters,
-             **_flags(sde_type, logprob, reduction, kl)),
+             ROW_SCALARS=rows.scalars, **_flags(sde_type, logprob, reduction, kl)),
         num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return dv, dv_ref, dx
@@ -449,7 +488,8 @@ def aot_variants():
     """(name, kernel, {arg: type}, constexprs, num_warps) of the specialisations worth compiling
     ahead of time for a PTX check: every SDE type, noise mode and storage dtype, with the heaviest
     flag set (all outputs, KL) so register pressure is at its worst."""
-    scalars = {"seed": "i64", "seed_offset": "i64", "D": "i32", "NUM_CHUNKS": "i32"}
+    scalars = {"seed": "i64", "seed_offset": "i64", "D": "i32", "NUM_CHUNKS": "i32",
+               "t_val": "fp32", "tn_val": "fp32", "a_val": "fp32", "smax_val": "fp32"}
 
     def types(fn, storage, storage_args):
         def pointer(name):
@@ -458,7 +498,7 @@ def aot_variants():
         return {name: (scalars[name] if name in scalars else pointer(name))
                 for name in fn.arg_names if name in scalars or name.endswith("_ptr")}
 
-    fwd_flags = dict(HAS_VREF=True, WRITE_MEAN=True, WRITE_X0=True, WRITE_X1=True, LOGPROB_FLOW_GRPO=False,
+    fwd_flags = dict(ROW_SCALARS=False, HAS_VREF=True, WRITE_MEAN=True, WRITE_X0=True, WRITE_X1=True, LOGPROB_FLOW_GRPO=False,
                      SUM_REDUCTION=False, KL_FLOW_GRPO=False, ITERS=4)
     for storage in ("fp32", "bf16", "fp16"):
         cfg = launch_config(64, 1 << 20, 4 if storage == "fp32" else 2)
@@ -474,11 +514,16 @@ def aot_variants():
                            types(sde_step_fwd_kernel, storage, _FWD_POINTERS),
                            dict(fwd_flags, SDE_TYPE=sde_id, MODE=mode, FINALIZE=finalize,
                                 BLOCK_C=1 if finalize else 1024), cfg.num_warps)
+        if storage == "bf16":  # one schedule value for every row, passed by value
+            yield ("fwd/bf16/sde/rowscalars/mode1/finalize0", sde_step_fwd_kernel,
+                   types(sde_step_fwd_kernel, storage, _FWD_POINTERS),
+                   dict(fwd_flags, ROW_SCALARS=True, SDE_TYPE=0, MODE=MODE_NOISE, FINALIZE=False, BLOCK_C=1024),
+                   cfg.num_warps)
         for sde_type, sde_id in SDE_TYPE_IDS.items():
             if storage != "bf16" and sde_type != "sde":
                 continue
             yield (f"bwd/{storage}/{sde_type}", sde_step_bwd_kernel, types(sde_step_bwd_kernel, storage, _BWD_STORAGE),
-                   dict(SDE_TYPE=sde_id, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True, HAS_G_X1=True,
+                   dict(SDE_TYPE=sde_id, ROW_SCALARS=False, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True, HAS_G_X1=True,
                         WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
                         KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4), cfg.num_warps)
 

@@ -113,8 +113,25 @@ def _warn_fallback_once(op: str, device_type: str, reason: str) -> None:
     )
 
 
+_RESOLVED: dict[tuple, str] = {}
+
+
 def resolve_backend(op: str, device: torch.device | str, override: str | None = None) -> str:
-    """Returns 'reference', 'triton' or 'native' for running `op` on tensors of `device`."""
+    """Returns 'reference', 'triton' or 'native' for running `op` on tensors of `device`.
+
+    On every op call: decisions are memoised on everything they depend on (the environment
+    variables are read each time, so changing them takes effect immediately)."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op, _OPS.get(op), _CPU_FAMILY.get(op), device_type, override, os.environ.get(ENV_VAR),
+           os.environ.get("TRITON_INTERPRET"), _native.available())
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = _resolve(op, torch.device(device_type), override)
+        _RESOLVED[key] = chosen
+    return chosen
+
+
+def _resolve(op: str, device: torch.device, override: str | None) -> str:
     if op not in _OPS:
         raise KeyError(f"sfgrpo: unknown op {op!r}; registered ops: {sorted(_OPS)}")
     device = torch.device(device)

@@ -45,6 +45,15 @@ def _check_latent(name: str, tensor: Tensor, like: Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
 
 
+def _step_value(value: float | Tensor, batch: int, device: torch.device) -> Tensor:
+    """A per-row step value for the op: a Python number becomes a 0-d float32 CPU tensor (one value
+    for every row: the kernels take it by value, nothing is built on the device); a tensor becomes
+    float32 `[B]` on the latents' device."""
+    if isinstance(value, Tensor):
+        return reference.row_values(value, batch, device).contiguous()
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
 def _rows(x: Tensor) -> Tensor:
     """`[B, ...]` -> contiguous `[B, D]` (a copy only when the layout needs one)."""
     return x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()
@@ -111,13 +120,12 @@ def sde_step(
     if generator is not None:
         noise = reference.draw_noise(x, generator)
     batch, device = x.shape[0], x.device
-    t_row = reference.row_values(t, batch, device)
-    t_next_row = reference.row_values(t_next, batch, device)
-    level_row = reference.row_values(noise_level, batch, device)
-    sigma_max_row = t_next_row if sigma_max is None else reference.row_values(sigma_max, batch, device)
+    t_row = _step_value(t, batch, device)
+    t_next_row = _step_value(t_next, batch, device)
+    level_row = _step_value(noise_level, batch, device)
+    sigma_max_row = t_next_row if sigma_max is None else _step_value(sigma_max, batch, device)
     outputs = sde_step_op(
-        _rows(x), _rows(v), t_row.contiguous(), t_next_row.contiguous(), level_row.contiguous(),
-        sigma_max_row.contiguous(),
+        _rows(x), _rows(v), t_row, t_next_row, level_row, sigma_max_row,
         None if prev_sample is None else _rows(prev_sample.to(x.dtype)),
         None if noise is None else _rows(noise),
         None if v_ref is None else _rows(v_ref),

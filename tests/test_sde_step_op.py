@@ -120,6 +120,25 @@ def test_multi_chunk_rows_are_deterministic_and_on_policy(accel):
     _close(a.log_prob, oracle.log_prob, 2e-6, 2e-6, "log_prob")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sde_type", ref.SDE_TYPES)
+def test_one_value_for_every_row_equals_per_row_tensors(backend, sde_type):
+    # Python numbers reach the kernels by value (no per-row tensors): same bits as [B] tensors
+    x, v, v_ref, *_ = _inputs((3, 2, 40_000), torch.bfloat16, seed=12)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    t, tn, level, smax = 0.85, 0.55, 0.7, 0.9
+    rows = [torch.full((3,), value, device=DEVICE) for value in (t, tn, level, smax)]
+    results = []
+    for values in ((t, tn, level, smax), rows):
+        vg = v.float().requires_grad_()
+        out = F.sde_step(x, vg, *values[:3], sigma_max=values[3], sde_type=sde_type, noise=noise, v_ref=v_ref,
+                         return_x0_hat=True, backend=backend)
+        (out.log_prob.sum() + out.kl.sum() + out.x0_hat.sum()).backward()
+        results.append((out.prev_sample, out.log_prob, out.kl, out.std, out.x0_hat, vg.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the native SDE step is the CPU kernel")
 def test_native_cpu_step_has_the_same_bits_for_any_thread_count():
     # 2 x 200k elements: several 64k-element chunks per row, spread over threads when allowed
@@ -308,15 +327,19 @@ def test_bad_inputs_give_clear_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_training_step_has_no_host_sync():
+@pytest.mark.parametrize("rows", ["tensors", "floats"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_cuda_training_step_has_no_host_sync(rows, backend):
     x, v, v_ref, t, tn, level = _inputs((8, 16, 32, 32), torch.bfloat16)
+    if rows == "floats":  # the trainer's case: one schedule value for every row
+        t, tn, level = 0.8, 0.6, 0.7
     v = v.detach().requires_grad_()
-    sample = F.sde_step(x, v.detach(), t, tn, level, seed=0).prev_sample
+    sample = F.sde_step(x, v.detach(), t, tn, level, seed=0, backend=backend).prev_sample
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        drawn = F.sde_step(x, v.detach(), t, tn, level, seed=1, return_x0_hat=True)
-        out = F.sde_step(x, v, t, tn, level, prev_sample=sample, v_ref=v_ref)
+        drawn = F.sde_step(x, v.detach(), t, tn, level, seed=1, return_x0_hat=True, backend=backend)
+        out = F.sde_step(x, v, t, tn, level, prev_sample=sample, v_ref=v_ref, backend=backend)
         (out.log_prob.sum() + 0.01 * out.kl.sum()).backward()
         del drawn
     finally:

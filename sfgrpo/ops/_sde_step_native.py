@@ -52,8 +52,9 @@ def _problem(x: Tensor, rows: tuple[Tensor, Tensor, Tensor, Tensor], sde_type: s
             kl == "flow_grpo", t.data_ptr(), t_next.data_ptr(), noise_level.data_ptr(), sigma_max.data_ptr())
 
 
-def _rows(*values: Tensor) -> tuple[Tensor, ...]:
-    return tuple(value.to(torch.float32).contiguous() for value in values)
+def _rows(batch: int, *values: Tensor) -> tuple[Tensor, ...]:
+    """Per-row step values (`[B]`, or 0-d for every row) as contiguous float32 `[B]` CPU tensors."""
+    return tuple(value.to(torch.float32).expand(batch).contiguous() for value in values)
 
 
 def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -64,8 +65,8 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
             use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
     module = _native.require("the native CPU SDE step")
     x, v, prev_sample, noise, v_ref = (_contiguous(a) for a in (x, v, prev_sample, noise, v_ref))
-    rows = _rows(t, t_next, noise_level, sigma_max)
     batch, elements = x.shape
+    rows = _rows(batch, t, t_next, noise_level, sigma_max)
     if prev_sample is None and use_philox:
         offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + seed_offset
         noise = reference.philox_normal(seed, offsets).reshape(x.shape)
@@ -93,7 +94,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1 = (
         _f32(g) for g in (grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1)
     )
-    rows = _rows(t, t_next, noise_level, sigma_max)
+    rows = _rows(x.shape[0], t, t_next, noise_level, sigma_max)
     dv = torch.empty_like(v)
     dv_ref = torch.empty_like(v_ref) if (need_dv_ref and v_ref is not None) else _empty(x)
     dx = torch.empty_like(x) if need_dx else _empty(x)

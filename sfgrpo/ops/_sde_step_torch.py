@@ -27,9 +27,20 @@ def _sum_of_squares_(values: Tensor) -> Tensor:
     return values.mul_(values).sum(dim=1)
 
 
+def step_rows(x: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+    """The op's per-row step values (`[B]`, or 0-d CPU for every row) as `[B]` on x's device. A 0-d
+    CPU value is filled on the device (a host-to-device copy would synchronise)."""
+    return tuple(
+        torch.full((x.shape[0],), float(value), dtype=torch.float32, device=x.device)
+        if value.ndim == 0 and value.device != x.device else reference.row_values(value, x.shape[0], x.device)
+        for value in values
+    )
+
+
 def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
             use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
     batch, elements = x.shape
+    t, t_next, noise_level, sigma_max = step_rows(x, t, t_next, noise_level, sigma_max)
     coeffs = reference.sde_coefficients(sde_type, t, t_next, noise_level, sigma_max)
     c_x, c_v, std = coeffs.c_x[:, None], coeffs.c_v[:, None], coeffs.std[:, None]
     xf, vf = x.float(), v.float()
@@ -70,6 +81,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
              grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx):
     """(dv, dv_ref, dx) by the closed form of `reference.sde_step_vjp`, in place on scratch buffers."""
     batch, elements = x.shape
+    t, t_next, noise_level, sigma_max = step_rows(x, t, t_next, noise_level, sigma_max)
     coeffs = reference.sde_coefficients(sde_type, t, t_next, noise_level, sigma_max)
     c_x, c_v = coeffs.c_x[:, None], coeffs.c_v[:, None]
     xf, vf = x.float(), v.float()
