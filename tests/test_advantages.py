@@ -556,3 +556,33 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.sfgrpo.gain_advantages.default, (rewards, ids, "joint", 1e-8, None, None, "drop"))
     torch.library.opcheck(torch.ops.sfgrpo.group_advantages_with_stats.default,
                           (rewards.double(), ids, "global", 1e-4, False, None, "drop"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["prompts", "random_ids", "extreme_ids", "large_groups"])
+def test_cuda_hashed_grouping_equals_sorted_grouping(layout):
+    # without statistics the CUDA engine groups rows by hash slot (a short sort); with them, by
+    # sorted id: the advantages must be the same bits, whatever the ids look like
+    g = torch.Generator().manual_seed(31)
+    if layout == "prompts":  # prompt numbers, groups of 16, shuffled (the benchmark's layout)
+        ids = (torch.arange(100_000) // 16)[torch.randperm(100_000, generator=g)]
+    elif layout == "random_ids":  # arbitrary 64-bit values, unsorted, groups of 1..24
+        ids = random_layout(60_000, max_group=24, seed=32)
+    elif layout == "extreme_ids":  # the hash table's empty marker (-1) and other edge values are ids too
+        keys = torch.tensor([-1, 0, 2**63 - 1, -(2**63), 1, -2, 64, 128, 2**32, -(2**32)])
+        ids = keys[torch.randint(0, len(keys), (5000,), generator=g)]
+    else:  # groups bigger than a warp handles: the block path
+        ids = torch.randint(0, 3, (30_000,), generator=g)
+    rewards = rewards_for(ids, 11, torch.float32, 33).cuda()
+    ids = ids.cuda()
+    for normalize in ("joint", "per_step"):
+        hashed = F.gain_advantages(rewards, ids, normalize=normalize, nonfinite="drop", backend="native")
+        sorted_, _ = F.gain_advantages(rewards, ids, normalize=normalize, nonfinite="drop", return_stats=True,
+                                       backend="native")
+        assert torch.equal(hashed, sorted_)
+    flat = rewards[:, -1].contiguous()
+    hashed = F.group_advantages(flat, ids, nonfinite="drop", backend="native")
+    sorted_, _ = F.group_advantages(flat, ids, nonfinite="drop", return_stats=True, backend="native")
+    assert torch.equal(hashed, sorted_)
+    expected = F.group_advantages(flat.cpu(), ids.cpu(), nonfinite="drop", backend="native")
+    assert_matches(hashed.cpu(), expected, torch.float32)
