@@ -30,6 +30,9 @@ here when it is `native`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import os
 from typing import NamedTuple, Optional
 
@@ -201,13 +204,13 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
             _raise_nonfinite(rewards)
         return out, stats
     cuda = _native.require_cuda("the native advantage ops")
-    with torch.cuda.device(device):
-        workspace = torch.empty(
-            cuda.advantages_workspace_bytes(rows, width, problem.gains, problem.pooled), dtype=torch.uint8,
-            device=device,
-        )
+    # kernels launch on the current device: switch only when the tensors live on another one
+    guard = torch.cuda.device(device) if device.index != torch.cuda.current_device() else contextlib.nullcontext()
+    with guard:
+        workspace = torch.empty(_workspace_bytes(rows, width, problem.gains, problem.pooled), dtype=torch.uint8,
+                                device=device)
         counts = torch.empty(2, dtype=torch.int64, device=device)  # {groups, nonfinite rows}
-        stream = torch.cuda.current_stream(device).cuda_stream
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
         cuda.advantages(**args, counts=counts.data_ptr(), workspace=workspace.data_ptr(),
                         workspace_bytes=workspace.numel(), stream=stream)
     if stats is not None:
@@ -215,6 +218,12 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
     if nonfinite == "error" and bool(counts[1] != 0):  # the one device->host sync of this policy
         _raise_nonfinite(rewards)
     return out, stats
+
+
+@functools.lru_cache(maxsize=256)
+def _workspace_bytes(rows: int, width: int, gains: bool, pooled: bool) -> int:
+    """Scratch bytes of the CUDA engine (CUB's size queries run on the host on every call otherwise)."""
+    return _native.require_cuda("the native advantage ops").advantages_workspace_bytes(rows, width, gains, pooled)
 
 
 def _gain_problem(normalize: str, eps: float, clip: float | None) -> _Problem:
@@ -230,15 +239,29 @@ def _as_matrix(rewards: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ custom ops
+# Each op's body is a plain function too: eager calls run it directly (the registered op's Python
+# dispatch layers cost more than the engine on prompt-sized batches); torch.compile sees the op.
+def _gain_advantages_impl(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite, with_stats):
+    check_gain_inputs(rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
+                      nonfinite=nonfinite, native_only=True)
+    out, stats = _run_native(rewards, group_ids, _gain_problem(normalize, eps, clip), step_mask, nonfinite,
+                             with_stats)
+    return (out, *stats) if with_stats else out
+
+
+def _group_advantages_impl(rewards, group_ids, std, eps, unbiased, clip, nonfinite, with_stats):
+    check_group_inputs(rewards, group_ids, std=std, eps=eps, clip=clip, nonfinite=nonfinite, native_only=True)
+    problem = _group_problem(std, eps, unbiased, clip)
+    out, stats = _run_native(_as_matrix(rewards), group_ids, problem, None, nonfinite, with_stats)
+    return (out.reshape(rewards.shape), *stats) if with_stats else out.reshape(rewards.shape)
+
+
 @torch.library.custom_op("sfgrpo::gain_advantages", mutates_args=(), device_types=("cpu", "cuda"))
 def gain_advantages_op(
     rewards: Tensor, group_ids: Tensor, normalize: str, eps: float, clip: Optional[float],
     step_mask: Optional[Tensor], nonfinite: str,
 ) -> Tensor:
-    check_gain_inputs(rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
-                      nonfinite=nonfinite, native_only=True)
-    out, _ = _run_native(rewards, group_ids, _gain_problem(normalize, eps, clip), step_mask, nonfinite, False)
-    return out
+    return _gain_advantages_impl(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite, False)
 
 
 @gain_advantages_op.register_fake
@@ -251,10 +274,7 @@ def gain_advantages_with_stats_op(
     rewards: Tensor, group_ids: Tensor, normalize: str, eps: float, clip: Optional[float],
     step_mask: Optional[Tensor], nonfinite: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_gain_inputs(rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
-                      nonfinite=nonfinite, native_only=True)
-    out, stats = _run_native(rewards, group_ids, _gain_problem(normalize, eps, clip), step_mask, nonfinite, True)
-    return (out, *stats)
+    return _gain_advantages_impl(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite, True)
 
 
 @gain_advantages_with_stats_op.register_fake
@@ -268,10 +288,7 @@ def group_advantages_op(
     rewards: Tensor, group_ids: Tensor, std: str, eps: float, unbiased: bool, clip: Optional[float],
     nonfinite: str,
 ) -> Tensor:
-    check_group_inputs(rewards, group_ids, std=std, eps=eps, clip=clip, nonfinite=nonfinite, native_only=True)
-    problem = _group_problem(std, eps, unbiased, clip)
-    out, _ = _run_native(_as_matrix(rewards), group_ids, problem, None, nonfinite, False)
-    return out.reshape(rewards.shape)
+    return _group_advantages_impl(rewards, group_ids, std, eps, unbiased, clip, nonfinite, False)
 
 
 @group_advantages_op.register_fake
@@ -284,10 +301,7 @@ def group_advantages_with_stats_op(
     rewards: Tensor, group_ids: Tensor, std: str, eps: float, unbiased: bool, clip: Optional[float],
     nonfinite: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_group_inputs(rewards, group_ids, std=std, eps=eps, clip=clip, nonfinite=nonfinite, native_only=True)
-    problem = _group_problem(std, eps, unbiased, clip)
-    out, stats = _run_native(_as_matrix(rewards), group_ids, problem, None, nonfinite, True)
-    return (out.reshape(rewards.shape), *stats)
+    return _group_advantages_impl(rewards, group_ids, std, eps, unbiased, clip, nonfinite, True)
 
 
 @group_advantages_with_stats_op.register_fake
@@ -343,12 +357,12 @@ def gain_advantages(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: 
                     step_mask: Tensor | None, nonfinite: str, return_stats: bool):
     """Runs `sfgrpo::gain_advantages[_with_stats]`; the same results as `reference.gain_advantages`."""
     values = _compute_dtype(rewards)
+    args = (values, group_ids, normalize, eps, clip, step_mask, nonfinite)
     if not return_stats:
-        adv = torch.ops.sfgrpo.gain_advantages(values, group_ids, normalize, eps, clip, step_mask, nonfinite)
+        adv = torch.ops.sfgrpo.gain_advantages(*args) if _compiling() else _gain_advantages_impl(*args, False)
         return adv.to(rewards.dtype)
-    adv, *padded = torch.ops.sfgrpo.gain_advantages_with_stats(
-        values, group_ids, normalize, eps, clip, step_mask, nonfinite
-    )
+    adv, *padded = (torch.ops.sfgrpo.gain_advantages_with_stats(*args) if _compiling()
+                    else _gain_advantages_impl(*args, True))
     return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=normalize == "joint")
 
 
@@ -356,10 +370,14 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float
                      clip: float | None, nonfinite: str, return_stats: bool):
     """Runs `sfgrpo::group_advantages[_with_stats]`; the same results as `reference.group_advantages`."""
     values = _compute_dtype(rewards)
+    args = (values, group_ids, std, eps, unbiased, clip, nonfinite)
     if not return_stats:
-        adv = torch.ops.sfgrpo.group_advantages(values, group_ids, std, eps, unbiased, clip, nonfinite)
+        adv = torch.ops.sfgrpo.group_advantages(*args) if _compiling() else _group_advantages_impl(*args, False)
         return adv.to(rewards.dtype)
-    adv, *padded = torch.ops.sfgrpo.group_advantages_with_stats(
-        values, group_ids, std, eps, unbiased, clip, nonfinite
-    )
+    adv, *padded = (torch.ops.sfgrpo.group_advantages_with_stats(*args) if _compiling()
+                    else _group_advantages_impl(*args, True))
     return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=rewards.ndim == 1)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
