@@ -9,6 +9,7 @@
 # 1. op tests on CUDA (SDE step incl. direct launch, sync-debug, CUDA graphs; advantages; compat)
 # 2. SDE-step benchmark --quick (latency, back-to-back, GPU-only graph replay, vs eager/compile/Flow-GRPO)
 # 3. advantage engine on the GPU (eager call vs graph replay)
+# 4. launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -30,5 +31,8 @@ timeout 240 python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT
 echo "sde-step bench: exit $?"
 timeout 90 python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
 echo "advantages bench: exit $?"
+timeout 200 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" > /dev/null 2> "$OUT/tuning.err"
+echo "tuning: exit $?"
 tail -n 30 "$OUT/bench_sde_step.txt"
 cat "$OUT/advantages.md"
+head -n 40 "$OUT/tuning.md" 2>/dev/null

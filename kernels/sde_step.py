@@ -326,23 +326,36 @@ class LaunchConfig:
         return 1 if self.finalize_inline else min(1024, triton.next_power_of_2(self.num_chunks))
 
 
+@dataclass(frozen=True)
+class LaunchTuning:
+    """The knobs of `launch_config` (benchmarks/tune_sde_step_gpu.py sweeps them on a GPU)."""
+
+    threads: int = 256  # per program
+    bytes_per_thread: int = 16  # storage bytes of one tensor a thread handles per iteration (16: 128-bit)
+    target_programs: int = 1024  # enough programs to fill the GPU
+    max_iters: int = 32  # blocks one program streams
+
+
+TUNING = LaunchTuning()
+
+
 @functools.lru_cache(maxsize=1024)  # on the host path of every call: ~40 us uncached under Triton 3.6
-def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, target_programs: int = 1024) -> LaunchConfig:
+def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, tuning: LaunchTuning | None = None) -> LaunchConfig:
     """Chunking of each row. Depends only on the shape and storage dtype, never on the requested
     outputs, so the sampling pass and the scoring pass sum residuals in exactly the same order.
 
-    Each of the 256 threads of a program handles 16 bytes of storage per tensor per iteration
-    (4 fp32 or 8 bf16/fp16 values): 128-bit loads and stores."""
-    threads = 256
-    full_block = threads * max(1, 16 // itemsize)
+    By default each of the 256 threads of a program handles 16 bytes of storage per tensor per
+    iteration (4 fp32 or 8 bf16/fp16 values): 128-bit loads and stores."""
+    tuning = tuning or TUNING
+    per_thread = max(1, tuning.bytes_per_thread // itemsize)
+    full_block = tuning.threads * per_thread
     block = min(full_block, triton.next_power_of_2(max(elements_per_row, 16)))
     blocks_per_row = triton.cdiv(elements_per_row, block)
-    # enough programs to fill the GPU, each streaming up to 32 blocks
-    wanted_chunks = max(1, triton.cdiv(target_programs, max(batch, 1)))
+    wanted_chunks = max(1, triton.cdiv(tuning.target_programs, max(batch, 1)))
     iters = triton.next_power_of_2(max(1, triton.cdiv(blocks_per_row, wanted_chunks)))
-    iters = min(iters, 32)
+    iters = min(iters, tuning.max_iters)
     num_chunks = triton.cdiv(blocks_per_row, iters)
-    num_warps = max(1, min(8, block // (32 * max(1, 16 // itemsize))))
+    num_warps = max(1, min(tuning.threads // 32, block // (32 * per_thread)))
     return LaunchConfig(block=block, iters=iters, num_chunks=num_chunks, num_warps=num_warps)
 
 
