@@ -48,13 +48,14 @@ def resource_usage(cubin: bytes) -> dict:
     as stack / local bytes), read with cuobjdump."""
     tool = _cuobjdump()
     if tool is None:
-        return {"registers": None, "stack_bytes": None, "local_bytes": None}
+        return {"registers": None, "stack_bytes": None, "shared_bytes": None, "local_bytes": None}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)), "local_bytes": int(usage.group(3))}
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)), "shared_bytes": int(usage.group(3)),
+            "local_bytes": int(usage.group(4))}
 
 
 def global_access_widths(ptx: str) -> dict:

@@ -159,7 +159,11 @@ def sde_step_fwd_kernel(
             if MODE == 1:
                 eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             else:
-                eps = tl.randn(seed, seed_offset + offs)
+                # one Philox call per 4 elements (tl.randn4x: two Box-Muller pairs), interleaved back
+                # to element order; row r uses counters seed_offset + r * ceil(D / 4) + q
+                quads = seed_offset + row.to(tl.int64) * ((D + 3) // 4) + (chunk_start + i * BLOCK) // 4
+                n0, n1, n2, n3 = tl.randn4x(seed, quads + tl.arange(0, BLOCK // 4))
+                eps = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
             # round to the storage dtype first: the log-prob must be that of the stored sample
             stored = (mean + std * eps).to(sample_out_ptr.dtype.element_ty)
             tl.store(sample_out_ptr + offs, stored, mask=mask)

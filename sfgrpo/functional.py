@@ -89,7 +89,9 @@ def sde_step(
     Latents have any rank (dim 0 is the batch) and fp32/bf16/fp16 storage; math is fp32. `t`,
     `t_next`, `noise_level`, `sigma_max` are floats or per-row `[B]` tensors (kept on the device:
     no host syncs). Noise, when sampling: `noise` (eps) if given; else in-kernel Philox from `seed`
-    (+ `seed_offset`, fast and reproducible, not bit-equal to torch.randn); else
+    (fast and reproducible, not bit-equal to torch.randn; a call uses Philox counters
+    `seed_offset .. seed_offset + B * ceil(D / 4) - 1`, 4 normals each, so steps that share a seed
+    take disjoint counter ranges, `reference.philox_step_noise` gives the same noise); else
     `torch.randn(generator=...)` drawn like diffusers' `randn_tensor` (bit-compatible sampling).
     Gradients flow to `v` (and `x`, `v_ref` when they require grad) through the mean and the
     Tweedie estimates; the sample is data. Values are not range-checked (that would sync): the

@@ -376,19 +376,19 @@ _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 
 
-def philox_normal(seed: int, offsets: Tensor) -> Tensor:
-    """Standard normals from Philox-4x32-10 counters, the scheme of Triton's `tl.randn(seed, offsets)`
-    (counter = 64-bit offset, key = 64-bit seed, Box-Muller on the first two words).
+def philox_normal4(seed: int, counters: Tensor) -> Tensor:
+    """`[*counters.shape, 4]` standard normals from Philox-4x32-10, the scheme of Triton's
+    `tl.randn4x(seed, counters)`: counter = 64-bit value (low word, high word, 0, 0), key = 64-bit
+    seed, the four output words -> four uniforms -> two Box-Muller pairs (cos, sin).
 
-    The reference path's in-kernel-noise mode: the CPU reference and the Triton kernels draw the
-    same noise for the same (seed, offsets), up to the last bits of log/cos. Not bit-equal to
-    `torch.randn`; use a torch generator for diffusers compatibility.
+    Up to the last bits of log/cos/sin, the noise the Triton kernels draw in-kernel; not
+    bit-equal to `torch.randn` (use a torch generator for diffusers compatibility).
     """
     import numpy as np
 
-    counters = offsets.detach().cpu().numpy().astype(np.int64).view(np.uint64)
+    flat = counters.detach().cpu().reshape(-1).numpy().astype(np.int64).view(np.uint64)
     mask32 = np.uint64(0xFFFFFFFF)
-    c0, c1 = counters & mask32, counters >> np.uint64(32)
+    c0, c1 = flat & mask32, flat >> np.uint64(32)
     c2 = np.zeros_like(c0)
     c3 = np.zeros_like(c0)
     seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
@@ -410,11 +410,25 @@ def philox_normal(seed: int, offsets: Tensor) -> Tensor:
         signed = np.where(signed < 0, ~signed, signed)
         return signed.astype(np.float32) * np.float32(4.6566127342e-10)
 
-    u1 = np.maximum(np.float32(1.0e-7), to_uniform(c0))
-    u2 = to_uniform(c1)
-    radius = np.sqrt(np.float32(-2.0) * np.log(u1))
-    normal = radius * np.cos(np.float32(6.283185307179586) * u2)
-    return torch.from_numpy(normal.astype(np.float32)).to(offsets.device)
+    def box_muller(u1, u2):
+        radius = np.sqrt(np.float32(-2.0) * np.log(np.maximum(np.float32(1.0e-7), u1)))
+        angle = np.float32(6.283185307179586) * u2
+        return radius * np.cos(angle), radius * np.sin(angle)
+
+    n1, n2 = box_muller(to_uniform(c0), to_uniform(c1))
+    n3, n4 = box_muller(to_uniform(c2), to_uniform(c3))
+    normals = np.stack([n1, n2, n3, n4], axis=-1).astype(np.float32)
+    return torch.from_numpy(normals).reshape(*counters.shape, 4).to(counters.device)
+
+
+def philox_step_noise(seed: int, seed_offset: int, rows: int, elements: int, device=None) -> Tensor:
+    """`[rows, elements]` in-kernel-Philox noise of one SDE step, as the kernels lay it out: row r
+    uses counters `seed_offset + r * ceil(elements / 4) + q`, each giving the 4 normals of
+    elements 4q .. 4q + 3. One call uses `rows * ceil(elements / 4)` counters."""
+    quads = -(-elements // 4)
+    counters = seed_offset + torch.arange(rows, dtype=torch.int64)[:, None] * quads + torch.arange(quads)[None, :]
+    noise = philox_normal4(seed, counters).reshape(rows, quads * 4)[:, :elements]
+    return noise.contiguous().to(device) if device is not None else noise.contiguous()
 
 
 # --------------------------------------------------------------- ODE look-ahead (SPEC §4.2)

@@ -199,6 +199,24 @@ def test_philox_noise_matches_between_kernel_and_reference(accel):
     assert not torch.allclose(other.prev_sample, a.prev_sample)
 
 
+def test_philox_step_noise_layout_and_statistics():
+    # 4 normals per counter, rows on disjoint counter ranges: a row drawn alone at its offset is the
+    # same row drawn within the batch; odd row lengths use only the first values of the last counter
+    batch = ref.philox_step_noise(7, 100, 3, 1001)
+    quads = (1001 + 3) // 4
+    assert batch.shape == (3, 1001)
+    assert torch.equal(batch[2], ref.philox_step_noise(7, 100 + 2 * quads, 1, 1001)[0])
+    assert torch.equal(batch[0, :1000], ref.philox_step_noise(7, 100, 1, 1000)[0])
+    four = ref.philox_normal4(7, torch.tensor([100, 101]))
+    assert torch.equal(batch[0, :8], four.reshape(-1))
+    big = ref.philox_step_noise(3, 0, 4, 250_000).double()
+    assert abs(big.mean().item()) < 0.005 and abs(big.std().item() - 1) < 0.005
+    assert abs((big ** 4).mean().item() - 3) < 0.05  # Gaussian kurtosis
+    for lag in (1, 2, 3, 4):  # the 4 values of a counter (and neighbours) are uncorrelated
+        corr = (big[:, lag:] * big[:, :-lag]).mean().item()
+        assert abs(corr) < 0.005, (lag, corr)
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 def test_generator_noise_is_diffusers_compatible(accel):
     x, v, _, t, tn, level = _inputs((2, 4, 8, 8), torch.float32)

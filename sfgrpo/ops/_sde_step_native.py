@@ -3,7 +3,7 @@ one pass forward, one pass backward, the same signatures as `_sde_step_torch`. O
 of a training step this is one native call instead of ~40 PyTorch ops, whose dispatch cost is most
 of the step's time outside the backbone; on large latents it streams memory once.
 
-In-kernel Philox noise is drawn by `sfgrpo.reference.philox_normal` (the same bits as the PyTorch
+In-kernel Philox noise is drawn by `sfgrpo.reference.philox_step_noise` (the same bits as the PyTorch
 path) and handed to the kernel as eps.
 """
 
@@ -68,8 +68,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     batch, elements = x.shape
     rows = _rows(batch, t, t_next, noise_level, sigma_max)
     if prev_sample is None and use_philox:
-        offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + seed_offset
-        noise = reference.philox_normal(seed, offsets).reshape(x.shape)
+        noise = reference.philox_step_noise(seed, seed_offset, x.shape[0], x.shape[1], x.device)
     sample = x.new_empty(x.shape) if prev_sample is None else _empty(x, x.dtype)
     log_prob, std, std_dev_t = (x.new_empty((batch,), dtype=torch.float32) for _ in range(3))
     full = lambda flag: x.new_empty(x.shape, dtype=torch.float32) if flag else _empty(x)  # noqa: E731

@@ -47,8 +47,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     mean = _mean(xf, vf, c_x, c_v)
     if prev_sample is None:
         if use_philox:
-            offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + seed_offset
-            noise = reference.philox_normal(seed, offsets).reshape(x.shape)
+            noise = reference.philox_step_noise(seed, seed_offset, x.shape[0], x.shape[1], x.device)
         sample_out = torch.addcmul(mean, noise.float(), std).to(x.dtype)
         sample = sample_out
     else:
