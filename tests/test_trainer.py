@@ -281,3 +281,24 @@ def test_yaml_config(tmp_path):
     path.write_text(yaml.safe_dump({"mode": "stepwise_per_step", "lookahead_steps": 2}))
     config = TrainerConfig.from_file(path)
     assert config.normalize == "per_step" and config.lookahead_steps == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("overrides", [dict(mode="stepwise"), dict(mode="flow_grpo", beta=0.04),
+                                       dict(mode="stepwise", train_batch_size=3, mixed_precision="bf16")])
+def test_cuda_iterations_run_and_the_update_never_syncs(tmp_path, overrides):
+    trainer = Trainer(tiny_config(tmp_path, device="cuda", **overrides))
+    first = trainer.train_iteration()  # warm-up: kernels compiled, caches filled
+    update = trainer.update
+
+    def update_without_syncs(*args):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return update(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    trainer.update = update_without_syncs
+    second = trainer.train_iteration()
+    assert _finite(first) and _finite(second)

@@ -130,19 +130,32 @@ class Trainer:
 
     def advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
         """`[N, T]` per-step credit; zero on steps that are not trained."""
-        cfg, num_steps = self.config, self.steps.num_steps
-        trained = torch.zeros(num_steps, dtype=torch.bool, device=rewards.device)
-        trained[self.steps.trained] = True
+        cfg = self.config
+        trained = self._trained_steps(rewards.device)
+        # the reward function already rejected NaN/inf scores with a clear error, so the engine's
+        # own check (one device->host sync on CUDA) is not needed here
         if cfg.is_stepwise:
             return functional.gain_advantages(
                 rewards, group_ids, normalize=cfg.normalize, clip=cfg.advantage_clip, step_mask=trained,
                 eps=1e-8 if cfg.advantage_eps is None else cfg.advantage_eps, gather=self.dist.enabled,
+                nonfinite="drop",
             )
         per_trajectory = functional.group_advantages(
             rewards[:, -1], group_ids, std=cfg.flow_grpo_std, clip=5.0 if cfg.advantage_clip is None else cfg.advantage_clip,
             eps=1e-4 if cfg.advantage_eps is None else cfg.advantage_eps, gather=self.dist.enabled,
+            nonfinite="drop",
         )
         return per_trajectory[:, None] * trained[None, :].to(per_trajectory.dtype)
+
+    def _trained_steps(self, device: torch.device) -> Tensor:
+        """`[T]` bool mask of the trained steps, built once per device (indexing a CUDA tensor with
+        a Python list copies the indices to the device and synchronises)."""
+        cached = getattr(self, "_trained_mask", None)
+        if cached is None or cached.device != device:
+            mask = torch.zeros(self.steps.num_steps, dtype=torch.bool)
+            mask[self.steps.trained] = True
+            self._trained_mask = cached = mask.to(device)
+        return cached
 
     def update(self, batch: Rollout, advantages: Tensor) -> tuple[Tensor, Tensor]:
         """PPO over every trained (step, trajectory chunk). Returns, without any host sync, the
@@ -156,7 +169,9 @@ class Trainer:
             if chunk is None or chunk >= n:
                 row_chunks = [slice(None)]  # the rollout's own batch: exact on-policy log-probs
             else:
-                permutation = torch.randperm(n, generator=self.update_generator).to(advantages.device)
+                permutation = torch.randperm(n, generator=self.update_generator)  # CPU generator: same on every device
+                if advantages.device.type == "cuda":  # pinned + non_blocking: the copy does not synchronise
+                    permutation = permutation.pin_memory().to(advantages.device, non_blocking=True)
                 row_chunks = list(permutation.split(chunk))
             work = [(k, rows) for k in self.steps.trained for rows in row_chunks]
             order = list(range(len(work)))
