@@ -54,26 +54,9 @@ QUICK = ("sd35m_b8_64", "flux_b16_4096x64")
 STEP = 3  # a middle step of the SD3 10-step grid
 
 
-def time_ms(fn, warmup=5, reps=30) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def time_pipelined_ms(fn, calls=20, warmup=3, reps=5) -> float:
-    """Per-call time of `calls` back-to-back calls between two events (median of `reps`): the host
-    enqueues ahead of the GPU, so this is max(host time, GPU time) per call, the training-loop
-    throughput, while `time_ms` (one call between events) is the latency of a lone call."""
+def time_ms(fn, warmup=5, reps=30, calls=1) -> float:
+    """Median over `reps` of the time per call of `calls` back-to-back calls between two events.
+    calls=1: the latency of a lone call (host work included)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -88,6 +71,12 @@ def time_pipelined_ms(fn, calls=20, warmup=3, reps=5) -> float:
         times.append(start.elapsed_time(end) / calls)
     times.sort()
     return times[len(times) // 2]
+
+
+def time_pipelined_ms(fn) -> float:
+    """Per call, 20 calls back to back: the host enqueues ahead of the GPU, so this is
+    max(host time, GPU time) per call, the training-loop throughput."""
+    return time_ms(fn, warmup=3, reps=5, calls=20)
 
 
 def time_graph_ms(fn) -> float:

@@ -223,15 +223,23 @@ __device__ __forceinline__ FirstMoments team_merge(const Team& team, FirstMoment
 }
 
 // ---------------------------------------------------------------------------------- kernels
+// Row i's number and finiteness (an integer atomic counts bad rows: order does not matter).
+template <typename T>
+__device__ __forceinline__ void prepare_row(int i, const T* __restrict__ rewards, int64_t width,
+                                            int32_t* __restrict__ rows, uint8_t* __restrict__ finite,
+                                            unsigned long long* __restrict__ nonfinite_rows) {
+  rows[i] = i;
+  const bool ok = math::row_is_finite(rewards + i * width, width);
+  finite[i] = ok;
+  if (!ok) atomicAdd(nonfinite_rows, 1ULL);
+}
+
 template <typename T>
 __global__ void prepare_rows_kernel(const T* __restrict__ rewards, int n, int64_t width,
                                     int32_t* __restrict__ rows, uint8_t* __restrict__ finite,
                                     unsigned long long* __restrict__ nonfinite_rows) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    rows[i] = i;
-    const bool ok = math::row_is_finite(rewards + i * width, width);
-    finite[i] = ok;
-    if (!ok) atomicAdd(nonfinite_rows, 1ULL);  // an integer count: order does not matter
+    prepare_row(i, rewards, width, rows, finite, nonfinite_rows);
   }
 }
 
@@ -252,10 +260,7 @@ __global__ void hash_rows_kernel(const T* __restrict__ rewards, const int64_t* _
                                  int32_t* __restrict__ rows, uint8_t* __restrict__ finite,
                                  unsigned long long* __restrict__ nonfinite_rows) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    rows[i] = i;
-    const bool ok = math::row_is_finite(rewards + i * width, width);
-    finite[i] = ok;
-    if (!ok) atomicAdd(nonfinite_rows, 1ULL);
+    prepare_row(i, rewards, width, rows, finite, nonfinite_rows);
     const unsigned long long id = static_cast<unsigned long long>(ids[i]);
     unsigned long long slot = mask + 1;  // the empty marker's own slot
     if (id != kEmptySlot) {
