@@ -6,7 +6,9 @@ value of each constexpr), stringifies it and looks up the compile cache on every
 launch for the SDE-step kernels' ~36 arguments under Triton 3.6, measured on an H200's host, 10x
 the kernel on typical latents. `DirectLauncher` computes the same key from the arguments itself
 (a tuple of small values, a few microseconds), keeps the `CompiledKernel` that the first JIT
-launch of each specialisation returned, and launches it through its runner. Anything Triton might
+launch of each specialisation returned, and launches it through its runner
+(`compiled[grid](*all_parameters, stream=...)`: in Triton 3.6 and 3.9 the runner and the JIT
+path call the same launcher with every parameter, constexprs included). Anything Triton might
 specialise on is in the key, so a cached kernel is only reused for arguments Triton would have
 given the same kernel.
 
@@ -91,6 +93,10 @@ class DirectLauncher:
         import torch
 
         device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        if device.index != torch.cuda.current_device():  # Triton launches on the current device
+            with torch.cuda.device(device):
+                self.kernel[grid](*args, **options)
+            return
         try:
             key = (argument_key(args, self.constexpr), tuple(sorted(options.items())), device.index)
         except TypeError:

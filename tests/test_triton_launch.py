@@ -52,6 +52,7 @@ def launch(monkeypatch):
     monkeypatch.delenv(_launch.ENV_VAR, raising=False)
     monkeypatch.setattr(_launch, "_disabled_reason", None)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # the fake tensors' (CPU) device index
     return _launch
 
 
