@@ -11,12 +11,25 @@
 #include <thread>
 #include <vector>
 
+// The streaming loops are compiled twice on x86-64 GCC, for AVX2 and for the baseline, and the
+// loader picks one for the CPU at hand. With FP contraction off (CMakeLists.txt) both clones do
+// the same IEEE operations in the same order: the same bits on every CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SFGRPO_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SFGRPO_CPU_CLONES
+#endif
+
 namespace sfgrpo {
 namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr int64_t kChunk = int64_t{1} << 16;  // elements per work item (fixed: deterministic sums)
-constexpr int64_t kValuesPerThread = int64_t{1} << 16;
+// Threads are started per call (no pool): only worth it for a few milliseconds of work each.
+constexpr int64_t kValuesPerThread = int64_t{1} << 18;
+// Independent fp64 accumulators per sum: the additions of one lane form a chain, the lanes do not,
+// so the loop vectorises and pipelines; lanes are combined in a fixed order (same bits always).
+constexpr int kLanes = 8;
 constexpr int kMaxThreads = 64;
 constexpr double kLogSqrt2Pi = 0.91893853320467274178;  // log(sqrt(2 pi))
 constexpr float kHalfPi = 1.57079632679489661923f;
@@ -73,7 +86,7 @@ inline uint16_t float_to_fp16(float value) {
 }
 
 // Values [offset, offset + n) of a latent -> fp32.
-void load(const Latent& latent, int64_t offset, int64_t n, float* out) {
+inline void load(const Latent& latent, int64_t offset, int64_t n, float* out) {
   switch (latent.type) {
     case Storage::kFloat32: {
       const float* src = static_cast<const float*>(latent.data) + offset;
@@ -99,7 +112,7 @@ void load(const Latent& latent, int64_t offset, int64_t n, float* out) {
 }
 
 // fp32 values -> [offset, offset + n) of a latent, rounded to its storage type.
-void store(const MutableLatent& latent, int64_t offset, int64_t n, const float* values) {
+inline void store(const MutableLatent& latent, int64_t offset, int64_t n, const float* values) {
   switch (latent.type) {
     case Storage::kFloat32:
       std::copy(values, values + n, static_cast<float*>(latent.data) + offset);
@@ -224,7 +237,28 @@ struct Partial {
   double kl_sq = 0.0;        // sum (mean - mean_ref)^2
 };
 
-Partial forward_item(const SdeStepProblem& p, const SdeForwardInputs& in,
+// sum of values[i]^2 in fp64 over kLanes interleaved accumulators, combined pairwise in a fixed
+// order: the bits depend only on the values and n.
+inline double sum_of_squares(const float* values, int64_t n) {
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const double v = values[i + j];
+      lanes[j] += v * v;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    const double v = values[i];
+    lanes[j] += v * v;
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
+}
+
+SFGRPO_CPU_CLONES Partial forward_item(const SdeStepProblem& p, const SdeForwardInputs& in,
                      const SdeForwardOutputs& out, const RowCoefficients& c, const WorkItem& item) {
   float x[kBlock], v[kBlock], mean[kBlock], sample[kBlock], other[kBlock];
   Partial partial;
@@ -247,20 +281,12 @@ Partial forward_item(const SdeStepProblem& p, const SdeForwardInputs& in,
     } else {
       load(in.prev_sample, offset, n, sample);
     }
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      const double r = static_cast<double>(sample[i] - mean[i]);
-      sum += r * r;
-    }
-    partial.residual_sq += sum;
+    for (int64_t i = 0; i < n; ++i) other[i] = sample[i] - mean[i];
+    partial.residual_sq += sum_of_squares(other, n);
     if (in.v_ref.present()) {
       load(in.v_ref, offset, n, other);
-      double kl_sum = 0.0;
-      for (int64_t i = 0; i < n; ++i) {
-        const double d = static_cast<double>(mean[i] - (x[i] * c.c_x + other[i] * c.c_v));
-        kl_sum += d * d;
-      }
-      partial.kl_sq += kl_sum;
+      for (int64_t i = 0; i < n; ++i) other[i] = mean[i] - (x[i] * c.c_x + other[i] * c.c_v);
+      partial.kl_sq += sum_of_squares(other, n);
     }
     if (out.mean != nullptr) std::copy(mean, mean + n, out.mean + offset);
     if (out.x0_hat != nullptr) {
@@ -290,7 +316,7 @@ float row_kl(const SdeStepProblem& p, float std, double kl_sq) {
 }
 
 // ------------------------------------------------------------------------- backward
-void backward_item(const SdeStepProblem& p, const SdeBackwardInputs& in,
+SFGRPO_CPU_CLONES void backward_item(const SdeStepProblem& p, const SdeBackwardInputs& in,
                    const SdeBackwardOutputs& out, const RowCoefficients& c, float k_log_prob,
                    float k_kl, const WorkItem& item) {
   float x[kBlock], v[kBlock], on_mean[kBlock], dv[kBlock], dx[kBlock], other[kBlock];
