@@ -80,7 +80,7 @@ def test_small_backbones_follow_the_real_architectures():
 
 
 def test_suites_are_well_formed():
-    for name in ("quick", "cpu", "gpu"):
+    for name in ("quick", "cpu", "gpu", "gpu-core"):
         suite = get_suite(name)
         assert suite.cases and len({c.name for c in suite.cases}) == len(suite.cases)
         for case in suite.cases:
@@ -92,6 +92,8 @@ def test_suites_are_well_formed():
     gpu = get_suite("gpu")
     assert gpu.device == "cuda" and {"sd35m", "flux1-dev"} <= {c.backbone for c in gpu.cases}
     assert any("sfgrpo+compile" in c.implementations for c in gpu.cases)
+    core = get_suite("gpu-core")  # SD3.5-M Flow-GRPO and stepwise T'=1 iterations, sfgrpo vs reference ops
+    assert core.device == "cuda" and len(core.cases) == 2 and all(c.backbone == "sd35m" for c in core.cases)
 
 
 def test_real_size_config_in_bf16_on_meta():

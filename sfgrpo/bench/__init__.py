@@ -38,7 +38,9 @@ def default_output_dir(suite: Suite) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--suite", default="cpu", choices=SUITES, help="cpu: small configs (minutes); "
-                        "gpu: real-size SD3.5-M / FLUX.1-dev transformers; quick: seconds-long smoke run")
+                        "gpu: real-size SD3.5-M / FLUX.1-dev transformers (an hour or more); gpu-core: the SD3.5-M "
+                        "Flow-GRPO and stepwise iterations, sfgrpo vs reference ops (minutes); quick: seconds-long "
+                        "smoke run")
     parser.add_argument("--quick", action="store_true", help="the CPU smoke run (same as --suite quick)")
     parser.add_argument("--output-dir", help="results folder (default benchmarks/results/bench-<suite>-<device>)")
     parser.add_argument("--device", help="override the suite's device (e.g. cuda:1)")
