@@ -93,7 +93,8 @@ DETERMINISTIC = lambda record: {k: v for k, v in record.items() if not k.startsw
 
 
 @pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "train_batch_size": 4, "gradient_accumulation_steps": 2,
-                                        "mode": "flow_grpo", "beta": 0.05}])
+                                        "mode": "flow_grpo", "beta": 0.05},
+                                   {"mixed_precision": "fp16"}])  # the loss scale is resumed too
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     full = Trainer(tiny_config(tmp_path / "a", iterations=4, **extra)).train()
     Trainer(tiny_config(tmp_path / "b", iterations=2, **extra)).train()
@@ -285,7 +286,8 @@ def test_yaml_config(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [dict(mode="stepwise"), dict(mode="flow_grpo", beta=0.04),
-                                       dict(mode="stepwise", train_batch_size=3, mixed_precision="bf16")])
+                                       dict(mode="stepwise", train_batch_size=3, mixed_precision="bf16"),
+                                       dict(mode="stepwise", mixed_precision="fp16")])
 def test_cuda_iterations_run_and_the_update_never_syncs(tmp_path, overrides):
     trainer = Trainer(tiny_config(tmp_path, device="cuda", **overrides))
     first = trainer.train_iteration()  # warm-up: kernels compiled, caches filled
@@ -302,3 +304,19 @@ def test_cuda_iterations_run_and_the_update_never_syncs(tmp_path, overrides):
     trainer.update = update_without_syncs
     second = trainer.train_iteration()
     assert _finite(first) and _finite(second)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_fp32_sde_math(tmp_path, precision):
+    trainer = Trainer(tiny_config(tmp_path, mixed_precision=precision, iterations=3, learning_rate=3e-3))
+    history = trainer.train()
+    assert all(_finite(r) for r in history)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.trainable.values())
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    if precision == "fp16":
+        assert trainer.scaler.get_scale() > 0  # dynamic loss scaling ran (and may have backed off)
+
+
+def test_fp16_with_fsdp_is_a_clear_config_error(tmp_path):
+    with pytest.raises(ValueError, match="fp16 is not supported with distributed=fsdp"):
+        tiny_config(tmp_path, mixed_precision="fp16", distributed="fsdp").validate()

@@ -14,7 +14,7 @@ from typing import Any
 
 MODES = ("stepwise", "stepwise_per_step", "flow_grpo")
 SDE_TYPES = ("sde", "cps", "ddim")
-MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -69,7 +69,8 @@ class TrainerConfig:
     gradient_accumulation_steps: int | None = _help(
         "forwards (one trained step x one trajectory chunk) per optimizer step (None: all of an epoch)", default=None)
     max_grad_norm: float | None = _help("gradient-norm clip (None: off)", default=1.0)
-    mixed_precision: str = _help("no | bf16 (autocast of the network; SDE math stays fp32)", default="no")
+    mixed_precision: str = _help("no | bf16 | fp16: autocast of the network (SDE math stays fp32); fp16 adds "
+                                 "dynamic loss scaling", default="no")
     ema_decay: float = _help("EMA of the trained weights (0: off)", default=0.0)
     # ------------------------------------------------------------------ LoRA (needs peft)
     use_lora: bool = _help("train LoRA adapters (peft) instead of the full transformer", default=False)
@@ -167,6 +168,8 @@ class TrainerConfig:
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        need(not (self.distributed == "fsdp" and self.mixed_precision == "fp16"),
+             "mixed_precision=fp16 is not supported with distributed=fsdp (sharded gradients); use bf16")
         need(self.prompt_file is None or Path(self.prompt_file).is_file(), f"prompt_file {self.prompt_file!r} not found")
         need(self.model_dtype in ("float32", "bfloat16", "float16"),
              f"model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}")

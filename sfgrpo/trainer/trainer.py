@@ -79,7 +79,11 @@ class Trainer:
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, **self._adamw_kernel(),
         )
         self.ema = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.ema_decay > 0 else None
-        self.guided = GuidedModel(self.model, cfg.guidance_scale, torch.bfloat16 if cfg.mixed_precision == "bf16" else None)
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        self.guided = GuidedModel(self.model, cfg.guidance_scale, autocast)
+        # fp16: dynamic loss scaling; sync-free with the fused AdamW (it takes the scaler's inf flag
+        # on the device). A disabled scaler passes losses and steps through unchanged.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         # rollout noise is stateless (distributed.TrajectoryNoise: a function of seed, iteration and
         # global trajectory index), so it needs no generator here and no state in checkpoints.
         # minibatch order: trajectory permutations (torch, CPU) and the order of (step, chunk)
@@ -183,7 +187,7 @@ class Trainer:
                 # gradient that of the global batch's mean (1.0 on one process)
                 with distributed.gradient_sync(self.model.transformer, window_ends):
                     loss, record = self.step_loss(batch, advantages, *work[index])
-                    (loss * self.loss_scale / accumulation).backward()
+                    self.scaler.scale(loss * self.loss_scale / accumulation).backward()
                 records.append(record)
                 if window_ends:
                     grad_norms.append(self.optimizer_step())
@@ -221,8 +225,10 @@ class Trainer:
     def optimizer_step(self) -> Tensor:
         params = list(self.trainable.values())
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        self.scaler.unscale_(self.optimizer)  # the clip sees true gradients (no-op without fp16)
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped by the optimizer itself on inf/NaN gradients
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in params], 1.0 - self.config.ema_decay)
@@ -470,6 +476,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "config": self.config.to_dict(),
             "history": self.history,
+            "grad_scaler": self.scaler.state_dict(),
         }
         path = ckpt.save_checkpoint(
             self.output_dir / "checkpoints", self.iteration, weights=weights, ema=ema,
@@ -518,6 +525,8 @@ class Trainer:
         self.update_generator.set_state(state["update_generator"])
         self.order_random.setstate(state["order_random"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.history = [r for r in state["history"] if r["iteration"] <= self.iteration]
 
 
