@@ -4,8 +4,8 @@ Implementations, side by side in one process:
 - `sfgrpo`: the trainer as shipped (fused ops where the device has them);
 - `reference`: the same loop with every op forced to plain PyTorch (SFGRPO_BACKEND=reference), i.e.
   what Flow-GRPO's own code does;
-- `sfgrpo+compile`: as shipped, with the transformer's forward under `torch.compile` (a failure to
-  compile is recorded as the case's status, never fatal).
+- `sfgrpo+compile`: as shipped with `compile_backbone=True` (the transformer's forward under
+  `torch.compile`; a failure to compile is recorded as the case's status, never fatal).
 Stepwise vs Flow-GRPO is a difference between cases (`mode`), not an implementation.
 """
 
@@ -45,10 +45,10 @@ def backend_env(implementation: str):
             os.environ[ENV_VAR] = previous
 
 
-def build_trainer(case: Case, prompts: int, device: str, output_dir: str):
+def build_trainer(case: Case, prompts: int, device: str, output_dir: str, compile_backbone: bool = False):
     from sfgrpo.trainer import Trainer, TrainerConfig
 
-    overrides = dict(case.overrides)
+    overrides = dict(case.overrides, compile_backbone=compile_backbone)
     config = TrainerConfig(output_dir=output_dir, device=device, prompts_per_iteration=prompts, progress=False,
                            plots=False, **overrides)
     model = None
@@ -60,12 +60,6 @@ def build_trainer(case: Case, prompts: int, device: str, output_dir: str):
     return Trainer(config, model=model)
 
 
-def _compile_transformer(trainer) -> None:
-    # compiling forward (not the module) keeps the module hooks BackboneClock relies on outside the graph
-    transformer = trainer.model.transformer
-    transformer.forward = torch.compile(transformer.forward)
-
-
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -74,9 +68,8 @@ def run_one(case: Case, implementation: str, prompts: int, suite: Suite) -> dict
     """Metrics of one case x implementation x batch: medians over `suite.iterations` iterations."""
     device = torch.device(suite.device)
     with backend_env(implementation), tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(case, prompts, suite.device, tmp)
-        if implementation.endswith("+compile"):
-            _compile_transformer(trainer)
+        # "+compile": the trainer's own --compile-backbone
+        trainer = build_trainer(case, prompts, suite.device, tmp, compile_backbone=implementation.endswith("+compile"))
         clock = BackboneClock(trainer.model.transformer, synchronize=device.type == "cuda")
         if trainer.reference_transformer is not None:
             clock.watch(trainer.reference_transformer)

@@ -72,6 +72,8 @@ class TrainerConfig:
     mixed_precision: str = _help("no | bf16 | fp16: autocast of the network (SDE math stays fp32); fp16 adds "
                                  "dynamic loss scaling", default="no")
     ema_decay: float = _help("EMA of the trained weights (0: off)", default=0.0)
+    compile_backbone: bool = _help("run the transformer's forward under torch.compile (the first iterations "
+                                   "compile)", default=False)
     # ------------------------------------------------------------------ LoRA (needs peft)
     use_lora: bool = _help("train LoRA adapters (peft) instead of the full transformer", default=False)
     lora_rank: int = _help("LoRA rank", default=32)

@@ -74,6 +74,8 @@ class Trainer:
             self.reference_transformer = copy.deepcopy(self.model.transformer).requires_grad_(False)
         self.trainable = self._make_trainable()
         self._wrap_for_distributed()
+        if cfg.compile_backbone:
+            self._compile_backbone()
         self.optimizer = torch.optim.AdamW(
             list(self.trainable.values()), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, **self._adamw_kernel(),
@@ -397,6 +399,15 @@ class Trainer:
         names = set(self.trainable)
         self.trainable = {f"transformer.{n}": p for n, p in self.model.transformer.named_parameters()
                           if f"transformer.{n}" in names}
+
+    def _compile_backbone(self) -> None:
+        """torch.compile of the transformer's forward (not of the module: the module's hooks, e.g.
+        the benchmarks' backbone clock, stay outside the graph). After adapters and data-parallel
+        wrapping, so the compiled graph is the one that trains; the frozen KL copy is compiled too."""
+        for module in (self.model.transformer, self.reference_transformer):
+            if module is not None:
+                inner = getattr(module, "module", module)  # DDP's wrapped module
+                inner.forward = torch.compile(inner.forward)
 
     def _adamw_kernel(self) -> dict:
         """The fused AdamW kernel (one pass over all parameters) wherever torch has one: on CPU it
