@@ -252,6 +252,20 @@ def main() -> int:
     schedule = Schedule.sd3(10)
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = meta["gpu"].replace(" ", "_").replace("/", "_")
+
+    def save() -> None:  # after every case: a run cut short by a time limit keeps what it measured
+        if not rows:
+            return
+        with open(out / f"sde_step_{tag}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / f"sde_step_{tag}.json").write_text(json.dumps({"meta": meta, "copy_bandwidth_gbs": round(peak, 1),
+                                                              "rows": rows}, indent=1))
+
     for shape_name in (QUICK if args.quick else SHAPES):
         shape = SHAPES[shape_name]
         for dtype_name in args.dtypes.split(","):
@@ -283,17 +297,10 @@ def main() -> int:
                           f"{100 * gbs / peak:5.1f}% fused x{ms / fused_ms:5.2f} | back-to-back {pipelined:8.3f} ms "
                           f"{100 * gbs_pipelined / peak:5.1f}% fused x{pipelined / fused_pipelined:5.2f} | GPU only {graph_ms:7.3f} ms "
                           f"{100 * gbs_graph / peak:5.1f}% | syncs {syncs}")
+                save()
             del cases
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = meta["gpu"].replace(" ", "_").replace("/", "_")
-    with open(out / f"sde_step_{tag}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"sde_step_{tag}.json").write_text(json.dumps({"meta": meta, "copy_bandwidth_gbs": round(peak, 1),
-                                                          "rows": rows}, indent=1))
+    save()
     print(f"copy bandwidth {peak:.0f} GB/s on {meta['gpu']}; results in {out}")
     return 0
 
