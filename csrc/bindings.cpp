@@ -187,10 +187,16 @@ PYBIND11_MODULE(_C, m) {
          const LatentArg& prev_sample, const LatentArg& noise, const LatentArg& v_ref,
          const LatentArg& sample, std::uintptr_t log_prob, std::uintptr_t std_out,
          std::uintptr_t std_dev_t, std::uintptr_t mean, std::uintptr_t x0_hat,
-         std::uintptr_t x1_hat, std::uintptr_t kl, int num_threads) {
+         std::uintptr_t x1_hat, std::uintptr_t kl, int num_threads,
+         std::optional<std::tuple<uint64_t, uint64_t>> philox) {
         const auto p = sde_problem(problem);
         sfgrpo::SdeForwardInputs in{latent(x), latent(v), latent(prev_sample), latent(noise),
                                     latent(v_ref)};
+        if (philox) {
+          in.philox = true;
+          in.philox_seed = std::get<0>(*philox);
+          in.philox_offset = std::get<1>(*philox);
+        }
         sfgrpo::SdeForwardOutputs out;
         out.sample = mutable_latent(sample);
         out.log_prob = as_ptr<float>(log_prob);
@@ -200,8 +206,9 @@ PYBIND11_MODULE(_C, m) {
         out.x0_hat = as_ptr<float>(x0_hat);
         out.x1_hat = as_ptr<float>(x1_hat);
         out.kl = as_ptr<float>(kl);
-        if (!in.x.present() || !in.v.present() || (!in.prev_sample.present() && !in.noise.present())) {
-          throw std::invalid_argument("sfgrpo._C: sde_step_forward needs x, v and prev_sample or noise");
+        if (!in.x.present() || !in.v.present() ||
+            (!in.prev_sample.present() && !in.noise.present() && !in.philox)) {
+          throw std::invalid_argument("sfgrpo._C: sde_step_forward needs x, v and prev_sample, noise or philox");
         }
         py::gil_scoped_release release;
         sfgrpo::sde_step_forward_cpu(p, in, out, num_threads);
@@ -210,7 +217,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("problem"), py::arg("x"), py::arg("v"), py::arg("prev_sample"), py::arg("noise"),
       py::arg("v_ref"), py::arg("sample"), py::arg("log_prob"), py::arg("std"),
       py::arg("std_dev_t"), py::arg("mean"), py::arg("x0_hat"), py::arg("x1_hat"), py::arg("kl"),
-      py::arg("num_threads"));
+      py::arg("num_threads"), py::arg("philox") = py::none());
   cpu.def(
       "sde_step_backward",
       [](const SdeProblemArg& problem, const LatentArg& x, const LatentArg& v,

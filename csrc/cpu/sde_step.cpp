@@ -137,6 +137,50 @@ inline void store(const MutableLatent& latent, int64_t offset, int64_t n, const 
 
 inline Latent as_input(const MutableLatent& latent) { return Latent{latent.data, latent.type}; }
 
+// ------------------------------------------------------------------------- Philox noise
+// Philox-4x32-10 with Triton's constants and word order (counter = low word, high word, 0, 0; key
+// = the seed's two words), the four words -> four uniforms -> two Box-Muller pairs: the normals of
+// tl.randn4x and sfgrpo.reference.philox_normal4 (up to the last bits of logf/cosf/sinf).
+inline void philox_normals(uint64_t seed, uint64_t counter, float out[4]) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t prod_b = uint64_t{0xCD9E8D57u} * c2;
+    const uint64_t prod_a = uint64_t{0xD2511F53u} * c0;
+    c0 = static_cast<uint32_t>(prod_b >> 32) ^ c1 ^ k0;
+    c2 = static_cast<uint32_t>(prod_a >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(prod_b);
+    c3 = static_cast<uint32_t>(prod_a);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const uint32_t words[4] = {c0, c1, c2, c3};
+  float uniform[4];
+  for (int j = 0; j < 4; ++j) {
+    int32_t folded = static_cast<int32_t>(words[j]);
+    if (folded < 0) folded = ~folded;
+    uniform[j] = static_cast<float>(folded) * 4.6566127342e-10f;
+  }
+  for (int pair = 0; pair < 2; ++pair) {
+    const float radius = std::sqrt(-2.0f * std::log(std::max(1.0e-7f, uniform[2 * pair])));
+    const float angle = 6.283185307179586f * uniform[2 * pair + 1];
+    out[2 * pair] = radius * std::cos(angle);
+    out[2 * pair + 1] = radius * std::sin(angle);
+  }
+}
+
+// Normals for elements [begin, begin + n) of `row` (begin a multiple of 4).
+inline void philox_block(const SdeForwardInputs& in, int64_t elements, int64_t row, int64_t begin, int64_t n,
+                         float* out) {
+  const uint64_t quads = static_cast<uint64_t>((elements + 3) / 4);
+  uint64_t counter = in.philox_offset + static_cast<uint64_t>(row) * quads + static_cast<uint64_t>(begin / 4);
+  float four[4];
+  for (int64_t i = 0; i < n; i += 4, ++counter) {
+    philox_normals(in.philox_seed, counter, four);
+    for (int64_t j = 0; j < 4 && i + j < n; ++j) out[i + j] = four[j];
+  }
+}
+
 // ------------------------------------------------------------------------- per-row coefficients
 // mean = c_x x + c_v v; `std` the step's noise std, `std_dev_t` Flow-GRPO's std_dev_t. fp32, in the
 // order of sfgrpo.reference.sde_coefficients.
@@ -271,7 +315,11 @@ SFGRPO_CPU_CLONES Partial forward_item(const SdeStepProblem& p, const SdeForward
     load(in.v, offset, n, v);
     for (int64_t i = 0; i < n; ++i) mean[i] = x[i] * c.c_x + v[i] * c.c_v;
     if (sampling) {
-      load(in.noise, offset, n, other);
+      if (in.philox) {
+        philox_block(in, p.elements, item.row, begin, n, other);
+      } else {
+        load(in.noise, offset, n, other);
+      }
       for (int64_t i = 0; i < n; ++i) sample[i] = mean[i] + other[i] * c.std;
       if (out.sample.present()) {
         // the log-prob is that of the sample as stored, so scoring it later gives the same bits

@@ -3,8 +3,9 @@ one pass forward, one pass backward, the same signatures as `_sde_step_torch`. O
 of a training step this is one native call instead of ~40 PyTorch ops, whose dispatch cost is most
 of the step's time outside the backbone; on large latents it streams memory once.
 
-In-kernel Philox noise is drawn by `sfgrpo.reference.philox_step_noise` (the same bits as the PyTorch
-path) and handed to the kernel as eps.
+In-kernel Philox noise is drawn in the kernel too, in the layout of the Triton kernels and of
+`sfgrpo.reference.philox_step_noise` (the same integers; float results up to the last bits of
+log/cos/sin).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sfgrpo import _native, reference
+from sfgrpo import _native
 
 _STORAGE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _SDE_TYPES = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
 _ABSENT = (0, 0)
+_U64 = (1 << 64) - 1
 
 
 def storage_code(dtype: torch.dtype) -> int:
@@ -67,8 +69,8 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     x, v, prev_sample, noise, v_ref = (_contiguous(a) for a in (x, v, prev_sample, noise, v_ref))
     batch, elements = x.shape
     rows = _rows(batch, t, t_next, noise_level, sigma_max)
-    if prev_sample is None and use_philox:
-        noise = reference.philox_step_noise(seed, seed_offset, x.shape[0], x.shape[1], x.device)
+    # in-kernel Philox: (seed, first counter) as unsigned 64-bit words, the layout of the Triton kernels
+    philox = (int(seed) & _U64, int(seed_offset) & _U64) if prev_sample is None and use_philox else None
     sample = x.new_empty(x.shape) if prev_sample is None else _empty(x, x.dtype)
     log_prob, std, std_dev_t = (x.new_empty((batch,), dtype=torch.float32) for _ in range(3))
     full = lambda flag: x.new_empty(x.shape, dtype=torch.float32) if flag else _empty(x)  # noqa: E731
@@ -80,7 +82,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
             _latent(noise), _latent(v_ref), _latent(sample if prev_sample is None else None), log_prob.data_ptr(),
             std.data_ptr(), std_dev_t.data_ptr(), _address(mean if write_mean else None),
             _address(x0_hat if write_x0 else None), _address(x1_hat if write_x1 else None),
-            _address(kl_value if v_ref is not None else None), torch.get_num_threads(),
+            _address(kl_value if v_ref is not None else None), torch.get_num_threads(), philox,
         )
     return sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl_value
 

@@ -42,9 +42,14 @@ struct SdeStepProblem {
 
 struct SdeForwardInputs {
   Latent x, v;
-  Latent prev_sample;  // scoring: the stored sample; else sampling from `noise`
+  Latent prev_sample;  // scoring: the stored sample; else sampling from `noise` or Philox
   Latent noise;        // eps (any storage type), when sampling
   Latent v_ref;        // reference velocity for the KL, optional
+  // Sampling without `noise`: Philox-4x32-10 normals, 4 per counter, row r's element e from counter
+  // philox_offset + r * ceil(elements / 4) + e / 4 (the Triton kernels' tl.randn4x layout).
+  bool philox = false;
+  uint64_t philox_seed = 0;
+  uint64_t philox_offset = 0;
 };
 
 // Outputs; null pointers are not written. `sample` has x's storage type.
