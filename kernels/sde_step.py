@@ -371,17 +371,19 @@ class _Rows:
 
     __slots__ = ("pointers", "values", "scalars")
 
-    def __init__(self, values, batch: int, device):
+    def __init__(self, values, like):
         import torch
 
         self.scalars = all(v.ndim == 0 and v.device.type == "cpu" for v in values)
         if self.scalars:
             self.values = tuple(float(v) for v in values)  # CPU tensors: no device sync
-            self.pointers = (values[0],) * 4  # unused by the kernel
+            # unused by the kernel, but Triton's launcher checks that every pointer argument is
+            # device memory: hand it the latents, never the CPU scalars
+            self.pointers = (like,) * 4
         else:
             self.values = (0.0,) * 4
             self.pointers = tuple(
-                (torch.full((batch,), float(v), dtype=torch.float32, device=device)
+                (torch.full((like.shape[0],), float(v), dtype=torch.float32, device=like.device)
                  if v.ndim == 0 and v.device.type == "cpu" else v) for v in values
             )
 
@@ -407,7 +409,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
 
     batch, elements = x.shape
     cfg = launch_config(batch, elements, x.element_size())
-    rows = _Rows((t, t_next, noise_level, sigma_max), batch, x.device)
+    rows = _Rows((t, t_next, noise_level, sigma_max), x)
     f32 = torch.float32
 
     def empty():  # a fresh one each time: op outputs may not alias each other
@@ -465,7 +467,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
 
     batch, elements = x.shape
     cfg = launch_config(batch, elements, x.element_size())
-    rows = _Rows((t, t_next, noise_level, sigma_max), batch, x.device)
+    rows = _Rows((t, t_next, noise_level, sigma_max), x)
     dv = torch.empty_like(v)
     has_g_kl = grad_kl is not None and v_ref is not None
     dv_ref = torch.empty_like(v_ref) if need_dv_ref else x.new_empty((0,), dtype=torch.float32)
