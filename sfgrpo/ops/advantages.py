@@ -356,28 +356,30 @@ def _group_stats(padded: tuple[Tensor, ...], squeeze_columns: bool) -> GroupStat
 def gain_advantages(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: float, clip: float | None,
                     step_mask: Tensor | None, nonfinite: str, return_stats: bool):
     """Runs `sfgrpo::gain_advantages[_with_stats]`; the same results as `reference.gain_advantages`."""
-    values = _compute_dtype(rewards)
-    args = (values, group_ids, normalize, eps, clip, step_mask, nonfinite)
+    args = (_compute_dtype(rewards), group_ids, normalize, eps, clip, step_mask, nonfinite)
+    ops = (torch.ops.sfgrpo.gain_advantages, torch.ops.sfgrpo.gain_advantages_with_stats)
+    out = _call(ops, _gain_advantages_impl, args, return_stats)
     if not return_stats:
-        adv = torch.ops.sfgrpo.gain_advantages(*args) if _compiling() else _gain_advantages_impl(*args, False)
-        return adv.to(rewards.dtype)
-    adv, *padded = (torch.ops.sfgrpo.gain_advantages_with_stats(*args) if _compiling()
-                    else _gain_advantages_impl(*args, True))
+        return out.to(rewards.dtype)
+    adv, *padded = out
     return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=normalize == "joint")
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float, unbiased: bool,
                      clip: float | None, nonfinite: str, return_stats: bool):
     """Runs `sfgrpo::group_advantages[_with_stats]`; the same results as `reference.group_advantages`."""
-    values = _compute_dtype(rewards)
-    args = (values, group_ids, std, eps, unbiased, clip, nonfinite)
+    args = (_compute_dtype(rewards), group_ids, std, eps, unbiased, clip, nonfinite)
+    ops = (torch.ops.sfgrpo.group_advantages, torch.ops.sfgrpo.group_advantages_with_stats)
+    out = _call(ops, _group_advantages_impl, args, return_stats)
     if not return_stats:
-        adv = torch.ops.sfgrpo.group_advantages(*args) if _compiling() else _group_advantages_impl(*args, False)
-        return adv.to(rewards.dtype)
-    adv, *padded = (torch.ops.sfgrpo.group_advantages_with_stats(*args) if _compiling()
-                    else _group_advantages_impl(*args, True))
+        return out.to(rewards.dtype)
+    adv, *padded = out
     return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=rewards.ndim == 1)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _call(ops, impl, args: tuple, with_stats: bool):
+    """The registered op (`ops` = (plain, with stats)) under torch.compile; its body directly in
+    eager mode, where the op's Python dispatch layers cost more than the engine."""
+    if torch.compiler.is_compiling():
+        return ops[with_stats](*args)
+    return impl(*args, with_stats)

@@ -69,6 +69,11 @@ class Trainer:
         self.reward = get_reward(reward if reward is not None else cfg.reward)
         self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
                                      cfg.train_last_step)
+        # `[T]` bool mask of the trained steps, on the device once (indexing a CUDA tensor with a
+        # Python list in every iteration would copy the indices and synchronise)
+        mask = torch.zeros(self.steps.num_steps, dtype=torch.bool)
+        mask[self.steps.trained] = True
+        self.trained_mask = mask.to(self.device)
         self.reference_transformer = None
         if cfg.beta > 0 and not cfg.use_lora:  # the KL's reference policy: a frozen copy of the backbone
             self.reference_transformer = copy.deepcopy(self.model.transformer).requires_grad_(False)
@@ -137,7 +142,7 @@ class Trainer:
     def advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
         """`[N, T]` per-step credit; zero on steps that are not trained."""
         cfg = self.config
-        trained = self._trained_steps(rewards.device)
+        trained = self.trained_mask
         # the reward function already rejected NaN/inf scores with a clear error, so the engine's
         # own check (one device->host sync on CUDA) is not needed here
         if cfg.is_stepwise:
@@ -152,16 +157,6 @@ class Trainer:
             nonfinite="drop",
         )
         return per_trajectory[:, None] * trained[None, :].to(per_trajectory.dtype)
-
-    def _trained_steps(self, device: torch.device) -> Tensor:
-        """`[T]` bool mask of the trained steps, built once per device (indexing a CUDA tensor with
-        a Python list copies the indices to the device and synchronises)."""
-        cached = getattr(self, "_trained_mask", None)
-        if cached is None or cached.device != device:
-            mask = torch.zeros(self.steps.num_steps, dtype=torch.bool)
-            mask[self.steps.trained] = True
-            self._trained_mask = cached = mask.to(device)
-        return cached
 
     def update(self, batch: Rollout, advantages: Tensor) -> tuple[Tensor, Tensor]:
         """PPO over every trained (step, trajectory chunk). Returns, without any host sync, the
