@@ -84,9 +84,15 @@ sfgrpo::MutableLatent mutable_latent(const LatentArg& arg) {
 }
 
 // (rows, elements, sde type code, flow_grpo log-prob, sum reduction, flow_grpo KL,
-//  t, t_next, noise_level, sigma_max addresses)
-using SdeProblemArg = std::tuple<int64_t, int64_t, int, bool, bool, bool, std::uintptr_t,
-                                 std::uintptr_t, std::uintptr_t, std::uintptr_t>;
+//  then for each of t, t_next, noise_level, sigma_max: (address of a float32 [rows] array, or 0
+//  for one value for every row; that value))
+using RowValueArg = std::tuple<std::uintptr_t, float>;
+using SdeProblemArg = std::tuple<int64_t, int64_t, int, bool, bool, bool, RowValueArg, RowValueArg,
+                                 RowValueArg, RowValueArg>;
+
+sfgrpo::RowValue row_value(const RowValueArg& arg) {
+  return {as_ptr<const float>(std::get<0>(arg)), std::get<1>(arg)};
+}
 
 sfgrpo::SdeStepProblem sde_problem(const SdeProblemArg& arg) {
   sfgrpo::SdeStepProblem p;
@@ -101,10 +107,10 @@ sfgrpo::SdeStepProblem sde_problem(const SdeProblemArg& arg) {
   p.flow_grpo_logprob = std::get<3>(arg);
   p.sum_reduction = std::get<4>(arg);
   p.flow_grpo_kl = std::get<5>(arg);
-  p.t = as_ptr<const float>(std::get<6>(arg));
-  p.t_next = as_ptr<const float>(std::get<7>(arg));
-  p.noise_level = as_ptr<const float>(std::get<8>(arg));
-  p.sigma_max = as_ptr<const float>(std::get<9>(arg));
+  p.t = row_value(std::get<6>(arg));
+  p.t_next = row_value(std::get<7>(arg));
+  p.noise_level = row_value(std::get<8>(arg));
+  p.sigma_max = row_value(std::get<9>(arg));
   return p;
 }
 

@@ -365,16 +365,17 @@ def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, tuning: 
 
 # ------------------------------------------------------------------------------- launchers
 class _Rows:
-    """The per-row (t, t', a, sigma_max) as the kernels take them: four scalars when all are 0-d
-    CPU tensors (one value for every row: nothing to build on the device), else four `[B]` device
-    tensors."""
+    """The per-row (t, t', a, sigma_max) as the kernels take them: four scalars when each is one
+    value for every row (a Python number or a 0-d CPU tensor: nothing to build on the device), else
+    four `[B]` device tensors."""
 
     __slots__ = ("pointers", "values", "scalars")
 
     def __init__(self, values, like):
         import torch
 
-        self.scalars = all(v.ndim == 0 and v.device.type == "cpu" for v in values)
+        tensor = torch.Tensor
+        self.scalars = all(not isinstance(v, tensor) or (v.ndim == 0 and v.device.type == "cpu") for v in values)
         if self.scalars:
             self.values = tuple(float(v) for v in values)  # CPU tensors: no device sync
             # unused by the kernel, but Triton's launcher checks that every pointer argument is
@@ -384,7 +385,7 @@ class _Rows:
             self.values = (0.0,) * 4
             self.pointers = tuple(
                 (torch.full((like.shape[0],), float(v), dtype=torch.float32, device=like.device)
-                 if v.ndim == 0 and v.device.type == "cpu" else v) for v in values
+                 if not isinstance(v, tensor) or (v.ndim == 0 and v.device.type == "cpu") else v) for v in values
             )
 
 
@@ -404,31 +405,28 @@ def _flags(sde_type: str, logprob: str, reduction: str, kl: str) -> dict:
 
 def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
             use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
-    """Launches the fused forward on `[B, D]` contiguous tensors; returns the op's 8 outputs."""
+    """Launches the fused forward on `[B, D]` contiguous tensors; returns the op's 8 outputs (None
+    for those not asked for)."""
     import torch
 
     batch, elements = x.shape
     cfg = launch_config(batch, elements, x.element_size())
     rows = _Rows((t, t_next, noise_level, sigma_max), x)
     f32 = torch.float32
-
-    def empty():  # a fresh one each time: op outputs may not alias each other
-        return x.new_empty((0,), dtype=f32)
-
     if prev_sample is not None:
         mode = MODE_SCORE
     elif use_philox:
         mode = MODE_PHILOX
     else:
         mode = MODE_NOISE
-    sample_out = torch.empty_like(x) if mode != MODE_SCORE else x.new_empty((0,), dtype=x.dtype)
-    mean = torch.empty(x.shape, dtype=f32, device=x.device) if write_mean else empty()
-    x0 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x0 else empty()
-    x1 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x1 else empty()
+    sample_out = torch.empty_like(x) if mode != MODE_SCORE else None
+    mean = torch.empty(x.shape, dtype=f32, device=x.device) if write_mean else None
+    x0 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x0 else None
+    x1 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x1 else None
     log_prob = torch.empty(batch, dtype=f32, device=x.device)
     std = torch.empty(batch, dtype=f32, device=x.device)
     std_dev_t = torch.empty(batch, dtype=f32, device=x.device)
-    kl_out = torch.empty(batch, dtype=f32, device=x.device) if v_ref is not None else empty()
+    kl_out = torch.empty(batch, dtype=f32, device=x.device) if v_ref is not None else None
     if batch == 0:
         return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
     programs = batch * cfg.num_chunks
@@ -445,10 +443,10 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         x, v, v_ref if v_ref is not None else v, prev_sample if prev_sample is not None else x,
         noise if mode == MODE_NOISE else x,
         *rows.pointers, *rows.values,
-        sample_out if mode != MODE_SCORE else x, mean if write_mean else x,
-        x0 if write_x0 else x, x1 if write_x1 else x,
+        x if sample_out is None else sample_out, x if mean is None else mean,
+        x if x0 is None else x0, x if x1 is None else x1,
         partial, partial_kl, tickets,
-        log_prob, kl_out if v_ref is not None else log_prob, std, std_dev_t,
+        log_prob, log_prob if kl_out is None else kl_out, std, std_dev_t,
         int(seed), int(seed_offset),
         elements, cfg.num_chunks),
         dict(MODE=mode, HAS_VREF=v_ref is not None,
@@ -462,7 +460,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
 
 def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl,
              grad_mean, grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx):
-    """Launches the one-pass backward; returns (dv, dv_ref, dx), empty where not needed."""
+    """Launches the one-pass backward; returns (dv, dv_ref, dx), None where not needed."""
     import torch
 
     batch, elements = x.shape
@@ -470,10 +468,10 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     rows = _Rows((t, t_next, noise_level, sigma_max), x)
     dv = torch.empty_like(v)
     has_g_kl = grad_kl is not None and v_ref is not None
-    dv_ref = torch.empty_like(v_ref) if need_dv_ref else x.new_empty((0,), dtype=torch.float32)
-    if need_dv_ref and not has_g_kl:
-        dv_ref = torch.zeros_like(v_ref)
-    dx = torch.empty_like(x) if need_dx else x.new_empty((0,), dtype=torch.float32)
+    dv_ref = None
+    if need_dv_ref:
+        dv_ref = torch.empty_like(v_ref) if has_g_kl else torch.zeros_like(v_ref)
+    dx = torch.empty_like(x) if need_dx else None
     if batch == 0:
         return dv, dv_ref, dx
     contiguous = lambda g: g.contiguous() if g is not None else None  # noqa: E731

@@ -8,6 +8,7 @@ its own: everything numerical it does goes through here.
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -45,13 +46,24 @@ def _check_latent(name: str, tensor: Tensor, like: Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
 
 
-def _step_value(value: float | Tensor, batch: int, device: torch.device) -> Tensor:
-    """A per-row step value for the op: a Python number becomes a 0-d float32 CPU tensor (one value
-    for every row: the kernels take it by value, nothing is built on the device); a tensor becomes
-    float32 `[B]` on the latents' device."""
+def _float32(value: float) -> float:
+    """A Python number rounded to float32 (to nearest, as torch.tensor(value, dtype=float32) does)."""
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(float(value)))[0]
+    except OverflowError:  # beyond float32's range
+        return math.copysign(math.inf, value)
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def _step_value(value: float | Tensor, batch: int, device: torch.device) -> float | Tensor:
+    """A per-row step value for the op: a Python number stays a number, rounded to float32 (one
+    value for every row: the kernels take it by value, nothing is built on the device); a tensor
+    becomes float32 `[B]` on the latents' device."""
     if isinstance(value, Tensor):
         return reference.row_values(value, batch, device).contiguous()
-    return torch.tensor(float(value), dtype=torch.float32)
+    return _float32(value)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -111,7 +123,7 @@ def sde_step(
         raise ValueError("x needs a batch dimension")
     _check_latent("x", x, x)
     _check_latent("v", v, x)
-    if x.shape[0] > 0 and x[0].numel() == 0:
+    if x.shape[0] > 0 and math.prod(x.shape[1:]) == 0:
         raise ValueError(f"x has no elements per row (shape {tuple(x.shape)})")
     sources = sum(item is not None for item in (prev_sample, noise, generator, seed))
     if sources > 1:

@@ -365,20 +365,43 @@ def test_cuda_training_step_has_no_host_sync(rows, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eager_fast_path_equals_the_registered_op(backend):
+@pytest.mark.parametrize("numbers", [False, True], ids=["row-tensors", "python-numbers"])
+def test_eager_fast_path_equals_the_registered_op(backend, numbers):
+    """The eager path (numbers as they are, None for what was not asked for, no autograd node when
+    nothing needs a gradient) gives the registered op's bits, forward and backward."""
     from sfgrpo.ops.sde_step import sde_step as eager_step
 
     x, v, v_ref, t, tn, level = _inputs((3, 2, 4, 4), torch.float32)
+    if numbers:
+        t, tn, level = (torch.tensor(value, dtype=torch.float32) for value in (0.8, 0.55, 0.7))
     sample = torch.randn_like(x)
     results = []
     for call in (eager_step, sde_step_op):
         vg, vrg = v.detach().clone().requires_grad_(), v_ref.detach().clone().requires_grad_()
         args = _op_args(x, vg, vrg, t, tn, level, prev_sample=sample, backend=backend)
+        if numbers and call is eager_step:
+            args = args[:2] + tuple(float(a) for a in args[2:6]) + args[6:]
         out = call(*args)
         (out[1].sum() + out[7].sum() + out[5].square().sum()).backward()
-        results.append([o.detach() for o in out] + [vg.grad, vrg.grad])
-    for a, b in zip(*results):
+        results.append([o.detach() if o is not None else None for o in out] + [vg.grad, vrg.grad])
+        with torch.no_grad():
+            detached = call(*args)
+        assert all(o is None or o.grad_fn is None for o in detached)
+        assert all(torch.equal(a, b) for a, b in zip(detached, out) if a is not None and b is not None)
+    eager, registered = results
+    assert eager[0] is None and registered[0].numel() == 0  # scoring returns no sample
+    for a, b in zip(eager[1:], registered[1:]):
         assert torch.equal(a, b)
+
+
+def test_eager_step_leaves_out_what_was_not_asked_for():
+    from sfgrpo.ops.sde_step import sde_step as eager_step
+
+    x, v, _, t, tn, level = _inputs((2, 3, 5), torch.float32)
+    args = _op_args(x, v, None, t, tn, level, noise=torch.randn_like(x), write=False)
+    sample, log_prob, std, std_dev_t, mean, x0, x1, kl = eager_step(*args)
+    assert sample.shape == (2, 15) and log_prob.shape == std.shape == std_dev_t.shape == (2,)
+    assert mean is None and x0 is None and x1 is None and kl is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

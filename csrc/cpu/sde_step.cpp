@@ -189,13 +189,13 @@ struct RowCoefficients {
 };
 
 RowCoefficients coefficients(const SdeStepProblem& p, int64_t row) {
-  const float t = p.t[row], t_next = p.t_next[row], level = p.noise_level[row];
+  const float t = p.t.at(row), t_next = p.t_next.at(row), level = p.noise_level.at(row);
   const float dt = t_next - t;
   RowCoefficients c;
   c.t = t;
   switch (p.sde_type) {
     case SdeType::kSde: {
-      const float t_tilde = t >= 1.0f ? p.sigma_max[row] : t;
+      const float t_tilde = t >= 1.0f ? p.sigma_max.at(row) : t;
       const float sigma_t = level * std::sqrt(t / (1.0f - t_tilde));
       const float correction = sigma_t * sigma_t / (2.0f * t);
       c.c_x = 1.0f + dt * correction;

@@ -47,20 +47,24 @@ def _f32(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.to(torch.float32).contiguous()
 
 
-def _problem(x: Tensor, rows: tuple[Tensor, Tensor, Tensor, Tensor], sde_type: str, logprob: str, reduction: str,
-             kl: str) -> tuple:
-    t, t_next, noise_level, sigma_max = rows
-    return (x.shape[0], x.shape[1], _SDE_TYPES[sde_type], logprob == "flow_grpo", reduction == "sum",
-            kl == "flow_grpo", t.data_ptr(), t_next.data_ptr(), noise_level.data_ptr(), sigma_max.data_ptr())
+def _row_value(batch: int, value: float | Tensor) -> tuple[tuple[int, float], Tensor | None]:
+    """A schedule value as the kernels take it: `((0, value), None)` for one value for every row (a
+    number or a 0-d tensor: nothing to allocate), else `((address, 0.0), tensor)` for a contiguous
+    float32 `[B]` tensor that must outlive the call."""
+    if isinstance(value, float):
+        return (0, value), None
+    if value.ndim == 0:
+        return (0, float(value)), None
+    rows = value.to(torch.float32).expand(batch).contiguous()
+    return (rows.data_ptr(), 0.0), rows
 
 
-def _rows(batch: int, *values: Tensor) -> tuple[Tensor, ...]:
-    """Per-row step values (`[B]`, or 0-d for every row) as contiguous float32 `[B]` CPU tensors."""
-    return tuple(value.to(torch.float32).expand(batch).contiguous() for value in values)
-
-
-def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return like.new_empty((0,), dtype=dtype)
+def _problem(x: Tensor, values: tuple, sde_type: str, logprob: str, reduction: str, kl: str) -> tuple[tuple, list]:
+    """The kernels' problem tuple, and the per-row tensors it points into (keep them alive)."""
+    rows = [_row_value(x.shape[0], value) for value in values]
+    problem = (x.shape[0], x.shape[1], _SDE_TYPES[sde_type], logprob == "flow_grpo", reduction == "sum",
+               kl == "flow_grpo", *(arg for arg, _ in rows))
+    return problem, [tensor for _, tensor in rows]
 
 
 def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
@@ -68,43 +72,42 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     module = _native.require("the native CPU SDE step")
     x, v, prev_sample, noise, v_ref = (_contiguous(a) for a in (x, v, prev_sample, noise, v_ref))
     batch, elements = x.shape
-    rows = _rows(batch, t, t_next, noise_level, sigma_max)
+    problem, keep_alive = _problem(x, (t, t_next, noise_level, sigma_max), sde_type, logprob, reduction, kl)
     # in-kernel Philox: (seed, first counter) as unsigned 64-bit words, the layout of the Triton kernels
     philox = (int(seed) & _U64, int(seed_offset) & _U64) if prev_sample is None and use_philox else None
-    sample = x.new_empty(x.shape) if prev_sample is None else _empty(x, x.dtype)
+    sample = x.new_empty(x.shape) if prev_sample is None else None
     log_prob, std, std_dev_t = (x.new_empty((batch,), dtype=torch.float32) for _ in range(3))
-    full = lambda flag: x.new_empty(x.shape, dtype=torch.float32) if flag else _empty(x)  # noqa: E731
+    full = lambda flag: x.new_empty(x.shape, dtype=torch.float32) if flag else None  # noqa: E731
     mean, x0_hat, x1_hat = full(write_mean), full(write_x0), full(write_x1)
-    kl_value = x.new_empty((batch,), dtype=torch.float32) if v_ref is not None else _empty(x)
+    kl_value = x.new_empty((batch,), dtype=torch.float32) if v_ref is not None else None
     if batch > 0:
         module.cpu.sde_step_forward(
-            _problem(x, rows, sde_type, logprob, reduction, kl), _latent(x), _latent(v), _latent(prev_sample),
-            _latent(noise), _latent(v_ref), _latent(sample if prev_sample is None else None), log_prob.data_ptr(),
-            std.data_ptr(), std_dev_t.data_ptr(), _address(mean if write_mean else None),
-            _address(x0_hat if write_x0 else None), _address(x1_hat if write_x1 else None),
-            _address(kl_value if v_ref is not None else None), torch.get_num_threads(), philox,
+            problem, _latent(x), _latent(v), _latent(prev_sample), _latent(noise), _latent(v_ref), _latent(sample),
+            log_prob.data_ptr(), std.data_ptr(), std_dev_t.data_ptr(), _address(mean), _address(x0_hat),
+            _address(x1_hat), _address(kl_value), torch.get_num_threads(), philox,
         )
+    del keep_alive
     return sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl_value
 
 
 def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl, grad_mean,
              grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx):
-    """(dv, dv_ref, dx) in the dtypes of v, v_ref, x (empty when not needed)."""
+    """(dv, dv_ref, dx) in the dtypes of v, v_ref, x (None when not needed)."""
     module = _native.require("the native CPU SDE step")
     x, v, sample, v_ref = (_contiguous(a) for a in (x, v, sample, v_ref))
     grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1 = (
         _f32(g) for g in (grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1)
     )
-    rows = _rows(x.shape[0], t, t_next, noise_level, sigma_max)
+    problem, keep_alive = _problem(x, (t, t_next, noise_level, sigma_max), sde_type, logprob, reduction, kl)
     dv = torch.empty_like(v)
-    dv_ref = torch.empty_like(v_ref) if (need_dv_ref and v_ref is not None) else _empty(x)
-    dx = torch.empty_like(x) if need_dx else _empty(x)
+    dv_ref = torch.empty_like(v_ref) if (need_dv_ref and v_ref is not None) else None
+    dx = torch.empty_like(x) if need_dx else None
     if x.shape[0] > 0:
         module.cpu.sde_step_backward(
-            _problem(x, rows, sde_type, logprob, reduction, kl), _latent(x), _latent(v),
+            problem, _latent(x), _latent(v),
             _latent(sample if grad_log_prob is not None else None), _latent(v_ref if grad_kl is not None else None),
             _address(grad_log_prob), _address(grad_kl), _address(grad_mean), _address(grad_x0), _address(grad_x1),
-            _latent(dv), _latent(dv_ref if dv_ref.numel() else None), _latent(dx if need_dx else None),
-            torch.get_num_threads(),
+            _latent(dv), _latent(dv_ref), _latent(dx), torch.get_num_threads(),
         )
+    del keep_alive
     return dv, dv_ref, dx

@@ -13,10 +13,6 @@ from torch import Tensor
 from sfgrpo import reference
 
 
-def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return like.new_empty((0,), dtype=dtype)
-
-
 def _mean(xf: Tensor, vf: Tensor, c_x: Tensor, c_v: Tensor) -> Tensor:
     """`c_x x + c_v v` into a fresh buffer (never in place on the inputs)."""
     return torch.mul(xf, c_x).addcmul_(vf, c_v)
@@ -27,12 +23,14 @@ def _sum_of_squares_(values: Tensor) -> Tensor:
     return values.mul_(values).sum(dim=1)
 
 
-def step_rows(x: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
-    """The op's per-row step values (`[B]`, or 0-d CPU for every row) as `[B]` on x's device. A 0-d
-    CPU value is filled on the device (a host-to-device copy would synchronise)."""
+def step_rows(x: Tensor, *values: float | Tensor) -> tuple[Tensor, ...]:
+    """The op's per-row step values (`[B]` tensors, or one value for every row: a number or a 0-d
+    CPU tensor) as `[B]` on x's device. One value is filled on the device (a host-to-device copy
+    would synchronise)."""
     return tuple(
         torch.full((x.shape[0],), float(value), dtype=torch.float32, device=x.device)
-        if value.ndim == 0 and value.device != x.device else reference.row_values(value, x.shape[0], x.device)
+        if not isinstance(value, Tensor) or (value.ndim == 0 and value.device != x.device)
+        else reference.row_values(value, x.shape[0], x.device)
         for value in values
     )
 
@@ -51,13 +49,13 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         sample_out = torch.addcmul(mean, noise.float(), std).to(x.dtype)
         sample = sample_out
     else:
-        sample_out = _empty(x, x.dtype)
+        sample_out = None
         sample = prev_sample
     residual = torch.sub(sample.float(), mean)
     log_prob = reference.log_prob_from_squares(
         _sum_of_squares_(residual), coeffs.std, elements, sde_type=sde_type, convention=logprob, reduction=reduction
     )
-    kl_value = _empty(x)
+    kl_value = None
     if v_ref is not None:
         mean_diff = torch.sub(mean, _mean(xf, v_ref.float(), c_x, c_v), out=residual)  # reuse the scratch buffer
         kl_value = reference.kl_from_squares(
@@ -69,9 +67,9 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         log_prob,
         coeffs.std.clone(),  # cps/ddim/ode share one tensor for std and std_dev_t: outputs may not alias
         coeffs.std_dev_t.clone(),
-        mean if write_mean else _empty(x),
-        torch.addcmul(xf, vf, -t_col) if write_x0 else _empty(x),
-        torch.addcmul(xf, vf, 1.0 - t_col) if write_x1 else _empty(x),
+        mean if write_mean else None,
+        torch.addcmul(xf, vf, -t_col) if write_x0 else None,
+        torch.addcmul(xf, vf, 1.0 - t_col) if write_x1 else None,
         kl_value,
     )
 
@@ -116,5 +114,5 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     if need_dv_ref:
         dv_ref_out = (dv_ref if dv_ref is not None else torch.zeros_like(v_ref, dtype=torch.float32)).to(v_ref.dtype)
     else:
-        dv_ref_out = _empty(x)
-    return dv.to(v.dtype), dv_ref_out, dx.to(x.dtype) if need_dx else _empty(x)
+        dv_ref_out = None
+    return dv.to(v.dtype), dv_ref_out, dx.to(x.dtype) if need_dx else None

@@ -6,6 +6,10 @@ latents' device or 0-d float32 CPU tensors (one value for every row). Outputs th
 were not requested are returned as empty tensors (custom ops cannot return None), and so is the
 sample when scoring a given one (an op may not return its own input).
 
+In eager mode `sde_step` skips the op's dispatch layers (their Python costs as much as the kernels
+on training-size latents): it takes Python numbers for the step values as they are, returns None
+for what was not asked for, and runs the implementation directly when nothing needs a gradient.
+
 Per device: CPU tensors run the C++ kernels of `sfgrpo._C` (`_sde_step_native`), or the
 plain-PyTorch implementation (`_sde_step_torch`, the formulas of `sfgrpo.reference` computing only
 what was asked for) with the `reference` backend or without the compiled module, or the Triton
@@ -33,6 +37,20 @@ def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return like.new_empty(_EMPTY_SHAPE, dtype=dtype)
 
 
+def _or_empty(outputs: tuple, like: Tensor, first_dtype: torch.dtype) -> tuple:
+    """The implementations' None outputs as fresh empty tensors (a custom op returns tensors, none
+    aliasing another): the first in `first_dtype`, the rest float32."""
+    return tuple(
+        out if out is not None else _empty(like, first_dtype if i == 0 else torch.float32)
+        for i, out in enumerate(outputs)
+    )
+
+
+def _row_tensor(value):
+    """A step value for the registered op: numbers become 0-d float32 CPU tensors."""
+    return value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------ forward
 @torch.library.custom_op("sfgrpo::sde_step", mutates_args=())
 def sde_step_op(
@@ -58,8 +76,10 @@ def sde_step_op(
     backend_name: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl)."""
-    return _run_forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
-                        use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1, backend_name)
+    outputs = _implementation(x.device, backend_name).forward(
+        x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset, use_philox,
+        sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1)
+    return _or_empty(outputs, x, x.dtype)
 
 
 def _implementation(device: torch.device, backend_name: Optional[str]):
@@ -69,16 +89,6 @@ def _implementation(device: torch.device, backend_name: Optional[str]):
 
         return kernels
     return _sde_step_native if chosen == "native" else _sde_step_torch
-
-
-def _run_forward(*args):
-    *args, backend_name = args
-    return _implementation(args[0].device, backend_name).forward(*args)
-
-
-def _run_backward(*args):
-    *args, backend_name = args
-    return _implementation(args[0].device, backend_name).backward(*args)
 
 
 @sde_step_op.register_fake
@@ -117,8 +127,10 @@ def sde_step_backward_op(
     backend_name: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dv, dv_ref, dx) in the dtypes of v, v_ref, x (empty when not needed)."""
-    return _run_backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl, grad_mean,
-                         grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx, backend_name)
+    outputs = _implementation(x.device, backend_name).backward(
+        x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl, grad_mean, grad_x0,
+        grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx)
+    return _or_empty(outputs, x, torch.float32)
 
 
 @sde_step_backward_op.register_fake
@@ -129,12 +141,18 @@ def _(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, gra
 
 
 # ----------------------------------------------------------------------------- autograd
+_ROWS = slice(2, 6)  # t, t_next, noise_level, sigma_max among the forward's inputs
+
+
 def _setup_context(ctx, inputs, output):
     (x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
      use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1,
      backend_name) = inputs
     sample = output[0] if prev_sample is None else prev_sample
-    ctx.save_for_backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max)
+    rows = (t, t_next, noise_level, sigma_max)
+    # step values that are numbers (eager calls) stay on ctx: only tensors can be saved
+    ctx.save_for_backward(x, v, sample, v_ref, *(r for r in rows if isinstance(r, Tensor)))
+    ctx.row_numbers = tuple(None if isinstance(r, Tensor) else r for r in rows)
     ctx.options = (sde_type, logprob, reduction, kl, backend_name)
     ctx.has_v_ref = v_ref is not None
 
@@ -143,46 +161,60 @@ def _nonempty(grad: Tensor | None) -> Tensor | None:
     return grad if grad is not None and grad.numel() > 0 else None
 
 
-def _gradients(ctx, grads, run_backward):
+def _gradients(ctx, grads, need_dx: bool, need_dv_ref: bool, run_backward) -> tuple:
+    """-> (dx, dv, dv_ref), None where not needed."""
     g_sample, g_log_prob, g_std, g_std_dev_t, g_mean, g_x0, g_x1, g_kl = grads
-    x, v, sample, v_ref, t, t_next, noise_level, sigma_max = ctx.saved_tensors
+    x, v, sample, v_ref, *row_tensors = ctx.saved_tensors
+    row_tensors = iter(row_tensors)
+    t, t_next, noise_level, sigma_max = (next(row_tensors) if n is None else n for n in ctx.row_numbers)
     sde_type, logprob, reduction, kl, backend_name = ctx.options
-    need_dv_ref = ctx.has_v_ref and ctx.needs_input_grad[8]
-    need_dx = ctx.needs_input_grad[0]
+    need_dv_ref = ctx.has_v_ref and need_dv_ref
     dv, dv_ref, dx = run_backward(
         x, v, sample, v_ref if ctx.has_v_ref else None, t, t_next, noise_level, sigma_max,
         _nonempty(g_log_prob), _nonempty(g_kl) if ctx.has_v_ref else None, _nonempty(g_mean),
         _nonempty(g_x0), _nonempty(g_x1), sde_type, logprob, reduction, kl, need_dv_ref, need_dx,
         backend_name,
     )
-    return (dx if need_dx else None, dv, None, None, None, None, None, None,
-            dv_ref if need_dv_ref else None) + (None,) * 11
+    return dx if need_dx else None, dv, dv_ref if need_dv_ref else None
 
 
-sde_step_op.register_autograd(lambda ctx, *grads: _gradients(ctx, grads, sde_step_backward_op),
-                              setup_context=_setup_context)
+def _op_gradients(ctx, *grads):
+    dx, dv, dv_ref = _gradients(ctx, grads, ctx.needs_input_grad[0], ctx.needs_input_grad[8], sde_step_backward_op)
+    return (dx, dv, None, None, None, None, None, None, dv_ref) + (None,) * 11
+
+
+sde_step_op.register_autograd(_op_gradients, setup_context=_setup_context)
 
 
 class _EagerSdeStep(torch.autograd.Function):
-    """The same forward/backward as the custom op, without its dispatch layers: the op's Python
-    machinery costs ~0.1-0.7 ms per call, as much as the kernels on realistic latents. Used in
-    eager mode; under torch.compile the registered op runs (opaque, no graph break)."""
+    """The same forward/backward as the custom op, without its dispatch layers. Autograd sees only
+    the differentiable inputs (its per-argument bookkeeping costs); `call` is (the op's inputs with
+    the implementation module in the backend name's place, so backward runs the one the forward
+    ran). Outputs that were not asked for are None."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _run_forward(*inputs)
-        _setup_context(ctx, inputs, outputs)
-        ctx.mark_non_differentiable(outputs[0], outputs[2], outputs[3])
+    def forward(ctx, x, v, v_ref, call):
+        implementation = call[-1]
+        outputs = implementation.forward(*call[:-1])
+        _setup_context(ctx, call, outputs)
+        ctx.mark_non_differentiable(*(out for out in (outputs[0], outputs[2], outputs[3]) if out is not None))
         return outputs
 
     @staticmethod
     def backward(ctx, *grads):
-        return _gradients(ctx, grads, _run_backward)
+        dx, dv, dv_ref = _gradients(ctx, grads, ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+                                    lambda *args: args[-1].backward(*args[:-1]))
+        return dx, dv, dv_ref, None
 
 
 def sde_step(*inputs):
-    """Runs `sfgrpo::sde_step` (same arguments): the registered op when compiling, the lean
-    autograd.Function otherwise. Both call the same kernels."""
+    """Runs `sfgrpo::sde_step` (same arguments; step values may also be Python numbers): the
+    registered op when compiling, else the implementation directly, inside a lean
+    autograd.Function when a gradient is needed. All call the same kernels."""
     if torch.compiler.is_compiling():
-        return sde_step_op(*inputs)
-    return _EagerSdeStep.apply(*inputs)
+        return sde_step_op(*inputs[:2], *(_row_tensor(r) for r in inputs[_ROWS]), *inputs[6:])
+    x, v, v_ref = inputs[0], inputs[1], inputs[8]
+    implementation = _implementation(x.device, inputs[-1])
+    if torch.is_grad_enabled() and (v.requires_grad or x.requires_grad or (v_ref is not None and v_ref.requires_grad)):
+        return _EagerSdeStep.apply(x, v, v_ref, (*inputs[:-1], implementation))
+    return implementation.forward(*inputs[:-1])

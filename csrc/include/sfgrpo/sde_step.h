@@ -26,6 +26,14 @@ struct MutableLatent {
   bool present() const { return data != nullptr; }
 };
 
+// A schedule value of each row: `per_row[row]`, or `value` for every row when per_row is null
+// (a Python number: nothing to allocate for it).
+struct RowValue {
+  const float* per_row = nullptr;
+  float value = 0.0f;
+  float at(int64_t row) const { return per_row ? per_row[row] : value; }
+};
+
 struct SdeStepProblem {
   int64_t rows = 0;
   int64_t elements = 0;  // per row
@@ -33,11 +41,8 @@ struct SdeStepProblem {
   bool flow_grpo_logprob = false;  // Flow-GRPO's log-prob convention (bare squares for cps/ddim)
   bool sum_reduction = false;      // per-row sum instead of mean over the row's elements
   bool flow_grpo_kl = false;       // KL divides by std_dev_t instead of the step's std
-  // Per-row float32 [rows] schedule values.
-  const float* t = nullptr;
-  const float* t_next = nullptr;
-  const float* noise_level = nullptr;
-  const float* sigma_max = nullptr;
+  // Schedule values: per-row float32 [rows] arrays, or one value for every row.
+  RowValue t, t_next, noise_level, sigma_max;
 };
 
 struct SdeForwardInputs {
