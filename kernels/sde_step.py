@@ -86,6 +86,17 @@ def _chunk_of(pid, NUM_CHUNKS, D, BLOCK: tl.constexpr, ITERS: tl.constexpr):
 
 
 @triton.jit
+def _load_block(x_ptr, v_ptr, row_start, block_start, D, c_x, c_v, BLOCK: tl.constexpr):
+    """One block of a row: (flat offsets, in-row mask, x, v, mean = c_x x + c_v v), float32."""
+    cols = block_start + tl.arange(0, BLOCK)
+    mask = cols < D
+    offs = row_start + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, x, v, c_x * x + c_v * v
+
+
+@triton.jit
 def _kl_std(std, std_dev_t, KL_FLOW_GRPO: tl.constexpr):
     """The std the KL divides by: the step's (exact) or Flow-GRPO's std_dev_t (reference.kl_std)."""
     if KL_FLOW_GRPO:
@@ -147,12 +158,7 @@ def sde_step_fwd_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
-        cols = chunk_start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < D
-        offs = row_start + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = c_x * x + c_v * v
+        offs, mask, x, v, mean = _load_block(x_ptr, v_ptr, row_start, chunk_start + i * BLOCK, D, c_x, c_v, BLOCK)
         if MODE == 0:
             sample = tl.load(sample_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -279,12 +285,7 @@ def sde_step_bwd_kernel(
         safe_kl = tl.where(kl_std > 0.0, kl_std, 1.0)
         k_kl = tl.where(kl_std > 0.0, g_kl * scale / (safe_kl * safe_kl), 0.0)
     for i in range(ITERS):
-        cols = chunk_start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < D
-        offs = row_start + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = c_x * x + c_v * v
+        offs, mask, x, v, mean = _load_block(x_ptr, v_ptr, row_start, chunk_start + i * BLOCK, D, c_x, c_v, BLOCK)
         g_on_mean = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_G_LOGP:
             sample = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(tl.float32)
