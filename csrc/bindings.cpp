@@ -263,6 +263,37 @@ PYBIND11_MODULE(_C, m) {
       "Converts between storage types with torch's rounding (tests)", py::arg("src_type"),
       py::arg("src"), py::arg("dst_type"), py::arg("dst"), py::arg("count"));
 
+  py::module_ testing = m.def_submodule("testing", "Test helpers");
+  testing.def(
+      "advantages_cuda_emulated",
+      [](const std::string& dtype, std::uintptr_t rewards, std::uintptr_t group_ids,
+         std::uintptr_t out, int64_t rows, int64_t width, bool gains, bool pooled, bool global_std,
+         int ddof, double eps, std::optional<double> clip, std::uintptr_t column_mask,
+         std::optional<StatsAddresses> stats) {
+        check_dtype(dtype);
+        const auto problem =
+            make_problem(rows, width, gains, pooled, global_std, ddof, eps, clip, column_mask);
+        const auto buffers = make_stats(stats);
+        sfgrpo::AdvantageCounts counts;
+        {
+          py::gil_scoped_release release;
+          const auto* ids = as_ptr<const int64_t>(group_ids);
+          if (dtype == "float32") {
+            counts = sfgrpo::advantages_cuda_emulated(problem, as_ptr<const float>(rewards), ids,
+                                                      as_ptr<float>(out), buffers);
+          } else {
+            counts = sfgrpo::advantages_cuda_emulated(problem, as_ptr<const double>(rewards), ids,
+                                                      as_ptr<double>(out), buffers);
+          }
+        }
+        return py::make_tuple(counts.groups, counts.nonfinite_rows);
+      },
+      "The CUDA engine's algorithm run sequentially on host memory (the GPU's bits); returns "
+      "(groups, nonfinite rows)",
+      py::arg("dtype"), py::arg("rewards"), py::arg("group_ids"), py::arg("out"), py::arg("rows"),
+      py::arg("width"), py::arg("gains"), py::arg("pooled"), py::arg("global_std"),
+      py::arg("ddof"), py::arg("eps"), py::arg("clip"), py::arg("column_mask"), py::arg("stats"));
+
 #ifdef SFGRPO_WITH_CUDA
   py::module_ cuda = m.def_submodule("cuda", "CUDA implementations (enqueued on the given stream)");
   cuda.def(

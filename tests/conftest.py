@@ -16,7 +16,13 @@ except Exception:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+
 import sfgrpo  # noqa: E402
+
+# shared test helpers (tests/advantage_oracles.py) import by name; this is the tests folder, not the
+# repository root, so sfgrpo still comes from the installed package
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 if pathlib.Path(sfgrpo.__file__).resolve().parent == _REPO / "sfgrpo":

@@ -172,6 +172,20 @@ def _raise_nonfinite(rewards: Tensor) -> None:
     )
 
 
+def engine_args(rewards: Tensor, group_ids: Tensor, out: Tensor, problem: _Problem, mask: Tensor | None,
+                stats: _PaddedStats | None) -> dict:
+    """The native engines' keyword arguments (addresses of contiguous tensors, the problem)."""
+    rows, width = rewards.shape
+    return dict(
+        dtype=str(rewards.dtype).removeprefix("torch."),
+        rewards=rewards.data_ptr(), group_ids=group_ids.data_ptr(), out=out.data_ptr(),
+        rows=rows, width=width, gains=problem.gains, pooled=problem.pooled, global_std=problem.global_std,
+        ddof=problem.ddof, eps=float(problem.eps), clip=None if problem.clip is None else float(problem.clip),
+        column_mask=0 if mask is None else mask.data_ptr(),
+        stats=None if stats is None else tuple(t.data_ptr() for t in stats[:5]),
+    )
+
+
 def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_mask: Tensor | None,
                 nonfinite: str, with_stats: bool) -> tuple[Tensor, _PaddedStats | None]:
     """Runs the engine on a 2-d `rewards`; returns advantages `[N, columns]` (and padded stats)."""
@@ -186,14 +200,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
     if rows == 0:
         return out, stats
     mask = column_mask.contiguous().view(torch.uint8) if column_mask is not None else None
-    args = dict(
-        dtype=str(rewards.dtype).removeprefix("torch."),
-        rewards=rewards.data_ptr(), group_ids=group_ids.data_ptr(), out=out.data_ptr(),
-        rows=rows, width=width, gains=problem.gains, pooled=problem.pooled, global_std=problem.global_std,
-        ddof=problem.ddof, eps=float(problem.eps), clip=None if problem.clip is None else float(problem.clip),
-        column_mask=0 if mask is None else mask.data_ptr(),
-        stats=None if stats is None else tuple(t.data_ptr() for t in stats[:5]),
-    )
+    args = engine_args(rewards, group_ids, out, problem, mask, stats)
     if device.type == "cpu":
         groups, nonfinite_rows = _native.require("the native advantage ops").cpu.advantages(
             **args, num_threads=get_num_threads()
@@ -222,7 +229,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
 
 @functools.lru_cache(maxsize=256)
 def _workspace_bytes(rows: int, width: int, gains: bool, pooled: bool) -> int:
-    """Scratch bytes of the CUDA engine (CUB's size queries run on the host on every call otherwise)."""
+    """Scratch bytes of the CUDA engine (CUB's size query would run on the host on every call)."""
     return _native.require_cuda("the native advantage ops").advantages_workspace_bytes(rows, width, gains, pooled)
 
 

@@ -70,6 +70,12 @@ AdvantageCounts advantages_cpu(const AdvantageProblem& problem, const T* rewards
                                const int64_t* group_ids, T* out, const GroupStatsBuffers& stats,
                                int num_threads);
 
+// The CUDA engine's algorithm (fixed_point_advantages.h) run sequentially on host memory: the
+// bits the GPU produces, for tests without a GPU.
+template <typename T>
+AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& problem, const T* rewards,
+                                         const int64_t* group_ids, T* out, const GroupStatsBuffers& stats);
+
 // Maps arbitrary int64 group ids to dense indices 0..G-1 in order of first appearance.
 // Writes out[i] for i < n and returns G. O(n) expected (open-addressing hash table).
 int64_t dense_group_index_cpu(const int64_t* ids, int64_t n, int64_t* out);

@@ -1,0 +1,209 @@
+"""The CUDA advantage engine's algorithm (csrc/include/sfgrpo/fixed_point_advantages.h: hash
+grouping, 64-bit fixed-point sums with integer atomics) through its sequential host emulation,
+which runs the device code on the CPU: against the CPU engine and the SPEC's numpy loops, row-order
+invariance, edge cases. With a GPU: the CUDA engine gives exactly the emulation's bits."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from sfgrpo import _native
+from sfgrpo import functional as F
+from sfgrpo.ops import advantages as adv_ops
+
+from advantage_oracles import assert_matches, numpy_gain_advantages, numpy_group_advantages, random_layout, rewards_for
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="sfgrpo._C is not built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# the id whose hash key is 0 (the table's empty marker): it gets a slot of its own
+KEY_ZERO_ID = int(np.uint64(0x9E3779B97F4A7C15).astype(np.int64))
+
+
+def emulated(rewards, ids, *, gains, pooled, global_std=False, ddof=0, eps=1e-8, clip=None, step_mask=None,
+             stats=False):
+    """(advantages, padded stats or None, groups, nonfinite rows) from the emulated CUDA engine."""
+    rewards = rewards.reshape(rewards.shape[0], -1).contiguous()
+    ids = ids.contiguous()
+    rows, width = rewards.shape
+    columns = width - 1 if gains else width
+    out = torch.empty(rows, columns, dtype=rewards.dtype)
+    padded = adv_ops._padded_stats(rows, 1 if pooled else columns, torch.device("cpu")) if stats else None
+    problem = adv_ops._Problem(gains=gains, pooled=pooled, global_std=global_std, ddof=ddof, eps=eps, clip=clip)
+    mask = None if step_mask is None else step_mask.contiguous().view(torch.uint8)
+    groups, nonfinite = _native.require("test").testing.advantages_cuda_emulated(
+        **adv_ops.engine_args(rewards, ids, out, problem, mask, padded))
+    return out, padded, groups, nonfinite
+
+
+def emulated_gain(rewards, ids, normalize="joint", **kw):
+    return emulated(rewards, ids, gains=True, pooled=normalize == "joint", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize", ["joint", "per_step"])
+@pytest.mark.parametrize("max_group", [1, 3, 24, 300])
+def test_gain_advantages_match_the_spec_and_the_cpu_engine(dtype, normalize, max_group):
+    ids = random_layout(3000, max_group=max_group, seed=max_group)
+    rewards = rewards_for(ids, 11, dtype, seed=5)
+    step_mask = torch.tensor([False, True, True, False] + [True] * 6)
+    got, stats, groups, nonfinite = emulated_gain(rewards, ids, normalize, clip=3.0, step_mask=step_mask, stats=True)
+    expected = numpy_gain_advantages(rewards, ids, normalize=normalize, clip=3.0, step_mask=step_mask)
+    assert_matches(got, expected, dtype)
+    cpu, cpu_stats = F.gain_advantages(rewards, ids, normalize=normalize, clip=3.0, step_mask=step_mask,
+                                       return_stats=True, backend="native")
+    assert_matches(got, cpu, dtype)
+    assert groups == cpu_stats.group_ids.numel() and nonfinite == 0
+    assert torch.equal(stats.group_ids[:groups], cpu_stats.group_ids)
+    assert torch.equal(stats.size[:groups], cpu_stats.size)
+    assert torch.equal(stats.zero_std[:groups].reshape(cpu_stats.zero_std.shape), cpu_stats.zero_std)
+    for name in ("mean", "std"):
+        torch.testing.assert_close(getattr(stats, name)[:groups].reshape(getattr(cpu_stats, name).shape),
+                                   getattr(cpu_stats, name), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("std", ["group", "global"])
+@pytest.mark.parametrize("columns", [1, 3])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_group_advantages_match_the_spec_with_nonfinite_rows(std, columns, unbiased):
+    ids = random_layout(4000, max_group=16, seed=columns)
+    rewards = rewards_for(ids, columns, torch.float32, seed=7) * 5 + 2
+    rewards[[3, 99, 1500], 0] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    got, _, _, nonfinite = emulated(rewards, ids, gains=False, pooled=False, global_std=std == "global",
+                                    ddof=int(unbiased), eps=1e-4)
+    expected = numpy_group_advantages(rewards, ids, std=std, unbiased=unbiased)
+    assert nonfinite == 3
+    assert_matches(got, expected.reshape(got.shape), torch.float32)
+    assert torch.all(got[[3, 99, 1500]] == 0)
+
+
+@pytest.mark.parametrize("normalize", ["joint", "per_step"])
+def test_advantages_do_not_depend_on_the_row_order(normalize):
+    # integer sums: the same bits in any order, so the device's atomics cannot change them either
+    ids = random_layout(5000, max_group=24, seed=3)
+    rewards = rewards_for(ids, 11, torch.float32, seed=3) * 100 + 3
+    got, *_ = emulated_gain(rewards, ids, normalize)
+    for seed in range(3):
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+        permuted, *_ = emulated_gain(rewards[perm], ids[perm], normalize)
+        assert torch.equal(permuted, got[perm])
+
+
+def test_statistics_do_not_change_the_advantages():
+    ids = random_layout(2000, max_group=24, seed=4)
+    rewards = rewards_for(ids, 11, torch.float32, seed=4)
+    plain, *_ = emulated_gain(rewards, ids, "per_step")
+    with_stats, *_ = emulated_gain(rewards, ids, "per_step", stats=True)
+    assert torch.equal(plain, with_stats)
+
+
+@pytest.mark.parametrize("ids", [
+    [KEY_ZERO_ID] * 5 + [0] * 5 + [-1] * 5,
+    [-(2**63), 2**63 - 1, KEY_ZERO_ID, 0, -1, 1, 2**32, -(2**32)] * 4,
+])
+def test_edge_ids_each_form_their_group(ids):
+    ids = torch.tensor(ids)
+    rewards = rewards_for(ids, 6, torch.float64, seed=8)
+    got, stats, groups, _ = emulated_gain(rewards, ids, stats=True)
+    cpu, cpu_stats = F.gain_advantages(rewards, ids, return_stats=True, backend="native")
+    assert groups == len(set(ids.tolist()))
+    assert torch.equal(stats.group_ids[:groups], cpu_stats.group_ids)
+    assert_matches(got, cpu, torch.float64)
+
+
+def test_one_huge_group_and_groups_of_one():
+    ids = torch.cat([torch.zeros(30_000, dtype=torch.int64), torch.arange(1, 101)])
+    rewards = rewards_for(ids, 11, torch.float32, seed=9)
+    got, *_ = emulated_gain(rewards, ids)
+    assert_matches(got, numpy_gain_advantages(rewards, ids), torch.float32)
+    assert torch.all(got[30_000:] == 0)
+
+
+def test_equal_values_give_zero():
+    ids = torch.arange(12) // 4
+    rewards = torch.zeros(12, 5, dtype=torch.float64)
+    rewards[4:8] = 7.25  # group 1: all gains 0
+    rewards[4:8, 1::2] = 1.0  # group 1: gains +-1, the same in every row, but not all equal
+    rewards[8:] = 7.25  # group 2: all gains 0
+    got, *_ = emulated_gain(rewards, ids)
+    assert torch.all(got[:4] == 0) and torch.all(got[8:] == 0)
+    torch.testing.assert_close(got[4:8].abs(), torch.full((4, 4), 1 / (1 + 1e-8), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("scale, offset", [(1e-30, 0.0), (1e30, 0.0), (1e-6, 1e6), (1.0, 1e12), (1e-300, 0.0)])
+def test_at_least_as_accurate_as_double_precision_two_pass(scale, offset):
+    # exact rational statistics as the yardstick: the fixed-point sums must not lose to numpy's
+    # float64 mean/std, also far from 1 and with a spread tiny against the values (ill-conditioned)
+    ids = random_layout(400, max_group=20, seed=10, extreme_ids=False)
+    values = rewards_for(ids, 11, torch.float64, seed=10) * scale + offset
+    got, *_ = emulated(values, ids, gains=False, pooled=True)
+    exact = exact_pooled(values, ids)
+    numpy_error = (numpy_pooled(values, ids) - exact).abs().max().item()
+    assert (got - exact).abs().max().item() <= max(numpy_error, 1e-13)
+
+
+def numpy_pooled(values, ids):
+    """Each group's values normalised together ((v - mean) / (std + 1e-8), population std)."""
+    v, idn = values.numpy(), ids.numpy()
+    out = np.zeros_like(v)
+    for gid in np.unique(idn):
+        members = np.flatnonzero(idn == gid)
+        block = v[members]
+        if len(members) > 1 and block.max() != block.min():
+            out[members] = (block - block.mean()) / (block.std() + 1e-8)
+    return torch.from_numpy(out)
+
+
+def exact_pooled(values, ids):
+    """numpy_pooled with the mean and the variance in exact rational arithmetic."""
+    v, idn = values.numpy(), ids.numpy()
+    out = np.zeros_like(v)
+    for gid in np.unique(idn):
+        members = np.flatnonzero(idn == gid)
+        block = v[members]
+        if len(members) <= 1 or block.max() == block.min():
+            continue
+        exact = [Fraction(float(x)) for x in block.ravel()]
+        mean = sum(exact) / len(exact)
+        std = math.sqrt(sum((x - mean) ** 2 for x in exact) / len(exact))
+        out[members] = np.array([float(x - mean) / (std + 1e-8) for x in exact]).reshape(block.shape)
+    return torch.from_numpy(out)
+
+
+# ------------------------------------------------------------------------------------- GPU
+@needs_cuda
+@pytest.mark.parametrize("layout", ["prompts", "random_ids", "edge_ids", "one_group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_engine_gives_the_emulation_bits(layout, dtype):
+    g = torch.Generator().manual_seed(31)
+    if layout == "prompts":  # prompt numbers, groups of 16, shuffled (the benchmark's layout)
+        ids = (torch.arange(100_000) // 16)[torch.randperm(100_000, generator=g)]
+    elif layout == "random_ids":
+        ids = random_layout(60_000, max_group=24, seed=32)
+    elif layout == "edge_ids":
+        keys = torch.tensor([-1, 0, 2**63 - 1, -(2**63), 1, KEY_ZERO_ID, 64, 2**32])
+        ids = keys[torch.randint(0, len(keys), (5000,), generator=g)]
+    else:
+        ids = torch.zeros(30_000, dtype=torch.int64)
+    rewards = rewards_for(ids, 11, dtype, 33) * 10 + 1
+    rewards[17, 3] = float("nan")
+    step_mask = torch.tensor([False] + [True] * 9)
+    for normalize in ("joint", "per_step"):
+        expected, stats, groups, _ = emulated_gain(rewards, ids, normalize, step_mask=step_mask, clip=5.0, stats=True)
+        got = F.gain_advantages(rewards.cuda(), ids.cuda(), normalize=normalize, step_mask=step_mask.cuda(),
+                                clip=5.0, nonfinite="drop", backend="native")
+        assert torch.equal(got.cpu(), expected)
+        got_stats_run, got_stats = F.gain_advantages(
+            rewards.cuda(), ids.cuda(), normalize=normalize, step_mask=step_mask.cuda(), clip=5.0, nonfinite="drop",
+            return_stats=True, backend="native")
+        assert torch.equal(got_stats_run.cpu(), expected)
+        assert torch.equal(got_stats.group_ids.cpu(), stats.group_ids[:groups])
+        assert torch.equal(got_stats.mean.cpu().reshape(-1), stats.mean[:groups].reshape(-1))
+    for std in ("group", "global"):
+        flat = rewards[:, -1].contiguous()
+        expected, *_ = emulated(flat, ids, gains=False, pooled=False, global_std=std == "global", eps=1e-4)
+        got = F.group_advantages(flat.cuda(), ids.cuda(), std=std, nonfinite="drop", backend="native")
+        assert torch.equal(got.cpu().reshape(-1), expected.reshape(-1))
