@@ -58,19 +58,58 @@ SFGRPO_HD uint64_t atomic_add(uint64_t* at, uint64_t value) {
 #endif
 }
 
-SFGRPO_HD void atomic_max(uint64_t* at, uint64_t value) {
+// Accumulation into a group's counters: on the device, the lanes of a warp that hit the same
+// address combine their values first (one atomic per address per warp: rows of one group often
+// sit next to each other, and one huge group would otherwise serialise on a single address).
+// Integer sums and maxima: the combining order cannot change the result.
 #if defined(__CUDA_ARCH__)
-  atomicMax(reinterpret_cast<unsigned long long*>(at), value);
+template <typename V, typename Op>
+__device__ __forceinline__ void combine_with_peers(V* at, V value, Op op) {
+  const unsigned peers = __match_any_sync(__activemask(), reinterpret_cast<unsigned long long>(at));
+  V total = value;
+  bool first = true;
+  for (unsigned rest = peers; rest != 0; rest &= rest - 1) {  // every peer runs the same loop
+    const V other = __shfl_sync(peers, value, __ffs(rest) - 1);
+    total = first ? other : op(total, other);
+    first = false;
+  }
+  if ((threadIdx.x & 31) == __ffs(peers) - 1) op.atomic(at, total);
+}
+
+struct AddOp {
+  template <typename V>
+  __device__ V operator()(V x, V y) const { return x + y; }
+  __device__ void atomic(unsigned long long* at, unsigned long long v) const { atomicAdd(at, v); }
+  __device__ void atomic(unsigned int* at, unsigned int v) const { atomicAdd(at, v); }
+};
+
+struct MaxOp {
+  __device__ unsigned long long operator()(unsigned long long x, unsigned long long y) const { return x > y ? x : y; }
+  __device__ void atomic(unsigned long long* at, unsigned long long v) const { atomicMax(at, v); }
+};
+#endif
+
+SFGRPO_HD void group_add(uint64_t* at, uint64_t value) {
+#if defined(__CUDA_ARCH__)
+  combine_with_peers(reinterpret_cast<unsigned long long*>(at), static_cast<unsigned long long>(value), AddOp{});
 #else
-  if (value > *at) *at = value;
+  *at += value;
 #endif
 }
 
-SFGRPO_HD void atomic_add(uint32_t* at, uint32_t value) {
+SFGRPO_HD void group_add(uint32_t* at, uint32_t value) {
 #if defined(__CUDA_ARCH__)
-  atomicAdd(reinterpret_cast<unsigned int*>(at), value);
+  combine_with_peers(reinterpret_cast<unsigned int*>(at), static_cast<unsigned int>(value), AddOp{});
 #else
   *at += value;
+#endif
+}
+
+SFGRPO_HD void group_max(uint64_t* at, uint64_t value) {
+#if defined(__CUDA_ARCH__)
+  combine_with_peers(reinterpret_cast<unsigned long long*>(at), static_cast<unsigned long long>(value), MaxOp{});
+#else
+  if (value > *at) *at = value;
 #endif
 }
 
@@ -332,12 +371,12 @@ SFGRPO_HD void insert_row(const Args<T>& a, int64_t i, bool active) {
     const int64_t r = find_group(a, i);
     w.row_rep[i] = static_cast<int32_t>(r);
     if (finite) {
-      atomic_add(w.size + r, 1u);
+      group_add(w.size + r, 1u);
       for (int64_t s = 0; s < stat_columns; ++s) {
         double lo = 0.0, hi = 0.0;
         if (!row_range(p, row, s, lo, hi)) continue;
-        atomic_max(w.hi + r * stat_columns + s, order_code(hi));
-        atomic_max(w.lo + r * stat_columns + s, ~order_code(lo));
+        group_max(w.hi + r * stat_columns + s, order_code(hi));
+        group_max(w.lo + r * stat_columns + s, ~order_code(lo));
       }
     }
   }
@@ -383,7 +422,7 @@ SFGRPO_HD void sum_row(const Args<T>& a, int64_t i, bool active) {
     for (int64_t s = 0; s < stat_columns; ++s) {
       const Scales sc = scales_of(w, r, stat_columns, s, uint64_t{w.size[r]} * values_per_row(p, s));
       if (sc.n == 0.0) continue;
-      atomic_add(w.sum + r * stat_columns + s, static_cast<uint64_t>(row_fixed_sum(p, row, s, sc.shift)));
+      group_add(w.sum + r * stat_columns + s, static_cast<uint64_t>(row_fixed_sum(p, row, s, sc.shift)));
     }
   }
   if (p.global_std) {
@@ -423,8 +462,8 @@ SFGRPO_HD void squares_row(const Args<T>& a, int64_t i, bool active) {
       const Scales sc = scales_of(w, r, stat_columns, s, uint64_t{w.size[r]} * values_per_row(p, s));
       if (sc.equal || !sc.spread_finite) continue;  // std 0 (advantages 0) or infinite
       const double mean = mean_of(w, r, stat_columns, s, sc);
-      atomic_add(w.squares + r * stat_columns + s,
-                 static_cast<uint64_t>(row_fixed_squares(p, row, s, mean, sc.square_shift)));
+      group_add(w.squares + r * stat_columns + s,
+                static_cast<uint64_t>(row_fixed_squares(p, row, s, mean, sc.square_shift)));
     }
   }
   if (p.global_std) {
