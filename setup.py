@@ -33,6 +33,8 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def run(self):
         for ext in self.extensions:
+            # a module left by an earlier build must not ship in place of one that failed to build
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             try:
                 self.build_cmake(ext)
             except (OSError, subprocess.CalledProcessError) as err:
