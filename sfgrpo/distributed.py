@@ -246,6 +246,19 @@ def full_tensor(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def gather_to_host(tensors: dict[str, Tensor], keep: bool) -> dict[str, Tensor] | None:
+    """Whole tensors on the CPU (where `keep`, i.e. on the rank that writes), gathered one at a time:
+    device memory never holds more than one whole FSDP2 tensor, whatever the model's size. Every
+    rank must call it (gathering is a collective)."""
+    host = {} if keep else None
+    for name, tensor in tensors.items():
+        full = full_tensor(tensor.detach())
+        if keep:
+            host[name] = full.to("cpu", copy=True)
+        del full
+    return host
+
+
 def copy_full_into(target: Tensor, full: Tensor) -> None:
     """Loads a whole (checkpointed) tensor into a plain or FSDP2-sharded one."""
     with torch.no_grad():

@@ -44,10 +44,24 @@ def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     _atomic_write(path, lambda tmp: save_file(cpu, tmp))
 
 
-def load_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+class LazyTensors:
+    """A safetensors file whose tensors are read one at a time (`keys()`, `get_tensor(name)`)."""
 
-    return load_file(str(path))
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), framework="pt") as handle:
+            self._keys = list(handle.keys())
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def get_tensor(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 def save_checkpoint(root: Path, iteration: int, *, weights: dict[str, Tensor], ema: dict[str, Tensor] | None,
@@ -86,9 +100,10 @@ def resolve_checkpoint(spec: str, root: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """Weights and EMA are opened lazily (`LazyTensors`); optimizer and state are loaded."""
     return {
-        "weights": load_tensors(path / "weights.safetensors"),
-        "ema": load_tensors(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
+        "weights": LazyTensors(path / "weights.safetensors"),
+        "ema": LazyTensors(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
         "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         "state": torch.load(path / "state.pt", map_location="cpu", weights_only=False),
     }

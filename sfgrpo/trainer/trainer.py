@@ -468,8 +468,9 @@ class Trainer:
         """Rank 0 writes; every rank calls (under FSDP the full tensors are gathered collectively).
         Replicated state (DDP weights, optimizer, generators) is identical on every rank and rollout
         noise is stateless, so rank 0's copy is everything any rank needs to resume."""
-        weights = {n: distributed.full_tensor(p.detach()) for n, p in self.trainable.items()}
-        ema = None if self.ema is None else {n: distributed.full_tensor(v) for n, v in self.ema.items()}
+        main = self.dist.is_main
+        weights = distributed.gather_to_host(self.trainable, keep=main)
+        ema = None if self.ema is None else distributed.gather_to_host(self.ema, keep=main)
         optimizer_state = self._optimizer_state()
         if not self.dist.is_main:
             distributed.barrier()
@@ -511,15 +512,16 @@ class Trainer:
     def load_checkpoint(self, spec: str) -> None:
         path = ckpt.resolve_checkpoint(spec, self.output_dir / "checkpoints")
         saved = ckpt.load_checkpoint(path)
-        missing = sorted(set(self.trainable) - set(saved["weights"]))
+        missing = sorted(set(self.trainable) - set(saved["weights"].keys()))
         if missing:
             raise ValueError(f"checkpoint {path} lacks {len(missing)} trained tensor(s), e.g. {missing[:3]} "
                              "(LoRA vs full fine-tune mismatch?)")
+        # tensors are read from the file one at a time: host memory holds one whole tensor, not the model
         for name, param in self.trainable.items():
-            distributed.copy_full_into(param, saved["weights"][name])
+            distributed.copy_full_into(param, saved["weights"].get_tensor(name))
         if self.ema is not None and saved["ema"] is not None:
             for name, value in self.ema.items():
-                distributed.copy_full_into(value, saved["ema"][name])
+                distributed.copy_full_into(value, saved["ema"].get_tensor(name))
         self._load_optimizer_state(saved["optimizer"])
         state = saved["state"]
         changed = {k: (state["config"].get(k), v) for k, v in self.config.to_dict().items()
