@@ -100,10 +100,11 @@ def resolve_checkpoint(spec: str, root: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Weights and EMA are opened lazily (`LazyTensors`); optimizer and state are loaded."""
+    """Weights and EMA are opened lazily (`LazyTensors`), the optimizer state memory-mapped."""
     return {
         "weights": LazyTensors(path / "weights.safetensors"),
         "ema": LazyTensors(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        # memory-mapped: ranks of a node share the file's pages instead of each holding a copy
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True),
         "state": torch.load(path / "state.pt", map_location="cpu", weights_only=False),
     }
