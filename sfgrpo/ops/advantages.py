@@ -214,12 +214,13 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
     # kernels launch on the current device: switch only when the tensors live on another one
     guard = torch.cuda.device(device) if device.index != torch.cuda.current_device() else contextlib.nullcontext()
     with guard:
-        workspace = torch.empty(_workspace_bytes(rows, width, problem.gains, problem.pooled), dtype=torch.uint8,
-                                device=device)
-        counts = torch.empty(2, dtype=torch.int64, device=device)  # {groups, nonfinite rows}
+        # one allocation: the engine's scratch, then {groups, nonfinite rows}
+        scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled)
+        buffer = torch.empty(scratch + 16, dtype=torch.uint8, device=device)
+        counts = buffer[scratch:].view(torch.int64)
         stream = torch._C._cuda_getCurrentRawStream(device.index)
-        cuda.advantages(**args, counts=counts.data_ptr(), workspace=workspace.data_ptr(),
-                        workspace_bytes=workspace.numel(), stream=stream)
+        cuda.advantages(**args, counts=counts.data_ptr(), workspace=buffer.data_ptr(), workspace_bytes=scratch,
+                        stream=stream)
     if stats is not None:
         stats.num_groups.copy_(counts[0])
     if nonfinite == "error" and bool(counts[1] != 0):  # the one device->host sync of this policy
@@ -229,8 +230,10 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
 
 @functools.lru_cache(maxsize=256)
 def _workspace_bytes(rows: int, width: int, gains: bool, pooled: bool) -> int:
-    """Scratch bytes of the CUDA engine (CUB's size query would run on the host on every call)."""
-    return _native.require_cuda("the native advantage ops").advantages_workspace_bytes(rows, width, gains, pooled)
+    """Scratch bytes of the CUDA engine, a multiple of 16 (CUB's size query would run on the host on
+    every call)."""
+    scratch = _native.require_cuda("the native advantage ops").advantages_workspace_bytes(rows, width, gains, pooled)
+    return -(-scratch // 16) * 16
 
 
 def _gain_problem(normalize: str, eps: float, clip: float | None) -> _Problem:
