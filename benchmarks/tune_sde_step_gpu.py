@@ -58,6 +58,22 @@ def cases(shape, dtype):
     return {"score fwd+bwd": (score, numel * 7 * itemsize), "sample philox": (draw, numel * 3 * itemsize)}, check
 
 
+def _write(path: str | None, header: list[str], rows: list, default, peak: float) -> str:
+    """The markdown table of `rows` (best first per case); written to `path` when given."""
+    lines = header + ["| case | latents | dtype | threads | bytes/thread | target programs | µs | GB/s | % copy BW |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for case, shape_name, dtype, variant, us, gbs in sorted(
+            rows, key=lambda r: (r[0], r[1], r[2], -(r[5] if math.isfinite(r[5]) else -1.0))):
+        mark = " (default)" if variant == default else ""
+        lines.append(f"| {case} | {shape_name} | {dtype} | {variant.threads} | {variant.bytes_per_thread}{mark} | "
+                     f"{variant.target_programs} | {us:.1f} | {gbs:,.0f} | {100 * gbs / peak:.1f} |")
+    text = "\n".join(lines) + "\n"
+    if path:
+        with open(path, "w") as handle:
+            handle.write(text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer variants")
@@ -75,6 +91,8 @@ def main() -> int:
                 for t, b, p in itertools.product(*grid.values())]
     default = K.TUNING
     rows = []
+    header = [f"# SDE-step launch tuning on {torch.cuda.get_device_name()} (copy bandwidth {peak:,.0f} GB/s)", "",
+              f"default: {default}", ""]
     try:
         for shape_name, dtype in itertools.product(SHAPES, (torch.bfloat16, torch.float32)):
             work, check = cases(SHAPES[shape_name], dtype)
@@ -89,23 +107,12 @@ def main() -> int:
                         rows.append((case, shape_name, str(dtype).removeprefix("torch."), variant, us, gbs))
                 except Exception as err:  # noqa: BLE001 - a variant that does not compile or fit
                     print(f"{shape_name} {dtype} {variant}: {type(err).__name__}: {err}", file=sys.stderr)
+            if args.out:  # after every shape: a time limit still leaves what was measured
+                _write(args.out, header, rows, default, peak)
     finally:
         K.TUNING = default
         K.launch_config.cache_clear()
-    lines = [f"# SDE-step launch tuning on {torch.cuda.get_device_name()} (copy bandwidth {peak:,.0f} GB/s)", "",
-             f"default: {default}", "",
-             "| case | latents | dtype | threads | bytes/thread | target programs | µs | GB/s | % copy BW |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    rows.sort(key=lambda r: (r[0], r[1], r[2], -(r[5] if math.isfinite(r[5]) else -1.0)))
-    for case, shape_name, dtype, variant, us, gbs in rows:
-        mark = " (default)" if variant == default else ""
-        lines.append(f"| {case} | {shape_name} | {dtype} | {variant.threads} | {variant.bytes_per_thread}{mark} | "
-                     f"{variant.target_programs} | {us:.1f} | {gbs:,.0f} | {100 * gbs / peak:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+    print(_write(args.out, header, rows, default, peak))
     return 0
 
 
