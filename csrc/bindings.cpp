@@ -130,6 +130,26 @@ py::dict build_info() {
   return info;
 }
 
+// Runs a host advantage engine, engine(problem, rewards, ids, out, stats), on the float32 or
+// float64 matrices at the given addresses without the GIL; returns (groups, nonfinite rows).
+template <typename Engine>
+py::tuple run_host_advantages(const std::string& dtype, std::uintptr_t rewards, std::uintptr_t group_ids,
+                              std::uintptr_t out, const sfgrpo::AdvantageProblem& problem,
+                              const sfgrpo::GroupStatsBuffers& stats, Engine engine) {
+  check_dtype(dtype);
+  sfgrpo::AdvantageCounts counts;
+  {
+    py::gil_scoped_release release;
+    const auto* ids = as_ptr<const int64_t>(group_ids);
+    if (dtype == "float32") {
+      counts = engine(problem, as_ptr<const float>(rewards), ids, as_ptr<float>(out), stats);
+    } else {
+      counts = engine(problem, as_ptr<const double>(rewards), ids, as_ptr<double>(out), stats);
+    }
+  }
+  return py::make_tuple(counts.groups, counts.nonfinite_rows);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -164,23 +184,12 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t out, int64_t rows, int64_t width, bool gains, bool pooled, bool global_std,
          int ddof, double eps, std::optional<double> clip, std::uintptr_t column_mask,
          std::optional<StatsAddresses> stats, int num_threads) {
-        check_dtype(dtype);
-        const auto problem =
-            make_problem(rows, width, gains, pooled, global_std, ddof, eps, clip, column_mask);
-        const auto buffers = make_stats(stats);
-        sfgrpo::AdvantageCounts counts;
-        {
-          py::gil_scoped_release release;
-          const auto* ids = as_ptr<const int64_t>(group_ids);
-          if (dtype == "float32") {
-            counts = sfgrpo::advantages_cpu(problem, as_ptr<const float>(rewards), ids,
-                                            as_ptr<float>(out), buffers, num_threads);
-          } else {
-            counts = sfgrpo::advantages_cpu(problem, as_ptr<const double>(rewards), ids,
-                                            as_ptr<double>(out), buffers, num_threads);
-          }
-        }
-        return py::make_tuple(counts.groups, counts.nonfinite_rows);
+        return run_host_advantages(
+            dtype, rewards, group_ids, out,
+            make_problem(rows, width, gains, pooled, global_std, ddof, eps, clip, column_mask),
+            make_stats(stats), [&](const auto& p, const auto* r, const int64_t* ids, auto* o, const auto& b) {
+              return sfgrpo::advantages_cpu(p, r, ids, o, b, num_threads);
+            });
       },
       "Group-normalised advantages; returns (groups, nonfinite rows)", py::arg("dtype"),
       py::arg("rewards"), py::arg("group_ids"), py::arg("out"), py::arg("rows"), py::arg("width"),
@@ -270,23 +279,12 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t out, int64_t rows, int64_t width, bool gains, bool pooled, bool global_std,
          int ddof, double eps, std::optional<double> clip, std::uintptr_t column_mask,
          std::optional<StatsAddresses> stats) {
-        check_dtype(dtype);
-        const auto problem =
-            make_problem(rows, width, gains, pooled, global_std, ddof, eps, clip, column_mask);
-        const auto buffers = make_stats(stats);
-        sfgrpo::AdvantageCounts counts;
-        {
-          py::gil_scoped_release release;
-          const auto* ids = as_ptr<const int64_t>(group_ids);
-          if (dtype == "float32") {
-            counts = sfgrpo::advantages_cuda_emulated(problem, as_ptr<const float>(rewards), ids,
-                                                      as_ptr<float>(out), buffers);
-          } else {
-            counts = sfgrpo::advantages_cuda_emulated(problem, as_ptr<const double>(rewards), ids,
-                                                      as_ptr<double>(out), buffers);
-          }
-        }
-        return py::make_tuple(counts.groups, counts.nonfinite_rows);
+        return run_host_advantages(
+            dtype, rewards, group_ids, out,
+            make_problem(rows, width, gains, pooled, global_std, ddof, eps, clip, column_mask),
+            make_stats(stats), [](const auto& p, const auto* r, const int64_t* ids, auto* o, const auto& b) {
+              return sfgrpo::advantages_cuda_emulated(p, r, ids, o, b);
+            });
       },
       "The CUDA engine's algorithm run sequentially on host memory (the GPU's bits); returns "
       "(groups, nonfinite rows)",

@@ -397,85 +397,74 @@ SFGRPO_HD uint64_t batch_rows(const AdvantageProblem& p, const Workspace& w) {
   return static_cast<uint64_t>(p.rows) - w.counters[1];
 }
 
-// The row's counted values of statistic s in fixed point, summed (exact: each is below
-// 2^62 / n, the row has at most n of them).
-template <typename T>
-SFGRPO_HD int64_t row_fixed_sum(const AdvantageProblem& p, const T* row, int64_t s, int shift) {
-  int64_t first, last;
-  stat_columns_of(p, s, first, last);
-  int64_t total = 0;
-  for (int64_t c = first; c < last; ++c) {
-    if (math::column_counted(p.column_mask, c)) total += to_fixed(math::value_at(row, c, p.gains), shift);
-  }
-  return total;
-}
-
-template <typename T>
-SFGRPO_HD void sum_row(const Args<T>& a, int64_t i, bool active) {
-  const AdvantageProblem& p = a.p;
-  const Workspace& w = a.w;
-  const int64_t stat_columns = p.stat_columns();
-  const T* row = a.rewards + i * p.width;
-  const bool finite = active && w.finite[i];
-  if (finite) {
-    const int64_t r = w.row_rep[i];
-    for (int64_t s = 0; s < stat_columns; ++s) {
-      const Scales sc = scales_of(w, r, stat_columns, s, uint64_t{w.size[r]} * values_per_row(p, s));
-      if (sc.n == 0.0) continue;
-      group_add(w.sum + r * stat_columns + s, static_cast<uint64_t>(row_fixed_sum(p, row, s, sc.shift)));
-    }
-  }
-  if (p.global_std) {
-    const uint64_t rows = batch_rows(p, w);
-    for (int64_t s = 0; s < stat_columns; ++s) {
-      const Scales sc = scales_of(w, p.rows, stat_columns, s, rows * values_per_row(p, s));
-      const int64_t part = finite && sc.n > 0.0 ? row_fixed_sum(p, row, s, sc.shift) : 0;
-      warp_add(w.sum + p.rows * stat_columns + s, static_cast<uint64_t>(part));
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------- phase 3
-template <typename T>
-SFGRPO_HD int64_t row_fixed_squares(const AdvantageProblem& p, const T* row, int64_t s, double mean, int shift) {
+// Phases 2 and 3: every finite row adds its counted values (kSquares: their squared deviations
+// from the mean) of each statistic, in fixed point, to its group's accumulator, and with
+// global_std to the batch's. The row's own sum is exact: each term is below 2^62 / n and the row
+// has at most n of them.
+template <bool kSquares, typename T>
+SFGRPO_HD int64_t row_fixed(const AdvantageProblem& p, const T* row, int64_t s, double mean, int shift) {
   int64_t first, last;
   stat_columns_of(p, s, first, last);
   int64_t total = 0;
   for (int64_t c = first; c < last; ++c) {
     if (!math::column_counted(p.column_mask, c)) continue;
-    const double d = math::value_at(row, c, p.gains) - mean;
-    total += to_fixed(d * d, shift);
+    double v = math::value_at(row, c, p.gains);
+    if (kSquares) {
+      const double d = v - mean;
+      v = d * d;
+    }
+    total += to_fixed(v, shift);
   }
   return total;
 }
 
-template <typename T>
-SFGRPO_HD void squares_row(const Args<T>& a, int64_t i, bool active) {
+// The row's part of accumulator (acc, s) holding `count` values; false when it adds nothing
+// (no values; for the squares also all values equal, whose std is 0, or an infinite spread).
+template <bool kSquares, typename T>
+SFGRPO_HD bool row_part(const Args<T>& a, const T* row, int64_t acc, int64_t s, uint64_t count, int64_t& part) {
+  const int64_t stat_columns = a.p.stat_columns();
+  const Scales sc = scales_of(a.w, acc, stat_columns, s, count);
+  if (kSquares ? (sc.equal || !sc.spread_finite) : sc.n == 0.0) return false;
+  const double mean = kSquares ? mean_of(a.w, acc, stat_columns, s, sc) : 0.0;
+  part = row_fixed<kSquares>(a.p, row, s, mean, kSquares ? sc.square_shift : sc.shift);
+  return true;
+}
+
+template <bool kSquares, typename T>
+SFGRPO_HD void accumulate_row(const Args<T>& a, int64_t i, bool active) {
   const AdvantageProblem& p = a.p;
   const Workspace& w = a.w;
   const int64_t stat_columns = p.stat_columns();
+  uint64_t* target = kSquares ? w.squares : w.sum;
   const T* row = a.rewards + i * p.width;
   const bool finite = active && w.finite[i];
   if (finite) {
     const int64_t r = w.row_rep[i];
     for (int64_t s = 0; s < stat_columns; ++s) {
-      const Scales sc = scales_of(w, r, stat_columns, s, uint64_t{w.size[r]} * values_per_row(p, s));
-      if (sc.equal || !sc.spread_finite) continue;  // std 0 (advantages 0) or infinite
-      const double mean = mean_of(w, r, stat_columns, s, sc);
-      group_add(w.squares + r * stat_columns + s,
-                static_cast<uint64_t>(row_fixed_squares(p, row, s, mean, sc.square_shift)));
+      int64_t part = 0;
+      if (row_part<kSquares>(a, row, r, s, uint64_t{w.size[r]} * values_per_row(p, s), part)) {
+        group_add(target + r * stat_columns + s, static_cast<uint64_t>(part));
+      }
     }
   }
-  if (p.global_std) {
+  if (p.global_std) {  // uniform across the warp: every lane reaches the reduction
     const uint64_t rows = batch_rows(p, w);
     for (int64_t s = 0; s < stat_columns; ++s) {
-      const Scales sc = scales_of(w, p.rows, stat_columns, s, rows * values_per_row(p, s));
-      const bool counted = finite && !sc.equal && sc.spread_finite;
-      const int64_t part =
-          counted ? row_fixed_squares(p, row, s, mean_of(w, p.rows, stat_columns, s, sc), sc.square_shift) : 0;
-      warp_add(w.squares + p.rows * stat_columns + s, static_cast<uint64_t>(part));
+      int64_t part = 0;
+      if (!(finite && row_part<kSquares>(a, row, p.rows, s, rows * values_per_row(p, s), part))) part = 0;
+      warp_add(target + p.rows * stat_columns + s, static_cast<uint64_t>(part));
     }
   }
+}
+
+template <typename T>
+SFGRPO_HD void sum_row(const Args<T>& a, int64_t i, bool active) {
+  accumulate_row<false>(a, i, active);
+}
+
+template <typename T>
+SFGRPO_HD void squares_row(const Args<T>& a, int64_t i, bool active) {
+  accumulate_row<true>(a, i, active);
 }
 
 // ------------------------------------------------------------------------------- phase 4
