@@ -100,7 +100,8 @@ def sde_step(
 
     Latents have any rank (dim 0 is the batch) and fp32/bf16/fp16 storage; math is fp32. `t`,
     `t_next`, `noise_level`, `sigma_max` are floats or per-row `[B]` tensors (kept on the device:
-    no host syncs). Noise, when sampling: `noise` (eps) if given; else in-kernel Philox from `seed`
+    no host syncs; numbers go to the kernels by value, so a captured CUDA graph replays the numbers
+    it was captured with: pass tensors to change them between replays). Noise, when sampling: `noise` (eps) if given; else in-kernel Philox from `seed`
     (fast and reproducible, not bit-equal to torch.randn; a call uses Philox counters
     `seed_offset .. seed_offset + B * ceil(D / 4) - 1`, 4 normals each, so steps that share a seed
     take disjoint counter ranges, `reference.philox_step_noise` gives the same noise); else
