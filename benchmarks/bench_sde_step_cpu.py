@@ -1,6 +1,7 @@
 """CPU benchmark (pytest-benchmark) of the SDE step on CPU tensors: sfgrpo's C++ kernels (`sfgrpo`,
 the default), its plain-PyTorch path (`sfgrpo-reference`) and the Flow-GRPO formulation, sampling
-and scoring forward + backward, on a small (8x16x32x32) and an SD3.5-M-sized (8x16x128x128) latent.
+and scoring forward + backward, on a tiny latent (8x16x2x2: the per-call overhead), a small
+(8x16x32x32) and an SD3.5-M-sized (8x16x128x128) one.
 
     pytest benchmarks/bench_sde_step_cpu.py --benchmark-enable --benchmark-columns=median,ops
 """
@@ -17,7 +18,7 @@ import flow_grpo_baseline as fg  # noqa: E402
 from sfgrpo import functional as F  # noqa: E402
 from sfgrpo.schedules import Schedule  # noqa: E402
 
-SHAPES = {"small": (8, 16, 32, 32), "sd35m": (8, 16, 128, 128)}
+SHAPES = {"tiny": (8, 16, 2, 2), "small": (8, 16, 32, 32), "sd35m": (8, 16, 128, 128)}
 STEP = 3
 IMPLS = {"sfgrpo": None, "sfgrpo-reference": "reference", "flow_grpo": None}
 
