@@ -19,7 +19,8 @@
 //  3. squares: each adds its squared deviations from the mean, scaled from (hi - lo)^2.
 //  4. write:  advantages = (value - mean) / (std + eps), clipped; statistics rows when asked.
 // Accumulators are indexed by the representative's row number, so their size is the batch's,
-// never the table's. With global_std the batch is one more accumulator (index `rows`), fed one
+// never the table's: 32 bytes per row and statistic (one statistic when pooled, T per-step), plus
+// 12 bytes per hash slot, zeroed by one memset per call. With global_std the batch is one more accumulator (index `rows`), fed one
 // atomic per warp on the device (integer sums: the warp's order does not matter either).
 #pragma once
 #include <cmath>
