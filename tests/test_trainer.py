@@ -94,7 +94,8 @@ DETERMINISTIC = lambda record: {k: v for k, v in record.items() if not k.startsw
 
 @pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "train_batch_size": 4, "gradient_accumulation_steps": 2,
                                         "mode": "flow_grpo", "beta": 0.05},
-                                   {"mixed_precision": "fp16"}])  # the loss scale is resumed too
+                                   {"mixed_precision": "fp16"},  # the loss scale is resumed too
+                                   {"train_step_fraction": 0.5, "num_inner_epochs": 2}])  # the drawn steps too
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     full = Trainer(tiny_config(tmp_path / "a", iterations=4, **extra)).train()
     Trainer(tiny_config(tmp_path / "b", iterations=2, **extra)).train()
@@ -107,6 +108,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     a = Trainer(tiny_config(tmp_path / "a", iterations=4, resume_from="latest", **extra))
     for name, value in a.trainable.items():
         assert torch.equal(value, resumed_trainer.trainable[name]), name
+
+
+def test_train_step_fraction_trains_a_random_subset_of_steps_per_pass(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, num_steps=8, train_step_fraction=0.5, num_inner_epochs=3, iterations=3))
+    trained = list(trainer.steps.trained)
+    passes = []
+    original = trainer.step_loss
+    monkeypatch.setattr(trainer, "step_loss", lambda batch, adv, k, rows: (passes.append(k), original(batch, adv, k, rows))[1])
+    trainer.train()
+    keep = int(0.5 * len(trained))
+    chosen = [sorted(passes[i:i + keep]) for i in range(0, len(passes), keep)]
+    assert len(passes) == 3 * 3 * keep  # iterations x passes x steps kept, one forward each
+    assert all(len(set(c)) == keep and set(c) <= set(trained) for c in chosen)
+    assert len({tuple(c) for c in chosen}) > 1  # drawn anew per pass
+    assert set(passes) == set(trained)  # over 9 passes every step came up
 
 
 def test_checkpoint_layout_is_complete(tmp_path):
@@ -167,6 +183,7 @@ def test_prompts_are_a_deterministic_function_of_seed_and_iteration(tmp_path):
     ({"mode": "flow_grpo", "advantage_normalize": "per_step"}, "stepwise modes only"),
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"noise_level": 0.0}, "noise_level must be > 0"),
+    ({"train_step_fraction": 0.0}, "train_step_fraction must be in"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

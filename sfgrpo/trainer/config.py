@@ -64,6 +64,9 @@ class TrainerConfig:
     beta: float = _help("KL weight against the reference policy (backbone with LoRA disabled / frozen copy)", default=0.0)
     kl: str = _help("KL convention: exact | flow_grpo", default="exact")
     num_inner_epochs: int = _help("passes over each rollout batch", default=1)
+    train_step_fraction: float = _help(
+        "fraction of the trained steps each pass trains, a random subset drawn per pass (floor, at least one; "
+        "Flow-GRPO's timestep_fraction: update cost shrinks in proportion; 1: every step)", default=1.0)
     train_batch_size: int | None = _help(
         "trajectories per update forward (None: the whole batch, which keeps the on-policy ratio exactly 1)", default=None)
     gradient_accumulation_steps: int | None = _help(
@@ -161,6 +164,7 @@ class TrainerConfig:
         need(self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.num_inner_epochs >= 1, f"num_inner_epochs must be >= 1, got {self.num_inner_epochs}")
+        need(0.0 < self.train_step_fraction <= 1.0, f"train_step_fraction must be in (0, 1], got {self.train_step_fraction}")
         need(self.train_batch_size is None or 1 <= self.train_batch_size <= self.batch_size,
              f"train_batch_size must be in 1..{self.batch_size} (the rollout batch), got {self.train_batch_size}")
         need(self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1,

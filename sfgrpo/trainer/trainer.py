@@ -174,7 +174,7 @@ class Trainer:
                 if advantages.device.type == "cuda":  # pinned + non_blocking: the copy does not synchronise
                     permutation = permutation.pin_memory().to(advantages.device, non_blocking=True)
                 row_chunks = list(permutation.split(chunk))
-            work = [(k, rows) for k in self.steps.trained for rows in row_chunks]
+            work = [(k, rows) for k in self._pass_steps() for rows in row_chunks]
             order = list(range(len(work)))
             self.order_random.shuffle(order)
             accumulation = cfg.gradient_accumulation_steps or len(work)
@@ -189,6 +189,16 @@ class Trainer:
                 if window_ends:
                     grad_norms.append(self.optimizer_step())
         return torch.stack(records), torch.stack(grad_norms)
+
+    def _pass_steps(self) -> list[int]:
+        """The steps one pass over the batch trains: all trained steps, or a random subset of
+        floor(train_step_fraction x their number) (at least one), drawn from the checkpointed order
+        stream, so every rank draws the same steps and a resumed run the same as an uninterrupted one."""
+        steps = list(self.steps.trained)
+        if self.config.train_step_fraction >= 1.0:
+            return steps
+        keep = max(1, int(self.config.train_step_fraction * len(steps)))
+        return sorted(self.order_random.sample(steps, keep))
 
     def step_loss(self, batch: Rollout, advantages: Tensor, k: int, rows) -> tuple[Tensor, Tensor]:
         """PPO loss of step k on some trajectories: re-score the stored samples with the current
