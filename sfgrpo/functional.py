@@ -105,7 +105,8 @@ def sde_step(
     (fast and reproducible, not bit-equal to torch.randn; a call uses Philox counters
     `seed_offset .. seed_offset + B * ceil(D / 4) - 1`, 4 normals each, so steps that share a seed
     take disjoint counter ranges, `reference.philox_step_noise` gives the same noise); else
-    `torch.randn(generator=...)` drawn like diffusers' `randn_tensor` (bit-compatible sampling).
+    `torch.randn(generator=...)` drawn like diffusers' `randn_tensor` (bit-compatible sampling),
+    with torch's global RNG when no source is given (`ode` needs none).
     Gradients flow to `v` (and `x`, `v_ref` when they require grad) through the mean and the
     Tweedie estimates; the sample is data. Values are not range-checked (that would sync): the
     caller guarantees 0 <= t' < t <= 1.
@@ -134,6 +135,10 @@ def sde_step(
             _check_latent(name, tensor, x)
     if generator is not None:
         noise = reference.draw_noise(x, generator)
+    elif sources == 0:  # sampling with no noise source given
+        # the deterministic step needs none (zeros); the others draw from torch's global RNG, as
+        # diffusers' randn_tensor does without a generator
+        noise = torch.zeros_like(x, dtype=torch.float32) if sde_type == "ode" else reference.draw_noise(x)
     batch, device = x.shape[0], x.device
     t_row = _step_value(t, batch, device)
     t_next_row = _step_value(t_next, batch, device)

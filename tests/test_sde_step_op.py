@@ -324,6 +324,19 @@ def test_empty_batch(backend):
     assert out.prev_sample.shape == x.shape and out.log_prob.shape == (0,) and out.x0_hat.shape == x.shape
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_without_a_noise_source(backend):
+    # ode needs no noise; the stochastic steps draw from torch's global RNG (diffusers' rule)
+    x, v = torch.randn(3, 2, 4, device=DEVICE), torch.randn(3, 2, 4, device=DEVICE)
+    out = F.sde_step(x, v, 0.6, 0.4, 0.0, sde_type="ode", backend=backend)
+    torch.testing.assert_close(out.prev_sample, x - 0.2 * v, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(5)
+    drawn = F.sde_step(x, v, 0.6, 0.4, 0.7, backend=backend)
+    torch.manual_seed(5)
+    expected = F.sde_step(x, v, 0.6, 0.4, 0.7, noise=torch.randn(x.shape, device=DEVICE), backend=backend)
+    assert torch.equal(drawn.prev_sample, expected.prev_sample)
+
+
 def test_bad_inputs_give_clear_errors():
     x, v, v_ref, t, tn, level = _inputs((3, 4, 4), torch.float32)
     with pytest.raises(ValueError, match="shape of x"):
