@@ -214,6 +214,17 @@ def shard_fsdp(transformer: nn.Module, device: torch.device) -> nn.Module:
     return transformer
 
 
+def reshard(module: nn.Module) -> None:
+    """Puts every FSDP2 unit of `module` back in its sharded state. The root unit keeps its
+    parameters unsharded after a forward that no backward follows (an evaluation), and the
+    optimizer and checkpoints expect the sharded parameters registered. No-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def wrap_ddp(transformer: nn.Module, device: torch.device) -> nn.Module:
     # No per-forward buffer broadcast: the backbone's buffers (position embeddings) are constants,
     # and without it a no-grad forward (rollout, look-ahead, reference) is free of collectives, so

@@ -47,8 +47,8 @@ def _rank_main(rank, world, port, values, out_dir, separate_rank_dirs):
         history = trainer.train()
         weights = {n: distributed.full_tensor(p.detach()).clone() for n, p in trainer.trainable.items()}
         checkpointing = getattr(distributed.unwrap(trainer.model.transformer), "gradient_checkpointing", None)
-        torch.save({"history": history, "weights": weights, "advantages": advantages, "checkpointing": checkpointing},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"history": history, "weights": weights, "advantages": advantages, "checkpointing": checkpointing,
+                    "evaluations": trainer.eval_history}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -208,8 +208,10 @@ def test_ddp_lora_with_reference_kl_matches_one_process(tmp_path):
 
 
 def test_fsdp2_full_finetune_matches_one_process(tmp_path):
+    # evaluations too: 3 eval prompts, one per network call, over 2 ranks: rank 1 runs a padding call
+    # so that both make the same (collective) forwards
     overrides = dict(iterations=2, distributed="fsdp", prompts_per_iteration=2, group_size=4, beta=0.05,
-                     ema_decay=0.5)
+                     ema_decay=0.5, eval_every=1, eval_num_steps=3, eval_prompts="1,2,3", eval_batch_size=1)
     ranks = run_ranks(tmp_path / "two", **overrides)
     assert ranks[0]["checkpointing"] is True  # activation checkpointing is on by default with FSDP
     trainer, history, advantages = run_one_process(tmp_path / "one", **overrides)  # 1 process: no wrapping
@@ -217,6 +219,9 @@ def test_fsdp2_full_finetune_matches_one_process(tmp_path):
     for name, value in trainer.trainable.items():
         torch.testing.assert_close(ranks[0]["weights"][name], value.detach(), **WEIGHTS)
     assert_records_close(ranks[0]["history"], history, **RECORDS)
+    assert_records_close(ranks[1]["evaluations"], ranks[0]["evaluations"], rtol=0, atol=0)
+    assert_records_close(ranks[0]["evaluations"], trainer.eval_history, **RECORDS)
+    assert [r["iteration"] for r in trainer.eval_history] == [0, 1, 2]
     # the checkpoint holds whole tensors: a single process loads it
     resumed = Trainer(TrainerConfig(**{**BASE, **overrides, "output_dir": str(tmp_path / "two" / "run"),
                                        "resume_from": "latest"}))

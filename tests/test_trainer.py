@@ -95,7 +95,8 @@ DETERMINISTIC = lambda record: {k: v for k, v in record.items() if not k.startsw
 @pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "train_batch_size": 4, "gradient_accumulation_steps": 2,
                                         "mode": "flow_grpo", "beta": 0.05},
                                    {"mixed_precision": "fp16"},  # the loss scale is resumed too
-                                   {"train_step_fraction": 0.5, "num_inner_epochs": 2}])  # the drawn steps too
+                                   {"train_step_fraction": 0.5, "num_inner_epochs": 2,  # the drawn steps too
+                                    "eval_every": 1, "eval_num_steps": 3}])  # and the evaluations
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     full = Trainer(tiny_config(tmp_path / "a", iterations=4, **extra)).train()
     Trainer(tiny_config(tmp_path / "b", iterations=2, **extra)).train()
@@ -108,6 +109,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     a = Trainer(tiny_config(tmp_path / "a", iterations=4, resume_from="latest", **extra))
     for name, value in a.trainable.items():
         assert torch.equal(value, resumed_trainer.trainable[name]), name
+    if extra.get("eval_every"):
+        evals = [(tmp_path / run / "run" / "eval.jsonl").read_text() for run in ("a", "b")]
+        assert evals[0] == evals[1] and len(evals[0].splitlines()) == 5  # iterations 0..4
 
 
 def test_train_step_fraction_trains_a_random_subset_of_steps_per_pass(tmp_path, monkeypatch):
@@ -123,6 +127,36 @@ def test_train_step_fraction_trains_a_random_subset_of_steps_per_pass(tmp_path, 
     assert all(len(set(c)) == keep and set(c) <= set(trained) for c in chosen)
     assert len({tuple(c) for c in chosen}) > 1  # drawn anew per pass
     assert set(passes) == set(trained)  # over 9 passes every step came up
+
+
+def test_evaluation_scores_fixed_noise_ode_samples_without_touching_training(tmp_path):
+    plain = Trainer(tiny_config(tmp_path / "plain", iterations=3)).train()
+    trainer = Trainer(tiny_config(tmp_path / "eval", iterations=3, eval_every=2, eval_num_steps=6,
+                                  eval_prompts="1,2", eval_samples_per_prompt=3, eval_batch_size=4))
+    history = trainer.train()
+    assert [DETERMINISTIC(r) for r in history] == [DETERMINISTIC(r) for r in plain]  # training unchanged
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0, 2, 3] == [r["iteration"] for r in trainer.eval_history]
+    assert all(_finite(r) and r["eval_reward_std"] > 0 for r in lines)
+    assert (tmp_path / "eval" / "run" / "images" / "eval-iter000003.png").exists()
+    # fixed noise and no sampling noise: the same weights give the same score, other weights another
+    again = trainer.evaluate()
+    assert again["eval_reward_mean"] == lines[-1]["eval_reward_mean"]
+    fresh = Trainer(tiny_config(tmp_path / "fresh", eval_every=1, eval_num_steps=6, eval_prompts="1,2",
+                                eval_samples_per_prompt=3, eval_batch_size=4))
+    assert fresh.evaluate()["eval_reward_mean"] == lines[0]["eval_reward_mean"]
+    assert lines[0]["eval_reward_mean"] != lines[-1]["eval_reward_mean"]
+
+
+def test_evaluation_uses_the_ema_weights(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, iterations=2, ema_decay=0.5, eval_num_steps=4))
+    trainer.train()
+    with_ema = trainer.evaluate()["eval_reward_mean"]
+    with torch.no_grad():
+        for name, param in trainer.trainable.items():
+            param.copy_(trainer.ema[name])
+    trainer.ema = None
+    assert trainer.evaluate()["eval_reward_mean"] == with_ema
 
 
 def test_checkpoint_layout_is_complete(tmp_path):
@@ -184,6 +218,7 @@ def test_prompts_are_a_deterministic_function_of_seed_and_iteration(tmp_path):
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"noise_level": 0.0}, "noise_level must be > 0"),
     ({"train_step_fraction": 0.0}, "train_step_fraction must be in"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

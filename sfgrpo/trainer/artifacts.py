@@ -64,9 +64,10 @@ def _pyplot():
     return plt
 
 
-def write_plots(history: list[dict], directory: Path) -> list[Path]:
-    """reward.png (final-image reward and class accuracy per iteration) and gains.png (mean |gain|
-    per sampling step, the paper's Fig. 2; stepwise runs only)."""
+def write_plots(history: list[dict], directory: Path, evaluations: list[dict] = ()) -> list[Path]:
+    """reward.png (final-image reward and class accuracy per iteration, and the evaluations' reward
+    when there are any) and gains.png (mean |gain| per sampling step, the paper's Fig. 2; stepwise
+    runs only)."""
     plt = _pyplot()
     if plt is None or not history:
         return []
@@ -74,6 +75,10 @@ def write_plots(history: list[dict], directory: Path) -> list[Path]:
     iterations = [r["iteration"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(iterations, [r["reward_mean"] for r in history], label="reward (final image)")
+    if evaluations:
+        ax.plot([r["iteration"] for r in evaluations], [r["eval_reward_mean"] for r in evaluations], "o-",
+                color="tab:green", label="eval reward (ODE, fixed noise)")
+        ax.legend(loc="lower right")
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     if "class_accuracy" in history[0]:

@@ -83,6 +83,15 @@ class TrainerConfig:
     lora_alpha: float = _help("LoRA alpha", default=64.0)
     lora_target_modules: str = _help("comma-separated module names that get adapters", default="to_q,to_k,to_v,to_out.0")
     # ------------------------------------------------------------------ logging and checkpoints
+    eval_every: int = _help("evaluate every N iterations, before the first and after the last (0: off): ODE "
+                            "samples of fixed prompts from fixed noise, the run's reward, EMA weights when on; "
+                            "eval.jsonl and images/eval-*.png", default=0)
+    eval_num_steps: int = _help("sampling steps of an evaluation (Flow-GRPO: 40, without noise)", default=40)
+    eval_prompts: str | None = _help("comma-separated eval prompts (None: the training prompts)", default=None)
+    eval_samples_per_prompt: int = _help("eval samples per prompt, each from its own fixed noise", default=1)
+    eval_batch_size: int = _help("eval samples per network call (per process)", default=16)
+    eval_guidance_scale: float | None = _help("CFG scale of evaluations (None: guidance_scale)", default=None)
+
     checkpoint_every: int = _help("save a checkpoint every N iterations (0: only at the end)", default=0)
     resume_from: str | None = _help("checkpoint directory, or 'latest' in output_dir", default=None)
     image_every: int = _help("write sample / intermediate-estimate grids every N iterations (0: only at the end)", default=0)
@@ -173,6 +182,11 @@ class TrainerConfig:
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
+        need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        need(self.eval_num_steps >= 1 and self.eval_samples_per_prompt >= 1 and self.eval_batch_size >= 1,
+             "eval_num_steps, eval_samples_per_prompt and eval_batch_size must be >= 1")
+        need(self.eval_guidance_scale is None or self.eval_guidance_scale >= 0,
+             f"eval_guidance_scale must be >= 0, got {self.eval_guidance_scale}")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
         need(not (self.distributed == "fsdp" and self.mixed_precision == "fp16"),
              "mixed_precision=fp16 is not supported with distributed=fsdp (sharded gradients); use bf16")

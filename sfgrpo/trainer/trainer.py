@@ -29,7 +29,8 @@ from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estima
 TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
 # settings a resumed run may change without breaking reproducibility
 RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
-                     "image_every", "device", "activation_checkpointing"}
+                     "image_every", "device", "activation_checkpointing", "eval_every", "eval_num_steps",
+                     "eval_prompts", "eval_samples_per_prompt", "eval_batch_size", "eval_guidance_scale"}
 
 
 class PhaseTimer:
@@ -100,6 +101,7 @@ class Trainer:
         self.iteration = 0
         self.loss_scale = 1.0  # this rank's share of the global batch, see distributed.loss_scale
         self.history: list[dict] = []
+        self.eval_history: list[dict] = []  # one record per evaluation (trainer/evaluation.py)
         self.last_images: Tensor | None = None  # [K, N, C, H, W] decoded images of the last iteration
         self.last_prompts: list = []
         self.output_dir = Path(cfg.output_dir)
@@ -252,6 +254,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.json")
             self._rewrite_metrics(metrics_path)
+        if cfg.eval_every and self.iteration == 0 and not self.eval_history:
+            self.evaluate()  # the starting point of the eval curve
         bar = _progress(range(self.iteration, cfg.iterations), cfg.progress and main, initial=self.iteration,
                         total=cfg.iterations)
         for _ in bar:
@@ -261,6 +265,8 @@ class Trainer:
                     handle.write(json.dumps(record) + "\n")
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(reward=f"{record['reward_mean']:.4f}", refresh=False)
+            if cfg.eval_every and (self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
+                self.evaluate()  # before the checkpoint, which then holds it
             if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             if cfg.image_every and self.iteration % cfg.image_every == 0:
@@ -269,9 +275,26 @@ class Trainer:
             self.save_checkpoint()
             self._write_grids()
         if cfg.plots and main:
-            artifacts.write_plots(self.history, self.output_dir)
+            artifacts.write_plots(self.history, self.output_dir, self.eval_history)
         distributed.barrier()
         return self.history
+
+    def evaluate(self) -> dict:
+        """Scores ODE samples of the eval prompts (trainer/evaluation.py) with the current (EMA)
+        weights; appends the record to eval.jsonl and writes images/eval-iterNNNNNN.png (rank 0)."""
+        from sfgrpo.trainer import artifacts
+        from sfgrpo.trainer.evaluation import evaluate
+
+        record, images = evaluate(self)
+        self.eval_history.append(record)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / "eval.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if images is not None:
+                artifacts.save_png(artifacts.image_grid(images[None].cpu()),
+                                   self.output_dir / "images" / f"eval-iter{self.iteration:06d}.png")
+        return record
 
     def _write_grids(self) -> None:
         """Sample grids of the whole global batch (gathered; a collective), written by rank 0."""
@@ -323,8 +346,12 @@ class Trainer:
         return record
 
     def _rewrite_metrics(self, path: Path) -> None:
-        """Keeps the metrics of iterations already done (a resumed run drops rows past its checkpoint)."""
+        """Keeps the metrics (and evaluations) of iterations already done (a resumed run drops rows
+        past its checkpoint)."""
         path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        evals = path.with_name("eval.jsonl")
+        if self.eval_history or evals.exists():
+            evals.write_text("".join(json.dumps(r) + "\n" for r in self.eval_history))
 
     def _class_accuracy_monitor(self):
         from sfgrpo.models.digits import DigitsBackbone
@@ -493,6 +520,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "config": self.config.to_dict(),
             "history": self.history,
+            "eval_history": self.eval_history,
             "grad_scaler": self.scaler.state_dict(),
         }
         path = ckpt.save_checkpoint(
@@ -546,6 +574,7 @@ class Trainer:
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.history = [r for r in state["history"] if r["iteration"] <= self.iteration]
+        self.eval_history = [r for r in state.get("eval_history", []) if r["iteration"] <= self.iteration]
 
 
 def _progress(iterable, enabled: bool, **kwargs):
