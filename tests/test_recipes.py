@@ -17,3 +17,4 @@ def test_sd35m_recipe_is_the_papers_setting():
     # batch sizes are global: they must split evenly over the 8 ranks the recipe is written for
     assert config.batch_size % 8 == 0 and config.train_batch_size % 8 == 0
     assert config.batch_size % config.train_batch_size == 0
+    assert (config.eval_every, config.eval_num_steps) == (25, 40)  # Flow-GRPO's eval protocol

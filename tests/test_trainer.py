@@ -148,6 +148,18 @@ def test_evaluation_scores_fixed_noise_ode_samples_without_touching_training(tmp
     assert lines[0]["eval_reward_mean"] != lines[-1]["eval_reward_mean"]
 
 
+def test_eval_prompts_come_from_the_flag_the_file_or_the_training_prompts(tmp_path):
+    from sfgrpo.trainer.evaluation import eval_prompts
+
+    prompt_file = tmp_path / "eval.txt"
+    prompt_file.write_text("a cat\na dog\n")
+    assert eval_prompts(tiny_config(tmp_path, eval_prompts="1, 2", eval_samples_per_prompt=2)) == ["1", "1", "2", "2"]
+    assert eval_prompts(tiny_config(tmp_path, eval_prompt_file=str(prompt_file))) == ["a cat", "a dog"]
+    assert eval_prompts(tiny_config(tmp_path, prompts="3,4")) == ["3", "4"]
+    with pytest.raises(ValueError, match="eval_prompt_file"):
+        tiny_config(tmp_path, eval_prompt_file=str(tmp_path / "missing.txt")).validate()
+
+
 def test_evaluation_uses_the_ema_weights(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, iterations=2, ema_decay=0.5, eval_num_steps=4))
     trainer.train()

@@ -87,7 +87,9 @@ class TrainerConfig:
                             "samples of fixed prompts from fixed noise, the run's reward, EMA weights when on; "
                             "eval.jsonl and images/eval-*.png", default=0)
     eval_num_steps: int = _help("sampling steps of an evaluation (Flow-GRPO: 40, without noise)", default=40)
-    eval_prompts: str | None = _help("comma-separated eval prompts (None: the training prompts)", default=None)
+    eval_prompts: str | None = _help("comma-separated eval prompts (None: eval_prompt_file, else the training prompts)",
+                                     default=None)
+    eval_prompt_file: str | None = _help("file of eval prompts: one per line, or a JSON list", default=None)
     eval_samples_per_prompt: int = _help("eval samples per prompt, each from its own fixed noise", default=1)
     eval_batch_size: int = _help("eval samples per network call (per process)", default=16)
     eval_guidance_scale: float | None = _help("CFG scale of evaluations (None: guidance_scale)", default=None)
@@ -183,6 +185,8 @@ class TrainerConfig:
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        need(self.eval_prompt_file is None or Path(self.eval_prompt_file).is_file(),
+             f"eval_prompt_file {self.eval_prompt_file!r} not found")
         need(self.eval_num_steps >= 1 and self.eval_samples_per_prompt >= 1 and self.eval_batch_size >= 1,
              "eval_num_steps, eval_samples_per_prompt and eval_batch_size must be >= 1")
         need(self.eval_guidance_scale is None or self.eval_guidance_scale >= 0,

@@ -27,10 +27,15 @@ EVAL_NOISE_ITERATION = -1
 
 
 def eval_prompts(config) -> list[str]:
-    """One entry per eval sample: the eval prompts (or the training prompts), each
+    """One entry per eval sample: the eval prompts (`eval_prompts`, `eval_prompt_file`, else the
+    training prompts), each
     `eval_samples_per_prompt` times in a row."""
     if config.eval_prompts:
         prompts = [p.strip() for p in config.eval_prompts.split(",") if p.strip()]
+    elif config.eval_prompt_file:
+        from sfgrpo.models.prompts import read_prompt_file
+
+        prompts = read_prompt_file(config.eval_prompt_file)
     else:
         prompts = config.prompt_list
     return [p for p in prompts for _ in range(config.eval_samples_per_prompt)]

@@ -30,7 +30,8 @@ TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
 # settings a resumed run may change without breaking reproducibility
 RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
                      "image_every", "device", "activation_checkpointing", "eval_every", "eval_num_steps",
-                     "eval_prompts", "eval_samples_per_prompt", "eval_batch_size", "eval_guidance_scale"}
+                     "eval_prompts", "eval_prompt_file", "eval_samples_per_prompt", "eval_batch_size",
+                     "eval_guidance_scale"}
 
 
 class PhaseTimer:
