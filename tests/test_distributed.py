@@ -230,6 +230,28 @@ def test_fsdp2_full_finetune_matches_one_process(tmp_path):
         torch.testing.assert_close(value.detach(), ranks[0]["weights"][name], rtol=0, atol=0)
 
 
+def test_fsdp2_sharded_checkpoints_resume_exactly_on_any_number_of_processes(tmp_path):
+    # every rank writes its own shards; a restart on 2 processes continues bit for bit, and one
+    # process (torch.distributed.checkpoint reshards) continues like the 1-process twin
+    overrides = dict(iterations=4, checkpoint_every=2, distributed="fsdp", checkpoint_format="sharded",
+                     prompts_per_iteration=2, group_size=4, ema_decay=0.5)
+    uninterrupted = run_ranks(tmp_path / "two", **overrides)
+    written = tmp_path / "two" / "run" / "checkpoints" / "iter-000002"
+    assert sorted(p.name for p in written.iterdir()) == ["sharded", "state.pt"]
+    assert sorted(p.name for p in (written / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shutil.copytree(written, tmp_path / "restart" / "run" / "checkpoints" / "iter-000002")
+    (tmp_path / "restart" / "run" / "checkpoints" / "latest").write_text("iter-000002\n")
+    resumed = run_ranks(tmp_path / "restart", **overrides, resume_from="latest")
+    assert_records_close(resumed[0]["history"], uninterrupted[0]["history"], rtol=0, atol=0)
+    for name, value in uninterrupted[0]["weights"].items():
+        assert torch.equal(resumed[0]["weights"][name], value), name
+    trainer, history, _ = run_one_process(tmp_path / "one", **overrides, resume_from=str(written))
+    assert trainer.iteration == 4
+    assert_records_close(history, uninterrupted[0]["history"], **RECORDS)
+    for name, value in trainer.trainable.items():
+        torch.testing.assert_close(value.detach(), uninterrupted[0]["weights"][name], **WEIGHTS)
+
+
 CRASHING_REWARD = """
 import os, pathlib
 from sfgrpo.rewards.builtin import contrast

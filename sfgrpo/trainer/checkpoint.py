@@ -7,6 +7,13 @@
         state.pt                iteration (= data position), RNG states, config
     checkpoints/latest          name of the newest complete checkpoint
 
+or, in the sharded format (`checkpoint_format="sharded"`), the weights, EMA and optimizer state
+in one torch.distributed.checkpoint directory that every process writes its own shards of:
+
+    checkpoints/iter-000010/
+        sharded/                .metadata + one file per process
+        state.pt
+
 Every file is written to a temporary name and `os.replace`d; the directory is assembled under a
 temporary name and renamed into place, then `latest` is switched, so a crash at any moment leaves
 either the old or the new checkpoint, never a torn one.
@@ -14,15 +21,18 @@ either the old or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 LATEST = "latest"
+SHARDED = "sharded"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -86,6 +96,66 @@ def save_checkpoint(root: Path, iteration: int, *, weights: dict[str, Tensor], e
     return final
 
 
+def save_sharded_checkpoint(root: Path, iteration: int, *, tensors: dict, state: dict | None, is_main: bool,
+                            barrier) -> Path | None:
+    """Every process calls this (a collective): each writes its shards of `tensors` (DTensors keep
+    their sharding) with torch.distributed.checkpoint into a staging directory all of them see,
+    then rank 0 (`is_main`, holding `state`) adds state.pt and renames it into place. The staging
+    name is fixed per iteration, so every process finds it without communicating."""
+    import torch.distributed.checkpoint as dcp
+
+    name = f"iter-{iteration:06d}"
+    final, staging = root / name, root / f".{name}.staging"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    barrier()
+    with _quiet_single_process():
+        dcp.save(tensors, checkpoint_id=str(staging / SHARDED), no_dist=_single_process())
+    barrier()  # every shard is on disk before the checkpoint becomes visible
+    if not is_main:
+        return None
+    try:
+        _atomic_write(staging / "state.pt", lambda tmp: torch.save(state, tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(name + "\n"))
+    return final
+
+
+def load_sharded(tensors: dict, path: Path) -> None:
+    """Reads a sharded checkpoint into `tensors` in place (each process its own shards; any number
+    of processes, whatever number wrote it). Every process calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_single_process():
+        dcp.load(tensors, checkpoint_id=str(path), no_dist=_single_process())
+
+
+def _single_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """torch.distributed.checkpoint warns on every single-process use, even when asked for one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def sharded_keys(path: Path) -> set[str]:
+    """The top-level entries ("weights", "ema", "optimizer") a sharded checkpoint holds."""
+    import torch.distributed.checkpoint as dcp
+
+    return {key.split(".", 1)[0] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+
+
 def resolve_checkpoint(spec: str, root: Path) -> Path:
     """'latest' -> the directory named in `root/latest`; anything else is a path."""
     if spec == LATEST:
@@ -100,7 +170,11 @@ def resolve_checkpoint(spec: str, root: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Weights and EMA are opened lazily (`LazyTensors`), the optimizer state memory-mapped."""
+    """Weights and EMA are opened lazily (`LazyTensors`), the optimizer state memory-mapped; a
+    sharded checkpoint gives the path of its torch.distributed.checkpoint directory instead."""
+    if (path / SHARDED).is_dir():
+        return {"sharded": path / SHARDED,
+                "state": torch.load(path / "state.pt", map_location="cpu", weights_only=False)}
     return {
         "weights": LazyTensors(path / "weights.safetensors"),
         "ema": LazyTensors(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,

@@ -95,6 +95,10 @@ class TrainerConfig:
     eval_guidance_scale: float | None = _help("CFG scale of evaluations (None: guidance_scale)", default=None)
 
     checkpoint_every: int = _help("save a checkpoint every N iterations (0: only at the end)", default=0)
+    checkpoint_format: str = _help(
+        "full: whole tensors written by rank 0 (safetensors) | sharded: every process writes its own shards "
+        "(torch.distributed.checkpoint; for big FSDP runs; the directory must be shared by all nodes). Both "
+        "resume on any number of processes", default="full")
     resume_from: str | None = _help("checkpoint directory, or 'latest' in output_dir", default=None)
     image_every: int = _help("write sample / intermediate-estimate grids every N iterations (0: only at the end)", default=0)
     plots: bool = _help("write reward and per-step gain plots (needs matplotlib; skipped without it)", default=True)
@@ -184,6 +188,8 @@ class TrainerConfig:
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
+        need(self.checkpoint_format in ("full", "sharded"),
+             f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         need(self.eval_prompt_file is None or Path(self.eval_prompt_file).is_file(),
              f"eval_prompt_file {self.eval_prompt_file!r} not found")
