@@ -78,15 +78,25 @@ def save_checkpoint(root: Path, iteration: int, *, weights: dict[str, Tensor], e
                     optimizer_state: dict, state: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter-{iteration:06d}"
-    final = root / name
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
         save_tensors(staging / "weights.safetensors", weights)
         if ema is not None:
             save_tensors(staging / "ema.safetensors", ema)
         _atomic_write(staging / "optimizer.pt", lambda tmp: torch.save(optimizer_state, tmp))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _publish(staging, root, name, state)
+
+
+def _publish(staging: Path, root: Path, name: str, state: dict) -> Path:
+    """Adds state.pt to a complete staging directory, renames it to `root/name` (replacing a
+    checkpoint of the same iteration, e.g. from a resumed run) and points `latest` at it."""
+    final = root / name
+    try:
         _atomic_write(staging / "state.pt", lambda tmp: torch.save(state, tmp))
-        if final.exists():  # re-saving the same iteration (e.g. a resumed run): replace it whole
+        if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
     except BaseException:
@@ -105,7 +115,7 @@ def save_sharded_checkpoint(root: Path, iteration: int, *, tensors: dict, state:
     import torch.distributed.checkpoint as dcp
 
     name = f"iter-{iteration:06d}"
-    final, staging = root / name, root / f".{name}.staging"
+    staging = root / f".{name}.staging"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -114,18 +124,7 @@ def save_sharded_checkpoint(root: Path, iteration: int, *, tensors: dict, state:
     with _quiet_single_process():
         dcp.save(tensors, checkpoint_id=str(staging / SHARDED), no_dist=_single_process())
     barrier()  # every shard is on disk before the checkpoint becomes visible
-    if not is_main:
-        return None
-    try:
-        _atomic_write(staging / "state.pt", lambda tmp: torch.save(state, tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(name + "\n"))
-    return final
+    return _publish(staging, root, name, state) if is_main else None
 
 
 def load_sharded(tensors: dict, path: Path) -> None:
