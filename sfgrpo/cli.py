@@ -36,6 +36,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from sfgrpo import distributed
+    from sfgrpo.trainer import Trainer
+    from sfgrpo.trainer.cli_args import config_from_args
+
+    config = config_from_args(args)
+    ctx = distributed.init_from_env(config.device)
+    try:
+        record = Trainer(config).evaluate()  # the weights of --resume-from (or the starting ones)
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        print(json.dumps(record))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sfgrpo import demo
 
@@ -64,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(train_parser)
     train_parser.set_defaults(func=_cmd_train)
+
+    evaluate_parser = sub.add_parser(
+        "evaluate", help="score a checkpoint (or the starting weights) with the evaluation protocol",
+        description="Evaluates the weights of --resume-from (a checkpoint directory, or 'latest' in --output-dir; "
+        "none: the starting weights) like --eval-every does during training: --eval-num-steps ODE steps from "
+        "fixed noise, --eval-prompts / --eval-prompt-file (else the training prompts), EMA weights when the "
+        "run has them. Prints the record and appends it to OUTPUT_DIR/eval.jsonl. Takes every train flag; "
+        "--config run/config.json reuses a run's settings.",
+    )
+    add_config_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(func=_cmd_evaluate)
 
     from sfgrpo import demo
 

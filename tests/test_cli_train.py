@@ -34,6 +34,21 @@ def test_tiny_train_run_with_config_file(tmp_path):
     assert (tmp_path / "out" / "checkpoints" / "latest").exists()
 
 
+def test_evaluate_a_trained_run(tmp_path):
+    out = tmp_path / "out"
+    result = run("train", "--backbone", "tiny-random", "--num-steps", "3", "--group-size", "2", "--iterations", "2",
+                 "--prompts-per-iteration", "2", "--reward", "contrast", "--output-dir", str(out), "--no-progress",
+                 "--threads", "1", "--eval-every", "2", "--eval-num-steps", "4", "--eval-prompts", "1,2")
+    assert result.returncode == 0, result.stderr
+    during = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in during] == [0, 2]
+    # the same protocol afterwards, on the final checkpoint, gives the same score
+    result = run("evaluate", "--config", str(out / "config.json"), "--resume-from", "latest", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["iteration"] == 2 and record["eval_reward_mean"] == during[-1]["eval_reward_mean"]
+
+
 def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
     result = run("train", "--backbone", "tiny-random", "--mode", "nope", "--output-dir", str(tmp_path))
     assert result.returncode != 0 and "mode must be one of" in result.stderr
