@@ -4,17 +4,13 @@ original formulation, sampling and scoring forward + backward, at two latent siz
     pytest benchmarks/bench_compat_cpu.py --benchmark-enable --benchmark-columns=median,ops
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flow_grpo_baseline as fg  # noqa: E402
+from sfgrpo.bench import flow_grpo_code as fg
 
-from sfgrpo.compat import flow_grpo as compat  # noqa: E402
+from sfgrpo.compat import flow_grpo as compat
 
 SHAPES = {"b8_16x32x32": (8, 16, 32, 32), "b16_16x64x64": (16, 16, 64, 64)}
 

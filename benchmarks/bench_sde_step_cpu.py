@@ -6,17 +6,13 @@ and scoring forward + backward, on a tiny latent (8x16x2x2: the per-call overhea
     pytest benchmarks/bench_sde_step_cpu.py --benchmark-enable --benchmark-columns=median,ops
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flow_grpo_baseline as fg  # noqa: E402
+from sfgrpo.bench import flow_grpo_code as fg
 
-from sfgrpo import functional as F  # noqa: E402
-from sfgrpo.schedules import Schedule  # noqa: E402
+from sfgrpo import functional as F
+from sfgrpo.schedules import Schedule
 
 SHAPES = {"tiny": (8, 16, 2, 2), "small": (8, 16, 32, 32), "sd35m": (8, 16, 128, 128)}
 STEP = 3

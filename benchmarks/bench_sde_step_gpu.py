@@ -35,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flow_grpo_baseline as fg  # noqa: E402
+from sfgrpo.bench import flow_grpo_code as fg  # noqa: E402
 
 from sfgrpo import functional as F  # noqa: E402
 from sfgrpo import reference as ref  # noqa: E402

@@ -20,20 +20,21 @@ def test_quick_suite_writes_results(tmp_path):
         rows = list(csv.DictReader(handle))
     assert rows and list(rows[0]) == list(COLUMNS)
     assert all(r["status"] in ("ok", "n/a") for r in rows), [r for r in rows if r["status"] not in ("ok", "n/a")]
-    assert {r["implementation"] for r in rows} == {"sfgrpo", "reference"}
+    assert {r["implementation"] for r in rows} == {"sfgrpo", "reference", "flow_grpo-code"}
     for row in rows:
         assert row["device"] and row["torch"] and row["sfgrpo"] and row["git"] and row["date"]
     values = {(r["case"], r["implementation"], r["metric"]): r["value"] for r in rows}
-    for case in {r["case"] for r in rows}:
-        for implementation in ("sfgrpo", "reference"):
-            for metric in ("images_per_s", "seconds_per_iteration", "seconds_rollout", "seconds_update",
-                           "peak_memory_mb"):
-                assert float(values[(case, implementation, metric)]) > 0, (case, implementation, metric)
-            share = float(values[(case, implementation, "outside_backbone_share")])
-            assert 0 < share < 1
-            # host syncs are counted on CUDA only
-            assert values[(case, implementation, "host_syncs_in_update")] == ""
+    for case, implementation in {(r["case"], r["implementation"]) for r in rows}:
+        for metric in ("images_per_s", "seconds_per_iteration", "seconds_rollout", "seconds_update",
+                       "peak_memory_mb"):
+            assert float(values[(case, implementation, metric)]) > 0, (case, implementation, metric)
+        share = float(values[(case, implementation, "outside_backbone_share")])
+        assert 0 < share < 1
+        # host syncs are counted on CUDA only
+        assert values[(case, implementation, "host_syncs_in_update")] == ""
     assert {"flow_grpo", "stepwise"} <= {r["mode"] for r in rows}
+    assert {r["case"] for r in rows if r["implementation"] == "flow_grpo-code"} == {
+        "iteration flow_grpo", "iteration stepwise T'=1"}
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["suite"] == "quick" and len(report["rows"]) == len(rows)
     markdown = (tmp_path / "results.md").read_text()
@@ -112,3 +113,26 @@ def test_sync_counter_is_off_on_cpu():
     counter = SyncCounter(torch.device("cpu"))
     assert counter.wrap(lambda x: x + 1)(1) == 2
     assert counter.take() is None  # reported as n/a
+
+
+def test_flow_grpo_code_runs_the_trainer_on_flow_grpos_formulation(tmp_path, monkeypatch):
+    from sfgrpo import functional
+    from sfgrpo.bench import flow_grpo_code as fg
+    from sfgrpo.bench.flow_grpo_loop import flow_grpo_code
+    from sfgrpo.trainer import Trainer
+
+    calls = {"step": 0, "advantages": 0}
+    step, advantages = fg.sde_step_with_logprob, fg.per_prompt_advantages
+    monkeypatch.setattr(fg, "sde_step_with_logprob", lambda *a, **k: calls.__setitem__("step", calls["step"] + 1) or step(*a, **k))
+    monkeypatch.setattr(fg, "per_prompt_advantages",
+                        lambda *a, **k: calls.__setitem__("advantages", calls["advantages"] + 1) or advantages(*a, **k))
+    config = TrainerConfig(output_dir=str(tmp_path), backbone="tiny-random", reward="brightness", mode="flow_grpo",
+                           beta=0.05, prompts_per_iteration=2, group_size=3, num_steps=4, progress=False, plots=False)
+    trainer = Trainer(config)
+    original = functional.sde_step
+    with flow_grpo_code(trainer):
+        record = trainer.train_iteration()
+    assert functional.sde_step is original  # restored
+    # rollout: 4 steps; update: 3 trained steps x (policy + reference for the KL)
+    assert calls == {"step": 4 + 3 * 2, "advantages": 1}
+    assert record["kl"] >= 0 and all(v == v for v in record.values() if isinstance(v, float))

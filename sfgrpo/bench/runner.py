@@ -4,6 +4,9 @@ Implementations, side by side in one process:
 - `sfgrpo`: the trainer as shipped (fused ops where the device has them);
 - `reference`: the same loop with every op forced to plain PyTorch (SFGRPO_BACKEND=reference), i.e.
   what Flow-GRPO's own code does;
+- `flow_grpo-code`: the reference loop with Flow-GRPO's own formulation of the SDE step (a host
+  sync per row for the sigma lookup, the KL by a second call) and of the advantages (per-prompt
+  numpy loop on the host): `sfgrpo/bench/flow_grpo_loop.py`;
 - `sfgrpo+compile`: as shipped with `compile_backbone=True` (the transformer's forward under
   `torch.compile`; a failure to compile is recorded as the case's status, never fatal).
 Stepwise vs Flow-GRPO is a difference between cases (`mode`), not an implementation.
@@ -32,9 +35,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @contextlib.contextmanager
 def backend_env(implementation: str):
-    """SFGRPO_BACKEND=reference for the reference implementation; the caller's setting otherwise."""
+    """SFGRPO_BACKEND=reference for the reference and flow_grpo-code implementations; the caller's
+    setting otherwise."""
     previous = os.environ.get(ENV_VAR)
-    if implementation.startswith("reference"):
+    if implementation.startswith(("reference", "flow_grpo-code")):
         os.environ[ENV_VAR] = "reference"
     try:
         yield
@@ -67,12 +71,16 @@ def _is_oom(error: BaseException) -> bool:
 def run_one(case: Case, implementation: str, prompts: int, suite: Suite) -> dict:
     """Metrics of one case x implementation x batch: medians over `suite.iterations` iterations."""
     device = torch.device(suite.device)
-    with backend_env(implementation), tempfile.TemporaryDirectory() as tmp:
+    with backend_env(implementation), tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         # "+compile": the trainer's own --compile-backbone
         trainer = build_trainer(case, prompts, suite.device, tmp, compile_backbone=implementation.endswith("+compile"))
         clock = BackboneClock(trainer.model.transformer, synchronize=device.type == "cuda")
         if trainer.reference_transformer is not None:
             clock.watch(trainer.reference_transformer)
+        if implementation == "flow_grpo-code":
+            from sfgrpo.bench.flow_grpo_loop import flow_grpo_code
+
+            stack.enter_context(flow_grpo_code(trainer))
         syncs_iteration, syncs_update = SyncCounter(device), SyncCounter(device)
         trainer.update = syncs_update.wrap(trainer.update)  # instance attribute: counts inside the update only
         records, outside = [], []

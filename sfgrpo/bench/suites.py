@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 KINDS = ("rollout", "lookahead", "update", "iteration")
-IMPLEMENTATIONS = ("sfgrpo", "reference", "sfgrpo+compile")
+IMPLEMENTATIONS = ("sfgrpo", "reference", "flow_grpo-code", "sfgrpo+compile")
 
 
 @dataclass
@@ -114,9 +114,10 @@ def get_suite(name: str) -> Suite:
     if name == "quick":  # the CPU smoke run (tests, `--quick`): seconds
         cases = [
             Case("rollout cfg=on", "rollout", overrides=dict(group_size=4, guidance_scale=2.0), prompts_sweep=(2,)),
-            Case("iteration flow_grpo", "iteration", overrides=dict(group_size=4, mode="flow_grpo"), prompts_sweep=(2,)),
+            Case("iteration flow_grpo", "iteration", overrides=dict(group_size=4, mode="flow_grpo", beta=0.04),
+                 prompts_sweep=(2,), implementations=("sfgrpo", "reference", "flow_grpo-code")),
             Case("iteration stepwise T'=1", "iteration", overrides=dict(group_size=4, mode="stepwise"),
-                 prompts_sweep=(2,)),
+                 prompts_sweep=(2,), implementations=("sfgrpo", "reference", "flow_grpo-code")),
             Case("iteration sd35m-small stepwise T'=1", "iteration", backbone="sd35m-small",
                  overrides=dict(group_size=2, reward="brightness", prompts="a,b"), resolution=64, text_tokens=8,
                  prompts_sweep=(1,)),
@@ -131,7 +132,8 @@ def get_suite(name: str) -> Suite:
     if name == "gpu-core":  # the issue's three goals on SD3.5-M in a few minutes of GPU time
         core = {"sd35m iteration flow_grpo", "sd35m iteration stepwise T'=1"}
         cases = [Case(c.name, c.kind, backbone=c.backbone, overrides=c.overrides, resolution=c.resolution,
-                      text_tokens=c.text_tokens, dtype=c.dtype, prompts_sweep=(1,), implementations=("sfgrpo", "reference"))
+                      text_tokens=c.text_tokens, dtype=c.dtype, prompts_sweep=(1,),
+                      implementations=("sfgrpo", "reference", "flow_grpo-code"))
                  for c in _real_size_cases() if c.name in core]
         return Suite("gpu-core", cases, warmup=1, iterations=2, device="cuda")
     raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")

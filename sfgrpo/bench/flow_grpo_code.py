@@ -1,12 +1,15 @@
 """Flow-GRPO's SDE step as its public code formulates it (SPEC §7), re-written from the SPEC for
 benchmarking: per-row sigma lookup by exact timestep match (one device->host sync per row via
 `.item()`-style indexing), then ~10-14 separate full-size PyTorch ops, and the KL from a second
-call with the reference velocity. Used only as a baseline in benchmarks/."""
+call with the reference velocity; and its per-prompt advantage loop (numpy masks on the host).
+Baselines for the benchmarks (benchmarks/*.py) and for `sfgrpo bench`'s `flow_grpo-code`
+implementation (sfgrpo/bench/flow_grpo_loop.py)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -59,3 +62,15 @@ def sde_step_with_logprob(sigmas, timesteps, model_output, timestep, sample, noi
 def kl_to_reference(prev_sample_mean, prev_sample_mean_ref, std_dev_t):
     dims = tuple(range(1, prev_sample_mean.ndim))
     return ((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=dims, keepdim=True) / (2 * std_dev_t**2)
+
+
+def per_prompt_advantages(rewards: np.ndarray, prompt_ids: np.ndarray, global_std: bool, eps: float = 1e-4) -> np.ndarray:
+    """Flow-GRPO's PerPromptStatTracker.update ('grpo'): one boolean mask over the batch per prompt
+    (O(N x prompts)), per-prompt mean, the prompt's std or the batch's, float64."""
+    advantages = np.zeros_like(rewards, dtype=np.float64)
+    for prompt in np.unique(prompt_ids):
+        mask = prompt_ids == prompt
+        group = rewards[mask]
+        std = rewards.std(axis=0) if global_std else group.std(axis=0)
+        advantages[mask] = (group - group.mean(axis=0)) / (std + eps)
+    return advantages
