@@ -127,8 +127,10 @@ SFGRPO_HD uint32_t wait_published(uint32_t* at) {
 #if defined(__CUDA_ARCH__)
   // the claimer publishes right after its CAS; independent thread scheduling (sm_70+) lets it run
   // even when it shares this warp
+  // bounded: should the claimer never publish (a bug), fail the launch instead of hanging the GPU
   uint32_t value;
-  while ((value = atomicAdd(reinterpret_cast<unsigned int*>(at), 0u)) == 0u) {
+  for (uint32_t spins = 0; (value = atomicAdd(reinterpret_cast<unsigned int*>(at), 0u)) == 0u; ++spins) {
+    if (spins == (1u << 26)) __trap();
   }
   return value;
 #else
