@@ -18,6 +18,7 @@ from sfgrpo import reference
 from sfgrpo.backend import resolve_backend
 from sfgrpo.gather import gather_batch
 from sfgrpo.ops import advantages as advantage_ops
+from sfgrpo.ops import sde_step as sde_step_ops
 from sfgrpo.reference import VelocityFn
 
 
@@ -68,6 +69,8 @@ def _step_value(value: float | Tensor, batch: int, device: torch.device) -> floa
 
 def _rows(x: Tensor) -> Tensor:
     """`[B, ...]` -> contiguous `[B, D]` (a copy only when the layout needs one)."""
+    if x.ndim == 2 and x.is_contiguous():
+        return x
     return x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()
 
 
@@ -111,8 +114,6 @@ def sde_step(
     Tweedie estimates; the sample is data. Values are not range-checked (that would sync): the
     caller guarantees 0 <= t' < t <= 1.
     """
-    from sfgrpo.ops.sde_step import sde_step as sde_step_op
-
     if sde_type not in reference.SDE_TYPES:
         raise ValueError(f"sde_type must be one of {reference.SDE_TYPES}, got {sde_type!r}")
     if logprob not in reference.LOGPROB_CONVENTIONS:
@@ -144,7 +145,7 @@ def sde_step(
     t_next_row = _step_value(t_next, batch, device)
     level_row = _step_value(noise_level, batch, device)
     sigma_max_row = t_next_row if sigma_max is None else _step_value(sigma_max, batch, device)
-    outputs = sde_step_op(
+    outputs = sde_step_ops.sde_step(
         _rows(x), _rows(v), t_row, t_next_row, level_row, sigma_max_row,
         None if prev_sample is None else _rows(prev_sample.to(x.dtype)),
         None if noise is None else _rows(noise),
