@@ -200,17 +200,22 @@ def _block_lists(transformer: nn.Module) -> list[nn.ModuleList]:
     return [child for child in unwrap(transformer).children() if isinstance(child, nn.ModuleList)]
 
 
-def shard_fsdp(transformer: nn.Module, device: torch.device) -> nn.Module:
+def shard_fsdp(transformer: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: each transformer block is its own unit (parameters all-gathered just before the block
-    runs, freed after), then the root takes the rest (embeddings, norms, projections)."""
+    runs, freed after), then the root takes the rest (embeddings, norms, projections).
+    `compute_dtype` (bf16 mixed precision): parameters are all-gathered and used in that dtype while
+    the shards (fp32 master weights) and the gradient reduction stay fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (context().world_size,))
+    options = {}
+    if compute_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for blocks in _block_lists(transformer):
         for block in blocks:
-            fully_shard(block, mesh=mesh)
-    fully_shard(transformer, mesh=mesh)
+            fully_shard(block, mesh=mesh, **options)
+    fully_shard(transformer, mesh=mesh, **options)
     return transformer
 
 

@@ -230,6 +230,18 @@ def test_fsdp2_full_finetune_matches_one_process(tmp_path):
         torch.testing.assert_close(value.detach(), ranks[0]["weights"][name], rtol=0, atol=0)
 
 
+def test_fsdp2_bf16_mixed_precision_keeps_fp32_shards(tmp_path):
+    # FSDP's parameter dtype bf16: all-gathers and compute in bf16, fp32 shards and reductions; one
+    # process autocasts instead, so the two agree to bf16's precision, not bit for bit
+    overrides = dict(iterations=2, distributed="fsdp", prompts_per_iteration=2, group_size=4, mixed_precision="bf16")
+    ranks = run_ranks(tmp_path / "two", **overrides)
+    trainer, history, _ = run_one_process(tmp_path / "one", **overrides)
+    assert {v.dtype for v in ranks[0]["weights"].values()} == {torch.float32}
+    for name, value in trainer.trainable.items():
+        torch.testing.assert_close(ranks[0]["weights"][name], value.detach(), rtol=0.05, atol=0.05)
+    assert_records_close(ranks[0]["history"], history, rtol=0.05, atol=0.05)
+
+
 def test_fsdp2_sharded_checkpoints_resume_exactly_on_any_number_of_processes(tmp_path):
     # every rank writes its own shards; a restart on 2 processes continues bit for bit, and one
     # process (torch.distributed.checkpoint reshards) continues like the 1-process twin

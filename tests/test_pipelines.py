@@ -145,6 +145,27 @@ def test_full_trainer_iteration(checkpoint, mode, tmp_path):
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_full_finetune_of_a_bf16_checkpoint_keeps_fp32_master_weights(checkpoint, precision, tmp_path):
+    # bf16 weights would round AdamW's small updates away; the trained copy is fp32, the frozen
+    # parts and the KL's reference copy stay bf16, and the forward runs with or without autocast
+    family, path = checkpoint
+    config = TrainerConfig(
+        output_dir=str(tmp_path / "run"), backbone=str(path), prompts="a cat,a dog", reward="brightness",
+        iterations=1, prompts_per_iteration=2, group_size=2, num_steps=3, progress=False, plots=False,
+        resolution=16, max_sequence_length=8, model_dtype="bfloat16", mixed_precision=precision, beta=0.04,
+        learning_rate=1e-6, guidance_scale=2.0 if family == "sd3" else 1.0,
+    )
+    trainer = Trainer(config)
+    assert all(p.dtype == torch.float32 for p in trainer.trainable.values())
+    assert {p.dtype for p in trainer.reference_transformer.parameters()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    record = trainer.train()[-1]
+    assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+    changed = sum(not torch.equal(before[n], p) for n, p in trainer.trainable.items())
+    assert changed > 0.9 * len(before)  # lr 1e-6 moves fp32 weights (bf16 ones would mostly not move)
+
+
 def test_on_policy_ratio_is_exactly_one(checkpoint, tmp_path):
     family, path = checkpoint
     config = TrainerConfig(

@@ -214,9 +214,10 @@ class SD3Backbone(PipelineBackbone):
 
     def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
         embeds, pooled = cond
+        dtype = self.dtype  # the text encoders' may differ (a full fine-tune keeps fp32 master weights)
         return self.transformer(
-            hidden_states=latents.to(self.dtype), timestep=t.float() * 1000.0,
-            encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False,
+            hidden_states=latents.to(dtype), timestep=t.float() * 1000.0,
+            encoder_hidden_states=embeds.to(dtype), pooled_projections=pooled.to(dtype), return_dict=False,
         )[0]
 
     def sampling_sigmas(self, num_steps: int) -> Tensor:
@@ -280,7 +281,7 @@ class FluxBackbone(PipelineBackbone):
                                   dtype=torch.float32)
         return self.transformer(
             hidden_states=latents.to(dtype), timestep=t.to(dtype), guidance=guidance,
-            pooled_projections=pooled, encoder_hidden_states=embeds,
+            pooled_projections=pooled.to(dtype), encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
             img_ids=self.image_ids(latents.device, dtype), return_dict=False,
         )[0]

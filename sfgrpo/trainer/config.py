@@ -116,7 +116,8 @@ class TrainerConfig:
     prompt_file: str | None = _help(
         "file of prompts for real backbones: one per line, or a JSON list (replaces --prompts)", default=None)
     resolution: int = _help("real backbones: image height = width in pixels", default=512)
-    model_dtype: str = _help("real backbones: storage dtype float32 | bfloat16 | float16 (LoRA stays fp32)",
+    model_dtype: str = _help("real backbones: storage dtype float32 | bfloat16 | float16 (trained weights are kept in fp32: "
+                             "LoRA adapters, or the transformer in a full fine-tune)",
                              default="float32")
     max_sequence_length: int | None = _help("real backbones: T5 tokens (None: 256 SD3, 512 FLUX)", default=None)
     embedded_guidance_scale: float = _help("FLUX-dev guidance embedding (not CFG; ignored by other models)",

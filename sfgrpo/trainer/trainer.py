@@ -389,6 +389,12 @@ class Trainer:
         else:
             transformer.requires_grad_(True)
             params = {f"transformer.{n}": p for n, p in transformer.named_parameters()}
+            for p in params.values():
+                # fp32 master weights: in bf16/fp16 AdamW's updates (lr x ~1 against weights of ~1)
+                # fall below the storage's resolution and are rounded away; the compute precision
+                # is mixed_precision's (autocast, or FSDP's parameter dtype)
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    p.data = p.data.float()
         if not params:
             raise ValueError(f"nothing to train: no LoRA adapters matched {cfg.lora_target_modules!r}")
         return params
@@ -426,9 +432,11 @@ class Trainer:
         if cfg.distributed == "ddp":
             self.model.transformer = distributed.wrap_ddp(self.model.transformer, self.device)
             return
-        distributed.shard_fsdp(self.model.transformer, self.device)
+        # bf16 mixed precision: all-gathers and compute in bf16, fp32 shards and gradient reduction
+        compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+        distributed.shard_fsdp(self.model.transformer, self.device, compute_dtype)
         if self.reference_transformer is not None:  # the KL's frozen copy is sharded too
-            distributed.shard_fsdp(self.reference_transformer, self.device)
+            distributed.shard_fsdp(self.reference_transformer, self.device, compute_dtype)
         names = set(self.trainable)
         self.trainable = {f"transformer.{n}": p for n, p in self.model.transformer.named_parameters()
                           if f"transformer.{n}" in names}
