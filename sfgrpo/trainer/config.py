@@ -65,8 +65,9 @@ class TrainerConfig:
     kl: str = _help("KL convention: exact | flow_grpo", default="exact")
     num_inner_epochs: int = _help("passes over each rollout batch", default=1)
     train_step_fraction: float = _help(
-        "fraction of the trained steps each pass trains, a random subset drawn per pass (floor, at least one; "
-        "Flow-GRPO's timestep_fraction: update cost shrinks in proportion; 1: every step)", default=1.0)
+        "fraction of the trained steps each pass trains, a random subset drawn per pass and shared by its "
+        "trajectories (floor, at least one; like Flow-GRPO's timestep_fraction, which draws a subset per "
+        "trajectory; the update's cost shrinks in proportion; 1: every step)", default=1.0)
     train_batch_size: int | None = _help(
         "trajectories per update forward (None: the whole batch, which keeps the on-policy ratio exactly 1)", default=None)
     gradient_accumulation_steps: int | None = _help(
