@@ -223,8 +223,10 @@ def reshard(module: nn.Module) -> None:
     """Puts every FSDP2 unit of `module` back in its sharded state. The root unit keeps its
     parameters unsharded after a forward that no backward follows (an evaluation), and the
     optimizer and checkpoints expect the sharded parameters registered. No-op without FSDP2."""
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without the public FSDP2 API cannot have FSDP2 units either
+        return
     for unit in module.modules():
         if isinstance(unit, FSDPModule):
             unit.reshard()
