@@ -210,3 +210,25 @@ def test_trainer_iteration_with_served_and_learned_reward_mixture(tmp_path):
         assert len(record["reward_by_step"]) == 4 and server.server.requests == []  # base handler keeps no log
     finally:
         server.stop()
+
+
+def test_prompt_metadata_travels_to_the_server(monkeypatch):
+    # GenEval-style prompts: the server's reward gets the same Prompt objects (text + metadata)
+    from sfgrpo.models.prompts import Prompt, metadata_of
+    from sfgrpo.rewards import base
+
+    seen = []
+    monkeypatch.setitem(base._REGISTRY, "counting_test", lambda imgs, prompts: seen.extend(prompts) or
+                        torch.tensor([float(metadata_of(p).get("count", 0)) for p in prompts]))
+    server = Served("counting_test")
+    try:
+        prompts = [Prompt("two cats", {"count": 2}), Prompt("a dog", {"count": 1}), Prompt("x", {"count": 5})]
+        scores = get_reward(server.url + FAST)(images(3), prompts)
+        assert scores.tolist() == [2.0, 1.0, 5.0]
+        # chunks are scored concurrently: the server sees them in any order
+        assert sorted((str(p), p.metadata["count"]) for p in seen) == sorted((str(p), p.metadata["count"]) for p in prompts)
+        seen.clear()
+        plain = get_reward(server.url + FAST)(images(2), ["a", "b"])  # no metadata: none sent
+        assert plain.tolist() == [0.0, 0.0] and not any(isinstance(p, Prompt) for p in seen)
+    finally:
+        server.stop()

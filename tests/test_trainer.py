@@ -160,6 +160,38 @@ def test_eval_prompts_come_from_the_flag_the_file_or_the_training_prompts(tmp_pa
         tiny_config(tmp_path, eval_prompt_file=str(tmp_path / "missing.txt")).validate()
 
 
+def test_prompt_files_with_metadata_reach_the_reward(tmp_path):
+    # Flow-GRPO's *_metadata.jsonl layout: the reward reads prompt.metadata; the backbone sees the text
+    import pickle
+
+    from sfgrpo.models.prompts import Prompt, read_prompt_file
+
+    jsonl = tmp_path / "train_metadata.jsonl"
+    jsonl.write_text('{"prompt": "1", "tag": "single", "count": 1}\n"2"\n\n{"prompt": "3", "count": 3}\n')
+    prompts = read_prompt_file(str(jsonl))
+    assert prompts == ["1", "2", "3"] and [p.metadata for p in prompts] == [{"tag": "single", "count": 1}, {}, {"count": 3}]
+    assert pickle.loads(pickle.dumps(prompts[0])).metadata == {"tag": "single", "count": 1}
+    listed = tmp_path / "prompts.json"
+    listed.write_text('["a", {"prompt": "b", "ocr": "HELLO"}]')
+    assert read_prompt_file(str(listed))[1].metadata == {"ocr": "HELLO"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="object with a string"):
+        read_prompt_file(str(bad))
+
+    seen = []
+
+    def counting_reward(images, prompts):
+        seen.extend(prompts)
+        return torch.tensor([float(p.metadata.get("count", 0)) for p in prompts])
+
+    trainer = Trainer(tiny_config(tmp_path, prompt_file=str(jsonl), prompts_per_iteration=3, iterations=1,
+                                  mode="flow_grpo"), reward=counting_reward)
+    trainer.train()
+    assert all(isinstance(p, Prompt) for p in seen)
+    assert sorted({(str(p), p.metadata.get("count", 0)) for p in seen}) == [("1", 1), ("2", 0), ("3", 3)]
+
+
 def test_evaluation_uses_the_ema_weights(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, iterations=2, ema_decay=0.5, eval_num_steps=4))
     trainer.train()

@@ -3,7 +3,8 @@ foreign for the training process), spec `http://host:port/path[#options]`.
 
 Protocol (JSON both ways, one POST per chunk of samples):
 
-    request  {"ids": [int, ...], "prompts": [str, ...], "images": [base64 PNG, ...]}
+    request  {"ids": [int, ...], "prompts": [str, ...], "images": [base64 PNG, ...]
+              (, "metadata": [object, ...] when the prompts carry metadata: GenEval-style files)}
     response {"ids": [int, ...], "scores": [float | null, ...]}
 
 `ids` are the samples' positions in the batch; the response is matched to the request by them
@@ -36,6 +37,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from sfgrpo.models.prompts import metadata_of
 from sfgrpo.rewards.base import RewardError
 
 RETRYABLE_STATUS = {408, 429}  # plus every 5xx
@@ -102,26 +104,29 @@ class HttpReward:
 
     def __call__(self, images: Tensor, prompts: Sequence) -> Tensor:
         encoded = images_to_png_base64(images)  # once: retries resend the same bytes
+        metadata = [metadata_of(p) for p in prompts]
+        metadata = metadata if any(metadata) else None  # sent only when the prompts carry some
         prompts = [str(p) for p in prompts]
         chunks = [list(range(start, min(start + self.batch_size, len(prompts))))
                   for start in range(0, len(prompts), self.batch_size)]
         scores: list[float | None] = [None] * len(prompts)
         with ThreadPoolExecutor(max_workers=min(self.workers, max(1, len(chunks)))) as pool:
-            futures = [pool.submit(self._score_chunk, chunk, encoded, prompts) for chunk in chunks]
+            futures = [pool.submit(self._score_chunk, chunk, encoded, prompts, metadata) for chunk in chunks]
             for chunk, future in zip(chunks, futures):
                 for index, score in zip(chunk, future.result()):
                     scores[index] = score
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     # ------------------------------------------------------------------ one chunk, with retries
-    def _score_chunk(self, indices: list[int], encoded: list[str], prompts: list[str]) -> list[float]:
+    def _score_chunk(self, indices: list[int], encoded: list[str], prompts: list[str],
+                     metadata: list[dict] | None = None) -> list[float]:
         scored: dict[int, float] = {}
         pending, last_error = list(indices), "none"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                answer = self._post(pending, encoded, prompts)
+                answer = self._post(pending, encoded, prompts, metadata)
             except _Retryable as err:
                 last_error = str(err)
                 continue
@@ -135,9 +140,12 @@ class HttpReward:
             f"{pending[:8]}{'...' if len(pending) > 8 else ''}) still unscored after {self.retries + 1} attempt(s); "
             f"last error: {last_error}")
 
-    def _post(self, indices: list[int], encoded: list[str], prompts: list[str]) -> dict[int, float | None]:
-        body = json.dumps({"ids": indices, "prompts": [prompts[i] for i in indices],
-                           "images": [encoded[i] for i in indices]}).encode()
+    def _post(self, indices: list[int], encoded: list[str], prompts: list[str],
+              metadata: list[dict] | None = None) -> dict[int, float | None]:
+        payload = {"ids": indices, "prompts": [prompts[i] for i in indices], "images": [encoded[i] for i in indices]}
+        if metadata is not None:
+            payload["metadata"] = [metadata[i] for i in indices]
+        body = json.dumps(payload).encode()
         request = urllib.request.Request(self.url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:

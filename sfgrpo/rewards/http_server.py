@@ -4,7 +4,7 @@
     python -m sfgrpo.rewards.http_server --reward jpeg_compressibility --port 8000
     sfgrpo train ... --reward http://127.0.0.1:8000/score
 
-POST any path: `{"ids", "prompts", "images"}` -> `{"ids", "scores"}`; GET `/health` -> the reward's
+POST any path: `{"ids", "prompts", "images"[, "metadata"]}` -> `{"ids", "scores"}`; GET `/health` -> the reward's
 name. Requests are handled on threads but scored one at a time (reward models are rarely
 thread-safe); a failing reward answers HTTP 500 with the error, which the client retries.
 """
@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from sfgrpo.models.prompts import Prompt
 from sfgrpo.rewards.base import RewardFunction, get_reward
 from sfgrpo.rewards.http_client import png_base64_to_images
 
@@ -47,8 +48,11 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
 
     def score(self, payload: dict) -> dict:
         images = png_base64_to_images(payload["images"]).to(self.server.device)
+        prompts = payload["prompts"]
+        if payload.get("metadata") is not None:  # the prompts' metadata travels along (GenEval-style rewards)
+            prompts = [Prompt(text, meta) for text, meta in zip(prompts, payload["metadata"])]
         with self.server.lock:
-            scores = self.server.reward(images, payload["prompts"])
+            scores = self.server.reward(images, prompts)
         return {"ids": payload.get("ids", list(range(len(scores)))), "scores": scores.tolist()}
 
     def _send(self, status: int, body: dict) -> None:

@@ -90,7 +90,7 @@ class TrainerConfig:
     eval_num_steps: int = _help("sampling steps of an evaluation (Flow-GRPO: 40, without noise)", default=40)
     eval_prompts: str | None = _help("comma-separated eval prompts (None: eval_prompt_file, else the training prompts)",
                                      default=None)
-    eval_prompt_file: str | None = _help("file of eval prompts: one per line, or a JSON list", default=None)
+    eval_prompt_file: str | None = _help("file of eval prompts, in prompt_file's formats", default=None)
     eval_samples_per_prompt: int = _help("eval samples per prompt, each from its own fixed noise", default=1)
     eval_batch_size: int = _help("eval samples per network call (per process)", default=16)
     eval_guidance_scale: float | None = _help("CFG scale of evaluations (None: guidance_scale)", default=None)
@@ -115,7 +115,9 @@ class TrainerConfig:
 
     # --- real backbones and learned rewards (issue 7)
     prompt_file: str | None = _help(
-        "file of prompts for real backbones: one per line, or a JSON list (replaces --prompts)", default=None)
+        "file of prompts (replaces --prompts): one per line, a JSON list (.json) or JSON lines (.jsonl); a JSON "
+        "entry is a string or an object whose 'prompt' is the text and whose other fields reach the reward "
+        "as prompt.metadata (GenEval-style files)", default=None)
     resolution: int = _help("real backbones: image height = width in pixels", default=512)
     model_dtype: str = _help("real backbones: storage dtype float32 | bfloat16 | float16 (trained weights are kept in fp32: "
                              "LoRA adapters, or the transformer in a full fine-tune)",
@@ -141,7 +143,7 @@ class TrainerConfig:
         return self.mode != "flow_grpo"
 
     @property
-    def prompt_list(self) -> list[str]:
+    def prompt_list(self) -> list[str]:  # `Prompt`s (str with .metadata) from a prompt file
         if self.prompt_file:
             from sfgrpo.models.prompts import read_prompt_file
 
