@@ -426,3 +426,78 @@ def test_compiled_backbone_trains_like_the_eager_one(tmp_path):
     for a, b in zip(eager, compiled):  # inductor's fused kernels round differently: close, not equal
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-3)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
+
+
+class _FakeWriter:
+    """Stands for torch.utils.tensorboard.SummaryWriter (tensorboard is not a dependency)."""
+
+    instances = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _FakeWriter.instances.append(self)
+
+    def add_text(self, tag, text, step):
+        self.text = text
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    fake_tb = types.ModuleType("torch.utils.tensorboard")
+    fake_tb.__spec__ = importlib.machinery.ModuleSpec("torch.utils.tensorboard", None)
+    fake_tb.SummaryWriter = _FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, [], False
+            runs.append(self)
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    fake_wandb = types.ModuleType("wandb")
+    fake_wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # others probe it with find_spec
+    fake_wandb.init = lambda **kw: FakeRun(**kw)
+    fake_wandb.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    _FakeWriter.instances.clear()
+    config = tiny_config(tmp_path, iterations=2, eval_every=2, eval_num_steps=3, report_to="tensorboard,wandb",
+                         run_name="tiny", checkpoint_every=1)
+    Trainer(config).train()
+    writer, run = _FakeWriter.instances[-1], runs[-1]
+    assert writer.closed and run.finished
+    assert writer.log_dir.endswith("tensorboard") and run.kwargs["id"] == "abc123" and run.kwargs["name"] == "tiny"
+    tags = {(tag, step) for tag, _, step in writer.scalars}
+    assert {("train/reward_mean", 1), ("train/reward_mean", 2), ("eval/eval_reward_mean", 0),
+            ("eval/eval_reward_mean", 2), ("time/update", 1), ("train/reward_by_step/0", 1)} <= tags
+    assert [step for step, _ in run.logged] == [0, 1, 2, 2]
+    # a resumed run logs to the same W&B run
+    Trainer(tiny_config(tmp_path, iterations=3, report_to="wandb", resume_from="latest")).train()
+    assert runs[-1].kwargs["id"] == "abc123" and runs[-1].kwargs["resume"] == "allow"
+
+
+def test_report_to_needs_the_tracker_installed(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
+    with pytest.raises(ImportError, match="pip install wandb"):
+        Trainer(tiny_config(tmp_path, report_to="wandb")).train()
+    with pytest.raises(ValueError, match="unknown tracker"):
+        tiny_config(tmp_path, report_to="mlflow").validate()

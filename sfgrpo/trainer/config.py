@@ -95,6 +95,11 @@ class TrainerConfig:
     eval_batch_size: int = _help("eval samples per network call (per process)", default=16)
     eval_guidance_scale: float | None = _help("CFG scale of evaluations (None: guidance_scale)", default=None)
 
+    report_to: str = _help("live metrics for trackers, comma-separated: tensorboard (OUTPUT_DIR/tensorboard) | "
+                           "wandb | none", default="none")
+    wandb_project: str = _help("W&B project (report_to=wandb)", default="sfgrpo")
+    run_name: str | None = _help("run name shown by the trackers (None: theirs)", default=None)
+
     checkpoint_every: int = _help("save a checkpoint every N iterations (0: only at the end)", default=0)
     checkpoint_format: str = _help(
         "full: whole tensors written by rank 0 (safetensors) | sharded: every process writes its own shards "
@@ -192,6 +197,12 @@ class TrainerConfig:
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
+        try:
+            from sfgrpo.trainer.reporting import parse_report_to
+
+            parse_report_to(self.report_to)
+        except ValueError as err:
+            need(False, str(err))
         need(self.checkpoint_format in ("full", "sharded"),
              f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")

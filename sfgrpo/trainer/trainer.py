@@ -24,6 +24,7 @@ from sfgrpo.rewards import get_reward
 from sfgrpo.models.pipelines import sampling_sigmas
 from sfgrpo.trainer import checkpoint as ckpt
 from sfgrpo.trainer.config import TrainerConfig
+from sfgrpo.trainer.reporting import Reporters, parse_report_to
 from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estimates, rollout, select_rows
 
 TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
@@ -31,7 +32,7 @@ TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
 RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
                      "image_every", "device", "activation_checkpointing", "eval_every", "eval_num_steps",
                      "eval_prompts", "eval_prompt_file", "eval_samples_per_prompt", "eval_batch_size",
-                     "eval_guidance_scale", "checkpoint_format"}
+                     "eval_guidance_scale", "checkpoint_format", "report_to", "wandb_project", "run_name"}
 
 
 class PhaseTimer:
@@ -103,6 +104,7 @@ class Trainer:
         self.loss_scale = 1.0  # this rank's share of the global batch, see distributed.loss_scale
         self.history: list[dict] = []
         self.eval_history: list[dict] = []  # one record per evaluation (trainer/evaluation.py)
+        self.reporters = Reporters([], Path(cfg.output_dir), {}, cfg.wandb_project, cfg.run_name)  # set by train()
         self.last_images: Tensor | None = None  # [K, N, C, H, W] decoded images of the last iteration
         self.last_prompts: list = []
         self.output_dir = Path(cfg.output_dir)
@@ -246,15 +248,25 @@ class Trainer:
 
     # ================================================================== training loop
     def train(self) -> list[dict]:
-        """Runs up to `config.iterations`, logging metrics.jsonl, checkpoints, images and plots."""
-        from sfgrpo.trainer import artifacts
-
+        """Runs up to `config.iterations`, logging metrics.jsonl (and to the trackers of
+        `report_to`), checkpoints, images and plots."""
         cfg, main = self.config, self.dist.is_main  # only rank 0 writes files; every rank computes
         metrics_path = self.output_dir / "metrics.jsonl"
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.json")
             self._rewrite_metrics(metrics_path)
+            self.reporters = Reporters(parse_report_to(cfg.report_to), self.output_dir, cfg.to_dict(),
+                                       cfg.wandb_project, cfg.run_name)
+        try:
+            return self._train_loop(metrics_path)
+        finally:
+            self.reporters.close()
+
+    def _train_loop(self, metrics_path: Path) -> list[dict]:
+        from sfgrpo.trainer import artifacts
+
+        cfg, main = self.config, self.dist.is_main
         if cfg.eval_every and self.iteration == 0 and not self.eval_history:
             self.evaluate()  # the starting point of the eval curve
         bar = _progress(range(self.iteration, cfg.iterations), cfg.progress and main, initial=self.iteration,
@@ -264,6 +276,7 @@ class Trainer:
             if main:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
+                self.reporters.log(record, "train")
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(reward=f"{record['reward_mean']:.4f}", refresh=False)
             if cfg.eval_every and (self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
@@ -292,6 +305,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / "eval.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.reporters.log(record, "eval")
             if images is not None:
                 artifacts.save_png(artifacts.image_grid(images[None].cpu()),
                                    self.output_dir / "images" / f"eval-iter{self.iteration:06d}.png")
