@@ -52,6 +52,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sfgrpo.trainer import Trainer
+    from sfgrpo.trainer.cli_args import config_from_args
+    from sfgrpo.trainer.export import export_weights
+
+    trainer = Trainer(config_from_args(args))  # loads --resume-from
+    use_ema = {"auto": None, "ema": True, "trained": False}[args.weights]
+    written = export_weights(trainer, args.export_dir, use_ema=use_ema)
+    print(f"iteration {trainer.iteration}: wrote {written}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sfgrpo import demo
 
@@ -91,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(evaluate_parser)
     evaluate_parser.set_defaults(func=_cmd_evaluate)
+
+    export_parser = sub.add_parser(
+        "export", help="write a checkpoint's weights for diffusers (LoRA file or transformer folder)",
+        description="Exports the weights of --resume-from (a checkpoint directory, or 'latest' in --output-dir) "
+        "in a diffusers format: LoRA runs -> EXPORT_DIR/pytorch_lora_weights.safetensors for "
+        "pipe.load_lora_weights(EXPORT_DIR); full fine-tunes -> EXPORT_DIR/transformer (config + safetensors "
+        "in --model-dtype) for <Transformer>.from_pretrained. --config run/config.json reuses a run's settings.",
+    )
+    add_config_arguments(export_parser)
+    export_parser.add_argument("--export-dir", required=True, help="where to write the weights")
+    export_parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
+                               help="auto: the EMA weights when the run keeps an EMA, else the trained ones")
+    export_parser.set_defaults(func=_cmd_export)
 
     from sfgrpo import demo
 

@@ -166,6 +166,51 @@ def test_full_finetune_of_a_bf16_checkpoint_keeps_fp32_master_weights(checkpoint
     assert changed > 0.9 * len(before)  # lr 1e-6 moves fp32 weights (bf16 ones would mostly not move)
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_exported_weights_load_into_diffusers_and_give_the_trained_velocity(checkpoint, lora, tmp_path):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from sfgrpo.cli import main
+    from sfgrpo.trainer.export import export_weights
+
+    family, path = checkpoint
+    config = TrainerConfig(
+        output_dir=str(tmp_path / "run"), backbone=str(path), prompts="a cat,a dog", reward="brightness",
+        iterations=2, prompts_per_iteration=2, group_size=2, num_steps=3, progress=False, plots=False,
+        resolution=16, max_sequence_length=8, use_lora=lora, lora_rank=2, lora_alpha=8.0, learning_rate=3e-2,
+        ema_decay=0.5, guidance_scale=1.0,
+    )
+    trainer = Trainer(config)
+    trainer.train()
+    torch.manual_seed(3)
+    latents = torch.randn(2, *trainer.model.latent_shape)
+    t = torch.tensor([0.7, 0.4])
+    cond = trainer.model.encode_prompts(["a cat", "a dog"])
+    with trainer.ema_weights(), torch.no_grad():
+        expected = trainer.model.velocity(latents, t, cond)
+    with torch.no_grad():
+        trained = trainer.model.velocity(latents, t, cond)
+    assert not torch.allclose(expected, trained)  # EMA and trained weights differ: the export picks EMA
+    # the CLI on the run's final checkpoint writes what export_weights writes
+    assert main(["export", "--config", str(tmp_path / "run" / "config.json"), "--resume-from", "latest",
+                 "--export-dir", str(tmp_path / "export"), "--no-progress"]) == 0
+    pipe = load_pipeline_backbone(path, OPTIONS).pipe  # the base checkpoint, fresh, as diffusers loads it
+    assert isinstance(pipe, StableDiffusion3Pipeline if family == "sd3" else FluxPipeline)
+    if lora:
+        assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
+        pipe.load_lora_weights(str(tmp_path / "export"))
+        loaded = pipe.transformer
+    else:
+        loaded = type(pipe.transformer).from_pretrained(str(tmp_path / "export" / "transformer"))
+    trainer.model.transformer = loaded.eval()
+    with torch.no_grad():
+        got = trainer.model.velocity(latents, t, cond)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="keeps no EMA"):
+        trainer.ema = None
+        export_weights(trainer, tmp_path / "again", use_ema=True)
+
+
 def test_on_policy_ratio_is_exactly_one(checkpoint, tmp_path):
     family, path = checkpoint
     config = TrainerConfig(
