@@ -203,6 +203,17 @@ def test_evaluation_uses_the_ema_weights(tmp_path):
     assert trainer.evaluate()["eval_reward_mean"] == with_ema
 
 
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, iterations=5, checkpoint_every=1, keep_checkpoints=2))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / ".iter-000001.staging").mkdir()  # an interrupted save
+    trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["iter-000004", "iter-000005", "latest"]
+    resumed = Trainer(tiny_config(tmp_path, iterations=6, keep_checkpoints=2, resume_from="latest"))
+    assert resumed.iteration == 5
+
+
 def test_checkpoint_layout_is_complete(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, iterations=1, ema_decay=0.5))
     trainer.train()

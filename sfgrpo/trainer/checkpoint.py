@@ -127,6 +127,20 @@ def save_sharded_checkpoint(root: Path, iteration: int, *, tensors: dict, state:
     return _publish(staging, root, name, state) if is_main else None
 
 
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Deletes all but the `keep` newest complete checkpoints (never the one `latest` names);
+    returns what was deleted. Leftover staging directories of interrupted saves go too."""
+    if keep <= 0 or not root.is_dir():
+        return []
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter-"))
+    doomed = [p for p in complete[:-keep] if p.name != latest]
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".iter-")]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 def load_sharded(tensors: dict, path: Path) -> None:
     """Reads a sharded checkpoint into `tensors` in place (each process its own shards; any number
     of processes, whatever number wrote it). Every process calls it."""

@@ -101,6 +101,7 @@ class TrainerConfig:
     run_name: str | None = _help("run name shown by the trackers (None: theirs)", default=None)
 
     checkpoint_every: int = _help("save a checkpoint every N iterations (0: only at the end)", default=0)
+    keep_checkpoints: int = _help("how many of the newest checkpoints to keep (0: all)", default=0)
     checkpoint_format: str = _help(
         "full: whole tensors written by rank 0 (safetensors) | sharded: every process writes its own shards "
         "(torch.distributed.checkpoint; for big FSDP runs; the directory must be shared by all nodes). Both "
@@ -203,6 +204,7 @@ class TrainerConfig:
             parse_report_to(self.report_to)
         except ValueError as err:
             need(False, str(err))
+        need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         need(self.checkpoint_format in ("full", "sharded"),
              f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")

@@ -32,7 +32,8 @@ TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
 RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
                      "image_every", "device", "activation_checkpointing", "eval_every", "eval_num_steps",
                      "eval_prompts", "eval_prompt_file", "eval_samples_per_prompt", "eval_batch_size",
-                     "eval_guidance_scale", "checkpoint_format", "report_to", "wandb_project", "run_name"}
+                     "eval_guidance_scale", "checkpoint_format", "report_to", "wandb_project", "run_name",
+                     "keep_checkpoints"}
 
 
 class PhaseTimer:
@@ -529,6 +530,12 @@ class Trainer:
         collectively). Replicated state (DDP weights, optimizer, generators) is identical on every
         rank and rollout noise is stateless, so rank 0's copy is everything any rank needs to
         resume. Sharded format: every rank writes its own shards (torch.distributed.checkpoint)."""
+        path = self._save_checkpoint()
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(self.output_dir / "checkpoints", self.config.keep_checkpoints)
+        return path
+
+    def _save_checkpoint(self) -> Path | None:
         main = self.dist.is_main
         if self.config.checkpoint_format == ckpt.SHARDED:
             return ckpt.save_sharded_checkpoint(
