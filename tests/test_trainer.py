@@ -396,7 +396,7 @@ def test_yaml_config(tmp_path):
                                        dict(mode="stepwise", train_batch_size=3, mixed_precision="bf16"),
                                        dict(mode="stepwise", mixed_precision="fp16")])
 def test_cuda_iterations_run_and_the_update_never_syncs(tmp_path, overrides):
-    # every config also evaluates once (the ODE protocol on CUDA) and the first one exports its weights
+    # every config also evaluates once, with EMA weights (the ODE protocol on CUDA)
     trainer = Trainer(tiny_config(tmp_path, device="cuda", eval_num_steps=3, ema_decay=0.5, **overrides))
     record = trainer.evaluate()
     assert _finite(record)
