@@ -457,6 +457,9 @@ class _FakeWriter:
     def add_scalar(self, tag, value, step):
         self.scalars.append((tag, value, step))
 
+    def add_image(self, tag, image, step, dataformats):
+        self.images = getattr(self, "images", []) + [(tag, image.shape, step, dataformats)]
+
     def flush(self):
         pass
 
@@ -490,6 +493,7 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     fake_wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # others probe it with find_spec
     fake_wandb.init = lambda **kw: FakeRun(**kw)
     fake_wandb.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+    fake_wandb.Image = lambda array: ("image", array.shape)
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     _FakeWriter.instances.clear()
     config = tiny_config(tmp_path, iterations=2, eval_every=2, eval_num_steps=3, report_to="tensorboard,wandb",
@@ -501,7 +505,10 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     tags = {(tag, step) for tag, _, step in writer.scalars}
     assert {("train/reward_mean", 1), ("train/reward_mean", 2), ("eval/eval_reward_mean", 0),
             ("eval/eval_reward_mean", 2), ("time/update", 1), ("train/reward_by_step/0", 1)} <= tags
-    assert [step for step, _ in run.logged] == [0, 1, 2, 2]
+    assert [step for step, _ in run.logged] == [0, 0, 1, 2, 2, 2]  # eval scalars + grid at 0 and 2
+    assert [(tag, step, fmt) for tag, _, step, fmt in writer.images] == [("eval/samples", 0, "HWC"),
+                                                                       ("eval/samples", 2, "HWC")]
+    assert run.logged[1][1]["eval/samples"][0] == "image"
     # a resumed run logs to the same W&B run
     Trainer(tiny_config(tmp_path, iterations=3, report_to="wandb", resume_from="latest")).train()
     assert runs[-1].kwargs["id"] == "abc123" and runs[-1].kwargs["resume"] == "allow"

@@ -2,8 +2,8 @@
 
 metrics.jsonl and eval.jsonl stay the record of a run; a tracker gets the same numbers as they are
 written (rank 0 only): the iteration's metrics as `train/<name>` (per-step lists as
-`train/<name>/<step>`), phase times as `time/<phase>`, evaluations as `eval/<name>`, all at the
-iteration as the step. Neither package is a dependency: asking for one that is not installed is a
+`train/<name>/<step>`), phase times as `time/<phase>`, evaluations as `eval/<name>` (and their
+sample grid as `eval/samples`), all at the iteration as the step. Neither package is a dependency: asking for one that is not installed is a
 clear error when the trainer starts, not at the first log.
 """
 
@@ -54,6 +54,10 @@ class TensorBoardReporter:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
+    def log_image(self, tag: str, image, step: int) -> None:
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -77,6 +81,9 @@ class WandbReporter:
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
 
+    def log_image(self, tag: str, image, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(image)}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -98,6 +105,14 @@ class Reporters:
         values, step = scalars(record, prefix), int(record["iteration"])
         for tracker in self.trackers:
             tracker.log(values, step)
+
+    def log_image(self, tag: str, grid, step: int) -> None:
+        """An image grid (uint8 `[H, W, 3]` tensor) at `step`."""
+        if not self.trackers:
+            return
+        image = grid.cpu().numpy()
+        for tracker in self.trackers:
+            tracker.log_image(tag, image, step)
 
     def close(self) -> None:
         for tracker in self.trackers:

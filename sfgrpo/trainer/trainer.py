@@ -308,8 +308,9 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
             self.reporters.log(record, "eval")
             if images is not None:
-                artifacts.save_png(artifacts.image_grid(images[None].cpu()),
-                                   self.output_dir / "images" / f"eval-iter{self.iteration:06d}.png")
+                grid = artifacts.image_grid(images[None].cpu())
+                artifacts.save_png(grid, self.output_dir / "images" / f"eval-iter{self.iteration:06d}.png")
+                self.reporters.log_image("eval/samples", grid, self.iteration)
         return record
 
     def _write_grids(self) -> None:
