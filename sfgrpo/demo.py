@@ -3,9 +3,10 @@
 For every reward and seed it trains both modes from the shipped backbone with identical settings
 (same prompts, same initial noise streams, same optimiser), then writes to --output-dir:
 
-  summary.md / summary.json   iterations to a reward threshold, reward at fixed iterations and
-                              class accuracy (mean +- std over seeds): reward hacking shows up as
-                              a rising reward with a falling accuracy
+  summary.md / summary.json   iterations to a reward threshold, reward at fixed iterations, the
+                              evaluation reward (ODE samples from fixed noise) before and after
+                              training, and class accuracy (mean +- std over seeds): reward hacking
+                              shows up as a rising reward with a falling accuracy
   curves.png                  reward and class accuracy per iteration (mean +- std band)
   <reward>/<mode>/seed<k>/    each run's metrics.jsonl, plots, image grids, checkpoint
 
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated fractions of the start-to-best reward gap (default 0.5,0.8)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel, 1 thread each")
     parser.add_argument("--backbone", default="digits", help="backbone spec (default: the shipped digits model)")
+    parser.add_argument("--eval-samples-per-prompt", type=int, default=4,
+                        help="evaluation samples per digit class, before and after training (default: 4)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 8 iterations: a smoke test")
 
 
@@ -61,13 +64,17 @@ def run_config(args: argparse.Namespace, reward: str, mode: str, seed: int) -> d
         prompts_per_iteration=args.prompts_per_iteration, group_size=args.group_size,
         learning_rate=args.learning_rate, clip_range=args.clip_range, lookahead_steps=args.lookahead_steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps, progress=False,
+        # evaluated before training and after the last iteration: ODE samples from fixed noise
+        eval_every=args.iterations, eval_samples_per_prompt=args.eval_samples_per_prompt,
     ).to_dict()
 
 
-def _train(config: dict) -> list[dict]:
+def _train(config: dict) -> tuple[list[dict], list[dict]]:
+    """(per-iteration metrics, evaluations) of one run."""
     from sfgrpo.trainer import Trainer, TrainerConfig
 
-    return Trainer(TrainerConfig(**config)).train()
+    trainer = Trainer(TrainerConfig(**config))
+    return trainer.train(), trainer.eval_history
 
 
 def _moving_average(values: list[float], window: int = 3) -> list[float]:
@@ -79,8 +86,19 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def summarise(results: dict, fractions: list[float], iterations: int) -> dict:
-    """results[reward][mode] = list of histories (one per seed) -> summary numbers."""
+def _eval_change(evaluations: list[list[dict]]) -> dict | None:
+    """Eval reward before training and after the last iteration, mean +- std over seeds (None when
+    a run has no evaluation, e.g. one trained by an older version and only read back)."""
+    if not evaluations or any(len(e) < 2 for e in evaluations):
+        return None
+    return {"start": _mean_std([e[0]["eval_reward_mean"] for e in evaluations]),
+            "final": _mean_std([e[-1]["eval_reward_mean"] for e in evaluations])}
+
+
+def summarise(results: dict, fractions: list[float], iterations: int, evaluations: dict | None = None) -> dict:
+    """results[reward][mode] = list of histories (one per seed) -> summary numbers; evaluations[reward]
+    [mode] = the runs' evaluation records."""
+    evaluations = evaluations or {}
     checkpoints = sorted({max(1, iterations // 3), max(1, 2 * iterations // 3), iterations})
     summary = {"checkpoints": checkpoints, "rewards": {}}
     for reward, by_mode in results.items():
@@ -102,6 +120,7 @@ def summarise(results: dict, fractions: list[float], iterations: int) -> dict:
                 "reward_at": {c: _mean_std([h[c - 1]["reward_mean"] for h in runs]) for c in checkpoints},
                 "class_accuracy_final": _mean_std([h[-1].get("class_accuracy", float("nan")) for h in runs]),
                 "seconds_per_iteration": _mean_std([sum(r["time/iteration"] for r in h) / len(h) for h in runs]),
+                "eval_reward": _eval_change(evaluations.get(reward, {}).get(mode, [])),
             }
         summary["rewards"][reward] = entry
     return summary
@@ -110,12 +129,14 @@ def summarise(results: dict, fractions: list[float], iterations: int) -> dict:
 def format_markdown(summary: dict, args: argparse.Namespace, fractions: list[float]) -> str:
     checkpoints = summary["checkpoints"]
     head = ("| reward | mode | " + " | ".join(f"iters to {f:.0%}" for f in fractions) + " | "
-            + " | ".join(f"reward @ {c}" for c in checkpoints) + " | class acc (final) | s / iter |")
+            + " | ".join(f"reward @ {c}" for c in checkpoints) + " | eval reward: start -> final | class acc (final) "
+            "| s / iter |")
     lines = [
         f"{args.seeds} seed(s), {args.iterations} iterations, {args.prompts_per_iteration} prompts x group "
         f"{args.group_size}, lr {args.learning_rate:g}, clip {args.clip_range:g}, T' = {args.lookahead_steps}. "
         "'iters to p' = first iteration whose 3-iteration moving average reaches start + p x (best - start) "
-        "(reached/seeds in brackets). Mean +- std over seeds.",
+        "(reached/seeds in brackets). Eval reward: deterministic (ODE, 40 steps) samples of every digit class "
+        "from noise fixed for the run, before training and after the last iteration. Mean +- std over seeds.",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
@@ -132,7 +153,9 @@ def format_markdown(summary: dict, args: argparse.Namespace, fractions: list[flo
             at = " | ".join(f"{m['reward_at'][c][0]:.3f} +- {m['reward_at'][c][1]:.3f}" for c in checkpoints)
             acc = m["class_accuracy_final"]
             sec = m["seconds_per_iteration"]
-            lines.append(f"| `{reward}` | {mode} | {' | '.join(reach)} | {at} | {acc[0]:.2f} +- {acc[1]:.2f} | "
+            ev = m["eval_reward"]
+            change = (f"{ev['start'][0]:.3f} -> {ev['final'][0]:.3f} +- {ev['final'][1]:.3f}" if ev else "n/a")
+            lines.append(f"| `{reward}` | {mode} | {' | '.join(reach)} | {at} | {change} | {acc[0]:.2f} +- {acc[1]:.2f} | "
                          f"{sec[0]:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -185,14 +208,16 @@ def main(args: argparse.Namespace) -> int:
         import multiprocessing
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            histories = list(pool.map(_train, configs))
+            outcomes = list(pool.map(_train, configs))
     else:
-        histories = [_train(c) for c in configs]
+        outcomes = [_train(c) for c in configs]
     results: dict = {}
-    for (reward, mode, _seed), history in zip(jobs, histories):
+    evaluations: dict = {}
+    for (reward, mode, _seed), (history, evals) in zip(jobs, outcomes):
         results.setdefault(reward, {}).setdefault(mode, []).append(history)
+        evaluations.setdefault(reward, {}).setdefault(mode, []).append(evals)
     fractions = [float(f) for f in args.thresholds.split(",") if f.strip()]
-    summary = summarise(results, fractions, args.iterations)
+    summary = summarise(results, fractions, args.iterations, evaluations)
     summary["wall_seconds"] = time.time() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = format_markdown(summary, args, fractions)

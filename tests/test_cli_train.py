@@ -67,5 +67,7 @@ def test_demo_runs_both_modes_and_writes_the_summary(tmp_path):
     assert set(summary["rewards"]) == {"brightness", "contrast"}
     assert set(summary["rewards"]["brightness"]["modes"]) == {"stepwise", "flow_grpo"}
     table = (tmp_path / "summary.md").read_text()
-    assert "| `brightness`" in table and "flow_grpo" in table
+    assert "| `brightness`" in table and "flow_grpo" in table and "eval reward: start -> final" in table
+    evals = summary["rewards"]["brightness"]["modes"]["stepwise"]["eval_reward"]
+    assert evals["start"][0] > 0 and evals["final"][0] > 0
     assert (tmp_path / "brightness" / "stepwise" / "seed1" / "metrics.jsonl").exists()
