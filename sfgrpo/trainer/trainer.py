@@ -28,12 +28,6 @@ from sfgrpo.trainer.reporting import Reporters, parse_report_to
 from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estimates, rollout, select_rows
 
 TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
-# settings a resumed run may change without breaking reproducibility
-RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plots", "threads", "checkpoint_every",
-                     "image_every", "device", "activation_checkpointing", "eval_every", "eval_num_steps",
-                     "eval_prompts", "eval_prompt_file", "eval_samples_per_prompt", "eval_batch_size",
-                     "eval_guidance_scale", "checkpoint_format", "report_to", "wandb_project", "run_name",
-                     "keep_checkpoints"}
 
 
 class PhaseTimer:
@@ -527,129 +521,16 @@ class Trainer:
 
     # ================================================================== checkpoints
     def save_checkpoint(self) -> Path | None:
-        """Every rank calls. Full format: rank 0 writes whole tensors (under FSDP gathered
-        collectively). Replicated state (DDP weights, optimizer, generators) is identical on every
-        rank and rollout noise is stateless, so rank 0's copy is everything any rank needs to
-        resume. Sharded format: every rank writes its own shards (torch.distributed.checkpoint)."""
-        path = self._save_checkpoint()
-        if self.dist.is_main:
-            ckpt.prune_checkpoints(self.output_dir / "checkpoints", self.config.keep_checkpoints)
-        return path
+        """Every rank calls (trainer/run_state.py: what is saved, in which format)."""
+        from sfgrpo.trainer import run_state
 
-    def _save_checkpoint(self) -> Path | None:
-        main = self.dist.is_main
-        if self.config.checkpoint_format == ckpt.SHARDED:
-            return ckpt.save_sharded_checkpoint(
-                self.output_dir / "checkpoints", self.iteration, tensors=self._sharded_state(),
-                state=self._resume_state() if main else None, is_main=main, barrier=distributed.barrier)
-        weights = distributed.gather_to_host(self.trainable, keep=main)
-        ema = None if self.ema is None else distributed.gather_to_host(self.ema, keep=main)
-        optimizer_state = self._optimizer_state()
-        if not self.dist.is_main:
-            distributed.barrier()
-            return None
-        path = ckpt.save_checkpoint(
-            self.output_dir / "checkpoints", self.iteration, weights=weights, ema=ema,
-            optimizer_state=optimizer_state, state=self._resume_state(),
-        )
-        distributed.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
-        return path
-
-    def _resume_state(self) -> dict:
-        """Everything besides tensors that a resumed run needs to continue exactly."""
-        return {
-            "iteration": self.iteration,
-            "data_position": self.iteration,
-            "update_generator": self.update_generator.get_state(),
-            "order_random": self.order_random.getstate(),
-            "torch_rng": torch.get_rng_state(),
-            "config": self.config.to_dict(),
-            "history": self.history,
-            "eval_history": self.eval_history,
-            "grad_scaler": self.scaler.state_dict(),
-        }
-
-    def _sharded_state(self) -> dict:
-        """The tensors of a sharded checkpoint, as this rank holds them (DTensor shards under FSDP):
-        saving reads them, loading writes into them in place."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        state = {"weights": {n: p.detach() for n, p in self.trainable.items()},
-                 "optimizer": get_optimizer_state_dict(self.model.transformer, self.optimizer)}
-        if self.ema is not None:
-            state["ema"] = dict(self.ema)
-        return state
-
-    def _load_sharded(self, path: Path) -> None:
-        """Loads a sharded checkpoint into this run's tensors, whatever number of processes wrote
-        it (torch.distributed.checkpoint reshards)."""
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        state = self._sharded_state()
-        if "ema" in state and "ema" not in ckpt.sharded_keys(path):
-            del state["ema"]  # EMA switched on at resume: it starts from the loaded weights
-        ckpt.load_sharded(state, path)
-        set_optimizer_state_dict(self.model.transformer, self.optimizer, state["optimizer"])
-        if self.ema is not None and "ema" not in state:
-            with torch.no_grad():
-                for name, value in self.ema.items():
-                    value.copy_(self.trainable[name].detach())
-
-    def _optimizer_state(self) -> dict:
-        if not self._sharded:
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model.transformer, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def _load_optimizer_state(self, saved: dict) -> None:
-        if not self._sharded:
-            self.optimizer.load_state_dict(saved)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model.transformer, self.optimizer, saved,
-                                 options=StateDictOptions(full_state_dict=True))
+        return run_state.save(self)
 
     def load_checkpoint(self, spec: str) -> None:
-        path = ckpt.resolve_checkpoint(spec, self.output_dir / "checkpoints")
-        saved = ckpt.load_checkpoint(path)
-        if "sharded" in saved:
-            self._load_sharded(saved["sharded"])
-        else:
-            self._load_full(path, saved)
-        state = saved["state"]
-        changed = {k: (state["config"].get(k), v) for k, v in self.config.to_dict().items()
-                   if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
-        if changed:
-            warnings.warn(f"resuming {path} with changed settings (saved, now): {changed}; the run will not "
-                          "reproduce an uninterrupted one", stacklevel=2)
-        self.iteration = int(state["iteration"])
-        self.update_generator.set_state(state["update_generator"])
-        self.order_random.setstate(state["order_random"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
-        self.history = [r for r in state["history"] if r["iteration"] <= self.iteration]
-        self.eval_history = [r for r in state.get("eval_history", []) if r["iteration"] <= self.iteration]
+        """Continues from checkpoint `spec` (a directory, or 'latest' in output_dir)."""
+        from sfgrpo.trainer import run_state
 
-    def _load_full(self, path: Path, saved: dict) -> None:
-        missing = sorted(set(self.trainable) - set(saved["weights"].keys()))
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {len(missing)} trained tensor(s), e.g. {missing[:3]} "
-                             "(LoRA vs full fine-tune mismatch?)")
-        # tensors are read from the file one at a time: host memory holds one whole tensor, not the model
-        for name, param in self.trainable.items():
-            distributed.copy_full_into(param, saved["weights"].get_tensor(name))
-        if self.ema is not None:
-            for name, value in self.ema.items():
-                if saved["ema"] is not None:
-                    distributed.copy_full_into(value, saved["ema"].get_tensor(name))
-                else:  # EMA switched on at resume: it starts from the loaded weights
-                    with torch.no_grad():
-                        value.copy_(self.trainable[name].detach())
-        self._load_optimizer_state(saved["optimizer"])
+        run_state.load(self, spec)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
