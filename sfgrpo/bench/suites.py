@@ -39,6 +39,7 @@ def _digits_cases(group: int, prompts: int, compile_iteration: bool) -> list[Cas
     sweep = (prompts,)
     base = dict(group_size=group, reward="digit*darkness")
     both = ("sfgrpo", "reference")
+    loop = both + ("flow_grpo-code",)  # whole iterations also against Flow-GRPO's own formulation
     return [
         Case("rollout cfg=off", "rollout", overrides=dict(base, guidance_scale=1.0), prompts_sweep=sweep),
         Case("rollout cfg=on", "rollout", overrides=dict(base, guidance_scale=2.0), prompts_sweep=sweep),
@@ -50,9 +51,10 @@ def _digits_cases(group: int, prompts: int, compile_iteration: bool) -> list[Cas
              prompts_sweep=sweep),
         Case("update lora+KL", "update", overrides=dict(base, use_lora=True, lora_rank=8, lora_alpha=16, beta=0.04),
              prompts_sweep=sweep),
-        Case("iteration flow_grpo", "iteration", overrides=dict(base, mode="flow_grpo"), prompts_sweep=sweep),
+        Case("iteration flow_grpo", "iteration", overrides=dict(base, mode="flow_grpo"), prompts_sweep=sweep,
+             implementations=loop),
         Case("iteration stepwise T'=1", "iteration", overrides=dict(base, mode="stepwise", lookahead_steps=1),
-             prompts_sweep=sweep, implementations=both + (("sfgrpo+compile",) if compile_iteration else ())),
+             prompts_sweep=sweep, implementations=loop + (("sfgrpo+compile",) if compile_iteration else ())),
         Case("iteration stepwise T'=5", "iteration", overrides=dict(base, mode="stepwise", lookahead_steps=5),
              prompts_sweep=sweep),
     ]
