@@ -85,37 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     from sfgrpo.trainer.cli_args import add_config_arguments
 
-    train_parser = sub.add_parser(
-        "train", help="fine-tune with Stepwise-Flow-GRPO or Flow-GRPO",
-        description="Fine-tune a flow model with Stepwise-Flow-GRPO (--mode stepwise) or Flow-GRPO "
-        "(--mode flow_grpo). Every flag is a TrainerConfig field; --config FILE (JSON/YAML) sets many at once.",
-    )
-    add_config_arguments(train_parser)
-    train_parser.set_defaults(func=_cmd_train)
+    def config_command(name: str, func, help_text: str, description: str) -> argparse.ArgumentParser:
+        """A subcommand that takes every TrainerConfig field as a flag (and --config FILE)."""
+        command = sub.add_parser(name, help=help_text, description=description)
+        add_config_arguments(command)
+        command.set_defaults(func=func)
+        return command
 
-    evaluate_parser = sub.add_parser(
-        "evaluate", help="score a checkpoint (or the starting weights) with the evaluation protocol",
-        description="Evaluates the weights of --resume-from (a checkpoint directory, or 'latest' in --output-dir; "
+    config_command(
+        "train", _cmd_train, "fine-tune with Stepwise-Flow-GRPO or Flow-GRPO",
+        "Fine-tune a flow model with Stepwise-Flow-GRPO (--mode stepwise) or Flow-GRPO "
+        "(--mode flow_grpo). Every flag is a TrainerConfig field; --config FILE (JSON/YAML) sets many at once.")
+    config_command(
+        "evaluate", _cmd_evaluate, "score a checkpoint (or the starting weights) with the evaluation protocol",
+        "Evaluates the weights of --resume-from (a checkpoint directory, or 'latest' in --output-dir; "
         "none: the starting weights) like --eval-every does during training: --eval-num-steps ODE steps from "
         "fixed noise, --eval-prompts / --eval-prompt-file (else the training prompts), EMA weights when the "
         "run has them. Prints the record and appends it to OUTPUT_DIR/eval.jsonl. Takes every train flag; "
-        "--config run/config.json reuses a run's settings.",
-    )
-    add_config_arguments(evaluate_parser)
-    evaluate_parser.set_defaults(func=_cmd_evaluate)
-
-    export_parser = sub.add_parser(
-        "export", help="write a checkpoint's weights for diffusers (LoRA file or transformer folder)",
-        description="Exports the weights of --resume-from (a checkpoint directory, or 'latest' in --output-dir) "
+        "--config run/config.json reuses a run's settings.")
+    export_parser = config_command(
+        "export", _cmd_export, "write a checkpoint's weights for diffusers (LoRA file or transformer folder)",
+        "Exports the weights of --resume-from (a checkpoint directory, or 'latest' in --output-dir) "
         "in a diffusers format: LoRA runs -> EXPORT_DIR/pytorch_lora_weights.safetensors for "
         "pipe.load_lora_weights(EXPORT_DIR); full fine-tunes -> EXPORT_DIR/transformer (config + safetensors "
-        "in --model-dtype) for <Transformer>.from_pretrained. --config run/config.json reuses a run's settings.",
-    )
-    add_config_arguments(export_parser)
+        "in --model-dtype) for <Transformer>.from_pretrained. --config run/config.json reuses a run's settings.")
     export_parser.add_argument("--export-dir", required=True, help="where to write the weights")
     export_parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
                                help="auto: the EMA weights when the run keeps an EMA, else the trained ones")
-    export_parser.set_defaults(func=_cmd_export)
 
     from sfgrpo import demo
 
