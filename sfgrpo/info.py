@@ -43,6 +43,10 @@ def collect() -> dict:
             "diffusers": _version("diffusers"),
             "numpy": _version("numpy"),
         },
+        # what optional features need (README): peft for LoRA, transformers for real backbones and
+        # learned rewards, Pillow for HTTP rewards and image grids, matplotlib for plots, the trackers
+        "optional": {dist: _version(dist) for dist in ("peft", "transformers", "pillow", "matplotlib",
+                                                          "tensorboard", "wandb", "xformers")},
         "native": _native.build_info(),
         "gpu": gpu,
         "backend_requested": backend.requested_backend(),
@@ -58,6 +62,8 @@ def collect() -> dict:
 def format_report(info: dict) -> str:
     lines = ["sfgrpo installation report", ""]
     lines += [f"  {name:<10} {value}" for name, value in info["versions"].items()]
+    lines += ["", "optional packages:"]
+    lines += [f"  {name:<12} {value}" for name, value in info["optional"].items()]
     native = info["native"]
     lines += ["", "native module sfgrpo._C:"]
     if native.get("cpu"):

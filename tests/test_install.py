@@ -82,10 +82,14 @@ def test_cli_info_reports_native_build_and_backends():
     assert report["versions"]["torch"] == torch.__version__
     assert report["native"]["cpu"] is True
     assert "cpu" in report["available"]
+    import importlib.metadata
+
+    assert report["optional"]["peft"] == importlib.metadata.version("peft")  # an installed one
+    assert report["optional"]["wandb"] == "not installed" or report["optional"]["wandb"][0].isdigit()
     text = subprocess.run(
         [sys.executable, "-m", "sfgrpo.cli", "info"], capture_output=True, text=True, check=True, cwd="/"
     ).stdout
-    assert "native module sfgrpo._C" in text and "backend each op will use" in text
+    assert "native module sfgrpo._C" in text and "backend each op will use" in text and "optional packages" in text
 
 
 def test_console_script_is_installed():
