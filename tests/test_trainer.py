@@ -96,7 +96,8 @@ DETERMINISTIC = lambda record: {k: v for k, v in record.items() if not k.startsw
                                         "mode": "flow_grpo", "beta": 0.05},
                                    {"mixed_precision": "fp16"},  # the loss scale is resumed too
                                    {"train_step_fraction": 0.5, "num_inner_epochs": 2,  # the drawn steps too
-                                    "eval_every": 1, "eval_num_steps": 3}])  # and the evaluations
+                                    "eval_every": 1, "eval_num_steps": 3,  # and the evaluations
+                                    "lr_warmup_iterations": 1, "lr_schedule": "cosine", "lr_decay_iterations": 4}])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     full = Trainer(tiny_config(tmp_path / "a", iterations=4, **extra)).train()
     Trainer(tiny_config(tmp_path / "b", iterations=2, **extra)).train()
@@ -212,6 +213,19 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["iter-000004", "iter-000005", "latest"]
     resumed = Trainer(tiny_config(tmp_path, iterations=6, keep_checkpoints=2, resume_from="latest"))
     assert resumed.iteration == 5
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine(tmp_path):
+    config = tiny_config(tmp_path, iterations=6, learning_rate=1e-3, lr_min=1e-4, lr_warmup_iterations=2,
+                         lr_schedule="cosine")
+    history = Trainer(config).train()
+    expected = [5e-4, 1e-3, 1e-3, 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)), 5.5e-4,
+                1e-4 + 9e-4 * 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert [r["lr"] for r in history] == pytest.approx(expected, rel=1e-12)
+    constant = tiny_config(tmp_path, iterations=3, learning_rate=2e-4)
+    assert [constant.learning_rate_at(i) for i in range(3)] == [2e-4] * 3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tiny_config(tmp_path, lr_schedule="linear").validate()
 
 
 def test_checkpoint_layout_is_complete(tmp_path):

@@ -7,6 +7,7 @@ A run is configured by defaults < config file (JSON, or YAML when PyYAML is inst
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,14 @@ class TrainerConfig:
     logprob: str = _help("log-prob convention: gaussian | flow_grpo", default="gaussian")
     train_last_step: bool = _help("also train the last step (Flow-GRPO leaves it out: its std is ~0)", default=False)
     # ------------------------------------------------------------------ optimisation
-    learning_rate: float = _help("AdamW learning rate", default=1e-4)
+    learning_rate: float = _help("AdamW learning rate (the peak, with a schedule)", default=1e-4)
+    lr_warmup_iterations: int = _help("linear warm-up of the learning rate over the first N iterations", default=0)
+    lr_schedule: str = _help("constant | cosine: after the warm-up, decay to lr_min by iteration "
+                             "lr_decay_iterations", default="constant")
+    lr_decay_iterations: int | None = _help("where the cosine ends (None: iterations; set it when a run may be "
+                                            "extended on resume, which would otherwise stretch the schedule)",
+                                            default=None)
+    lr_min: float = _help("learning rate at the end of the cosine", default=0.0)
     weight_decay: float = _help("AdamW weight decay", default=1e-4)
     adam_beta1: float = _help("AdamW beta1", default=0.9)
     adam_beta2: float = _help("AdamW beta2", default=0.999)
@@ -156,6 +164,17 @@ class TrainerConfig:
             return read_prompt_file(self.prompt_file)
         return [p.strip() for p in self.prompts.split(",") if p.strip()]
 
+    def learning_rate_at(self, iteration: int) -> float:
+        """The learning rate of iteration `iteration` (0-based): a pure function of it, so a resumed
+        run follows the schedule exactly."""
+        if iteration < self.lr_warmup_iterations:
+            return self.learning_rate * (iteration + 1) / self.lr_warmup_iterations
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        end = self.iterations if self.lr_decay_iterations is None else self.lr_decay_iterations
+        progress = min(1.0, (iteration - self.lr_warmup_iterations) / max(1, end - self.lr_warmup_iterations))
+        return self.lr_min + (self.learning_rate - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     @property
     def batch_size(self) -> int:
         return self.prompts_per_iteration * self.group_size
@@ -187,6 +206,11 @@ class TrainerConfig:
         need(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}")
+        need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        need(self.lr_warmup_iterations >= 0 and 0 <= self.lr_min <= self.learning_rate,
+             "lr_warmup_iterations must be >= 0 and lr_min in [0, learning_rate]")
+        need(self.lr_decay_iterations is None or self.lr_decay_iterations >= 1,
+             f"lr_decay_iterations must be >= 1, got {self.lr_decay_iterations}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.num_inner_epochs >= 1, f"num_inner_epochs must be >= 1, got {self.num_inner_epochs}")
         need(0.0 < self.train_step_fraction <= 1.0, f"train_step_fraction must be in (0, 1], got {self.train_step_fraction}")

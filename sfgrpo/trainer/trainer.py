@@ -110,6 +110,8 @@ class Trainer:
     # ================================================================== one iteration
     def train_iteration(self) -> dict:
         cfg, timer = self.config, PhaseTimer(self.device)
+        for group in self.optimizer.param_groups:  # the schedule is a function of the iteration
+            group["lr"] = cfg.learning_rate_at(self.iteration)
         prompts = self.prompts_for(self.iteration)  # the global batch's prompts, the same on every rank
         rows = distributed.shard_rows(cfg.batch_size, self.dist.rank, self.dist.world_size)  # this rank's share
         self.loss_scale = distributed.loss_scale(len(rows), cfg.batch_size, self.dist.world_size)
