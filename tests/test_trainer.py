@@ -519,9 +519,11 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     tags = {(tag, step) for tag, _, step in writer.scalars}
     assert {("train/reward_mean", 1), ("train/reward_mean", 2), ("eval/eval_reward_mean", 0),
             ("eval/eval_reward_mean", 2), ("time/update", 1), ("train/reward_by_step/0", 1)} <= tags
-    assert [step for step, _ in run.logged] == [0, 0, 1, 2, 2, 2]  # eval scalars + grid at 0 and 2
-    assert [(tag, step, fmt) for tag, _, step, fmt in writer.images] == [("eval/samples", 0, "HWC"),
-                                                                       ("eval/samples", 2, "HWC")]
+    # eval scalars + grid at 0 and 2; the final training grids (samples, clean estimates) at 2
+    assert [step for step, _ in run.logged] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert [(tag, step, fmt) for tag, _, step, fmt in writer.images] == [
+        ("eval/samples", 0, "HWC"), ("eval/samples", 2, "HWC"), ("train/samples", 2, "HWC"),
+        ("train/estimates", 2, "HWC")]
     assert run.logged[1][1]["eval/samples"][0] == "image"
     # a resumed run logs to the same W&B run
     Trainer(tiny_config(tmp_path, iterations=3, report_to="wandb", resume_from="latest")).train()

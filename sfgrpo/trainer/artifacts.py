@@ -36,20 +36,24 @@ def save_png(grid: Tensor, path: Path) -> bool:
     return True
 
 
-def write_grids(trainer, directory: Path, final: Tensor | None = None) -> None:
+def write_grids(trainer, directory: Path, final: Tensor | None = None) -> dict[str, Tensor]:
     """samples-iterNNNNNN.png: final images, one row per group. estimates-iterNNNNNN.png: the first
     group's clean estimates after 0..T steps (one row per trajectory; stepwise modes only).
-    `final`: the global batch's final images when this process holds only its share (distributed)."""
+    `final`: the global batch's final images when this process holds only its share (distributed).
+    Returns the grids by name ("samples", "estimates")."""
     images = trainer.last_images  # [K, N, C, H, W]
     if images is None:
-        return
+        return {}
     groups, group_size = trainer.config.prompts_per_iteration, trainer.config.group_size
     tag = f"iter{trainer.iteration:06d}"
     final = (images[-1] if final is None else final).reshape(groups, group_size, *images.shape[2:])
-    save_png(image_grid(final.cpu()), directory / f"samples-{tag}.png")
+    grids = {"samples": image_grid(final.cpu())}
     if images.shape[0] > 1:
         first_group = images[:, :group_size].transpose(0, 1)  # [group, K, ...]
-        save_png(image_grid(first_group.cpu()), directory / f"estimates-{tag}.png")
+        grids["estimates"] = image_grid(first_group.cpu())
+    for name, grid in grids.items():
+        save_png(grid, directory / f"{name}-{tag}.png")
+    return grids
 
 
 def _pyplot():

@@ -315,7 +315,8 @@ class Trainer:
 
         final = distributed.gather_rows(self.last_images[-1]) if self.last_images is not None else None
         if self.dist.is_main:
-            artifacts.write_grids(self, self.output_dir / "images", final=final)
+            for name, grid in artifacts.write_grids(self, self.output_dir / "images", final=final).items():
+                self.reporters.log_image(f"train/{name}", grid, self.iteration)
 
     def prompts_for(self, iteration: int) -> list[str]:
         """The prompts of an iteration: a seeded permutation per iteration (the data position is the
