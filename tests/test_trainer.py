@@ -365,6 +365,20 @@ def test_plots_and_grids_are_written(tmp_path):
     assert (run / "images" / "estimates-iter000002.png").exists()
 
 
+def test_grids_stay_small_for_real_size_images():
+    # 512 px images are not upscaled (8 px digits are, to 64 px), and a grid holds at most 8 x 8
+    from sfgrpo.trainer import artifacts
+
+    big = artifacts.image_grid(torch.rand(1, 2, 3, 512, 512))
+    assert big.shape == (1 * 513 + 1, 2 * 513 + 1, 3)
+    digits = artifacts.image_grid(torch.rand(1, 1, 1, 8, 8))
+    assert digits.shape == (65 + 1, 65 + 1, 3)
+    rows = artifacts.rows_of(torch.rand(100, 3, 4, 4))
+    assert rows.shape == (8, 8, 3, 4, 4)
+    short = artifacts.rows_of(torch.zeros(10, 3, 4, 4))
+    assert short.shape == (2, 8, 3, 4, 4) and torch.all(short[1, 2:] == 1)  # padded with white
+
+
 def test_modes_share_rollouts_and_differ_only_in_credit(tmp_path):
     rewards = torch.tensor([[0.0, 0.1, 0.5, 0.6, 0.7], [0.0, 0.3, 0.2, 0.2, 0.4], [0.0, 0.0, 0.1, 0.1, 0.2],
                             [0.0, 0.2, 0.2, 0.5, 0.3], [0.0, 0.1, 0.1, 0.1, 0.1], [0.0, 0.4, 0.3, 0.2, 0.1]])

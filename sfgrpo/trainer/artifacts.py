@@ -10,9 +10,15 @@ import torch
 from torch import Tensor
 
 
-def image_grid(images: Tensor, scale: int = 8, pad: int = 1) -> Tensor:
-    """`[R, C, ch, H, W]` in [0, 1] -> one uint8 `[H', W', 3]` grid, upscaled `scale`x (nearest)."""
+GRID_SIDE = 8  # at most 8 x 8 images in a grid: real backbones' images are 512-1024 px
+
+
+def image_grid(images: Tensor, scale: int | None = None, pad: int = 1) -> Tensor:
+    """`[R, C, ch, H, W]` in [0, 1] -> one uint8 `[H', W', 3]` grid, upscaled `scale`x (nearest;
+    default: small images, like the digits model's 8 px, to about 64 px, real ones not at all)."""
     rows, cols, channels, height, width = images.shape
+    if scale is None:
+        scale = max(1, 64 // max(height, width))
     images = images.float().clamp(0, 1)
     if channels == 1:
         images = images.expand(-1, -1, 3, -1, -1)
@@ -47,13 +53,23 @@ def write_grids(trainer, directory: Path, final: Tensor | None = None) -> dict[s
     groups, group_size = trainer.config.prompts_per_iteration, trainer.config.group_size
     tag = f"iter{trainer.iteration:06d}"
     final = (images[-1] if final is None else final).reshape(groups, group_size, *images.shape[2:])
-    grids = {"samples": image_grid(final.cpu())}
+    grids = {"samples": image_grid(final[:GRID_SIDE, :GRID_SIDE].cpu())}
     if images.shape[0] > 1:
         first_group = images[:, :group_size].transpose(0, 1)  # [group, K, ...]
-        grids["estimates"] = image_grid(first_group.cpu())
+        grids["estimates"] = image_grid(first_group[:GRID_SIDE].cpu())
     for name, grid in grids.items():
         save_png(grid, directory / f"{name}-{tag}.png")
     return grids
+
+
+def rows_of(images: Tensor, per_row: int = GRID_SIDE, rows: int = GRID_SIDE) -> Tensor:
+    """`[N, ch, H, W]` -> `[R, per_row, ch, H, W]`: the first `rows x per_row` images, the last row
+    padded with white."""
+    images = images[: rows * per_row]
+    count = images.shape[0]
+    padded = torch.ones((-(-count // per_row) * per_row, *images.shape[1:]), dtype=images.dtype)
+    padded[:count] = images.cpu()
+    return padded.reshape(-1, per_row, *images.shape[1:])
 
 
 def _pyplot():

@@ -24,6 +24,7 @@ from sfgrpo.trainer.rollout import GuidedModel
 
 # the eval noise stream's "iteration": never one a training rollout uses (those count from 0)
 EVAL_NOISE_ITERATION = -1
+EVAL_GRID_IMAGES = 64  # images kept for the eval grid (an eval set may hold thousands)
 
 
 def eval_prompts(config) -> list[str]:
@@ -48,9 +49,9 @@ def eval_sigmas(model, config) -> list[float]:
 
 @torch.no_grad()
 def evaluate(trainer) -> tuple[dict, Tensor | None]:
-    """({"iteration", "eval_reward_mean", "eval_reward_std"[, "eval_class_accuracy"]}, rank 0's
-    eval images (its share of them under data parallelism; None on other ranks)). Every rank must
-    call it: the rewards of every rank are gathered."""
+    """({"iteration", "eval_reward_mean", "eval_reward_std"[, "eval_class_accuracy"]}, the first
+    EVAL_GRID_IMAGES eval images of rank 0 (on the CPU; None on other ranks)). Every rank must call
+    it: the rewards of every rank are gathered."""
     cfg, model, dist = trainer.config, trainer.model, trainer.dist
     prompts = eval_prompts(cfg)
     rows = list(distributed.shard_rows(len(prompts), dist.rank, dist.world_size))
@@ -80,7 +81,8 @@ def evaluate(trainer) -> tuple[dict, Tensor | None]:
             rewards.append(trainer.reward(decoded, texts).float())
             if trainer.monitor is not None:
                 accuracy.append(trainer.monitor(decoded, texts).float())
-            images.append(decoded)
+            if dist.is_main and sum(len(i) for i in images) < EVAL_GRID_IMAGES:  # only the grid's, on the CPU
+                images.append(decoded[:EVAL_GRID_IMAGES].float().cpu())
     distributed.reshard(model.transformer)  # FSDP: back to sharded parameters (no backward followed)
     local = torch.cat(rewards) if rewards else torch.zeros(0, device=trainer.device)
     scores = distributed.gather_rows(local)

@@ -304,7 +304,7 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
             self.reporters.log(record, "eval")
             if images is not None:
-                grid = artifacts.image_grid(images[None].cpu())
+                grid = artifacts.image_grid(artifacts.rows_of(images))
                 artifacts.save_png(grid, self.output_dir / "images" / f"eval-iter{self.iteration:06d}.png")
                 self.reporters.log_image("eval/samples", grid, self.iteration)
         return record
