@@ -11,6 +11,7 @@ By default the EMA weights are exported when the run keeps an EMA (the weights e
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -29,8 +30,7 @@ def export_weights(trainer, directory: str | Path, *, use_ema: bool | None = Non
     if use_ema and trainer.ema is None:
         raise ValueError("use_ema=True, but this run keeps no EMA (ema_decay = 0)")
     transformer = distributed.unwrap(trainer.model.transformer)
-    weights = trainer.ema_weights() if use_ema else _nothing()
-    with weights:
+    with trainer.ema_weights() if use_ema else contextlib.nullcontext():
         if trainer.config.use_lora:
             return _export_lora(trainer, transformer, directory)
         return _export_transformer(trainer, transformer, directory)
@@ -67,11 +67,3 @@ def _export_transformer(trainer, transformer, directory: Path) -> Path:
                for name, value in transformer.state_dict().items()}
     save_file(tensors, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     return target
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
