@@ -92,32 +92,23 @@ Carved carve(const AdvantageProblem& p, void* base) {
 }
 
 // ---------------------------------------------------------------------------------- kernels
-// Grid-stride loops in which every lane of a warp runs the same iterations (phases 1-3 reduce
-// across the warp for the batch statistics); lanes past the last row are inactive.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) insert_kernel(fixed::Args<T> a) {
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.p.rows;
-       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    fixed::insert_row(a, i, i < a.p.rows);
-  }
-}
+enum class Phase { kInsert, kSum, kSquares };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) sum_kernel(fixed::Args<T> a) {
+// Phases 1-3: grid-stride loops in which every lane of a warp runs the same iterations (the
+// phases reduce across the warp for the batch statistics); lanes past the last row are inactive.
+template <typename T, Phase kPhase>
+__global__ void __launch_bounds__(kThreads) rows_kernel(fixed::Args<T> a) {
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.p.rows;
        base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = base + threadIdx.x;
-    fixed::sum_row(a, i, i < a.p.rows);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) squares_kernel(fixed::Args<T> a) {
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.p.rows;
-       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    fixed::squares_row(a, i, i < a.p.rows);
+    const bool active = i < a.p.rows;
+    if (kPhase == Phase::kInsert) {
+      fixed::insert_row(a, i, active);
+    } else if (kPhase == Phase::kSum) {
+      fixed::sum_row(a, i, active);
+    } else {
+      fixed::squares_row(a, i, active);
+    }
   }
 }
 
@@ -178,8 +169,8 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   check(cudaMemsetAsync(workspace, 0, c.zeroed_bytes, stream), "clearing the accumulators");
   const fixed::Args<T> args{p, rewards, group_ids, out, stats, counts, c.w};
   const int blocks = blocks_for(p.rows);
-  insert_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
-  check(cudaGetLastError(), "insert_kernel launch");
+  rows_kernel<T, Phase::kInsert><<<blocks, kThreads, 0, stream>>>(args);
+  check(cudaGetLastError(), "insert kernel launch");
   if (stats.requested()) {
     pad_claims_kernel<<<blocks, kThreads, 0, stream>>>(c.w, p.rows);
     check(cudaGetLastError(), "pad_claims_kernel launch");
@@ -188,10 +179,10 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
                                           c.sorted_reps, static_cast<int>(p.rows), 0, 64, stream),
           "radix sort of the group ids");
   }
-  sum_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
-  check(cudaGetLastError(), "sum_kernel launch");
-  squares_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
-  check(cudaGetLastError(), "squares_kernel launch");
+  rows_kernel<T, Phase::kSum><<<blocks, kThreads, 0, stream>>>(args);
+  check(cudaGetLastError(), "sum kernel launch");
+  rows_kernel<T, Phase::kSquares><<<blocks, kThreads, 0, stream>>>(args);
+  check(cudaGetLastError(), "squares kernel launch");
   write_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
   check(cudaGetLastError(), "write_kernel launch");
 }

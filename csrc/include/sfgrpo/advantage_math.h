@@ -1,5 +1,6 @@
 // The per-value formulas of the advantage engine, shared by the CPU and the CUDA code so both
-// state them once. Only the order of the reductions differs between the engines.
+// state them once. The engines differ in how they sum: the CPU in double in row order, CUDA in
+// fixed point (fixed_point_advantages.h); results agree to the last few bits, not bitwise.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -61,8 +61,9 @@ struct AdvantageCounts {
 // - advantage = (value - group mean) / (std + eps), std with `ddof`; 0 when the group has at most
 //   one finite row, or when all its counted values are equal (max == min, exact), or when the
 //   column is masked; then clamped to [-clip, clip] and rounded to T;
-// - accumulation in double, in an order that depends only on the input (never on the thread count
-//   or the launch), so results are bitwise reproducible.
+// - sums that depend only on the input (never on the thread count, the launch or the scheduling):
+//   the CPU adds doubles in row order, CUDA adds 64-bit fixed-point integers (any order, the same
+//   bits), so each engine's results are bitwise reproducible.
 
 // CPU. `num_threads` <= 0 picks a count from the problem size; any count gives the same bits.
 template <typename T>
