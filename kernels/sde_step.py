@@ -375,8 +375,8 @@ class _Rows:
     def __init__(self, values, like):
         import torch
 
-        tensor = torch.Tensor
-        self.scalars = all(not isinstance(v, tensor) or (v.ndim == 0 and v.device.type == "cpu") for v in values)
+        one = [not isinstance(v, torch.Tensor) or (v.ndim == 0 and v.device.type == "cpu") for v in values]
+        self.scalars = all(one)
         if self.scalars:
             self.values = tuple(float(v) for v in values)  # CPU tensors: no device sync
             # unused by the kernel, but Triton's launcher checks that every pointer argument is
@@ -385,8 +385,8 @@ class _Rows:
         else:
             self.values = (0.0,) * 4
             self.pointers = tuple(
-                (torch.full((like.shape[0],), float(v), dtype=torch.float32, device=like.device)
-                 if not isinstance(v, tensor) or (v.ndim == 0 and v.device.type == "cpu") else v) for v in values
+                torch.full((like.shape[0],), float(v), dtype=torch.float32, device=like.device) if single else v
+                for v, single in zip(values, one)
             )
 
 
