@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 import os
 from typing import NamedTuple, Optional
 
