@@ -117,13 +117,13 @@ def _finalize_row(
     else:
         scale = 1.0 / D
         count = 1.0
-    has_density = std > 0.0
-    safe_std = tl.where(has_density, std, 1.0)
     if LOGPROB_FLOW_GRPO and (SDE_TYPE == 1 or SDE_TYPE == 2):
-        log_prob = -sq * scale
+        log_prob = -sq * scale  # no std in Flow-GRPO's bare squares: defined on every row, std = 0 too
     else:
+        has_density = std > 0.0
+        safe_std = tl.where(has_density, std, 1.0)
         log_prob = -sq * scale / (2.0 * safe_std * safe_std) - count * (tl.log(safe_std) + 0.9189385332046727)
-    log_prob = tl.where(has_density, log_prob, 0.0)
+        log_prob = tl.where(has_density, log_prob, 0.0)
     kl_std = _kl_std(std, std_dev_t, KL_FLOW_GRPO)
     kl_has = kl_std > 0.0
     safe_kl = tl.where(kl_has, kl_std, 1.0)
@@ -272,12 +272,11 @@ def sde_step_bwd_kernel(
     k_lp = 0.0
     if HAS_G_LOGP:
         g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
-        safe_std = tl.where(std > 0.0, std, 1.0)
         if LOGPROB_FLOW_GRPO and (SDE_TYPE == 1 or SDE_TYPE == 2):
-            k_lp = 2.0 * g_logp * scale
+            k_lp = 2.0 * g_logp * scale  # bare squares: a gradient on every row, std = 0 too
         else:
-            k_lp = g_logp * scale / (safe_std * safe_std)
-        k_lp = tl.where(std > 0.0, k_lp, 0.0)
+            safe_std = tl.where(std > 0.0, std, 1.0)
+            k_lp = tl.where(std > 0.0, g_logp * scale / (safe_std * safe_std), 0.0)
     k_kl = 0.0
     if HAS_G_KL:
         g_kl = tl.load(g_kl_ptr + row).to(tl.float32)

@@ -138,12 +138,14 @@ def log_prob_from_squares(
     reduction: str = "mean",
 ) -> Tensor:
     """Per-row log-prob from the row's `sum((x' - mean)^2)` over its `elements` values (the form every
-    implementation reduces to). Rows with std = 0 have no density and get 0 (never NaN)."""
+    implementation reduces to). Rows with std = 0 have no density and get 0 (never NaN), except under
+    Flow-GRPO's bare-squares convention, which has no std in it: `-(x' - mean)^2` is finite for every
+    row and is what Flow-GRPO computes (e.g. on the last `cps` step, t' = 0)."""
     _check_conventions(sde_type, convention, reduction)
     scale = 1.0 / elements if reduction == "mean" else 1.0
-    has_density = std > 0
     if _uses_bare_squares(sde_type, convention):
-        return torch.where(has_density, -sum_sq * scale, 0.0)
+        return -sum_sq * scale
+    has_density = std > 0
     safe_std = torch.where(has_density, std, torch.ones_like(std))
     count = 1.0 if reduction == "mean" else float(elements)
     log_prob = -sum_sq * scale / (2.0 * safe_std**2) - count * (torch.log(safe_std) + LOG_SQRT_2PI)
@@ -163,7 +165,8 @@ def gaussian_log_prob(
 
     `gaussian`: exact density, `-(x'-mean)^2/(2 s^2) - log s - log sqrt(2 pi)` reduced per row.
     `flow_grpo`: what Flow-GRPO's code computes: the exact density for `sde`, `-(x'-mean)^2` for the
-    CPS-form means (`cps`, `ddim`). Rows with std = 0 have no density and get 0 (never NaN).
+    CPS-form means (`cps`, `ddim`), for every row. Rows with std = 0 have no density and get 0
+    (never NaN) under `gaussian`, and under `flow_grpo` for `sde`.
     """
     sum_sq = _reduce_rows((sample.float() - mean.float()) ** 2, "sum")
     return log_prob_from_squares(
@@ -207,12 +210,10 @@ def log_prob_grad_scale(
     """Per-row `k` with `dL/dmean = k (x' - mean)` from `dL/dlogp`: `g / (s^2 D_r)`, or `2 g / D_r` for
     Flow-GRPO's bare-squares log-prob (`D_r` = elements for the mean reduction, 1 for the sum)."""
     scale = 1.0 / elements if reduction == "mean" else 1.0
-    if _uses_bare_squares(sde_type, convention):
-        k = 2.0 * grad_log_prob.float() * scale
-    else:
-        safe = torch.where(std > 0, std, torch.ones_like(std))
-        k = grad_log_prob.float() * scale / safe**2
-    return torch.where(std > 0, k, 0.0)
+    if _uses_bare_squares(sde_type, convention):  # no std in it: a gradient on every row
+        return 2.0 * grad_log_prob.float() * scale
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, grad_log_prob.float() * scale / safe**2, 0.0)
 
 
 def kl_grad_scale(grad_kl: Tensor, std: Tensor, elements: int, reduction: str = "mean") -> Tensor:

@@ -74,6 +74,38 @@ def test_step_matches_the_spec(scheduler, shape, sde_type, steps):
     assert torch.equal(again[1], out[1]) and len(again) == 4
 
 
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_scoring_another_sample_matches_the_spec_at_every_step(scheduler, sde_type):
+    """Training scores stored samples under a moved policy, so x' != mean: on the last `cps` step
+    (t' = 0, std 0) Flow-GRPO's bare squares `-(x' - mean)^2` are finite and carry a gradient."""
+    g = torch.Generator().manual_seed(5)
+    steps = torch.arange(10)
+    sample, model_output, other = (torch.randn(10, 4, 6, 6, generator=g) for _ in range(3))
+    timestep = scheduler.timesteps[steps]
+    level = 0.7 if sde_type == "sde" else 0.8
+    v = model_output.clone().requires_grad_(True)
+    out = compat.sde_step_with_logprob(scheduler, v, timestep, sample, level, prev_sample=other, sde_type=sde_type)
+    _, lp, mean, _, _ = spec_step(scheduler.sigmas, scheduler.timesteps, model_output, timestep, sample, level, other,
+                                  None, sde_type)
+    torch.testing.assert_close(out[1].double(), lp, atol=2e-5 if sde_type == "sde" else 1e-6, rtol=1e-5)
+    out[1].sum().backward()
+    # d logp / d v = c_v * d logp / d mean; c_v = d mean / d v per row (the step is affine in v)
+    mean_shift = compat.sde_step_with_logprob(scheduler, model_output + 1, timestep, sample, level, prev_sample=other,
+                                              sde_type=sde_type)[2].double() - mean
+    c_v = mean_shift.flatten(1).mean(1).reshape(-1, 1, 1, 1)
+    residual = other.double() - mean
+    if sde_type == "sde":
+        std = torch.tensor([float(s) for s in spec_step(scheduler.sigmas, scheduler.timesteps, model_output, timestep,
+                                                        sample, level, other, None, sde_type)[3]], dtype=torch.float64)
+        std = std * (scheduler.sigmas[steps] - scheduler.sigmas[steps + 1]).double().sqrt()
+        expected = c_v * residual / (std.reshape(-1, 1, 1, 1) ** 2 * residual[0].numel())
+    else:
+        expected = c_v * 2 * residual / residual[0].numel()
+    torch.testing.assert_close(v.grad.double(), expected, rtol=1e-4, atol=1e-7)
+    if sde_type == "cps":
+        assert out[1][-1] < 0 and v.grad[-1].abs().sum() > 0  # the last step counts, like Flow-GRPO's
+
+
 def test_single_timestep_broadcasts_and_bf16_inputs_compute_in_fp32(scheduler):
     sample = torch.randn(4, 3, 8, 8, dtype=torch.bfloat16)
     model_output = torch.randn(4, 3, 8, 8, dtype=torch.bfloat16)

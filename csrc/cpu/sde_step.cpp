@@ -350,9 +350,10 @@ SFGRPO_CPU_CLONES Partial forward_item(const SdeStepProblem& p, const SdeForward
 }
 
 float row_log_prob(const SdeStepProblem& p, float std, double residual_sq) {
-  if (!(std > 0.0f)) return 0.0f;  // no density: 0, never NaN
   const double scale = reduction_scale(p);
+  // Flow-GRPO's bare squares have no std in them: defined on every row (its last cps step, t' = 0)
   if (bare_squares(p)) return static_cast<float>(-residual_sq * scale);
+  if (!(std > 0.0f)) return 0.0f;  // no density: 0, never NaN
   const double s = std, count = p.sum_reduction ? static_cast<double>(p.elements) : 1.0;
   return static_cast<float>(-residual_sq * scale / (2.0 * s * s) - count * (std::log(s) + kLogSqrt2Pi));
 }
@@ -425,9 +426,9 @@ SFGRPO_CPU_CLONES void backward_item(const SdeStepProblem& p, const SdeBackwardI
 
 // Per-row k with dL/dmean = k (x' - mean) from dL/dlogp (sfgrpo.reference.log_prob_grad_scale).
 float log_prob_grad_scale(const SdeStepProblem& p, float grad, float std) {
-  if (!(std > 0.0f)) return 0.0f;
   const float scale = static_cast<float>(reduction_scale(p));
-  if (bare_squares(p)) return 2.0f * grad * scale;
+  if (bare_squares(p)) return 2.0f * grad * scale;  // every row, std = 0 too (see row_log_prob)
+  if (!(std > 0.0f)) return 0.0f;
   return grad * scale / (std * std);
 }
 

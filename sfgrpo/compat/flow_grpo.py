@@ -7,8 +7,8 @@ sfgrpo's fused step and native advantage engine.
 
 Numerically: `sde` and `cps` give Flow-GRPO's outputs up to float rounding (fp32 math, the same
 sample for the same generator). Differences, all deliberate: no device->host sync (the sigma lookup
-runs on the device from a table built once per schedule); a row with noise level 0 gets log-prob 0
-instead of Flow-GRPO's NaN/-inf; the `ddim` and `ode` step types exist too.
+runs on the device from a table built once per schedule); an `sde` row with noise level 0 gets
+log-prob 0 instead of Flow-GRPO's NaN/-inf; the `ddim` and `ode` step types exist too.
 """
 
 from __future__ import annotations
