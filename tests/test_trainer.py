@@ -56,6 +56,52 @@ def test_on_policy_ratio_is_exactly_one(tmp_path):
         assert torch.equal(scored.log_prob, batch.log_probs[k])
 
 
+@pytest.mark.parametrize("cfg_gradient", ["cond", "both"])
+def test_cfg_gradient_picks_the_differentiated_branches_and_the_forwards(tmp_path, cfg_gradient):
+    """`cond` (Flow-GRPO: `noise_pred_uncond.detach()`) differentiates the conditional branch only and
+    runs the unconditional forward without autograd; `both` differentiates one batched forward."""
+    trainer = Trainer(tiny_config(tmp_path, guidance_scale=2.5, cfg_gradient=cfg_gradient))
+    batch = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    advantages = torch.randn(6, trainer.steps.num_steps, generator=torch.Generator().manual_seed(1))
+    k = trainer.steps.trained[1]
+    calls = []
+    hook = trainer.model.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((torch.is_grad_enabled(), kwargs["hidden_states"].shape[0])),
+        with_kwargs=True)
+    loss, _ = trainer.step_loss(batch, advantages, k, slice(None))
+    hook.remove()
+    assert calls == ([(False, 6), (True, 6)] if cfg_gradient == "cond" else [(True, 12)])
+    params = [p for p in trainer.trainable.values()]
+    got = torch.autograd.grad(loss, params)
+
+    # oracle: Flow-GRPO's formulation, one batched forward with the unconditional half detached (or not)
+    x, t_row = batch.states[k], torch.full((6,), trainer.steps.t[k])
+    model = trainer.model
+    both = model.velocity(torch.cat([x, x]), torch.cat([t_row, t_row]),
+                          tuple(torch.cat([a, b]) for a, b in zip(batch.null_cond, batch.cond))).float()
+    v_uncond, v_cond = both.chunk(2)
+    if cfg_gradient == "cond":
+        v_uncond = v_uncond.detach()
+    v = v_uncond + 2.5 * (v_cond - v_uncond)
+    scored = functional.sde_step(x, v, trainer.steps.t[k], trainer.steps.t_next[k], 0.7, prev_sample=batch.samples[k],
+                                 sigma_max=trainer.steps.sigma_max)
+    want_loss = functional.ppo_loss(scored.log_prob, batch.log_probs[k], advantages[:, k], trainer.config.clip_range)
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(loss, want_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # the two settings really differ (the unconditional branch carries a gradient)
+    other = trainer.guided(x, t_row, batch.cond, batch.null_cond) if cfg_gradient == "cond" else \
+        trainer.guided.with_constant_uncond(x, t_row, batch.cond, batch.null_cond)
+    other_scored = functional.sde_step(x, other, trainer.steps.t[k], trainer.steps.t_next[k], 0.7,
+                                       prev_sample=batch.samples[k], sigma_max=trainer.steps.sigma_max)
+    other_grad = torch.autograd.grad(
+        functional.ppo_loss(other_scored.log_prob, batch.log_probs[k], advantages[:, k], trainer.config.clip_range),
+        params)
+    assert max((a - b).abs().max().item() for a, b in zip(got, other_grad)) > 1e-3 * max(a.abs().max().item() for a in got)
+
+
 def test_groups_share_initial_noise_and_differ_afterwards(tmp_path):
     trainer = Trainer(tiny_config(tmp_path))
     batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",

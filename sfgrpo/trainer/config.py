@@ -53,6 +53,10 @@ class TrainerConfig:
     sde_type: str = _help("sde (Flow-GRPO) | cps | ddim", default="sde")
     noise_level: float = _help("SDE noise level a", default=0.7)
     guidance_scale: float = _help("classifier-free guidance scale (1 = no CFG, one network call per step)", default=1.0)
+    cfg_gradient: str = _help(
+        "CFG branches the update differentiates: cond (Flow-GRPO: the unconditional velocity is a constant, "
+        "computed in its own forward without autograd, so the backward covers half the batch) | both (one "
+        "batched forward, gradient through both branches)", default="cond")
     logprob: str = _help("log-prob convention: gaussian | flow_grpo", default="gaussian")
     train_last_step: bool = _help("also train the last step (Flow-GRPO leaves it out: its std is ~0)", default=False)
     # ------------------------------------------------------------------ optimisation
@@ -192,6 +196,7 @@ class TrainerConfig:
         need(self.flow_grpo_std in ("global", "group"), f"flow_grpo_std must be global or group, got {self.flow_grpo_std!r}")
         need(self.sde_type in SDE_TYPES, f"sde_type must be one of {SDE_TYPES}, got {self.sde_type!r}")
         need(self.logprob in ("gaussian", "flow_grpo"), f"logprob must be gaussian or flow_grpo, got {self.logprob!r}")
+        need(self.cfg_gradient in ("cond", "both"), f"cfg_gradient must be cond or both, got {self.cfg_gradient!r}")
         need(self.kl in ("exact", "flow_grpo"), f"kl must be exact or flow_grpo, got {self.kl!r}")
         need(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         need(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")

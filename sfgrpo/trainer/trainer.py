@@ -209,7 +209,10 @@ class Trainer:
         x, stored = batch.states[k][rows], batch.samples[k][rows]
         cond, null_cond = select_rows(batch.cond, rows), select_rows(batch.null_cond, rows)
         t_row = torch.full((x.shape[0],), steps.t[k], device=x.device)
-        v = self.guided(x, t_row, cond, null_cond)
+        if cfg.cfg_gradient == "cond":
+            v = self.guided.with_constant_uncond(x, t_row, cond, null_cond)
+        else:
+            v = self.guided(x, t_row, cond, null_cond)
         v_ref = None
         if cfg.beta > 0:
             with torch.no_grad(), self.reference_weights():
