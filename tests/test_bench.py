@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from sfgrpo.bench import configs, get_suite
 from sfgrpo.bench.report import COLUMNS
@@ -71,8 +72,6 @@ def test_small_backbones_follow_the_real_architectures():
         assert type(backbone.transformer).__name__ == ("SD3Transformer2DModel" if real["family"] == "sd3"
                                                        else "FluxTransformer2DModel")
         cond = backbone.encode_prompts(["a", "b"])
-        import torch
-
         x = torch.randn(2, *backbone.latent_shape)
         v = backbone.velocity(x, torch.full((2,), 0.5), cond)
         assert v.shape == x.shape and torch.isfinite(v).all()
@@ -98,7 +97,6 @@ def test_suites_are_well_formed():
 
 
 def test_real_size_config_in_bf16_on_meta():
-    import torch
 
     transformer = configs.build_transformer("sd35m", device="meta", dtype=torch.bfloat16)
     assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16}
@@ -106,7 +104,6 @@ def test_real_size_config_in_bf16_on_meta():
 
 
 def test_sync_counter_is_off_on_cpu():
-    import torch
 
     from sfgrpo.bench import SyncCounter
 
@@ -127,12 +124,18 @@ def test_flow_grpo_code_runs_the_trainer_on_flow_grpos_formulation(tmp_path, mon
     monkeypatch.setattr(fg, "per_prompt_advantages",
                         lambda *a, **k: calls.__setitem__("advantages", calls["advantages"] + 1) or advantages(*a, **k))
     config = TrainerConfig(output_dir=str(tmp_path), backbone="tiny-random", reward="brightness", mode="flow_grpo",
-                           beta=0.05, prompts_per_iteration=2, group_size=3, num_steps=4, progress=False, plots=False)
+                           beta=0.05, prompts_per_iteration=2, group_size=3, num_steps=4, progress=False, plots=False,
+                           guidance_scale=2.0)
     trainer = Trainer(config)
     original = functional.sde_step
+    forwards = []  # the update's CFG as Flow-GRPO runs it: one batched forward with autograd
+    trainer.model.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: forwards.append((torch.is_grad_enabled(), kwargs["hidden_states"].shape[0])),
+        with_kwargs=True)
     with flow_grpo_code(trainer):
         record = trainer.train_iteration()
-    assert functional.sde_step is original  # restored
+    assert functional.sde_step is original and "with_constant_uncond" not in vars(trainer.guided)  # restored
+    assert forwards.count((True, 12)) == 3 and (False, 6) not in forwards  # 3 trained steps, 6 rows each
     # rollout: 4 steps; update: 3 trained steps x (policy + reference for the KL)
     assert calls == {"step": 4 + 3 * 2, "advantages": 1}
     assert record["kl"] >= 0 and all(v == v for v in record.values() if isinstance(v, float))

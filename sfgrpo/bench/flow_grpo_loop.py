@@ -4,7 +4,10 @@ else plain PyTorch (SFGRPO_BACKEND=reference):
 
 - every SDE step looks its sigmas up by timestep with one device->host sync per row, computes the
   step in ~10-14 separate ops, and the KL by a second call with the reference velocity;
-- advantages come from the per-prompt numpy loop, after copying the rewards to the host.
+- advantages come from the per-prompt numpy loop, after copying the rewards to the host;
+- with CFG, the update runs Flow-GRPO's `compute_log_prob`: one batched forward with autograd over
+  both branches, the unconditional half detached afterwards (the same gradient as sfgrpo's
+  `cfg_gradient="cond"`, whose unconditional forward runs without autograd).
 
 What is timed is the cost of those formulations inside a whole iteration, not their numbers (the
 step uses Flow-GRPO's log-prob convention and draws its noise itself).
@@ -19,6 +22,7 @@ import torch
 
 from sfgrpo import functional
 from sfgrpo.bench import flow_grpo_code as fg
+from sfgrpo.trainer.rollout import concat_rows
 
 
 def _to_host(tensor: torch.Tensor) -> np.ndarray:
@@ -74,11 +78,24 @@ def flow_grpo_code(trainer):
             advantages = np.clip(advantages, -clip, clip)
         return torch.from_numpy(advantages).to(rewards.device, rewards.dtype)
 
+    guided = trainer.guided
+
+    def with_constant_uncond(x, t, cond, null_cond):  # Flow-GRPO's compute_log_prob with train.cfg
+        if guided.guidance_scale == 1.0:
+            return guided(x, t, cond, null_cond)
+        with guided.autocast():
+            both = guided.model.velocity(torch.cat([x, x]), torch.cat([t, t]), concat_rows(null_cond, cond)).float()
+        v_uncond, v_cond = both.chunk(2)
+        v_uncond = v_uncond.detach()
+        return v_uncond + guided.guidance_scale * (v_cond - v_uncond)
+
     replacements = {"sde_step": sde_step, "gain_advantages": gain_advantages, "group_advantages": group_advantages}
     for name, function in replacements.items():
         setattr(functional, name, function)
+    guided.with_constant_uncond = with_constant_uncond
     try:
         yield
     finally:
         for name, function in original.items():
             setattr(functional, name, function)
+        del guided.with_constant_uncond
