@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sfgrpo import functional
+from sfgrpo.distributed import TrajectoryNoise
 from sfgrpo.rewards import RewardError
 from sfgrpo.trainer import Trainer, TrainerConfig
 from sfgrpo.trainer.rollout import rollout, select_rows
@@ -100,6 +101,25 @@ def test_cfg_gradient_picks_the_differentiated_branches_and_the_forwards(tmp_pat
         functional.ppo_loss(other_scored.log_prob, batch.log_probs[k], advantages[:, k], trainer.config.clip_range),
         params)
     assert max((a - b).abs().max().item() for a, b in zip(got, other_grad)) > 1e-3 * max(a.abs().max().item() for a in got)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_rollout_batch_size_bounds_the_network_calls_and_keeps_the_rollout(tmp_path, cfg):
+    trainer = Trainer(tiny_config(tmp_path, guidance_scale=cfg, rollout_batch_size=4))
+    calls = []
+    hook = trainer.model.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    record = trainer.train_iteration()
+    rows_per_trajectory = 2 if cfg != 1.0 else 1
+    rollout_calls = calls[:2 * trainer.steps.num_steps]  # 6 trajectories in chunks of 4 and 2, every step
+    assert rollout_calls == [4 * rows_per_trajectory, 2 * rows_per_trajectory] * trainer.steps.num_steps
+    assert _finite(record)
+    hook.remove()
+    noise = dict(sde_type="sde", logprob="gaussian", noise=TrajectoryNoise(0, 0, "cpu"))
+    whole = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, **noise)
+    chunked = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, batch_size=4, **noise)
+    for name in ("states", "samples", "log_probs", "velocities"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
 
 
 def test_groups_share_initial_noise_and_differ_afterwards(tmp_path):

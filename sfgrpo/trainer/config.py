@@ -45,6 +45,9 @@ class TrainerConfig:
     advantage_eps: float | None = _help("epsilon in (g - mean) / (std + eps) (None: 1e-8 stepwise, 1e-4 flow_grpo)", default=None)
     flow_grpo_std: str = _help("flow_grpo advantage std: global (Flow-GRPO default) | group", default="global")
     lookahead_steps: int = _help("T': Euler sub-steps of the clean estimate (1 = Tweedie, no extra network call)", default=1)
+    rollout_batch_size: int | None = _help(
+        "trajectories per rollout network call, per process (None: all of the process's trajectories at once; "
+        "set it for big backbones and batches; with CFG a call holds twice as many rows)", default=None)
     lookahead_batch_size: int | None = _help(
         "states per network call in the look-ahead (None: all N x T at once; set it for big backbones)", default=None)
     # ------------------------------------------------------------------ sampling
@@ -202,6 +205,8 @@ class TrainerConfig:
         need(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")
         need(self.num_steps >= 2, f"num_steps must be >= 2, got {self.num_steps}")
         need(self.lookahead_steps >= 1, f"lookahead_steps must be >= 1, got {self.lookahead_steps}")
+        need(self.rollout_batch_size is None or self.rollout_batch_size >= 1,
+             f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
         need(self.lookahead_batch_size is None or self.lookahead_batch_size >= 1,
              f"lookahead_batch_size must be >= 1, got {self.lookahead_batch_size}")
         need(self.group_size >= 2, f"group_size must be >= 2 (advantages compare trajectories of a group), got {self.group_size}")

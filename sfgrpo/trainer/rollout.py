@@ -76,6 +76,18 @@ class GuidedModel:
         return v_uncond + self.guidance_scale * (v_cond - v_uncond)
 
 
+def guided_in_chunks(guided: GuidedModel, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition,
+                     batch_size: int | None) -> Tensor:
+    """`guided(x, t, cond, null_cond)` with at most `batch_size` rows per network call (None: one call)."""
+    if batch_size is None or batch_size >= x.shape[0]:
+        return guided(x, t, cond, null_cond)
+    parts = []
+    for start in range(0, x.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        parts.append(guided(x[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows)))
+    return torch.cat(parts)
+
+
 @dataclass
 class Rollout:
     """A batch of N trajectories of T steps. Row n belongs to group `group_ids[n]`."""
@@ -106,6 +118,7 @@ def rollout(
     generator: torch.Generator | None = None,
     noise: TrajectoryNoise | None = None,
     rows: Sequence[int] | None = None,
+    batch_size: int | None = None,
 ) -> Rollout:
     """Samples `group_size` trajectories per prompt, all trajectories of a group starting from the
     same initial noise, so every difference within a group comes from the SDE's noise.
@@ -114,6 +127,7 @@ def rollout(
     `noise` (stateless, a function of the global trajectory index: what the trainer uses). With
     `noise`, `rows` picks which trajectories of the global batch (row j = prompt j // group_size)
     this process rolls out: a rank's share of a data-parallel batch (default: all of them).
+    `batch_size`: trajectories per network call (None: all at once); the SDE step stays one call.
     """
     model = guided.model
     if (generator is None) == (noise is None):
@@ -135,7 +149,7 @@ def rollout(
     states, samples, log_probs, velocities = [], [], [], []
     for k in range(steps.num_steps):
         t_row = torch.full((n,), steps.t[k], device=model.device)
-        v = guided(x, t_row, cond, null_cond)
+        v = guided_in_chunks(guided, x, t_row, cond, null_cond, batch_size)
         out = functional.sde_step(
             x, v, steps.t[k], steps.t_next[k], steps.noise_level[k], sde_type=sde_type, generator=generator,
             noise=None if noise is None else noise.step(rows, k, x.shape[1:]).to(x.device),
@@ -173,13 +187,7 @@ def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", loo
     null_cond = repeat_rows(batch.null_cond, num_steps)
 
     def velocity_fn(state: Tensor, t: Tensor) -> Tensor:
-        if batch_size is None or batch_size >= state.shape[0]:
-            return guided(state, t, cond, null_cond)
-        parts = []
-        for start in range(0, state.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            parts.append(guided(state[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows)))
-        return torch.cat(parts)
+        return guided_in_chunks(guided, state, t, cond, null_cond, batch_size)
 
     estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps, v=batch.velocities.flatten(0, 1))
     return estimates.reshape(batch.states.shape)

@@ -118,7 +118,7 @@ class Trainer:
         with timer("rollout"):
             batch = rollout(self.guided, prompts, cfg.group_size, self.steps, sde_type=cfg.sde_type,
                             logprob=cfg.logprob, noise=distributed.TrajectoryNoise(cfg.seed, self.iteration, self.device),
-                            rows=rows)
+                            rows=rows, batch_size=cfg.rollout_batch_size)
         with timer("lookahead"):
             latents = self.scored_latents(batch)  # [K, N, ...]
         with timer("decode"):
