@@ -103,6 +103,38 @@ def test_cfg_gradient_picks_the_differentiated_branches_and_the_forwards(tmp_pat
     assert max((a - b).abs().max().item() for a, b in zip(got, other_grad)) > 1e-3 * max(a.abs().max().item() for a in got)
 
 
+def test_update_reuses_the_rollouts_unconditional_velocity_until_the_first_optimizer_step(tmp_path):
+    """Flow-GRPO recomputes the unconditional branch as a constant; while the weights are the
+    rollout's, that constant is the rollout's own: stored, not recomputed. After an optimizer step it
+    is recomputed (without autograd)."""
+    trainer = Trainer(tiny_config(tmp_path, guidance_scale=2.5, gradient_accumulation_steps=2))
+    assert len(trainer.steps.trained) == 3  # 3 forwards: an optimizer step after the 2nd and the 3rd
+    calls = []
+    hook = trainer.model.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((torch.is_grad_enabled(), kwargs["hidden_states"].shape[0])),
+        with_kwargs=True)
+    trainer.train_iteration()
+    hook.remove()
+    assert calls[-4:] == [(True, 6), (True, 6), (False, 6), (True, 6)]
+    assert calls[:-4] == [(False, 12)] * trainer.steps.num_steps  # the rollout: one batched forward per step
+
+    batch = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0), keep_uncond=True)
+    assert batch.uncond_velocities.shape == batch.velocities.shape
+    advantages = torch.randn(6, trainer.steps.num_steps, generator=torch.Generator().manual_seed(1))
+    params = list(trainer.trainable.values())
+    for k in trainer.steps.trained:
+        stored_loss, record = trainer.step_loss(batch, advantages, k, slice(None), rollout_weights=True)
+        fresh_loss, _ = trainer.step_loss(batch, advantages, k, slice(None))
+        assert record[1].item() == 1.0  # on-policy: the stored constant keeps the ratio exactly 1
+        torch.testing.assert_close(stored_loss, fresh_loss)
+        for a, b in zip(torch.autograd.grad(stored_loss, params), torch.autograd.grad(fresh_loss, params)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    plain = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    generator=torch.Generator().manual_seed(0))
+    assert plain.uncond_velocities is None
+
+
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
 def test_rollout_batch_size_bounds_the_network_calls_and_keeps_the_rollout(tmp_path, cfg):
     trainer = Trainer(tiny_config(tmp_path, guidance_scale=cfg, rollout_batch_size=4))
@@ -186,7 +218,7 @@ def test_train_step_fraction_trains_a_random_subset_of_steps_per_pass(tmp_path, 
     trained = list(trainer.steps.trained)
     passes = []
     original = trainer.step_loss
-    monkeypatch.setattr(trainer, "step_loss", lambda batch, adv, k, rows: (passes.append(k), original(batch, adv, k, rows))[1])
+    monkeypatch.setattr(trainer, "step_loss", lambda batch, adv, k, rows, **kw: (passes.append(k), original(batch, adv, k, rows, **kw))[1])
     trainer.train()
     keep = int(0.5 * len(trained))
     chosen = [sorted(passes[i:i + keep]) for i in range(0, len(passes), keep)]

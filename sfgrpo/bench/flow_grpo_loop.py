@@ -7,7 +7,8 @@ else plain PyTorch (SFGRPO_BACKEND=reference):
 - advantages come from the per-prompt numpy loop, after copying the rewards to the host;
 - with CFG, the update runs Flow-GRPO's `compute_log_prob`: one batched forward with autograd over
   both branches, the unconditional half detached afterwards (the same gradient as sfgrpo's
-  `cfg_gradient="cond"`, whose unconditional forward runs without autograd).
+  `cfg_gradient="cond"`, which reuses the rollout's unconditional velocity while the weights are
+  the rollout's and otherwise recomputes it without autograd).
 
 What is timed is the cost of those formulations inside a whole iteration, not their numbers (the
 step uses Flow-GRPO's log-prob convention and draws its noise itself).
@@ -80,7 +81,7 @@ def flow_grpo_code(trainer):
 
     guided = trainer.guided
 
-    def with_constant_uncond(x, t, cond, null_cond):  # Flow-GRPO's compute_log_prob with train.cfg
+    def with_constant_uncond(x, t, cond, null_cond, v_uncond=None):  # Flow-GRPO's compute_log_prob, train.cfg
         if guided.guidance_scale == 1.0:
             return guided(x, t, cond, null_cond)
         with guided.autocast():

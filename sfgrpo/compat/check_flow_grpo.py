@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if timing:
         print(timing)
     failed = [r for r in results if not r.ok]
-    print(f"{len(results) - len(failed)} of {len(results)} comparisons agree" + (": drop-in verified" if not failed else ""))
+    verdict = "" if failed else ": drop-in verified"
+    print(f"{len(results) - len(failed)} of {len(results)} comparisons agree{verdict}")
     return 1 if failed else 0
 
 

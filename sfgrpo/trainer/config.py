@@ -57,9 +57,10 @@ class TrainerConfig:
     noise_level: float = _help("SDE noise level a", default=0.7)
     guidance_scale: float = _help("classifier-free guidance scale (1 = no CFG, one network call per step)", default=1.0)
     cfg_gradient: str = _help(
-        "CFG branches the update differentiates: cond (Flow-GRPO: the unconditional velocity is a constant, "
-        "computed in its own forward without autograd, so the backward covers half the batch) | both (one "
-        "batched forward, gradient through both branches)", default="cond")
+        "CFG branches the update differentiates: cond (Flow-GRPO: the unconditional velocity is a constant: "
+        "the rollout's own until the iteration's first optimizer step, then recomputed without autograd; the "
+        "backward covers half the batch) | both (one batched forward, gradient through both branches)",
+        default="cond")
     logprob: str = _help("log-prob convention: gaussian | flow_grpo", default="gaussian")
     train_last_step: bool = _help("also train the last step (Flow-GRPO leaves it out: its std is ~0)", default=False)
     # ------------------------------------------------------------------ optimisation

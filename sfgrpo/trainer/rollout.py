@@ -53,39 +53,49 @@ class GuidedModel:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.model.device.type, dtype=self.autocast_dtype)
 
-    def __call__(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition, return_uncond: bool = False):
+        """The guided velocity; with `return_uncond`, `(velocity, unconditional velocity or None)`."""
         with self.autocast():
             if self.guidance_scale == 1.0:
-                return self.model.velocity(x, t, cond).float()
+                v = self.model.velocity(x, t, cond).float()
+                return (v, None) if return_uncond else v
             both = self.model.velocity(torch.cat([x, x]), torch.cat([t, t]), concat_rows(null_cond, cond)).float()
         v_uncond, v_cond = both.chunk(2)
-        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        return (v, v_uncond) if return_uncond else v
 
-    def with_constant_uncond(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition) -> Tensor:
+    def with_constant_uncond(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition,
+                             v_uncond: Tensor | None = None) -> Tensor:
         """The guided velocity with the unconditional branch as a constant, Flow-GRPO's update (it
         detaches that branch). Its forward runs without autograd, so the backward covers only the
         conditional half of the batch: a third less backbone work per update step, half the
-        activations. Same value as `__call__` (the two halves may round differently from one
-        batched forward on some backends)."""
+        activations; or it is not run at all when the caller passes `v_uncond` (the rollout's, while
+        the weights are still the rollout's). Same value as `__call__` (the two halves may round
+        differently from one batched forward on some backends)."""
         if self.guidance_scale == 1.0:
             return self(x, t, cond, null_cond)
         with self.autocast():
-            with torch.no_grad():
-                v_uncond = self.model.velocity(x, t, null_cond).float()
+            if v_uncond is None:
+                with torch.no_grad():
+                    v_uncond = self.model.velocity(x, t, null_cond).float()
             v_cond = self.model.velocity(x, t, cond).float()
         return v_uncond + self.guidance_scale * (v_cond - v_uncond)
 
 
 def guided_in_chunks(guided: GuidedModel, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition,
-                     batch_size: int | None) -> Tensor:
-    """`guided(x, t, cond, null_cond)` with at most `batch_size` rows per network call (None: one call)."""
+                     batch_size: int | None, return_uncond: bool = False):
+    """`guided(x, t, cond, null_cond)` with at most `batch_size` rows per network call (None: one
+    call). With `return_uncond`, `(velocity, unconditional velocity or None)`."""
     if batch_size is None or batch_size >= x.shape[0]:
-        return guided(x, t, cond, null_cond)
+        return guided(x, t, cond, null_cond, return_uncond)
     parts = []
     for start in range(0, x.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        parts.append(guided(x[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows)))
-    return torch.cat(parts)
+        parts.append(guided(x[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows), return_uncond))
+    if not return_uncond:
+        return torch.cat(parts)
+    v, v_uncond = zip(*parts)
+    return torch.cat(v), None if v_uncond[0] is None else torch.cat(v_uncond)
 
 
 @dataclass
@@ -100,6 +110,8 @@ class Rollout:
     samples: Tensor  # [T, N, ...]: x after step k (samples[-1] = final latents)
     log_probs: Tensor  # [T, N] float32, old log-probs of the samples
     velocities: Tensor  # [T, N, ...] float32 guided velocities at the states
+    # [T, N, ...] float32 unconditional velocities (rollouts asked to keep them, with CFG), else None
+    uncond_velocities: Tensor | None = None
 
     @property
     def final(self) -> Tensor:
@@ -119,6 +131,7 @@ def rollout(
     noise: TrajectoryNoise | None = None,
     rows: Sequence[int] | None = None,
     batch_size: int | None = None,
+    keep_uncond: bool = False,
 ) -> Rollout:
     """Samples `group_size` trajectories per prompt, all trajectories of a group starting from the
     same initial noise, so every difference within a group comes from the SDE's noise.
@@ -128,6 +141,8 @@ def rollout(
     `noise`, `rows` picks which trajectories of the global batch (row j = prompt j // group_size)
     this process rolls out: a rank's share of a data-parallel batch (default: all of them).
     `batch_size`: trajectories per network call (None: all at once); the SDE step stays one call.
+    `keep_uncond`: also store the unconditional velocities (CFG), for an update that treats them as
+    constants (`GuidedModel.with_constant_uncond`).
     """
     model = guided.model
     if (generator is None) == (noise is None):
@@ -146,10 +161,12 @@ def rollout(
     else:
         shared = functional_noise((len(prompts), *model.latent_shape), generator, model.device)
         x = shared.repeat_interleave(group_size, dim=0)
-    states, samples, log_probs, velocities = [], [], [], []
+    states, samples, log_probs, velocities, uncond_velocities = [], [], [], [], []
     for k in range(steps.num_steps):
         t_row = torch.full((n,), steps.t[k], device=model.device)
-        v = guided_in_chunks(guided, x, t_row, cond, null_cond, batch_size)
+        v, v_uncond = guided_in_chunks(guided, x, t_row, cond, null_cond, batch_size, return_uncond=True)
+        if keep_uncond and v_uncond is not None:
+            uncond_velocities.append(v_uncond)
         out = functional.sde_step(
             x, v, steps.t[k], steps.t_next[k], steps.noise_level[k], sde_type=sde_type, generator=generator,
             noise=None if noise is None else noise.step(rows, k, x.shape[1:]).to(x.device),
@@ -163,6 +180,7 @@ def rollout(
     return Rollout(
         prompts=expanded, group_ids=group_ids, cond=cond, null_cond=null_cond, states=torch.stack(states),
         samples=torch.stack(samples), log_probs=torch.stack(log_probs), velocities=torch.stack(velocities),
+        uncond_velocities=torch.stack(uncond_velocities) if uncond_velocities else None,
     )
 
 

@@ -118,7 +118,7 @@ class Trainer:
         with timer("rollout"):
             batch = rollout(self.guided, prompts, cfg.group_size, self.steps, sde_type=cfg.sde_type,
                             logprob=cfg.logprob, noise=distributed.TrajectoryNoise(cfg.seed, self.iteration, self.device),
-                            rows=rows, batch_size=cfg.rollout_batch_size)
+                            rows=rows, batch_size=cfg.rollout_batch_size, keep_uncond=cfg.cfg_gradient == "cond")
         with timer("lookahead"):
             latents = self.scored_latents(batch)  # [K, N, ...]
         with timer("decode"):
@@ -166,6 +166,9 @@ class Trainer:
         to the reference) and the grad norm of each optimizer step."""
         cfg, n = self.config, advantages.shape[0]
         records, grad_norms = [], []
+        # until the first optimizer step the weights are the rollout's, and so is the unconditional
+        # velocity that Flow-GRPO's update recomputes as a constant: take the stored one instead
+        rollout_weights = True
         for _ in range(cfg.num_inner_epochs):
             # under data parallelism train_batch_size is global: each rank takes its share of a minibatch
             chunk = None if cfg.train_batch_size is None else cfg.train_batch_size // self.dist.world_size
@@ -185,11 +188,12 @@ class Trainer:
                 # DDP all-reduces only on a window's last backward; loss_scale makes the reduced
                 # gradient that of the global batch's mean (1.0 on one process)
                 with distributed.gradient_sync(self.model.transformer, window_ends):
-                    loss, record = self.step_loss(batch, advantages, *work[index])
+                    loss, record = self.step_loss(batch, advantages, *work[index], rollout_weights=rollout_weights)
                     self.scaler.scale(loss * self.loss_scale / accumulation).backward()
                 records.append(record)
                 if window_ends:
                     grad_norms.append(self.optimizer_step())
+                    rollout_weights = False
         return torch.stack(records), torch.stack(grad_norms)
 
     def _pass_steps(self) -> list[int]:
@@ -202,15 +206,20 @@ class Trainer:
         keep = max(1, int(self.config.train_step_fraction * len(steps)))
         return sorted(self.order_random.sample(steps, keep))
 
-    def step_loss(self, batch: Rollout, advantages: Tensor, k: int, rows) -> tuple[Tensor, Tensor]:
+    def step_loss(self, batch: Rollout, advantages: Tensor, k: int, rows,
+                  rollout_weights: bool = False) -> tuple[Tensor, Tensor]:
         """PPO loss of step k on some trajectories: re-score the stored samples with the current
-        weights (and, when beta > 0, the reference weights for the KL)."""
+        weights (and, when beta > 0, the reference weights for the KL). `rollout_weights`: the
+        weights are still those of the rollout, whose stored unconditional velocities are then
+        reused (`cfg_gradient="cond"`)."""
         cfg, steps = self.config, self.steps
         x, stored = batch.states[k][rows], batch.samples[k][rows]
         cond, null_cond = select_rows(batch.cond, rows), select_rows(batch.null_cond, rows)
         t_row = torch.full((x.shape[0],), steps.t[k], device=x.device)
         if cfg.cfg_gradient == "cond":
-            v = self.guided.with_constant_uncond(x, t_row, cond, null_cond)
+            kept = batch.uncond_velocities
+            v_uncond = kept[k][rows] if rollout_weights and kept is not None else None
+            v = self.guided.with_constant_uncond(x, t_row, cond, null_cond, v_uncond=v_uncond)
         else:
             v = self.guided(x, t_row, cond, null_cond)
         v_ref = None
