@@ -57,19 +57,27 @@ def _digits_cases(group: int, prompts: int, compile_iteration: bool) -> list[Cas
              prompts_sweep=sweep, implementations=loop + (("sfgrpo+compile",) if compile_iteration else ())),
         Case("iteration stepwise T'=5", "iteration", overrides=dict(base, mode="stepwise", lookahead_steps=5),
              prompts_sweep=sweep),
+        # CFG in the update: sfgrpo reuses the rollout's unconditional velocity; Flow-GRPO's code
+        # (flow_grpo-code) runs both halves with autograd
+        Case("iteration stepwise T'=1 cfg=on", "iteration",
+             overrides=dict(base, mode="stepwise", lookahead_steps=1, guidance_scale=2.0), prompts_sweep=sweep,
+             implementations=loop),
     ]
 
 
 def _small_transformer_cases(group: int) -> list[Case]:
     lora = dict(group_size=group, reward="brightness", guidance_scale=4.5, use_lora=True, lora_rank=8,
                 lora_alpha=16, beta=0.04, prompts="a cat,a dog,a red car,a tree")
+    # with CFG, flow_grpo-code also runs Flow-GRPO's update forward (both halves with autograd)
+    loop = ("sfgrpo", "reference", "flow_grpo-code")
     return [
         Case(f"iteration {name} stepwise T'=1", "iteration", backbone=name, overrides=dict(lora, mode="stepwise"),
-             resolution=128, text_tokens=16, prompts_sweep=(1,))
+             resolution=128, text_tokens=16, prompts_sweep=(1,), implementations=loop)
         for name in ("sd35m-small", "flux1-dev-small")
     ] + [
         Case("iteration sd35m-small flow_grpo", "iteration", backbone="sd35m-small",
-             overrides=dict(lora, mode="flow_grpo"), resolution=128, text_tokens=16, prompts_sweep=(1,)),
+             overrides=dict(lora, mode="flow_grpo"), resolution=128, text_tokens=16, prompts_sweep=(1,),
+             implementations=loop),
     ]
 
 
