@@ -519,7 +519,9 @@ def test_yaml_config(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [dict(mode="stepwise"), dict(mode="flow_grpo", beta=0.04),
-                                       dict(mode="stepwise", train_batch_size=3, mixed_precision="bf16"),
+                                       # CFG: the stored, then recomputed, unconditional velocity
+                                       dict(mode="stepwise", train_batch_size=3, mixed_precision="bf16",
+                                            guidance_scale=2.0, gradient_accumulation_steps=2),
                                        dict(mode="stepwise", mixed_precision="fp16")])
 def test_cuda_iterations_run_and_the_update_never_syncs(tmp_path, overrides):
     # every config also evaluates once, with EMA weights (the ODE protocol on CUDA)
