@@ -135,6 +135,13 @@ def test_a_checkout_that_computes_something_else_fails(tmp_path, capsys):
     assert mismatched and all(line.startswith("cps") and "log_prob" in line for line in mismatched)
 
 
+def test_the_package_folder_works_too_and_a_wrong_folder_is_a_clear_error(tmp_path, capsys):
+    _checkout(tmp_path / "repo")
+    assert check_flow_grpo.main([str(tmp_path / "repo" / "flow_grpo"), "--no-pipeline"]) == 0
+    with pytest.raises(SystemExit, match="no flow_grpo package"):
+        check_flow_grpo.main([str(tmp_path), "--no-pipeline"])
+
+
 def test_relative_error_counts_one_sided_non_finite_values():
     import torch
 

@@ -27,6 +27,7 @@ import inspect
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,8 +62,15 @@ def relative_error(ours, theirs) -> float:
 
 
 def import_flow_grpo(checkout: str):
-    """Flow-GRPO's modules from `checkout` (the folder holding the `flow_grpo` package)."""
-    sys.path.insert(0, checkout)
+    """Flow-GRPO's modules from `checkout` (the folder holding the `flow_grpo` package, or that
+    package itself)."""
+    root = Path(checkout).resolve()
+    if root.name == "flow_grpo" and not (root / "flow_grpo").is_dir() and (root / "__init__.py").exists():
+        root = root.parent  # given the package folder itself
+    if not (root / "flow_grpo").is_dir():
+        raise SystemExit(f"no flow_grpo package in {checkout}: pass the folder of a Flow-GRPO checkout "
+                         "(the one holding flow_grpo/)")
+    sys.path.insert(0, str(root))
     for name in [m for m in sys.modules if m == "flow_grpo" or m.startswith("flow_grpo.")]:
         del sys.modules[name]  # a previously imported flow_grpo must not shadow the checkout
     step = importlib.import_module("flow_grpo.diffusers_patch.sd3_sde_with_logprob")
