@@ -135,6 +135,39 @@ def test_update_reuses_the_rollouts_unconditional_velocity_until_the_first_optim
     assert plain.uncond_velocities is None
 
 
+def test_the_shared_initial_state_is_estimated_decoded_and_scored_once_per_group(tmp_path):
+    """A group's rows start from one noise: column 0 (its clean estimate, image and reward) is
+    computed once per group and spread to the rows; the look-ahead from it too."""
+    from dataclasses import replace
+
+    from sfgrpo.trainer.rollout import clean_estimates
+
+    trainer = Trainer(tiny_config(tmp_path, lookahead_steps=2, guidance_scale=2.0))
+    decoded, scored_prompts = [], []
+    decode, reward = trainer.model.decode, trainer.reward
+    trainer.model.decode = lambda latents: decoded.append(latents.shape[0]) or decode(latents)
+    trainer.reward = lambda images, prompts: scored_prompts.append(list(prompts)) or reward(images, prompts)
+    trainer.train_iteration()
+    n, steps = 6, trainer.steps.num_steps
+    assert decoded == [2 + steps * n]  # 2 groups' initial estimates + T columns of 6 rows
+    assert scored_prompts[0][:2] == [trainer.prompts_for(0)[0], trainer.prompts_for(0)[1]]
+    assert trainer.last_images.shape[:2] == (steps + 1, n)
+    first = trainer.last_images[0]
+    assert torch.equal(first[0], first[2]) and torch.equal(first[3], first[5]) and not torch.equal(first[0], first[3])
+
+    batch = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, sde_type="sde", logprob="gaussian",
+                    noise=TrajectoryNoise(0, 0, "cpu"))
+    assert batch.row_groups == [0, 0, 0, 1, 1, 1]
+    calls = []
+    hook = trainer.model.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    once = clean_estimates(trainer.guided, batch, trainer.steps, 2)
+    hook.remove()
+    assert calls == [2 * (2 + (steps - 1) * n)]  # one second sub-step, CFG: 2 rows per state
+    every_row = clean_estimates(trainer.guided, replace(batch, row_groups=None), trainer.steps, 2)
+    torch.testing.assert_close(once, every_row, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
 def test_rollout_batch_size_bounds_the_network_calls_and_keeps_the_rollout(tmp_path, cfg):
     trainer = Trainer(tiny_config(tmp_path, guidance_scale=cfg, rollout_batch_size=4))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -112,10 +112,34 @@ class Rollout:
     velocities: Tensor  # [T, N, ...] float32 guided velocities at the states
     # [T, N, ...] float32 unconditional velocities (rollouts asked to keep them, with CFG), else None
     uncond_velocities: Tensor | None = None
+    row_groups: list[int] | None = None  # host copy of group_ids (None: unknown on the host)
 
     @property
     def final(self) -> Tensor:
         return self.samples[-1]
+
+    def group_starts(self) -> "GroupStarts | None":
+        """The first row of each group among these rows, and for every row the index of its group's
+        first row among them (device tensors, built from the host copy: no device->host sync).
+        All rows of a group start from one shared noise, so anything computed from the initial
+        state alone (its clean estimate, decoded image and reward) is computed once per group.
+        None without a host copy of the groups."""
+        if self.row_groups is None:
+            return None
+        firsts, slot_of, position = [], {}, []
+        for row, group in enumerate(self.row_groups):
+            if group not in slot_of:
+                slot_of[group] = len(firsts)
+                firsts.append(row)
+            position.append(slot_of[group])
+        device = self.group_ids.device
+        return GroupStarts(firsts, torch.tensor(firsts, device=device), torch.tensor(position, device=device))
+
+
+class GroupStarts(NamedTuple):
+    rows: list[int]  # host: the first row of each group, in row order
+    firsts: Tensor  # the same rows on the device
+    position: Tensor  # [N]: for each row, its group's index in `rows`
 
 
 @torch.no_grad()
@@ -180,7 +204,7 @@ def rollout(
     return Rollout(
         prompts=expanded, group_ids=group_ids, cond=cond, null_cond=null_cond, states=torch.stack(states),
         samples=torch.stack(samples), log_probs=torch.stack(log_probs), velocities=torch.stack(velocities),
-        uncond_velocities=torch.stack(uncond_velocities) if uncond_velocities else None,
+        uncond_velocities=torch.stack(uncond_velocities) if uncond_velocities else None, row_groups=row_groups,
     )
 
 
@@ -194,21 +218,29 @@ def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", loo
                     batch_size: int | None = None) -> Tensor:
     """`[T, N, ...]` estimates of the final image from every stored state, T' Euler sub-steps each.
 
-    All N x T states go through the network together (`batch_size` rows per call, when given); the
-    first sub-step reuses the rollout's velocity, so T' = 1 (the Tweedie estimate) costs no network
-    call at all.
+    All states go through the network together (`batch_size` rows per call, when given); the first
+    sub-step reuses the rollout's velocity, so T' = 1 (the Tweedie estimate) costs no network call
+    at all. The initial state is shared by a group's rows: its estimate is computed once per group
+    (a tenth of the look-ahead's network calls at T = 10).
     """
     num_steps, n = batch.states.shape[:2]
-    flat = batch.states.flatten(0, 1)
-    t_rows = torch.tensor(steps.t[:num_steps], device=flat.device).repeat_interleave(n)
-    cond = repeat_rows(batch.cond, num_steps)
-    null_cond = repeat_rows(batch.null_cond, num_steps)
+    starts = batch.group_starts()
+    firsts = starts.firsts if starts is not None else torch.arange(n, device=batch.states.device)
+    flat = torch.cat([batch.states[0][firsts], batch.states[1:].flatten(0, 1)])
+    t_rows = torch.tensor([steps.t[0]] * len(firsts) + [t for t in steps.t[1:num_steps] for _ in range(n)],
+                          device=flat.device)
+    cond = concat_rows(select_rows(batch.cond, firsts), repeat_rows(batch.cond, num_steps - 1))
+    null_cond = concat_rows(select_rows(batch.null_cond, firsts), repeat_rows(batch.null_cond, num_steps - 1))
+    v = torch.cat([batch.velocities[0][firsts], batch.velocities[1:].flatten(0, 1)])
 
     def velocity_fn(state: Tensor, t: Tensor) -> Tensor:
         return guided_in_chunks(guided, state, t, cond, null_cond, batch_size)
 
-    estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps, v=batch.velocities.flatten(0, 1))
-    return estimates.reshape(batch.states.shape)
+    estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps, v=v)
+    first = estimates[:len(firsts)]
+    if starts is not None:
+        first = first[starts.position]
+    return torch.cat([first[None], estimates[len(firsts):].reshape(num_steps - 1, *batch.states.shape[1:])])
 
 
 @dataclass(frozen=True)

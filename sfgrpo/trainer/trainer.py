@@ -121,10 +121,14 @@ class Trainer:
                             rows=rows, batch_size=cfg.rollout_batch_size, keep_uncond=cfg.cfg_gradient == "cond")
         with timer("lookahead"):
             latents = self.scored_latents(batch)  # [K, N, ...]
+        scored, prompts_scored, spread = self.unique_scored_latents(latents, batch)
         with timer("decode"):
-            images = self.model.decode(latents.flatten(0, 1))
+            images = self.model.decode(scored)
         with timer("reward"):
-            rewards = self.reward(images, batch.prompts * latents.shape[0]).reshape(latents.shape[0], -1).T  # [N, K]
+            scores = self.reward(images, prompts_scored)
+        if spread is not None:  # each group's initial estimate back to all of its rows
+            scores, images = scores[spread], images[spread]
+        rewards = scores.reshape(latents.shape[0], -1).T  # [N, K]
         advantages = self.advantages(rewards, batch.group_ids)  # [N, T] (this rank's rows; global statistics)
         with timer("update"):
             update_stats = self.update(batch, advantages)
@@ -140,6 +144,19 @@ class Trainer:
         estimates = clean_estimates(self.guided, batch, self.steps, self.config.lookahead_steps,
                                     self.config.lookahead_batch_size)
         return torch.cat([estimates, batch.final[None].float()])
+
+    def unique_scored_latents(self, latents: Tensor, batch: Rollout):
+        """What to decode and score: `latents` `[K, N, ...]` flattened, with the stepwise column 0
+        (the estimate from the initial noise, one per group) once per group; `spread` maps the
+        results back to the `K x N` rows (None when nothing is shared)."""
+        starts = batch.group_starts() if latents.shape[0] > 1 else None
+        if starts is None:
+            return latents.flatten(0, 1), batch.prompts * latents.shape[0], None
+        rest, n = latents.shape[0] - 1, latents.shape[1]
+        scored = torch.cat([latents[0][starts.firsts], latents[1:].flatten(0, 1)])
+        prompts = [batch.prompts[i] for i in starts.rows] + batch.prompts * rest
+        later = len(starts.rows) + torch.arange(rest * n, device=starts.position.device)
+        return scored, prompts, torch.cat([starts.position, later])
 
     def advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
         """`[N, T]` per-step credit; zero on steps that are not trained."""
