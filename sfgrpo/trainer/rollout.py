@@ -9,6 +9,7 @@ of the final image, batched over all N x T states. All math goes through `sfgrpo
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -126,20 +127,31 @@ class Rollout:
         None without a host copy of the groups."""
         if self.row_groups is None:
             return None
-        firsts, slot_of, position = [], {}, []
-        for row, group in enumerate(self.row_groups):
-            if group not in slot_of:
-                slot_of[group] = len(firsts)
-                firsts.append(row)
-            position.append(slot_of[group])
-        device = self.group_ids.device
-        return GroupStarts(firsts, torch.tensor(firsts, device=device), torch.tensor(position, device=device))
+        return _group_starts(tuple(self.row_groups), self.group_ids.device)
 
 
 class GroupStarts(NamedTuple):
     rows: list[int]  # host: the first row of each group, in row order
     firsts: Tensor  # the same rows on the device
     position: Tensor  # [N]: for each row, its group's index in `rows`
+
+
+# A process rolls out the same rows every iteration: host->device copies of its group tables are
+# made once (a pageable copy synchronises the host with the device), not every iteration.
+@functools.lru_cache(maxsize=16)
+def _device_ids(values: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _group_starts(row_groups: tuple[int, ...], device: torch.device) -> GroupStarts:
+    firsts, slot_of, position = [], {}, []
+    for row, group in enumerate(row_groups):
+        if group not in slot_of:
+            slot_of[group] = len(firsts)
+            firsts.append(row)
+        position.append(slot_of[group])
+    return GroupStarts(firsts, _device_ids(tuple(firsts), device), _device_ids(tuple(position), device))
 
 
 @torch.no_grad()
@@ -177,7 +189,7 @@ def rollout(
     n = len(rows)
     row_groups = [j // group_size for j in rows]
     expanded = [prompts[g] for g in row_groups]
-    group_ids = torch.tensor(row_groups, dtype=torch.int64, device=model.device)
+    group_ids = _device_ids(tuple(row_groups), model.device)
     cond = model.encode_prompts(expanded)
     null_cond = model.null_condition(n)
     if noise is not None:
@@ -227,8 +239,9 @@ def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", loo
     starts = batch.group_starts()
     firsts = starts.firsts if starts is not None else torch.arange(n, device=batch.states.device)
     flat = torch.cat([batch.states[0][firsts], batch.states[1:].flatten(0, 1)])
-    t_rows = torch.tensor([steps.t[0]] * len(firsts) + [t for t in steps.t[1:num_steps] for _ in range(n)],
-                          device=flat.device)
+    # filled on the device: no host->device copy
+    t_rows = torch.cat([torch.full((len(firsts),), steps.t[0], device=flat.device)]
+                       + [torch.full((n,), t, device=flat.device) for t in steps.t[1:num_steps]])
     cond = concat_rows(select_rows(batch.cond, firsts), repeat_rows(batch.cond, num_steps - 1))
     null_cond = concat_rows(select_rows(batch.null_cond, firsts), repeat_rows(batch.null_cond, num_steps - 1))
     v = torch.cat([batch.velocities[0][firsts], batch.velocities[1:].flatten(0, 1)])
