@@ -43,6 +43,14 @@ def test_full_iteration_runs_and_logs(tmp_path, mode, sde_type, lookahead, cfg):
         assert 0 not in trainer.steps.trained and 3 not in trainer.steps.trained
 
 
+@pytest.mark.parametrize("cfg_gradient", ["cond", "both"])
+def test_the_first_update_is_on_policy_in_a_whole_iteration(tmp_path, cfg_gradient):
+    # one optimizer step per iteration: every forward sees the rollout's weights (and, with CFG and
+    # `cond`, the rollout's own unconditional velocity and its conditional forward's shape)
+    trainer = Trainer(tiny_config(tmp_path, guidance_scale=2.0, cfg_gradient=cfg_gradient, mixed_precision="bf16"))
+    assert [trainer.train_iteration()["ratio_mean"] for _ in range(2)] == [1.0, 1.0]
+
+
 def test_on_policy_ratio_is_exactly_one(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, guidance_scale=2.0))
     batch = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, sde_type="sde", logprob="gaussian",
@@ -116,7 +124,8 @@ def test_update_reuses_the_rollouts_unconditional_velocity_until_the_first_optim
     trainer.train_iteration()
     hook.remove()
     assert calls[-4:] == [(True, 6), (True, 6), (False, 6), (True, 6)]
-    assert calls[:-4] == [(False, 12)] * trainer.steps.num_steps  # the rollout: one batched forward per step
+    # the rollout: the two branches as two forwards of the update's shape per step (exact ratio 1)
+    assert calls[:-4] == [(False, 6), (False, 6)] * trainer.steps.num_steps
 
     batch = rollout(trainer.guided, trainer.prompts_for(0), 3, trainer.steps, sde_type="sde", logprob="gaussian",
                     generator=torch.Generator().manual_seed(0), keep_uncond=True)
@@ -175,9 +184,9 @@ def test_rollout_batch_size_bounds_the_network_calls_and_keeps_the_rollout(tmp_p
     hook = trainer.model.transformer.register_forward_hook(
         lambda module, args, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
     record = trainer.train_iteration()
-    rows_per_trajectory = 2 if cfg != 1.0 else 1
-    rollout_calls = calls[:2 * trainer.steps.num_steps]  # 6 trajectories in chunks of 4 and 2, every step
-    assert rollout_calls == [4 * rows_per_trajectory, 2 * rows_per_trajectory] * trainer.steps.num_steps
+    # 6 trajectories in chunks of 4 and 2, every step; with CFG each chunk's branches as two forwards
+    per_step = [4, 4, 2, 2] if cfg != 1.0 else [4, 2]
+    assert calls[:len(per_step) * trainer.steps.num_steps] == per_step * trainer.steps.num_steps
     assert _finite(record)
     hook.remove()
     noise = dict(sde_type="sde", logprob="gaussian", noise=TrajectoryNoise(0, 0, "cpu"))
@@ -551,7 +560,7 @@ def test_yaml_config(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("overrides", [dict(mode="stepwise"), dict(mode="flow_grpo", beta=0.04),
+@pytest.mark.parametrize("overrides", [dict(mode="stepwise", guidance_scale=2.0), dict(mode="flow_grpo", beta=0.04),
                                        # CFG: the stored, then recomputed, unconditional velocity
                                        dict(mode="stepwise", train_batch_size=3, mixed_precision="bf16",
                                             guidance_scale=2.0, gradient_accumulation_steps=2),
@@ -575,6 +584,8 @@ def test_cuda_iterations_run_and_the_update_never_syncs(tmp_path, overrides):
     trainer.update = update_without_syncs
     second = trainer.train_iteration()
     assert _finite(first) and _finite(second)
+    if "train_batch_size" not in overrides:  # every forward before the one optimizer step is on-policy
+        assert first["ratio_mean"] == 1.0 and second["ratio_mean"] == 1.0
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -94,9 +94,11 @@ def flow_grpo_code(trainer):
     for name, function in replacements.items():
         setattr(functional, name, function)
     guided.with_constant_uncond = with_constant_uncond
+    keep_uncond, trainer.keep_rollout_uncond = trainer.keep_rollout_uncond, False  # its rollout: one batched forward
     try:
         yield
     finally:
         for name, function in original.items():
             setattr(functional, name, function)
         del guided.with_constant_uncond
+        trainer.keep_rollout_uncond = keep_uncond

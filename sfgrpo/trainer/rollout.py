@@ -54,14 +54,22 @@ class GuidedModel:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.model.device.type, dtype=self.autocast_dtype)
 
-    def __call__(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition, return_uncond: bool = False):
-        """The guided velocity; with `return_uncond`, `(velocity, unconditional velocity or None)`."""
+    def __call__(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition, return_uncond: bool = False,
+                 split: bool = False):
+        """The guided velocity; with `return_uncond`, `(velocity, unconditional velocity or None)`.
+        The two CFG branches run as one batched forward, or with `split` as two forwards of the
+        batch's own size: the conditional one then has the exact shape (and so the exact bits) of
+        `with_constant_uncond`'s, which keeps an update's on-policy ratio exactly 1."""
         with self.autocast():
             if self.guidance_scale == 1.0:
                 v = self.model.velocity(x, t, cond).float()
                 return (v, None) if return_uncond else v
-            both = self.model.velocity(torch.cat([x, x]), torch.cat([t, t]), concat_rows(null_cond, cond)).float()
-        v_uncond, v_cond = both.chunk(2)
+            if split:
+                v_uncond = self.model.velocity(x, t, null_cond).float()
+                v_cond = self.model.velocity(x, t, cond).float()
+            else:
+                both = self.model.velocity(torch.cat([x, x]), torch.cat([t, t]), concat_rows(null_cond, cond)).float()
+                v_uncond, v_cond = both.chunk(2)
         v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
         return (v, v_uncond) if return_uncond else v
 
@@ -84,15 +92,16 @@ class GuidedModel:
 
 
 def guided_in_chunks(guided: GuidedModel, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition,
-                     batch_size: int | None, return_uncond: bool = False):
+                     batch_size: int | None, return_uncond: bool = False, split: bool = False):
     """`guided(x, t, cond, null_cond)` with at most `batch_size` rows per network call (None: one
     call). With `return_uncond`, `(velocity, unconditional velocity or None)`."""
     if batch_size is None or batch_size >= x.shape[0]:
-        return guided(x, t, cond, null_cond, return_uncond)
+        return guided(x, t, cond, null_cond, return_uncond, split)
     parts = []
     for start in range(0, x.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        parts.append(guided(x[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows), return_uncond))
+        parts.append(guided(x[rows], t[rows], select_rows(cond, rows), select_rows(null_cond, rows), return_uncond,
+                            split))
     if not return_uncond:
         return torch.cat(parts)
     v, v_uncond = zip(*parts)
@@ -178,7 +187,8 @@ def rollout(
     this process rolls out: a rank's share of a data-parallel batch (default: all of them).
     `batch_size`: trajectories per network call (None: all at once); the SDE step stays one call.
     `keep_uncond`: also store the unconditional velocities (CFG), for an update that treats them as
-    constants (`GuidedModel.with_constant_uncond`).
+    constants (`GuidedModel.with_constant_uncond`); the two branches then run as separate forwards,
+    so that the update's conditional forward reproduces the rollout's bit for bit.
     """
     model = guided.model
     if (generator is None) == (noise is None):
@@ -200,7 +210,8 @@ def rollout(
     states, samples, log_probs, velocities, uncond_velocities = [], [], [], [], []
     for k in range(steps.num_steps):
         t_row = torch.full((n,), steps.t[k], device=model.device)
-        v, v_uncond = guided_in_chunks(guided, x, t_row, cond, null_cond, batch_size, return_uncond=True)
+        v, v_uncond = guided_in_chunks(guided, x, t_row, cond, null_cond, batch_size, return_uncond=True,
+                                       split=keep_uncond)
         if keep_uncond and v_uncond is not None:
             uncond_velocities.append(v_uncond)
         out = functional.sde_step(

@@ -86,6 +86,8 @@ class Trainer:
         self.ema = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.ema_decay > 0 else None
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         self.guided = GuidedModel(self.model, cfg.guidance_scale, autocast)
+        # the update takes the unconditional velocity as a constant: keep the rollout's (CFG only)
+        self.keep_rollout_uncond = cfg.cfg_gradient == "cond" and cfg.guidance_scale != 1.0
         # fp16: dynamic loss scaling; sync-free with the fused AdamW (it takes the scaler's inf flag
         # on the device). A disabled scaler passes losses and steps through unchanged.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
@@ -118,7 +120,7 @@ class Trainer:
         with timer("rollout"):
             batch = rollout(self.guided, prompts, cfg.group_size, self.steps, sde_type=cfg.sde_type,
                             logprob=cfg.logprob, noise=distributed.TrajectoryNoise(cfg.seed, self.iteration, self.device),
-                            rows=rows, batch_size=cfg.rollout_batch_size, keep_uncond=cfg.cfg_gradient == "cond")
+                            rows=rows, batch_size=cfg.rollout_batch_size, keep_uncond=self.keep_rollout_uncond)
         with timer("lookahead"):
             latents = self.scored_latents(batch)  # [K, N, ...]
         scored, prompts_scored, spread = self.unique_scored_latents(latents, batch)
