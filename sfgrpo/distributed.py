@@ -138,6 +138,10 @@ class TrajectoryNoise:
         per_group = {g: self._draw(shape, "initial", g) for g in dict.fromkeys(group_ids)}
         return torch.stack([per_group[g] for g in group_ids])
 
+    def initial_per_trajectory(self, rows: Sequence[int], shape: Sequence[int]) -> Tensor:
+        """`[len(rows), *shape]`: a starting noise of its own for each global trajectory."""
+        return torch.stack([self._draw(shape, "initial-trajectory", row) for row in rows])
+
     def step(self, rows: Sequence[int], step: int, shape: Sequence[int]) -> Tensor:
         """`[len(rows), *shape]`: the SDE noise (eps) of each global trajectory at sampling step `step`."""
         return torch.stack([self._draw(shape, "step", row, step) for row in rows])

@@ -10,6 +10,7 @@ from sfgrpo import functional
 from sfgrpo.distributed import TrajectoryNoise
 from sfgrpo.rewards import RewardError
 from sfgrpo.trainer import Trainer, TrainerConfig
+from sfgrpo.trainer import trainer as trainer_module
 from sfgrpo.trainer.rollout import rollout, select_rows
 
 torch.set_num_threads(1)
@@ -207,6 +208,38 @@ def test_groups_share_initial_noise_and_differ_afterwards(tmp_path):
     assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2]) and not torch.equal(start[0], start[3])
     assert not torch.equal(batch.final[0], batch.final[1])
     assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("mode, initial_noise, shared", [
+    ("stepwise", "auto", True), ("flow_grpo", "auto", False),  # the paper / Flow-GRPO's code
+    ("flow_grpo", "shared", True), ("stepwise", "independent", False),
+])
+def test_initial_noise_is_shared_per_group_or_drawn_per_trajectory(tmp_path, mode, initial_noise, shared):
+    trainer = Trainer(tiny_config(tmp_path, mode=mode, initial_noise=initial_noise))
+    assert trainer.config.shares_initial_noise is shared
+    starts = []
+    rollout_fn = trainer_module.rollout
+
+    def recording_rollout(*args, **kwargs):
+        batch = rollout_fn(*args, **kwargs)
+        starts.append(batch.states[0])
+        return batch
+
+    decoded = []
+    decode = trainer.model.decode
+    trainer.model.decode = lambda latents: decoded.append(latents.shape[0]) or decode(latents)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module, "rollout", recording_rollout)
+        trainer.train_iteration()
+    start = starts[0]
+    assert torch.equal(start[0], start[1]) is shared and torch.equal(start[3], start[5]) is shared
+    assert not torch.equal(start[0], start[3])  # groups always differ
+    columns = trainer.steps.num_steps + 1 if mode == "stepwise" else 1
+    expected = (2 + (columns - 1) * 6) if (shared and mode == "stepwise") else columns * 6
+    assert decoded == [expected]  # the initial estimate is scored once per group only when shared
+    # independent noise of a trajectory is a function of (seed, iteration, trajectory): rank-independent
+    noise = TrajectoryNoise(0, 0, "cpu")
+    torch.testing.assert_close(noise.initial_per_trajectory([4], (1, 2)), noise.initial_per_trajectory([3, 4], (1, 2))[1:])
 
 
 def test_lookahead_one_step_is_tweedie_without_network_calls(tmp_path):

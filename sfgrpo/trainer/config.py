@@ -36,7 +36,11 @@ class TrainerConfig:
         "for tests) or a directory written by DigitsBackbone.save", default="digits")
     prompts: str = _help("comma-separated prompt list; for the digits backbone the classes", default="0,1,2,3,4,5,6,7,8,9")
     prompts_per_iteration: int = _help("groups per iteration (distinct prompts, each with its own shared noise)", default=4)
-    group_size: int = _help("trajectories per group (same prompt, same initial noise)", default=8)
+    group_size: int = _help("trajectories per group (same prompt)", default=8)
+    initial_noise: str = _help(
+        "shared (one initial noise per group, the paper's stepwise setting) | independent (one per trajectory, "
+        "as Flow-GRPO's code draws it) | auto (shared in the stepwise modes, independent in flow_grpo)",
+        default="auto")
     reward: str = _help("reward spec: a name, a product 'digit*darkness', or 'module:function'", default="digit*darkness")
     # ------------------------------------------------------------------ method
     mode: str = _help("stepwise (gains, joint normalisation) | stepwise_per_step (ablation) | flow_grpo", default="stepwise")
@@ -166,6 +170,10 @@ class TrainerConfig:
         return self.mode != "flow_grpo"
 
     @property
+    def shares_initial_noise(self) -> bool:
+        return self.initial_noise == "shared" or (self.initial_noise == "auto" and self.is_stepwise)
+
+    @property
     def prompt_list(self) -> list[str]:  # `Prompt`s (str with .metadata) from a prompt file
         if self.prompt_file:
             from sfgrpo.models.prompts import read_prompt_file
@@ -202,6 +210,8 @@ class TrainerConfig:
         need(self.sde_type in SDE_TYPES, f"sde_type must be one of {SDE_TYPES}, got {self.sde_type!r}")
         need(self.logprob in ("gaussian", "flow_grpo"), f"logprob must be gaussian or flow_grpo, got {self.logprob!r}")
         need(self.cfg_gradient in ("cond", "both"), f"cfg_gradient must be cond or both, got {self.cfg_gradient!r}")
+        need(self.initial_noise in ("auto", "shared", "independent"),
+             f"initial_noise must be auto, shared or independent, got {self.initial_noise!r}")
         need(self.kl in ("exact", "flow_grpo"), f"kl must be exact or flow_grpo, got {self.kl!r}")
         need(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         need(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")

@@ -123,6 +123,7 @@ class Rollout:
     # [T, N, ...] float32 unconditional velocities (rollouts asked to keep them, with CFG), else None
     uncond_velocities: Tensor | None = None
     row_groups: list[int] | None = None  # host copy of group_ids (None: unknown on the host)
+    shared_initial: bool = True  # all rows of a group start from one noise
 
     @property
     def final(self) -> Tensor:
@@ -134,7 +135,7 @@ class Rollout:
         All rows of a group start from one shared noise, so anything computed from the initial
         state alone (its clean estimate, decoded image and reward) is computed once per group.
         None without a host copy of the groups."""
-        if self.row_groups is None:
+        if self.row_groups is None or not self.shared_initial:
             return None
         return _group_starts(tuple(self.row_groups), self.group_ids.device)
 
@@ -177,9 +178,11 @@ def rollout(
     rows: Sequence[int] | None = None,
     batch_size: int | None = None,
     keep_uncond: bool = False,
+    shared_initial_noise: bool = True,
 ) -> Rollout:
     """Samples `group_size` trajectories per prompt, all trajectories of a group starting from the
-    same initial noise, so every difference within a group comes from the SDE's noise.
+    same initial noise, so every difference within a group comes from the SDE's noise (or, with
+    `shared_initial_noise=False`, each from a noise of its own, as Flow-GRPO's code samples).
 
     Noise comes from `generator` (a stream: what is drawn depends on what was drawn before) or from
     `noise` (stateless, a function of the global trajectory index: what the trainer uses). With
@@ -202,11 +205,15 @@ def rollout(
     group_ids = _device_ids(tuple(row_groups), model.device)
     cond = model.encode_prompts(expanded)
     null_cond = model.null_condition(n)
-    if noise is not None:
+    if noise is not None and shared_initial_noise:
         x = noise.initial(row_groups, model.latent_shape).to(model.device)
-    else:
+    elif noise is not None:
+        x = noise.initial_per_trajectory(rows, model.latent_shape).to(model.device)
+    elif shared_initial_noise:
         shared = functional_noise((len(prompts), *model.latent_shape), generator, model.device)
         x = shared.repeat_interleave(group_size, dim=0)
+    else:
+        x = functional_noise((n, *model.latent_shape), generator, model.device)
     states, samples, log_probs, velocities, uncond_velocities = [], [], [], [], []
     for k in range(steps.num_steps):
         t_row = torch.full((n,), steps.t[k], device=model.device)
@@ -228,6 +235,7 @@ def rollout(
         prompts=expanded, group_ids=group_ids, cond=cond, null_cond=null_cond, states=torch.stack(states),
         samples=torch.stack(samples), log_probs=torch.stack(log_probs), velocities=torch.stack(velocities),
         uncond_velocities=torch.stack(uncond_velocities) if uncond_velocities else None, row_groups=row_groups,
+        shared_initial=shared_initial_noise,
     )
 
 

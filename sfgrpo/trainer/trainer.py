@@ -120,7 +120,8 @@ class Trainer:
         with timer("rollout"):
             batch = rollout(self.guided, prompts, cfg.group_size, self.steps, sde_type=cfg.sde_type,
                             logprob=cfg.logprob, noise=distributed.TrajectoryNoise(cfg.seed, self.iteration, self.device),
-                            rows=rows, batch_size=cfg.rollout_batch_size, keep_uncond=self.keep_rollout_uncond)
+                            rows=rows, batch_size=cfg.rollout_batch_size, keep_uncond=self.keep_rollout_uncond,
+                            shared_initial_noise=cfg.shares_initial_noise)
         with timer("lookahead"):
             latents = self.scored_latents(batch)  # [K, N, ...]
         scored, prompts_scored, spread = self.unique_scored_latents(latents, batch)
