@@ -1,7 +1,9 @@
 """`sfgrpo demo`: Stepwise-Flow-GRPO vs Flow-GRPO on the built-in digits model, offline, on CPU.
 
 For every reward and seed it trains both modes from the shipped backbone with identical settings
-(same prompts, same initial noise streams, same optimiser), then writes to --output-dir:
+(same prompts, noise streams and optimiser; the initial noise is one per group for stepwise, as
+the paper specifies, and one per trajectory for Flow-GRPO, as its code draws it), then writes to
+--output-dir:
 
   summary.md / summary.json   iterations to a reward threshold, reward at fixed iterations, the
                               evaluation reward (ODE samples from fixed noise) before and after
