@@ -89,8 +89,7 @@ class TrainerConfig:
         "trajectories (floor, at least one; like Flow-GRPO's timestep_fraction, which draws a subset per "
         "trajectory; the update's cost shrinks in proportion; 1: every step)", default=1.0)
     train_batch_size: int | None = _help(
-        "trajectories per update forward (None: the rollout's own batches, the whole batch or rollout_batch_size "
-        "in the rollout's order, which keeps the on-policy ratio exactly 1)", default=None)
+        "trajectories per update forward (None: the whole batch, which keeps the on-policy ratio exactly 1)", default=None)
     gradient_accumulation_steps: int | None = _help(
         "forwards (one trained step x one trajectory chunk) per optimizer step (None: all of an epoch)", default=None)
     max_grad_norm: float | None = _help("gradient-norm clip (None: off)", default=1.0)

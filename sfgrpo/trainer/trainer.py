@@ -192,11 +192,7 @@ class Trainer:
         for _ in range(cfg.num_inner_epochs):
             # under data parallelism train_batch_size is global: each rank takes its share of a minibatch
             chunk = None if cfg.train_batch_size is None else cfg.train_batch_size // self.dist.world_size
-            if chunk is None and cfg.rollout_batch_size is not None and cfg.rollout_batch_size < n:
-                # the rollout's own chunks, in its order: the same forwards' shapes, exact log-probs
-                size = cfg.rollout_batch_size
-                row_chunks = [slice(start, start + size) for start in range(0, n, size)]
-            elif chunk is None or chunk >= n:
+            if chunk is None or chunk >= n:
                 row_chunks = [slice(None)]  # the rollout's own batch: exact on-policy log-probs
             else:
                 permutation = torch.randperm(n, generator=self.update_generator)  # CPU generator: same on every device
