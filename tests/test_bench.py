@@ -137,6 +137,12 @@ def test_flow_grpo_code_runs_the_trainer_on_flow_grpos_formulation(tmp_path, mon
     assert functional.sde_step is original and "with_constant_uncond" not in vars(trainer.guided)  # restored
     assert forwards.count((True, 12)) == 3 and (False, 6) not in forwards  # 3 trained steps, 6 rows each
     assert forwards.count((False, 12)) == 4 and trainer.keep_rollout_uncond  # batched rollout; restored
+    with flow_grpo_code(trainer):  # nested blocks restore what the enclosing one set
+        outer = trainer.guided.with_constant_uncond
+        with flow_grpo_code(trainer):
+            pass
+        assert trainer.guided.with_constant_uncond is outer and not trainer.keep_rollout_uncond
+    assert "with_constant_uncond" not in vars(trainer.guided) and trainer.keep_rollout_uncond
     # rollout: 4 steps; update: 3 trained steps x (policy + reference for the KL)
     assert calls == {"step": 4 + 3 * 2, "advantages": 1}
     assert record["kl"] >= 0 and all(v == v for v in record.values() if isinstance(v, float))

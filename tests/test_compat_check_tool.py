@@ -147,4 +147,6 @@ def test_relative_error_counts_one_sided_non_finite_values():
 
     assert check_flow_grpo.relative_error(torch.tensor([1.0, 0.0]), torch.tensor([1.0, float("nan")])) == float("inf")
     assert check_flow_grpo.relative_error(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")])) == 0.0
+    assert check_flow_grpo.relative_error(torch.tensor([float("nan")]), torch.tensor([float("-inf")])) == float("inf")
+    assert check_flow_grpo.relative_error(torch.tensor([float("inf")]), torch.tensor([float("-inf")])) == float("inf")
     assert not check_flow_grpo.Comparison("x", float("nan"), 1.0).ok

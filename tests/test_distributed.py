@@ -2,6 +2,7 @@
 global batch; noise is stateless; only rank 0 writes; resume after a stop is exact."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -53,14 +54,14 @@ def _rank_main(rank, world, port, values, out_dir, separate_rank_dirs):
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, separate_rank_dirs=False, **overrides) -> list[dict]:
+def run_ranks(tmp_path, separate_rank_dirs=False, world=WORLD, **overrides) -> list[dict]:
     values = {**BASE, "output_dir": str(tmp_path / "run"), **overrides}
     tmp_path.mkdir(parents=True, exist_ok=True)
     # fork: the children start with torch and sfgrpo already imported (spawn would re-import them)
     torch.multiprocessing.start_processes(
-        _rank_main, args=(WORLD, _free_port(), values, str(tmp_path), separate_rank_dirs), nprocs=WORLD,
+        _rank_main, args=(world, _free_port(), values, str(tmp_path), separate_rank_dirs), nprocs=world,
         start_method="fork")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def run_one_process(tmp_path, **overrides):
@@ -334,3 +335,12 @@ def test_cfg_update_runs_its_unconditional_forward_without_autograd_on_wrapped_m
         difference += (ranks[0]["weights"][name] - value.detach()).square().sum().item()
     assert moved > 0 and difference < 1e-6 * moved  # norms: under 0.1 % (measured 7e-5)
     assert_records_close(ranks[0]["history"], history, rtol=1e-3, atol=1e-5)
+
+
+def test_fsdp2_lookahead_makes_the_same_calls_on_every_process(tmp_path):
+    """3 groups of 4 over 4 processes: shares of 3 rows hold 1, 2, 2 and 1 groups, so the once-per-
+    group initial estimates would give the processes different numbers of chunked look-ahead
+    forwards (FSDP all-gathers: a collective mismatch); they are padded to the same number."""
+    ranks = run_ranks(tmp_path, world=4, iterations=1, distributed="fsdp", prompts_per_iteration=3, group_size=4,
+                      lookahead_steps=2, lookahead_batch_size=1)
+    assert len(ranks) == 4 and all(math.isfinite(r["history"][-1]["reward_mean"]) for r in ranks)

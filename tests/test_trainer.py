@@ -176,6 +176,22 @@ def test_the_shared_initial_state_is_estimated_decoded_and_scored_once_per_group
     assert calls == [2 * (2 + (steps - 1) * n)]  # one second sub-step, CFG: 2 rows per state
     every_row = clean_estimates(trainer.guided, replace(batch, row_groups=None), trainer.steps, 2)
     torch.testing.assert_close(once, every_row, rtol=1e-5, atol=1e-6)
+    # padded to 4 initial rows (what a process with more groups computes): same estimates
+    calls.clear()
+    hook = trainer.model.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    padded = clean_estimates(trainer.guided, batch, trainer.steps, 2, initial_rows=4)
+    hook.remove()
+    assert calls == [2 * (4 + (steps - 1) * n)]
+    torch.testing.assert_close(padded, once, rtol=1e-5, atol=1e-6)
+
+
+def test_processes_agree_on_the_largest_number_of_groups_in_a_share():
+    from sfgrpo.trainer.rollout import most_groups_per_process
+
+    # 3 groups of 4 over 4 processes: shares of 3 rows hold 1, 2, 2 and 1 groups
+    assert most_groups_per_process(12, 4, 4) == 2
+    assert most_groups_per_process(12, 4, 1) == 3 and most_groups_per_process(12, 3, 2) == 2
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.0])

@@ -91,14 +91,19 @@ def flow_grpo_code(trainer):
         return v_uncond + guided.guidance_scale * (v_cond - v_uncond)
 
     replacements = {"sde_step": sde_step, "gain_advantages": gain_advantages, "group_advantages": group_advantages}
-    for name, function in replacements.items():
-        setattr(functional, name, function)
-    guided.with_constant_uncond = with_constant_uncond
-    keep_uncond, trainer.keep_rollout_uncond = trainer.keep_rollout_uncond, False  # its rollout: one batched forward
+    patched_update = vars(guided).get("with_constant_uncond")  # an enclosing block's, if any
+    keep_uncond = trainer.keep_rollout_uncond
     try:
+        for name, function in replacements.items():
+            setattr(functional, name, function)
+        guided.with_constant_uncond = with_constant_uncond
+        trainer.keep_rollout_uncond = False  # its rollout: one batched forward
         yield
     finally:
         for name, function in original.items():
             setattr(functional, name, function)
-        del guided.with_constant_uncond
+        if patched_update is None:
+            vars(guided).pop("with_constant_uncond", None)
+        else:
+            guided.with_constant_uncond = patched_update
         trainer.keep_rollout_uncond = keep_uncond

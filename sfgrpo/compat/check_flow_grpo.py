@@ -56,6 +56,8 @@ def relative_error(ours, theirs) -> float:
     finite = torch.isfinite(b)
     if not torch.equal(torch.isfinite(a), finite):
         return float("inf")
+    if not torch.equal(a[~finite].nan_to_num(0.5), b[~finite].nan_to_num(0.5)):
+        return float("inf")  # the same non-finite values: NaN where NaN, +inf where +inf, -inf where -inf
     if not finite.any():
         return 0.0
     return float(((a - b).abs() / (1 + b.abs()))[finite].max())

@@ -51,7 +51,8 @@ class TrainerConfig:
     lookahead_steps: int = _help("T': Euler sub-steps of the clean estimate (1 = Tweedie, no extra network call)", default=1)
     rollout_batch_size: int | None = _help(
         "trajectories per rollout network call, per process (None: all of the process's trajectories at once; "
-        "set it for big backbones and batches; with CFG a call holds twice as many rows)", default=None)
+        "set it for big backbones and batches; the on-policy ratio is then 1 up to batch-shape rounding, like "
+        "with train_batch_size)", default=None)
     lookahead_batch_size: int | None = _help(
         "states per network call in the look-ahead (None: all N x T at once; set it for big backbones)", default=None)
     # ------------------------------------------------------------------ sampling

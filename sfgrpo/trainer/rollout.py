@@ -244,19 +244,32 @@ def functional_noise(shape: tuple, generator: torch.Generator, device) -> Tensor
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
 
 
+def most_groups_per_process(batch_size: int, group_size: int, world_size: int) -> int:
+    """The largest number of distinct groups any process's share of the batch holds (host
+    arithmetic: every process computes the same number without communicating)."""
+    from sfgrpo.distributed import shard_rows
+
+    return max(len({row // group_size for row in shard_rows(batch_size, rank, world_size)})
+               for rank in range(world_size))
+
+
 @torch.no_grad()
 def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", lookahead_steps: int,
-                    batch_size: int | None = None) -> Tensor:
+                    batch_size: int | None = None, initial_rows: int | None = None) -> Tensor:
     """`[T, N, ...]` estimates of the final image from every stored state, T' Euler sub-steps each.
 
     All states go through the network together (`batch_size` rows per call, when given); the first
     sub-step reuses the rollout's velocity, so T' = 1 (the Tweedie estimate) costs no network call
     at all. The initial state is shared by a group's rows: its estimate is computed once per group
-    (a tenth of the look-ahead's network calls at T = 10).
+    (a tenth of the look-ahead's network calls at T = 10). `initial_rows` pads that part to a fixed
+    number of rows (repeats, discarded): processes of a sharded model then make the same number of
+    network calls (collectives) even when their shares hold different numbers of groups.
     """
     num_steps, n = batch.states.shape[:2]
     starts = batch.group_starts()
     firsts = starts.firsts if starts is not None else torch.arange(n, device=batch.states.device)
+    if starts is not None and initial_rows is not None and initial_rows > len(firsts):
+        firsts = torch.cat([firsts, firsts[-1:].expand(initial_rows - len(firsts))])
     flat = torch.cat([batch.states[0][firsts], batch.states[1:].flatten(0, 1)])
     # filled on the device: no host->device copy
     t_rows = torch.cat([torch.full((len(firsts),), steps.t[0], device=flat.device)]
@@ -271,7 +284,7 @@ def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", loo
     estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps, v=v)
     first = estimates[:len(firsts)]
     if starts is not None:
-        first = first[starts.position]
+        first = first[starts.position]  # positions index the real first rows, before any padding
     return torch.cat([first[None], estimates[len(firsts):].reshape(num_steps - 1, *batch.states.shape[1:])])
 
 

@@ -25,7 +25,8 @@ from sfgrpo.models.pipelines import sampling_sigmas
 from sfgrpo.trainer import checkpoint as ckpt
 from sfgrpo.trainer.config import TrainerConfig
 from sfgrpo.trainer.reporting import Reporters, parse_report_to
-from sfgrpo.trainer.rollout import GuidedModel, Rollout, StepTable, clean_estimates, rollout, select_rows
+from sfgrpo.trainer.rollout import (GuidedModel, Rollout, StepTable, clean_estimates, most_groups_per_process, rollout,
+                                    select_rows)
 
 TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
 
@@ -144,8 +145,11 @@ class Trainer:
         columns). Flow-GRPO: the final latents only."""
         if not self.config.is_stepwise:
             return batch.final[None]
-        estimates = clean_estimates(self.guided, batch, self.steps, self.config.lookahead_steps,
-                                    self.config.lookahead_batch_size)
+        cfg, world = self.config, self.dist.world_size
+        # every process the same number of look-ahead rows, hence of (sharded) network calls
+        initial_rows = most_groups_per_process(cfg.batch_size, cfg.group_size, world) if world > 1 else None
+        estimates = clean_estimates(self.guided, batch, self.steps, cfg.lookahead_steps, cfg.lookahead_batch_size,
+                                    initial_rows=initial_rows)
         return torch.cat([estimates, batch.final[None].float()])
 
     def unique_scored_latents(self, latents: Tensor, batch: Rollout):
