@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -404,6 +405,37 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert resumed.iteration == 5
 
 
+def test_the_last_checkpoint_is_written_once_and_never_torn(tmp_path, monkeypatch):
+    from sfgrpo.trainer import checkpoint as ckpt
+
+    published = []
+    publish = ckpt._publish
+    monkeypatch.setattr(ckpt, "_publish", lambda staging, root, name, state: published.append(name)
+                        or publish(staging, root, name, state))
+    Trainer(tiny_config(tmp_path, iterations=2, checkpoint_every=2)).train()
+    assert published == ["iter-000002"]  # not a second time after the loop
+    Trainer(tiny_config(tmp_path, iterations=2, resume_from="latest")).train()  # nothing left to do
+    assert published == ["iter-000002"]
+    # a save replacing a checkpoint of the same iteration moves the old one aside first; stopped
+    # between the two renames, `latest` still resolves to a complete checkpoint
+    root = tmp_path / "run" / "checkpoints"
+    (root / "iter-000002").rename(root / ".iter-000002.replaced")
+    assert ckpt.resolve_checkpoint("latest", root) == root / ".iter-000002.replaced"
+    assert Trainer(tiny_config(tmp_path, iterations=3, resume_from="latest")).iteration == 2
+    shutil.rmtree(root / ".iter-000002.replaced")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_checkpoint("latest", root)
+
+
+def test_pruning_keeps_this_runs_checkpoints_not_an_older_runs_higher_ones(tmp_path):
+    old = tmp_path / "run" / "checkpoints"
+    Trainer(tiny_config(tmp_path, iterations=6, checkpoint_every=2)).train()  # iter 2, 4, 6
+    (old / "iter-000002").rename(old / "old-iter-2")  # keep only the old run's higher ones
+    Trainer(tiny_config(tmp_path, iterations=3, checkpoint_every=1, keep_checkpoints=2)).train()  # a fresh run
+    names = sorted(p.name for p in old.iterdir())
+    assert {"iter-000002", "iter-000003"} <= set(names) and (old / "latest").read_text().strip() == "iter-000003"
+
+
 def test_learning_rate_warms_up_then_follows_the_cosine(tmp_path):
     config = tiny_config(tmp_path, iterations=6, learning_rate=1e-3, lr_min=1e-4, lr_warmup_iterations=2,
                          lr_schedule="cosine")
@@ -477,6 +509,11 @@ def test_prompts_are_a_deterministic_function_of_seed_and_iteration(tmp_path):
     ({"noise_level": 0.0}, "noise_level must be > 0"),
     ({"train_step_fraction": 0.0}, "train_step_fraction must be in"),
     ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
+    ({"eval_every": 1, "eval_prompts": " , "}, "eval prompts are empty"),
+    ({"seed": 2**45}, "seed must be in"),
+    ({"cfg_gradient": "uncond"}, "cfg_gradient must be"),
+    ({"initial_noise": "per_group"}, "initial_noise must be"),
+    ({"rollout_batch_size": 0}, "rollout_batch_size must be"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

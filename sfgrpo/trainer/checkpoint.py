@@ -94,16 +94,25 @@ def _publish(staging: Path, root: Path, name: str, state: dict) -> Path:
     """Adds state.pt to a complete staging directory, renames it to `root/name` (replacing a
     checkpoint of the same iteration, e.g. from a resumed run) and points `latest` at it."""
     final = root / name
+    replaced = _replaced(final)
     try:
         _atomic_write(staging / "state.pt", lambda tmp: torch.save(state, tmp))
         if final.exists():
-            shutil.rmtree(final)
+            # a directory cannot be swapped atomically: the complete old one is moved aside (not
+            # deleted) first, and `resolve_checkpoint` falls back to it should we stop in between
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(name + "\n"))
+    shutil.rmtree(replaced, ignore_errors=True)
     return final
+
+
+def _replaced(final: Path) -> Path:
+    return final.with_name(f".{final.name}.replaced")
 
 
 def save_sharded_checkpoint(root: Path, iteration: int, *, tensors: dict, state: dict | None, is_main: bool,
@@ -134,8 +143,10 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
         return []
     latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter-"))
+    if latest is not None:  # the newest are those up to `latest`: a restarted run's own, not an older run's
+        complete = [p for p in complete if p.name <= latest]
     doomed = [p for p in complete[:-keep] if p.name != latest]
-    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".iter-")]
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".iter-") and p != _replaced(root / str(latest))]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -175,7 +186,12 @@ def resolve_checkpoint(spec: str, root: Path) -> Path:
         pointer = root / LATEST
         if not pointer.exists():
             raise FileNotFoundError(f"resume_from='latest' but {pointer} does not exist")
-        return root / pointer.read_text().strip()
+        named = root / pointer.read_text().strip()
+        if not (named / "state.pt").exists() and (_replaced(named) / "state.pt").exists():
+            return _replaced(named)  # stopped while replacing it: the complete previous version
+        if not (named / "state.pt").exists():
+            raise FileNotFoundError(f"{pointer} names {named}, which is not a complete checkpoint")
+        return named
     path = Path(spec)
     if not (path / "state.pt").exists():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no state.pt)")

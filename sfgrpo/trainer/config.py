@@ -224,6 +224,7 @@ class TrainerConfig:
         need(self.group_size >= 2, f"group_size must be >= 2 (advantages compare trajectories of a group), got {self.group_size}")
         need(self.prompts_per_iteration >= 1, f"prompts_per_iteration must be >= 1, got {self.prompts_per_iteration}")
         need(len(self.prompt_list) >= 1, "prompts is empty")
+        need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         need(self.noise_level > 0, f"noise_level must be > 0 (a rollout without noise cannot be trained), got {self.noise_level}")
         need(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
@@ -256,6 +257,10 @@ class TrainerConfig:
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         need(self.eval_prompt_file is None or Path(self.eval_prompt_file).is_file(),
              f"eval_prompt_file {self.eval_prompt_file!r} not found")
+        if self.eval_every or self.eval_prompts is not None or self.eval_prompt_file is not None:
+            from sfgrpo.trainer.evaluation import eval_prompts
+
+            need(len(eval_prompts(self)) >= 1, "the eval prompts are empty (eval_prompts / eval_prompt_file)")
         need(self.eval_num_steps >= 1 and self.eval_samples_per_prompt >= 1 and self.eval_batch_size >= 1,
              "eval_num_steps, eval_samples_per_prompt and eval_batch_size must be >= 1")
         need(self.eval_guidance_scale is None or self.eval_guidance_scale >= 0,

@@ -302,6 +302,7 @@ class Trainer:
         cfg, main = self.config, self.dist.is_main
         if cfg.eval_every and self.iteration == 0 and not self.eval_history:
             self.evaluate()  # the starting point of the eval curve
+        first_iteration = self.iteration
         bar = _progress(range(self.iteration, cfg.iterations), cfg.progress and main, initial=self.iteration,
                         total=cfg.iterations)
         for _ in bar:
@@ -318,9 +319,11 @@ class Trainer:
                 self.save_checkpoint()
             if cfg.image_every and self.iteration % cfg.image_every == 0:
                 self._write_grids()
-        if cfg.iterations > 0 and self.history and self.history[-1]["iteration"] == self.iteration:
-            self.save_checkpoint()
-            self._write_grids()
+        if self.iteration > first_iteration:  # the last iteration's checkpoint and grids, unless just written
+            if not (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0):
+                self.save_checkpoint()
+            if not (cfg.image_every and self.iteration % cfg.image_every == 0):
+                self._write_grids()
         if cfg.plots and main:
             artifacts.write_plots(self.history, self.output_dir, self.eval_history)
         distributed.barrier()
