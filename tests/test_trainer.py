@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -624,6 +625,20 @@ def test_resume_with_changed_settings_warns(tmp_path):
     Trainer(tiny_config(tmp_path, iterations=1)).train()
     with pytest.warns(UserWarning, match="changed settings"):
         Trainer(tiny_config(tmp_path, iterations=2, learning_rate=1.0, resume_from="latest"))
+
+
+def test_resume_of_an_older_checkpoint_names_the_settings_it_lacks(tmp_path):
+    Trainer(tiny_config(tmp_path, iterations=1)).train()
+    state_file = tmp_path / "run" / "checkpoints" / "iter-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["config"]["initial_noise"]  # as written before the setting existed
+    torch.save(state, state_file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(tiny_config(tmp_path, iterations=2, resume_from="latest"))
+    messages = [str(w.message) for w in caught]
+    assert any("older sfgrpo" in m and "initial_noise" in m for m in messages)
+    assert not any("changed settings" in m for m in messages)
 
 
 def test_chunked_lookahead_matches_the_single_batch(tmp_path):

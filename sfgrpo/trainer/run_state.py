@@ -78,11 +78,16 @@ def load(trainer, spec: str) -> None:
     else:
         _load_full(trainer, path, saved)
     state = saved["state"]
-    changed = {k: (state["config"].get(k), v) for k, v in trainer.config.to_dict().items()
-               if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
+    saved_config = state["config"]
+    changed = {k: (saved_config[k], v) for k, v in trainer.config.to_dict().items()
+               if k not in RESUMABLE_CHANGES and k in saved_config and saved_config[k] != v}
+    unknown = sorted(k for k in trainer.config.to_dict() if k not in RESUMABLE_CHANGES and k not in saved_config)
     if changed:
         warnings.warn(f"resuming {path} with changed settings (saved, now): {changed}; the run will not "
                       "reproduce an uninterrupted one", stacklevel=3)
+    if unknown:  # an older sfgrpo wrote it: these settings did not exist, their defaults may differ from it
+        warnings.warn(f"resuming {path}, written by an older sfgrpo without the settings {unknown}; they take "
+                      "their current values (see `sfgrpo train --help` for what each changes)", stacklevel=3)
     trainer.iteration = int(state["iteration"])
     trainer.update_generator.set_state(state["update_generator"])
     trainer.order_random.setstate(state["order_random"])
