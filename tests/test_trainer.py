@@ -515,6 +515,8 @@ def test_prompts_are_a_deterministic_function_of_seed_and_iteration(tmp_path):
     ({"cfg_gradient": "uncond"}, "cfg_gradient must be"),
     ({"initial_noise": "per_group"}, "initial_noise must be"),
     ({"rollout_batch_size": 0}, "rollout_batch_size must be"),
+    ({"use_lora": True, "lora_alpha": 0.0}, "lora_alpha must be > 0"),
+    ({"lr_schedule": "cosine", "lr_warmup_iterations": 5, "lr_decay_iterations": 5}, "must come after the warm-up"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -232,6 +232,10 @@ class TrainerConfig:
         need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         need(self.lr_warmup_iterations >= 0 and 0 <= self.lr_min <= self.learning_rate,
              "lr_warmup_iterations must be >= 0 and lr_min in [0, learning_rate]")
+        need(self.lr_schedule != "cosine" or self.lr_decay_iterations is None
+             or self.lr_decay_iterations > self.lr_warmup_iterations,
+             f"lr_decay_iterations ({self.lr_decay_iterations}) must come after the warm-up "
+             f"({self.lr_warmup_iterations} iterations)")
         need(self.lr_decay_iterations is None or self.lr_decay_iterations >= 1,
              f"lr_decay_iterations must be >= 1, got {self.lr_decay_iterations}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
@@ -244,6 +248,7 @@ class TrainerConfig:
         need(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0 (the adapters' scale alpha / rank), got {self.lora_alpha}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
         try:
             from sfgrpo.trainer.reporting import parse_report_to
