@@ -629,6 +629,17 @@ def test_resume_with_changed_settings_warns(tmp_path):
         Trainer(tiny_config(tmp_path, iterations=2, learning_rate=1.0, resume_from="latest"))
 
 
+def test_extending_a_cosine_run_on_resume_warns_that_the_schedule_stretches(tmp_path):
+    Trainer(tiny_config(tmp_path, iterations=2, lr_schedule="cosine")).train()
+    with pytest.warns(UserWarning, match="schedule ends at `iterations`"):
+        Trainer(tiny_config(tmp_path, iterations=4, lr_schedule="cosine", resume_from="latest"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fixed end (lr_decay_iterations) does not move: no warning
+        Trainer(tiny_config(tmp_path / "fixed", iterations=2, lr_schedule="cosine", lr_decay_iterations=4)).train()
+        Trainer(tiny_config(tmp_path / "fixed", iterations=4, lr_schedule="cosine", lr_decay_iterations=4,
+                            resume_from="latest"))
+
+
 def test_resume_of_an_older_checkpoint_names_the_settings_it_lacks(tmp_path):
     Trainer(tiny_config(tmp_path, iterations=1)).train()
     state_file = tmp_path / "run" / "checkpoints" / "iter-000001" / "state.pt"

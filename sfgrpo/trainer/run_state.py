@@ -85,6 +85,12 @@ def load(trainer, spec: str) -> None:
     if changed:
         warnings.warn(f"resuming {path} with changed settings (saved, now): {changed}; the run will not "
                       "reproduce an uninterrupted one", stacklevel=3)
+    cfg = trainer.config
+    if (cfg.lr_schedule == "cosine" and cfg.lr_decay_iterations is None
+            and saved_config.get("iterations") not in (None, cfg.iterations)):
+        warnings.warn(f"resuming {path} with iterations {saved_config['iterations']} -> {cfg.iterations}: the cosine "
+                      "schedule ends at `iterations`, so it is stretched from here on; set lr_decay_iterations to "
+                      "keep it", stacklevel=3)
     if unknown:  # an older sfgrpo wrote it: these settings did not exist, their defaults may differ from it
         warnings.warn(f"resuming {path}, written by an older sfgrpo without the settings {unknown}; they take "
                       "their current values (see `sfgrpo train --help` for what each changes)", stacklevel=3)
