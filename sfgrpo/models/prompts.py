@@ -9,6 +9,7 @@ takes them unchanged, and a reward function that needs the metadata reads `promp
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -45,10 +46,29 @@ def _entry(value, where: str) -> Prompt:
                      f"got {json.dumps(value)[:80]}")
 
 
-@lru_cache(maxsize=8)
 def read_prompt_file(path: str) -> list[Prompt]:
-    text = Path(path).read_text(encoding="utf-8")
-    suffix = Path(path).suffix
+    """The prompts of a .txt (one per line, `#` comments), .json (a list) or .jsonl file; strings or
+    objects with a "prompt" (the rest is the prompt's metadata). A fresh list of fresh prompts on
+    every call (the parsed file is cached): callers may change what they get."""
+    return [Prompt(str(p), copy.deepcopy(p.metadata)) for p in _read_prompt_file(path)]
+
+
+def cached_prompt_file(path: str) -> list[Prompt]:
+    """`read_prompt_file` without the copies, for the trainer's per-iteration draws (a fresh list;
+    the prompts themselves are the cache's: read them, do not change their metadata)."""
+    return list(_read_prompt_file(path))
+
+
+def _lines(text: str) -> list[str]:
+    # only "\n" (and "\r\n") ends a line: str.splitlines also splits on U+2028, U+0085, form feeds...
+    # which JSON text and prompts may contain
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+@lru_cache(maxsize=8)
+def _read_prompt_file(path: str) -> list[Prompt]:
+    text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
+    suffix = Path(path).suffix.lower()
     if suffix == ".json":
         entries = json.loads(text)
         if not isinstance(entries, list):
@@ -56,9 +76,9 @@ def read_prompt_file(path: str) -> list[Prompt]:
         prompts = [_entry(value, f"{path}[{i}]") for i, value in enumerate(entries)]
     elif suffix == ".jsonl":
         prompts = [_entry(json.loads(line), f"{path}:{number}")
-                   for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+                   for number, line in enumerate(_lines(text), 1) if line.strip()]
     else:
-        prompts = [Prompt(line.strip()) for line in text.splitlines()
+        prompts = [Prompt(line.strip()) for line in _lines(text)
                    if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"{path}: no prompts")

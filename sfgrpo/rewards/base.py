@@ -42,6 +42,8 @@ class RewardFunction:
     def __call__(self, images: Tensor, prompts: Sequence) -> Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
+        if images.shape[0] == 0:  # nothing to score: no reward model needs to see an empty batch
+            return torch.zeros(0, device=images.device)
         raw = self.fn(images, prompts)
         try:
             scores = torch.as_tensor(raw if not hasattr(raw, "__array__") or isinstance(raw, Tensor) else raw.__array__())
@@ -201,5 +203,8 @@ def get_reward(spec: str | dict | Callable | RewardFunction) -> RewardFunction:
             raise ValueError(f"reward mixture {spec!r} is not valid JSON: {err}") from err
         return get_reward(mapping)
     if spec.startswith(("http://", "https://")):  # a URL may contain '+' and '*' (query strings)
+        if any(c.isspace() for c in spec):  # ... but no whitespace: 'URL + brightness' is a mixture
+            raise ValueError(f"reward spec {spec!r}: a URL cannot contain whitespace; to mix a server's reward "
+                             "with others use the mapping form, e.g. '{\"http://host/score\": 0.5, \"brightness\": 0.5}'")
         return _single(spec)
     return _mixture_spec([_term(term) for term in spec.split("+")], spec)

@@ -55,7 +55,11 @@ def images_to_png_base64(images: Tensor) -> list[str]:
     """Images `[B, C, H, W]` in [0, 1] (C = 1 or 3) -> base64 PNG strings (8-bit)."""
     from PIL import Image
 
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    values = images.detach().float()
+    if not torch.isfinite(values).all():  # clamp keeps NaN and uint8 would make it 0: a silent score
+        bad = (~torch.isfinite(values.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+        raise RewardError(f"images hold NaN or inf values (image(s) {bad[:8]}); nothing was sent to score")
+    pixels = (values.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     encoded = []
     for image in pixels.permute(0, 2, 3, 1).numpy():
         buffer = io.BytesIO()
@@ -98,8 +102,10 @@ class HttpReward:
                 raise ValueError(f"unknown option {key!r} in reward URL {spec!r}; known: {sorted(kinds)}")
             options[key] = kinds[key](value)
         reward = cls(url, **options)
-        if reward.batch_size < 1 or reward.workers < 1 or reward.retries < 0 or reward.timeout <= 0:
-            raise ValueError(f"bad options in reward URL {spec!r}")
+        if (reward.batch_size < 1 or reward.workers < 1 or reward.retries < 0 or not 0 < reward.timeout < 1e6
+                or not 0 <= reward.backoff < 1e6):
+            raise ValueError(f"bad options in reward URL {spec!r}: batch_size and workers >= 1, retries >= 0, "
+                             "0 < timeout < 1e6 s, 0 <= backoff < 1e6 s")
         return reward
 
     def __call__(self, images: Tensor, prompts: Sequence) -> Tensor:
@@ -156,6 +162,8 @@ class HttpReward:
             if err.code >= 500 or err.code in RETRYABLE_STATUS:
                 raise _Retryable(f"HTTP {err.code}: {detail}") from err
             raise HttpRewardError(f"reward server {self.url} rejected the request: HTTP {err.code}: {detail}") from err
+        except http.client.InvalidURL as err:  # no retry mends a malformed URL
+            raise HttpRewardError(f"invalid reward server URL {self.url!r}: {err}") from err
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                 http.client.HTTPException) as err:
             raise _Retryable(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
@@ -172,6 +180,8 @@ class HttpReward:
         if not isinstance(scores, list) or not isinstance(ids, list) or len(ids) != len(scores):
             raise _Retryable(f"malformed response: {len(scores) if isinstance(scores, list) else '?'} scores "
                              f"for {len(ids) if isinstance(ids, list) else '?'} ids")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise _Retryable(f"malformed response: ids must be integers, got {ids[:8]}")
         if not set(ids) <= set(indices) or len(set(ids)) != len(ids):
             raise _Retryable(f"response ids {ids[:8]} do not match the request's {indices[:8]}")
         result: dict[int, float | None] = {}

@@ -121,6 +121,8 @@ class ClipEmbedder:
 def _options(batch_size="32", dtype="float32", scale="1.0", **unknown) -> tuple[int, str, float]:
     if unknown:
         raise ValueError(f"unknown reward option(s) {sorted(unknown)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"reward option batch_size must be >= 1, got {batch_size}")
     return int(batch_size), dtype, float(scale)
 
 

@@ -176,9 +176,9 @@ class TrainerConfig:
     @property
     def prompt_list(self) -> list[str]:  # `Prompt`s (str with .metadata) from a prompt file
         if self.prompt_file:
-            from sfgrpo.models.prompts import read_prompt_file
+            from sfgrpo.models.prompts import cached_prompt_file
 
-            return read_prompt_file(self.prompt_file)
+            return cached_prompt_file(self.prompt_file)
         return [p.strip() for p in self.prompts.split(",") if p.strip()]
 
     def learning_rate_at(self, iteration: int) -> float:
