@@ -55,3 +55,9 @@ def test_callers_cannot_change_the_cached_prompts(tmp_path):
     first[0].metadata["objects"].append("cat")
     again = read_prompt_file(str(path))
     assert again == ["a dog"] and again[0].metadata == {"objects": ["dog"]}
+
+
+@pytest.mark.parametrize("images", [torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8)])
+def test_rewards_refuse_images_that_are_not_float_batches(images):
+    with pytest.raises(RewardError, match=r"takes float images \[N, C, H, W\]"):
+        get_reward("brightness")(images, ["a"] * images.shape[0])

@@ -40,6 +40,10 @@ class RewardFunction:
         self.name, self.fn = name, fn
 
     def __call__(self, images: Tensor, prompts: Sequence) -> Tensor:
+        if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+            what = f"{type(images).__name__}" if not isinstance(images, Tensor) else \
+                f"{images.dtype} of shape {tuple(images.shape)}"
+            raise RewardError(f"reward {self.name!r} takes float images [N, C, H, W] in [0, 1], got {what}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
         if images.shape[0] == 0:  # nothing to score: no reward model needs to see an empty batch
