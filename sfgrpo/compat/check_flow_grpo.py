@@ -101,14 +101,15 @@ def compare_steps(theirs, device: str) -> list[Comparison]:
         worst[key] = max(worst.get(key, 0.0), error) if error == error else float("nan")
         tolerance[key] = tol
 
+    parameters = inspect.signature(theirs).parameters
     for steps in (10, 40):
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         scheduler.set_timesteps(steps, device=device)
         for sde_type in step_types(theirs):
             level = 0.7 if sde_type == "sde" else 0.8
-            extra = {} if sde_type == "sde" and len(step_types(theirs)) == 1 else {"sde_type": sde_type}
+            extra = {"sde_type": sde_type} if "sde_type" in parameters else {}
             labels = ["prev_sample", "log_prob", "prev_sample_mean", "std_dev_t"]
-            if "return_sqrt_dt" in inspect.signature(theirs).parameters:
+            if "return_sqrt_dt" in parameters:
                 extra["return_sqrt_dt"] = True
                 labels.append("sqrt(-dt)")
             for dtype in (torch.float32, torch.bfloat16):

@@ -138,7 +138,7 @@ def save_sharded_checkpoint(root: Path, iteration: int, *, tensors: dict, state:
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     """Deletes all but the `keep` newest complete checkpoints (never the one `latest` names);
-    returns what was deleted. Leftover staging directories of interrupted saves go too."""
+    returns what was deleted. Leftovers of interrupted saves (staging and set-aside directories) go too."""
     if keep <= 0 or not root.is_dir():
         return []
     latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
@@ -146,7 +146,7 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     if latest is not None:  # the newest are those up to `latest`: a restarted run's own, not an older run's
         complete = [p for p in complete if p.name <= latest]
     doomed = [p for p in complete[:-keep] if p.name != latest]
-    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".iter-") and p != _replaced(root / str(latest))]
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".iter-")]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

@@ -244,6 +244,7 @@ def functional_noise(shape: tuple, generator: torch.Generator, device) -> Tensor
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
 
 
+@functools.lru_cache(maxsize=16)
 def most_groups_per_process(batch_size: int, group_size: int, world_size: int) -> int:
     """The largest number of distinct groups any process's share of the batch holds (host
     arithmetic: every process computes the same number without communicating)."""
@@ -267,25 +268,41 @@ def clean_estimates(guided: GuidedModel, batch: Rollout, steps: "StepTable", loo
     """
     num_steps, n = batch.states.shape[:2]
     starts = batch.group_starts()
-    firsts = starts.firsts if starts is not None else torch.arange(n, device=batch.states.device)
-    if starts is not None and initial_rows is not None and initial_rows > len(firsts):
+    firsts = None if starts is None else starts.firsts
+    if firsts is not None and initial_rows is not None and initial_rows > len(firsts):
         firsts = torch.cat([firsts, firsts[-1:].expand(initial_rows - len(firsts))])
-    flat = torch.cat([batch.states[0][firsts], batch.states[1:].flatten(0, 1)])
+    head = n if firsts is None else len(firsts)
+    flat = pack_columns(batch.states, firsts)
     # filled on the device: no host->device copy
-    t_rows = torch.cat([torch.full((len(firsts),), steps.t[0], device=flat.device)]
+    t_rows = torch.cat([torch.full((head,), steps.t[0], device=flat.device)]
                        + [torch.full((n,), t, device=flat.device) for t in steps.t[1:num_steps]])
-    cond = concat_rows(select_rows(batch.cond, firsts), repeat_rows(batch.cond, num_steps - 1))
-    null_cond = concat_rows(select_rows(batch.null_cond, firsts), repeat_rows(batch.null_cond, num_steps - 1))
-    v = torch.cat([batch.velocities[0][firsts], batch.velocities[1:].flatten(0, 1)])
+    first_cond, first_null = (batch.cond, batch.null_cond) if firsts is None else \
+        (select_rows(batch.cond, firsts), select_rows(batch.null_cond, firsts))
+    cond = concat_rows(first_cond, repeat_rows(batch.cond, num_steps - 1))
+    null_cond = concat_rows(first_null, repeat_rows(batch.null_cond, num_steps - 1))
 
     def velocity_fn(state: Tensor, t: Tensor) -> Tensor:
         return guided_in_chunks(guided, state, t, cond, null_cond, batch_size)
 
-    estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps, v=v)
-    first = estimates[:len(firsts)]
-    if starts is not None:
-        first = first[starts.position]  # positions index the real first rows, before any padding
-    return torch.cat([first[None], estimates[len(firsts):].reshape(num_steps - 1, *batch.states.shape[1:])])
+    estimates = functional.ode_lookahead(flat, t_rows, velocity_fn, lookahead_steps,
+                                         v=pack_columns(batch.velocities, firsts))
+    if starts is not None:  # padding rows (after the real first rows) are never indexed
+        estimates = estimates[unpack_index(starts, head, num_steps)]
+    return estimates.reshape(batch.states.shape)
+
+
+def pack_columns(columns: Tensor, firsts: Tensor | None) -> Tensor:
+    """`[K, N, ...]` -> the rows to compute: column 0 at the rows `firsts` only (None: all), then
+    columns 1.. whole (flattened column by column)."""
+    head = columns[0] if firsts is None else columns[0][firsts]
+    return torch.cat([head, columns[1:].flatten(0, 1)])
+
+
+def unpack_index(starts: GroupStarts, head_rows: int, columns: int) -> Tensor:
+    """For each of the `columns x N` rows (flattened like `flatten(0, 1)`), the row of
+    `pack_columns(..., firsts)` holding its value, `head_rows` = len(firsts)."""
+    n = len(starts.position)
+    return torch.cat([starts.position, head_rows + torch.arange((columns - 1) * n, device=starts.position.device)])
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from sfgrpo.models.pipelines import sampling_sigmas
 from sfgrpo.trainer import checkpoint as ckpt
 from sfgrpo.trainer.config import TrainerConfig
 from sfgrpo.trainer.reporting import Reporters, parse_report_to
-from sfgrpo.trainer.rollout import (GuidedModel, Rollout, StepTable, clean_estimates, most_groups_per_process, rollout,
-                                    select_rows)
+from sfgrpo.trainer.rollout import (GuidedModel, Rollout, StepTable, clean_estimates, most_groups_per_process,
+                                    pack_columns, rollout, select_rows, unpack_index)
 
 TIME_KEYS = ("rollout", "lookahead", "decode", "reward", "update")
 
@@ -159,11 +159,9 @@ class Trainer:
         starts = batch.group_starts() if latents.shape[0] > 1 else None
         if starts is None:
             return latents.flatten(0, 1), batch.prompts * latents.shape[0], None
-        rest, n = latents.shape[0] - 1, latents.shape[1]
-        scored = torch.cat([latents[0][starts.firsts], latents[1:].flatten(0, 1)])
-        prompts = [batch.prompts[i] for i in starts.rows] + batch.prompts * rest
-        later = len(starts.rows) + torch.arange(rest * n, device=starts.position.device)
-        return scored, prompts, torch.cat([starts.position, later])
+        prompts = [batch.prompts[i] for i in starts.rows] + batch.prompts * (latents.shape[0] - 1)
+        return (pack_columns(latents, starts.firsts), prompts,
+                unpack_index(starts, len(starts.rows), latents.shape[0]))
 
     def advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
         """`[N, T]` per-step credit; zero on steps that are not trained."""
