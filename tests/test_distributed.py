@@ -82,11 +82,11 @@ ADVANTAGES = dict(rtol=1e-5, atol=2e-5)
 RECORDS = dict(rtol=1e-5, atol=1e-6)
 
 
-def assert_advantages_match(ranks: list[dict], expected: list, **tolerance) -> None:
+def assert_advantages_match(ranks: list[dict], expected: list, exact_first: bool = True, **tolerance) -> None:
     for iteration, one_process in enumerate(expected):
         got = torch.cat([r["advantages"][iteration] for r in ranks])  # rank order = global row order
         assert got.shape == one_process.shape
-        if iteration == 0:
+        if iteration == 0 and exact_first:
             assert torch.equal(got, one_process)
         torch.testing.assert_close(got, one_process, **(tolerance or ADVANTAGES))
 
@@ -206,6 +206,29 @@ def test_ddp_lora_with_reference_kl_matches_one_process(tmp_path):
         assert "lora_" in name
         torch.testing.assert_close(ranks[0]["weights"][name], value.detach(), **WEIGHTS)
     assert_records_close(ranks[0]["history"], history, **RECORDS)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+def test_ddp_on_diffusers_checkpoints_matches_one_process(tmp_path, family):
+    """The multi-GPU LoRA setting on real pipelines: the backbone must still read its transformer's
+    config (latent shape, guidance embedding) once DDP wraps the transformer."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from sfgrpo.models import tiny
+
+    save = {"sd3": tiny.save_tiny_sd3, "flux": tiny.save_tiny_flux, "qwenimage": tiny.save_tiny_qwen_image}[family]
+    path = save(tmp_path / "checkpoint")
+    overrides = dict(backbone=str(path), prompts="a cat,two dogs", resolution=16, max_sequence_length=8,
+                     iterations=1, use_lora=True, lora_rank=2, lora_alpha=4.0, beta=0.04, prompts_per_iteration=2,
+                     group_size=2, num_steps=3, guidance_scale=1.0 if family == "flux" else 3.0)
+    ranks = run_ranks(tmp_path / "two", **overrides)
+    trainer, history, advantages = run_one_process(tmp_path / "one", **overrides)
+    # Qwen-Image pads each batch's prompts to its longest: a rank's rows ("a cat") are padded less
+    # than one process's, which changes float sums inside the masked attention, not the math
+    assert_advantages_match(ranks, advantages, exact_first=family != "qwenimage")
+    assert ranks[0]["history"][-1]["ratio_mean"] == 1.0
+    for name, value in trainer.trainable.items():
+        torch.testing.assert_close(ranks[0]["weights"][name], value.detach(), **WEIGHTS)
 
 
 def test_fsdp2_full_finetune_matches_one_process(tmp_path):

@@ -1,4 +1,4 @@
-"""Real-backbone loading (SD3, FLUX) on tiny random diffusers checkpoints built offline."""
+"""Real-backbone loading (SD3, FLUX, Qwen-Image) on tiny random diffusers checkpoints built offline."""
 
 import json
 import math
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from sfgrpo.models import load_backbone
-from sfgrpo.models.pipelines import FluxBackbone, PipelineOptions, SD3Backbone, load_pipeline_backbone
-from sfgrpo.models.tiny import save_tiny_flux, save_tiny_sd3
+from sfgrpo.models.pipelines import (FluxBackbone, PaddedText, PipelineOptions, QwenImageBackbone, SD3Backbone,
+                                     load_pipeline_backbone)
+from sfgrpo.models.tiny import save_tiny_flux, save_tiny_qwen_image, save_tiny_sd3
 from sfgrpo.trainer import Trainer, TrainerConfig
 from sfgrpo.trainer.rollout import GuidedModel, rollout
 
@@ -30,26 +31,37 @@ def flux_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return save_tiny_qwen_image(tmp_path_factory.mktemp("qwenimage"))
+
+
+@pytest.fixture(scope="module")
 def variant_dirs(tmp_path_factory):
     """SD3 with a T5 (as SD3.5 ships) and FLUX without guidance embedding (as FLUX.1-schnell)."""
     return {"sd3_t5": save_tiny_sd3(tmp_path_factory.mktemp("sd3_t5"), with_t5=True),
             "flux_schnell": save_tiny_flux(tmp_path_factory.mktemp("flux_schnell"), guidance_embeds=False)}
 
 
-@pytest.fixture(params=["sd3", "flux"])
-def checkpoint(request, sd3_dir, flux_dir):
-    return request.param, (sd3_dir if request.param == "sd3" else flux_dir)
+@pytest.fixture(params=["sd3", "flux", "qwenimage"])
+def checkpoint(request, sd3_dir, flux_dir, qwen_dir):
+    return request.param, {"sd3": sd3_dir, "flux": flux_dir, "qwenimage": qwen_dir}[request.param]
 
 
-@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell"])
-def any_checkpoint(request, sd3_dir, flux_dir, variant_dirs):
-    paths = {"sd3": sd3_dir, "flux": flux_dir, **variant_dirs}
+@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell", "qwenimage"])
+def any_checkpoint(request, sd3_dir, flux_dir, qwen_dir, variant_dirs):
+    paths = {"sd3": sd3_dir, "flux": flux_dir, "qwenimage": qwen_dir, **variant_dirs}
     return request.param.split("_")[0], paths[request.param]
 
 
-def test_family_is_read_from_model_index(sd3_dir, flux_dir, tmp_path):
+def guidance_for(family: str) -> float:
+    """A CFG scale that exercises each family's guidance (FLUX.1 runs without CFG)."""
+    return 1.0 if family == "flux" else 2.0
+
+
+def test_family_is_read_from_model_index(sd3_dir, flux_dir, qwen_dir, tmp_path):
     assert isinstance(load_pipeline_backbone(sd3_dir, OPTIONS), SD3Backbone)
     assert isinstance(load_backbone(str(flux_dir)), FluxBackbone)
+    assert isinstance(load_backbone(str(qwen_dir)), QwenImageBackbone)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
         load_backbone(str(tmp_path))
@@ -60,8 +72,16 @@ def test_frozen_parts_and_latent_layouts(checkpoint):
     model = load_pipeline_backbone(path, OPTIONS)
     for frozen in (model.vae, *model.text_encoders):
         assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
-    # 16 px, 2x VAE: SD3 keeps [C, 8, 8]; FLUX packs 2x2 patches into [16 tokens, 4 * 4 channels]
-    assert model.latent_shape == ((4, 8, 8) if family == "sd3" else (16, 16))
+    # 16 px, 2x VAE: SD3 keeps [C, 8, 8]; FLUX packs 2x2 patches into [16 tokens, 4 * 4 channels];
+    # Qwen-Image's VAE is 4x: [4 tokens, 16 channels]
+    assert model.latent_shape == {"sd3": (4, 8, 8), "flux": (16, 16), "qwenimage": (4, 16)}[family]
+    if family == "qwenimage":
+        from diffusers import QwenImagePipeline
+
+        latents = torch.randn(2, 4, 4, 4)
+        assert torch.equal(model.pack(latents), QwenImagePipeline._pack_latents(latents, 2, 4, 4, 4))
+        assert torch.equal(model._to_vae_latents(model.pack(latents)),
+                           QwenImagePipeline._unpack_latents(model.pack(latents), 16, 16, 4))
     if family == "flux":
         from diffusers import FluxPipeline
 
@@ -83,17 +103,21 @@ def test_prompt_embeddings_are_cached_per_string(checkpoint):
     again = model.encode_prompts([PROMPTS[1], PROMPTS[0]])
     assert calls == [[PROMPTS[0], PROMPTS[1]]]  # each distinct prompt encoded once, in one batch
     assert torch.equal(first[0][0], first[0][2]) and torch.equal(again[0][0], first[0][1])
+    assert not torch.equal(first[0][0], first[0][1])
     null = model.null_condition(4)
     assert null[0].shape[0] == 4 and torch.equal(null[0][0], null[0][3])
+    assert type(null) is type(first)
 
 
 def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
     """Same noise, same grid: Euler steps through our velocity reproduce the pipeline's own sampler,
-    which pins the time convention (1000 t for SD3, t for FLUX), CFG, FLUX's guidance embedding and
-    ids, packing, the scheduler grid (FLUX's dynamic mu) and the VAE's scaling/shift."""
+    which pins the time convention (1000 t for SD3, t for FLUX and Qwen-Image), CFG (Qwen-Image's
+    rescaled "true CFG" with its " " negative), FLUX's guidance embedding and ids, Qwen-Image's
+    text masks and image shapes, packing, the scheduler grid (dynamic mu, Qwen-Image's
+    shift_terminal) and the VAE's scaling/shift (Qwen-Image: per-channel mean/std, one frame)."""
     family, path = any_checkpoint
     model = load_pipeline_backbone(path, OPTIONS)
-    cfg = 2.5 if family == "sd3" else 1.0
+    cfg = 2.5 if family in ("sd3", "qwenimage") else 1.0
     guided = GuidedModel(model, cfg)
     sigmas = model.sampling_sigmas(4)
     noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
@@ -102,8 +126,11 @@ def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
         cond, null = model.encode_prompts(PROMPTS[:2]), model.null_condition(2)
         for k in range(4):
             x = x + (sigmas[k + 1] - sigmas[k]) * guided(x, torch.full((2,), float(sigmas[k])), cond, null)
-    guidance = cfg if family == "sd3" else OPTIONS.embedded_guidance_scale
-    kwargs = dict(height=16, width=16, num_inference_steps=4, guidance_scale=guidance, max_sequence_length=8)
+    kwargs = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=8)
+    if family == "qwenimage":
+        kwargs.update(true_cfg_scale=cfg, negative_prompt=" ")
+    else:
+        kwargs.update(guidance_scale=cfg if family == "sd3" else OPTIONS.embedded_guidance_scale)
     reference = model.pipe(PROMPTS[:2], latents=noise.clone(), output_type="latent", **kwargs).images
     torch.testing.assert_close(x, reference, atol=1e-5, rtol=1e-5)
     images = model.decode(torch.cat([x, x, x]))  # 6 latents, decode batches of 3
@@ -130,7 +157,7 @@ def test_full_trainer_iteration(checkpoint, mode, tmp_path):
         iterations=1, prompts_per_iteration=2, group_size=2, num_steps=3, lookahead_steps=2, progress=False,
         plots=False, resolution=16, max_sequence_length=8, decode_batch_size=4, mode=mode, use_lora=True,
         lora_rank=2, lora_alpha=4.0, beta=0.04, clip_range=1e-4, learning_rate=1e-3,
-        guidance_scale=2.0 if family == "sd3" else 1.0, image_every=1,
+        guidance_scale=guidance_for(family), image_every=1,
     )
     trainer = Trainer(config)
     assert config.prompt_list == ["a red cat", "two dogs, sleeping"]
@@ -154,7 +181,7 @@ def test_full_finetune_of_a_bf16_checkpoint_keeps_fp32_master_weights(checkpoint
         output_dir=str(tmp_path / "run"), backbone=str(path), prompts="a cat,a dog", reward="brightness",
         iterations=1, prompts_per_iteration=2, group_size=2, num_steps=3, progress=False, plots=False,
         resolution=16, max_sequence_length=8, model_dtype="bfloat16", mixed_precision=precision, beta=0.04,
-        learning_rate=1e-6, guidance_scale=2.0 if family == "sd3" else 1.0,
+        learning_rate=1e-6, guidance_scale=guidance_for(family),
     )
     trainer = Trainer(config)
     assert all(p.dtype == torch.float32 for p in trainer.trainable.values())
@@ -162,13 +189,26 @@ def test_full_finetune_of_a_bf16_checkpoint_keeps_fp32_master_weights(checkpoint
     before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
     record = trainer.train()[-1]
     assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
-    changed = sum(not torch.equal(before[n], p) for n, p in trainer.trainable.items())
-    assert changed > 0.9 * len(before)  # lr 1e-6 moves fp32 weights (bf16 ones would mostly not move)
+    changed = {n for n, p in trainer.trainable.items() if not torch.equal(before[n], p)}
+    # lr 1e-6 moves fp32 weights (bf16 ones would mostly not move): all that get a gradient
+    live = live_parameters(trainer)
+    assert changed == live and len(live) > 0.75 * len(before)
+
+
+def live_parameters(trainer) -> set[str]:
+    """The trained tensors the velocity depends on (the last block of SD3 and Qwen-Image computes
+    text-stream outputs nothing reads: those weights get no or a zero gradient)."""
+    model = trainer.model
+    x = torch.randn(2, *model.latent_shape)
+    v = model.velocity(x, torch.tensor([0.9, 0.5]), model.encode_prompts(["a cat", "a dog"]))
+    names = list(trainer.trainable)
+    grads = torch.autograd.grad(v.float().square().sum(), [trainer.trainable[n] for n in names], allow_unused=True)
+    return {n for n, g in zip(names, grads) if g is not None and bool(g.ne(0).any())}
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_exported_weights_load_into_diffusers_and_give_the_trained_velocity(checkpoint, lora, tmp_path):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
     from sfgrpo.cli import main
     from sfgrpo.trainer.export import export_weights
@@ -195,7 +235,7 @@ def test_exported_weights_load_into_diffusers_and_give_the_trained_velocity(chec
     assert main(["export", "--config", str(tmp_path / "run" / "config.json"), "--resume-from", "latest",
                  "--export-dir", str(tmp_path / "export"), "--no-progress"]) == 0
     pipe = load_pipeline_backbone(path, OPTIONS).pipe  # the base checkpoint, fresh, as diffusers loads it
-    assert isinstance(pipe, StableDiffusion3Pipeline if family == "sd3" else FluxPipeline)
+    assert isinstance(pipe, {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwenimage": QwenImagePipeline}[family])
     if lora:
         assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
         pipe.load_lora_weights(str(tmp_path / "export"))
@@ -216,7 +256,7 @@ def test_on_policy_ratio_is_exactly_one(checkpoint, tmp_path):
     config = TrainerConfig(
         output_dir=str(tmp_path / "run"), backbone=str(path), prompts="a cat,a dog", reward="brightness",
         prompts_per_iteration=2, group_size=2, num_steps=3, progress=False, plots=False, resolution=16,
-        max_sequence_length=8, guidance_scale=3.0 if family == "sd3" else 1.0,
+        max_sequence_length=8, guidance_scale=3.0 if family != "flux" else 1.0,
     )
     trainer = Trainer(config)
     batch = rollout(trainer.guided, ["a cat", "a dog"], 2, trainer.steps, sde_type="sde", logprob="gaussian",
@@ -255,3 +295,35 @@ def test_cli_flags_reach_the_backbone(sd3_dir, tmp_path):
     trainer = Trainer(config)
     assert trainer.model.options.decode_batch_size == 5 and config.prompt_list == ["a, b", "c"]
     torch.testing.assert_close(torch.tensor(trainer.steps.t + [0.0]), Schedule.sd3(3, 1.5).sigmas)
+
+
+def test_qwen_image_text_padding_is_masked_out(qwen_dir):
+    """Prompts keep their own token counts and are padded per batch (mask False); padding a
+    condition further (as concatenating it with a longer one does) leaves the velocity unchanged."""
+    model = load_pipeline_backbone(qwen_dir, OPTIONS)
+    short, long = model.encode_prompts(["x"]), model.encode_prompts(["two dogs, sleeping"])
+    assert isinstance(short, PaddedText) and short[0].shape[1] < long[0].shape[1]
+    assert bool(short[1].all()) and bool(long[1].all())
+    both = model.encode_prompts(["x", "two dogs, sleeping"])
+    torch.testing.assert_close(both[0][1], long[0][0], rtol=0, atol=0)
+    assert both[1][0].sum() == short[0].shape[1] and not bool(both[1][0, short[0].shape[1]:].any())
+    assert not bool(both[0][0, short[0].shape[1]:].any())
+    from sfgrpo.trainer.rollout import concat_rows
+
+    joined = concat_rows(short, long)
+    assert isinstance(joined, PaddedText) and torch.equal(joined[0], both[0]) and torch.equal(joined[1], both[1])
+    x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        alone = torch.cat([model.velocity(x[:1], t[:1], short), model.velocity(x[1:], t[1:], long)])
+        batched = model.velocity(x, t, joined)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_qwen_image_guidance_is_the_pipelines_rescaled_cfg():
+    v_cond, v_uncond = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    got = QwenImageBackbone.combine_guidance(v_cond, v_uncond, 4.0)
+    combined = v_uncond + 4.0 * (v_cond - v_uncond)
+    expected = combined * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got.norm(dim=-1), v_cond.norm(dim=-1))  # each token keeps the conditional norm

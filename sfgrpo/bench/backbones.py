@@ -67,7 +67,7 @@ class BenchFluxBackbone(_TransformerOnly, FluxBackbone):
 
     @property
     def latent_channels(self) -> int:
-        return self.transformer.config.in_channels // 4
+        return self.transformer_config.in_channels // 4
 
 
 def build_backbone(name: str, resolution: int, text_tokens: int | None = None, device: str = "cpu",

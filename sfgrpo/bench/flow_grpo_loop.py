@@ -87,8 +87,7 @@ def flow_grpo_code(trainer):
         with guided.autocast():
             both = guided.model.velocity(torch.cat([x, x]), torch.cat([t, t]), concat_rows(null_cond, cond)).float()
         v_uncond, v_cond = both.chunk(2)
-        v_uncond = v_uncond.detach()
-        return v_uncond + guided.guidance_scale * (v_cond - v_uncond)
+        return guided.combine(v_cond, v_uncond.detach())
 
     replacements = {"sde_step": sde_step, "gain_advantages": gain_advantages, "group_advantages": group_advantages}
     patched_update = vars(guided).get("with_constant_uncond")  # an enclosing block's, if any

@@ -182,11 +182,21 @@ TINY_CONFIG = DigitsConfig(num_layers=1, num_heads=1, head_dim=16, text_tokens=2
 
 
 def load_backbone(spec: str, seed: int = 0, config=None):
-    """`digits` (shipped weights), `digits-random` (the same shape, random init), `tiny-random`
-    (a one-layer SD3 transformer for tests), a directory written by `DigitsBackbone.save`, or a
-    diffusers checkpoint directory (SD3/SD3.5, FLUX: `model_index.json` decides; `config`, a
-    `TrainerConfig`, supplies resolution, dtype, decode batch size etc., see `PipelineOptions`)."""
-    from sfgrpo.models import pipelines
+    """The backbone a `--backbone` spec names:
+
+    - `digits` (shipped weights), `digits-random` (the same shape, random init), `tiny-random` (a
+      one-layer SD3 transformer for tests);
+    - a diffusers checkpoint directory (SD3/SD3.5, FLUX, ...: its `model_index.json` picks the family
+      in `sfgrpo.models.pipelines`; `config`, a `TrainerConfig`, supplies resolution, dtype, decode
+      batch size etc., see `PipelineOptions`);
+    - a directory written by `DigitsBackbone.save`;
+    - `package.module:factory`: any model implementing `sfgrpo.models.protocol.Backbone`, built by
+      `factory(config)` (or `factory()`) and checked by `check_backbone`.
+
+    Directories are looked up first, so a path containing ':' stays a path. Random inits (the
+    `*-random` names and factories) run under torch's CPU generator seeded with `seed`, so every
+    process of a distributed run builds the same weights, and the caller's generator is untouched."""
+    from sfgrpo.models import pipelines, protocol
 
     if pipelines.pipeline_class_name(spec) is not None:
         options = pipelines.PipelineOptions.from_config(config) if config is not None else None
@@ -199,5 +209,11 @@ def load_backbone(spec: str, seed: int = 0, config=None):
             return DigitsBackbone(DigitsConfig() if spec == "digits-random" else TINY_CONFIG).eval()
     if Path(spec).is_dir():
         return load_digits_backbone(spec)
-    raise ValueError(f"unknown backbone {spec!r}: use 'digits', 'digits-random', 'tiny-random', a saved digits model "
-                     "directory or a diffusers checkpoint directory (SD3/SD3.5, FLUX)")
+    if protocol.is_factory_spec(spec):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return protocol.load_backbone_factory(spec, config)
+    raise ValueError(f"unknown backbone {spec!r} (and no such directory): use 'digits', 'digits-random', "
+                     "'tiny-random', a saved digits model directory, a diffusers checkpoint directory (see "
+                     "sfgrpo.models.pipelines) or 'package.module:factory' returning a backbone "
+                     "(sfgrpo.models.protocol.Backbone)")

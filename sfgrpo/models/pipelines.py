@@ -1,4 +1,4 @@
-"""Real backbones from a local diffusers checkpoint directory: SD3 / SD3.5 and FLUX.
+"""Real backbones from a local diffusers checkpoint directory: SD3 / SD3.5, FLUX and Qwen-Image.
 
 `load_pipeline_backbone(path, options)` reads the checkpoint's own `model_index.json`, picks the
 family from its `_class_name` and wraps the pipeline's components in the small interface the
@@ -7,8 +7,10 @@ trainer uses (the same one `DigitsBackbone` has):
 - `encode_prompts(prompts)` / `null_condition(batch)`: text conditioning, cached per prompt
   string (the text encoders are frozen, so a prompt's embedding never changes during training);
 - `velocity(x, t, cond)`: the transformer's prediction in sfgrpo's convention, `v = noise - data`
-  at per-row `t` in [0, 1] (t = 1 is noise) -- both families already predict exactly that, they
+  at per-row `t` in [0, 1] (t = 1 is noise) -- every family already predicts exactly that, they
   only differ in how the time is fed in (see each class);
+- `combine_guidance(v_cond, v_uncond, scale)` (Qwen-Image only): the checkpoint pipeline's own
+  classifier-free guidance rule, used instead of the standard one;
 - `decode(latents)`: VAE decode in chunks of `decode_batch_size`, images in [0, 1];
 - `latent_shape`, `device`, `dtype`, `.transformer` (what LoRA and the KL reference act on);
 - `sampling_sigmas(num_steps)`: the grid the checkpoint's own pipeline would sample with.
@@ -34,6 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 SD3_PIPELINES = ("StableDiffusion3Pipeline",)
 FLUX_PIPELINES = ("FluxPipeline",)
+QWEN_IMAGE_PIPELINES = ("QwenImagePipeline",)
 
 
 @dataclass
@@ -42,7 +45,7 @@ class PipelineOptions:
 
     resolution: int = 512  # square images, pixels
     model_dtype: str = "float32"  # storage dtype of every component ("bfloat16" on GPUs)
-    max_sequence_length: int | None = None  # T5 tokens (None: 256 for SD3, 512 for FLUX)
+    max_sequence_length: int | None = None  # text tokens (None: 256 for SD3, 512 for FLUX and Qwen-Image)
     embedded_guidance_scale: float = 3.5  # FLUX-dev's guidance embedding (ignored without one)
     decode_batch_size: int = 8  # latents per VAE decode call
     attention_backend: str = "sdpa"
@@ -80,7 +83,7 @@ def pipeline_class_name(path: str | Path) -> str | None:
 
 
 def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = None) -> "PipelineBackbone":
-    """SD3/SD3.5 or FLUX from a local diffusers directory, chosen by its `model_index.json`."""
+    """SD3/SD3.5, FLUX or Qwen-Image from a local diffusers directory, chosen by its `model_index.json`."""
     options = (options or PipelineOptions()).validate()
     class_name = pipeline_class_name(path)
     if class_name in SD3_PIPELINES:
@@ -91,9 +94,13 @@ def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = N
         from diffusers import FluxPipeline as pipeline_class
 
         backbone_class = FluxBackbone
+    elif class_name in QWEN_IMAGE_PIPELINES:
+        from diffusers import QwenImagePipeline as pipeline_class
+
+        backbone_class = QwenImageBackbone
     else:
         raise ValueError(f"{path}: model_index.json names pipeline {class_name!r}; supported: "
-                         f"{SD3_PIPELINES + FLUX_PIPELINES}")
+                         f"{SD3_PIPELINES + FLUX_PIPELINES + QWEN_IMAGE_PIPELINES}")
     index = json.loads((Path(path) / "model_index.json").read_text())
     # components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly
     absent = {name: None for name, value in index.items()
@@ -103,9 +110,10 @@ def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = N
 
 
 class PipelineBackbone(nn.Module):
-    """What SD3 and FLUX share: frozen text encoders + VAE, prompt cache, batched decode."""
+    """What every family shares: frozen text encoders + VAE, prompt cache, batched decode."""
 
     family = "?"
+    negative_prompt = ""  # the CFG negative diffusers' examples use for the family
 
     def __init__(self, pipe, options: PipelineOptions):
         super().__init__()
@@ -119,7 +127,7 @@ class PipelineBackbone(nn.Module):
              if m is not None])
         for frozen in (self.vae, *self.text_encoders):
             frozen.requires_grad_(False).eval()
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor()
         self._prompt_cache: dict[str, tuple[Tensor, ...]] = {}
         set_attention_backend(self.transformer, options.attention_backend, self.family)
 
@@ -131,6 +139,12 @@ class PipelineBackbone(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
+
+    @property
+    def transformer_config(self):
+        """The transformer's diffusers config, also once DDP wraps the transformer (the wrapper
+        hides `.config`; FSDP2 keeps the module itself)."""
+        return getattr(self.transformer, "module", self.transformer).config
 
     def train(self, mode: bool = True):
         """Only the transformer follows train/eval; the frozen parts stay in eval (no dropout)."""
@@ -145,15 +159,15 @@ class PipelineBackbone(nn.Module):
         if missing:
             with torch.no_grad():
                 encoded = self._encode_text(missing)
-            for row, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = tuple(part[row:row + 1].detach() for part in encoded)
-        rows = [self._prompt_cache[p] for p in prompts]
-        return tuple(torch.cat(parts).to(self.device) for parts in zip(*rows))
+            for prompt, row in zip(missing, self._split_rows(encoded)):
+                self._prompt_cache[prompt] = row
+        return self._join_rows([self._prompt_cache[p] for p in prompts])
 
     def null_condition(self, batch: int) -> tuple[Tensor, ...]:
-        """The empty prompt, the negative of classifier-free guidance (as in diffusers)."""
-        empty = self.encode_prompts([""])
-        return tuple(part.expand(batch, *part.shape[1:]) for part in empty)
+        """The negative of classifier-free guidance (the empty prompt; " " for Qwen-Image, as in
+        diffusers' examples)."""
+        negative = self.encode_prompts([self.negative_prompt])
+        return type(negative)(part.expand(batch, *part.shape[1:]) for part in negative)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -161,9 +175,8 @@ class PipelineBackbone(nn.Module):
         images = []
         vae_dtype = next(self.vae.parameters()).dtype
         for chunk in latents.split(self.options.decode_batch_size):
-            z = self._to_vae_latents(chunk)
-            z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-            decoded = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
+            z = self._denormalize(self._to_vae_latents(chunk))
+            decoded = self._from_vae_output(self.vae.decode(z.to(vae_dtype), return_dict=False)[0])
             images.append((decoded.float() * 0.5 + 0.5).clamp(0.0, 1.0))
         return torch.cat(images) if images else latents.new_zeros((0, 3, self.height, self.height))
 
@@ -178,8 +191,26 @@ class PipelineBackbone(nn.Module):
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
+    def _vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _split_rows(self, encoded: tuple[Tensor, ...]) -> list[tuple[Tensor, ...]]:
+        """A batch of encoded prompts -> one cache entry per prompt."""
+        return [tuple(part[row:row + 1].detach() for part in encoded) for row in range(encoded[0].shape[0])]
+
+    def _join_rows(self, rows: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """Cache entries -> the batch's condition, on the device."""
+        return tuple(torch.cat(parts).to(self.device) for parts in zip(*rows))
+
     def _to_vae_latents(self, latents: Tensor) -> Tensor:
         return latents
+
+    def _denormalize(self, z: Tensor) -> Tensor:
+        """The diffusion latent -> the VAE's latent space."""
+        return z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+
+    def _from_vae_output(self, decoded: Tensor) -> Tensor:
+        return decoded
 
     def _scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -195,7 +226,7 @@ class SD3Backbone(PipelineBackbone):
     @property
     def latent_size(self) -> int:
         size = self.options.resolution // self.vae_scale_factor
-        patch = self.transformer.config.patch_size
+        patch = self.transformer_config.patch_size
         if size % patch:
             raise ValueError(f"resolution {self.options.resolution} must be a multiple of "
                              f"{self.vae_scale_factor * patch} for this checkpoint")
@@ -203,7 +234,7 @@ class SD3Backbone(PipelineBackbone):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return (self.transformer.config.in_channels, self.latent_size, self.latent_size)
+        return (self.transformer_config.in_channels, self.latent_size, self.latent_size)
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -226,20 +257,18 @@ class SD3Backbone(PipelineBackbone):
         scheduler = self._scheduler()
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
-            seq_len = (self.latent_size // self.transformer.config.patch_size) ** 2
+            seq_len = (self.latent_size // self.transformer_config.patch_size) ** 2
             kwargs["mu"] = _calculate_shift(seq_len, scheduler.config, default_max_shift=1.16)
         scheduler.set_timesteps(num_steps, **kwargs)
         return scheduler.sigmas.float().cpu()
 
 
-class FluxBackbone(PipelineBackbone):
-    """FLUX.1: latents are *packed*, `[(H/16)(W/16), 4C]` (2x2 patches of the `[C, H/8, W/8]` VAE
-    latent, the layout the transformer reads and writes). The SDE runs on the packed tensor -- a
-    permutation, so N(0, I) noise and per-element log-probs mean the same -- and `decode` unpacks.
-    The transformer takes `timestep = t` (diffusers' pipeline passes `timestep / 1000`), the
-    guidance embedding (FLUX.1-dev) and position ids for image patches and text tokens."""
-
-    family = "flux"
+class PackedLatentsBackbone(PipelineBackbone):
+    """FLUX and Qwen-Image: latents are *packed*, `[(H/16)(W/16), 4C]` (2x2 patches of the
+    `[C, H/8, W/8]` VAE latent, the layout the transformer reads and writes). The SDE runs on the
+    packed tensor -- a permutation, so N(0, I) noise and per-element log-probs mean the same -- and
+    `decode` unpacks. Both pipelines sample `linspace(1, 1/T, T)` shifted by a resolution-dependent
+    `mu` and feed the transformer `timestep = t` (they pass `timestep / 1000`)."""
 
     @property
     def latent_grid(self) -> int:
@@ -251,11 +280,52 @@ class FluxBackbone(PipelineBackbone):
 
     @property
     def latent_channels(self) -> int:
-        return self.transformer.config.in_channels // 4
+        return self.transformer_config.in_channels // 4
 
     @property
     def latent_shape(self) -> tuple[int, int]:
         return (self.latent_grid ** 2, self.latent_channels * 4)
+
+    def pack(self, latents: Tensor) -> Tensor:
+        """`[B, C, H, W]` VAE latents -> `[B, (H/2)(W/2), 4C]`."""
+        b, c, h, w = latents.shape
+        return latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """Inverse of `pack`."""
+        b, _, channels = packed.shape
+        grid = self.latent_grid
+        c = channels // 4
+        return packed.reshape(b, grid, grid, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * 2, grid * 2)
+
+    def _to_vae_latents(self, latents: Tensor) -> Tensor:
+        return self.unpack(latents)
+
+    def guidance_embedding(self, batch: int, device) -> Tensor | None:
+        """The guidance-distilled checkpoints' embedded scale (FLUX.1-dev), None without one."""
+        if not self.transformer_config.get("guidance_embeds", False):
+            return None
+        return torch.full((batch,), self.options.embedded_guidance_scale, device=device, dtype=torch.float32)
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """What `FluxPipeline` and `QwenImagePipeline` sample with: `linspace(1, 1/T, T)` shifted by the resolution-dependent
+        `mu` of the checkpoint's scheduler config, then a final 0."""
+        import numpy as np
+
+        scheduler = self._scheduler()
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = _calculate_shift(self.latent_grid ** 2, scheduler.config, default_max_shift=1.15)
+        scheduler.set_timesteps(sigmas=sigmas, **kwargs)
+        return scheduler.sigmas.float().cpu()
+
+
+class FluxBackbone(PackedLatentsBackbone):
+    """FLUX.1: the transformer also takes the guidance embedding (FLUX.1-dev), a pooled CLIP vector
+    and position ids for image patches and text tokens."""
+
+    family = "flux"
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
@@ -274,45 +344,96 @@ class FluxBackbone(PipelineBackbone):
 
     def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
         embeds, pooled = cond
-        batch, dtype = latents.shape[0], self.dtype
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((batch,), self.options.embedded_guidance_scale, device=latents.device,
-                                  dtype=torch.float32)
+        dtype = self.dtype
         return self.transformer(
-            hidden_states=latents.to(dtype), timestep=t.to(dtype), guidance=guidance,
+            hidden_states=latents.to(dtype), timestep=t.to(dtype),
+            guidance=self.guidance_embedding(latents.shape[0], latents.device),
             pooled_projections=pooled.to(dtype), encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
             img_ids=self.image_ids(latents.device, dtype), return_dict=False,
         )[0]
 
-    def pack(self, latents: Tensor) -> Tensor:
-        """`[B, C, H, W]` VAE latents -> `[B, (H/2)(W/2), 4C]`."""
-        b, c, h, w = latents.shape
-        return latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
 
-    def unpack(self, packed: Tensor) -> Tensor:
-        """Inverse of `pack`."""
-        b, _, channels = packed.shape
-        grid = self.latent_grid
-        c = channels // 4
-        return packed.reshape(b, grid, grid, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * 2, grid * 2)
+class PaddedText(tuple):
+    """`(embeds [B, L, D], mask [B, L] bool)`: prompts of different token counts, each padded with
+    zeros to the batch's longest (mask False), as `QwenImagePipeline` batches them; the transformer
+    masks the padding out of its attention. Concatenation pads the shorter side, so conditions
+    encoded apart (the prompts, the CFG negative) still batch into one forward."""
+
+    def concat_rows(self, other: "PaddedText") -> "PaddedText":
+        length = max(self[0].shape[1], other[0].shape[1])
+        return PaddedText(torch.cat([_pad_tokens(a, length), _pad_tokens(b, length)]) for a, b in zip(self, other))
+
+
+def _pad_tokens(part: Tensor, length: int) -> Tensor:
+    """Zero-pads dim 1 (tokens) to `length` (False for a mask)."""
+    missing = length - part.shape[1]
+    if missing == 0:
+        return part
+    return torch.cat([part, part.new_zeros((part.shape[0], missing, *part.shape[2:]))], dim=1)
+
+
+class QwenImageBackbone(PackedLatentsBackbone):
+    """Qwen-Image: conditioned on the last hidden layer of a Qwen2.5-VL text encoder over a chat
+    template (the pipeline's `encode_prompt`), a variable number of tokens per prompt with a mask
+    (`PaddedText`); no pooled vector; latents packed like FLUX's, decoded by a video-style VAE
+    (one frame) after per-channel de-normalisation. Classifier-free guidance is the pipeline's
+    "true CFG": the combined velocity rescaled per token to the conditional one's norm
+    (`combine_guidance`), with " " as the negative prompt."""
+
+    family = "qwenimage"
+    negative_prompt = " "
+
+    def _vae_scale_factor(self) -> int:
+        return 2 ** len(self.vae.temperal_downsample)
+
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.options.max_sequence_length or 512,
+        )
+        return embeds.to(self.dtype), mask
+
+    def _split_rows(self, encoded: tuple[Tensor, Tensor | None]) -> list[tuple[Tensor]]:
+        """Each prompt keeps its own token count (its embedding does not depend on the prompts it
+        was encoded with); padding happens per batch in `_join_rows`."""
+        embeds, mask = encoded
+        lengths = [embeds.shape[1]] * embeds.shape[0] if mask is None else mask.sum(dim=1).tolist()
+        return [(embeds[row, :length].detach(),) for row, length in enumerate(lengths)]
+
+    def _join_rows(self, rows: list[tuple[Tensor]]) -> PaddedText:
+        length = max(row.shape[0] for (row,) in rows)
+        embeds = torch.stack([_pad_tokens(row[None], length)[0] for (row,) in rows])
+        mask = torch.stack([torch.arange(length) < row.shape[0] for (row,) in rows])
+        return PaddedText((embeds.to(self.device), mask.to(self.device)))
+
+    def velocity(self, latents: Tensor, t: Tensor, cond: PaddedText) -> Tensor:
+        embeds, mask = cond
+        batch, dtype, grid = latents.shape[0], self.dtype, self.latent_grid
+        return self.transformer(
+            hidden_states=latents.to(dtype), timestep=t.to(dtype),
+            guidance=self.guidance_embedding(batch, latents.device), encoder_hidden_states=embeds.to(dtype),
+            encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid)]] * batch, return_dict=False,
+        )[0]
+
+    @staticmethod
+    def combine_guidance(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
+        """`QwenImagePipeline`'s guidance: standard CFG, then each token's velocity rescaled to the
+        norm of its conditional velocity (over the packed channels)."""
+        combined = v_uncond + scale * (v_cond - v_uncond)
+        return combined * (v_cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
     def _to_vae_latents(self, latents: Tensor) -> Tensor:
-        return self.unpack(latents)
+        return self.unpack(latents).unsqueeze(2)  # [B, C, 1 frame, H, W]
 
-    def sampling_sigmas(self, num_steps: int) -> Tensor:
-        """What `FluxPipeline` samples with: `linspace(1, 1/T, T)` shifted by the resolution-dependent
-        `mu` of the checkpoint's scheduler config, then a final 0."""
-        import numpy as np
+    def _denormalize(self, z: Tensor) -> Tensor:
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        return z * std + mean
 
-        scheduler = self._scheduler()
-        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-        kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", False):
-            kwargs["mu"] = _calculate_shift(self.latent_grid ** 2, scheduler.config, default_max_shift=1.15)
-        scheduler.set_timesteps(sigmas=sigmas, **kwargs)
-        return scheduler.sigmas.float().cpu()
+    def _from_vae_output(self, decoded: Tensor) -> Tensor:
+        return decoded[:, :, 0]
 
 
 def _calculate_shift(image_seq_len: int, config, default_max_shift: float) -> float:
@@ -333,7 +454,7 @@ def set_attention_backend(transformer, backend: str, family: str) -> None:
     if importlib.util.find_spec("xformers") is None:
         raise ImportError("attention_backend='xformers' needs the xformers package (pip install 'sfgrpo[xformers]', "
                           "GPU builds only); use attention_backend='sdpa' otherwise")
-    if family == "flux":  # FLUX's attention goes through diffusers' dispatcher
+    if family in ("flux", "qwenimage"):  # their attention goes through diffusers' dispatcher
         transformer.set_attention_backend("xformers")
     else:  # SD3's joint-attention processors are swapped for their xformers twins
         transformer.enable_xformers_memory_efficient_attention()

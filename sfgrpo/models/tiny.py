@@ -1,4 +1,4 @@
-"""Tiny random diffusers checkpoints (SD3, FLUX) and a tiny CLIP model, built offline from configs.
+"""Tiny random diffusers checkpoints (SD3, FLUX, Qwen-Image) and a tiny CLIP model, built offline from configs.
 
 They exercise exactly the loading code real checkpoints go through (`model_index.json`,
 `from_pretrained` of every component) in a second of CPU time, so the tests need no network and
@@ -14,6 +14,7 @@ import torch
 
 TEXT_WIDTH = 16  # hidden width of each tiny CLIP text encoder (two of them are concatenated: 32)
 T5_WIDTH = 32
+QWEN_WIDTH = 16  # hidden width of the tiny Qwen2.5-VL text encoder
 
 
 def _clip_vocab() -> dict[str, int]:
@@ -135,4 +136,79 @@ def save_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
     CLIPModel(config).save_pretrained(str(directory))
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(directory))
+    return Path(directory)
+
+
+# the system part of QwenImagePipeline's prompt template (its first 34 tokens, which the pipeline
+# drops from the text encoder's output, are "<|im_start|>" + this + "<|im_end|>\n<|im_start|>")
+QWEN_TEMPLATE_SYSTEM = ("system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+                        "spatial relationships of the objects and background:")
+
+
+def tiny_qwen_tokenizer():
+    """Qwen2's byte-level BPE without merges (one token per byte), the chat-template tokens, and the
+    template's system text as 30 added tokens: like the real tokenizer, the template's prefix is 34
+    tokens, so the pipeline's `prompt_template_encode_start_idx` drops exactly the system part and
+    a prompt's embedding starts at "user\n". (A prompt containing one of those fragments, e.g.
+    " colo", gets it as one token: harmless in a random test model.)"""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    vocab = {character: index for index, character in enumerate(sorted(ByteLevel.alphabet()))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    text = QWEN_TEMPLATE_SYSTEM
+    bounds = [round(i * len(text) / 30) for i in range(31)]
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])] + ["user\n", "assistant\n"]
+    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in pieces])
+    return tokenizer
+
+
+def _tiny_qwen_vl(tokenizer):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocab_size, head_dim = len(tokenizer), QWEN_WIDTH // 2
+    end_of_text, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=QWEN_WIDTH, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, head_dim // 2 - 2]},
+            bos_token_id=end_of_text, eos_token_id=im_end, pad_token_id=end_of_text,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_WIDTH,
+                           patch_size=2, spatial_merge_size=1, temporal_patch_size=1),
+        # ids of the (unused) image tokens: any inside the tiny vocabulary
+        bos_token_id=end_of_text, eos_token_id=im_end, image_token_id=end_of_text, video_token_id=end_of_text,
+        vision_start_token_id=end_of_text, vision_end_token_id=end_of_text,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def save_tiny_qwen_image(directory: str | Path, seed: int = 0) -> Path:
+    """A random Qwen-Image pipeline (tiny Qwen2.5-VL text encoder, 4x Qwen-Image VAE, the real
+    checkpoint's scheduler config: dynamic shift, `shift_terminal` 0.02)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    pipe = QwenImagePipeline(
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=QWEN_WIDTH, axes_dims_rope=(2, 2, 4),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+            shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential",
+        ),
+        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                   temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                   latents_std=[1.5, 0.8, 1.2, 2.0]),
+        text_encoder=_tiny_qwen_vl(tokenizer),
+        tokenizer=tokenizer,
+    )
+    pipe.save_pretrained(str(directory))
     return Path(directory)

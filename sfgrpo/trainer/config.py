@@ -33,7 +33,9 @@ class TrainerConfig:
     # ------------------------------------------------------------------ backbone and data
     backbone: str = _help(
         "'digits' (the shipped pretrained digits model), 'digits-random' / 'tiny-random' (random init, "
-        "for tests) or a directory written by DigitsBackbone.save", default="digits")
+        "for tests), a directory written by DigitsBackbone.save, a diffusers checkpoint directory (its "
+        "model_index.json picks the pipeline), or 'package.module:factory' returning any model with "
+        "sfgrpo.models.protocol.Backbone's interface (called as factory(config) or factory())", default="digits")
     prompts: str = _help("comma-separated prompt list; for the digits backbone the classes", default="0,1,2,3,4,5,6,7,8,9")
     prompts_per_iteration: int = _help("groups per iteration (distinct prompts, each with its own shared noise)", default=4)
     group_size: int = _help("trajectories per group (same prompt)", default=8)
@@ -149,13 +151,15 @@ class TrainerConfig:
     model_dtype: str = _help("real backbones: storage dtype float32 | bfloat16 | float16 (trained weights are kept in fp32: "
                              "LoRA adapters, or the transformer in a full fine-tune)",
                              default="float32")
-    max_sequence_length: int | None = _help("real backbones: T5 tokens (None: 256 SD3, 512 FLUX)", default=None)
+    max_sequence_length: int | None = _help("real backbones: text tokens (None: 256 SD3, 512 FLUX / Qwen-Image)",
+                                            default=None)
     embedded_guidance_scale: float = _help("FLUX-dev guidance embedding (not CFG; ignored by other models)",
                                            default=3.5)
     decode_batch_size: int = _help("real backbones: latents per VAE decode call", default=8)
     attention_backend: str = _help("real backbones: sdpa | xformers (needs xformers installed)", default="sdpa")
     schedule_from_checkpoint: bool = _help(
-        "real backbones: sample on the checkpoint scheduler's grid (its shift; FLUX's resolution-dependent mu); "
+        "real backbones: sample on the checkpoint scheduler's grid (its shift; the resolution-dependent mu of FLUX "
+        "and Qwen-Image); "
         "off: SD3 grid with --shift", default=True)
 
     # ------------------------------------------------------------------ derived

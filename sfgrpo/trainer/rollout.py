@@ -19,7 +19,9 @@ from torch import Tensor
 from sfgrpo import functional
 from sfgrpo.distributed import TrajectoryNoise
 
-Condition = Any  # whatever the backbone's encode_prompts returns: a tensor or a tuple of tensors
+# whatever the backbone's encode_prompts returns: a tensor or a tuple of `[B, ...]` tensors; a
+# tuple type with a `concat_rows` method concatenates itself (text padded to different lengths)
+Condition = Any
 
 
 def select_rows(cond: Condition, rows: Tensor | slice) -> Condition:
@@ -38,6 +40,8 @@ def repeat_rows(cond: Condition, times: int) -> Condition:
 def concat_rows(first: Condition, second: Condition) -> Condition:
     if isinstance(first, Tensor):
         return torch.cat([first, second])
+    if hasattr(first, "concat_rows"):
+        return first.concat_rows(second)
     return type(first)(concat_rows(a, b) for a, b in zip(first, second))
 
 
@@ -70,8 +74,16 @@ class GuidedModel:
             else:
                 both = self.model.velocity(torch.cat([x, x]), torch.cat([t, t]), concat_rows(null_cond, cond)).float()
                 v_uncond, v_cond = both.chunk(2)
-        v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        v = self.combine(v_cond, v_uncond)
         return (v, v_uncond) if return_uncond else v
+
+    def combine(self, v_cond: Tensor, v_uncond: Tensor) -> Tensor:
+        """Classifier-free guidance: the backbone's own rule when its pipeline has one
+        (`combine_guidance`: Qwen-Image rescales the result), else `uncond + scale (cond - uncond)`."""
+        rule = getattr(self.model, "combine_guidance", None)
+        if rule is not None:
+            return rule(v_cond, v_uncond, self.guidance_scale)
+        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
 
     def with_constant_uncond(self, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition,
                              v_uncond: Tensor | None = None) -> Tensor:
@@ -88,7 +100,7 @@ class GuidedModel:
                 with torch.no_grad():
                     v_uncond = self.model.velocity(x, t, null_cond).float()
             v_cond = self.model.velocity(x, t, cond).float()
-        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        return self.combine(v_cond, v_uncond)
 
 
 def guided_in_chunks(guided: GuidedModel, x: Tensor, t: Tensor, cond: Condition, null_cond: Condition,

@@ -22,6 +22,7 @@ from torch import Tensor
 from sfgrpo import distributed, functional
 from sfgrpo.rewards import get_reward
 from sfgrpo.models.pipelines import sampling_sigmas
+from sfgrpo.models.protocol import check_backbone
 from sfgrpo.trainer import checkpoint as ckpt
 from sfgrpo.trainer.config import TrainerConfig
 from sfgrpo.trainer.reporting import Reporters, parse_report_to
@@ -64,6 +65,7 @@ class Trainer:
             from sfgrpo.models.digits import load_backbone
 
             model = load_backbone(cfg.backbone, cfg.seed, cfg)
+        check_backbone(model)  # a user's model=: every missing member named now, not mid-iteration
         self.model = model.to(self.device).requires_grad_(False)
         self.reward = get_reward(reward if reward is not None else cfg.reward)
         self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
