@@ -54,7 +54,7 @@ if want bench; then
   tail -n 40 "$OUT/bench_sde_step.txt"
 fi
 if want trainer; then
-  timeout 70 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
+  timeout 70 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
   echo "trainer on CUDA: exit $? ($(tail -1 "$OUT/tests_trainer_cuda.txt"))"
 fi
 if want tune; then

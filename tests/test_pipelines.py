@@ -287,13 +287,14 @@ def test_cli_flags_reach_the_backbone(sd3_dir, tmp_path):
     args = ["train", "--backbone", str(sd3_dir), "--prompt-file", str(prompt_file), "--resolution", "16",
             "--max-sequence-length", "8", "--iterations", "1", "--prompts-per-iteration", "2", "--group-size", "2",
             "--num-steps", "3", "--decode-batch-size", "5", "--reward", "brightness", "--no-schedule-from-checkpoint", "--shift", "1.5",
-            "--output-dir", str(tmp_path / "run"), "--no-progress", "--no-plots"]
+            "--output-dir", str(tmp_path / "run"), "--no-progress", "--no-plots", "--offload-text-encoders"]
     assert main(args) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["decode_batch_size"] == 5 and saved["schedule_from_checkpoint"] is False
     config = TrainerConfig.from_dict(saved)
     trainer = Trainer(config)
     assert trainer.model.options.decode_batch_size == 5 and config.prompt_list == ["a, b", "c"]
+    assert len(trainer.model.text_encoders) == 0 and len(trainer.model.offloaded_text_encoders) == 2
     torch.testing.assert_close(torch.tensor(trainer.steps.t + [0.0]), Schedule.sd3(3, 1.5).sigmas)
 
 
@@ -327,3 +328,41 @@ def test_qwen_image_guidance_is_the_pipelines_rescaled_cfg():
     expected = combined * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got.norm(dim=-1), v_cond.norm(dim=-1))  # each token keeps the conditional norm
+
+
+def test_offloaded_text_encoders_stay_in_cpu_memory_between_encodes(checkpoint):
+    """`offload_text_encoders`: the encoders are not submodules (`.to()` leaves them alone), visit
+    the backbone's device only when a prompt is not cached yet, and encode exactly as before."""
+    family, path = checkpoint
+    resident = load_pipeline_backbone(path, OPTIONS)
+    model = load_pipeline_backbone(path, PipelineOptions(**{**vars(OPTIONS), "offload_text_encoders": True}))
+    assert len(model.text_encoders) == 0 and len(model.offloaded_text_encoders) == len(resident.text_encoders) > 0
+    assert not any(p.requires_grad for e in model.offloaded_text_encoders for p in e.parameters())
+    assert all(not e.training for e in model.offloaded_text_encoders)
+    moves = []
+    for encoder in model.offloaded_text_encoders:
+        original = encoder.to
+        encoder.to = lambda *args, original=original, **kwargs: moves.append(str(args[0])) or original(*args, **kwargs)
+    expected = resident.encode_prompts(PROMPTS)
+    got = model.encode_prompts(PROMPTS)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    encoders = len(model.offloaded_text_encoders)
+    assert moves == [str(model.device)] * encoders + ["cpu"] * encoders  # there and back, once
+    model.encode_prompts(PROMPTS[:2])
+    assert len(moves) == 2 * encoders  # cached prompts need no encoder
+    model.to(torch.float64)  # what trainer.model.to(device) moves: not the offloaded encoders
+    assert model.dtype == torch.float64
+    assert {p.dtype for e in model.offloaded_text_encoders for p in e.parameters()} == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloaded_text_encoders_encode_on_cuda(sd3_dir):
+    model = load_pipeline_backbone(sd3_dir, PipelineOptions(**{**vars(OPTIONS), "offload_text_encoders": True}))
+    model.to("cuda")
+    cond = model.encode_prompts(PROMPTS)
+    assert all(part.is_cuda for part in cond)
+    assert all(p.device.type == "cpu" for e in model.offloaded_text_encoders for p in e.parameters())
+    resident = load_pipeline_backbone(sd3_dir, OPTIONS).to("cuda")
+    for a, b in zip(cond, resident.encode_prompts(PROMPTS)):
+        torch.testing.assert_close(a, b)

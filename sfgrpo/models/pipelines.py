@@ -23,6 +23,7 @@ a missing T5) is the one diffusers implements for it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class PipelineOptions:
     embedded_guidance_scale: float = 3.5  # FLUX-dev's guidance embedding (ignored without one)
     decode_batch_size: int = 8  # latents per VAE decode call
     attention_backend: str = "sdpa"
+    offload_text_encoders: bool = False  # text encoders live in CPU memory, visit the device to encode
 
     @classmethod
     def from_config(cls, config) -> "PipelineOptions":
@@ -121,12 +123,14 @@ class PipelineBackbone(nn.Module):
         self.pipe = pipe  # kept for encode_prompt; its modules are registered below as well
         self.transformer = pipe.transformer
         self.vae = pipe.vae
-        # registered so that .to(device) moves them with the transformer
-        self.text_encoders = nn.ModuleList(
-            [m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
-             if m is not None])
-        for frozen in (self.vae, *self.text_encoders):
+        encoders = [m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                    if m is not None]
+        for frozen in (self.vae, *encoders):
             frozen.requires_grad_(False).eval()
+        # registered, .to(device) moves them with the transformer; offloaded, a plain list that
+        # .to() does not see: they stay in CPU memory between encodes
+        self.text_encoders = nn.ModuleList([] if options.offload_text_encoders else encoders)
+        self.offloaded_text_encoders = encoders if options.offload_text_encoders else []
         self.vae_scale_factor = self._vae_scale_factor()
         self._prompt_cache: dict[str, tuple[Tensor, ...]] = {}
         set_attention_backend(self.transformer, options.attention_backend, self.family)
@@ -157,7 +161,7 @@ class PipelineBackbone(nn.Module):
         prompts = [str(p) for p in prompts]
         missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
         if missing:
-            with torch.no_grad():
+            with torch.no_grad(), self._text_encoders_on_device():
                 encoded = self._encode_text(missing)
             for prompt, row in zip(missing, self._split_rows(encoded)):
                 self._prompt_cache[prompt] = row
@@ -190,6 +194,18 @@ class PipelineBackbone(nn.Module):
     # ---------------------------------------------------------------- family-specific
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, ...]:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self):
+        """Offloaded text encoders visit the device for one encode call (prompts not cached yet:
+        the first iterations, new prompts of a large prompt set), then go back to CPU memory."""
+        for encoder in self.offloaded_text_encoders:
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder in self.offloaded_text_encoders:
+                encoder.to("cpu")
 
     def _vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
