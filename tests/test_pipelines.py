@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sfgrpo.models import load_backbone
-from sfgrpo.models.pipelines import (FluxBackbone, PaddedText, PipelineOptions, QwenImageBackbone, SD3Backbone,
-                                     load_pipeline_backbone)
-from sfgrpo.models.tiny import save_tiny_flux, save_tiny_qwen_image, save_tiny_sd3
+from sfgrpo.models.pipelines import (Flux2KleinBackbone, FluxBackbone, PaddedText, PipelineOptions,
+                                     QwenImageBackbone, SD3Backbone, load_pipeline_backbone)
+from sfgrpo.models.tiny import save_tiny_flux, save_tiny_flux2_klein, save_tiny_qwen_image, save_tiny_sd3
 from sfgrpo.trainer import Trainer, TrainerConfig
 from sfgrpo.trainer.rollout import GuidedModel, rollout
 
@@ -31,6 +31,11 @@ def flux_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def flux2_dir(tmp_path_factory):
+    return save_tiny_flux2_klein(tmp_path_factory.mktemp("flux2"))
+
+
+@pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     return save_tiny_qwen_image(tmp_path_factory.mktemp("qwenimage"))
 
@@ -42,14 +47,14 @@ def variant_dirs(tmp_path_factory):
             "flux_schnell": save_tiny_flux(tmp_path_factory.mktemp("flux_schnell"), guidance_embeds=False)}
 
 
-@pytest.fixture(params=["sd3", "flux", "qwenimage"])
-def checkpoint(request, sd3_dir, flux_dir, qwen_dir):
-    return request.param, {"sd3": sd3_dir, "flux": flux_dir, "qwenimage": qwen_dir}[request.param]
+@pytest.fixture(params=["sd3", "flux", "flux2", "qwenimage"])
+def checkpoint(request, sd3_dir, flux_dir, flux2_dir, qwen_dir):
+    return request.param, {"sd3": sd3_dir, "flux": flux_dir, "flux2": flux2_dir, "qwenimage": qwen_dir}[request.param]
 
 
-@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell", "qwenimage"])
-def any_checkpoint(request, sd3_dir, flux_dir, qwen_dir, variant_dirs):
-    paths = {"sd3": sd3_dir, "flux": flux_dir, "qwenimage": qwen_dir, **variant_dirs}
+@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell", "flux2", "qwenimage"])
+def any_checkpoint(request, sd3_dir, flux_dir, flux2_dir, qwen_dir, variant_dirs):
+    paths = {"sd3": sd3_dir, "flux": flux_dir, "flux2": flux2_dir, "qwenimage": qwen_dir, **variant_dirs}
     return request.param.split("_")[0], paths[request.param]
 
 
@@ -58,9 +63,10 @@ def guidance_for(family: str) -> float:
     return 1.0 if family == "flux" else 2.0
 
 
-def test_family_is_read_from_model_index(sd3_dir, flux_dir, qwen_dir, tmp_path):
+def test_family_is_read_from_model_index(sd3_dir, flux_dir, flux2_dir, qwen_dir, tmp_path):
     assert isinstance(load_pipeline_backbone(sd3_dir, OPTIONS), SD3Backbone)
     assert isinstance(load_backbone(str(flux_dir)), FluxBackbone)
+    assert isinstance(load_backbone(str(flux2_dir)), Flux2KleinBackbone)
     assert isinstance(load_backbone(str(qwen_dir)), QwenImageBackbone)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
@@ -74,7 +80,16 @@ def test_frozen_parts_and_latent_layouts(checkpoint):
         assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     # 16 px, 2x VAE: SD3 keeps [C, 8, 8]; FLUX packs 2x2 patches into [16 tokens, 4 * 4 channels];
     # Qwen-Image's VAE is 4x: [4 tokens, 16 channels]
-    assert model.latent_shape == {"sd3": (4, 8, 8), "flux": (16, 16), "qwenimage": (4, 16)}[family]
+    assert model.latent_shape == {"sd3": (4, 8, 8), "flux": (16, 16), "flux2": (16, 16), "qwenimage": (4, 16)}[family]
+    if family == "flux2":
+        from diffusers import Flux2KleinPipeline as pipe_class
+
+        latents = torch.randn(2, 4, 8, 8)  # VAE latents -> patches -> packed, as the pipeline does
+        packed = pipe_class._pack_latents(pipe_class._patchify_latents(latents))
+        assert torch.equal(model.pack(latents), packed)
+        ids = pipe_class._prepare_latent_ids(torch.zeros(2, 16, 4, 4))
+        assert torch.equal(model.position_ids(2, 4, 4, 1, "cpu"), ids)
+        assert torch.equal(model.position_ids(2, 1, 1, 8, "cpu"), pipe_class._prepare_text_ids(torch.zeros(2, 8, 3)))
     if family == "qwenimage":
         from diffusers import QwenImagePipeline
 
@@ -111,13 +126,14 @@ def test_prompt_embeddings_are_cached_per_string(checkpoint):
 
 def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
     """Same noise, same grid: Euler steps through our velocity reproduce the pipeline's own sampler,
-    which pins the time convention (1000 t for SD3, t for FLUX and Qwen-Image), CFG (Qwen-Image's
-    rescaled "true CFG" with its " " negative), FLUX's guidance embedding and ids, Qwen-Image's
-    text masks and image shapes, packing, the scheduler grid (dynamic mu, Qwen-Image's
-    shift_terminal) and the VAE's scaling/shift (Qwen-Image: per-channel mean/std, one frame)."""
+    which pins the time convention (1000 t for SD3, t for the others), CFG (Qwen-Image's rescaled
+    "true CFG" with its " " negative), FLUX's guidance embedding and ids, FLUX.2's 4D ids and
+    stacked text layers, Qwen-Image's text masks and image shapes, packing, the scheduler grid
+    (dynamic mu, FLUX.2's step-dependent mu, Qwen-Image's shift_terminal) and the VAE's
+    scaling/shift (Qwen-Image: per-channel mean/std, one frame; FLUX.2: latent batch norm)."""
     family, path = any_checkpoint
     model = load_pipeline_backbone(path, OPTIONS)
-    cfg = 2.5 if family in ("sd3", "qwenimage") else 1.0
+    cfg = 1.0 if family == "flux" else 2.5
     guided = GuidedModel(model, cfg)
     sigmas = model.sampling_sigmas(4)
     noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
@@ -126,15 +142,19 @@ def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
         cond, null = model.encode_prompts(PROMPTS[:2]), model.null_condition(2)
         for k in range(4):
             x = x + (sigmas[k + 1] - sigmas[k]) * guided(x, torch.full((2,), float(sigmas[k])), cond, null)
-    kwargs = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=8)
+    kwargs = dict(prompt=PROMPTS[:2], height=16, width=16, num_inference_steps=4, max_sequence_length=8)
+    start = noise.clone()
     if family == "qwenimage":
         kwargs.update(true_cfg_scale=cfg, negative_prompt=" ")
+    elif family == "flux2":  # its pipeline takes the noise as patches [B, 4C, H/2, W/2], returns VAE latents
+        kwargs.update(guidance_scale=cfg)
+        start = noise.reshape(2, 4, 4, 16).permute(0, 3, 1, 2)
     else:
         kwargs.update(guidance_scale=cfg if family == "sd3" else OPTIONS.embedded_guidance_scale)
-    reference = model.pipe(PROMPTS[:2], latents=noise.clone(), output_type="latent", **kwargs).images
-    torch.testing.assert_close(x, reference, atol=1e-5, rtol=1e-5)
+    reference = model.pipe(latents=start.clone(), output_type="latent", **kwargs).images
+    torch.testing.assert_close(model._to_vae_latents(x) if family == "flux2" else x, reference, atol=1e-5, rtol=1e-5)
     images = model.decode(torch.cat([x, x, x]))  # 6 latents, decode batches of 3
-    reference_images = model.pipe(PROMPTS[:2], latents=noise.clone(), output_type="pt", **kwargs).images
+    reference_images = model.pipe(latents=start.clone(), output_type="pt", **kwargs).images
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.float32
     torch.testing.assert_close(images[:2], reference_images, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(images[4:], reference_images, atol=1e-5, rtol=1e-5)
@@ -208,7 +228,7 @@ def live_parameters(trainer) -> set[str]:
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_exported_weights_load_into_diffusers_and_give_the_trained_velocity(checkpoint, lora, tmp_path):
-    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
     from sfgrpo.cli import main
     from sfgrpo.trainer.export import export_weights
@@ -235,7 +255,8 @@ def test_exported_weights_load_into_diffusers_and_give_the_trained_velocity(chec
     assert main(["export", "--config", str(tmp_path / "run" / "config.json"), "--resume-from", "latest",
                  "--export-dir", str(tmp_path / "export"), "--no-progress"]) == 0
     pipe = load_pipeline_backbone(path, OPTIONS).pipe  # the base checkpoint, fresh, as diffusers loads it
-    assert isinstance(pipe, {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwenimage": QwenImagePipeline}[family])
+    assert isinstance(pipe, {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "flux2": Flux2KleinPipeline,
+                             "qwenimage": QwenImagePipeline}[family])
     if lora:
         assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
         pipe.load_lora_weights(str(tmp_path / "export"))

@@ -1,4 +1,5 @@
-"""Real backbones from a local diffusers checkpoint directory: SD3 / SD3.5, FLUX and Qwen-Image.
+"""Real backbones from a local diffusers checkpoint directory: SD3 / SD3.5, FLUX.1, FLUX.2 [klein]
+and Qwen-Image.
 
 `load_pipeline_backbone(path, options)` reads the checkpoint's own `model_index.json`, picks the
 family from its `_class_name` and wraps the pipeline's components in the small interface the
@@ -38,6 +39,7 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 SD3_PIPELINES = ("StableDiffusion3Pipeline",)
 FLUX_PIPELINES = ("FluxPipeline",)
 QWEN_IMAGE_PIPELINES = ("QwenImagePipeline",)
+FLUX2_PIPELINES = ("Flux2KleinPipeline",)
 
 
 @dataclass
@@ -46,7 +48,7 @@ class PipelineOptions:
 
     resolution: int = 512  # square images, pixels
     model_dtype: str = "float32"  # storage dtype of every component ("bfloat16" on GPUs)
-    max_sequence_length: int | None = None  # text tokens (None: 256 for SD3, 512 for FLUX and Qwen-Image)
+    max_sequence_length: int | None = None  # text tokens (None: 256 for SD3, 512 for the others)
     embedded_guidance_scale: float = 3.5  # FLUX-dev's guidance embedding (ignored without one)
     decode_batch_size: int = 8  # latents per VAE decode call
     attention_backend: str = "sdpa"
@@ -85,7 +87,8 @@ def pipeline_class_name(path: str | Path) -> str | None:
 
 
 def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = None) -> "PipelineBackbone":
-    """SD3/SD3.5, FLUX or Qwen-Image from a local diffusers directory, chosen by its `model_index.json`."""
+    """SD3/SD3.5, FLUX.1, FLUX.2 [klein] or Qwen-Image from a local diffusers directory, chosen by its
+    `model_index.json`."""
     options = (options or PipelineOptions()).validate()
     class_name = pipeline_class_name(path)
     if class_name in SD3_PIPELINES:
@@ -100,9 +103,13 @@ def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = N
         from diffusers import QwenImagePipeline as pipeline_class
 
         backbone_class = QwenImageBackbone
+    elif class_name in FLUX2_PIPELINES:
+        from diffusers import Flux2KleinPipeline as pipeline_class
+
+        backbone_class = Flux2KleinBackbone
     else:
         raise ValueError(f"{path}: model_index.json names pipeline {class_name!r}; supported: "
-                         f"{SD3_PIPELINES + FLUX_PIPELINES + QWEN_IMAGE_PIPELINES}")
+                         f"{SD3_PIPELINES + FLUX_PIPELINES + FLUX2_PIPELINES + QWEN_IMAGE_PIPELINES}")
     index = json.loads((Path(path) / "model_index.json").read_text())
     # components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly
     absent = {name: None for name, value in index.items()
@@ -370,6 +377,69 @@ class FluxBackbone(PackedLatentsBackbone):
         )[0]
 
 
+class Flux2KleinBackbone(PackedLatentsBackbone):
+    """FLUX.2 [klein]: conditioned on hidden states 9, 18 and 27 of a Qwen3 text encoder over its
+    chat template, concatenated per token and padded to `max_sequence_length` (the pipeline's
+    `encode_prompt`; the padding tokens are real tokens to the transformer, as in FLUX.1); 4D
+    position ids (time, row, column, token); no guidance embedding. Latents are the VAE latent's
+    2x2 patches flattened row by row -- the layout FLUX.1 packs to -- and `decode` undoes the VAE's
+    latent batch normalisation on the patches before un-patchifying. The sampling grid's shift
+    `mu` depends on the number of steps as well as the resolution (`compute_empirical_mu`).
+    Distilled checkpoints (`is_distilled`) sample without CFG: train them with `guidance_scale` 1."""
+
+    family = "flux2"
+
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor]:
+        embeds, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                            max_sequence_length=self.options.max_sequence_length or 512)
+        return (embeds.to(self.dtype),)
+
+    @staticmethod
+    def position_ids(batch: int, rows: int, columns: int, tokens: int, device) -> Tensor:
+        """`[B, rows * columns * tokens, 4]` ids (0, row, column, token): the image patches are
+        (0, h, w, 0), the text tokens (0, 0, 0, l), as the pipeline's `_prepare_*_ids` build them."""
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), torch.arange(tokens),
+                                          indexing="ij"), dim=-1).reshape(-1, 3)
+        ids = torch.cat([torch.zeros(grid.shape[0], 1, dtype=grid.dtype), grid], dim=1)
+        return ids.to(device).expand(batch, -1, -1)
+
+    def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor]) -> Tensor:
+        (embeds,) = cond
+        batch, dtype, grid = latents.shape[0], self.dtype, self.latent_grid
+        return self.transformer(
+            hidden_states=latents.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=t.to(dtype),
+            img_ids=self.position_ids(batch, grid, grid, 1, latents.device),
+            txt_ids=self.position_ids(batch, 1, 1, embeds.shape[1], latents.device),
+            guidance=self.guidance_embedding(batch, latents.device), return_dict=False,
+        )[0]
+
+    def _to_vae_latents(self, latents: Tensor) -> Tensor:
+        """Packed -> `[B, 4C, H/2, W/2]` patches, de-normalised by the VAE's latent batch norm ->
+        `[B, C, H, W]` (the pipeline's `_unpack_latents_with_ids`, bn, `_unpatchify_latents`)."""
+        b, _, channels = latents.shape
+        grid = self.latent_grid
+        patches = latents.reshape(b, grid, grid, channels).permute(0, 3, 1, 2)
+        bn = self.vae.bn
+        std = torch.sqrt(bn.running_var + self.vae.config.batch_norm_eps).to(patches.device, patches.dtype)
+        patches = patches * std.view(1, -1, 1, 1) + bn.running_mean.to(patches.device, patches.dtype).view(1, -1, 1, 1)
+        c = channels // 4
+        return patches.reshape(b, c, 2, 2, grid, grid).permute(0, 1, 4, 2, 5, 3).reshape(b, c, grid * 2, grid * 2)
+
+    def _denormalize(self, z: Tensor) -> Tensor:
+        return z  # done on the patches in _to_vae_latents
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """What `Flux2KleinPipeline` samples with: `linspace(1, 1/T, T)` shifted by its empirical
+        `mu(image tokens, T)`, then a final 0."""
+        import numpy as np
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        scheduler = self._scheduler()
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(self.latent_grid ** 2, num_steps))
+        return scheduler.sigmas.float().cpu()
+
+
 class PaddedText(tuple):
     """`(embeds [B, L, D], mask [B, L] bool)`: prompts of different token counts, each padded with
     zeros to the batch's longest (mask False), as `QwenImagePipeline` batches them; the transformer
@@ -470,7 +540,7 @@ def set_attention_backend(transformer, backend: str, family: str) -> None:
     if importlib.util.find_spec("xformers") is None:
         raise ImportError("attention_backend='xformers' needs the xformers package (pip install 'sfgrpo[xformers]', "
                           "GPU builds only); use attention_backend='sdpa' otherwise")
-    if family in ("flux", "qwenimage"):  # their attention goes through diffusers' dispatcher
+    if family in ("flux", "flux2", "qwenimage"):  # their attention goes through diffusers' dispatcher
         transformer.set_attention_backend("xformers")
     else:  # SD3's joint-attention processors are swapped for their xformers twins
         transformer.enable_xformers_memory_efficient_attention()

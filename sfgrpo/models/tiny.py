@@ -212,3 +212,68 @@ def save_tiny_qwen_image(directory: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(str(directory))
     return Path(directory)
+
+
+# a minimal Qwen3-style chat template: what Flux2KleinPipeline's `apply_chat_template(...,
+# add_generation_prompt=True, enable_thinking=False)` needs (the real one adds an empty think block)
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+FLUX2_TEXT_LAYERS = 27  # Flux2KleinPipeline stacks hidden states 9, 18 and 27 of its text encoder
+
+
+def tiny_qwen3_tokenizer():
+    """Byte-level Qwen tokenizer (no merges) with chat tokens, "user\\n" as one token (so a short
+    `max_sequence_length` still reaches the prompt) and a Qwen3-style chat template."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    vocab = {character: index for index, character in enumerate(sorted(ByteLevel.alphabet()))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in ("user\n", "assistant\n")])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_flux2_klein(directory: str | Path, seed: int = 0) -> Path:
+    """A random FLUX.2 [klein] pipeline: tiny Qwen3 text encoder (27 layers of width 16, hidden
+    states 9/18/27 stacked as the pipeline does), 2x FLUX.2 VAE with its latent batch norm (random
+    running statistics, so de-normalisation is exercised), CFG enabled (not distilled)."""
+    from diffusers import (AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel,
+                           FlowMatchEulerDiscreteScheduler)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen3_tokenizer()
+    end_of_text, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=QWEN_WIDTH, intermediate_size=32, num_hidden_layers=FLUX2_TEXT_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        bos_token_id=end_of_text, eos_token_id=im_end, pad_token_id=end_of_text, tie_word_embeddings=True,
+    ))
+    vae = AutoencoderKLFlux2(
+        latent_channels=4, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=2, sample_size=16,
+    )
+    with torch.no_grad():  # the latent batch norm's statistics (over 2x2-patched latents)
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.3)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
+    pipe = Flux2KleinPipeline(
+        transformer=Flux2Transformer2DModel(
+            in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=3 * QWEN_WIDTH, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2),
+            guidance_embeds=False,
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+            use_dynamic_shifting=True,
+        ),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, is_distilled=False,
+    )
+    pipe.save_pretrained(str(directory))
+    return Path(directory)
