@@ -262,8 +262,10 @@ def main() -> int:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        # NaN (a step that could not be captured in a graph) as null: strict JSON parsers reject NaN
+        json_rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
         (out / f"sde_step_{tag}.json").write_text(json.dumps({"meta": meta, "copy_bandwidth_gbs": round(peak, 1),
-                                                              "rows": rows}, indent=1))
+                                                              "rows": json_rows}, indent=1))
 
     for shape_name in (QUICK if args.quick else SHAPES):
         shape = SHAPES[shape_name]

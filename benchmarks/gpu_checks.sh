@@ -21,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-OUT=${OUT:-$REPO/benchmarks/results/gpu-checks}
+OUT=$(realpath -m "${OUT:-$REPO/benchmarks/results/gpu-checks}")  # absolute: the steps run from /tmp
 STEPS=",${STEPS:-tests,advantages,bench,trainer,tune},"
 mkdir -p "$OUT"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1

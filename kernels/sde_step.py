@@ -482,7 +482,9 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         (batch * cfg.num_chunks,), (
         x, v, v_ref if v_ref is not None else v, sample,
         *rows.pointers, *rows.values,
-        grad_log_prob if grad_log_prob is not None else t, grad_kl if has_g_kl else t,
+        # unused pointer slots get a device tensor: `t` may be a 0-d CPU tensor (the registered op's
+        # scalar step values), which Triton's launcher rejects as a pointer
+        grad_log_prob if grad_log_prob is not None else x, grad_kl if has_g_kl else x,
         grad_mean if grad_mean is not None else x, grad_x0 if grad_x0 is not None else x,
         grad_x1 if grad_x1 is not None else x,
         dv, dv_ref if (need_dv_ref and has_g_kl) else dv, dx if need_dx else dv,

@@ -20,6 +20,8 @@ The contract: a run on W processes computes what one process computes on the sam
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -52,18 +54,27 @@ class DistributedContext:
 def context() -> DistributedContext:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return DistributedContext()
-    return DistributedContext(torch.distributed.get_rank(), torch.distributed.get_world_size(),
-                              int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())))
+    rank = torch.distributed.get_rank()
+    return DistributedContext(rank, torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", _local_rank(rank))))
+
+
+def _local_rank(rank: int) -> int:
+    """Without torchrun's LOCAL_RANK (a group started by another launcher): the node's GPUs in
+    rank order, so that a second node's ranks still name GPUs it has."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return rank % gpus if gpus else rank
 
 
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def init_from_env(device: str = "cpu") -> DistributedContext:
+def init_from_env(device: str = "cpu", timeout_minutes: float | None = None) -> DistributedContext:
     """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT): NCCL for CUDA, gloo for CPU, and binds this process to its GPU.
-    A no-op without torchrun or when a group already exists."""
+    `timeout_minutes`: how long a collective may wait for the slowest process (None: torch's
+    default, 10 minutes for NCCL -- while rank 0 alone writes a whole checkpoint, the others wait
+    in a barrier). A no-op without torchrun or when a group already exists."""
     if launched_by_torchrun() and not torch.distributed.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
@@ -74,7 +85,9 @@ def init_from_env(device: str = "cpu") -> DistributedContext:
         store, rank, world_size = next(torch.distributed.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = torch.distributed.PrefixStore(f"sfgrpo/attempt-{attempt}/", store)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size)
+        timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
+                                             timeout=timeout)
     return context()
 
 
@@ -86,7 +99,12 @@ def shutdown() -> None:
 def local_device(device: str, ctx: DistributedContext) -> torch.device:
     """`cuda` means this process's own GPU (cuda:LOCAL_RANK) once several processes share a node."""
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and ctx.enabled:
+    if dev.type == "cuda" and ctx.enabled:
+        if dev.index is not None and dev.index != ctx.local_rank:
+            # every process would build on that one GPU, and NCCL refuses two ranks on one device
+            raise ValueError(f"device={device!r} names one GPU, but this is process {ctx.rank} of "
+                             f"{ctx.world_size} (local rank {ctx.local_rank}); use device='cuda': each process "
+                             "then takes its own GPU, cuda:LOCAL_RANK")
         dev = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(dev)
     return dev
@@ -210,12 +228,21 @@ def shard_fsdp(transformer: nn.Module, device: torch.device, compute_dtype: torc
     `compute_dtype` (bf16 mixed precision): parameters are all-gathered and used in that dtype while
     the shards (fp32 master weights) and the gradient reduction stay fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError as err:  # the public FSDP2 API (torch >= 2.6)
+        raise RuntimeError(f"distributed='fsdp' needs FSDP2 (torch >= 2.6; this is torch {torch.__version__}); "
+                           "use distributed='ddp'") from err
 
     mesh = init_device_mesh(device.type, (context().world_size,))
     options = {}
     if compute_dtype is not None:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        # inputs are not cast: the root unit would round every float keyword argument to bf16,
+        # SD3's timestep 1000 t included (to multiples of 4 above 512); autocast, which bf16 mixed
+        # precision turns on, casts what the matmuls read, as on one GPU and under DDP
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                    cast_forward_inputs=False)
     for blocks in _block_lists(transformer):
         for block in blocks:
             fully_shard(block, mesh=mesh, **options)
@@ -258,9 +285,20 @@ def gradient_sync(module: nn.Module, enabled: bool):
 
 # ====================================================================== sharded tensors
 def is_sharded(tensor: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+    return _dtensor_type() is not None and isinstance(tensor, _dtensor_type())
 
-    return isinstance(tensor, DTensor)
+
+@functools.lru_cache(maxsize=None)
+def _dtensor_type():
+    """DTensor (public in torch.distributed.tensor from torch 2.5, private before), None without it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
 
 
 def full_tensor(tensor: Tensor) -> Tensor:

@@ -48,7 +48,11 @@ def _check_latent(name: str, tensor: Tensor, like: Tensor) -> None:
 
 
 def _float32(value: float) -> float:
-    """A Python number rounded to float32 (to nearest, as torch.tensor(value, dtype=float32) does)."""
+    """A Python number rounded to float32 (to nearest, as torch.tensor(value, dtype=float32) does).
+    Under torch.compile the number passes as it is (dynamo cannot trace `struct`; it may also be a
+    symbolic float): the op's kernels take it as float32, which rounds it the same way."""
+    if torch.compiler.is_compiling():
+        return value
     try:
         return _FLOAT32.unpack(_FLOAT32.pack(float(value)))[0]
     except OverflowError:  # beyond float32's range

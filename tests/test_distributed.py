@@ -377,3 +377,24 @@ def test_fsdp2_lookahead_makes_the_same_calls_on_every_process(tmp_path):
     ranks = run_ranks(tmp_path, world=4, iterations=1, distributed="fsdp", prompts_per_iteration=3, group_size=4,
                       lookahead_steps=2, lookahead_batch_size=1)
     assert len(ranks) == 4 and all(math.isfinite(r["history"][-1]["reward_mean"]) for r in ranks)
+
+
+def test_fsdp2_bf16_keeps_the_timestep_in_fp32(tmp_path):
+    """FSDP2's mixed precision must not cast the forward's inputs: the root unit would round SD3's
+    `timestep = 1000 t` to bf16 (987.31 -> 988), which one GPU and DDP never do."""
+    import torch.distributed as dist
+
+    from sfgrpo.bench.backbones import build_backbone
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = build_backbone("sd35m-small", resolution=64)
+        distributed.shard_fsdp(model.transformer, torch.device("cpu"), torch.bfloat16)
+        seen = []
+        model.transformer.time_text_embed.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        t = torch.tensor([0.98731, 0.7003])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.velocity(torch.randn(2, *model.latent_shape), t, model.encode_prompts(["a", "b"]))
+        assert seen[0].dtype == torch.float32 and torch.equal(seen[0], t * 1000.0)
+    finally:
+        dist.destroy_process_group()

@@ -112,3 +112,15 @@ def test_bad_specs_fail_clearly(tmp_path):
         get_reward(f"clip_score:{tmp_path}?batchsize=3")
     with pytest.raises(ValueError, match="not valid JSON"):
         get_reward("{brightness: 1}")
+
+
+def test_pickscore_scale_is_the_fp32_one_in_bf16(clip_dir):
+    """The model may run in bf16, but `exp(logit_scale)` is the saved fp32 value: bf16 would round
+    PickScore's log-scale ln(100) = 4.6052 to 4.59375 (a reward scale of 98.9)."""
+    from transformers import CLIPModel
+
+    saved = float(CLIPModel.from_pretrained(clip_dir).logit_scale.detach().exp())
+    embedder = ClipEmbedder(str(clip_dir), None, "bfloat16")
+    embedder._ready(torch.device("cpu"))
+    assert next(embedder.model.parameters()).dtype == torch.bfloat16
+    assert embedder.logit_scale == saved

@@ -387,3 +387,22 @@ def test_offloaded_text_encoders_encode_on_cuda(sd3_dir):
     resident = load_pipeline_backbone(sd3_dir, OPTIONS).to("cuda")
     for a, b in zip(cond, resident.encode_prompts(PROMPTS)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
+def test_velocity_never_synchronises_on_cuda(family, sd3_dir, flux_dir, flux2_dir):
+    """Forward and backward of each backbone's velocity (what every rollout step and PPO update
+    runs) without a host sync: position ids are built on the device. Qwen-Image is left out:
+    diffusers' own `compute_text_seq_len_from_mask` copies a Python int to the device per forward."""
+    path = {"sd3": sd3_dir, "flux": flux_dir, "flux2": flux2_dir}[family]
+    model = load_pipeline_backbone(path, OPTIONS).to("cuda")
+    cond = model.encode_prompts(PROMPTS[:2])  # encoding may synchronise; it is cached per prompt
+    x = torch.randn(2, *model.latent_shape, device="cuda")
+    t = torch.tensor([0.9, 0.4], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.velocity(x, t, cond).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -304,6 +304,27 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     torch.testing.assert_close(out, loss_fn(x, v, sample, t, tn, level))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_torch_compile_fullgraph_with_python_number_step_values(device):
+    """Step values as Python numbers (what the trainer passes) trace without a graph break, and the
+    compiled backward without a KL (unused gradient slots) runs -- on CUDA the op's scalar step
+    values are CPU tensors, which must never reach a kernel's pointer argument."""
+    x, v, _, _, _, _ = _inputs((2, 3, 4, 4), torch.float32)
+    x, v = x.to(device), v.to(device)
+    sample = torch.randn_like(x)
+
+    def loss_fn(x, v, sample):
+        out = F.sde_step(x, v, 0.7, 0.55, 0.7, prev_sample=sample, sigma_max=0.95)
+        return out.log_prob.sum()
+
+    v1 = v.detach().clone().requires_grad_()
+    v2 = v.detach().clone().requires_grad_()
+    torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x, v1, sample).backward()
+    loss_fn(x, v2, sample).backward()
+    torch.testing.assert_close(v1.grad, v2.grad)
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 def test_non_contiguous_inputs_equal_contiguous(accel):
     x, v, _, t, tn, level = _inputs((3, 4, 6, 5), torch.float32)

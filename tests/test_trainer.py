@@ -654,6 +654,21 @@ def test_resume_of_an_older_checkpoint_names_the_settings_it_lacks(tmp_path):
     assert not any("changed settings" in m for m in messages)
 
 
+def test_resume_on_another_kind_of_device_warns_that_noise_differs(tmp_path):
+    Trainer(tiny_config(tmp_path, iterations=1)).train()
+    state_file = tmp_path / "run" / "checkpoints" / "iter-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["config"]["device"] = "cuda:1"  # as a GPU run writes it
+    torch.save(state, state_file)
+    with pytest.warns(RuntimeWarning, match="a cuda run, on cpu: rollout noise"):
+        Trainer(tiny_config(tmp_path, iterations=2, resume_from="latest"))
+    state["config"]["device"] = "cpu"
+    torch.save(state, state_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(tiny_config(tmp_path, iterations=2, resume_from="latest"))
+
+
 def test_chunked_lookahead_matches_the_single_batch(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, lookahead_steps=3, guidance_scale=2.0))
     batch = rollout(trainer.guided, ["1", "2"], 3, trainer.steps, sde_type="sde", logprob="gaussian",

@@ -139,6 +139,7 @@ def run_suite(suite: Suite, progress: bool = True, case_filter: str | None = Non
         if key in out_of_memory:  # a bigger batch than one that already ran out of memory
             bar.update()
             continue
+        status = None
         try:
             result = run_one(case, implementation, prompts, suite)
         except Exception as error:  # recorded, never fatal: compile failures, out of memory, ...
@@ -147,6 +148,9 @@ def run_suite(suite: Suite, progress: bool = True, case_filter: str | None = Non
                 out_of_memory.add(key)
             elif os.environ.get("SFGRPO_BENCH_TRACEBACK"):
                 traceback.print_exc()
+        if status is not None:
+            # freed here, not inside `except`: there the traceback still holds run_one's frame, and
+            # with it the failed case's trainer and its device memory (the next case would OOM)
             rows.append(dict(base, batch=prompts * case.overrides.get("group_size", 8), metric="status", value=None,
                              unit="", status=status))
             gc.collect()

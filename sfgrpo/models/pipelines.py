@@ -358,12 +358,12 @@ class FluxBackbone(PackedLatentsBackbone):
         return embeds.to(self.dtype), pooled.to(self.dtype)
 
     def image_ids(self, device, dtype) -> Tensor:
-        """`[L, 3]` position ids of the packed patches: (0, row, column)."""
+        """`[L, 3]` position ids of the packed patches: (0, row, column). Built on the device: a
+        host-to-device copy in every forward would synchronise the host."""
         grid = self.latent_grid
-        ids = torch.zeros(grid, grid, 3)
-        ids[..., 1] = torch.arange(grid)[:, None]
-        ids[..., 2] = torch.arange(grid)[None, :]
-        return ids.reshape(grid * grid, 3).to(device=device, dtype=dtype)
+        index = torch.arange(grid, device=device, dtype=dtype)
+        rows, columns = index[:, None].expand(grid, grid), index[None, :].expand(grid, grid)
+        return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(grid * grid, 3)
 
     def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
         embeds, pooled = cond
@@ -397,11 +397,11 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
     @staticmethod
     def position_ids(batch: int, rows: int, columns: int, tokens: int, device) -> Tensor:
         """`[B, rows * columns * tokens, 4]` ids (0, row, column, token): the image patches are
-        (0, h, w, 0), the text tokens (0, 0, 0, l), as the pipeline's `_prepare_*_ids` build them."""
-        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), torch.arange(tokens),
-                                          indexing="ij"), dim=-1).reshape(-1, 3)
-        ids = torch.cat([torch.zeros(grid.shape[0], 1, dtype=grid.dtype), grid], dim=1)
-        return ids.to(device).expand(batch, -1, -1)
+        (0, h, w, 0), the text tokens (0, 0, 0, l), as the pipeline's `_prepare_*_ids` build them.
+        Built on the device (a host-to-device copy per forward would synchronise the host)."""
+        axes = [torch.arange(n, device=device) for n in (1, rows, columns, tokens)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 4)
+        return grid.expand(batch, -1, -1)
 
     def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor]) -> Tensor:
         (embeds,) = cond

@@ -61,7 +61,11 @@ class ClipEmbedder:
         if self.model is None:
             from transformers import AutoProcessor, CLIPModel
 
-            self.model = CLIPModel.from_pretrained(self.path).to(dtype=self.dtype).requires_grad_(False).eval()
+            model = CLIPModel.from_pretrained(self.path)
+            # read before the cast: in bf16 PickScore's log-scale 4.6052 rounds to 4.59375 (scale ~99,
+            # not 100); a Python float also keeps a device read out of every reward call
+            self._logit_scale = float(model.logit_scale.detach().float().exp())
+            self.model = model.to(dtype=self.dtype).requires_grad_(False).eval()
             processor = AutoProcessor.from_pretrained(self.processor_path)
             self.tokenizer, image_processor = processor.tokenizer, processor.image_processor
             size = image_processor.size
@@ -115,7 +119,8 @@ class ClipEmbedder:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        """`exp(logit_scale)` of the model as saved (fp32), whatever `dtype` the model runs in."""
+        return self._logit_scale
 
 
 def _options(batch_size="32", dtype="float32", scale="1.0", **unknown) -> tuple[int, str, float]:

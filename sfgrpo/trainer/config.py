@@ -141,6 +141,10 @@ class TrainerConfig:
     activation_checkpointing: bool | None = _help(
         "recompute each transformer block in the backward instead of storing activations (None: on with "
         "distributed=fsdp, off otherwise)", default=None)
+    distributed_timeout_minutes: float = _help(
+        "how long a collective may wait for the slowest process, e.g. while rank 0 alone writes a whole "
+        "checkpoint (torch's NCCL default is 10 minutes: too short for a full fine-tune's checkpoint on slow "
+        "storage)", default=60.0)
 
     # --- real backbones and learned rewards (issue 7)
     prompt_file: str | None = _help(
@@ -265,6 +269,8 @@ class TrainerConfig:
         except ValueError as err:
             need(False, str(err))
         need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        need(self.distributed_timeout_minutes > 0,
+             f"distributed_timeout_minutes must be > 0, got {self.distributed_timeout_minutes}")
         need(self.checkpoint_format in ("full", "sharded"),
              f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")

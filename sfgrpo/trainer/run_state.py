@@ -25,7 +25,7 @@ RESUMABLE_CHANGES = {"iterations", "resume_from", "output_dir", "progress", "plo
                      "image_every", "device", "activation_checkpointing", "eval_every", "eval_num_steps",
                      "eval_prompts", "eval_prompt_file", "eval_samples_per_prompt", "eval_batch_size",
                      "eval_guidance_scale", "checkpoint_format", "report_to", "wandb_project", "run_name",
-                     "keep_checkpoints"}
+                     "keep_checkpoints", "distributed_timeout_minutes"}
 
 
 def save(trainer) -> Path | None:
@@ -82,6 +82,11 @@ def load(trainer, spec: str) -> None:
     changed = {k: (saved_config[k], v) for k, v in trainer.config.to_dict().items()
                if k not in RESUMABLE_CHANGES and k in saved_config and saved_config[k] != v}
     unknown = sorted(k for k in trainer.config.to_dict() if k not in RESUMABLE_CHANGES and k not in saved_config)
+    saved_device = torch.device(saved_config.get("device", "cpu")).type
+    if saved_device != trainer.device.type:  # another GPU is fine; another kind of device is not
+        warnings.warn(f"resuming {path}, a {saved_device} run, on {trainer.device.type}: rollout noise is drawn by "
+                      "the device's generator, so the run continues with other noise than it would have had "
+                      "(not bit-identical to an uninterrupted run)", RuntimeWarning, stacklevel=3)
     if changed:
         warnings.warn(f"resuming {path} with changed settings (saved, now): {changed}; the run will not "
                       "reproduce an uninterrupted one", stacklevel=3)

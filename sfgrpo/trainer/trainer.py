@@ -58,7 +58,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         # rank / world size: joins torchrun's process group when launched by torchrun (no-op when the
         # caller already initialised one); a world of 1 otherwise
-        self.dist = distributed.init_from_env(cfg.device)
+        self.dist = distributed.init_from_env(cfg.device, cfg.distributed_timeout_minutes)
         self.device = distributed.local_device(cfg.device, self.dist)
         self._check_distributed_batch()
         if model is None:
