@@ -406,3 +406,18 @@ def test_velocity_never_synchronises_on_cuda(family, sd3_dir, flux_dir, flux2_di
         model.velocity(x, t, cond).float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_distilled_flux2_refuses_cfg(tmp_path):
+    """A step-distilled FLUX.2 [klein] samples without CFG (its pipeline ignores the scale): training
+    it with CFG would train another sampler than the one deployed."""
+    path = save_tiny_flux2_klein(tmp_path / "klein")
+    index = json.loads((path / "model_index.json").read_text())
+    index["is_distilled"] = True
+    (path / "model_index.json").write_text(json.dumps(index))
+    base = dict(output_dir=str(tmp_path / "run"), backbone=str(path), prompts="a cat", reward="brightness",
+                prompts_per_iteration=1, group_size=2, num_steps=2, progress=False, plots=False, resolution=16,
+                max_sequence_length=8)
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        Trainer(TrainerConfig(**base, guidance_scale=3.0))
+    assert Trainer(TrainerConfig(**base, guidance_scale=1.0)).model.cfg_distilled

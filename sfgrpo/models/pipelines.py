@@ -389,6 +389,11 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
 
     family = "flux2"
 
+    @property
+    def cfg_distilled(self) -> bool:
+        """The pipeline ignores the guidance scale of step-distilled checkpoints (no CFG)."""
+        return bool(self.pipe.config.get("is_distilled", False))
+
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor]:
         embeds, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
                                             max_sequence_length=self.options.max_sequence_length or 512)

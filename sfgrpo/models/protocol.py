@@ -37,6 +37,8 @@ Optional members, used when present:
   shifted grid with `--shift`; `--no-schedule-from-checkpoint` ignores it);
 - `combine_guidance(v_cond, v_uncond, scale) -> Tensor`: the model's own classifier-free guidance
   rule (default `v_uncond + scale (v_cond - v_uncond)`);
+- `cfg_distilled`: True when the model samples without classifier-free guidance (a step-distilled
+  checkpoint); the trainer then refuses a `guidance_scale` other than 1;
 - `pipe`: a diffusers pipeline, only for exporting LoRA weights in its format.
 
 What `.transformer` must support depends on the options: `--use-lora` calls diffusers'

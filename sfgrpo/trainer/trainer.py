@@ -66,6 +66,9 @@ class Trainer:
 
             model = load_backbone(cfg.backbone, cfg.seed, cfg)
         check_backbone(model)  # a user's model=: every missing member named now, not mid-iteration
+        if cfg.guidance_scale != 1.0 and getattr(model, "cfg_distilled", False):
+            raise ValueError(f"bad trainer config: {type(model).__name__} is a guidance-distilled checkpoint (its "
+                             f"pipeline samples without CFG); use guidance_scale 1, not {cfg.guidance_scale}")
         self.model = model.to(self.device).requires_grad_(False)
         self.reward = get_reward(reward if reward is not None else cfg.reward)
         self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
