@@ -209,7 +209,7 @@ def test_ddp_lora_with_reference_kl_matches_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwenimage"])
 def test_diffusers_checkpoints_in_data_parallel_match_one_process(tmp_path, family, strategy):
     """The multi-GPU settings on real pipelines, LoRA under DDP and a full fine-tune under FSDP2
     (sharded blocks, activation checkpointing): the backbone must still read its transformer's
@@ -218,8 +218,8 @@ def test_diffusers_checkpoints_in_data_parallel_match_one_process(tmp_path, fami
     pytest.importorskip("transformers")
     from sfgrpo.models import tiny
 
-    save = {"sd3": tiny.save_tiny_sd3, "flux": tiny.save_tiny_flux, "flux2": tiny.save_tiny_flux2_klein,
-            "qwenimage": tiny.save_tiny_qwen_image}[family]
+    save = {"sd3": tiny.save_tiny_sd3, "flux": tiny.save_tiny_flux, "chroma": tiny.save_tiny_chroma,
+            "flux2": tiny.save_tiny_flux2_klein, "qwenimage": tiny.save_tiny_qwen_image}[family]
     path = save(tmp_path / "checkpoint")
     overrides = dict(backbone=str(path), prompts="a cat,two dogs", resolution=16, max_sequence_length=8,
                      iterations=1, use_lora=strategy == "ddp", lora_rank=2, lora_alpha=4.0, beta=0.04,
@@ -235,7 +235,7 @@ def test_diffusers_checkpoints_in_data_parallel_match_one_process(tmp_path, fami
     # on this CPU; Qwen-Image pads each batch's prompts to its longest (a rank's rows are padded
     # less), and FLUX.2's Qwen3 encoder and transformer round differently with the batch size:
     # the same math, float sums in another order
-    assert_advantages_match(ranks, advantages, exact_first=family in ("sd3", "flux"))
+    assert_advantages_match(ranks, advantages, exact_first=family in ("sd3", "flux", "chroma"))
     assert ranks[0]["history"][-1]["ratio_mean"] == 1.0
     for name, value in trainer.trainable.items():
         torch.testing.assert_close(ranks[0]["weights"][name], value.detach(), **WEIGHTS)

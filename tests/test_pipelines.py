@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from sfgrpo.models import load_backbone
-from sfgrpo.models.pipelines import (Flux2KleinBackbone, FluxBackbone, PaddedText, PipelineOptions,
+from sfgrpo.models.pipelines import (ChromaBackbone, Flux2KleinBackbone, FluxBackbone, PaddedText, PipelineOptions,
                                      QwenImageBackbone, SD3Backbone, load_pipeline_backbone)
-from sfgrpo.models.tiny import save_tiny_flux, save_tiny_flux2_klein, save_tiny_qwen_image, save_tiny_sd3
+from sfgrpo.models.tiny import (save_tiny_chroma, save_tiny_flux, save_tiny_flux2_klein, save_tiny_qwen_image,
+                                save_tiny_sd3)
 from sfgrpo.trainer import Trainer, TrainerConfig
 from sfgrpo.trainer.rollout import GuidedModel, rollout
 
@@ -31,6 +32,11 @@ def flux_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def chroma_dir(tmp_path_factory):
+    return save_tiny_chroma(tmp_path_factory.mktemp("chroma"))
+
+
+@pytest.fixture(scope="module")
 def flux2_dir(tmp_path_factory):
     return save_tiny_flux2_klein(tmp_path_factory.mktemp("flux2"))
 
@@ -47,14 +53,19 @@ def variant_dirs(tmp_path_factory):
             "flux_schnell": save_tiny_flux(tmp_path_factory.mktemp("flux_schnell"), guidance_embeds=False)}
 
 
-@pytest.fixture(params=["sd3", "flux", "flux2", "qwenimage"])
-def checkpoint(request, sd3_dir, flux_dir, flux2_dir, qwen_dir):
-    return request.param, {"sd3": sd3_dir, "flux": flux_dir, "flux2": flux2_dir, "qwenimage": qwen_dir}[request.param]
+FAMILIES = ["sd3", "flux", "chroma", "flux2", "qwenimage"]
 
 
-@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell", "flux2", "qwenimage"])
-def any_checkpoint(request, sd3_dir, flux_dir, flux2_dir, qwen_dir, variant_dirs):
-    paths = {"sd3": sd3_dir, "flux": flux_dir, "flux2": flux2_dir, "qwenimage": qwen_dir, **variant_dirs}
+@pytest.fixture(params=FAMILIES)
+def checkpoint(request, sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir):
+    paths = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir, "qwenimage": qwen_dir}
+    return request.param, paths[request.param]
+
+
+@pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell", "chroma", "flux2", "qwenimage"])
+def any_checkpoint(request, sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir, variant_dirs):
+    paths = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir, "qwenimage": qwen_dir,
+             **variant_dirs}
     return request.param.split("_")[0], paths[request.param]
 
 
@@ -63,10 +74,11 @@ def guidance_for(family: str) -> float:
     return 1.0 if family == "flux" else 2.0
 
 
-def test_family_is_read_from_model_index(sd3_dir, flux_dir, flux2_dir, qwen_dir, tmp_path):
+def test_family_is_read_from_model_index(sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir, tmp_path):
     assert isinstance(load_pipeline_backbone(sd3_dir, OPTIONS), SD3Backbone)
     assert isinstance(load_backbone(str(flux_dir)), FluxBackbone)
     assert isinstance(load_backbone(str(flux2_dir)), Flux2KleinBackbone)
+    assert isinstance(load_backbone(str(chroma_dir)), ChromaBackbone)
     assert isinstance(load_backbone(str(qwen_dir)), QwenImageBackbone)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
@@ -80,7 +92,8 @@ def test_frozen_parts_and_latent_layouts(checkpoint):
         assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     # 16 px, 2x VAE: SD3 keeps [C, 8, 8]; FLUX packs 2x2 patches into [16 tokens, 4 * 4 channels];
     # Qwen-Image's VAE is 4x: [4 tokens, 16 channels]
-    assert model.latent_shape == {"sd3": (4, 8, 8), "flux": (16, 16), "flux2": (16, 16), "qwenimage": (4, 16)}[family]
+    assert model.latent_shape == {"sd3": (4, 8, 8), "flux": (16, 16), "chroma": (16, 16), "flux2": (16, 16),
+                                  "qwenimage": (4, 16)}[family]
     if family == "flux2":
         from diffusers import Flux2KleinPipeline as pipe_class
 
@@ -150,7 +163,7 @@ def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
         kwargs.update(guidance_scale=cfg)
         start = noise.reshape(2, 4, 4, 16).permute(0, 3, 1, 2)
     else:
-        kwargs.update(guidance_scale=cfg if family == "sd3" else OPTIONS.embedded_guidance_scale)
+        kwargs.update(guidance_scale=OPTIONS.embedded_guidance_scale if family == "flux" else cfg)
     reference = model.pipe(latents=start.clone(), output_type="latent", **kwargs).images
     torch.testing.assert_close(model._to_vae_latents(x) if family == "flux2" else x, reference, atol=1e-5, rtol=1e-5)
     images = model.decode(torch.cat([x, x, x]))  # 6 latents, decode batches of 3
@@ -228,7 +241,7 @@ def live_parameters(trainer) -> set[str]:
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_exported_weights_load_into_diffusers_and_give_the_trained_velocity(checkpoint, lora, tmp_path):
-    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import ChromaPipeline, Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
     from sfgrpo.cli import main
     from sfgrpo.trainer.export import export_weights
@@ -255,8 +268,8 @@ def test_exported_weights_load_into_diffusers_and_give_the_trained_velocity(chec
     assert main(["export", "--config", str(tmp_path / "run" / "config.json"), "--resume-from", "latest",
                  "--export-dir", str(tmp_path / "export"), "--no-progress"]) == 0
     pipe = load_pipeline_backbone(path, OPTIONS).pipe  # the base checkpoint, fresh, as diffusers loads it
-    assert isinstance(pipe, {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "flux2": Flux2KleinPipeline,
-                             "qwenimage": QwenImagePipeline}[family])
+    assert isinstance(pipe, {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "chroma": ChromaPipeline,
+                             "flux2": Flux2KleinPipeline, "qwenimage": QwenImagePipeline}[family])
     if lora:
         assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
         pipe.load_lora_weights(str(tmp_path / "export"))
@@ -390,12 +403,12 @@ def test_offloaded_text_encoders_encode_on_cuda(sd3_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
-def test_velocity_never_synchronises_on_cuda(family, sd3_dir, flux_dir, flux2_dir):
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2"])
+def test_velocity_never_synchronises_on_cuda(family, sd3_dir, flux_dir, chroma_dir, flux2_dir):
     """Forward and backward of each backbone's velocity (what every rollout step and PPO update
     runs) without a host sync: position ids are built on the device. Qwen-Image is left out:
     diffusers' own `compute_text_seq_len_from_mask` copies a Python int to the device per forward."""
-    path = {"sd3": sd3_dir, "flux": flux_dir, "flux2": flux2_dir}[family]
+    path = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir}[family]
     model = load_pipeline_backbone(path, OPTIONS).to("cuda")
     cond = model.encode_prompts(PROMPTS[:2])  # encoding may synchronise; it is cached per prompt
     x = torch.randn(2, *model.latent_shape, device="cuda")

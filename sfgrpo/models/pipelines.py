@@ -1,5 +1,5 @@
-"""Real backbones from a local diffusers checkpoint directory: SD3 / SD3.5, FLUX.1, FLUX.2 [klein]
-and Qwen-Image.
+"""Real backbones from a local diffusers checkpoint directory: SD3 / SD3.5, FLUX.1, Chroma, FLUX.2
+[klein] and Qwen-Image.
 
 `load_pipeline_backbone(path, options)` reads the checkpoint's own `model_index.json`, picks the
 family from its `_class_name` and wraps the pipeline's components in the small interface the
@@ -40,6 +40,7 @@ SD3_PIPELINES = ("StableDiffusion3Pipeline",)
 FLUX_PIPELINES = ("FluxPipeline",)
 QWEN_IMAGE_PIPELINES = ("QwenImagePipeline",)
 FLUX2_PIPELINES = ("Flux2KleinPipeline",)
+CHROMA_PIPELINES = ("ChromaPipeline",)
 
 
 @dataclass
@@ -87,8 +88,8 @@ def pipeline_class_name(path: str | Path) -> str | None:
 
 
 def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = None) -> "PipelineBackbone":
-    """SD3/SD3.5, FLUX.1, FLUX.2 [klein] or Qwen-Image from a local diffusers directory, chosen by its
-    `model_index.json`."""
+    """SD3/SD3.5, FLUX.1, Chroma, FLUX.2 [klein] or Qwen-Image from a local diffusers directory,
+    chosen by its `model_index.json`."""
     options = (options or PipelineOptions()).validate()
     class_name = pipeline_class_name(path)
     if class_name in SD3_PIPELINES:
@@ -103,13 +104,17 @@ def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = N
         from diffusers import QwenImagePipeline as pipeline_class
 
         backbone_class = QwenImageBackbone
+    elif class_name in CHROMA_PIPELINES:
+        from diffusers import ChromaPipeline as pipeline_class
+
+        backbone_class = ChromaBackbone
     elif class_name in FLUX2_PIPELINES:
         from diffusers import Flux2KleinPipeline as pipeline_class
 
         backbone_class = Flux2KleinBackbone
     else:
         raise ValueError(f"{path}: model_index.json names pipeline {class_name!r}; supported: "
-                         f"{SD3_PIPELINES + FLUX_PIPELINES + FLUX2_PIPELINES + QWEN_IMAGE_PIPELINES}")
+                         f"{SD3_PIPELINES + FLUX_PIPELINES + CHROMA_PIPELINES + FLUX2_PIPELINES + QWEN_IMAGE_PIPELINES}")
     index = json.loads((Path(path) / "model_index.json").read_text())
     # components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly
     absent = {name: None for name, value in index.items()
@@ -377,6 +382,36 @@ class FluxBackbone(PackedLatentsBackbone):
         )[0]
 
 
+class ChromaBackbone(FluxBackbone):
+    """Chroma (FLUX.1-schnell's architecture, pruned): T5 only, encoded with its attention mask, and
+    the transformer masks the padding after the first padding token (the mask is part of the
+    condition: fixed length, so conditions batch as they are); no pooled vector, no guidance
+    embedding; latents, ids, grid and VAE as FLUX.1's."""
+
+    family = "chroma"
+
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        embeds, _, mask, *_ = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            max_sequence_length=self.options.max_sequence_length or 512,
+        )
+        return embeds.to(self.dtype), mask
+
+    def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
+        embeds, mask = cond
+        batch, dtype = latents.shape[0], self.dtype
+        image = torch.ones(batch, latents.shape[1], device=latents.device, dtype=torch.bool)
+        return self.transformer(
+            hidden_states=latents.to(dtype), timestep=t.to(dtype), encoder_hidden_states=embeds.to(dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
+            img_ids=self.image_ids(latents.device, dtype),
+            # the pipeline's _prepare_attention_mask, in the transformer's dtype (the mask comes in the
+            # text encoder's, and a trained copy may be fp32 next to a bf16 encoder)
+            attention_mask=torch.cat([mask, image], dim=1).to(dtype),
+            return_dict=False,
+        )[0]
+
+
 class Flux2KleinBackbone(PackedLatentsBackbone):
     """FLUX.2 [klein]: conditioned on hidden states 9, 18 and 27 of a Qwen3 text encoder over its
     chat template, concatenated per token and padded to `max_sequence_length` (the pipeline's
@@ -545,7 +580,7 @@ def set_attention_backend(transformer, backend: str, family: str) -> None:
     if importlib.util.find_spec("xformers") is None:
         raise ImportError("attention_backend='xformers' needs the xformers package (pip install 'sfgrpo[xformers]', "
                           "GPU builds only); use attention_backend='sdpa' otherwise")
-    if family in ("flux", "flux2", "qwenimage"):  # their attention goes through diffusers' dispatcher
+    if family in ("flux", "chroma", "flux2", "qwenimage"):  # their attention goes through diffusers' dispatcher
         transformer.set_attention_backend("xformers")
     else:  # SD3's joint-attention processors are swapped for their xformers twins
         transformer.enable_xformers_memory_efficient_attention()

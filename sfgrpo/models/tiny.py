@@ -277,3 +277,25 @@ def save_tiny_flux2_klein(directory: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(str(directory))
     return Path(directory)
+
+
+def save_tiny_chroma(directory: str | Path, seed: int = 0) -> Path:
+    """A random Chroma pipeline (tiny T5 whose padding is masked in the transformer, 2x VAE, FLUX's
+    scheduler config)."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    pipe = ChromaPipeline(
+        transformer=ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=T5_WIDTH, axes_dims_rope=(2, 2, 4),
+            approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+            use_dynamic_shifting=True,
+        ),
+        vae=_tiny_vae(), text_encoder=_tiny_t5(), tokenizer=tiny_t5_tokenizer(),
+    )
+    pipe.save_pretrained(str(directory))
+    return Path(directory)
