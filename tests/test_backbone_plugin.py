@@ -135,6 +135,14 @@ def test_check_backbone_checks_what_the_protocol_declares():
     assert set(protocol.REQUIRED) == declared | set(Backbone.__annotations__)
 
 
+def test_explicit_subclasses_of_the_protocol_do_not_pass_with_its_stubs():
+    class OnlyStubs(Backbone):
+        transformer = nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="missing encode_prompts, null_condition, velocity, decode, latent_shape"):
+        check_backbone(OnlyStubs())
+
+
 def test_check_backbone_does_not_evaluate_properties():
     class NoParametersYet(TinyFlow):
         @property

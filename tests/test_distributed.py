@@ -398,3 +398,24 @@ def test_fsdp2_bf16_keeps_the_timestep_in_fp32(tmp_path):
         assert seen[0].dtype == torch.float32 and torch.equal(seen[0], t * 1000.0)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_qwen_image_trains_under_ddp_with_its_unused_text_output_frozen(tmp_path, lora):
+    """Qwen-Image returns only the image stream, so its last block's text output (to_add_out, the
+    text MLP) never gets a gradient: a full fine-tune, or LoRA on the default targets (both
+    streams), would leave DDP waiting for those gradients on the second backward. They stay frozen."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from sfgrpo.models import tiny
+
+    path = tiny.save_tiny_qwen_image(tmp_path / "checkpoint")
+    overrides = dict(backbone=str(path), prompts="a cat,two dogs", resolution=16, max_sequence_length=8,
+                     iterations=2, use_lora=lora, lora_rank=2, lora_alpha=4.0, prompts_per_iteration=2,
+                     group_size=2, num_steps=3, guidance_scale=3.0, adam_eps=1e-2)
+    ranks = run_ranks(tmp_path / "two", **overrides)
+    trainer, history, _ = run_one_process(tmp_path / "one", **overrides)
+    assert not any("to_add_out" in n or "txt_mlp" in n for n in trainer.trainable if "blocks.0." in n)
+    assert any("add_q_proj" in n for n in trainer.trainable)  # the text stream trains where it is read
+    for name, value in trainer.trainable.items():
+        torch.testing.assert_close(ranks[0]["weights"][name], value.detach(), **WEIGHTS)

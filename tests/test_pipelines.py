@@ -145,7 +145,9 @@ def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
     (dynamic mu, FLUX.2's step-dependent mu, Qwen-Image's shift_terminal) and the VAE's
     scaling/shift (Qwen-Image: per-channel mean/std, one frame; FLUX.2: latent batch norm)."""
     family, path = any_checkpoint
-    model = load_pipeline_backbone(path, OPTIONS)
+    # Qwen-Image with room for whole prompts: rows of different lengths, padded and masked
+    sequence = 64 if family == "qwenimage" else OPTIONS.max_sequence_length
+    model = load_pipeline_backbone(path, PipelineOptions(**{**vars(OPTIONS), "max_sequence_length": sequence}))
     cfg = 1.0 if family == "flux" else 2.5
     guided = GuidedModel(model, cfg)
     sigmas = model.sampling_sigmas(4)
@@ -153,9 +155,11 @@ def test_ode_sampling_and_decode_match_the_diffusers_pipeline(any_checkpoint):
     x = noise.clone()
     with torch.no_grad():
         cond, null = model.encode_prompts(PROMPTS[:2]), model.null_condition(2)
+        if family == "qwenimage":
+            assert not bool(cond[1].all())  # the shorter prompt is padded
         for k in range(4):
             x = x + (sigmas[k + 1] - sigmas[k]) * guided(x, torch.full((2,), float(sigmas[k])), cond, null)
-    kwargs = dict(prompt=PROMPTS[:2], height=16, width=16, num_inference_steps=4, max_sequence_length=8)
+    kwargs = dict(prompt=PROMPTS[:2], height=16, width=16, num_inference_steps=4, max_sequence_length=sequence)
     start = noise.clone()
     if family == "qwenimage":
         kwargs.update(true_cfg_scale=cfg, negative_prompt=" ")
@@ -433,4 +437,48 @@ def test_distilled_flux2_refuses_cfg(tmp_path):
                 max_sequence_length=8)
     with pytest.raises(ValueError, match="guidance-distilled"):
         Trainer(TrainerConfig(**base, guidance_scale=3.0))
+    with pytest.raises(ValueError, match="guidance-distilled"):  # evaluations would run CFG too
+        Trainer(TrainerConfig(**base, guidance_scale=1.0, eval_guidance_scale=2.0))
+    with pytest.raises(ValueError, match="1 = no CFG"):  # below 1 the pipelines switch CFG off
+        TrainerConfig(**base, guidance_scale=0.0).validate()
     assert Trainer(TrainerConfig(**base, guidance_scale=1.0)).model.cfg_distilled
+
+
+def test_prompt_cache_keeps_the_most_recently_used(sd3_dir):
+    model = load_pipeline_backbone(sd3_dir, PipelineOptions(**{**vars(OPTIONS), "prompt_cache_size": 2}))
+    calls = []
+    original = model._encode_text
+    model._encode_text = lambda prompts: calls.append(list(prompts)) or original(prompts)
+    first = model.encode_prompts(["a", "b", "a"])
+    model.encode_prompts(["a"])  # "a" is now the most recent
+    model.encode_prompts(["c"])  # evicts "b"
+    assert list(model._prompt_cache) == ["a", "c"]
+    again = model.encode_prompts(["b", "a"])
+    assert calls == [["a", "b"], ["c"], ["b"]]
+    torch.testing.assert_close(again[0][0], first[0][1], rtol=0, atol=0)
+    torch.testing.assert_close(again[0][1], first[0][0], rtol=0, atol=0)
+    big = model.encode_prompts(["p", "q", "r", "p"])  # more prompts than the cache holds, in one call
+    assert big[0].shape[0] == 4 and torch.equal(big[0][0], big[0][3]) and len(model._prompt_cache) == 2
+    with pytest.raises(ValueError, match="prompt_cache_size"):
+        PipelineOptions(prompt_cache_size=-1).validate()
+
+
+def test_qwen_image_refuses_xformers(qwen_dir):
+    with pytest.raises(ValueError, match="not supported for Qwen-Image"):
+        load_pipeline_backbone(qwen_dir, PipelineOptions(**{**vars(OPTIONS), "attention_backend": "xformers"}))
+
+
+def test_default_lora_targets_cover_both_streams(checkpoint, tmp_path):
+    """`lora_target_modules` None: the family's default, the attention of the image and the text
+    stream (Flow-GRPO's SD3 recipe), plus FLUX.2's fused single-block projection; an explicit list
+    wins."""
+    pytest.importorskip("peft")
+    family, path = checkpoint
+    base = dict(output_dir=str(tmp_path / "run"), backbone=str(path), prompts="a cat", reward="brightness",
+                prompts_per_iteration=1, group_size=2, num_steps=2, progress=False, plots=False, resolution=16,
+                max_sequence_length=8, use_lora=True, lora_rank=2)
+    adapted = {n.split(".lora_")[0].split(".", 1)[1] for n in Trainer(TrainerConfig(**base)).trainable}
+    assert any(n.endswith("attn.add_q_proj") for n in adapted) and any(n.endswith("attn.to_q") for n in adapted)
+    assert any(n.endswith("attn.to_qkv_mlp_proj") for n in adapted) == (family == "flux2")
+    explicit = Trainer(TrainerConfig(**{**base, "output_dir": str(tmp_path / "explicit")}, lora_target_modules="to_q"))
+    assert all(".to_q.lora_" in n for n in explicit.trainable)

@@ -195,7 +195,8 @@ def load_backbone(spec: str, seed: int = 0, config=None):
 
     Directories are looked up first, so a path containing ':' stays a path. Random inits (the
     `*-random` names and factories) run under torch's CPU generator seeded with `seed`, so every
-    process of a distributed run builds the same weights, and the caller's generator is untouched."""
+    process of a distributed run builds the same weights; the CPU generator's state is restored
+    afterwards (torch.manual_seed also reseeds CUDA generators, which are left reseeded)."""
     from sfgrpo.models import pipelines, protocol
 
     if pipelines.pipeline_class_name(spec) is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +55,7 @@ class PipelineOptions:
     decode_batch_size: int = 8  # latents per VAE decode call
     attention_backend: str = "sdpa"
     offload_text_encoders: bool = False  # text encoders live in CPU memory, visit the device to encode
+    prompt_cache_size: int = 256  # text embeddings kept on the device (least recently used dropped first)
 
     @classmethod
     def from_config(cls, config) -> "PipelineOptions":
@@ -66,6 +68,8 @@ class PipelineOptions:
             raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}, got {self.model_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.prompt_cache_size < 0:
+            raise ValueError(f"prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
         if self.resolution < 8 or self.decode_batch_size < 1:
             raise ValueError(f"resolution must be >= 8 and decode_batch_size >= 1, got {self.resolution}, "
                              f"{self.decode_batch_size}")
@@ -128,6 +132,10 @@ class PipelineBackbone(nn.Module):
 
     family = "?"
     negative_prompt = ""  # the CFG negative diffusers' examples use for the family
+    # LoRA targets when `lora_target_modules` is None: the attention projections of the image and the
+    # text stream (Flow-GRPO's SD3 recipe; FLUX's single blocks match attn.to_q/k/v as well)
+    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                            "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
     def __init__(self, pipe, options: PipelineOptions):
         super().__init__()
@@ -144,7 +152,9 @@ class PipelineBackbone(nn.Module):
         self.text_encoders = nn.ModuleList([] if options.offload_text_encoders else encoders)
         self.offloaded_text_encoders = encoders if options.offload_text_encoders else []
         self.vae_scale_factor = self._vae_scale_factor()
-        self._prompt_cache: dict[str, tuple[Tensor, ...]] = {}
+        # least recently used first; entries in the text encoders' dtype (a full fine-tune's fp32
+        # transformer casts at call time): FLUX.2 [klein] 4B holds 8 MB per prompt in bf16
+        self._prompt_cache: OrderedDict[str, tuple[Tensor, ...]] = OrderedDict()
         set_attention_backend(self.transformer, options.attention_backend, self.family)
 
     # ---------------------------------------------------------------- trainer interface
@@ -169,15 +179,26 @@ class PipelineBackbone(nn.Module):
         return self
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, ...]:
-        """Per-row conditioning; each distinct prompt string is encoded once per run."""
+        """Per-row conditioning. Each distinct prompt of a call is encoded once, and the last
+        `prompt_cache_size` distinct prompts are kept, so a group's trajectories, the look-ahead,
+        the update and the next iterations that draw the prompt again reuse its embedding; a
+        prompt set larger than the cache costs its encodes, not device memory."""
         prompts = [str(p) for p in prompts]
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        rows = {}
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._prompt_cache:
+                self._prompt_cache.move_to_end(prompt)
+                rows[prompt] = self._prompt_cache[prompt]
+        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
         if missing:
             with torch.no_grad(), self._text_encoders_on_device():
                 encoded = self._encode_text(missing)
             for prompt, row in zip(missing, self._split_rows(encoded)):
+                rows[prompt] = row
                 self._prompt_cache[prompt] = row
-        return self._join_rows([self._prompt_cache[p] for p in prompts])
+            while len(self._prompt_cache) > self.options.prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
+        return self._join_rows([rows[p] for p in prompts])
 
     def null_condition(self, batch: int) -> tuple[Tensor, ...]:
         """The negative of classifier-free guidance (the empty prompt; " " for Qwen-Image, as in
@@ -269,7 +290,7 @@ class SD3Backbone(PipelineBackbone):
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=False, max_sequence_length=self.options.max_sequence_length or 256,
         )
-        return embeds.to(self.dtype), pooled.to(self.dtype)
+        return embeds, pooled  # the encoders' dtype (cached so); velocity casts
 
     def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
         embeds, pooled = cond
@@ -360,7 +381,7 @@ class FluxBackbone(PackedLatentsBackbone):
             prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
             max_sequence_length=self.options.max_sequence_length or 512,
         )
-        return embeds.to(self.dtype), pooled.to(self.dtype)
+        return embeds, pooled  # the encoders' dtype (cached so); velocity casts
 
     def image_ids(self, device, dtype) -> Tensor:
         """`[L, 3]` position ids of the packed patches: (0, row, column). Built on the device: a
@@ -374,7 +395,7 @@ class FluxBackbone(PackedLatentsBackbone):
         embeds, pooled = cond
         dtype = self.dtype
         return self.transformer(
-            hidden_states=latents.to(dtype), timestep=t.to(dtype),
+            hidden_states=latents.to(dtype), timestep=pipeline_timestep(t, dtype),
             guidance=self.guidance_embedding(latents.shape[0], latents.device),
             pooled_projections=pooled.to(dtype), encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
@@ -395,14 +416,14 @@ class ChromaBackbone(FluxBackbone):
             prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
             max_sequence_length=self.options.max_sequence_length or 512,
         )
-        return embeds.to(self.dtype), mask
+        return embeds, mask
 
     def velocity(self, latents: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
         embeds, mask = cond
         batch, dtype = latents.shape[0], self.dtype
         image = torch.ones(batch, latents.shape[1], device=latents.device, dtype=torch.bool)
         return self.transformer(
-            hidden_states=latents.to(dtype), timestep=t.to(dtype), encoder_hidden_states=embeds.to(dtype),
+            hidden_states=latents.to(dtype), timestep=pipeline_timestep(t, dtype), encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
             img_ids=self.image_ids(latents.device, dtype),
             # the pipeline's _prepare_attention_mask, in the transformer's dtype (the mask comes in the
@@ -423,6 +444,9 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
     Distilled checkpoints (`is_distilled`) sample without CFG: train them with `guidance_scale` 1."""
 
     family = "flux2"
+    # + the single blocks' fused QKV / MLP-in projection (their output projection `attn.to_out` shares
+    # its name with the double blocks' ModuleList, which peft cannot adapt)
+    default_lora_targets = PackedLatentsBackbone.default_lora_targets + ("attn.to_qkv_mlp_proj",)
 
     @property
     def cfg_distilled(self) -> bool:
@@ -432,7 +456,7 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor]:
         embeds, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
                                             max_sequence_length=self.options.max_sequence_length or 512)
-        return (embeds.to(self.dtype),)
+        return (embeds,)
 
     @staticmethod
     def position_ids(batch: int, rows: int, columns: int, tokens: int, device) -> Tensor:
@@ -447,10 +471,10 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
         (embeds,) = cond
         batch, dtype, grid = latents.shape[0], self.dtype, self.latent_grid
         return self.transformer(
-            hidden_states=latents.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=t.to(dtype),
+            hidden_states=latents.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=pipeline_timestep(t, dtype),
             img_ids=self.position_ids(batch, grid, grid, 1, latents.device),
             txt_ids=self.position_ids(batch, 1, 1, embeds.shape[1], latents.device),
-            guidance=self.guidance_embedding(batch, latents.device), return_dict=False,
+            guidance=None, return_dict=False,  # as Flux2KleinPipeline calls it, whatever guidance_embeds says
         )[0]
 
     def _to_vae_latents(self, latents: Tensor) -> Tensor:
@@ -476,7 +500,9 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
 
         scheduler = self._scheduler()
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-        scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(self.latent_grid ** 2, num_steps))
+        if scheduler.config.get("use_flow_sigmas", False):  # the pipeline lets such a scheduler choose
+            sigmas = None
+        scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=compute_empirical_mu(self.latent_grid ** 2, num_steps))
         return scheduler.sigmas.float().cpu()
 
 
@@ -510,6 +536,14 @@ class QwenImageBackbone(PackedLatentsBackbone):
     family = "qwenimage"
     negative_prompt = " "
 
+    @property
+    def unused_parameter_prefixes(self) -> tuple[str, ...]:
+        """The last block's text-stream output (attention output projection, text MLP): the model
+        returns only the image stream, so these never get a gradient; the trainer keeps them frozen
+        (DDP would wait for their gradients forever)."""
+        last = len(getattr(self.transformer, "module", self.transformer).transformer_blocks) - 1
+        return (f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.txt_mlp.")
+
     def _vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)
 
@@ -518,7 +552,7 @@ class QwenImageBackbone(PackedLatentsBackbone):
             prompt=prompts, device=self.device, num_images_per_prompt=1,
             max_sequence_length=self.options.max_sequence_length or 512,
         )
-        return embeds.to(self.dtype), mask
+        return embeds, mask
 
     def _split_rows(self, encoded: tuple[Tensor, Tensor | None]) -> list[tuple[Tensor]]:
         """Each prompt keeps its own token count (its embedding does not depend on the prompts it
@@ -537,7 +571,7 @@ class QwenImageBackbone(PackedLatentsBackbone):
         embeds, mask = cond
         batch, dtype, grid = latents.shape[0], self.dtype, self.latent_grid
         return self.transformer(
-            hidden_states=latents.to(dtype), timestep=t.to(dtype),
+            hidden_states=latents.to(dtype), timestep=pipeline_timestep(t, dtype),
             guidance=self.guidance_embedding(batch, latents.device), encoder_hidden_states=embeds.to(dtype),
             encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid)]] * batch, return_dict=False,
         )[0]
@@ -562,6 +596,13 @@ class QwenImageBackbone(PackedLatentsBackbone):
         return decoded[:, :, 0]
 
 
+def pipeline_timestep(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` as the FLUX-style pipelines hand it to their transformer: the scheduler's timestep 1000 t
+    cast to the model's dtype, then divided by 1000 in that dtype (in bf16 not the same as bf16(t):
+    0.9297 vs 0.9258 on Qwen-Image's grid)."""
+    return (t.float() * 1000.0).to(dtype) / 1000.0
+
+
 def _calculate_shift(image_seq_len: int, config, default_max_shift: float) -> float:
     """diffusers' `calculate_shift`: `mu` linear in the number of image tokens."""
     base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
@@ -577,10 +618,15 @@ def set_attention_backend(transformer, backend: str, family: str) -> None:
         return
     if backend != "xformers":
         raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if family == "qwenimage":
+        # diffusers' xformers path turns Qwen-Image's boolean text mask into an additive bias of 1/0:
+        # the padding would not be masked (and a [B, H, S, S] bias is built per call)
+        raise ValueError("attention_backend='xformers' is not supported for Qwen-Image (its text padding mask "
+                         "would be lost); use attention_backend='sdpa'")
     if importlib.util.find_spec("xformers") is None:
         raise ImportError("attention_backend='xformers' needs the xformers package (pip install 'sfgrpo[xformers]', "
                           "GPU builds only); use attention_backend='sdpa' otherwise")
-    if family in ("flux", "chroma", "flux2", "qwenimage"):  # their attention goes through diffusers' dispatcher
+    if family in ("flux", "chroma", "flux2"):  # their attention goes through diffusers' dispatcher
         transformer.set_attention_backend("xformers")
     else:  # SD3's joint-attention processors are swapped for their xformers twins
         transformer.enable_xformers_memory_efficient_attention()

@@ -37,6 +37,9 @@ Optional members, used when present:
   shifted grid with `--shift`; `--no-schedule-from-checkpoint` ignores it);
 - `combine_guidance(v_cond, v_uncond, scale) -> Tensor`: the model's own classifier-free guidance
   rule (default `v_uncond + scale (v_cond - v_uncond)`);
+- `default_lora_targets`: module names that get LoRA adapters when `lora_target_modules` is None;
+- `unused_parameter_prefixes`: names (inside `.transformer`, ending with ".") of parameters the
+  velocity never reads; the trainer keeps them frozen (DDP would wait for their gradients);
 - `cfg_distilled`: True when the model samples without classifier-free guidance (a step-distilled
   checkpoint); the trainer then refuses a `guidance_scale` other than 1;
 - `pipe`: a diffusers pipeline, only for exporting LoRA weights in its format.
@@ -115,8 +118,12 @@ _MISSING = object()
 
 def _has(obj: object, name: str) -> bool:
     # statically first, so a property is not evaluated (a `device` property may fail on a model
-    # without parameters yet); hasattr then finds dynamic attributes such as nn.Module submodules
-    return inspect.getattr_static(obj, name, _MISSING) is not _MISSING or hasattr(obj, name)
+    # without parameters yet); hasattr then finds dynamic attributes such as nn.Module submodules.
+    # A class that subclasses Backbone explicitly inherits its stubs: those do not count.
+    found = inspect.getattr_static(obj, name, _MISSING)
+    if found is not _MISSING:
+        return found is not Backbone.__dict__.get(name, _MISSING)
+    return hasattr(obj, name)
 
 
 def _problems(obj: object) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tiny random diffusers checkpoints (SD3, FLUX, Qwen-Image) and a tiny CLIP model, built offline from configs.
+"""Tiny random diffusers checkpoints (SD3, FLUX.1, Chroma, FLUX.2 [klein], Qwen-Image) and a tiny CLIP model, built offline from configs.
 
 They exercise exactly the loading code real checkpoints go through (`model_index.json`,
 `from_pretrained` of every component) in a second of CPU time, so the tests need no network and

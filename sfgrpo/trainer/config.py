@@ -105,7 +105,10 @@ class TrainerConfig:
     use_lora: bool = _help("train LoRA adapters (peft) instead of the full transformer", default=False)
     lora_rank: int = _help("LoRA rank", default=32)
     lora_alpha: float = _help("LoRA alpha", default=64.0)
-    lora_target_modules: str = _help("comma-separated module names that get adapters", default="to_q,to_k,to_v,to_out.0")
+    lora_target_modules: str | None = _help(
+        "comma-separated module names that get adapters (None: the backbone's default -- the attention projections "
+        "of both streams for the diffusers families, as Flow-GRPO's SD3 recipe; to_q,to_k,to_v,to_out.0 otherwise)",
+        default=None)
     # ------------------------------------------------------------------ logging and checkpoints
     eval_every: int = _help("evaluate every N iterations, before the first and after the last (0: off): ODE "
                             "samples of fixed prompts from fixed noise, the run's reward, EMA weights when on; "
@@ -161,6 +164,9 @@ class TrainerConfig:
                                            default=3.5)
     decode_batch_size: int = _help("real backbones: latents per VAE decode call", default=8)
     attention_backend: str = _help("real backbones: sdpa | xformers (needs xformers installed)", default="sdpa")
+    prompt_cache_size: int = _help(
+        "real backbones: text embeddings kept on the device, least recently used dropped first (0: none beyond "
+        "one call); each costs e.g. 4 MB for FLUX.1 (512 T5 tokens, bf16), 8 MB for FLUX.2 [klein] 4B", default=256)
     offload_text_encoders: bool = _help(
         "real backbones: keep the frozen text encoders in CPU memory, moved to the device only to encode prompts "
         "not seen before (embeddings are cached per prompt); saves their memory on the GPU, e.g. ~9.5 GB for "
@@ -238,7 +244,9 @@ class TrainerConfig:
         need(len(self.prompt_list) >= 1, "prompts is empty")
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         need(self.noise_level > 0, f"noise_level must be > 0 (a rollout without noise cannot be trained), got {self.noise_level}")
-        need(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        # below 1 diffusers' pipelines switch CFG off (they apply it only above 1), where the formula
+        # would interpolate towards the unconditional model: refused rather than silently different
+        need(self.guidance_scale >= 1, f"guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}")
         need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
@@ -282,8 +290,8 @@ class TrainerConfig:
             need(len(eval_prompts(self)) >= 1, "the eval prompts are empty (eval_prompts / eval_prompt_file)")
         need(self.eval_num_steps >= 1 and self.eval_samples_per_prompt >= 1 and self.eval_batch_size >= 1,
              "eval_num_steps, eval_samples_per_prompt and eval_batch_size must be >= 1")
-        need(self.eval_guidance_scale is None or self.eval_guidance_scale >= 0,
-             f"eval_guidance_scale must be >= 0, got {self.eval_guidance_scale}")
+        need(self.eval_guidance_scale is None or self.eval_guidance_scale >= 1,
+             f"eval_guidance_scale must be >= 1 (1 = no CFG), got {self.eval_guidance_scale}")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
         need(not (self.distributed == "fsdp" and self.mixed_precision == "fp16"),
              "mixed_precision=fp16 is not supported with distributed=fsdp (sharded gradients); use bf16")
@@ -293,6 +301,7 @@ class TrainerConfig:
         need(self.attention_backend in ("sdpa", "xformers"),
              f"attention_backend must be sdpa or xformers, got {self.attention_backend!r}")
         need(self.decode_batch_size >= 1 and self.resolution >= 8, "decode_batch_size must be >= 1, resolution >= 8")
+        need(self.prompt_cache_size >= 0, f"prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
         return self
 
     # ------------------------------------------------------------------ files

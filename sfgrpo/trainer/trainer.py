@@ -66,9 +66,11 @@ class Trainer:
 
             model = load_backbone(cfg.backbone, cfg.seed, cfg)
         check_backbone(model)  # a user's model=: every missing member named now, not mid-iteration
-        if cfg.guidance_scale != 1.0 and getattr(model, "cfg_distilled", False):
+        scales = {cfg.guidance_scale, cfg.guidance_scale if cfg.eval_guidance_scale is None else cfg.eval_guidance_scale}
+        if scales != {1.0} and getattr(model, "cfg_distilled", False):
             raise ValueError(f"bad trainer config: {type(model).__name__} is a guidance-distilled checkpoint (its "
-                             f"pipeline samples without CFG); use guidance_scale 1, not {cfg.guidance_scale}")
+                             f"pipeline samples without CFG); use guidance_scale and eval_guidance_scale 1, not "
+                             f"{sorted(scales)}")
         self.model = model.to(self.device).requires_grad_(False)
         self.reward = get_reward(reward if reward is not None else cfg.reward)
         self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
@@ -432,7 +434,7 @@ class Trainer:
                 from peft import LoraConfig
             except ImportError as err:
                 raise ImportError("use_lora needs peft: pip install 'sfgrpo[train]' (or pip install peft)") from err
-            targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+            targets = self.lora_targets()
             with torch.random.fork_rng(devices=[]):  # seeded adapters: every rank starts from the same ones
                 torch.manual_seed(cfg.seed)
                 transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
@@ -450,9 +452,24 @@ class Trainer:
                 # is mixed_precision's (autocast, or FSDP's parameter dtype)
                 if p.dtype in (torch.bfloat16, torch.float16):
                     p.data = p.data.float()
+        # parameters the velocity never reads (Qwen-Image's last block computes a text-stream output
+        # the model drops) stay frozen: they would never get a gradient, and DDP waits for one
+        dead = tuple(f"transformer.{prefix}" for prefix in getattr(self.model, "unused_parameter_prefixes", ()))
+        if dead:
+            for name in [n for n in params if n.startswith(dead)]:
+                params.pop(name).requires_grad_(False)
         if not params:
-            raise ValueError(f"nothing to train: no LoRA adapters matched {cfg.lora_target_modules!r}")
+            raise ValueError(f"nothing to train: no LoRA adapters matched {self.lora_targets()}")
         return params
+
+    def lora_targets(self) -> list[str]:
+        """`lora_target_modules`, or the backbone's `default_lora_targets` when it is None (both
+        streams' attention projections for the diffusers families), or the attention of the image
+        stream (`to_q,to_k,to_v,to_out.0`) for backbones without a default."""
+        spec = self.config.lora_target_modules
+        if spec is None:
+            return list(getattr(self.model, "default_lora_targets", ("to_q", "to_k", "to_v", "to_out.0")))
+        return [m.strip() for m in spec.split(",") if m.strip()]
 
     # ================================================================== data parallelism
     def _check_distributed_batch(self) -> None:
