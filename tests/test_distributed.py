@@ -222,7 +222,7 @@ def test_diffusers_checkpoints_in_data_parallel_match_one_process(tmp_path, fami
             "flux2": tiny.save_tiny_flux2_klein, "qwenimage": tiny.save_tiny_qwen_image}[family]
     path = save(tmp_path / "checkpoint")
     overrides = dict(backbone=str(path), prompts="a cat,two dogs", resolution=16, max_sequence_length=8,
-                     iterations=1, use_lora=strategy == "ddp", lora_rank=2, lora_alpha=4.0, beta=0.04,
+                     iterations=2, use_lora=strategy == "ddp", lora_rank=2, lora_alpha=4.0, beta=0.04,
                      prompts_per_iteration=2, group_size=2, num_steps=3, distributed=strategy,
                      guidance_scale=1.0 if family == "flux" else 3.0,
                      # AdamW's first step moves a weight by ~lr whatever the size of its gradient, so a
@@ -235,7 +235,9 @@ def test_diffusers_checkpoints_in_data_parallel_match_one_process(tmp_path, fami
     # on this CPU; Qwen-Image pads each batch's prompts to its longest (a rank's rows are padded
     # less), and FLUX.2's Qwen3 encoder and transformer round differently with the batch size:
     # the same math, float sums in another order
-    assert_advantages_match(ranks, advantages, exact_first=family in ("sd3", "flux", "chroma"))
+    # (the second iteration's advantages normalise rewards that differ little within a group: the
+    # weights' float differences after one update show up amplified, ~3e-5)
+    assert_advantages_match(ranks, advantages, exact_first=family in ("sd3", "flux", "chroma"), rtol=1e-4, atol=1e-4)
     assert ranks[0]["history"][-1]["ratio_mean"] == 1.0
     for name, value in trainer.trainable.items():
         torch.testing.assert_close(ranks[0]["weights"][name], value.detach(), **WEIGHTS)
