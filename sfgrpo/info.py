@@ -48,6 +48,7 @@ def collect() -> dict:
         "optional": {dist: _version(dist) for dist in ("peft", "transformers", "pillow", "matplotlib",
                                                           "tensorboard", "wandb", "xformers")},
         "native": _native.build_info(),
+        "pipelines": _pipeline_support(),
         "gpu": gpu,
         "backend_requested": backend.requested_backend(),
         "triton_interpreter": backend.triton_interpreter_enabled(),
@@ -57,6 +58,18 @@ def collect() -> dict:
             for op in sorted(backend.registered_ops())
         },
     }
+
+
+def _pipeline_support() -> dict[str, bool]:
+    """The diffusers checkpoint families sfgrpo wraps, and whether the installed diffusers has each."""
+    from sfgrpo.models.pipelines import backbone_families
+
+    try:
+        import diffusers
+    except ImportError:
+        return {name: False for name in backbone_families()}
+    available = set(dir(diffusers))  # the lazy module lists its names without importing the pipelines
+    return {name: name in available for name in backbone_families()}
 
 
 def format_report(info: dict) -> str:
@@ -74,6 +87,8 @@ def format_report(info: dict) -> str:
             lines.append("  CUDA code  no (nvcc was not found at build time)")
     else:
         lines.append(f"  not available: {native.get('error')}")
+    lines += ["", "diffusers checkpoints (--backbone DIR, by model_index.json):"]
+    lines += [f"  {name:<26} {'yes' if ok else 'no (needs a newer diffusers)'}" for name, ok in info["pipelines"].items()]
     lines += ["", f"GPU: {info['gpu'] or 'none usable by torch'}"]
     lines.append(f"requested backend (SFGRPO_BACKEND): {info['backend_requested']}")
     lines.append(f"Triton interpreter (TRITON_INTERPRET): {'on' if info['triton_interpreter'] else 'off'}")

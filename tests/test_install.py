@@ -90,6 +90,12 @@ def test_cli_info_reports_native_build_and_backends():
         [sys.executable, "-m", "sfgrpo.cli", "info"], capture_output=True, text=True, check=True, cwd="/"
     ).stdout
     assert "native module sfgrpo._C" in text and "backend each op will use" in text and "optional packages" in text
+    import diffusers
+
+    assert report["pipelines"] == {name: name in dir(diffusers) for name in
+                                   ("StableDiffusion3Pipeline", "FluxPipeline", "ChromaPipeline", "Flux2KleinPipeline",
+                                    "QwenImagePipeline")}
+    assert "diffusers checkpoints" in text and "QwenImagePipeline" in text
 
 
 def test_console_script_is_installed():

@@ -37,11 +37,6 @@ from torch import Tensor, nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("sdpa", "xformers")
-SD3_PIPELINES = ("StableDiffusion3Pipeline",)
-FLUX_PIPELINES = ("FluxPipeline",)
-QWEN_IMAGE_PIPELINES = ("QwenImagePipeline",)
-FLUX2_PIPELINES = ("Flux2KleinPipeline",)
-CHROMA_PIPELINES = ("ChromaPipeline",)
 
 
 @dataclass
@@ -96,29 +91,16 @@ def load_pipeline_backbone(path: str | Path, options: PipelineOptions | None = N
     chosen by its `model_index.json`."""
     options = (options or PipelineOptions()).validate()
     class_name = pipeline_class_name(path)
-    if class_name in SD3_PIPELINES:
-        from diffusers import StableDiffusion3Pipeline as pipeline_class
+    families = backbone_families()
+    if class_name not in families:
+        raise ValueError(f"{path}: model_index.json names pipeline {class_name!r}; supported: {sorted(families)}")
+    import diffusers
 
-        backbone_class = SD3Backbone
-    elif class_name in FLUX_PIPELINES:
-        from diffusers import FluxPipeline as pipeline_class
-
-        backbone_class = FluxBackbone
-    elif class_name in QWEN_IMAGE_PIPELINES:
-        from diffusers import QwenImagePipeline as pipeline_class
-
-        backbone_class = QwenImageBackbone
-    elif class_name in CHROMA_PIPELINES:
-        from diffusers import ChromaPipeline as pipeline_class
-
-        backbone_class = ChromaBackbone
-    elif class_name in FLUX2_PIPELINES:
-        from diffusers import Flux2KleinPipeline as pipeline_class
-
-        backbone_class = Flux2KleinBackbone
-    else:
-        raise ValueError(f"{path}: model_index.json names pipeline {class_name!r}; supported: "
-                         f"{SD3_PIPELINES + FLUX_PIPELINES + CHROMA_PIPELINES + FLUX2_PIPELINES + QWEN_IMAGE_PIPELINES}")
+    pipeline_class = getattr(diffusers, class_name, None)
+    if pipeline_class is None:
+        raise ImportError(f"{path}: the installed diffusers {diffusers.__version__} has no {class_name}; "
+                          "upgrade it (pip install -U diffusers)")
+    backbone_class = families[class_name]
     index = json.loads((Path(path) / "model_index.json").read_text())
     # components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly
     absent = {name: None for name, value in index.items()
@@ -594,6 +576,12 @@ class QwenImageBackbone(PackedLatentsBackbone):
 
     def _from_vae_output(self, decoded: Tensor) -> Tensor:
         return decoded[:, :, 0]
+
+
+def backbone_families() -> dict[str, type[PipelineBackbone]]:
+    """diffusers pipeline class (`_class_name` in model_index.json) -> the backbone wrapping it."""
+    return {"StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone, "ChromaPipeline": ChromaBackbone,
+            "Flux2KleinPipeline": Flux2KleinBackbone, "QwenImagePipeline": QwenImageBackbone}
 
 
 def pipeline_timestep(t: Tensor, dtype: torch.dtype) -> Tensor:
