@@ -342,7 +342,9 @@ def test_qwen_image_text_padding_is_masked_out(qwen_dir):
     model = load_pipeline_backbone(qwen_dir, OPTIONS)
     short, long = model.encode_prompts(["x"]), model.encode_prompts(["two dogs, sleeping"])
     assert isinstance(short, PaddedText) and short[0].shape[1] < long[0].shape[1]
-    assert bool(short[1].all()) and bool(long[1].all())
+    assert short[1] is None and long[1] is None  # nothing padded: no mask, as the pipeline passes none
+    null = model.null_condition(3)
+    assert null[1] is None and null[0].shape[0] == 3
     both = model.encode_prompts(["x", "two dogs, sleeping"])
     torch.testing.assert_close(both[0][1], long[0][0], rtol=0, atol=0)
     assert both[1][0].sum() == short[0].shape[1] and not bool(both[1][0, short[0].shape[1]:].any())
@@ -351,12 +353,19 @@ def test_qwen_image_text_padding_is_masked_out(qwen_dir):
 
     joined = concat_rows(short, long)
     assert isinstance(joined, PaddedText) and torch.equal(joined[0], both[0]) and torch.equal(joined[1], both[1])
+    same = concat_rows(long, long)  # equal lengths, no masks: still none
+    assert same[1] is None and same[0].shape[0] == 2
+    from sfgrpo.trainer.rollout import repeat_rows, select_rows
+
+    assert select_rows(same, slice(0, 1))[1] is None and repeat_rows(same, 3)[0].shape[0] == 6
     x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.8, 0.3])
     with torch.no_grad():
         alone = torch.cat([model.velocity(x[:1], t[:1], short), model.velocity(x[1:], t[1:], long)])
         batched = model.velocity(x, t, joined)
+        masked = model.velocity(x[1:], t[1:], PaddedText((long[0], torch.ones(long[0].shape[:2], dtype=torch.bool))))
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked, alone[1:], rtol=1e-5, atol=1e-6)  # no mask = an all-True one
 
 
 def test_qwen_image_guidance_is_the_pipelines_rescaled_cfg():
@@ -407,14 +416,16 @@ def test_offloaded_text_encoders_encode_on_cuda(sd3_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2"])
-def test_velocity_never_synchronises_on_cuda(family, sd3_dir, flux_dir, chroma_dir, flux2_dir):
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwenimage"])
+def test_velocity_never_synchronises_on_cuda(family, sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir):
     """Forward and backward of each backbone's velocity (what every rollout step and PPO update
-    runs) without a host sync: position ids are built on the device. Qwen-Image is left out:
-    diffusers' own `compute_text_seq_len_from_mask` copies a Python int to the device per forward."""
-    path = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir}[family]
+    runs) without a host sync: position ids are built on the device. Qwen-Image with one prompt:
+    an unpadded batch passes no mask (with one, diffusers' `compute_text_seq_len_from_mask`
+    copies a Python int to the device in every forward)."""
+    path = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir, "qwenimage": qwen_dir}[family]
     model = load_pipeline_backbone(path, OPTIONS).to("cuda")
-    cond = model.encode_prompts(PROMPTS[:2])  # encoding may synchronise; it is cached per prompt
+    prompts = [PROMPTS[0]] * 2 if family == "qwenimage" else PROMPTS[:2]
+    cond = model.encode_prompts(prompts)  # encoding may synchronise; it is cached per prompt
     x = torch.randn(2, *model.latent_shape, device="cuda")
     t = torch.tensor([0.9, 0.4], device="cuda")
     torch.cuda.synchronize()

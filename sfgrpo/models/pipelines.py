@@ -186,7 +186,7 @@ class PipelineBackbone(nn.Module):
         """The negative of classifier-free guidance (the empty prompt; " " for Qwen-Image, as in
         diffusers' examples)."""
         negative = self.encode_prompts([self.negative_prompt])
-        return type(negative)(part.expand(batch, *part.shape[1:]) for part in negative)
+        return type(negative)(None if part is None else part.expand(batch, *part.shape[1:]) for part in negative)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -489,14 +489,25 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
 
 
 class PaddedText(tuple):
-    """`(embeds [B, L, D], mask [B, L] bool)`: prompts of different token counts, each padded with
-    zeros to the batch's longest (mask False), as `QwenImagePipeline` batches them; the transformer
-    masks the padding out of its attention. Concatenation pads the shorter side, so conditions
-    encoded apart (the prompts, the CFG negative) still batch into one forward."""
+    """`(embeds [B, L, D], mask [B, L] bool or None)`: prompts of different token counts, each padded
+    with zeros to the batch's longest (mask False), as `QwenImagePipeline` batches them; the
+    transformer masks the padding out of its attention. A batch without padding (one prompt, the
+    CFG negative) has no mask, as the pipeline passes none then: attention runs without one
+    (flash kernels on GPUs) and diffusers' mask handling, which synchronises the host, is skipped.
+    Concatenation pads the shorter side, so conditions encoded apart still batch into one forward."""
 
     def concat_rows(self, other: "PaddedText") -> "PaddedText":
-        length = max(self[0].shape[1], other[0].shape[1])
-        return PaddedText(torch.cat([_pad_tokens(a, length), _pad_tokens(b, length)]) for a, b in zip(self, other))
+        (embeds, mask), (other_embeds, other_mask) = self, other
+        if mask is None and other_mask is None and embeds.shape[1] == other_embeds.shape[1]:
+            return PaddedText((torch.cat([embeds, other_embeds]), None))
+        length = max(embeds.shape[1], other_embeds.shape[1])
+        masks = [_full_mask(e) if m is None else m for e, m in ((embeds, mask), (other_embeds, other_mask))]
+        return PaddedText((torch.cat([_pad_tokens(embeds, length), _pad_tokens(other_embeds, length)]),
+                           torch.cat([_pad_tokens(masks[0], length), _pad_tokens(masks[1], length)])))
+
+
+def _full_mask(embeds: Tensor) -> Tensor:
+    return torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
 
 
 def _pad_tokens(part: Tensor, length: int) -> Tensor:
@@ -544,10 +555,15 @@ class QwenImageBackbone(PackedLatentsBackbone):
         return [(embeds[row, :length].detach(),) for row, length in enumerate(lengths)]
 
     def _join_rows(self, rows: list[tuple[Tensor]]) -> PaddedText:
-        length = max(row.shape[0] for (row,) in rows)
-        embeds = torch.stack([_pad_tokens(row[None], length)[0] for (row,) in rows])
-        mask = torch.stack([torch.arange(length) < row.shape[0] for (row,) in rows])
-        return PaddedText((embeds.to(self.device), mask.to(self.device)))
+        lengths = [row.shape[0] for (row,) in rows]
+        length = max(lengths)
+        embeds = torch.stack([_pad_tokens(row[None], length)[0] for (row,) in rows]).to(self.device)
+        if min(lengths) == length:
+            return PaddedText((embeds, None))
+        # filled on the device from host-side lengths: no host-to-device copy
+        mask = torch.stack([torch.cat([torch.ones(n, dtype=torch.bool, device=self.device),
+                                       torch.zeros(length - n, dtype=torch.bool, device=self.device)]) for n in lengths])
+        return PaddedText((embeds, mask))
 
     def velocity(self, latents: Tensor, t: Tensor, cond: PaddedText) -> Tensor:
         embeds, mask = cond

@@ -11,7 +11,8 @@ Conventions (those of `sfgrpo.functional` and of SD3/FLUX):
   noise and t = 0 data: x_t = (1 - t) x_0 + t noise;
 - `velocity(x, t, cond)` predicts `v = noise - data`, of x's shape (cast to float32 by the caller);
 - a *Condition* is what `encode_prompts` returns: a tensor or a tuple (or list) of tensors, possibly
-  nested, each `[B, ...]` with one row per prompt. The trainer slices, repeats and concatenates
+  nested, each `[B, ...]` with one row per prompt (an element may be None: absent in both
+  conditions a concatenation joins, it stays None). The trainer slices, repeats and concatenates
   conditions along dim 0 (`select_rows` / `repeat_rows` / `concat_rows` in sfgrpo/trainer/rollout.py,
   which rebuild containers as `type(cond)(generator)`: no dicts, no NamedTuples), and with CFG runs
   `velocity` on `cat([x, x])` with `concat_rows(null_condition(B), cond)`, so `null_condition` must

@@ -19,12 +19,15 @@ from torch import Tensor
 from sfgrpo import functional
 from sfgrpo.distributed import TrajectoryNoise
 
-# whatever the backbone's encode_prompts returns: a tensor or a tuple of `[B, ...]` tensors; a
-# tuple type with a `concat_rows` method concatenates itself (text padded to different lengths)
+# whatever the backbone's encode_prompts returns: a tensor or a tuple of `[B, ...]` tensors (or None
+# for an absent part); a tuple type with a `concat_rows` method concatenates itself (text padded to
+# different lengths)
 Condition = Any
 
 
 def select_rows(cond: Condition, rows: Tensor | slice) -> Condition:
+    if cond is None:  # an absent part (a text mask where nothing is padded)
+        return None
     if isinstance(cond, Tensor):
         return cond[rows]
     return type(cond)(select_rows(c, rows) for c in cond)
@@ -32,12 +35,16 @@ def select_rows(cond: Condition, rows: Tensor | slice) -> Condition:
 
 def repeat_rows(cond: Condition, times: int) -> Condition:
     """`[B, ...]` -> `[times * B, ...]` (block repeat, matching a `[T, B]` -> `[T * B]` flatten)."""
+    if cond is None:
+        return None
     if isinstance(cond, Tensor):
         return cond.repeat((times,) + (1,) * (cond.ndim - 1))
     return type(cond)(repeat_rows(c, times) for c in cond)
 
 
 def concat_rows(first: Condition, second: Condition) -> Condition:
+    if first is None and second is None:
+        return None
     if isinstance(first, Tensor):
         return torch.cat([first, second])
     if hasattr(first, "concat_rows"):
