@@ -9,14 +9,15 @@
 #   SKIP_INSTALL=1 STEPS=bench,tune bash benchmarks/gpu_checks.sh  # more, already installed
 #
 # All steps fit one 10-minute command on an H200-class machine (install ~1 min, tests ~1.5 min; the
-# limits below sum to 8.25 min and only a hung step reaches its limit).
+# limits below sum to 8.6 min and only a hung step reaches its limit).
 # steps (default: all, in this order):
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat
 #   advantages  advantage engine: eager call vs CUDA-graph replay
 #   bench       SDE-step benchmark --quick (latency, back-to-back, GPU-only graph replay; vs eager,
 #               torch.compile, Flow-GRPO); rows are saved as they are measured
-#   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches)
+#   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
+#               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
 #   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,7 @@ if want bench; then
   tail -n 40 "$OUT/bench_sde_step.txt"
 fi
 if want trainer; then
-  timeout 70 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
+  timeout 90 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
   echo "trainer on CUDA: exit $? ($(tail -1 "$OUT/tests_trainer_cuda.txt"))"
 fi
 if want tune; then
