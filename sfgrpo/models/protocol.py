@@ -5,7 +5,7 @@
 `Trainer(config, model=...)`, or name a factory returning one as `backbone="package.module:factory"`
 (`load_backbone`, `load_backbone_factory`). `check_backbone(obj)` says what is missing.
 
-Conventions (those of `sfgrpo.functional` and of SD3/FLUX):
+Conventions (those of `sfgrpo.functional` and of the diffusers flow-matching pipelines):
 
 - latents are `[B, *latent_shape]`; `t` is a per-row float tensor `[B]` in [0, 1], t = 1 is pure
   noise and t = 0 data: x_t = (1 - t) x_0 + t noise;
