@@ -388,7 +388,8 @@ def test_fsdp2_bf16_keeps_the_timestep_in_fp32(tmp_path):
 
     from sfgrpo.bench.backbones import build_backbone
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    # a file store: no port to race for
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = build_backbone("sd35m-small", resolution=64)
         distributed.shard_fsdp(model.transformer, torch.device("cpu"), torch.bfloat16)
