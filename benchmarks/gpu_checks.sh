@@ -63,3 +63,9 @@ if want tune; then
   echo "tuning: exit $?"
   head -n 40 "$OUT/tuning.md" 2>/dev/null
 fi
+# the goals of issues 4 and 5 against what the steps above measured (issue 9: `sfgrpo bench --suite
+# gpu-core`, then benchmarks/check_goals.py --bench)
+sde_json=$(ls "$OUT"/sde_step_*.json 2>/dev/null | head -n 1)
+python3 "$REPO/benchmarks/check_goals.py" ${sde_json:+--sde-step "$sde_json"} --advantages "$OUT/advantages.md" \
+  --out "$OUT/goals.md"
+echo "goals: exit $?"

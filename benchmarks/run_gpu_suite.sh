@@ -19,4 +19,8 @@ python benchmarks/bench_advantages.py ${QUICK:+--quick} --out "benchmarks/result
 python -m sfgrpo.kernels._aot > "benchmarks/results/aot_sm90.jsonl"
 # training-loop benchmark: real-size SD3.5-M / FLUX.1-dev transformers, sfgrpo vs reference ops vs compile
 sfgrpo bench --suite gpu ${QUICK:+--cases sd35m} --output-dir "benchmarks/results/bench-gpu-${gpu}"
+# the issues' goals, measured against their targets (exit status 1 when one is missed)
+python benchmarks/check_goals.py --sde-step "benchmarks/results/sde_step_${gpu}.json" \
+    --advantages "benchmarks/results/advantages_${gpu}.md" --bench "benchmarks/results/bench-gpu-${gpu}/results.json" \
+    --out "benchmarks/results/goals_${gpu}.md" || true
 echo "results in benchmarks/results/ (GPU: ${gpu})"

@@ -1,0 +1,80 @@
+"""benchmarks/check_goals.py: the open issues' GPU goals read from benchmark outputs (a script of
+the repository, not of the package: loaded from its path)."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "check_goals.py"
+
+
+@pytest.fixture(scope="module")
+def goals():
+    spec = importlib.util.spec_from_file_location("check_goals", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["check_goals"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("check_goals", None)
+
+
+def sde_rows(bandwidth=90.0, eager=5.0, compiled=2.0, syncs=0):
+    rows = []
+    for case in ("sample", "score"):
+        common = dict(shape="sd35m_b8_64", dtype="bf16", case=case)
+        rows += [dict(common, impl="fused", pct_copy_bw_gpu_only=bandwidth + (case == "score"), host_syncs=syncs,
+                      fused_speedup_pipelined=1.0),
+                 dict(common, impl="eager", fused_speedup_pipelined=eager + (case == "score"), host_syncs=0),
+                 dict(common, impl="compiled", fused_speedup_pipelined=compiled, host_syncs=0)]
+    return rows
+
+
+def bench_rows(ours=(10.0, 11.0), reference=(12.5, 13.5), syncs=0):
+    rows = []
+    for case, mine, ref in zip(("sd35m iteration flow_grpo", "sd35m iteration stepwise T'=1"), ours, reference):
+        for implementation, seconds in (("sfgrpo", mine), ("reference", ref), ("flow_grpo-code", 2 * ref)):
+            rows.append(dict(case=case, implementation=implementation, metric="seconds_per_iteration", value=seconds,
+                             status="ok"))
+        rows.append(dict(case=case, implementation="sfgrpo", metric="host_syncs_in_update", value=syncs, status="ok"))
+    return {"rows": rows}
+
+
+def write(tmp_path, sde=None, advantages_us=(40.0, 20.0), bench=None):
+    (tmp_path / "sde.json").write_text(json.dumps({"meta": {}, "rows": sde or sde_rows()}))
+    (tmp_path / "adv.md").write_text("| case | call, median µs | GPU only (graph replay), median µs |\n|---|---|---|\n"
+                                     f"| gain_advantages joint, drop (sync-free) | {advantages_us[0]} | {advantages_us[1]} |\n")
+    (tmp_path / "bench.json").write_text(json.dumps(bench or bench_rows()))
+    return ["--sde-step", str(tmp_path / "sde.json"), "--advantages", str(tmp_path / "adv.md"),
+            "--bench", str(tmp_path / "bench.json")]
+
+
+def test_all_goals_met(goals, tmp_path, capsys):
+    assert goals.main(write(tmp_path) + ["--out", str(tmp_path / "goals.md")]) == 0
+    table = (tmp_path / "goals.md").read_text()
+    assert "NOT met" not in table and "not measured" not in table and table.count("| met |") == 9
+
+
+@pytest.mark.parametrize("broken, goal", [
+    (dict(sde=sde_rows(bandwidth=80.0)), "copy bandwidth"),
+    (dict(sde=sde_rows(eager=3.5)), "speed-up over eager"),
+    (dict(sde=sde_rows(compiled=1.4)), "speed-up over compiled"),
+    (dict(sde=sde_rows(syncs=1)), "host syncs per fused call"),
+    (dict(advantages_us=(51.0, 20.0)), "1M gains"),
+    (dict(bench=bench_rows(reference=(11.0, 13.5))), "flow_grpo: reference-op loop"),
+    (dict(bench=bench_rows(ours=(10.0, 13.5), reference=(12.5, 17.0))), "stepwise T'=1 / Flow-GRPO"),
+    (dict(bench=bench_rows(syncs=2)), "host syncs inside the update"),
+])
+def test_each_missed_goal_fails(goals, tmp_path, capsys, broken, goal):
+    assert goals.main(write(tmp_path, **broken)) == 1
+    failing = [line for line in capsys.readouterr().out.splitlines() if "NOT met" in line]
+    assert len(failing) == 1 and goal in failing[0]
+
+
+def test_missing_measurements_are_reported_not_failed(goals, tmp_path, capsys):
+    args = write(tmp_path)[:2]  # only the SDE-step results
+    assert goals.main(args) == 0
+    assert capsys.readouterr().out.count("not measured") == 4
+    assert goals.main(args + ["--require-all"]) == 1
