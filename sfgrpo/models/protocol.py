@@ -1,7 +1,7 @@
 """The backbone protocol: exactly what the trainer, the evaluation and the exporter use of a model.
 
 `DigitsBackbone` (sfgrpo/models/digits.py) and the diffusers `PipelineBackbone`s
-(sfgrpo/models/pipelines.py) implement it; so can any flow model. Hand one to
+(sfgrpo/models/pipelines/) implement it; so can any flow model. Hand one to
 `Trainer(config, model=...)`, or name a factory returning one as `backbone="package.module:factory"`
 (`load_backbone`, `load_backbone_factory`). `check_backbone(obj)` says what is missing.
 
@@ -17,7 +17,7 @@ Conventions (those of `sfgrpo.functional` and of the diffusers flow-matching pip
   which rebuild containers as `type(cond)(generator)`: no dicts, no NamedTuples), and with CFG runs
   `velocity` on `cat([x, x])` with `concat_rows(null_condition(B), cond)`, so `null_condition` must
   return the same structure with the same trailing shapes -- or a tuple subclass with its own
-  `concat_rows(other)` method (text padded to different lengths, see `PaddedText` in pipelines.py).
+  `concat_rows(other)` method (text padded to different lengths, see `PaddedText` in pipelines/qwen_image.py).
 
 How the trainer holds the model (sfgrpo/trainer/trainer.py):
 
