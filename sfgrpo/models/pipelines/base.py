@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from sfgrpo.distributed import unwrap
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
@@ -99,7 +101,7 @@ class PipelineBackbone(nn.Module):
     def transformer_config(self):
         """The transformer's diffusers config, also once DDP wraps the transformer (the wrapper
         hides `.config`; FSDP2 keeps the module itself)."""
-        return getattr(self.transformer, "module", self.transformer).config
+        return unwrap(self.transformer).config
 
     def train(self, mode: bool = True):
         """Only the transformer follows train/eval; the frozen parts stay in eval (no dropout)."""
@@ -151,9 +153,17 @@ class PipelineBackbone(nn.Module):
         return self.options.resolution
 
     def sampling_sigmas(self, num_steps: int) -> Tensor:
-        raise NotImplementedError
+        """The grid the checkpoint's own pipeline samples with: its scheduler's `set_timesteps`,
+        called with the arguments the family's pipeline passes (`_timestep_arguments`)."""
+        scheduler = self._scheduler()
+        scheduler.set_timesteps(**self._timestep_arguments(scheduler, num_steps))
+        return scheduler.sigmas.float().cpu()
 
     # ---------------------------------------------------------------- family-specific
+    def _timestep_arguments(self, scheduler, num_steps: int) -> dict:
+        """What the family's pipeline passes to `scheduler.set_timesteps` for `num_steps` steps."""
+        raise NotImplementedError
+
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
@@ -240,18 +250,15 @@ class PackedLatentsBackbone(PipelineBackbone):
             return None
         return torch.full((batch,), self.options.embedded_guidance_scale, device=device, dtype=torch.float32)
 
-    def sampling_sigmas(self, num_steps: int) -> Tensor:
-        """What `FluxPipeline` and `QwenImagePipeline` sample with: `linspace(1, 1/T, T)` shifted by the resolution-dependent
-        `mu` of the checkpoint's scheduler config, then a final 0."""
+    def _timestep_arguments(self, scheduler, num_steps: int) -> dict:
+        """`FluxPipeline`, `ChromaPipeline` and `QwenImagePipeline`: `linspace(1, 1/T, T)` shifted by
+        the resolution-dependent `mu` of the checkpoint's scheduler config (then a final 0)."""
         import numpy as np
 
-        scheduler = self._scheduler()
-        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-        kwargs = {}
+        arguments = {"sigmas": np.linspace(1.0, 1.0 / num_steps, num_steps)}
         if scheduler.config.get("use_dynamic_shifting", False):
-            kwargs["mu"] = _calculate_shift(self.latent_grid ** 2, scheduler.config, default_max_shift=1.15)
-        scheduler.set_timesteps(sigmas=sigmas, **kwargs)
-        return scheduler.sigmas.float().cpu()
+            arguments["mu"] = _calculate_shift(self.latent_grid ** 2, scheduler.config, default_max_shift=1.15)
+        return arguments
 
 
 def pipeline_timestep(t: Tensor, dtype: torch.dtype) -> Tensor:

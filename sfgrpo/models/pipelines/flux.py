@@ -130,15 +130,13 @@ class Flux2KleinBackbone(PackedLatentsBackbone):
     def _denormalize(self, z: Tensor) -> Tensor:
         return z  # done on the patches in _to_vae_latents
 
-    def sampling_sigmas(self, num_steps: int) -> Tensor:
-        """What `Flux2KleinPipeline` samples with: `linspace(1, 1/T, T)` shifted by its empirical
-        `mu(image tokens, T)`, then a final 0."""
-        import numpy as np
+    def _timestep_arguments(self, scheduler, num_steps: int) -> dict:
+        """`Flux2KleinPipeline`: FLUX's linspace grid, shifted by its empirical `mu(image tokens, T)`
+        whether the scheduler shifts dynamically or not; a `use_flow_sigmas` scheduler picks its own."""
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
-        scheduler = self._scheduler()
-        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-        if scheduler.config.get("use_flow_sigmas", False):  # the pipeline lets such a scheduler choose
-            sigmas = None
-        scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=compute_empirical_mu(self.latent_grid ** 2, num_steps))
-        return scheduler.sigmas.float().cpu()
+        arguments = super()._timestep_arguments(scheduler, num_steps)
+        if scheduler.config.get("use_flow_sigmas", False):
+            arguments["sigmas"] = None
+        arguments.update(num_inference_steps=num_steps, mu=compute_empirical_mu(self.latent_grid ** 2, num_steps))
+        return arguments

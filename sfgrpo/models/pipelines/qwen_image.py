@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sfgrpo.distributed import unwrap
 from sfgrpo.models.pipelines.base import PackedLatentsBackbone, pipeline_timestep
 
 
@@ -54,7 +55,7 @@ class QwenImageBackbone(PackedLatentsBackbone):
         """The last block's text-stream output (attention output projection, text MLP): the model
         returns only the image stream, so these never get a gradient; the trainer keeps them frozen
         (DDP would wait for their gradients forever)."""
-        last = len(getattr(self.transformer, "module", self.transformer).transformer_blocks) - 1
+        last = len(unwrap(self.transformer).transformer_blocks) - 1
         return (f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.txt_mlp.")
 
     def _vae_scale_factor(self) -> int:

@@ -40,13 +40,11 @@ class SD3Backbone(PipelineBackbone):
             encoder_hidden_states=embeds.to(dtype), pooled_projections=pooled.to(dtype), return_dict=False,
         )[0]
 
-    def sampling_sigmas(self, num_steps: int) -> Tensor:
-        """What `StableDiffusion3Pipeline` samples with: the checkpoint scheduler's `set_timesteps`
-        (its static shift, or resolution-dependent `mu` when it uses dynamic shifting)."""
-        scheduler = self._scheduler()
-        kwargs = {}
+    def _timestep_arguments(self, scheduler, num_steps: int) -> dict:
+        """`StableDiffusion3Pipeline`: the scheduler's own grid for `num_steps` (its static shift, or
+        resolution-dependent `mu` when it uses dynamic shifting)."""
+        arguments = {"num_inference_steps": num_steps}
         if scheduler.config.get("use_dynamic_shifting", False):
             seq_len = (self.latent_size // self.transformer_config.patch_size) ** 2
-            kwargs["mu"] = _calculate_shift(seq_len, scheduler.config, default_max_shift=1.16)
-        scheduler.set_timesteps(num_steps, **kwargs)
-        return scheduler.sigmas.float().cpu()
+            arguments["mu"] = _calculate_shift(seq_len, scheduler.config, default_max_shift=1.16)
+        return arguments
