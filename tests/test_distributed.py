@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sfgrpo import distributed
+from sfgrpo.models.pipelines import backbone_families
 from sfgrpo.trainer import Trainer, TrainerConfig
 from sfgrpo.trainer.rollout import rollout
 
@@ -209,7 +210,7 @@ def test_ddp_lora_with_reference_kl_matches_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwenimage"])
+@pytest.mark.parametrize("family", [backbone.family for backbone in backbone_families().values()])
 def test_diffusers_checkpoints_in_data_parallel_match_one_process(tmp_path, family, strategy):
     """The multi-GPU settings on real pipelines, LoRA under DDP and a full fine-tune under FSDP2
     (sharded blocks, activation checkpointing): the backbone must still read its transformer's
@@ -218,9 +219,7 @@ def test_diffusers_checkpoints_in_data_parallel_match_one_process(tmp_path, fami
     pytest.importorskip("transformers")
     from sfgrpo.models import tiny
 
-    save = {"sd3": tiny.save_tiny_sd3, "flux": tiny.save_tiny_flux, "chroma": tiny.save_tiny_chroma,
-            "flux2": tiny.save_tiny_flux2_klein, "qwenimage": tiny.save_tiny_qwen_image}[family]
-    path = save(tmp_path / "checkpoint")
+    path = tiny.save_tiny(family, tmp_path / "checkpoint")
     overrides = dict(backbone=str(path), prompts="a cat,two dogs", resolution=16, max_sequence_length=8,
                      iterations=2, use_lora=strategy == "ddp", lora_rank=2, lora_alpha=4.0, beta=0.04,
                      prompts_per_iteration=2, group_size=2, num_steps=3, distributed=strategy,

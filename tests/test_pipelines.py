@@ -8,9 +8,8 @@ import torch
 
 from sfgrpo.models import load_backbone
 from sfgrpo.models.pipelines import (ChromaBackbone, Flux2KleinBackbone, FluxBackbone, PaddedText, PipelineOptions,
-                                     QwenImageBackbone, SD3Backbone, load_pipeline_backbone)
-from sfgrpo.models.tiny import (save_tiny_chroma, save_tiny_flux, save_tiny_flux2_klein, save_tiny_qwen_image,
-                                save_tiny_sd3)
+                                     QwenImageBackbone, SD3Backbone, backbone_families, load_pipeline_backbone)
+from sfgrpo.models.tiny import save_tiny, save_tiny_flux, save_tiny_flux2_klein, save_tiny_sd3
 from sfgrpo.trainer import Trainer, TrainerConfig
 from sfgrpo.trainer.rollout import GuidedModel, rollout
 
@@ -22,28 +21,26 @@ PROMPTS = ["a red cat", "two dogs, sleeping", "x"]
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return save_tiny_sd3(tmp_path_factory.mktemp("sd3"))
+def tiny_dirs(tmp_path_factory):
+    """family -> its tiny checkpoint directory, built on first use, once per module."""
+    built = {}
+
+    def directory(family: str):
+        if family not in built:
+            built[family] = save_tiny(family, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return directory
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return save_tiny_flux(tmp_path_factory.mktemp("flux"))
+def sd3_dir(tiny_dirs):
+    return tiny_dirs("sd3")
 
 
 @pytest.fixture(scope="module")
-def chroma_dir(tmp_path_factory):
-    return save_tiny_chroma(tmp_path_factory.mktemp("chroma"))
-
-
-@pytest.fixture(scope="module")
-def flux2_dir(tmp_path_factory):
-    return save_tiny_flux2_klein(tmp_path_factory.mktemp("flux2"))
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return save_tiny_qwen_image(tmp_path_factory.mktemp("qwenimage"))
+def qwen_dir(tiny_dirs):
+    return tiny_dirs("qwenimage")
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +50,18 @@ def variant_dirs(tmp_path_factory):
             "flux_schnell": save_tiny_flux(tmp_path_factory.mktemp("flux_schnell"), guidance_embeds=False)}
 
 
-FAMILIES = ["sd3", "flux", "chroma", "flux2", "qwenimage"]
+FAMILIES = [backbone.family for backbone in backbone_families().values()]  # each needs a tiny checkpoint
 
 
 @pytest.fixture(params=FAMILIES)
-def checkpoint(request, sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir):
-    paths = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir, "qwenimage": qwen_dir}
-    return request.param, paths[request.param]
+def checkpoint(request, tiny_dirs):
+    return request.param, tiny_dirs(request.param)
 
 
 @pytest.fixture(params=["sd3", "sd3_t5", "flux", "flux_schnell", "chroma", "flux2", "qwenimage"])
-def any_checkpoint(request, sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir, variant_dirs):
-    paths = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir, "qwenimage": qwen_dir,
-             **variant_dirs}
-    return request.param.split("_")[0], paths[request.param]
+def any_checkpoint(request, tiny_dirs, variant_dirs):
+    name = request.param
+    return name.split("_")[0], variant_dirs[name] if name in variant_dirs else tiny_dirs(name)
 
 
 def guidance_for(family: str) -> float:
@@ -74,12 +69,12 @@ def guidance_for(family: str) -> float:
     return 1.0 if family == "flux" else 2.0
 
 
-def test_family_is_read_from_model_index(sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir, tmp_path):
-    assert isinstance(load_pipeline_backbone(sd3_dir, OPTIONS), SD3Backbone)
-    assert isinstance(load_backbone(str(flux_dir)), FluxBackbone)
-    assert isinstance(load_backbone(str(flux2_dir)), Flux2KleinBackbone)
-    assert isinstance(load_backbone(str(chroma_dir)), ChromaBackbone)
-    assert isinstance(load_backbone(str(qwen_dir)), QwenImageBackbone)
+def test_family_is_read_from_model_index(tiny_dirs, tmp_path):
+    assert isinstance(load_pipeline_backbone(tiny_dirs("sd3"), OPTIONS), SD3Backbone)
+    assert isinstance(load_backbone(str(tiny_dirs("flux"))), FluxBackbone)
+    assert isinstance(load_backbone(str(tiny_dirs("flux2"))), Flux2KleinBackbone)
+    assert isinstance(load_backbone(str(tiny_dirs("chroma"))), ChromaBackbone)
+    assert isinstance(load_backbone(str(tiny_dirs("qwenimage"))), QwenImageBackbone)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
         load_backbone(str(tmp_path))
@@ -416,14 +411,13 @@ def test_offloaded_text_encoders_encode_on_cuda(sd3_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwenimage"])
-def test_velocity_never_synchronises_on_cuda(family, sd3_dir, flux_dir, chroma_dir, flux2_dir, qwen_dir):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_velocity_never_synchronises_on_cuda(family, tiny_dirs):
     """Forward and backward of each backbone's velocity (what every rollout step and PPO update
     runs) without a host sync: position ids are built on the device. Qwen-Image with one prompt:
     an unpadded batch passes no mask (with one, diffusers' `compute_text_seq_len_from_mask`
     copies a Python int to the device in every forward)."""
-    path = {"sd3": sd3_dir, "flux": flux_dir, "chroma": chroma_dir, "flux2": flux2_dir, "qwenimage": qwen_dir}[family]
-    model = load_pipeline_backbone(path, OPTIONS).to("cuda")
+    model = load_pipeline_backbone(tiny_dirs(family), OPTIONS).to("cuda")
     prompts = [PROMPTS[0]] * 2 if family == "qwenimage" else PROMPTS[:2]
     cond = model.encode_prompts(prompts)  # encoding may synchronise; it is cached per prompt
     x = torch.randn(2, *model.latent_shape, device="cuda")

@@ -145,12 +145,9 @@ QWEN_TEMPLATE_SYSTEM = ("system\nDescribe the image by detailing the color, shap
                         "spatial relationships of the objects and background:")
 
 
-def tiny_qwen_tokenizer():
-    """Qwen2's byte-level BPE without merges (one token per byte), the chat-template tokens, and the
-    template's system text as 30 added tokens: like the real tokenizer, the template's prefix is 34
-    tokens, so the pipeline's `prompt_template_encode_start_idx` drops exactly the system part and
-    a prompt's embedding starts at "user\n". (A prompt containing one of those fragments, e.g.
-    " colo", gets it as one token: harmless in a random test model.)"""
+def _byte_level_qwen_tokenizer(pieces: list[str]):
+    """Qwen2's byte-level BPE without merges (one token per byte), its chat-template tokens, and
+    `pieces` added as whole tokens."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import AddedToken, Qwen2Tokenizer
 
@@ -159,11 +156,19 @@ def tiny_qwen_tokenizer():
         vocab[special] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    text = QWEN_TEMPLATE_SYSTEM
-    bounds = [round(i * len(text) / 30) for i in range(31)]
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])] + ["user\n", "assistant\n"]
     tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in pieces])
     return tokenizer
+
+
+def tiny_qwen_tokenizer():
+    """The byte-level Qwen tokenizer with the template's system text as 30 added tokens: like the
+    real tokenizer, the template's prefix is 34 tokens, so the pipeline's
+    `prompt_template_encode_start_idx` drops exactly the system part and a prompt's embedding starts
+    at "user\n". (A prompt containing one of those fragments, e.g. " colo", gets it as one token:
+    harmless in a random test model.)"""
+    text = QWEN_TEMPLATE_SYSTEM
+    bounds = [round(i * len(text) / 30) for i in range(31)]
+    return _byte_level_qwen_tokenizer([text[a:b] for a, b in zip(bounds, bounds[1:])] + ["user\n", "assistant\n"])
 
 
 def _tiny_qwen_vl(tokenizer):
@@ -225,17 +230,9 @@ FLUX2_TEXT_LAYERS = 27  # Flux2KleinPipeline stacks hidden states 9, 18 and 27 o
 
 
 def tiny_qwen3_tokenizer():
-    """Byte-level Qwen tokenizer (no merges) with chat tokens, "user\\n" as one token (so a short
-    `max_sequence_length` still reaches the prompt) and a Qwen3-style chat template."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import AddedToken, Qwen2Tokenizer
-
-    vocab = {character: index for index, character in enumerate(sorted(ByteLevel.alphabet()))}
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[special] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in ("user\n", "assistant\n")])
+    """The byte-level Qwen tokenizer with "user\n" as one token (so a short `max_sequence_length`
+    still reaches the prompt) and a Qwen3-style chat template."""
+    tokenizer = _byte_level_qwen_tokenizer(["user\n", "assistant\n"])
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
 
@@ -299,3 +296,13 @@ def save_tiny_chroma(directory: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(str(directory))
     return Path(directory)
+
+
+def save_tiny(family: str, directory: str | Path) -> Path:
+    """The tiny checkpoint of a diffusers family, by the `family` name of its backbone (sd3, flux,
+    chroma, flux2, qwenimage)."""
+    builders = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_chroma,
+                "flux2": save_tiny_flux2_klein, "qwenimage": save_tiny_qwen_image}
+    if family not in builders:
+        raise ValueError(f"no tiny checkpoint for family {family!r}; known: {sorted(builders)}")
+    return builders[family](directory)
