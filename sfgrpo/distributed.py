@@ -285,7 +285,8 @@ def gradient_sync(module: nn.Module, enabled: bool):
 
 # ====================================================================== sharded tensors
 def is_sharded(tensor: Tensor) -> bool:
-    return _dtensor_type() is not None and isinstance(tensor, _dtensor_type())
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 @functools.lru_cache(maxsize=None)

@@ -519,7 +519,7 @@ class Trainer:
         wrapping, so the compiled graph is the one that trains; the frozen KL copy is compiled too."""
         for module in (self.model.transformer, self.reference_transformer):
             if module is not None:
-                inner = getattr(module, "module", module)  # DDP's wrapped module
+                inner = distributed.unwrap(module)  # DDP's wrapped module
                 inner.forward = torch.compile(inner.forward)
 
     def _adamw_kernel(self) -> dict:
