@@ -338,7 +338,7 @@ def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
          "--reward", "crashing_reward:contrast_but_rank1_dies_once", "--no-progress", "--no-plots",
          "--output-dir", str(tmp_path / "out"), "--resume-from", "latest"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-12000:]  # every rank's own error, not only torchrun's
     assert (tmp_path / "crashed").exists(), "rank 1 never died: the restart was not exercised"
     assert "(2 processes)" in result.stdout and result.stdout.count("outputs in") == 1  # rank 0 prints
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
