@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from sfgrpo.bench import flow_grpo_code as fg  # noqa: E402
+from sfgrpo.bench.measure import is_sync_warning  # noqa: E402
 
 from sfgrpo import functional as F  # noqa: E402
 from sfgrpo import reference as ref  # noqa: E402
@@ -108,7 +109,7 @@ def count_syncs(fn) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum(is_sync_warning(w.message) for w in caught)
 
 
 def copy_bandwidth_gbs() -> float:
@@ -277,7 +278,13 @@ def main() -> int:
                 timings = {}
                 for impl, fn in impls.items():
                     try:
-                        timings[impl] = (time_ms(fn), time_pipelined_ms(fn), count_syncs(fn), time_graph_ms(fn))
+                        syncs = count_syncs(fn)
+                        # a call that synchronises cannot be captured, and a failed capture leaves
+                        # torch's CUDA generator mid-capture: every later randn then fails
+                        # ("Offset increment outside graph capture"), as Flow-GRPO's sampler did to
+                        # the next baseline on an H100
+                        graph_ms = time_graph_ms(fn) if syncs == 0 else math.nan
+                        timings[impl] = (time_ms(fn), time_pipelined_ms(fn), syncs, graph_ms)
                     except Exception as err:  # a baseline that cannot run this shape (e.g. OOM)
                         print(f"  {shape_name} {dtype_name} {case} {impl}: failed ({type(err).__name__}: {err})")
                         torch.cuda.empty_cache()

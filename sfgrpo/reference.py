@@ -428,8 +428,15 @@ def philox_step_noise(seed: int, seed_offset: int, rows: int, elements: int, dev
     elements 4q .. 4q + 3. One call uses `rows * ceil(elements / 4)` counters."""
     quads = -(-elements // 4)
     counters = seed_offset + torch.arange(rows, dtype=torch.int64)[:, None] * quads + torch.arange(quads)[None, :]
-    noise = philox_normal4(seed, counters).reshape(rows, quads * 4)[:, :elements]
-    return noise.contiguous().to(device) if device is not None else noise.contiguous()
+    noise = philox_normal4(seed, counters).reshape(rows, quads * 4)[:, :elements].contiguous()
+    if device is None or torch.device(device).type == "cpu":
+        return noise
+    if torch.device(device).type == "cuda":
+        # from pinned memory without blocking: a pageable host->device copy synchronises the host
+        # (the reference backend's sampling step must not); torch's pinned allocator keeps the
+        # buffer alive until the copy has run
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 # --------------------------------------------------------------- ODE look-ahead (SPEC §4.2)

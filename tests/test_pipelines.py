@@ -416,18 +416,50 @@ def test_velocity_never_synchronises_on_cuda(family, tiny_dirs):
     """Forward and backward of each backbone's velocity (what every rollout step and PPO update
     runs) without a host sync: position ids are built on the device. Qwen-Image with one prompt:
     an unpadded batch passes no mask (with one, diffusers' `compute_text_seq_len_from_mask`
-    copies a Python int to the device in every forward)."""
+    copies a Python int to the device in every forward). Chroma: its zero guidance embedding is
+    computed on the device (`_ConstantsOnDevice`). Steady state: after one forward (diffusers
+    caches per-device tensors on first use, e.g. Qwen-Image's rotary frequencies)."""
     model = load_pipeline_backbone(tiny_dirs(family), OPTIONS).to("cuda")
     prompts = [PROMPTS[0]] * 2 if family == "qwenimage" else PROMPTS[:2]
     cond = model.encode_prompts(prompts)  # encoding may synchronise; it is cached per prompt
     x = torch.randn(2, *model.latent_shape, device="cuda")
     t = torch.tensor([0.9, 0.4], device="cuda")
+    model.velocity(x, t, cond).float().square().sum().backward()  # the first step of a run
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         model.velocity(x, t, cond).float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_chroma_guidance_embedding_is_built_on_the_module_device(tiny_dirs):
+    """Chroma's transformer embeds `torch.tensor([0] * batch)` made on the CPU; the wrapper builds
+    the constants where the module lives (meta here stands in for a GPU: a CPU input reaching it
+    would fail), bit-identical on the CPU, with diffusers' state dict keys unchanged."""
+    from diffusers.models.embeddings import Timesteps
+
+    from sfgrpo.models.pipelines.flux import _ConstantsOnDevice
+
+    model = load_pipeline_backbone(tiny_dirs("chroma"), OPTIONS)
+    embed = model.transformer.time_text_embed
+    assert isinstance(embed.guidance_proj, _ConstantsOnDevice)
+    assert not any("anchor" in key for key in model.transformer.state_dict())
+    plain = Timesteps(8, flip_sin_to_cos=True, downscale_freq_shift=0)
+    wrapped = _ConstantsOnDevice(Timesteps(8, flip_sin_to_cos=True, downscale_freq_shift=0))
+    zeros = torch.tensor([0] * 3)
+    assert torch.equal(wrapped(zeros), plain(zeros))
+    on_meta = _ConstantsOnDevice(Timesteps(8, flip_sin_to_cos=True, downscale_freq_shift=0)).to("meta")
+    assert on_meta(zeros).device.type == "meta" and on_meta(zeros).shape == (3, 8)
+    mixed = torch.tensor([0, 1])  # not one repeated value: passed through as given
+    assert on_meta(mixed).device.type == "cpu"
+    t = torch.tensor([0.9, 0.4])
+    x = torch.randn(2, *model.latent_shape)
+    cond = model.encode_prompts(PROMPTS[:2])
+    with torch.no_grad():
+        patched = model.velocity(x, t, cond)
+        embed.guidance_proj = embed.guidance_proj.inner  # diffusers' own path
+        assert torch.equal(model.velocity(x, t, cond), patched)
 
 
 def test_distilled_flux2_refuses_cfg(tmp_path):

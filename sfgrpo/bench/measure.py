@@ -80,6 +80,13 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return peak / (2**20 if sys.platform == "darwin" else 2**10), "cpu_rss_high_water"
 
 
+def is_sync_warning(message) -> bool:
+    """Whether a warning is torch's report of one synchronising CUDA operation (sync debug mode
+    "warn"), not its one-time notice that "Synchronization debug mode is a prototype feature",
+    which the first counted call of a process also receives."""
+    return "called a synchronizing cuda operation" in str(message).lower()
+
+
 class SyncCounter:
     """Counts host-device synchronisations (CUDA only) by turning on torch's sync debug mode in
     "warn" and counting its warnings. `count()` wraps a callable; the counts add up in `.total`."""
@@ -101,7 +108,7 @@ class SyncCounter:
                 yield
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
-        self.total += sum("synchroniz" in str(w.message).lower() for w in caught)
+        self.total += sum(is_sync_warning(w.message) for w in caught)
 
     def wrap(self, function):
         def counted(*args, **kwargs):

@@ -390,5 +390,6 @@ def _call(ops, impl, args: tuple, with_stats: bool):
     """The registered op (`ops` = (plain, with stats)) under torch.compile; its body directly in
     eager mode, where the op's Python dispatch layers cost more than the engine."""
     if torch.compiler.is_compiling():
-        return ops[with_stats](*args)
+        # not ops[with_stats]: dynamo before torch 2.13 refuses a bool index (graph break)
+        return (ops[1] if with_stats else ops[0])(*args)
     return impl(*args, with_stats)

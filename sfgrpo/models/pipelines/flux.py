@@ -41,6 +41,29 @@ class FluxBackbone(PackedLatentsBackbone):
         )[0]
 
 
+class _ConstantsOnDevice(torch.nn.Module):
+    """Wraps a stateless module that diffusers calls with a CPU tensor of constants, and runs it on
+    the device the wrapper was moved to. Chroma's timestep embedding projects
+    `torch.tensor([0] * batch)`, built on the CPU and copied to the GPU after the projection: a
+    synchronising copy in every forward. CPU constants are readable for free: one value repeated
+    becomes `torch.full` on the device (the embedding of 0 is exact, sin 0 and cos 0, so the
+    result is bit-identical); anything else goes through unchanged."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        # tracks the device through .to(); not saved (the state dict keeps diffusers' keys)
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
+
+    def forward(self, values: Tensor) -> Tensor:
+        device = self.anchor.device
+        if values.device.type == "cpu" and device.type != "cpu" and values.numel() > 0:
+            first = values.reshape(-1)[0]
+            if bool((values == first).all()):  # a CPU tensor: no device sync
+                values = torch.full(values.shape, first.item(), dtype=values.dtype, device=device)
+        return self.inner(values)
+
+
 class ChromaBackbone(FluxBackbone):
     """Chroma (FLUX.1-schnell's architecture, pruned): T5 only, encoded with its attention mask, and
     the transformer masks the padding after the first padding token (the mask is part of the
@@ -48,6 +71,12 @@ class ChromaBackbone(FluxBackbone):
     embedding; latents, ids, grid and VAE as FLUX.1's."""
 
     family = "chroma"
+
+    def __init__(self, pipe, options):
+        super().__init__(pipe, options)
+        embed = getattr(self.transformer, "time_text_embed", None)
+        if embed is not None and hasattr(embed, "guidance_proj") and hasattr(embed, "mod_proj"):
+            embed.guidance_proj = _ConstantsOnDevice(embed.guidance_proj)
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds, _, mask, *_ = self.pipe.encode_prompt(
