@@ -438,6 +438,52 @@ def test_eager_step_leaves_out_what_was_not_asked_for():
     assert mean is None and x0 is None and x1 is None and kl is None
 
 
+def test_split_rows_reuse_one_scratch_per_stream_and_leave_the_tickets_at_zero():
+    """Rows spanning several programs sum partials through per-(device, stream) scratch that every
+    launch reuses: the kernel's last program of each row resets its ticket counter, so the next
+    launch (another batch size, another mode) finds zeros; growing keeps the results exact."""
+    from sfgrpo.kernels import sde_step as kernels
+
+    kernels._SCRATCH.clear()
+    x, v, v_ref, t, tn, level = _inputs((3, 300_000), torch.bfloat16, seed=8)
+    first = F.sde_step(x, v, t, tn, level, seed=5, backend="triton")
+    (partials, tickets), = kernels._SCRATCH.values()
+    assert int(tickets.abs().sum()) == 0
+    again = F.sde_step(x, v, t, tn, level, seed=5, backend="triton")
+    assert kernels._SCRATCH[next(iter(kernels._SCRATCH))][1].data_ptr() == tickets.data_ptr()  # reused
+    assert torch.equal(again.log_prob, first.log_prob) and torch.equal(again.prev_sample, first.prev_sample)
+    # more rows and the KL's second set of partials: the scratch grows, the counters start at zero
+    x5, v5, vr5, t5, tn5, level5 = _inputs((5, 300_000), torch.bfloat16, seed=9)
+    scored = F.sde_step(x5, v5, t5, tn5, level5, prev_sample=x5, v_ref=vr5, backend="triton")
+    oracle = ref.sde_step(x5, v5, t5, tn5, level5, prev_sample=x5, v_ref=vr5)
+    _close(scored.log_prob, oracle.log_prob, 2e-6, 2e-6, "log_prob after growing")
+    _close(scored.kl, oracle.kl, 2e-6, 2e-6, "kl after growing")
+    (partials, tickets), = kernels._SCRATCH.values()
+    assert tickets.numel() >= 5 and int(tickets.abs().sum()) == 0
+    back = F.sde_step(x, v, t, tn, level, prev_sample=first.prev_sample, backend="triton")
+    assert torch.equal(back.log_prob, first.log_prob)  # on-policy after the scratch grew
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_of_split_rows_interleaves_with_eager_steps():
+    # rows of 300k elements span several programs: the captured launch has its own scratch, so
+    # replays between eager steps on the same stream stay exact
+    x, v, _, t, tn, level = _inputs((3, 300_000), torch.bfloat16, seed=7)
+    noise = torch.randn(x.shape, device=DEVICE)
+    expected = F.sde_step(x, v, t, tn, level, noise=noise)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = F.sde_step(x, v, t, tn, level, noise=noise)
+    for _ in range(3):
+        graph.replay()
+        eager = F.sde_step(x, v, t, tn, level, noise=noise)
+        assert torch.equal(eager.log_prob, expected.log_prob)
+    torch.cuda.synchronize()
+    assert torch.equal(captured.log_prob, expected.log_prob)
+    assert torch.equal(captured.prev_sample, expected.prev_sample)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_capture_replays_the_step():
     # per-row t / t' / noise level live in device tensors, so a captured step replays with new values
