@@ -214,7 +214,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
     guard = torch.cuda.device(device) if device.index != torch.cuda.current_device() else contextlib.nullcontext()
     with guard:
         # one allocation: the engine's scratch, then {groups, nonfinite rows}
-        scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled)
+        scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled, with_stats)
         buffer = torch.empty(scratch + 16, dtype=torch.uint8, device=device)
         counts = buffer[scratch:].view(torch.int64)
         stream = torch._C._cuda_getCurrentRawStream(device.index)
@@ -228,10 +228,11 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
 
 
 @functools.lru_cache(maxsize=256)
-def _workspace_bytes(rows: int, width: int, gains: bool, pooled: bool) -> int:
-    """Scratch bytes of the CUDA engine, a multiple of 16 (CUB's size query would run on the host on
-    every call)."""
-    scratch = _native.require_cuda("the native advantage ops").advantages_workspace_bytes(rows, width, gains, pooled)
+def _workspace_bytes(rows: int, width: int, gains: bool, pooled: bool, with_stats: bool) -> int:
+    """Scratch bytes of the CUDA engine, a multiple of 16 (CUB's size query, for the statistics'
+    sort, would run on the host on every call)."""
+    scratch = _native.require_cuda("the native advantage ops").advantages_workspace_bytes(
+        rows, width, gains, pooled, with_stats)
     return -(-scratch // 16) * 16
 
 
