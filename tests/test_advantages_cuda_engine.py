@@ -35,7 +35,7 @@ def emulated(rewards, ids, *, gains, pooled, global_std=False, ddof=0, eps=1e-8,
     problem = adv_ops._Problem(gains=gains, pooled=pooled, global_std=global_std, ddof=ddof, eps=eps, clip=clip)
     mask = None if step_mask is None else step_mask.contiguous().view(torch.uint8)
     groups, nonfinite = _native.require("test").testing.advantages_cuda_emulated(
-        **adv_ops.engine_args(rewards, ids, out, problem, mask, padded))
+        *adv_ops.engine_args(rewards, ids, out, problem, mask, padded))
     return out, padded, groups, nonfinite
 
 
