@@ -194,8 +194,11 @@ def gpu_section() -> list[str]:
              f"device: {torch.cuda.get_device_name(device)}", "",
              "`call`: one eager call between two events (host work included); `GPU only`: replay of the "
              "call captured in a CUDA graph (kernel time, no Python, no launch overhead; n/a for calls "
-             "that synchronise).", "",
-             "| case | call, median µs | GPU only (graph replay), median µs |", "|---|---|---|"]
+             "that synchronise); `host`: wall time per call of 50 back-to-back eager calls without a "
+             "sync (the Python path and the launches, while the GPU queue absorbs the kernels; n/a for "
+             "calls that synchronise).", "",
+             "| case | call, median µs | GPU only (graph replay), median µs | host, µs per call |",
+             "|---|---|---|---|"]
     samples = 100_000
     ids = torch.from_numpy(np.random.default_rng(0).permutation(np.arange(samples) // 16)).to(device)
     rewards = torch.rand(samples, STEPS + 1, device=device)
@@ -221,10 +224,23 @@ def gpu_section() -> list[str]:
             times.append(start.elapsed_time(end) * 1e3)
         return statistics.median(times)
 
+    def host_time(fn, reps=50, rounds=5):
+        best = float("inf")
+        for _ in range(rounds):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - start) / reps * 1e6)
+            torch.cuda.synchronize()
+        return best
+
     for name, fn in cases.items():
         for _ in range(5):
             fn()
         call = event_times(fn)
+        syncs = "(1 sync)" in name or "reference" in name
+        host = "n/a" if syncs else f"{host_time(fn):.1f}"
         graph_time = "n/a"
         if "(1 sync)" not in name and "reference" not in name:  # calls that synchronise cannot be captured
             try:
@@ -239,7 +255,37 @@ def gpu_section() -> list[str]:
                 graph_time = f"{event_times(graph.replay):.1f}"
             except Exception as err:  # noqa: BLE001 - reported in the table
                 graph_time = f"capture failed ({type(err).__name__})"
-        lines.append(f"| {name} | {call:.1f} | {graph_time} |")
+        lines.append(f"| {name} | {call:.1f} | {graph_time} | {host} |")
+    lines += ["", *kernel_breakdown(cases)]
+    return lines
+
+
+def kernel_breakdown(cases: dict) -> list[str]:
+    """Device time of every kernel and memset of the sync-free native cases (torch.profiler), so a
+    GPU run says which phase of the engine to shrink next."""
+    lines = ["Kernels (torch.profiler, 20 calls each; µs per call = device time / 20):", "",
+             "| case | kernel | µs per call |", "|---|---|---|"]
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in cases.items():
+            if "(1 sync)" in name or "reference" in name:
+                continue
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+            for event in prof.key_averages():
+                total = getattr(event, "device_time_total", None)
+                if total is None:
+                    total = getattr(event, "cuda_time_total", 0.0)
+                if total > 0 and getattr(event, "device_type", None) != torch.autograd.DeviceType.CPU:
+                    kernel = event.key if len(event.key) <= 90 else event.key[:87] + "..."
+                    lines.append(f"| {name} | `{kernel}` | {total / 20:.1f} |")
+    except Exception as err:  # noqa: BLE001 - reported, the timings above stand
+        lines.append(f"| profiler failed | {type(err).__name__}: {err} | |")
     return lines
 
 

@@ -9,8 +9,10 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "sfgrpo/advantages.h"
+#include "sfgrpo/fixed_point_advantages.h"
 #include "sfgrpo/sde_step.h"
 
 namespace py = pybind11;
@@ -292,6 +294,43 @@ PYBIND11_MODULE(_C, m) {
       py::arg("width"), py::arg("gains"), py::arg("pooled"), py::arg("global_std"),
       py::arg("ddof"), py::arg("eps"), py::arg("clip"), py::arg("column_mask"), py::arg("stats"));
 
+  testing.def(
+      "warp_runs",
+      [](const std::vector<int64_t>& keys, int active, const std::vector<uint64_t>& values, bool maximum) {
+        namespace fx = sfgrpo::fixed;
+        if (keys.size() != fx::kWarpSize || values.size() != fx::kWarpSize || active < 0 || active > fx::kWarpSize) {
+          throw std::invalid_argument("warp_runs: 32 keys, 32 values, 0 <= active <= 32");
+        }
+        fx::Lanes<int64_t> key;
+        fx::Lanes<bool> on;
+        fx::Lanes<uint64_t> v[1];
+        for (int lane = 0; lane < fx::kWarpSize; ++lane) {
+          key[lane] = keys[lane];
+          on[lane] = lane < active;
+          v[0][lane] = values[lane];
+        }
+        const fx::Runs runs = fx::runs_of(key, on);
+        if (maximum) {
+          fx::reduce_runs(runs, v, fx::MaxOp{});
+        } else {
+          fx::reduce_runs(runs, v, fx::AddOp{});
+        }
+        std::vector<int> head(fx::kWarpSize), span(fx::kWarpSize);
+        std::vector<uint64_t> reduced(fx::kWarpSize);
+        for (int lane = 0; lane < fx::kWarpSize; ++lane) {
+          head[lane] = runs.head[lane];
+          span[lane] = runs.span[lane];
+          reduced[lane] = v[0][lane];
+        }
+        return py::make_tuple(runs.heads, head, span, reduced);
+      },
+      "The advantage engine's warp runs on 32 lanes (emulated): (heads mask, head lane, span, values "
+      "reduced over each run, valid at the run's first lane)",
+      py::arg("keys"), py::arg("active"), py::arg("values"), py::arg("maximum"));
+  testing.def(
+      "u128_to_double", [](uint64_t hi, uint64_t lo) { return sfgrpo::fixed::to_double(sfgrpo::fixed::U128{lo, hi}); },
+      "hi * 2^64 + lo rounded to a double as the advantage engine rounds it", py::arg("hi"), py::arg("lo"));
+
 #ifdef SFGRPO_WITH_CUDA
   py::module_ cuda = m.def_submodule("cuda", "CUDA implementations (enqueued on the given stream)");
   cuda.def(
@@ -312,12 +351,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"));
   cuda.def(
       "advantages_workspace_bytes",
-      [](int64_t rows, int64_t width, bool gains, bool pooled) {
+      [](int64_t rows, int64_t width, bool gains, bool pooled, bool with_stats) {
         const auto problem = make_problem(rows, width, gains, pooled, false, 0, 0.0, {}, 0);
-        return sfgrpo::advantages_cuda_workspace_bytes(problem);
+        return sfgrpo::advantages_cuda_workspace_bytes(problem, with_stats);
       },
       "Bytes of scratch memory advantages() needs", py::arg("rows"), py::arg("width"),
-      py::arg("gains"), py::arg("pooled"));
+      py::arg("gains"), py::arg("pooled"), py::arg("with_stats"));
   cuda.def(
       "advantages",
       [](const std::string& dtype, std::uintptr_t rewards, std::uintptr_t group_ids,

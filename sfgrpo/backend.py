@@ -52,8 +52,34 @@ def registered_ops() -> dict[str, str]:
     return dict(_OPS)
 
 
+def _environ_reader():
+    """A function name -> os.environ.get(name) for the variables read on every op call.
+    `os.environ.get` of an unset variable raises and catches a KeyError inside (~0.5 us); CPython's
+    os.environ keeps its encoded copy in `_data`, which os.environ's own writes (and pytest's
+    monkeypatch) update, so a plain dict lookup there gives the same answer. Any other
+    implementation gets os.environ.get."""
+    data = getattr(os.environ, "_data", None)
+    encodekey = getattr(os.environ, "encodekey", None)
+    decodevalue = getattr(os.environ, "decodevalue", None)
+    if not isinstance(data, dict) or encodekey is None or decodevalue is None:
+        return os.environ.get
+    keys: dict[str, object] = {}
+
+    def get(name: str) -> str | None:
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = encodekey(name)
+        value = data.get(key)
+        return None if value is None else decodevalue(value)
+
+    return get
+
+
+environ_get = _environ_reader()
+
+
 def requested_backend(override: str | None = None) -> str:
-    value = override if override is not None else os.environ.get(ENV_VAR, "auto")
+    value = override if override is not None else (environ_get(ENV_VAR) or "auto")
     value = value.strip().lower() or "auto"
     if value not in BACKENDS:
         source = "backend argument" if override is not None else ENV_VAR
@@ -122,8 +148,11 @@ def resolve_backend(op: str, device: torch.device | str, override: str | None = 
     On every op call: decisions are memoised on everything they depend on (the environment
     variables are read each time, so changing them takes effect immediately)."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (op, _OPS.get(op), _CPU_FAMILY.get(op), device_type, override, os.environ.get(ENV_VAR),
-           os.environ.get("TRITON_INTERPRET"), _native.available())
+    family = _OPS.get(op)
+    cpu_family = _CPU_FAMILY.get(op)
+    # TRITON_INTERPRET only matters to ops with a Triton kernel
+    interpret = environ_get("TRITON_INTERPRET") if "triton" in (family, cpu_family) else None
+    key = (op, family, cpu_family, device_type, override, environ_get(ENV_VAR), interpret, _native.available())
     chosen = _RESOLVED.get(key)
     if chosen is None:
         chosen = _resolve(op, torch.device(device_type), override)

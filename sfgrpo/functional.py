@@ -224,7 +224,7 @@ def gain_advantages(
     else:
         result = advantage_ops.gain_advantages(
             rewards, group_ids, normalize=normalize, eps=float(eps), clip=None if clip is None else float(clip),
-            step_mask=step_mask, nonfinite=nonfinite, return_stats=return_stats,
+            step_mask=step_mask, nonfinite=nonfinite, return_stats=return_stats, validated=True,
         )
     return _this_rank_rows(result, rows, return_stats)
 
@@ -264,6 +264,7 @@ def group_advantages(
         result = advantage_ops.group_advantages(
             rewards, group_ids, std=std, eps=float(eps), unbiased=bool(unbiased),
             clip=None if clip is None else float(clip), nonfinite=nonfinite, return_stats=return_stats,
+            validated=True,
         )
     return _this_rank_rows(result, rows, return_stats)
 

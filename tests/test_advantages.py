@@ -283,6 +283,33 @@ def test_backend_forcing_and_environment(monkeypatch):
     assert sfgrpo.backend.registered_ops()["group_advantages"] == "native"
 
 
+def test_environment_reader_follows_os_environ(monkeypatch):
+    # the per-call environment reads (backend, thread cap) go through backend.environ_get
+    name = "SFGRPO_TEST_ENVIRON_READER"
+    monkeypatch.delenv(name, raising=False)
+    assert sfgrpo.backend.environ_get(name) is None
+    monkeypatch.setenv(name, "native ")
+    assert sfgrpo.backend.environ_get(name) == os.environ.get(name) == "native "
+    monkeypatch.setenv(name, "")
+    assert sfgrpo.backend.environ_get(name) == ""
+    monkeypatch.delenv(name)
+    assert sfgrpo.backend.environ_get(name) is None
+    monkeypatch.setenv(adv_ops.THREADS_ENV, "3")
+    adv_ops.set_num_threads(None)
+    assert adv_ops.get_num_threads() == 3
+
+
+def test_entry_points_validate_unless_the_caller_did():
+    # functional validates and passes validated=True; a direct call of the ops module validates itself
+    r, ids = torch.zeros(3, 5), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="group_ids must be"):
+        adv_ops.gain_advantages(r, ids, normalize="joint", eps=1e-8, clip=None, step_mask=None, nonfinite="drop",
+                                return_stats=False)
+    with pytest.raises(ValueError, match="group_ids must be"):
+        adv_ops.group_advantages(r[:, 0], ids, std="group", eps=1e-4, unbiased=False, clip=None, nonfinite="drop",
+                                 return_stats=False)
+
+
 # ------------------------------------------------------------------------------ determinism
 def test_same_bits_every_run_and_for_any_thread_count(monkeypatch):
     ids = random_layout(30_000, max_group=20, seed=12)

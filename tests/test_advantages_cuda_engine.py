@@ -19,7 +19,7 @@ from advantage_oracles import assert_matches, numpy_gain_advantages, numpy_group
 pytestmark = pytest.mark.skipif(not _native.available(), reason="sfgrpo._C is not built")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# the id whose hash key is 0 (the table's empty marker): it gets a slot of its own
+# the id whose mixed hash key is 0 (once the hash table's empty marker; an edge id still)
 KEY_ZERO_ID = int(np.uint64(0x9E3779B97F4A7C15).astype(np.int64))
 
 
@@ -35,7 +35,7 @@ def emulated(rewards, ids, *, gains, pooled, global_std=False, ddof=0, eps=1e-8,
     problem = adv_ops._Problem(gains=gains, pooled=pooled, global_std=global_std, ddof=ddof, eps=eps, clip=clip)
     mask = None if step_mask is None else step_mask.contiguous().view(torch.uint8)
     groups, nonfinite = _native.require("test").testing.advantages_cuda_emulated(
-        **adv_ops.engine_args(rewards, ids, out, problem, mask, padded))
+        *adv_ops.engine_args(rewards, ids, out, problem, mask, padded))
     return out, padded, groups, nonfinite
 
 
@@ -171,6 +171,116 @@ def exact_pooled(values, ids):
         std = math.sqrt(sum((x - mean) ** 2 for x in exact) / len(exact))
         out[members] = np.array([float(x - mean) / (std + 1e-8) for x in exact]).reshape(block.shape)
     return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("scale, offset", [(1e-3, 1e6), (1.0, 1e12), (1e5, -3e9), (1e-300, 0.0)])
+def test_large_groups_stay_accurate(scale, offset):
+    # thousands of values in one group (fewer fixed-point bits per value: headroom for the sum),
+    # far from 0 with a small spread: still no less accurate than a float64 two-pass computation
+    ids = torch.cat([torch.zeros(2500, dtype=torch.int64), torch.arange(1, 201) // 7 + 1])
+    values = rewards_for(ids, 3, torch.float64, seed=14) * scale + offset
+    got, *_ = emulated(values, ids, gains=False, pooled=True)
+    exact = exact_pooled(values, ids)
+    numpy_error = (numpy_pooled(values, ids) - exact).abs().max().item()
+    assert (got - exact).abs().max().item() <= max(numpy_error, 1e-13)
+
+
+# ------------------------------------------------------------------------- warp aggregation
+# Rows of one group side by side in a warp add their integer parts together first (one atomic per
+# run of equal ids, a segmented shuffle reduction): the same integer sums as row by row, so the
+# same bits as any order of the rows. The emulation runs the warp code on 32-lane arrays.
+WARP_LAYOUTS = ["groups_of_16", "groups_of_10", "long_runs", "alternating", "mixed_runs", "singletons", "one_group"]
+
+
+def warp_layout(kind, rows=1007, seed=0):
+    """Group ids in row order (not shuffled): runs of equal ids inside warps and across them; the
+    row count leaves a partial last warp."""
+    rng = np.random.default_rng(seed)
+    if kind == "groups_of_16":  # two aligned runs per warp
+        ids = np.arange(rows) // 16
+    elif kind == "groups_of_10":  # runs that cross warp boundaries
+        ids = np.arange(rows) // 10
+    elif kind == "long_runs":  # groups of 33..300 consecutive rows: whole warps of one group
+        ids = np.repeat(np.arange(rows), rng.integers(33, 301, size=rows))[:rows]
+    elif kind == "alternating":  # every lane a run of its own, half the warp in each group
+        ids = np.arange(rows) % 2
+    elif kind == "mixed_runs":  # runs of 1..40 rows drawn from 12 groups: a group recurs in one warp
+        ids = np.repeat(rng.integers(0, 12, size=rows), rng.integers(1, 41, size=rows))[:rows]
+    elif kind == "singletons":
+        ids = np.arange(rows) * 7919 - 10**15
+    else:
+        ids = np.zeros(rows)
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+@pytest.mark.parametrize("layout", WARP_LAYOUTS)
+def test_warp_runs_give_the_bits_of_scattered_rows(layout):
+    ids = warp_layout(layout)
+    rewards = rewards_for(ids, 11, torch.float64, seed=12) * 3 + 1
+    rewards[[5, 32, 33, 63, 1006], [2, 0, 10, 4, 7]] = float("nan")  # inside runs, at a warp's first and last lane
+    step_mask = torch.tensor([True, False] + [True] * 8)
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(13))  # (almost) no runs left
+    for normalize in ("joint", "per_step"):
+        got, stats, groups, nonfinite = emulated_gain(rewards, ids, normalize, step_mask=step_mask, clip=4.0,
+                                                      stats=True)
+        scattered, scattered_stats, *_ = emulated_gain(rewards[perm], ids[perm], normalize, step_mask=step_mask,
+                                                       clip=4.0, stats=True)
+        assert torch.equal(scattered, got[perm])
+        for name in ("group_ids", "size", "mean", "std", "zero_std"):
+            assert torch.equal(getattr(scattered_stats, name), getattr(stats, name)), name
+        assert groups == len(torch.unique(ids)) and nonfinite == 5
+        expected = numpy_gain_advantages(rewards, ids, normalize=normalize, clip=4.0, step_mask=step_mask)
+        assert_matches(got, expected, torch.float64)
+    flat = rewards[:, -1].contiguous()
+    for std in ("group", "global"):
+        got, *_ = emulated(flat, ids, gains=False, pooled=False, global_std=std == "global", eps=1e-4)
+        scattered, *_ = emulated(flat[perm], ids[perm], gains=False, pooled=False, global_std=std == "global",
+                                 eps=1e-4)
+        assert torch.equal(scattered, got[perm])
+        assert_matches(got.reshape(-1), numpy_group_advantages(flat, ids, std=std), torch.float64)
+
+
+WARP_PATTERNS = {
+    "one_run": ([7] * 32, 32),
+    "one_run_partial_warp": ([7] * 32, 20),
+    "alternating": ([0, 1] * 16, 32),
+    "pairs": [sum(([k, k] for k in range(16)), []), 31],
+    "run_of_31": ([1] + [2] * 31, 32),
+    "interrupted": ([3, 3, 4, 3, 3, 3] + list(range(100, 126)), 32),
+    "distinct": (list(range(32)), 32),
+    "nothing_active": ([5] * 32, 0),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(WARP_PATTERNS))
+@pytest.mark.parametrize("maximum", [False, True])
+def test_warp_runs_and_their_reduction(pattern, maximum):
+    keys, active = WARP_PATTERNS[pattern]
+    rng = np.random.default_rng(len(pattern))
+    values = [int(v) for v in rng.integers(0, 2**64, size=32, dtype=np.uint64)]
+    heads, head, span, reduced = _native.require("test").testing.warp_runs(keys, active, values, maximum)
+    starts = [lane == 0 or lane >= active or keys[lane] != keys[lane - 1] for lane in range(32)]
+    assert heads == sum(1 << lane for lane in range(32) if starts[lane])
+    for lane in range(32):
+        first = max(k for k in range(lane + 1) if starts[k])
+        last = min([k for k in range(lane + 1, 32) if starts[k]], default=32) - 1
+        assert (head[lane], span[lane]) == (first, last - lane)
+        if lane == first:
+            run = values[first:last + 1]
+            assert reduced[lane] == (max(run) if maximum else sum(run) % 2**64)
+
+
+def test_u128_to_double_rounds_to_nearest_even():
+    rng = np.random.default_rng(15)
+    cases = [0, 1, 2**53 + 1, 2**64 - 1, 2**64, 2**64 + 1, 2**128 - 1, 2**127, 3 << 100]
+    for bits in (54, 64, 65, 90, 117, 128):  # ties, just below and above them, at every scale
+        mantissa = int(rng.integers(2**52, 2**53)) << 1 | 1
+        tie = (mantissa << (bits - 54)) if bits >= 54 else mantissa
+        cases += [tie - 1, tie, tie + 1, tie + (1 << (bits - 54)) * 2]
+    cases += [int(x) << int(s) for x, s in zip(rng.integers(1, 2**63, size=200), rng.integers(0, 65, size=200))]
+    for x in cases:
+        x %= 2**128
+        assert _native.require("test").testing.u128_to_double(x >> 64, x & (2**64 - 1)) == float(x), x
 
 
 # ------------------------------------------------------------------------------------- GPU

@@ -1,7 +1,8 @@
 // The CUDA advantage engine's phases (sfgrpo/fixed_point_advantages.h) run sequentially on the
-// host: the same code with plain read-modify-writes for the atomics, so the device algorithm is
-// tested without a GPU and, on a GPU, its results must be these bits. Not a production path (the
-// CPU engine, advantages.cpp, is faster on a CPU).
+// host: the same code, warp by warp (the 32 lanes of a warp as arrays, the warp collectives and
+// the run-segmented reductions on those arrays, plain read-modify-writes for the atomics), so the
+// device algorithm is tested without a GPU and, on a GPU, its results must be these bits. Not a
+// production path (the CPU engine, advantages.cpp, is faster on a CPU).
 #include <algorithm>
 #include <numeric>
 #include <stdexcept>
@@ -18,28 +19,26 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
   AdvantageCounts counts;
   if (p.rows == 0) return counts;
   const int64_t n = p.rows;
-  const int64_t stat_columns = p.stat_columns();
+  const size_t stat_columns = static_cast<size_t>(p.stat_columns());
   const int64_t slots = fixed::table_slots(n);
-  const size_t accumulators = static_cast<size_t>((n + 1) * stat_columns);
-  std::vector<uint64_t> keys(slots + 1, 0), counters(2, 0), hi(accumulators, 0), lo(accumulators, 0),
-      sum(accumulators, 0), squares(accumulators, 0);
-  std::vector<uint32_t> slot_rep(slots + 1, 0), size(n, 0);
+  // zeroed like the device's memset; the moment sums hold garbage until their claimer zeroes them
+  std::vector<uint64_t> counters(2, 0), batch_range(stat_columns * fixed::kRangeWords, 0),
+      batch_moments(stat_columns * fixed::kMomentWords, 0), range(n * stat_columns * fixed::kRangeWords, 0),
+      moments(n * stat_columns * fixed::kMomentWords, 0x5a5a5a5a5a5a5a5aULL);
+  std::vector<uint32_t> table(slots, 0), size(n, 0);
   std::vector<int32_t> row_rep(n), claim_reps(n), sorted_reps(n);
-  std::vector<uint8_t> finite(n);
   std::vector<int64_t> claim_ids(n), sorted_ids(n);
 
   fixed::Workspace w;
   w.slots = slots;
-  w.keys = keys.data();
-  w.slot_rep = slot_rep.data();
   w.counters = counters.data();
+  w.batch_range = batch_range.data();
+  w.batch_moments = batch_moments.data();
+  w.table = table.data();
   w.size = size.data();
-  w.hi = hi.data();
-  w.lo = lo.data();
-  w.sum = sum.data();
-  w.squares = squares.data();
+  w.range = range.data();
+  w.moments = moments.data();
   w.row_rep = row_rep.data();
-  w.finite = finite.data();
   if (stats.requested()) {
     w.claim_ids = claim_ids.data();
     w.claim_reps = claim_reps.data();
@@ -48,7 +47,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
   }
   const fixed::Args<T> a{p, rewards, group_ids, out, stats, nullptr, w};
 
-  for (int64_t i = 0; i < n; ++i) fixed::insert_row(a, i, true);
+  for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::insert_warp(a, base);
   const int64_t groups = static_cast<int64_t>(counters[0]);
   if (stats.requested()) {  // the device sorts the claims by id with CUB
     std::vector<int64_t> order(groups);
@@ -59,8 +58,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
       sorted_reps[j] = claim_reps[order[j]];
     }
   }
-  for (int64_t i = 0; i < n; ++i) fixed::sum_row(a, i, true);
-  for (int64_t i = 0; i < n; ++i) fixed::squares_row(a, i, true);
+  for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::moments_warp(a, base);
   for (int64_t i = 0; i < n; ++i) fixed::write_row(a, i);
   if (stats.requested()) {
     for (int64_t j = 0; j < groups; ++j) fixed::write_stats_row(a, j);

@@ -1,8 +1,9 @@
 // CUDA advantage engine: the phases of sfgrpo/fixed_point_advantages.h, one kernel each, all on
 // the caller's stream, nothing waits for the device. Without per-group statistics a call is one
-// memset and four kernels: no sort, no scan, no host-visible group count. Values are summed as
-// 64-bit fixed-point integers, so the atomics give the same bits in any order (and the same bits
-// as the host emulation of the same code, csrc/cpu/advantages_emulated.cpp).
+// memset and three kernels (insert, moments, write): no sort, no scan, no host-visible group
+// count. Values are summed as 64-bit fixed-point integers, so the atomics give the same bits in any
+// order (and the same bits as the host emulation of the same code,
+// csrc/cpu/advantages_emulated.cpp).
 //
 // Per-group statistics are reported in ascending id order: then the groups' first rows (claimed
 // in phase 1) are sorted by id with CUB between phases 1 and 2.
@@ -54,10 +55,12 @@ size_t sort_temp_bytes(int64_t n) {
   return bytes;
 }
 
-// Carves the workspace into aligned pieces; with base == nullptr it only measures.
-Carved carve(const AdvantageProblem& p, void* base) {
+// Carves the workspace into aligned pieces; with base == nullptr it only measures. The pieces for
+// per-group statistics (claims, their sorted copy, CUB's scratch) only `with_stats`: the CUB size
+// query costs host time that a call without statistics does not spend.
+Carved carve(const AdvantageProblem& p, void* base, bool with_stats) {
   const int64_t n = p.rows;
-  const int64_t accumulators = (n + 1) * p.stat_columns();
+  const int64_t stat_columns = p.stat_columns();
   Carved c;
   size_t at = 0;
   auto take = [&](size_t bytes) -> void* {
@@ -68,46 +71,76 @@ Carved carve(const AdvantageProblem& p, void* base) {
   };
   fixed::Workspace& w = c.w;
   w.slots = fixed::table_slots(n);
-  w.keys = static_cast<uint64_t*>(take(sizeof(uint64_t) * (w.slots + 1)));
-  w.slot_rep = static_cast<uint32_t*>(take(sizeof(uint32_t) * (w.slots + 1)));
-  w.counters = static_cast<uint64_t*>(take(sizeof(uint64_t) * 2));
+  // zeroed: counters and batch accumulators share the first 256 bytes when they fit
+  w.counters = static_cast<uint64_t*>(take(sizeof(uint64_t) * (2 + stat_columns * (fixed::kRangeWords + fixed::kMomentWords))));
+  w.batch_range = w.counters ? w.counters + 2 : nullptr;
+  w.batch_moments = w.batch_range ? w.batch_range + stat_columns * fixed::kRangeWords : nullptr;
+  w.table = static_cast<uint32_t*>(take(sizeof(uint32_t) * w.slots));
   w.size = static_cast<uint32_t*>(take(sizeof(uint32_t) * n));
-  w.hi = static_cast<uint64_t*>(take(sizeof(uint64_t) * accumulators));
-  w.lo = static_cast<uint64_t*>(take(sizeof(uint64_t) * accumulators));
-  w.sum = static_cast<uint64_t*>(take(sizeof(uint64_t) * accumulators));
-  w.squares = static_cast<uint64_t*>(take(sizeof(uint64_t) * accumulators));
+  w.range = static_cast<uint64_t*>(take(sizeof(uint64_t) * n * stat_columns * fixed::kRangeWords));
   c.zeroed_bytes = at;
+  w.moments = static_cast<uint64_t*>(take(sizeof(uint64_t) * n * stat_columns * fixed::kMomentWords));
   w.row_rep = static_cast<int32_t*>(take(sizeof(int32_t) * n));
-  w.finite = static_cast<uint8_t*>(take(n));
-  w.claim_ids = static_cast<int64_t*>(take(sizeof(int64_t) * n));
-  w.claim_reps = static_cast<int32_t*>(take(sizeof(int32_t) * n));
-  c.sorted_ids = static_cast<int64_t*>(take(sizeof(int64_t) * n));
-  c.sorted_reps = static_cast<int32_t*>(take(sizeof(int32_t) * n));
-  w.sorted_ids = c.sorted_ids;
-  w.sorted_reps = c.sorted_reps;
-  c.cub_bytes = sort_temp_bytes(n);
-  c.cub_temp = take(c.cub_bytes);
+  if (with_stats) {
+    w.claim_ids = static_cast<int64_t*>(take(sizeof(int64_t) * n));
+    w.claim_reps = static_cast<int32_t*>(take(sizeof(int32_t) * n));
+    c.sorted_ids = static_cast<int64_t*>(take(sizeof(int64_t) * n));
+    c.sorted_reps = static_cast<int32_t*>(take(sizeof(int32_t) * n));
+    w.sorted_ids = c.sorted_ids;
+    w.sorted_reps = c.sorted_reps;
+    c.cub_bytes = sort_temp_bytes(n);
+    c.cub_temp = take(c.cub_bytes);
+  }
   c.total_bytes = at + 256;
   return c;
 }
 
 // ---------------------------------------------------------------------------------- kernels
-enum class Phase { kInsert, kSum, kSquares };
+// Phases 1 and 2: a grid-stride loop over warps of 32 consecutive rows (every lane of a warp runs
+// the same iterations: the phases reduce across the warp); lanes past the last row are inactive.
+// The few accumulators that every warp adds to (the group and non-finite counts in phase 1 when no
+// claim needs its index, the batch's range or moment sums with global_std) are staged in shared
+// memory: the block's warps combine there, and each word reaches global memory in one atomic per
+// block instead of one per warp (same-address atomics serialise in L2). Integer sums and maxima:
+// the same bits.
+constexpr int64_t kMaxStagedWords = 1024;  // 8 KiB of shared memory
 
-// Phases 1-3: grid-stride loops in which every lane of a warp runs the same iterations (the
-// phases reduce across the warp for the batch statistics); lanes past the last row are inactive.
-template <typename T, Phase kPhase>
-__global__ void __launch_bounds__(kThreads) rows_kernel(fixed::Args<T> a) {
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.p.rows;
-       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const bool active = i < a.p.rows;
-    if (kPhase == Phase::kInsert) {
-      fixed::insert_row(a, i, active);
-    } else if (kPhase == Phase::kSum) {
-      fixed::sum_row(a, i, active);
+// Batch words staged by phase 1 (kInsert) or 2; 0: the batch accumulators stay in global memory.
+int64_t staged_batch_words(const AdvantageProblem& p, bool insert) {
+  const int64_t words = p.stat_columns() * (insert ? fixed::kRangeWords : fixed::kMomentWords);
+  return p.global_std && 2 + words <= kMaxStagedWords ? words : 0;
+}
+
+template <typename T, bool kInsert>
+__global__ void __launch_bounds__(kThreads) warp_rows_kernel(fixed::Args<T> a, int batch_words) {
+  extern __shared__ unsigned long long staged[];  // [2] counts, then `batch_words` batch words
+  const bool stage_counts = kInsert && a.w.claim_ids == nullptr;  // claims with statistics need their index
+  for (int k = threadIdx.x; k < 2 + batch_words; k += blockDim.x) staged[k] = 0;
+  __syncthreads();
+  fixed::Args<T> local = a;
+  uint64_t* shared_words = reinterpret_cast<uint64_t*>(staged);
+  if (stage_counts) local.w.counters = shared_words;  // phase 1 only adds to them
+  if (batch_words > 0) (kInsert ? local.w.batch_range : local.w.batch_moments) = shared_words + 2;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31u); base < a.p.rows;
+       base += stride) {
+    if (kInsert) {
+      fixed::insert_warp(local, base);
     } else {
-      fixed::squares_row(a, i, active);
+      fixed::moments_warp(local, base);
+    }
+  }
+  __syncthreads();
+  uint64_t* batch = kInsert ? a.w.batch_range : a.w.batch_moments;
+  for (int k = threadIdx.x; k < 2 + batch_words; k += blockDim.x) {
+    const uint64_t value = staged[k];
+    if (value == 0) continue;
+    if (k < 2) {
+      if (stage_counts) fixed::atomic_add(a.w.counters + k, value);
+    } else if (kInsert) {
+      fixed::atomic_max(batch + (k - 2), value);
+    } else {
+      fixed::atomic_add(batch + (k - 2), value);
     }
   }
 }
@@ -142,9 +175,9 @@ __global__ void pad_claims_kernel(fixed::Workspace w, int64_t n) {
 
 }  // namespace
 
-size_t advantages_cuda_workspace_bytes(const AdvantageProblem& p) {
+size_t advantages_cuda_workspace_bytes(const AdvantageProblem& p, bool with_stats) {
   if (p.rows == 0) return 0;
-  return carve(p, nullptr).total_bytes;
+  return carve(p, nullptr, with_stats).total_bytes;
 }
 
 template <typename T>
@@ -157,21 +190,21 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
     return;
   }
   if (p.rows > INT32_MAX - 1) throw std::invalid_argument("sfgrpo advantages_cuda: more than 2^31 - 2 rows");
-  Carved c = carve(p, workspace);
+  const bool with_stats = stats.requested();
+  Carved c = carve(p, workspace, with_stats);
   if (c.total_bytes > workspace_bytes) {
     throw std::invalid_argument("sfgrpo advantages_cuda: workspace too small (" + std::to_string(workspace_bytes) +
                                 " < " + std::to_string(c.total_bytes) + " bytes)");
   }
-  if (!stats.requested()) {  // nothing to claim in order
-    c.w.claim_ids = nullptr;
-    c.w.claim_reps = nullptr;
-  }
+  // one memset and three kernels (plus the claims' sort with statistics); no host synchronisation
   check(cudaMemsetAsync(workspace, 0, c.zeroed_bytes, stream), "clearing the accumulators");
   const fixed::Args<T> args{p, rewards, group_ids, out, stats, counts, c.w};
   const int blocks = blocks_for(p.rows);
-  rows_kernel<T, Phase::kInsert><<<blocks, kThreads, 0, stream>>>(args);
+  const int64_t insert_batch = staged_batch_words(p, true);
+  warp_rows_kernel<T, true><<<blocks, kThreads, sizeof(uint64_t) * (2 + insert_batch), stream>>>(
+      args, static_cast<int>(insert_batch));
   check(cudaGetLastError(), "insert kernel launch");
-  if (stats.requested()) {
+  if (with_stats) {
     pad_claims_kernel<<<blocks, kThreads, 0, stream>>>(c.w, p.rows);
     check(cudaGetLastError(), "pad_claims_kernel launch");
     size_t cub_bytes = c.cub_bytes;
@@ -179,10 +212,10 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
                                           c.sorted_reps, static_cast<int>(p.rows), 0, 64, stream),
           "radix sort of the group ids");
   }
-  rows_kernel<T, Phase::kSum><<<blocks, kThreads, 0, stream>>>(args);
-  check(cudaGetLastError(), "sum kernel launch");
-  rows_kernel<T, Phase::kSquares><<<blocks, kThreads, 0, stream>>>(args);
-  check(cudaGetLastError(), "squares kernel launch");
+  const int64_t moments_batch = staged_batch_words(p, false);
+  warp_rows_kernel<T, false><<<blocks, kThreads, sizeof(uint64_t) * (2 + moments_batch), stream>>>(
+      args, static_cast<int>(moments_batch));
+  check(cudaGetLastError(), "moments kernel launch");
   write_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
   check(cudaGetLastError(), "write_kernel launch");
 }

@@ -30,9 +30,7 @@ here when it is `native`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -52,7 +50,7 @@ backend.register_op("group_advantages", "native")
 
 # ------------------------------------------------------------------------------ thread knob
 def _threads_from_env() -> int:
-    value = os.environ.get(THREADS_ENV, "").strip()
+    value = (backend.environ_get(THREADS_ENV) or "").strip()
     if not value:
         return 0
     try:
@@ -171,18 +169,32 @@ def _raise_nonfinite(rewards: Tensor) -> None:
     )
 
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+
+
 def engine_args(rewards: Tensor, group_ids: Tensor, out: Tensor, problem: _Problem, mask: Tensor | None,
-                stats: _PaddedStats | None) -> dict:
-    """The native engines' keyword arguments (addresses of contiguous tensors, the problem)."""
+                stats: _PaddedStats | None) -> tuple:
+    """The native engines' leading positional arguments (dtype, addresses of contiguous tensors, the
+    problem, the statistics' addresses), in the bindings' order: positional arguments, because
+    pybind11 matches keywords by name on every call (~1.4 us for these 14)."""
     rows, width = rewards.shape
-    return dict(
-        dtype=str(rewards.dtype).removeprefix("torch."),
-        rewards=rewards.data_ptr(), group_ids=group_ids.data_ptr(), out=out.data_ptr(),
-        rows=rows, width=width, gains=problem.gains, pooled=problem.pooled, global_std=problem.global_std,
-        ddof=problem.ddof, eps=float(problem.eps), clip=None if problem.clip is None else float(problem.clip),
-        column_mask=0 if mask is None else mask.data_ptr(),
-        stats=None if stats is None else tuple(t.data_ptr() for t in stats[:5]),
+    return (
+        _DTYPE_NAMES[rewards.dtype], rewards.data_ptr(), group_ids.data_ptr(), out.data_ptr(), rows, width,
+        problem.gains, problem.pooled, problem.global_std, problem.ddof, problem.eps, problem.clip,
+        0 if mask is None else mask.data_ptr(),
+        None if stats is None else tuple(t.data_ptr() for t in stats[:5]),
     )
+
+
+@functools.cache
+def _cpu_engine():
+    return _native.require("the native advantage ops").cpu
+
+
+@functools.cache
+def _cuda_engine():
+    # cached: require_cuda asks the module for its build info (a dict) on every call
+    return _native.require_cuda("the native advantage ops")
 
 
 def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_mask: Tensor | None,
@@ -201,37 +213,43 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
     mask = column_mask.contiguous().view(torch.uint8) if column_mask is not None else None
     args = engine_args(rewards, group_ids, out, problem, mask, stats)
     if device.type == "cpu":
-        groups, nonfinite_rows = _native.require("the native advantage ops").cpu.advantages(
-            **args, num_threads=get_num_threads()
-        )
+        groups, nonfinite_rows = _cpu_engine().advantages(*args, get_num_threads())
         if stats is not None:
             stats.num_groups.fill_(groups)
         if nonfinite == "error" and nonfinite_rows:
             _raise_nonfinite(rewards)
         return out, stats
-    cuda = _native.require_cuda("the native advantage ops")
-    # kernels launch on the current device: switch only when the tensors live on another one
-    guard = torch.cuda.device(device) if device.index != torch.cuda.current_device() else contextlib.nullcontext()
-    with guard:
-        # one allocation: the engine's scratch, then {groups, nonfinite rows}
-        scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled)
-        buffer = torch.empty(scratch + 16, dtype=torch.uint8, device=device)
+    # one allocation: the engine's scratch, then {groups, nonfinite rows}
+    scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled, with_stats)
+    index = device.index
+    if index == torch.cuda.current_device():
+        buffer = _launch(args, scratch, device)
+    else:  # kernels launch on the current device: switch only when the tensors live on another one
+        with torch.cuda.device(device):
+            buffer = _launch(args, scratch, device)
+    if with_stats or nonfinite == "error":
         counts = buffer[scratch:].view(torch.int64)
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
-        cuda.advantages(**args, counts=counts.data_ptr(), workspace=buffer.data_ptr(), workspace_bytes=scratch,
-                        stream=stream)
-    if stats is not None:
-        stats.num_groups.copy_(counts[0])
-    if nonfinite == "error" and bool(counts[1] != 0):  # the one device->host sync of this policy
-        _raise_nonfinite(rewards)
+        if stats is not None:
+            stats.num_groups.copy_(counts[0])
+        if nonfinite == "error" and bool(counts[1] != 0):  # the one device->host sync of this policy
+            _raise_nonfinite(rewards)
     return out, stats
 
 
+def _launch(args: tuple, scratch: int, device: torch.device) -> Tensor:
+    """Enqueues the CUDA engine on the current stream; returns its scratch buffer (counts at `scratch`)."""
+    buffer = torch.empty(scratch + 16, dtype=torch.uint8, device=device)
+    workspace = buffer.data_ptr()
+    _cuda_engine().advantages(*args, workspace + scratch, workspace, scratch,
+                              torch._C._cuda_getCurrentRawStream(device.index))
+    return buffer
+
+
 @functools.lru_cache(maxsize=256)
-def _workspace_bytes(rows: int, width: int, gains: bool, pooled: bool) -> int:
-    """Scratch bytes of the CUDA engine, a multiple of 16 (CUB's size query would run on the host on
-    every call)."""
-    scratch = _native.require_cuda("the native advantage ops").advantages_workspace_bytes(rows, width, gains, pooled)
+def _workspace_bytes(rows: int, width: int, gains: bool, pooled: bool, with_stats: bool) -> int:
+    """Scratch bytes of the CUDA engine, a multiple of 16 (CUB's size query, for the statistics'
+    sort, would run on the host on every call)."""
+    scratch = _cuda_engine().advantages_workspace_bytes(rows, width, gains, pooled, with_stats)
     return -(-scratch // 16) * 16
 
 
@@ -253,6 +271,11 @@ def _as_matrix(rewards: Tensor) -> Tensor:
 def _gain_advantages_impl(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite, with_stats):
     check_gain_inputs(rewards, group_ids, normalize=normalize, eps=eps, clip=clip, step_mask=step_mask,
                       nonfinite=nonfinite, native_only=True)
+    return _gain_advantages_run(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite, with_stats)
+
+
+def _gain_advantages_run(rewards, group_ids, normalize, eps, clip, step_mask, nonfinite, with_stats):
+    """The op's body after validation."""
     out, stats = _run_native(rewards, group_ids, _gain_problem(normalize, eps, clip), step_mask, nonfinite,
                              with_stats)
     return (out, *stats) if with_stats else out
@@ -260,6 +283,11 @@ def _gain_advantages_impl(rewards, group_ids, normalize, eps, clip, step_mask, n
 
 def _group_advantages_impl(rewards, group_ids, std, eps, unbiased, clip, nonfinite, with_stats):
     check_group_inputs(rewards, group_ids, std=std, eps=eps, clip=clip, nonfinite=nonfinite, native_only=True)
+    return _group_advantages_run(rewards, group_ids, std, eps, unbiased, clip, nonfinite, with_stats)
+
+
+def _group_advantages_run(rewards, group_ids, std, eps, unbiased, clip, nonfinite, with_stats):
+    """The op's body after validation."""
     problem = _group_problem(std, eps, unbiased, clip)
     out, stats = _run_native(_as_matrix(rewards), group_ids, problem, None, nonfinite, with_stats)
     return (out.reshape(rewards.shape), *stats) if with_stats else out.reshape(rewards.shape)
@@ -363,33 +391,40 @@ def _group_stats(padded: tuple[Tensor, ...], squeeze_columns: bool) -> GroupStat
 
 
 def gain_advantages(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: float, clip: float | None,
-                    step_mask: Tensor | None, nonfinite: str, return_stats: bool):
-    """Runs `sfgrpo::gain_advantages[_with_stats]`; the same results as `reference.gain_advantages`."""
+                    step_mask: Tensor | None, nonfinite: str, return_stats: bool, validated: bool = False):
+    """Runs `sfgrpo::gain_advantages[_with_stats]`; the same results as `reference.gain_advantages`.
+    `validated`: the caller has checked the inputs with `check_gain_inputs` and resolved the native
+    backend for their device (so they are CPU or CUDA tensors), with `step_mask` on that device."""
     args = (_compute_dtype(rewards), group_ids, normalize, eps, clip, step_mask, nonfinite)
     ops = (torch.ops.sfgrpo.gain_advantages, torch.ops.sfgrpo.gain_advantages_with_stats)
-    out = _call(ops, _gain_advantages_impl, args, return_stats)
+    out = _call(ops, _gain_advantages_run if validated else _gain_advantages_impl, args, return_stats)
     if not return_stats:
-        return out.to(rewards.dtype)
+        return _as_dtype(out, rewards.dtype)
     adv, *padded = out
-    return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=normalize == "joint")
+    return _as_dtype(adv, rewards.dtype), _group_stats(padded, squeeze_columns=normalize == "joint")
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float, unbiased: bool,
-                     clip: float | None, nonfinite: str, return_stats: bool):
-    """Runs `sfgrpo::group_advantages[_with_stats]`; the same results as `reference.group_advantages`."""
+                     clip: float | None, nonfinite: str, return_stats: bool, validated: bool = False):
+    """Runs `sfgrpo::group_advantages[_with_stats]`; the same results as `reference.group_advantages`.
+    `validated` as in `gain_advantages` (`check_group_inputs`)."""
     args = (_compute_dtype(rewards), group_ids, std, eps, unbiased, clip, nonfinite)
     ops = (torch.ops.sfgrpo.group_advantages, torch.ops.sfgrpo.group_advantages_with_stats)
-    out = _call(ops, _group_advantages_impl, args, return_stats)
+    out = _call(ops, _group_advantages_run if validated else _group_advantages_impl, args, return_stats)
     if not return_stats:
-        return out.to(rewards.dtype)
+        return _as_dtype(out, rewards.dtype)
     adv, *padded = out
-    return adv.to(rewards.dtype), _group_stats(padded, squeeze_columns=rewards.ndim == 1)
+    return _as_dtype(adv, rewards.dtype), _group_stats(padded, squeeze_columns=rewards.ndim == 1)
 
 
-def _call(ops, impl, args: tuple, with_stats: bool):
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # Tensor.to costs ~1 us even when it returns t
+
+
+def _call(ops, body, args: tuple, with_stats: bool):
     """The registered op (`ops` = (plain, with stats)) under torch.compile; its body directly in
     eager mode, where the op's Python dispatch layers cost more than the engine."""
     if torch.compiler.is_compiling():
         # not ops[with_stats]: dynamo before torch 2.13 refuses a bool index (graph break)
         return (ops[1] if with_stats else ops[0])(*args)
-    return impl(*args, with_stats)
+    return body(*args, with_stats)

@@ -87,9 +87,10 @@ template <typename T>
 void row_gains_cpu(const T* rewards, int64_t n, int64_t steps, T* gains);
 
 #ifdef SFGRPO_WITH_CUDA
-// Scratch memory the CUDA engine needs for `problem` (the caller allocates it, e.g. from torch's
-// caching allocator, so the engine itself never calls cudaMalloc).
-size_t advantages_cuda_workspace_bytes(const AdvantageProblem& problem);
+// Scratch memory the CUDA engine needs for `problem`, with or without per-group statistics (the
+// caller allocates it, e.g. from torch's caching allocator, so the engine itself never calls
+// cudaMalloc).
+size_t advantages_cuda_workspace_bytes(const AdvantageProblem& problem, bool with_stats);
 
 // CUDA: every pointer is device memory; everything is enqueued on `stream` (a cudaStream_t) with
 // no host synchronisation. `counts` (device, 2 x int64) receives {groups, nonfinite rows}.

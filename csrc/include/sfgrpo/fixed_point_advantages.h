@@ -1,27 +1,35 @@
 // The CUDA advantage engine's algorithm, written once for the device and for a sequential host
-// emulation (csrc/cpu/advantages_emulated.cpp) that runs the same code on the CPU so its logic is
-// tested without a GPU, and gives the GPU's bits.
+// emulation (csrc/cpu/advantages_emulated.cpp) that runs the same code on the CPU, so its logic
+// (warp-level aggregation included) is tested without a GPU, and gives the GPU's bits.
 //
-// No sort and no scan: rows find their group in a hash table, and every statistic is a sum of
-// integers. Each value is converted to 64-bit fixed point with a scale chosen per (group,
-// statistic) from the group's largest magnitude and size, so the sum cannot overflow; integer
-// addition is associative, so atomics give the same bits in any order: the result depends only on
-// the input, not on the scheduling, the launch or even the order of the rows. Resolution: a value
-// is rounded to 2^-(62 - ceil(log2 n)) of the group's largest |value| (n values), finer than the
-// rounding of a double-precision running sum of the same values.
+// No sort and no scan: rows find their group in a hash table, and every statistic is built from
+// sums of integers. Each value v of a (group, statistic) accumulator is converted to the 64-bit
+// fixed-point deviation x = round((v - c) * 2^k) from a centre c (the midpoint of the
+// accumulator's [lo, hi]), with k chosen from the accumulator's range and size so that
+// |x| <= 2^(62 - ceil(log2 n)) (n values): the sum of x fits in 64 bits and the sum of x^2 in 128
+// (kept as two 64-bit limb sums). Integer addition is associative, so atomics give the same bits
+// in any order: the result depends only on the input, not on the scheduling, the launch, the warp
+// aggregation or the order of the rows. The statistics then follow from these exact sums:
+//   mean = c + S1 / (n 2^k),   sum of squared deviations = (n S2 - S1^2) / (n 4^k),
+// the second in exact 128-bit integer arithmetic (no cancellation). Resolution: a deviation is
+// rounded to 2^-(62 - ceil(log2 n)) of the group's half-range, far finer than a double-precision
+// two-pass computation resolves it.
 //
 // Phases (one kernel each, a grid-wide barrier between them):
-//  1. insert: rows claim their id's slot (linear probing, atomicCAS); the first row of a group
-//     becomes its representative r and publishes r in the slot, the others read it. Finite rows
+//  1. insert:  the first row of each run of equal ids in a warp looks the id up (linear probing,
+//     atomicCAS on a 32-bit slot holding 1 + the claiming row: the claimer is the group's
+//     representative r, and the others compare their id with ids[r], no waiting). Finite rows
 //     count themselves into size[r] and widen [lo, hi] of each statistic (atomicMax on
-//     order-preserving integer encodings of doubles).
-//  2. sum:    each finite row adds its values in fixed point, scaled from max(|lo|, |hi|).
-//  3. squares: each adds its squared deviations from the mean, scaled from (hi - lo)^2.
-//  4. write:  advantages = (value - mean) / (std + eps), clipped; statistics rows when asked.
-// Accumulators are indexed by the representative's row number, so their size is the batch's,
-// never the table's: 32 bytes per row and statistic (one statistic when pooled, T per-step), plus
-// 12 bytes per hash slot, zeroed by one memset per call. With global_std the batch is one more accumulator (index `rows`), fed one
-// atomic per warp on the device (integer sums: the warp's order does not matter either).
+//     order-preserving integer encodings of doubles); the claimer zeroes its group's moment sums.
+//  2. moments: each finite row adds its S1 and S2 parts (fixed point, scales from [lo, hi], n).
+//  3. write:   advantages = (value - mean) / (std + eps), clipped; statistics rows when asked.
+// Within a warp, consecutive rows of one group (the usual layout: a prompt's samples side by side)
+// combine their integer parts with a segmented shuffle reduction first: one atomic per run, not
+// one per row. Accumulators are indexed by the representative's row number, so their size is the
+// batch's, never the table's. Zeroed by one memset per call: the hash table (4 bytes per slot),
+// size (4 bytes per row) and the ranges (16 bytes per row and statistic; one statistic when
+// pooled, T per step); the moment sums (24 bytes per row and statistic) are zeroed by the claimer.
+// With global_std the batch is one more accumulator, fed one atomic per warp.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -37,128 +45,359 @@ namespace fixed {
 using std::isfinite;  // the device pass has CUDA's own
 #endif
 
+constexpr int kWarpSize = 32;
+
+// ------------------------------------------------------------------------------- bit helpers
+SFGRPO_HD int leading_zeros64(uint64_t x) {  // x != 0
+#if defined(__CUDA_ARCH__)
+  return __clzll(static_cast<long long>(x));
+#elif defined(__GNUC__)
+  return __builtin_clzll(x);
+#else
+  int n = 0;
+  while (!(x & (uint64_t{1} << 63))) x <<= 1, ++n;
+  return n;
+#endif
+}
+
+SFGRPO_HD int leading_zeros32(uint32_t x) {  // x != 0
+#if defined(__CUDA_ARCH__)
+  return __clz(static_cast<int>(x));
+#else
+  return leading_zeros64(x) - 32;
+#endif
+}
+
+SFGRPO_HD int trailing_zeros32(uint32_t x) {  // x != 0
+#if defined(__CUDA_ARCH__)
+  return __ffs(static_cast<int>(x)) - 1;
+#elif defined(__GNUC__)
+  return __builtin_ctz(x);
+#else
+  int n = 0;
+  while (!(x & 1u)) x >>= 1, ++n;
+  return n;
+#endif
+}
+
+SFGRPO_HD int popcount32(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popc(x);
+#elif defined(__GNUC__)
+  return __builtin_popcount(x);
+#else
+  int n = 0;
+  for (; x; x &= x - 1) ++n;
+  return n;
+#endif
+}
+
+// The smallest b with n <= 2^b (0 for n <= 1).
+SFGRPO_HD int ceil_log2(uint64_t n) { return n <= 1 ? 0 : 64 - leading_zeros64(n - 1); }
+
+// Lane masks: the lanes above `lane`, the lanes at or below it, lanes [lane, lane + span].
+SFGRPO_HD uint32_t lanes_above(int lane) { return lane >= kWarpSize - 1 ? 0u : (~0u << (lane + 1)); }
+SFGRPO_HD uint32_t lanes_up_to(int lane) { return ~0u >> (kWarpSize - 1 - lane); }
+SFGRPO_HD uint32_t lanes_below(int lane) { return lane == 0 ? 0u : lanes_up_to(lane - 1); }
+
+// ------------------------------------------------------------------------- 128-bit integers
+SFGRPO_HD uint64_t mul_hi(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#elif defined(__SIZEOF_INT128__)
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+#else
+  const uint64_t a0 = a & 0xffffffffu, a1 = a >> 32, b0 = b & 0xffffffffu, b1 = b >> 32;
+  const uint64_t low = a0 * b0, mid1 = a1 * b0, mid2 = a0 * b1;
+  const uint64_t carry = ((low >> 32) + (mid1 & 0xffffffffu) + (mid2 & 0xffffffffu)) >> 32;
+  return a1 * b1 + (mid1 >> 32) + (mid2 >> 32) + carry;
+#endif
+}
+
+// Unsigned 128-bit integer; arithmetic wraps modulo 2^128.
+struct U128 {
+  uint64_t lo = 0;
+  uint64_t hi = 0;
+};
+
+SFGRPO_HD U128 mul_wide(uint64_t a, uint64_t b) { return U128{a * b, mul_hi(a, b)}; }
+
+SFGRPO_HD U128 add(U128 a, U128 b) {
+  const uint64_t lo = a.lo + b.lo;
+  return U128{lo, a.hi + b.hi + (lo < a.lo ? 1u : 0u)};
+}
+
+SFGRPO_HD U128 sub(U128 a, U128 b) {
+  return U128{a.lo - b.lo, a.hi - b.hi - (a.lo < b.lo ? 1u : 0u)};
+}
+
+SFGRPO_HD U128 mul(U128 a, uint64_t b) {  // modulo 2^128
+  return U128{a.lo * b, mul_hi(a.lo, b) + a.hi * b};
+}
+
+SFGRPO_HD U128 shift_left(uint64_t v, int bits) {  // 0 <= bits <= 64
+  if (bits == 0) return U128{v, 0};
+  if (bits >= 64) return U128{0, v};
+  return U128{v << bits, v >> (64 - bits)};
+}
+
+// The limbs of q: q mod 2^bits and q >> bits (1 <= bits <= 64; the caller knows q >> bits fits).
+SFGRPO_HD void split(U128 q, int bits, uint64_t& low, uint64_t& high) {
+  if (bits >= 64) {
+    low = q.lo;
+    high = q.hi;
+  } else {
+    low = q.lo & ((uint64_t{1} << bits) - 1);
+    high = (q.hi << (64 - bits)) | (q.lo >> bits);
+  }
+}
+
+// q rounded to the nearest double (ties to even), the same on the host and the device: the top 64
+// bits with a sticky bit for the rest, one rounding conversion, an exact power-of-two scaling.
+SFGRPO_HD double to_double(U128 q) {
+  if (q.hi == 0) return static_cast<double>(q.lo);
+  const int s = leading_zeros64(q.hi);
+  const uint64_t top = s == 0 ? q.hi : ((q.hi << s) | (q.lo >> (64 - s)));
+  const uint64_t rest = q.lo << s;  // s < 64
+  return ldexp(static_cast<double>(top | (rest != 0 ? 1u : 0u)), 64 - s);
+}
+
 // ------------------------------------------------------------------------------- atomics
 // Device atomics when compiled for the GPU, plain read-modify-write in the (sequential) emulation.
-SFGRPO_HD uint64_t atomic_cas(uint64_t* at, uint64_t expected, uint64_t desired) {
+SFGRPO_HD uint32_t atomic_cas(uint32_t* at, uint32_t expected, uint32_t desired) {
 #if defined(__CUDA_ARCH__)
-  return atomicCAS(reinterpret_cast<unsigned long long*>(at), expected, desired);
+  return atomicCAS(reinterpret_cast<unsigned int*>(at), expected, desired);
 #else
-  const uint64_t old = *at;
+  const uint32_t old = *at;
   if (old == expected) *at = desired;
   return old;
 #endif
 }
 
-SFGRPO_HD uint64_t atomic_add(uint64_t* at, uint64_t value) {
+// A hash slot's current value: 0 may be stale (the caller then claims it with a CAS), anything
+// else is final (a slot is written once).
+SFGRPO_HD uint32_t peek(const uint32_t* at) {
 #if defined(__CUDA_ARCH__)
-  return atomicAdd(reinterpret_cast<unsigned long long*>(at), value);
+  return __ldcg(reinterpret_cast<const unsigned int*>(at));  // from L2, where the atomics land
+#else
+  return *at;
+#endif
+}
+
+SFGRPO_HD void atomic_add(uint64_t* at, uint64_t value) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(reinterpret_cast<unsigned long long*>(at), static_cast<unsigned long long>(value));
+#else
+  *at += value;  // wraps: two's complement sums of signed values
+#endif
+}
+
+SFGRPO_HD void atomic_add(uint32_t* at, uint32_t value) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(reinterpret_cast<unsigned int*>(at), value);
+#else
+  *at += value;
+#endif
+}
+
+SFGRPO_HD void atomic_max(uint64_t* at, uint64_t value) {
+#if defined(__CUDA_ARCH__)
+  atomicMax(reinterpret_cast<unsigned long long*>(at), static_cast<unsigned long long>(value));
+#else
+  if (value > *at) *at = value;
+#endif
+}
+
+// ------------------------------------------------------------------------------ warp model
+// The phases are written for a warp of 32 consecutive rows. Lanes<T> is one value per lane: on the
+// device each thread holds its own lane's value, in the emulation an array holds all 32; `each`
+// runs per-lane code (on the device for the calling lane, in the emulation for every lane in
+// turn), and the collectives below (ballot, shuffles, reductions) are the warp intrinsics on the
+// device and their definitions on the array in the emulation. Every lane of the warp calls every
+// collective (warp-uniform control flow around them).
+#if defined(__CUDA_ARCH__)
+template <typename T>
+struct Lanes {
+  T value;
+  __device__ __forceinline__ T& operator[](int) { return value; }
+  __device__ __forceinline__ const T& operator[](int) const { return value; }
+};
+#else
+template <typename T>
+struct Lanes {
+  T value[kWarpSize];
+  T& operator[](int lane) { return value[lane]; }
+  const T& operator[](int lane) const { return value[lane]; }
+};
+#endif
+
+namespace warp {
+
+template <typename F>
+SFGRPO_HD void each(F&& f) {
+#if defined(__CUDA_ARCH__)
+  f(static_cast<int>(threadIdx.x & (kWarpSize - 1)));
+#else
+  for (int lane = 0; lane < kWarpSize; ++lane) f(lane);
+#endif
+}
+
+SFGRPO_HD uint32_t ballot(const Lanes<bool>& p) {
+#if defined(__CUDA_ARCH__)
+  return __ballot_sync(0xffffffffu, p[0]);
+#else
+  uint32_t bits = 0;
+  for (int lane = 0; lane < kWarpSize; ++lane) bits |= (p[lane] ? 1u : 0u) << lane;
+  return bits;
+#endif
+}
+
+SFGRPO_HD bool any(const Lanes<bool>& p) { return ballot(p) != 0; }
+
+// Lane l gets lane l - delta's value (l < delta: its own).
+template <typename T>
+SFGRPO_HD Lanes<T> shfl_up(const Lanes<T>& v, int delta) {
+  Lanes<T> out;
+#if defined(__CUDA_ARCH__)
+  out[0] = __shfl_up_sync(0xffffffffu, v[0], delta);
+#else
+  for (int lane = 0; lane < kWarpSize; ++lane) out[lane] = v[lane >= delta ? lane - delta : lane];
+#endif
+  return out;
+}
+
+// Lane l gets lane l + delta's value (l + delta > 31: its own).
+template <typename T>
+SFGRPO_HD Lanes<T> shfl_down(const Lanes<T>& v, int delta) {
+  Lanes<T> out;
+#if defined(__CUDA_ARCH__)
+  out[0] = __shfl_down_sync(0xffffffffu, v[0], delta);
+#else
+  for (int lane = 0; lane < kWarpSize; ++lane) out[lane] = v[lane + delta < kWarpSize ? lane + delta : lane];
+#endif
+  return out;
+}
+
+// Lane l gets lane src[l]'s value.
+template <typename T>
+SFGRPO_HD Lanes<T> shfl(const Lanes<T>& v, const Lanes<int>& src) {
+  Lanes<T> out;
+#if defined(__CUDA_ARCH__)
+  out[0] = __shfl_sync(0xffffffffu, v[0], src[0]);
+#else
+  for (int lane = 0; lane < kWarpSize; ++lane) out[lane] = v[src[lane]];
+#endif
+  return out;
+}
+
+// The sum (maximum) over the warp, in every lane.
+SFGRPO_HD uint64_t sum(const Lanes<uint64_t>& v) {
+#if defined(__CUDA_ARCH__)
+  uint64_t total = v[0];
+  for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  return total;
+#else
+  uint64_t total = 0;
+  for (int lane = 0; lane < kWarpSize; ++lane) total += v[lane];
+  return total;
+#endif
+}
+
+SFGRPO_HD uint64_t maximum(const Lanes<uint64_t>& v) {
+#if defined(__CUDA_ARCH__)
+  uint64_t best = v[0];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const uint64_t other = __shfl_xor_sync(0xffffffffu, best, offset);
+    best = other > best ? other : best;
+  }
+  return best;
+#else
+  uint64_t best = 0;
+  for (int lane = 0; lane < kWarpSize; ++lane) best = v[lane] > best ? v[lane] : best;
+  return best;
+#endif
+}
+
+// One atomic add of a warp-uniform `value` for the whole warp; every lane gets the old value.
+SFGRPO_HD uint64_t fetch_add_once(uint64_t* at, uint64_t value) {
+#if defined(__CUDA_ARCH__)
+  unsigned long long old = 0;
+  if ((threadIdx.x & (kWarpSize - 1)) == 0) old = atomicAdd(reinterpret_cast<unsigned long long*>(at), value);
+  return __shfl_sync(0xffffffffu, old, 0);
 #else
   const uint64_t old = *at;
-  *at = old + value;  // wraps: two's complement sums of signed values
+  *at += value;
   return old;
 #endif
 }
 
-// Accumulation into a group's counters: on the device, the lanes of a warp that hit the same
-// address combine their values first (one atomic per address per warp: rows of one group often
-// sit next to each other, and one huge group would otherwise serialise on a single address).
-// Integer sums and maxima: the combining order cannot change the result.
-#if defined(__CUDA_ARCH__)
-template <typename V, typename Op>
-__device__ __forceinline__ void combine_with_peers(V* at, V value, Op op) {
-  const unsigned peers = __match_any_sync(__activemask(), reinterpret_cast<unsigned long long>(at));
-  V total = value;
-  bool first = true;
-  for (unsigned rest = peers; rest != 0; rest &= rest - 1) {  // every peer runs the same loop
-    const V other = __shfl_sync(peers, value, __ffs(rest) - 1);
-    total = first ? other : op(total, other);
-    first = false;
-  }
-  if ((threadIdx.x & 31) == __ffs(peers) - 1) op.atomic(at, total);
+// One atomic add (max) of a warp-uniform `value` for the whole warp, skipped when it is 0.
+SFGRPO_HD void add_once(uint64_t* at, uint64_t value) {
+  each([&](int lane) {
+    if (lane == 0 && value != 0) atomic_add(at, value);
+  });
+}
+
+SFGRPO_HD void max_once(uint64_t* at, uint64_t value) {
+  each([&](int lane) {
+    if (lane == 0 && value != 0) atomic_max(at, value);
+  });
+}
+
+}  // namespace warp
+
+// Runs: maximal stretches of consecutive active lanes with equal keys (the rows of one group side
+// by side). Lanes past the batch's last row are runs of their own.
+struct Runs {
+  uint32_t heads = 0;  // warp-uniform: bit l is set when lane l starts a run
+  Lanes<int> head;     // the lane that starts this lane's run
+  Lanes<int> span;     // how many lanes follow this one in its run
+};
+
+template <typename K>
+SFGRPO_HD Runs runs_of(const Lanes<K>& key, const Lanes<bool>& active) {
+  const Lanes<K> before = warp::shfl_up(key, 1);
+  Lanes<bool> starts;
+  warp::each([&](int lane) { starts[lane] = !(active[lane] && lane > 0 && key[lane] == before[lane]); });
+  Runs runs;
+  runs.heads = warp::ballot(starts);
+  warp::each([&](int lane) {
+    const uint32_t next = runs.heads & lanes_above(lane);
+    runs.span[lane] = (next != 0 ? trailing_zeros32(next) - 1 : kWarpSize - 1) - lane;
+    runs.head[lane] = kWarpSize - 1 - leading_zeros32(runs.heads & lanes_up_to(lane));  // lane 0 is a head
+  });
+  return runs;
+}
+
+// The lanes of the run that starts at `lane`.
+SFGRPO_HD uint32_t run_lanes(int lane, int span) {
+  return (span >= kWarpSize - 1 ? ~0u : ((1u << (span + 1)) - 1)) << lane;
 }
 
 struct AddOp {
-  template <typename V>
-  __device__ V operator()(V x, V y) const { return x + y; }
-  __device__ void atomic(unsigned long long* at, unsigned long long v) const { atomicAdd(at, v); }
-  __device__ void atomic(unsigned int* at, unsigned int v) const { atomicAdd(at, v); }
+  SFGRPO_HD uint64_t operator()(uint64_t x, uint64_t y) const { return x + y; }
 };
 
 struct MaxOp {
-  __device__ unsigned long long operator()(unsigned long long x, unsigned long long y) const { return x > y ? x : y; }
-  __device__ void atomic(unsigned long long* at, unsigned long long v) const { atomicMax(at, v); }
+  SFGRPO_HD uint64_t operator()(uint64_t x, uint64_t y) const { return x > y ? x : y; }
 };
-#endif
 
-SFGRPO_HD void group_add(uint64_t* at, uint64_t value) {
-#if defined(__CUDA_ARCH__)
-  combine_with_peers(reinterpret_cast<unsigned long long*>(at), static_cast<unsigned long long>(value), AddOp{});
-#else
-  *at += value;
-#endif
-}
-
-SFGRPO_HD void group_add(uint32_t* at, uint32_t value) {
-#if defined(__CUDA_ARCH__)
-  combine_with_peers(reinterpret_cast<unsigned int*>(at), static_cast<unsigned int>(value), AddOp{});
-#else
-  *at += value;
-#endif
-}
-
-SFGRPO_HD void group_max(uint64_t* at, uint64_t value) {
-#if defined(__CUDA_ARCH__)
-  combine_with_peers(reinterpret_cast<unsigned long long*>(at), static_cast<unsigned long long>(value), MaxOp{});
-#else
-  if (value > *at) *at = value;
-#endif
-}
-
-// A slot's representative: published once by the claiming row, read (waited for) by the others.
-SFGRPO_HD void publish(uint32_t* at, uint32_t value) {
-#if defined(__CUDA_ARCH__)
-  atomicExch(reinterpret_cast<unsigned int*>(at), value);
-#else
-  *at = value;
-#endif
-}
-
-SFGRPO_HD uint32_t wait_published(uint32_t* at) {
-#if defined(__CUDA_ARCH__)
-  // the claimer publishes right after its CAS; independent thread scheduling (sm_70+) lets it run
-  // even when it shares this warp
-  // bounded: should the claimer never publish (a bug), fail the launch instead of hanging the GPU
-  uint32_t value;
-  for (uint32_t spins = 0; (value = atomicAdd(reinterpret_cast<unsigned int*>(at), 0u)) == 0u; ++spins) {
-    if (spins == (1u << 26)) __trap();
+// Segmented reduction: afterwards the first lane of each run holds op over its run's values of
+// each of the N lane vectors (the other lanes hold partial results). log2(longest run) shuffle
+// steps, none when every run is one lane long. Integer sums and maxima: exact in any grouping.
+template <int N, typename Op>
+SFGRPO_HD void reduce_runs(const Runs& runs, Lanes<uint64_t> (&v)[N], Op op) {
+  for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+    Lanes<bool> more;  // lane + offset is still in this lane's run
+    warp::each([&](int lane) { more[lane] = runs.span[lane] >= offset; });
+    if (!warp::any(more)) break;
+    for (int k = 0; k < N; ++k) {
+      const Lanes<uint64_t> other = warp::shfl_down(v[k], offset);
+      warp::each([&](int lane) {
+        if (more[lane]) v[k][lane] = op(v[k][lane], other[lane]);
+      });
+    }
   }
-  return value;
-#else
-  return *at;  // sequential: the claimer ran first
-#endif
-}
-
-// The sum (max) of `value` over the warp's lanes added (maxed) into *at: one atomic per warp on
-// the device. Every lane of the warp must call it (inactive lanes pass 0).
-SFGRPO_HD void warp_add(uint64_t* at, uint64_t value) {
-#if defined(__CUDA_ARCH__)
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  if ((threadIdx.x & 31) == 0 && value != 0) atomicAdd(reinterpret_cast<unsigned long long*>(at), value);
-#else
-  *at += value;
-#endif
-}
-
-SFGRPO_HD void warp_max(uint64_t* at, uint64_t value) {
-#if defined(__CUDA_ARCH__)
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const uint64_t other = __shfl_xor_sync(0xffffffffu, value, offset);
-    value = other > value ? other : value;
-  }
-  if ((threadIdx.x & 31) == 0 && value != 0) atomicMax(reinterpret_cast<unsigned long long*>(at), value);
-#else
-  if (value > *at) *at = value;
-#endif
 }
 
 // ------------------------------------------------------------------------- number formats
@@ -186,25 +425,25 @@ SFGRPO_HD double from_order_code(uint64_t code) {
 #endif
 }
 
-SFGRPO_HD int ceil_log2(uint64_t n) {
-  int bits = 0;
-  while (bits < 63 && (uint64_t{1} << bits) < n) ++bits;
-  return bits;
+// 2^e for -1022 <= e <= 1023 (a normal double, built from its bits).
+SFGRPO_HD double pow2(int e) {
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  double v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
 }
 
-// The smallest e with m < 2^e, for finite m >= 0 (0 for m == 0).
+// The smallest e with m < 2^e, for finite m > 0.
 SFGRPO_HD int magnitude_exponent(double m) {
-  return m == 0.0 ? 0 : ilogb(m) + 1;  // ilogb, not frexp: no address-taken local on the device
-}
-
-SFGRPO_HD int64_t to_fixed(double v, int shift) { return llrint(ldexp(v, shift)); }
-
-SFGRPO_HD double from_fixed(uint64_t sum, int shift) {
-  return ldexp(static_cast<double>(static_cast<int64_t>(sum)), -shift);
+  return ilogb(m) + 1;  // ilogb, not frexp: no address-taken local on the device
 }
 
 // ------------------------------------------------------------------------------- layout
-constexpr uint64_t kKeyMix = 0x9E3779B97F4A7C15ULL;  // key = id ^ kKeyMix; key 0 marks an empty slot
+constexpr uint64_t kKeyMix = 0x9E3779B97F4A7C15ULL;
 
 // splitmix64's finaliser: consecutive ids (the usual prompt numbering) spread over the table.
 SFGRPO_HD uint64_t mix_key(uint64_t z) {
@@ -213,31 +452,34 @@ SFGRPO_HD uint64_t mix_key(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Hash-table size for n rows: a power of two >= 2n (load <= 1/2: short probes). One more slot,
-// index `slots`, belongs to the one id whose key is 0.
+// Hash-table size for n rows: a power of two >= 2n (load <= 1/2: short probes).
 inline int64_t table_slots(int64_t rows) {
   int64_t slots = 64;
   while (slots < 2 * rows) slots <<= 1;
   return slots;
 }
 
+// Per accumulator and statistic: the range {hi, lo} and the moment sums {S1, S2 mod 2^L, S2 >> L}.
+constexpr int kRangeWords = 2;
+constexpr int kMomentWords = 3;
+
 // Pointers into the engine's scratch memory.
 struct Workspace {
   int64_t slots = 0;
   // zeroed before phase 1
-  uint64_t* keys = nullptr;       // [slots + 1]
-  uint32_t* slot_rep = nullptr;   // [slots + 1] 1 + the slot's representative row
-  uint64_t* counters = nullptr;   // [2] groups, rows with a NaN/inf reward
-  uint32_t* size = nullptr;       // [rows] finite rows per representative
-  uint64_t* hi = nullptr;         // [(rows + 1) * S] order codes of the largest value
-  uint64_t* lo = nullptr;         // [(rows + 1) * S] complemented order codes of the smallest
-  uint64_t* sum = nullptr;        // [(rows + 1) * S] fixed-point sums
-  uint64_t* squares = nullptr;    // [(rows + 1) * S] fixed-point sums of squared deviations
+  uint64_t* counters = nullptr;       // [2] groups, rows with a NaN/inf reward
+  uint64_t* batch_range = nullptr;    // [S][2] global_std: the batch's range
+  uint64_t* batch_moments = nullptr;  // [S][3] and moment sums
+  uint32_t* table = nullptr;          // [slots] 0: empty, else 1 + the claiming (representative) row
+  uint32_t* size = nullptr;           // [rows] finite rows per representative
+  uint64_t* range = nullptr;          // [rows][S][2] order code of the largest value, complemented
+                                      // order code of the smallest
+  // zeroed by the claimer in phase 1
+  uint64_t* moments = nullptr;        // [rows][S][3] fixed-point moment sums per representative
   // written before being read
-  int32_t* row_rep = nullptr;     // [rows]
-  uint8_t* finite = nullptr;      // [rows]
-  int64_t* claim_ids = nullptr;   // [rows] statistics only: ids in order of claim, then padding
-  int32_t* claim_reps = nullptr;  // [rows]
+  int32_t* row_rep = nullptr;         // [rows] the row's representative; ~rep for a non-finite row
+  int64_t* claim_ids = nullptr;       // [rows] statistics only: ids in order of claim, then padding
+  int32_t* claim_reps = nullptr;      // [rows]
   const int64_t* sorted_ids = nullptr;   // [rows] the claims sorted by id (statistics only)
   const int32_t* sorted_reps = nullptr;  // [rows]
 };
@@ -250,7 +492,7 @@ struct Args {
   const int64_t* ids;
   T* out;
   GroupStatsBuffers stats;
-  int64_t* counts;  // {groups, nonfinite rows}, written by phase 4
+  int64_t* counts;  // {groups, nonfinite rows}, written by phase 3
   Workspace w;
 };
 
@@ -268,129 +510,204 @@ SFGRPO_HD void stat_columns_of(const AdvantageProblem& p, int64_t s, int64_t& fi
   last = p.pooled ? p.columns() : s + 1;
 }
 
-// The fixed-point scales of one accumulator (a group's or the batch's statistic s), derived from
-// its final [lo, hi] and count: identical in every phase that uses them.
+// The fixed-point format of one accumulator (a group's or the batch's statistic s), derived from
+// its final [lo, hi] and count: identical in every phase that uses it.
 struct Scales {
-  double n = 0.0;          // counted values
-  bool equal = true;       // no values, or all equal (max == min, exact)
-  bool spread_finite = true;
-  int shift = 0;           // sum: value * 2^shift
-  int square_shift = 0;    // squares: d^2 * 2^square_shift
+  uint64_t count = 0;   // counted values
+  bool any = false;     // count > 0
+  bool equal = true;    // no values, or all equal (max == min, exact)
+  double center = 0.0;  // c: values are summed as deviations from it
+  int shift = 0;        // k: x = round((v - c) * 2^k)
+  double factor = 0.0;  // 2^k when that is a normal double, else 0 (then ldexp)
+  int split = 64;       // S2 is kept as S2 mod 2^split and S2 >> split
 };
 
-SFGRPO_HD Scales scales_of(const Workspace& w, int64_t acc, int64_t stat_columns, int64_t s, uint64_t count) {
+SFGRPO_HD Scales scales_of(const uint64_t* range, uint64_t count) {
   Scales sc;
-  sc.n = static_cast<double>(count);
-  const int64_t at = acc * stat_columns + s;
-  if (count == 0 || w.hi[at] == 0) return sc;
-  const double hi = from_order_code(w.hi[at]);
-  const double lo = from_order_code(~w.lo[at]);
-  const int headroom = ceil_log2(count);
+  sc.count = count;
+  if (count == 0 || range[0] == 0) return sc;
+  const double hi = from_order_code(range[0]);
+  const double lo = from_order_code(~range[1]);
+  sc.any = true;
   sc.equal = !(hi > lo);
-  const double largest = fabs(lo) > fabs(hi) ? fabs(lo) : fabs(hi);
-  sc.shift = 62 - magnitude_exponent(largest) - headroom;
-  // |value - mean| <= spread + the mean's rounding error, which is below largest * 2^(headroom - 61)
-  // (fixed-point sum) + largest * 2^-52 (conversion and division); the bound is generous
-  const double spread = hi - lo;
-  const double deviation_bound = spread + ldexp(largest, headroom - 50);
-  sc.spread_finite = isfinite(deviation_bound);
-  sc.square_shift = sc.spread_finite ? 62 - 2 * magnitude_exponent(deviation_bound) - headroom : 0;
+  double center = hi;
+  if (!sc.equal) {  // the midpoint (no overflow: halves first), kept inside [lo, hi]
+    center = 0.5 * hi + 0.5 * lo;
+    center = center < lo ? lo : (center > hi ? hi : center);
+  }
+  sc.center = center;
+  // |v - c| <= bound for every v in [lo, hi] (rounding is monotonic); bound <= max(|lo|, |hi|) is
+  // finite
+  const double above = hi - center;
+  const double below = center - lo;
+  const double bound = above > below ? above : below;
+  const int headroom = ceil_log2(count);
+  sc.split = 64 - headroom;
+  sc.shift = bound == 0.0 ? 0 : 62 - headroom - magnitude_exponent(bound);
+  sc.factor = sc.shift >= -1022 && sc.shift <= 1023 ? pow2(sc.shift) : 0.0;
   return sc;
 }
 
-SFGRPO_HD double mean_of(const Workspace& w, int64_t acc, int64_t stat_columns, int64_t s, const Scales& sc) {
-  if (sc.n == 0.0) return 0.0;
-  return from_fixed(w.sum[acc * stat_columns + s], sc.shift) / sc.n;
+// round((v - c) * 2^k): a power-of-two product is exact or rounded once, like ldexp.
+SFGRPO_HD int64_t to_fixed(double v, const Scales& sc) {
+  const double d = v - sc.center;
+  return llrint(sc.factor != 0.0 ? d * sc.factor : ldexp(d, sc.shift));
 }
 
-SFGRPO_HD double std_of(const Workspace& w, int64_t acc, int64_t stat_columns, int64_t s, const Scales& sc,
-                        int ddof) {
+// One row's (or value's) part of an accumulator's moment sums: S1 and S2 over its values.
+struct Moments {
+  uint64_t sum = 0;  // two's complement
+  U128 squares;
+
+  SFGRPO_HD void add_value(double v, const Scales& sc) {
+    const int64_t x = to_fixed(v, sc);
+    sum += static_cast<uint64_t>(x);
+    const uint64_t magnitude = x < 0 ? uint64_t{0} - static_cast<uint64_t>(x) : static_cast<uint64_t>(x);
+    squares = add(squares, mul_wide(magnitude, magnitude));
+  }
+};
+
+// The accumulator's mean and sum of squared deviations from its moment sums (`moments`: {S1,
+// S2 low limb, S2 high limb}). |S1| <= n 2^(62 - h) <= 2^62 and n S2 <= 2^124: exact in 128 bits.
+SFGRPO_HD double mean_of(const Scales& sc, const uint64_t* moments) {
+  if (!sc.any) return 0.0;
+  const double s1 = static_cast<double>(static_cast<int64_t>(moments[0]));
+  return sc.center + ldexp(s1, -sc.shift) / static_cast<double>(sc.count);
+}
+
+SFGRPO_HD double squared_deviations(const Scales& sc, const uint64_t* moments) {
   if (sc.equal) return 0.0;
-  if (!sc.spread_finite) return INFINITY;
-  return math::std_from(from_fixed(w.squares[acc * stat_columns + s], sc.square_shift), sc.n, ddof);
+  const U128 s2 = add(U128{moments[1], 0}, shift_left(moments[2], sc.split));
+  const int64_t s1 = static_cast<int64_t>(moments[0]);
+  const uint64_t magnitude = s1 < 0 ? uint64_t{0} - static_cast<uint64_t>(s1) : static_cast<uint64_t>(s1);
+  const U128 numerator = sub(mul(s2, sc.count), mul_wide(magnitude, magnitude));  // n S2 - S1^2 >= 0
+  return ldexp(to_double(numerator) / static_cast<double>(sc.count), -2 * sc.shift);
+}
+
+SFGRPO_HD double std_of(const Scales& sc, const uint64_t* moments, int ddof) {
+  if (sc.equal) return 0.0;
+  return math::std_from(squared_deviations(sc, moments), static_cast<double>(sc.count), ddof);
 }
 
 // ------------------------------------------------------------------------------- phase 1
-// The row's group: claims the id's slot or finds it; returns the representative row.
+// The group of id (row i, the first of its run): claims a slot or finds the one holding the id.
+// Returns the representative row; `claimed` when it is row i.
 template <typename T>
-SFGRPO_HD int64_t find_group(const Args<T>& a, int64_t i) {
+SFGRPO_HD int32_t find_group(const Args<T>& a, int64_t i, int64_t id, bool& claimed) {
   const Workspace& w = a.w;
-  const uint64_t key = static_cast<uint64_t>(a.ids[i]) ^ kKeyMix;
-  uint64_t slot;
-  bool claimed;
-  if (key == 0) {  // the id that would read as an empty slot has a slot of its own
-    slot = static_cast<uint64_t>(w.slots);
-    claimed = atomic_cas(w.keys + slot, 0, 1) == 0;
-  } else {
-    const uint64_t mask = static_cast<uint64_t>(w.slots) - 1;
-    slot = mix_key(key) & mask;
-    while (true) {
-      const uint64_t seen = atomic_cas(w.keys + slot, 0, key);
-      if (seen == 0 || seen == key) {
-        claimed = seen == 0;
-        break;
-      }
-      slot = (slot + 1) & mask;
+  const uint64_t mask = static_cast<uint64_t>(w.slots) - 1;
+  const uint32_t mine = static_cast<uint32_t>(i) + 1;
+  uint64_t slot = mix_key(static_cast<uint64_t>(id) ^ kKeyMix) & mask;
+  while (true) {  // ends: at most `rows` of the >= 2 rows slots are ever taken
+    uint32_t seen = peek(w.table + slot);
+    if (seen == 0) seen = atomic_cas(w.table + slot, 0u, mine);
+    if (seen == 0) {
+      claimed = true;
+      return static_cast<int32_t>(i);
     }
+    if (a.ids[seen - 1] == id) {
+      claimed = false;
+      return static_cast<int32_t>(seen - 1);
+    }
+    slot = (slot + 1) & mask;
   }
-  if (!claimed) return static_cast<int64_t>(wait_published(w.slot_rep + slot)) - 1;
-  publish(w.slot_rep + slot, static_cast<uint32_t>(i + 1));
-  const uint64_t g = atomic_add(w.counters, uint64_t{1});
-  if (w.claim_ids != nullptr) {
-    w.claim_ids[g] = a.ids[i];
-    w.claim_reps[g] = static_cast<int32_t>(i);
-  }
-  return i;
 }
 
-// [lo, hi] of the row's counted values of statistic s; false when it has none.
+// The order codes {hi, ~lo} of the row's counted values of statistic s; {0, 0} when it has none.
 template <typename T>
-SFGRPO_HD bool row_range(const AdvantageProblem& p, const T* row, int64_t s, double& lo, double& hi) {
+SFGRPO_HD void row_range(const AdvantageProblem& p, const T* row, int64_t s, uint64_t& hi, uint64_t& lo) {
   int64_t first, last;
   stat_columns_of(p, s, first, last);
   bool any = false;
+  double low = 0.0, high = 0.0;
   for (int64_t c = first; c < last; ++c) {
     if (!math::column_counted(p.column_mask, c)) continue;
     const double v = math::value_at(row, c, p.gains);
-    lo = any && lo < v ? lo : v;
-    hi = any && hi > v ? hi : v;
+    low = any && low < v ? low : v;
+    high = any && high > v ? high : v;
     any = true;
   }
-  return any;
+  hi = any ? order_code(high) : 0;
+  lo = any ? ~order_code(low) : 0;
 }
 
-// `active` is false for the lanes past the last row (they still take part in warp reductions).
+// Phase 1 for the warp's rows base .. base + 31.
 template <typename T>
-SFGRPO_HD void insert_row(const Args<T>& a, int64_t i, bool active) {
+SFGRPO_HD void insert_warp(const Args<T>& a, int64_t base) {
   const AdvantageProblem& p = a.p;
   const Workspace& w = a.w;
   const int64_t stat_columns = p.stat_columns();
-  const T* row = a.rewards + i * p.width;
-  bool finite = false;
-  if (active) {
-    finite = math::row_is_finite(row, p.width);
-    w.finite[i] = finite;
-    if (!finite) atomic_add(w.counters + 1, uint64_t{1});
-    const int64_t r = find_group(a, i);
-    w.row_rep[i] = static_cast<int32_t>(r);
-    if (finite) {
-      group_add(w.size + r, 1u);
-      for (int64_t s = 0; s < stat_columns; ++s) {
-        double lo = 0.0, hi = 0.0;
-        if (!row_range(p, row, s, lo, hi)) continue;
-        group_max(w.hi + r * stat_columns + s, order_code(hi));
-        group_max(w.lo + r * stat_columns + s, ~order_code(lo));
-      }
+  Lanes<bool> active, finite;
+  Lanes<int64_t> id;
+  warp::each([&](int lane) {
+    const int64_t i = base + lane;
+    active[lane] = i < p.rows;
+    id[lane] = active[lane] ? a.ids[i] : 0;
+    finite[lane] = active[lane] && math::row_is_finite(a.rewards + i * p.width, p.width);
+  });
+  const Runs runs = runs_of(id, active);
+
+  // the first row of each run looks the id up; the run's other rows take its answer
+  Lanes<int> rep;
+  Lanes<bool> claimed;
+  warp::each([&](int lane) {
+    claimed[lane] = false;
+    rep[lane] = 0;
+    if (active[lane] && runs.head[lane] == lane) rep[lane] = find_group(a, base + lane, id[lane], claimed[lane]);
+  });
+  rep = warp::shfl(rep, runs.head);
+
+  const uint32_t claims = warp::ballot(claimed);
+  if (w.claim_ids != nullptr) {  // statistics: each claim gets a slot in the list to sort
+    if (claims != 0) {
+      const uint64_t first = warp::fetch_add_once(w.counters, static_cast<uint64_t>(popcount32(claims)));
+      warp::each([&](int lane) {
+        if (!claimed[lane]) return;
+        const uint64_t g = first + static_cast<uint64_t>(popcount32(claims & lanes_below(lane)));
+        w.claim_ids[g] = id[lane];
+        w.claim_reps[g] = rep[lane];
+      });
     }
+  } else {
+    warp::add_once(w.counters, static_cast<uint64_t>(popcount32(claims)));
   }
-  if (p.global_std) {  // uniform across the warp: every lane reaches the reductions
-    const int64_t batch = p.rows * stat_columns;
-    for (int64_t s = 0; s < stat_columns; ++s) {
-      double lo = 0.0, hi = 0.0;
-      const bool any = finite && row_range(p, row, s, lo, hi);
-      warp_max(w.hi + batch + s, any ? order_code(hi) : 0);
-      warp_max(w.lo + batch + s, any ? ~order_code(lo) : 0);
+  Lanes<bool> bad;
+  warp::each([&](int lane) { bad[lane] = active[lane] && !finite[lane]; });
+  warp::add_once(w.counters + 1, static_cast<uint64_t>(popcount32(warp::ballot(bad))));
+
+  const uint32_t finite_lanes = warp::ballot(finite);
+  warp::each([&](int lane) {
+    if (!active[lane]) return;
+    const int64_t i = base + lane;
+    w.row_rep[i] = finite[lane] ? rep[lane] : ~rep[lane];
+    if (claimed[lane]) {  // phase 2 accumulates into these
+      uint64_t* sums = w.moments + i * stat_columns * kMomentWords;
+      for (int64_t k = 0; k < stat_columns * kMomentWords; ++k) sums[k] = 0;
     }
+    if (runs.head[lane] == lane) {
+      const int n = popcount32(finite_lanes & run_lanes(lane, runs.span[lane]));
+      if (n != 0) atomic_add(w.size + rep[lane], static_cast<uint32_t>(n));
+    }
+  });
+
+  for (int64_t s = 0; s < stat_columns; ++s) {
+    Lanes<uint64_t> codes[2];  // {hi, ~lo}
+    warp::each([&](int lane) {
+      codes[0][lane] = 0;
+      codes[1][lane] = 0;
+      if (finite[lane]) row_range(p, a.rewards + (base + lane) * p.width, s, codes[0][lane], codes[1][lane]);
+    });
+    if (p.global_std) {
+      warp::max_once(w.batch_range + s * kRangeWords, warp::maximum(codes[0]));
+      warp::max_once(w.batch_range + s * kRangeWords + 1, warp::maximum(codes[1]));
+    }
+    reduce_runs(runs, codes, MaxOp{});
+    warp::each([&](int lane) {
+      if (!active[lane] || runs.head[lane] != lane) return;
+      uint64_t* range = w.range + (static_cast<int64_t>(rep[lane]) * stat_columns + s) * kRangeWords;
+      if (codes[0][lane] != 0) atomic_max(range, codes[0][lane]);
+      if (codes[1][lane] != 0) atomic_max(range + 1, codes[1][lane]);
+    });
   }
 }
 
@@ -400,77 +717,83 @@ SFGRPO_HD uint64_t batch_rows(const AdvantageProblem& p, const Workspace& w) {
   return static_cast<uint64_t>(p.rows) - w.counters[1];
 }
 
-// Phases 2 and 3: every finite row adds its counted values (kSquares: their squared deviations
-// from the mean) of each statistic, in fixed point, to its group's accumulator, and with
-// global_std to the batch's. The row's own sum is exact: each term is below 2^62 / n and the row
-// has at most n of them.
-template <bool kSquares, typename T>
-SFGRPO_HD int64_t row_fixed(const AdvantageProblem& p, const T* row, int64_t s, double mean, int shift) {
+// The row's moment sums of statistic s in the format `sc`.
+template <typename T>
+SFGRPO_HD Moments row_moments(const AdvantageProblem& p, const T* row, int64_t s, const Scales& sc) {
   int64_t first, last;
   stat_columns_of(p, s, first, last);
-  int64_t total = 0;
+  Moments m;
   for (int64_t c = first; c < last; ++c) {
-    if (!math::column_counted(p.column_mask, c)) continue;
-    double v = math::value_at(row, c, p.gains);
-    if (kSquares) {
-      const double d = v - mean;
-      v = d * d;
-    }
-    total += to_fixed(v, shift);
+    if (math::column_counted(p.column_mask, c)) m.add_value(math::value_at(row, c, p.gains), sc);
   }
-  return total;
+  return m;
 }
 
-// The row's part of accumulator (acc, s) holding `count` values; false when it adds nothing
-// (no values; for the squares also all values equal, whose std is 0, or an infinite spread).
-template <bool kSquares, typename T>
-SFGRPO_HD bool row_part(const Args<T>& a, const T* row, int64_t acc, int64_t s, uint64_t count, int64_t& part) {
-  const int64_t stat_columns = a.p.stat_columns();
-  const Scales sc = scales_of(a.w, acc, stat_columns, s, count);
-  if (kSquares ? (sc.equal || !sc.spread_finite) : sc.n == 0.0) return false;
-  const double mean = kSquares ? mean_of(a.w, acc, stat_columns, s, sc) : 0.0;
-  part = row_fixed<kSquares>(a.p, row, s, mean, kSquares ? sc.square_shift : sc.shift);
-  return true;
+// The limbs {S1, S2 mod 2^L, S2 >> L} of a row's part. Each limb of each part is at most its
+// accumulator's total, so the accumulators' 64-bit sums cannot overflow.
+SFGRPO_HD void limbs_of(const Moments& m, const Scales& sc, uint64_t& s1, uint64_t& low, uint64_t& high) {
+  s1 = m.sum;
+  split(m.squares, sc.split, low, high);
 }
 
-template <bool kSquares, typename T>
-SFGRPO_HD void accumulate_row(const Args<T>& a, int64_t i, bool active) {
+// Phase 2 for the warp's rows base .. base + 31.
+template <typename T>
+SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base) {
   const AdvantageProblem& p = a.p;
   const Workspace& w = a.w;
   const int64_t stat_columns = p.stat_columns();
-  uint64_t* target = kSquares ? w.squares : w.sum;
-  const T* row = a.rewards + i * p.width;
-  const bool finite = active && w.finite[i];
-  if (finite) {
-    const int64_t r = w.row_rep[i];
-    for (int64_t s = 0; s < stat_columns; ++s) {
-      int64_t part = 0;
-      if (row_part<kSquares>(a, row, r, s, uint64_t{w.size[r]} * values_per_row(p, s), part)) {
-        group_add(target + r * stat_columns + s, static_cast<uint64_t>(part));
+  Lanes<bool> active, finite;
+  Lanes<int> rep;
+  Lanes<uint32_t> rows_of_group;
+  warp::each([&](int lane) {
+    const int64_t i = base + lane;
+    active[lane] = i < p.rows;
+    const int32_t packed = active[lane] ? w.row_rep[i] : 0;
+    finite[lane] = active[lane] && packed >= 0;
+    rep[lane] = packed >= 0 ? packed : ~packed;
+    rows_of_group[lane] = finite[lane] ? w.size[rep[lane]] : 0;
+  });
+  const Runs runs = runs_of(rep, active);
+  const uint64_t batch = p.global_std ? batch_rows(p, w) : 0;
+
+  for (int64_t s = 0; s < stat_columns; ++s) {
+    const int64_t per_row = values_per_row(p, s);
+    Lanes<uint64_t> parts[kMomentWords];
+    warp::each([&](int lane) {
+      for (int k = 0; k < kMomentWords; ++k) parts[k][lane] = 0;
+      if (!finite[lane]) return;
+      const Scales sc = scales_of(w.range + (static_cast<int64_t>(rep[lane]) * stat_columns + s) * kRangeWords,
+                                  uint64_t{rows_of_group[lane]} * per_row);
+      if (!sc.any || sc.equal) return;  // all values equal: the statistic needs no sums
+      const Moments m = row_moments(p, a.rewards + (base + lane) * p.width, s, sc);
+      limbs_of(m, sc, parts[0][lane], parts[1][lane], parts[2][lane]);
+      if (p.global_std) parts[1][lane] = parts[2][lane] = 0;  // the group's std is not used
+    });
+    if (p.global_std) {
+      Lanes<uint64_t> batch_parts[kMomentWords];
+      const Scales sc = scales_of(w.batch_range + s * kRangeWords, batch * per_row);
+      warp::each([&](int lane) {
+        for (int k = 0; k < kMomentWords; ++k) batch_parts[k][lane] = 0;
+        if (!finite[lane] || !sc.any || sc.equal) return;
+        const Moments m = row_moments(p, a.rewards + (base + lane) * p.width, s, sc);
+        limbs_of(m, sc, batch_parts[0][lane], batch_parts[1][lane], batch_parts[2][lane]);
+      });
+      for (int k = 0; k < kMomentWords; ++k) {
+        warp::add_once(w.batch_moments + s * kMomentWords + k, warp::sum(batch_parts[k]));
       }
     }
+    reduce_runs(runs, parts, AddOp{});
+    warp::each([&](int lane) {
+      if (!active[lane] || runs.head[lane] != lane) return;
+      uint64_t* sums = w.moments + (static_cast<int64_t>(rep[lane]) * stat_columns + s) * kMomentWords;
+      for (int k = 0; k < kMomentWords; ++k) {
+        if (parts[k][lane] != 0) atomic_add(sums + k, parts[k][lane]);
+      }
+    });
   }
-  if (p.global_std) {  // uniform across the warp: every lane reaches the reduction
-    const uint64_t rows = batch_rows(p, w);
-    for (int64_t s = 0; s < stat_columns; ++s) {
-      int64_t part = 0;
-      if (!(finite && row_part<kSquares>(a, row, p.rows, s, rows * values_per_row(p, s), part))) part = 0;
-      warp_add(target + p.rows * stat_columns + s, static_cast<uint64_t>(part));
-    }
-  }
 }
 
-template <typename T>
-SFGRPO_HD void sum_row(const Args<T>& a, int64_t i, bool active) {
-  accumulate_row<false>(a, i, active);
-}
-
-template <typename T>
-SFGRPO_HD void squares_row(const Args<T>& a, int64_t i, bool active) {
-  accumulate_row<true>(a, i, active);
-}
-
-// ------------------------------------------------------------------------------- phase 4
+// ------------------------------------------------------------------------------- phase 3
 // A group's statistic s as the advantages use it.
 struct GroupStat {
   double mean = 0.0;
@@ -484,18 +807,20 @@ SFGRPO_HD GroupStat group_stat(const Args<T>& a, int64_t r, int64_t s) {
   const Workspace& w = a.w;
   const int64_t stat_columns = p.stat_columns();
   const int64_t per_row = values_per_row(p, s);
-  const Scales sc = scales_of(w, r, stat_columns, s, uint64_t{w.size[r]} * per_row);
+  const uint32_t rows = w.size[r];
+  const int64_t at = r * stat_columns + s;
+  const Scales sc = scales_of(w.range + at * kRangeWords, uint64_t{rows} * per_row);
   GroupStat g;
-  g.mean = mean_of(w, r, stat_columns, s, sc);
+  g.mean = mean_of(sc, w.moments + at * kMomentWords);
   bool equal = sc.equal;
   if (p.global_std) {
-    const Scales batch = scales_of(w, p.rows, stat_columns, s, batch_rows(p, w) * per_row);
-    g.divisor = std_of(w, p.rows, stat_columns, s, batch, p.ddof);
+    const Scales batch = scales_of(w.batch_range + s * kRangeWords, batch_rows(p, w) * per_row);
+    g.divisor = std_of(batch, w.batch_moments + s * kMomentWords, p.ddof);
     equal = batch.equal;
   } else {
-    g.divisor = std_of(w, r, stat_columns, s, sc, p.ddof);
+    g.divisor = std_of(sc, w.moments + at * kMomentWords, p.ddof);
   }
-  g.zero = equal || w.size[r] <= 1;
+  g.zero = equal || rows <= 1;
   return g;
 }
 
@@ -506,8 +831,9 @@ SFGRPO_HD void write_row(const Args<T>& a, int64_t i) {
   const int64_t columns = p.columns();
   const T* row = a.rewards + i * p.width;
   T* out = a.out + i * columns;
-  const bool finite = w.finite[i];
-  const int64_t r = w.row_rep[i];
+  const int32_t packed = w.row_rep[i];
+  const bool finite = packed >= 0;
+  const int64_t r = finite ? packed : ~packed;
   GroupStat g;
   bool have = false;  // pooled: one statistic for the whole row
   for (int64_t c = 0; c < columns; ++c) {
