@@ -290,28 +290,43 @@ def test_rows_are_saved_as_they_are_measured(tmp_path, monkeypatch):
 
 
 def test_sigterm_keeps_the_rows_measured(tmp_path):
-    """`timeout` sends SIGTERM: the lines are on stdout as they happen, the finished rows in the files."""
+    """`timeout` sends SIGTERM: the lines are on stdout as they happen, the finished rows in the files,
+    the run under way is recorded as interrupted (here the second run waits for the signal)."""
     import signal
     import subprocess
     import sys
 
-    command = [sys.executable, "-c", "import sys; from sfgrpo.cli import main; sys.exit(main(sys.argv[1:]))",
-               "bench", "--quick", "--no-progress", "--output-dir", str(tmp_path)]
+    child = ("import sys, time\n"
+             "from sfgrpo.bench import runner\n"
+             "measure, calls = runner.run_one, []\n"
+             "def second_waits(*args, **kwargs):\n"
+             "    calls.append(1)\n"
+             "    if len(calls) == 2:\n"
+             "        kwargs['log']('waiting for the signal')\n"
+             "        time.sleep(120)\n"
+             "    return measure(*args, **kwargs)\n"
+             "runner.run_one = second_waits\n"
+             "from sfgrpo.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    command = [sys.executable, "-c", child, "bench", "--quick", "--cases", "sd35m-small", "--no-progress",
+               "--output-dir", str(tmp_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in process.stdout:
             lines.append(line)
-            if ": ok, batch " in line:
+            if line.rstrip().endswith("waiting for the signal"):
                 process.send_signal(signal.SIGTERM)
                 break
         out, err = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert sum(": ok, batch " in line for line in lines) == 1  # the first row's line came before
+    assert "[reference]: interrupted (SystemExit) during waiting for the signal" in out
     assert "interrupted; the rows measured so far are in" in out
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert any(r["status"] == "ok" and r["metric"] == "seconds_per_iteration" for r in rows)
-    # the run under way when the signal came (the second) is recorded as interrupted
-    assert _status(rows)[0][:2] == ("rollout cfg=on", "reference")
-    assert _status(rows)[0][2].startswith("interrupted (SystemExit) during ")
+    status = _status(rows)
+    assert len(status) == 1 and status[0][:2] == ("iteration sd35m-small stepwise T'=1", "reference"), (out, status)
+    assert status[0][2] == "interrupted (SystemExit) during waiting for the signal"
