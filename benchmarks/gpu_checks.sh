@@ -19,6 +19,10 @@
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
 #   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant)
+#   core        (not in the default list: a session of its own) issue 9's goals on real-size SD3.5-M,
+#               `sfgrpo bench --suite gpu-core --time-budget 240` under `timeout 300` (~4-5 min on an
+#               H100; rows are printed and saved as they are measured, a killed run keeps them), then
+#               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -63,9 +67,18 @@ if want tune; then
   echo "tuning: exit $?"
   head -n 40 "$OUT/tuning.md" 2>/dev/null
 fi
-# the goals of issues 4 and 5 against what the steps above measured (issue 9: `sfgrpo bench --suite
-# gpu-core`, then benchmarks/check_goals.py --bench)
+if want core; then
+  # the budget stops starting new rows after 240 s (sfgrpo and the reference ops on both cases come
+  # first); `timeout` is the hard stop for a row that overruns its estimate
+  timeout 300 sfgrpo bench --suite gpu-core --time-budget 240 --no-progress --output-dir "$OUT/bench-gpu-core" \
+    > "$OUT/bench_gpu_core.txt" 2>&1
+  echo "gpu-core bench: exit $?"
+  grep -E ": (ok|skipped|interrupted|failed|oom)" "$OUT/bench_gpu_core.txt" | tail -n 12
+fi
+# the goals of issues 4, 5 and 9 against what the steps above measured (each input is optional)
 sde_json=$(ls "$OUT"/sde_step_*.json 2>/dev/null | head -n 1)
+core_json="$OUT/bench-gpu-core/results.json"
+[ -f "$core_json" ] || core_json=""
 python3 "$REPO/benchmarks/check_goals.py" ${sde_json:+--sde-step "$sde_json"} --advantages "$OUT/advantages.md" \
-  --out "$OUT/goals.md"
+  ${core_json:+--bench "$core_json"} --out "$OUT/goals.md"
 echo "goals: exit $?"

@@ -18,6 +18,8 @@ python benchmarks/bench_sde_step_gpu.py ${QUICK:+--quick} --out benchmarks/resul
 python benchmarks/bench_advantages.py ${QUICK:+--quick} --out "benchmarks/results/advantages_${gpu}.md"
 python -m sfgrpo.kernels._aot > "benchmarks/results/aot_sm90.jsonl"
 # training-loop benchmark: real-size SD3.5-M / FLUX.1-dev transformers, sfgrpo vs reference ops vs compile
+# (rows are printed and saved as they are measured; on a short lease run only issue 9's goals instead:
+# `timeout 300 sfgrpo bench --suite gpu-core --time-budget 240`, see benchmarks/gpu_checks.sh STEPS=core)
 sfgrpo bench --suite gpu ${QUICK:+--cases sd35m} --output-dir "benchmarks/results/bench-gpu-${gpu}"
 # the issues' goals, measured against their targets (exit status 1 when one is missed)
 python benchmarks/check_goals.py --sde-step "benchmarks/results/sde_step_${gpu}.json" \

@@ -7,16 +7,26 @@ import time
 import pytest
 import torch
 
-from sfgrpo.bench import configs, get_suite
+from sfgrpo import bench
+from sfgrpo.bench import configs, get_suite, runner
 from sfgrpo.bench.report import COLUMNS
+from sfgrpo.bench.runner import plan
+from sfgrpo.bench.suites import Case, Suite
 from sfgrpo.cli import main
 from sfgrpo.trainer import TrainerConfig
 
 
-def test_quick_suite_writes_results(tmp_path):
+def test_quick_suite_writes_results(tmp_path, capsys):
     start = time.perf_counter()
     assert main(["bench", "--quick", "--no-progress", "--output-dir", str(tmp_path)]) == 0
     assert time.perf_counter() - start < 60
+    # without the bar, a timestamped line per phase and per measured row on stdout
+    out = capsys.readouterr().out
+    runs = len(plan(get_suite("quick")))
+    assert sum(": ok, batch " in line for line in out.splitlines()) == runs
+    assert out.count(": warm-up 1/1") == out.count(": iteration 1/2") == out.count(": iteration 2/2") == runs
+    assert out.count("building backbone sd35m-small") == 1 and out.startswith("[    0.0 s] sfgrpo bench quick")
+    assert not list(tmp_path.glob(".*.tmp"))
     with open(tmp_path / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert rows and list(rows[0]) == list(COLUMNS)
@@ -157,3 +167,177 @@ def test_flow_grpo_code_runs_the_trainer_on_flow_grpos_formulation(tmp_path, mon
     # rollout: 4 steps; update: 3 trained steps x (policy + reference for the KL)
     assert calls == {"step": 4 + 3 * 2, "advantages": 1}
     assert record["kl"] >= 0 and all(v == v for v in record.values() if isinstance(v, float))
+
+
+def _status(rows):
+    return [(r["case"], r["implementation"], r["status"]) for r in rows if r["metric"] == "status"]
+
+
+def test_gpu_core_measures_the_goals_rows_first():
+    order = [(c.name, i) for c, i, _ in plan(get_suite("gpu-core"))]
+    flow, step = "sd35m iteration flow_grpo", "sd35m iteration stepwise T'=1"
+    assert order == [(flow, "sfgrpo"), (step, "sfgrpo"), (flow, "reference"), (step, "reference"),
+                     (flow, "flow_grpo-code"), (step, "flow_grpo-code")]
+    # the other suites keep their case-by-case order (all of a case's implementations together)
+    cpu = get_suite("cpu")
+    assert [(c.name, i, p) for c, i, p in plan(cpu)] == [
+        (c.name, i, p) for backbone in dict.fromkeys(c.backbone for c in cpu.cases) for c in cpu.cases
+        if c.backbone == backbone for p in c.prompts_sweep for i in c.implementations]
+
+
+def test_random_transformer_is_cheap_seeded_and_sane():
+    register = torch.nn.Module.register_parameter
+    default = configs.build_transformer("sd35m-small")
+    first, again = configs.random_transformer("sd35m-small", seed=3), configs.random_transformer("sd35m-small", seed=3)
+    assert torch.nn.Module.register_parameter is register  # the constructor patch is undone
+    assert not any(p.is_meta for p in first.parameters()) and not any(b.is_meta for b in first.buffers())
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert torch.equal(first.pos_embed.pos_embed, default.pos_embed.pos_embed)  # buffers computed for real
+    for (name, mine), (_, theirs) in zip(first.named_parameters(), default.named_parameters()):
+        assert torch.isfinite(mine).all(), name
+        if mine.ndim >= 2:  # PyTorch's default scale: uniform in +-1/sqrt(fan_in)
+            assert 0.8 < float(mine.detach().std() / theirs.detach().std()) < 1.25, name
+        elif name.endswith("norm.weight") or ".norm_" in name:
+            assert torch.equal(mine, theirs), name
+    shell = configs.assign_tensors(configs.build_transformer("sd35m-small", "meta"), configs.tensors_of(first))
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(shell.parameters(), first.parameters()))  # no copy
+
+
+def _base_weights(transformer) -> dict:
+    """The base (non-LoRA) tensors by their plain name (peft moves them under `base_layer`)."""
+    return {n.replace(".base_layer", ""): p.detach().clone() for n, p in transformer.named_parameters()
+            if "lora_" not in n}
+
+
+def test_one_backbone_build_per_run_and_identical_starting_weights(tmp_path, monkeypatch):
+    builds, starts = [], []
+    build, build_trainer = configs.random_transformer, runner.build_trainer
+    monkeypatch.setattr(configs, "random_transformer", lambda *a, **k: builds.append(a) or build(*a, **k))
+
+    def recording(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        starts.append(_base_weights(trainer.model.transformer))
+        return trainer
+
+    monkeypatch.setattr(runner, "build_trainer", recording)
+    small = dict(backbone="sd35m-small", resolution=64, text_tokens=8, prompts_sweep=(1,))
+    lora = dict(group_size=2, reward="brightness", prompts="a,b", num_steps=3, use_lora=True, lora_rank=4,
+                lora_alpha=8, beta=0.04)
+    cases = [Case("lora stepwise", "iteration", overrides=lora, implementations=("sfgrpo", "reference"), **small),
+             # a full fine-tune trains the base weights in place: the runs after it must not see that
+             Case("full", "iteration", overrides=dict(lora, use_lora=False, learning_rate=1e-2),
+                  implementations=("sfgrpo",), **small),
+             Case("lora flow_grpo", "iteration", overrides=dict(lora, mode="flow_grpo"),
+                  implementations=("sfgrpo", "flow_grpo-code"), **small)]
+    rows = runner.run_suite(Suite("t", cases, warmup=0, iterations=1), progress=False)
+    assert not _status(rows) and len({(r["case"], r["implementation"]) for r in rows}) == 5
+    assert len(builds) == 1  # five runs, one backbone
+    fresh = configs.tensors_of(build("sd35m-small", "cpu", torch.float32, 0))
+    assert len(starts) == 5
+    for start in starts:
+        assert start.keys() == {n for n in fresh if n != "pos_embed.pos_embed"}
+        assert all(torch.equal(start[n], fresh[n]) for n in start)
+
+
+def _fake_result(seconds: float) -> dict:
+    metrics = {"images_per_s": 1.0, "seconds_per_iteration": 1.0, "seconds_rollout": 0.5, "seconds_update": 0.5,
+               "peak_memory_mb": 1.0, "host_syncs_per_iteration": None, "host_syncs_in_update": None,
+               "seconds_run_total": seconds}
+    return {"batch": 8, "metrics": metrics, "peak_memory_kind": "test"}
+
+
+def test_time_budget_skips_and_records(tmp_path, monkeypatch, capsys):
+    calls, now = [], [0.0]
+
+    def thirty_seconds(case, implementation, *args, **kwargs):
+        calls.append((case.name, implementation))
+        now[0] += 30.0
+        return _fake_result(30.0)
+
+    monkeypatch.setattr(runner, "run_one", thirty_seconds)
+    monkeypatch.setattr(runner.Progress, "clock", staticmethod(lambda: now[0]))
+    impls = ("sfgrpo", "reference", "flow_grpo-code")
+    suite = Suite("t", [Case("a", "iteration", implementations=impls), Case("b", "iteration", implementations=impls)],
+                  order="implementation")
+    rows = runner.run_suite(suite, progress=False, time_budget=45.0)
+    # the first run has no estimate and starts; each later one is expected to take 30 s more: skipped
+    assert calls == [("a", "sfgrpo")]
+    assert _status(rows) == [(c, i, "skipped (time budget)") for i in impls for c in "ab"][1:]
+    assert "(2/6) b [sfgrpo]: skipped (time budget: 30 s elapsed + ~30 s expected > 45 s)" in capsys.readouterr().out
+    calls.clear()
+    now[0] = 0.0
+    rows = runner.run_suite(suite, progress=False, time_budget=1000.0)
+    assert len(calls) == 6 and not _status(rows)
+    # the CLI flag: nothing fits in a budget of 0 s; every row is recorded as skipped
+    monkeypatch.undo()
+    assert main(["bench", "--quick", "--no-progress", "--time-budget", "0", "--output-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(report) == len(plan(get_suite("quick"))) and {r["status"] for r in report} == {"skipped (time budget)"}
+    assert "skipped (time budget)" in (tmp_path / "results.md").read_text()
+
+
+def test_rows_are_saved_as_they_are_measured(tmp_path, monkeypatch):
+    original, calls = runner.run_one, []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            kwargs["log"]("iteration 1/1")
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_one", interrupted_second)
+    case = Case("iteration", "iteration", overrides=dict(group_size=2, num_steps=3), prompts_sweep=(1,),
+                implementations=("sfgrpo", "reference", "flow_grpo-code"))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(Suite("t", [case], warmup=0, iterations=1), str(tmp_path), progress=False)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["implementation"] for r in rows if r["status"] == "ok"} == {"sfgrpo"}
+    assert _status(rows) == [("iteration", "reference", "interrupted (KeyboardInterrupt) during iteration 1/1")]
+    with open(tmp_path / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    assert "| iteration | sfgrpo |" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_sigterm_keeps_the_rows_measured(tmp_path):
+    """`timeout` sends SIGTERM: the lines are on stdout as they happen, the finished rows in the files,
+    the run under way is recorded as interrupted (here the second run waits for the signal)."""
+    import signal
+    import subprocess
+    import sys
+
+    child = ("import sys, time\n"
+             "from sfgrpo.bench import runner\n"
+             "measure, calls = runner.run_one, []\n"
+             "def second_waits(*args, **kwargs):\n"
+             "    calls.append(1)\n"
+             "    if len(calls) == 2:\n"
+             "        kwargs['log']('waiting for the signal')\n"
+             "        time.sleep(120)\n"
+             "    return measure(*args, **kwargs)\n"
+             "runner.run_one = second_waits\n"
+             "from sfgrpo.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    command = [sys.executable, "-c", child, "bench", "--quick", "--cases", "sd35m-small", "--no-progress",
+               "--output-dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.rstrip().endswith("waiting for the signal"):
+                process.send_signal(signal.SIGTERM)
+                break
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert sum(": ok, batch " in line for line in lines) == 1  # the first row's line came before
+    assert "[reference]: interrupted (SystemExit) during waiting for the signal" in out
+    assert "interrupted; the rows measured so far are in" in out
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert any(r["status"] == "ok" and r["metric"] == "seconds_per_iteration" for r in rows)
+    status = _status(rows)
+    assert len(status) == 1 and status[0][:2] == ("iteration sd35m-small stepwise T'=1", "reference"), (out, status)
+    assert status[0][2] == "interrupted (SystemExit) during waiting for the signal"

@@ -94,3 +94,17 @@ def test_bandwidth_goal_uses_the_same_size_copy_when_measured(goals, tmp_path, c
     for row in rows:
         row.pop("pct_same_size_copy_gpu_only", None)
     assert goals.main(write(tmp_path, sde=rows)) == 1  # 20 % of the 1 GiB copy
+
+
+def test_rows_skipped_by_the_time_budget_are_not_measured(goals, tmp_path, capsys):
+    """`sfgrpo bench --time-budget` records runs it did not start as status rows ("skipped (time
+    budget)", metric "status", no value): their goals are "not measured", the others still decided."""
+    bench = bench_rows()
+    stepwise = "sd35m iteration stepwise T'=1"
+    bench["rows"] = [r for r in bench["rows"] if not (r["case"] == stepwise and r["implementation"] == "reference")]
+    bench["rows"].append(dict(case=stepwise, implementation="reference", metric="status", value=None,
+                              status="skipped (time budget)"))
+    assert goals.main(write(tmp_path, bench=bench)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "not measured" in line] == [
+        line for line in lines if f"{stepwise}: reference-op loop" in line]

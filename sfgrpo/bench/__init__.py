@@ -11,16 +11,22 @@ __all__ = ["BackboneClock", "Case", "SUITES", "Suite", "SyncCounter", "get_suite
 
 
 def run(suite: str | Suite, output_dir: str, progress: bool = True, case_filter: str | None = None,
-        device: str | None = None) -> dict:
-    """Runs a suite and writes its results folder; returns the written paths."""
-    from sfgrpo.bench.report import write_results
+        device: str | None = None, time_budget: float | None = None) -> dict:
+    """Runs a suite and writes its results folder; returns the written paths. The results files are
+    rewritten after every row (plots at the end), so an interrupted run keeps what it measured."""
+    from sfgrpo.bench.report import environment, write_results
     from sfgrpo.bench.runner import run_suite
 
     suite = get_suite(suite) if isinstance(suite, str) else suite
     if device:
         suite.device = device
-    rows = run_suite(suite, progress=progress, case_filter=case_filter)
-    return write_results(rows, suite.name, suite.device, output_dir)
+    env = environment(suite.device, output_dir)  # once: git and the date of the run's start
+
+    def save(rows):
+        write_results(rows, suite.name, suite.device, output_dir, env=env, plots=False)
+
+    rows = run_suite(suite, progress=progress, case_filter=case_filter, time_budget=time_budget, on_rows=save)
+    return write_results(rows, suite.name, suite.device, output_dir, env=env)
 
 
 def default_output_dir(suite: Suite) -> str:
@@ -39,17 +45,27 @@ def default_output_dir(suite: Suite) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--suite", default="cpu", choices=SUITES, help="cpu: small configs (minutes); "
                         "gpu: real-size SD3.5-M / FLUX.1-dev transformers (an hour or more); gpu-core: the SD3.5-M "
-                        "Flow-GRPO and stepwise iterations, sfgrpo vs reference ops (minutes); quick: seconds-long "
-                        "smoke run")
+                        "Flow-GRPO and stepwise iterations, sfgrpo and the reference ops first, then Flow-GRPO's "
+                        "code (minutes; on a short GPU lease: --time-budget 240); quick: seconds-long smoke run")
     parser.add_argument("--quick", action="store_true", help="the CPU smoke run (same as --suite quick)")
     parser.add_argument("--output-dir", help="results folder (default benchmarks/results/bench-<suite>-<device>)")
     parser.add_argument("--device", help="override the suite's device (e.g. cuda:1)")
     parser.add_argument("--cases", help="run only the cases whose name contains this text")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (the timestamped phase "
+                        "and result lines are printed on stdout either way)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="do not start a case x implementation whose estimated cost (the slowest finished "
+                        "run of the same case, else the last one on the same backbone) would end past SECONDS "
+                        "since the start: it is recorded as 'skipped (time budget)'. A run already started is "
+                        "never cut, so leave a margin below a hard limit (e.g. --time-budget 240 under "
+                        "`timeout 300`). Results are written after every row either way")
 
 
 def main(args) -> int:
+    import signal
+    import threading
+
     import torch
 
     if args.threads:
@@ -60,7 +76,23 @@ def main(args) -> int:
     if suite.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"sfgrpo bench: suite {suite.name!r} needs a CUDA device; use --suite cpu (or --quick)")
     output_dir = args.output_dir or default_output_dir(suite)
-    paths = run(suite, output_dir, progress=not args.no_progress, case_filter=args.cases)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (`timeout`, a scheduler) as an exception: the runner records the interrupted row and
+        # the results files keep everything measured before it
+        def terminate(signum, _frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        paths = run(suite, output_dir, progress=not args.no_progress, case_filter=args.cases,
+                    time_budget=args.time_budget)
+    except (KeyboardInterrupt, SystemExit):
+        print(f"sfgrpo bench: interrupted; the rows measured so far are in {output_dir}", flush=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(Path(paths["md"]).read_text())
     print(f"results in {output_dir}: " + ", ".join(p.name for p in paths.values()))
     return 0

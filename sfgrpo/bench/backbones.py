@@ -71,13 +71,15 @@ class BenchFluxBackbone(_TransformerOnly, FluxBackbone):
 
 
 def build_backbone(name: str, resolution: int, text_tokens: int | None = None, device: str = "cpu",
-                   dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A named transformer config (`configs.TRANSFORMERS`) with random weights, ready for `Trainer(model=...)`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = configs.build_transformer(name, device, dtype)
+                   dtype: torch.dtype = torch.float32, seed: int = 0, transformer: nn.Module | None = None):
+    """A named transformer config (`configs.TRANSFORMERS`) with seeded random weights drawn on `device`
+    (`configs.random_transformer`), ready for `Trainer(model=...)`; or around a given `transformer` of
+    that config (the benchmark runner's shared weights, `SharedWeights`)."""
+    if transformer is None:
+        transformer = configs.random_transformer(name, device, dtype, seed)
     family = configs.family(name)
     options = PipelineOptions(resolution=resolution, model_dtype=str(dtype).removeprefix("torch."))
     tokens = text_tokens or configs.TEXT_TOKENS[family]
     backbone_class = BenchSD3Backbone if family == "sd3" else BenchFluxBackbone
     return backbone_class(transformer, options, tokens)
+

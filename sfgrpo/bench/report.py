@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -56,27 +58,48 @@ def git_revision(*places) -> str:
     return "unknown"
 
 
-def write_results(rows: list[dict], suite: str, device: str, directory: str | Path) -> dict[str, Path]:
+def write_results(rows: list[dict], suite: str, device: str, directory: str | Path, env: dict | None = None,
+                  plots: bool = True) -> dict[str, Path]:
+    """results.csv, results.json, results.md (and the plots unless `plots=False`), each written to a
+    temporary file first and renamed over the old one, so a run killed at any moment leaves complete
+    files of what it measured so far (the runner calls this after every row)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    env = environment(device, directory)
+    env = env or environment(device, directory)
     full = [{**{c: None for c in COLUMNS}, **row, "suite": suite, **env} for row in rows]
     paths = {"csv": directory / "results.csv", "json": directory / "results.json", "md": directory / "results.md"}
-    with open(paths["csv"], "w", newline="") as handle:
+    with _replacing(paths["csv"], newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(full)
-    paths["json"].write_text(json.dumps({"suite": suite, **env, "rows": full}, indent=1) + "\n")
-    paths["md"].write_text(markdown_table(rows, suite, env))
-    paths.update(write_plots(rows, directory))
+    with _replacing(paths["json"]) as handle:
+        handle.write(json.dumps({"suite": suite, **env, "rows": full}, indent=1) + "\n")
+    with _replacing(paths["md"]) as handle:
+        handle.write(markdown_table(rows, suite, env))
+    if plots:
+        paths.update(write_plots(rows, directory))
     return paths
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, newline: str | None = None):
+    """A text file handle whose content replaces `path` atomically (os.replace) when the block ends."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "w", newline=newline) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 TABLE = (("images/s", "images_per_s", "{:.1f}"), ("s/iter", "seconds_per_iteration", "{:.3f}"),
          ("rollout s", "seconds_rollout", "{:.3f}"), ("look-ahead s", "seconds_lookahead", "{:.3f}"),
          ("update s", "seconds_update", "{:.3f}"), ("peak MiB", "peak_memory_mb", "{:.0f}"),
          ("outside backbone", "outside_backbone_share", "{:.1%}"), ("syncs/iter", "host_syncs_per_iteration", "{:g}"),
-         ("syncs in update", "host_syncs_in_update", "{:g}"))
+         ("syncs in update", "host_syncs_in_update", "{:g}"), ("run s", "seconds_run_total", "{:.0f}"))
 
 
 def pivot(rows: list[dict]) -> dict[tuple, dict]:
@@ -96,7 +119,8 @@ def markdown_table(rows: list[dict], suite: str, env: dict) -> str:
     lines = [f"# sfgrpo bench --suite {suite}", "",
              f"{env['device']}; torch {env['torch']}, sfgrpo {env['sfgrpo']} ({env['git']}), {env['date']}.",
              f"images/s: trajectories of the case's phase per second (the whole iteration for `iteration` cases); "
-             f"s/iter: sum of per-phase medians; peak memory: {peak_kind}.", "",
+             f"s/iter: sum of per-phase medians; peak memory: {peak_kind}; run s: wall time of the row's whole run "
+             f"(trainer set-up, warm-up, measured and sync-count iterations).", "",
              "| case | implementation | batch | " + " | ".join(h for h, _, _ in TABLE) + " | status |",
              "|---|---|---:|" + "---:|" * len(TABLE) + "---|"]
     for (case, implementation, batch), values in pivot(rows).items():

@@ -33,6 +33,9 @@ class Suite:
     warmup: int = 1
     iterations: int = 3
     device: str = "cpu"
+    # run order within a backbone (runner.plan): "case" (each case with all its implementations) or
+    # "implementation" (the first implementation on every case, then the next: most important first)
+    order: str = "case"
 
 
 def _digits_cases(group: int, prompts: int, compile_iteration: bool) -> list[Case]:
@@ -147,7 +150,9 @@ def get_suite(name: str) -> Suite:
                       text_tokens=c.text_tokens, dtype=c.dtype, prompts_sweep=(1,),
                       implementations=("sfgrpo", "reference", "flow_grpo-code"))
                  for c in _real_size_cases() if c.name in core]
-        return Suite("gpu-core", cases, warmup=1, iterations=2, device="cuda")
+        # sfgrpo on both cases, then the reference ops, then Flow-GRPO's code: the goals' rows come
+        # first when `--time-budget` cuts the run short
+        return Suite("gpu-core", cases, warmup=1, iterations=2, device="cuda", order="implementation")
     raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
 
 
