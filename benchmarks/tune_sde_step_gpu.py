@@ -4,9 +4,10 @@
 
 For every `LaunchTuning` variant (threads per program, storage bytes per thread per tensor,
 target program count) it times, as CUDA-graph replays (kernel time only, no host work), the
-scoring forward + backward and Philox sampling on SD3.5-M and FLUX latents in bf16 and fp32,
-checks the log-prob against the reference, and prints one markdown row per (case, variant) with
-GB/s and % of the measured copy bandwidth, best first. The winner becomes the default by editing
+scoring forward + backward and Philox sampling on SD3.5-M and FLUX latents in bf16 and fp32 (and,
+with the default knobs, Philox sampling on libdevice's precise log/sin/cos: the A/B of
+`PHILOX_FAST_MATH`), checks the log-prob against the reference, and prints one markdown row per
+(case, variant) with GB/s and % of the measured copy bandwidth, best first. The winner becomes the default by editing
 `TUNING` in kernels/sde_step.py (the chunking may depend on shape and dtype only: sampling and
 scoring must sum in the same order).
 """
@@ -29,6 +30,7 @@ from sfgrpo import reference as ref
 from sfgrpo.kernels import sde_step as K
 
 SHAPES = {"sd35m_b32_128": (32, 16, 128, 128), "flux_b16_4096x64": (16, 4096, 64)}
+PRECISE_CASE = "sample philox precise"  # timed with the default tuning only
 
 
 def cases(shape, dtype):
@@ -49,13 +51,21 @@ def cases(shape, dtype):
     def draw():
         F.sde_step(x, v, 0.8, 0.6, 0.7, seed=1)
 
+    def draw_precise():  # the A/B: libdevice's precise logf/sinf/cosf instead of the MUFU approximations
+        fast, K.PHILOX_FAST_MATH = K.PHILOX_FAST_MATH, False
+        try:
+            F.sde_step(x, v, 0.8, 0.6, 0.7, seed=1)
+        finally:
+            K.PHILOX_FAST_MATH = fast
+
     def check():
         got = F.sde_step(x, v, 0.8, 0.6, 0.7, prev_sample=sample).log_prob
         want = ref.sde_step(x, v, 0.8, 0.6, 0.7, prev_sample=sample).log_prob
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
     # bytes the fused algorithm must move: score fwd reads x, v, x'; bwd reads them again, writes dv
-    return {"score fwd+bwd": (score, numel * 7 * itemsize), "sample philox": (draw, numel * 3 * itemsize)}, check
+    return {"score fwd+bwd": (score, numel * 7 * itemsize), "sample philox": (draw, numel * 3 * itemsize),
+            PRECISE_CASE: (draw_precise, numel * 3 * itemsize)}, check
 
 
 def _write(path: str | None, header: list[str], rows: list, default, peak: float) -> str:
@@ -102,6 +112,8 @@ def main() -> int:
                 try:
                     check()
                     for case, (fn, nbytes) in work.items():
+                        if case == PRECISE_CASE and variant != default:
+                            continue
                         us = 1e3 * time_graph_ms(fn)  # NaN: could not be captured
                         gbs = nbytes / (us * 1e-6) / 1e9
                         rows.append((case, shape_name, str(dtype).removeprefix("torch."), variant, us, gbs))

@@ -2,9 +2,9 @@
 
 `python -m sfgrpo.kernels._aot` compiles every variant listed by the kernel modules'
 `aot_variants()` with `triton.compile(..., GPUTarget("cuda", 90, 32))`, reads the PTX's global
-access widths and the cubin's registers / stack / local memory (spills), and prints one JSON
-object per variant. Run it without
-TRITON_INTERPRET (interpreted kernels cannot be compiled).
+access widths and transcendental instructions (approximate or libdevice's precise ones) and the
+cubin's registers / stack / local memory (spills), and prints one JSON object per variant. Run it
+without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
 
 from __future__ import annotations
@@ -70,6 +70,16 @@ def global_access_widths(ptx: str) -> dict:
             "loads_cg": sum(1 for op, mods in accesses if op == "ld" and ".cg" in mods)}
 
 
+def transcendentals(ptx: str) -> dict:
+    """How the PTX computes log/sin/cos/sqrt: counts of the approximate instructions (`lg2.approx`,
+    `sin.approx`, `cos.approx`, `sqrt.approx`: one MUFU each in SASS) and whether libdevice's
+    precise sinf/cosf are there (their Payne-Hanek table `__cudart_i2opi_f`; the precise logf is
+    an inlined polynomial with no instruction of its own)."""
+    return {"lg2_approx": len(re.findall(r"\blg2\.approx", ptx)), "sin_approx": len(re.findall(r"\bsin\.approx", ptx)),
+            "cos_approx": len(re.findall(r"\bcos\.approx", ptx)), "sqrt_approx": len(re.findall(r"\bsqrt\.approx", ptx)),
+            "precise_trig": "__cudart_i2opi_f" in ptx}
+
+
 def report(modules=("sde_step",)) -> list[dict]:
     import importlib
 
@@ -81,7 +91,7 @@ def report(modules=("sde_step",)) -> list[dict]:
             ptx = compiled.asm["ptx"]
             target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
             rows.append({"variant": f"{module_name}/{name}", "target": target, **global_access_widths(ptx),
-                         **resource_usage(compiled.asm["cubin"])})
+                         **transcendentals(ptx), **resource_usage(compiled.asm["cubin"])})
     return rows
 
 

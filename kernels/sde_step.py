@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from sfgrpo.kernels._launch import DirectLauncher
 
@@ -31,6 +32,24 @@ LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 # No FMA contraction: the kernels are memory-bound, and uncontracted math rounds exactly like the
 # reference and identically in every specialisation (sampling vs scoring), whatever LLVM decides.
 FP_FUSION = False
+# Box-Muller of the in-kernel Philox noise with the GPU's approximate transcendentals (lg2, sin,
+# cos, sqrt .approx: one MUFU each) instead of libdevice's precise logf/sinf/cosf (a ~20-instruction
+# polynomial for logf; sinf and cosf each with their own 3-part reduction and a Payne-Hanek branch
+# never taken here). SASS per element of the sampling loop on sm_90 (benchmarks/sass_loop_count.py,
+# ptxas 12.9 and 13.0 agree; the benchmark's case: x, v in, sample out), scoring / Philox precise /
+# Philox fast: fp32 12.5 / 78 / 41, bf16 15 / 81 / 43.6 (Philox-4x32-10 itself ~16 per normal,
+# Box-Muller now ~10). On an H100 (132 SMs x 4 issue slots x 32 lanes x 1.98 GHz) that bounds
+# sampling at 428 / 816 G elements/s for fp32 and 414 / 767 for bf16, against the ~250 and ~500
+# that 3 TB/s of copy bandwidth allows: the precise path could not be memory-bound in bf16
+# (measured: ~200 G elements/s in both dtypes), the fast one can. Error bounds: lg2.approx 2^-22
+# absolute on [0.5, 2] / 2^-22 relative, sin/cos.approx 2^-21.41 absolute on [-pi, pi] (hence the
+# angle 2 pi u - pi of `_box_muller`; the PTX ISA says 2^-20.5), sqrt.approx 2^-23 relative
+# (tl.sqrt was already that): the noise is within 7.5e-6 of the precise formula for 99.9 % of the
+# draws, see reference.philox_normal4. Triton's interpreter runs no PTX, so there the kernels use
+# tl.log2/cos/sin (the reference's numpy functions, the same bits). False: libdevice's precise
+# functions on the GPU too, same formula (an A/B switch for benchmarks; it changes the noise by the
+# approximation error only).
+PHILOX_FAST_MATH = True
 
 
 @triton.jit
@@ -75,6 +94,74 @@ def _row_coefficients(t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax
         c_v = keep * (1.0 - t) - t * (1.0 - tn)
         std_dev_t = std
     return t, c_x, c_v, std, std_dev_t
+
+
+@triton.jit
+def _uniform(word):
+    """A Philox word as a float32 uniform in [0, 1): the word's 31-bit fold (x < 0 -> ~x) times
+    4.6566127342e-10, exactly Triton's uint_to_uniform_float for 32-bit words."""
+    folded = word.to(tl.int32, bitcast=True)
+    folded = tl.where(folded < 0, ~folded, folded)
+    return folded.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _box_muller(u1, u2, FAST_MATH: tl.constexpr):
+    """Two standard normals from two uniforms (reference.philox_normal4 has the same formula):
+    radius sqrt(-2 ln u1) = sqrt(-2 ln(2) log2 u1), angle 2 pi u2 - pi in [-pi, pi) (the range where
+    the hardware sin/cos approximations keep their 2^-21.41 absolute error), and the radius negated
+    so that r cos(angle) = sqrt(..) cos(2 pi u2): the values of tl.randn4x up to rounding."""
+    u1 = tl.maximum(u1, 1.0e-7)
+    angle = u2 * 6.283185307179586 - 3.141592653589793  # FP_FUSION off: two roundings, as the reference
+    if FAST_MATH:
+        log2_u1 = libdevice.fast_log2f(u1)  # lg2.approx.ftz.f32 (MUFU.LG2)
+        cos_a = libdevice.fast_cosf(angle)  # cos.approx.ftz.f32 (FMUL.RZ + MUFU.COS)
+        sin_a = libdevice.fast_sinf(angle)  # sin.approx.ftz.f32 (MUFU.SIN)
+    else:
+        log2_u1 = tl.log2(u1)
+        cos_a = tl.cos(angle)
+        sin_a = tl.sin(angle)
+    # clamped: within lg2.approx's 2^-22 absolute error of 0, u1 just below 1 may give log2 > 0 (and
+    # the square root a NaN); tl.sqrt is sqrt.approx.ftz.f32 on the GPU
+    radius = -tl.sqrt(tl.maximum(-1.3862943611198906 * log2_u1, 0.0))
+    return radius * cos_a, radius * sin_a
+
+
+@triton.jit
+def _philox_normal4(seed, counters, FAST_MATH: tl.constexpr):
+    """Four normals per counter: Philox4x32-10 (tl.randint4x: counter = (low word, high word, 0, 0),
+    key = the seed's two words), its four words -> uniforms -> two Box-Muller pairs."""
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    n0, n1 = _box_muller(_uniform(w0), _uniform(w1), FAST_MATH)
+    n2, n3 = _box_muller(_uniform(w2), _uniform(w3), FAST_MATH)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _philox_block(seed, first_counter, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+    """BLOCK normals in element order from the BLOCK / 4 counters first_counter, first_counter + 1,
+    ...: element 4q + j is normal j of counter first_counter + q. Interleaved by a select on a
+    [BLOCK / 4, 4] broadcast rather than tl.join + reshape: Triton then computes Philox in a slice
+    of the elements' layout and the selects fold to register moves, where join made it shuffle the
+    normals through shared memory when a thread holds 8 elements (bf16/fp16 blocks: 4 barriers, 4
+    shared stores and 4 loads per 8 elements on sm_90)."""
+    n0, n1, n2, n3 = _philox_normal4(seed, first_counter + tl.arange(0, BLOCK // 4), FAST_MATH)
+    j = tl.arange(0, 4)[None, :]
+    eps = tl.where(j == 0, n0[:, None], tl.where(j == 1, n1[:, None], tl.where(j == 2, n2[:, None], n3[:, None])))
+    return tl.reshape(eps, [BLOCK])
+
+
+@triton.jit
+def philox_noise_kernel(out_ptr, seed, seed_offset, D, BLOCKS_PER_ROW, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+    """The noise the forward kernel's Philox mode draws, written out: `[rows, D]` float32, row r
+    from counters seed_offset + r * ceil(D / 4) + q (reference.philox_step_noise's layout)."""
+    pid = tl.program_id(0)
+    row = pid // BLOCKS_PER_ROW
+    block = pid - row * BLOCKS_PER_ROW
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    first = seed_offset + row.to(tl.int64) * ((D + 3) // 4) + block * (BLOCK // 4)
+    eps = _philox_block(seed, first, BLOCK, FAST_MATH)
+    tl.store(out_ptr + row.to(tl.int64) * D + cols, eps, mask=cols < D)
 
 
 @triton.jit
@@ -143,7 +230,7 @@ def sde_step_fwd_kernel(
     SDE_TYPE: tl.constexpr, ROW_SCALARS: tl.constexpr, MODE: tl.constexpr, HAS_VREF: tl.constexpr,
     WRITE_MEAN: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_X1: tl.constexpr,
     FINALIZE: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr,
-    KL_FLOW_GRPO: tl.constexpr,
+    KL_FLOW_GRPO: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """FINALIZE (one chunk per row): the program writes its row's outputs. Otherwise each program
@@ -165,11 +252,9 @@ def sde_step_fwd_kernel(
             if MODE == 1:
                 eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             else:
-                # one Philox call per 4 elements (tl.randn4x: two Box-Muller pairs), interleaved back
-                # to element order; row r uses counters seed_offset + r * ceil(D / 4) + q
+                # row r uses counters seed_offset + r * ceil(D / 4) + q, 4 normals each
                 quads = seed_offset + row.to(tl.int64) * ((D + 3) // 4) + (chunk_start + i * BLOCK) // 4
-                n0, n1, n2, n3 = tl.randn4x(seed, quads + tl.arange(0, BLOCK // 4))
-                eps = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+                eps = _philox_block(seed, quads, BLOCK, FAST_MATH)
             # round to the storage dtype first: the log-prob must be that of the stored sample
             stored = (mean + std * eps).to(sample_out_ptr.dtype.element_ty)
             tl.store(sample_out_ptr + offs, stored, mask=mask)
@@ -364,6 +449,12 @@ def launch_config(batch: int, elements_per_row: int, itemsize: int = 4, tuning: 
 
 
 # ------------------------------------------------------------------------------- launchers
+def philox_fast_math() -> bool:
+    """Whether the Philox noise uses the approximate transcendentals: PHILOX_FAST_MATH, never in
+    Triton's interpreter (it runs no PTX: there the kernels use tl.log2/cos/sin)."""
+    return PHILOX_FAST_MATH and not _INTERPRETED
+
+
 class _Rows:
     """The per-row (t, t', a, sigma_max) as the kernels take them: four scalars when each is one
     value for every row (a Python number or a 0-d CPU tensor: nothing to build on the device), else
@@ -389,6 +480,9 @@ class _Rows:
             )
 
 
+# triton.jit gives an InterpretedFunction when TRITON_INTERPRET was set at import (the same test as
+# DirectLauncher's: interpreted kernels have no `params`)
+_INTERPRETED = getattr(sde_step_fwd_kernel, "params", None) is None
 _FWD_LAUNCHER = DirectLauncher(sde_step_fwd_kernel)
 _BWD_LAUNCHER = DirectLauncher(sde_step_bwd_kernel)
 
@@ -481,10 +575,23 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         dict(MODE=mode, HAS_VREF=v_ref is not None,
              WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
              FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
-             ROW_SCALARS=rows.scalars, **flags),
+             ROW_SCALARS=rows.scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(), **flags),
         num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
+
+
+def philox_noise(seed: int, seed_offset: int, rows: int, elements: int, device, block: int = 1024):
+    """`[rows, elements]` float32: the in-kernel Philox noise of a sampling step, as the forward
+    kernel draws it (same code, same approximations) — `reference.philox_step_noise` on the GPU."""
+    import torch
+
+    out = torch.empty((rows, elements), dtype=torch.float32, device=device)
+    if out.numel():
+        blocks = triton.cdiv(elements, block)
+        philox_noise_kernel[(rows * blocks,)](out, int(seed), int(seed_offset), elements, blocks, BLOCK=block,
+                                              FAST_MATH=philox_fast_math(), num_warps=4, enable_fp_fusion=FP_FUSION)
+    return out
 
 
 def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl,
@@ -561,11 +668,13 @@ def aot_variants():
                     yield (f"fwd/{storage}/{sde_type}/mode{mode}/finalize{int(finalize)}", sde_step_fwd_kernel,
                            types(sde_step_fwd_kernel, storage, _FWD_POINTERS),
                            dict(fwd_flags, SDE_TYPE=sde_id, MODE=mode, FINALIZE=finalize,
-                                BLOCK_C=1 if finalize else 1024), cfg.num_warps)
+                                BLOCK_C=1 if finalize else 1024,
+                                FAST_MATH=mode == MODE_PHILOX and philox_fast_math()), cfg.num_warps)
         if storage == "bf16":  # one schedule value for every row, passed by value
             yield ("fwd/bf16/sde/rowscalars/mode1/finalize0", sde_step_fwd_kernel,
                    types(sde_step_fwd_kernel, storage, _FWD_POINTERS),
-                   dict(fwd_flags, ROW_SCALARS=True, SDE_TYPE=0, MODE=MODE_NOISE, FINALIZE=False, BLOCK_C=1024),
+                   dict(fwd_flags, ROW_SCALARS=True, SDE_TYPE=0, MODE=MODE_NOISE, FINALIZE=False, BLOCK_C=1024,
+                        FAST_MATH=False),
                    cfg.num_warps)
         for sde_type, sde_id in SDE_TYPE_IDS.items():
             if storage != "bf16" and sde_type != "sde":

@@ -377,14 +377,11 @@ _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 
 
-def philox_normal4(seed: int, counters: Tensor) -> Tensor:
-    """`[*counters.shape, 4]` standard normals from Philox-4x32-10, the scheme of Triton's
-    `tl.randn4x(seed, counters)`: counter = 64-bit value (low word, high word, 0, 0), key = 64-bit
-    seed, the four output words -> four uniforms -> two Box-Muller pairs (cos, sin).
-
-    Up to the last bits of log/cos/sin, the noise the Triton kernels draw in-kernel; not
-    bit-equal to `torch.randn` (use a torch generator for diffusers compatibility).
-    """
+def philox_uniform4(seed: int, counters: Tensor) -> Tensor:
+    """`[*counters.shape, 4]` float32 uniforms in [0, 1) from Philox-4x32-10 (10 rounds, Triton's
+    constants and word order: counter = the 64-bit value as (low word, high word, 0, 0), key = the
+    64-bit seed's two words): output word w -> `fold(w) * 4.6566127342e-10` in float32, fold
+    taking the word as int32 and x < 0 to ~x (Triton's `uint_to_uniform_float`)."""
     import numpy as np
 
     flat = counters.detach().cpu().reshape(-1).numpy().astype(np.int64).view(np.uint64)
@@ -411,13 +408,47 @@ def philox_normal4(seed: int, counters: Tensor) -> Tensor:
         signed = np.where(signed < 0, ~signed, signed)
         return signed.astype(np.float32) * np.float32(4.6566127342e-10)
 
+    uniforms = np.stack([to_uniform(c) for c in (c0, c1, c2, c3)], axis=-1)
+    return torch.from_numpy(uniforms).reshape(*counters.shape, 4).to(counters.device)
+
+
+def philox_normal4(seed: int, counters: Tensor) -> Tensor:
+    """`[*counters.shape, 4]` standard normals: the four uniforms of `philox_uniform4` -> two
+    Box-Muller pairs (u1, u2), (u3, u4), in float32:
+
+        radius = -sqrt(max(-2 ln(2) * log2(max(u1, 1e-7)), 0))  (= -sqrt(-2 ln u1))
+        angle  = 2 pi u2 - pi                                    (in [-pi, pi))
+        normals = radius * cos(angle), radius * sin(angle)      (= sqrt(-2 ln u1) (cos, sin)(2 pi u2))
+
+    The formula of the Triton kernels' in-kernel Philox noise (and of the C++ kernels of
+    `sfgrpo._C`). The angle lies in [-pi, pi) because that is where the GPU's approximate sin/cos
+    keep their error bound, and the negated radius turns the shifted angle back into the textbook
+    Box-Muller (the values of Triton's `tl.randn4x` up to float32 rounding). The clamp at 0 changes
+    nothing here (log2 u1 < 0 for u1 < 1), but on the GPU lg2.approx may return a value just above 0
+    for u1 within 2^-22 of 1, which would otherwise give a NaN.
+
+    Triton's interpreter reproduces these bits. On the GPU the kernels use the hardware
+    approximations (lg2.approx: 2^-22 absolute error on [0.5, 2], 2^-22 relative elsewhere;
+    sin/cos.approx: 2^-21.41 absolute on [-pi, pi] by the CUDA guide, 2^-20.5 by the PTX ISA;
+    sqrt.approx: 2^-23 relative), which bound their difference from these values by 7.5e-6
+    wherever u1 <= 0.999 (99.9 % of the draws; median bound 1.3e-6) and by ~3.3e-7 / radius beyond,
+    at most sqrt(2 ln(2) 2^-22) = 5.7e-4 as u1 -> 1 (the radius is then tiny, and lg2's absolute
+    error near 1 dominates it). Statistically immaterial, and the sampling log-prob is always that of the
+    stored sample. Not bit-equal to `torch.randn` (use a torch generator for diffusers
+    compatibility).
+    """
+    import numpy as np
+
+    uniforms = philox_uniform4(seed, counters).cpu().numpy().reshape(-1, 4)
+
     def box_muller(u1, u2):
-        radius = np.sqrt(np.float32(-2.0) * np.log(np.maximum(np.float32(1.0e-7), u1)))
-        angle = np.float32(6.283185307179586) * u2
+        log2_u1 = np.log2(np.maximum(np.float32(1.0e-7), u1))
+        radius = -np.sqrt(np.maximum(np.float32(-1.3862943611198906) * log2_u1, np.float32(0.0)))
+        angle = np.float32(6.283185307179586) * u2 - np.float32(3.141592653589793)
         return radius * np.cos(angle), radius * np.sin(angle)
 
-    n1, n2 = box_muller(to_uniform(c0), to_uniform(c1))
-    n3, n4 = box_muller(to_uniform(c2), to_uniform(c3))
+    n1, n2 = box_muller(uniforms[:, 0], uniforms[:, 1])
+    n3, n4 = box_muller(uniforms[:, 2], uniforms[:, 3])
     normals = np.stack([n1, n2, n3, n4], axis=-1).astype(np.float32)
     return torch.from_numpy(normals).reshape(*counters.shape, 4).to(counters.device)
 

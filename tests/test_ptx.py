@@ -61,3 +61,19 @@ def test_split_rows_hand_their_partials_over_with_acquire_release(variants):
             assert row["atomics_acq_rel"] >= 1 and row["loads_cg"] >= 1, f"{name}: {row}"
         elif name.startswith("sde_step/fwd/"):
             assert row["atomics_acq_rel"] == 0, f"{name}: {row}"
+
+
+def test_philox_sampling_uses_the_hardware_approximations(variants):
+    # in-kernel Philox noise: Box-Muller on lg2/sin/cos.approx (one MUFU each), never libdevice's
+    # precise logf/sinf/cosf, which made the sampling loop issue-bound (kernels/sde_step.py,
+    # PHILOX_FAST_MATH); the other modes compute no transcendental per element
+    philox = [name for name in variants if name.startswith("sde_step/fwd/") and "/mode2/" in name]
+    assert philox
+    for name in philox:
+        row = variants[name]
+        assert row["lg2_approx"] >= 2 and row["sin_approx"] >= 2 and row["cos_approx"] >= 2, f"{name}: {row}"
+        if "/cps/" not in name:  # cps's per-row std is t' sin(a pi / 2), precise on purpose (once per program)
+            assert not row["precise_trig"], f"{name} still has libdevice's sinf/cosf: {row}"
+    for name, row in variants.items():
+        if name.startswith("sde_step/") and name not in philox:
+            assert row["lg2_approx"] == row["sin_approx"] == row["cos_approx"] == 0, f"{name}: {row}"

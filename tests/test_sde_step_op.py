@@ -217,6 +217,113 @@ def test_philox_step_noise_layout_and_statistics():
         assert abs(corr) < 0.005, (lag, corr)
 
 
+def _philox_error_bound(u1):
+    """Largest difference the GPU's approximate Box-Muller may have from reference.philox_normal4,
+    per draw, from the documented bounds: lg2.approx 2^-22 absolute on [0.5, 2] (2^-22 relative
+    elsewhere), sin/cos.approx 2^-20.5 absolute (the PTX ISA's; the CUDA guide gives 2^-21.41 on
+    [-pi, pi]), sqrt.approx 2^-23 relative; plus a few float32 roundings both sides make."""
+    u1 = u1.double().clamp_min(1e-7)
+    log2 = torch.log2(u1)
+    radius = torch.sqrt(-2 * math.log(2) * log2)
+    d_square = 2 * math.log(2) * 2.0**-22 * log2.abs().clamp_min(1.0)  # on radius^2 = -2 ln(2) log2 u1
+    # |sqrt(a) - sqrt(b)| <= min(sqrt|a - b|, |a - b| / sqrt(b)); the kernel clamps radius^2 at 0
+    d_radius = torch.minimum(d_square.sqrt(), d_square / radius) + radius * 2.0**-23
+    return d_radius + (radius + d_radius) * 2.0**-20.5 + 8 * 2.0**-24 * (1 + radius)
+
+
+@pytest.mark.parametrize("rows, elements, seed_offset", [(3, 5000, 12345), (2, 1001, 2**32 - 100), (1, 3, 0)])
+def test_philox_kernel_noise_is_the_reference_noise(rows, elements, seed_offset):
+    # the forward kernel's Philox noise (same code: _philox_block), written out: bit-equal to the
+    # reference in Triton's interpreter (plain tl.log2/cos/sin there); on a GPU within the error
+    # bounds of the hardware approximations, draw by draw
+    pytest.importorskip("triton")
+    from sfgrpo.kernels import sde_step as kernels
+
+    got = kernels.philox_noise(99, seed_offset, rows, elements, DEVICE).cpu()
+    want = ref.philox_step_noise(99, seed_offset, rows, elements)
+    if DEVICE == "cpu":
+        assert not kernels.philox_fast_math()
+        assert torch.equal(got, want)
+        return
+    assert kernels.philox_fast_math()
+    quads = -(-elements // 4)
+    counters = seed_offset + torch.arange(rows)[:, None] * quads + torch.arange(quads)[None, :]
+    u1 = ref.philox_uniform4(99, counters)[..., [0, 0, 2, 2]].reshape(rows, quads * 4)[:, :elements]
+    excess = (got.double() - want.double()).abs() - _philox_error_bound(u1)
+    assert excess.max().item() <= 0, f"over the approximation bound by {excess.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_philox_sample_is_drawn_from_the_written_out_noise(dtype):
+    # the fused forward and kernels.philox_noise share the noise code (4 and 8 elements per thread):
+    # the stored sample is (mean + std * noise) rounded to the storage dtype, on the GPU
+    # (approximations) as in the interpreter; exactly in fp32, within the one bf16 ulp by which the
+    # interpreter's conversion (towards zero) may differ from torch's (to nearest)
+    pytest.importorskip("triton")
+    from sfgrpo.kernels import sde_step as kernels
+
+    x, v, _, t, tn, level = _inputs((3, 5001), dtype, seed=8)
+    level = torch.full_like(level, 0.7)
+    got = F.sde_step(x, v, t, tn, level, seed=99, seed_offset=2**32 - 7, backend="triton", return_mean=True)
+    noise = kernels.philox_noise(99, 2**32 - 7, 3, 5001, DEVICE)
+    want = (got.mean + ref.per_row(got.std, x) * noise).to(dtype)
+    if dtype == torch.float32:
+        assert torch.equal(got.prev_sample, want)
+    else:
+        torch.testing.assert_close(got.prev_sample.float(), want.float(), atol=1e-30, rtol=2.0**-7)
+
+
+# counters whose first or second Box-Muller u1 (seed 7) lies within 2^-22 of 1, where lg2.approx's
+# absolute error can exceed log2(u1) itself (found by scanning the reference's uniforms)
+NEAR_ONE_COUNTERS = [2313274, 3196445, 6067294, 8263248, 10165086, 12763568, 15070595, 15612715]
+
+
+def test_philox_noise_is_finite_where_u1_is_next_to_one():
+    pytest.importorskip("triton")
+    from sfgrpo.kernels import sde_step as kernels
+
+    u = ref.philox_uniform4(7, torch.tensor(NEAR_ONE_COUNTERS))
+    assert (torch.maximum(u[:, 0], u[:, 2]) >= 1 - 2.0**-22).all()
+    for counter in NEAR_ONE_COUNTERS:
+        got = kernels.philox_noise(7, counter, 1, 4, DEVICE).cpu()[0]
+        want = ref.philox_normal4(7, torch.tensor([counter]))[0]
+        assert torch.isfinite(got).all(), (counter, got)
+        u1 = ref.philox_uniform4(7, torch.tensor([counter]))[0, [0, 0, 2, 2]]
+        assert ((got.double() - want.double()).abs() <= _philox_error_bound(u1)).all(), (counter, got, want)
+
+
+def test_philox_noise_is_standard_normal():
+    # 2^20 draws of the oracle the kernels match (counters past 2^32: the high word in use): moments,
+    # tails, a Kolmogorov-Smirnov test, and the shifted-angle formula is the textbook Box-Muller
+    rows, elements, offset = 8, 1 << 17, 2**32 + 12345
+    noise = ref.philox_step_noise(5, offset, rows, elements).double().reshape(-1)
+    n = noise.numel()
+    centred = noise - noise.mean()
+    var = (centred ** 2).mean()
+    assert abs(noise.mean().item()) < 5 / math.sqrt(n)  # sd of the mean 1/sqrt(n): a 5-sigma band
+    assert abs(var.item() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(((centred ** 3).mean() / var ** 1.5).item()) < 5 * math.sqrt(6 / n)
+    assert abs(((centred ** 4).mean() / var ** 2).item() - 3) < 5 * math.sqrt(24 / n)
+    for cut in (2.0, 3.0, 4.0):
+        expected = n * math.erfc(cut / math.sqrt(2))
+        observed = (noise.abs() > cut).sum().item()
+        assert abs(observed - expected) < 5 * math.sqrt(expected) + 1, (cut, observed, expected)
+    assert noise.abs().max().item() <= math.sqrt(-2 * math.log(1e-7)) + 1e-5  # u1 >= 1e-7
+    ordered = noise.sort().values
+    cdf = torch.special.ndtr(ordered)
+    steps = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = torch.maximum(steps - cdf, cdf - (steps - 1 / n)).max().item()
+    assert ks < 1.63 / math.sqrt(n), ks  # the 1 % critical value
+    quads = elements // 4
+    counters = offset + torch.arange(rows)[:, None] * quads + torch.arange(quads)[None, :]
+    u = ref.philox_uniform4(5, counters).double().reshape(-1, 4)
+    radius = torch.sqrt(-2 * torch.log(u[:, [0, 2]].clamp_min(1e-7)))
+    angle = 2 * math.pi * u[:, [1, 3]]
+    textbook = torch.stack([radius[:, 0] * torch.cos(angle[:, 0]), radius[:, 0] * torch.sin(angle[:, 0]),
+                            radius[:, 1] * torch.cos(angle[:, 1]), radius[:, 1] * torch.sin(angle[:, 1])], dim=-1)
+    torch.testing.assert_close(noise, textbook.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 def test_generator_noise_is_diffusers_compatible(accel):
     x, v, _, t, tn, level = _inputs((2, 4, 8, 8), torch.float32)

@@ -139,8 +139,9 @@ inline Latent as_input(const MutableLatent& latent) { return Latent{latent.data,
 
 // ------------------------------------------------------------------------- Philox noise
 // Philox-4x32-10 with Triton's constants and word order (counter = low word, high word, 0, 0; key
-// = the seed's two words), the four words -> four uniforms -> two Box-Muller pairs: the normals of
-// tl.randn4x and sfgrpo.reference.philox_normal4 (up to the last bits of logf/cosf/sinf).
+// = the seed's two words), the four words -> four uniforms -> two Box-Muller pairs in the formula
+// of the Triton kernels and sfgrpo.reference.philox_normal4 (radius -sqrt(max(-2 ln(2) log2 u1, 0)),
+// angle 2 pi u2 - pi), the same values up to the last bits of log2f/cosf/sinf.
 inline void philox_normals(uint64_t seed, uint64_t counter, float out[4]) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -162,8 +163,9 @@ inline void philox_normals(uint64_t seed, uint64_t counter, float out[4]) {
     uniform[j] = static_cast<float>(folded) * 4.6566127342e-10f;
   }
   for (int pair = 0; pair < 2; ++pair) {
-    const float radius = std::sqrt(-2.0f * std::log(std::max(1.0e-7f, uniform[2 * pair])));
-    const float angle = 6.283185307179586f * uniform[2 * pair + 1];
+    const float log2_u1 = std::log2(std::max(1.0e-7f, uniform[2 * pair]));
+    const float radius = -std::sqrt(std::max(-1.3862943611198906f * log2_u1, 0.0f));
+    const float angle = 6.283185307179586f * uniform[2 * pair + 1] - 3.141592653589793f;
     out[2 * pair] = radius * std::cos(angle);
     out[2 * pair + 1] = radius * std::sin(angle);
   }
