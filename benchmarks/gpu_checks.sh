@@ -19,10 +19,12 @@
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
 #   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant)
-#   core        (not in the default list: a session of its own) issue 9's goals on real-size SD3.5-M,
+#   core        (not in the default list) issue 9's goals on real-size SD3.5-M,
 #               `sfgrpo bench --suite gpu-core --time-budget 240` under `timeout 300` (~4-5 min on an
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
+#               All steps in one 10-minute command (~250 s without core on an H100, 2026-11-26):
+#               DEADLINE=560 STEPS=tests,advantages,bench,trainer,tune,core bash benchmarks/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -63,17 +65,24 @@ if want trainer; then
   echo "trainer on CUDA: exit $? ($(tail -1 "$OUT/tests_trainer_cuda.txt"))"
 fi
 if want tune; then
-  timeout 60 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" > /dev/null 2> "$OUT/tuning.err"
+  timeout 90 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" > /dev/null 2> "$OUT/tuning.err"
   echo "tuning: exit $?"
   head -n 40 "$OUT/tuning.md" 2>/dev/null
 fi
 if want core; then
   # the budget stops starting new rows after 240 s (sfgrpo and the reference ops on both cases come
-  # first); `timeout` is the hard stop for a row that overruns its estimate
-  timeout 300 sfgrpo bench --suite gpu-core --time-budget 240 --no-progress --output-dir "$OUT/bench-gpu-core" \
-    > "$OUT/bench_gpu_core.txt" 2>&1
-  echo "gpu-core bench: exit $?"
-  grep -E ": (ok|skipped|interrupted|failed|oom)" "$OUT/bench_gpu_core.txt" | tail -n 12
+  # first); `timeout` is the hard stop for a row that overruns its estimate. With DEADLINE (seconds
+  # since this script started, e.g. 560 inside a 590 s command), both shrink to what is left.
+  left=$(( ${DEADLINE:-100000} - SECONDS - 15 ))
+  hard=$(( left < 300 ? left : 300 ))
+  if (( hard < 120 )); then
+    echo "gpu-core bench: skipped (${left} s left before DEADLINE=${DEADLINE:-})"
+  else
+    timeout "$hard" sfgrpo bench --suite gpu-core --time-budget $(( hard - 60 )) --no-progress \
+      --output-dir "$OUT/bench-gpu-core" > "$OUT/bench_gpu_core.txt" 2>&1
+    echo "gpu-core bench: exit $? (hard limit ${hard} s)"
+    grep -E ": (ok|skipped|interrupted|failed|oom)" "$OUT/bench_gpu_core.txt" | tail -n 12
+  fi
 fi
 # the goals of issues 4, 5 and 9 against what the steps above measured (each input is optional)
 sde_json=$(ls "$OUT"/sde_step_*.json 2>/dev/null | head -n 1)
