@@ -414,8 +414,8 @@ SFGRPO_HD uint64_t order_code(double v) {
   return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
 }
 
-SFGRPO_HD double from_order_code(uint64_t code) {
-  const uint64_t bits = (code >> 63) ? (code & ~(uint64_t{1} << 63)) : ~code;
+// The double whose IEEE-754 bits these are.
+SFGRPO_HD double double_from_bits(uint64_t bits) {
 #if defined(__CUDA_ARCH__)
   return __longlong_as_double(static_cast<long long>(bits));
 #else
@@ -425,17 +425,12 @@ SFGRPO_HD double from_order_code(uint64_t code) {
 #endif
 }
 
-// 2^e for -1022 <= e <= 1023 (a normal double, built from its bits).
-SFGRPO_HD double pow2(int e) {
-  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(bits));
-#else
-  double v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-#endif
+SFGRPO_HD double from_order_code(uint64_t code) {
+  return double_from_bits((code >> 63) ? (code & ~(uint64_t{1} << 63)) : ~code);
 }
+
+// 2^e for -1022 <= e <= 1023 (a normal double, built from its bits).
+SFGRPO_HD double pow2(int e) { return double_from_bits(static_cast<uint64_t>(e + 1023) << 52); }
 
 // The smallest e with m < 2^e, for finite m > 0.
 SFGRPO_HD int magnitude_exponent(double m) {
