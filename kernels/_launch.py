@@ -18,21 +18,26 @@ and for good (with a warning) if a runner ever rejects a call.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
+
+from sfgrpo.backend import environ_get
 
 ENV_VAR = "SFGRPO_TRITON_DIRECT_LAUNCH"
 _INT32 = (-(2**31), 2**31)
 _disabled_reason: str | None = None
+_OFF = ("", "0", "false", "off", "no")
 
 
 def enabled() -> bool:
+    """Read on every launch: the variables may change at run time (tests do), so they are looked up
+    each time, through sfgrpo's cheap environment reader."""
     if _disabled_reason is not None:
         return False
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no"):
+    switch = environ_get(ENV_VAR)
+    if switch is not None and switch.strip().lower() in _OFF[1:]:
         return False
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("", "0", "false", "off", "no")
+    return (environ_get("TRITON_INTERPRET") or "0").strip().lower() in _OFF
 
 
 def _disable(reason: str) -> None:
