@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ def init_from_env(device: str = "cpu", timeout_minutes: float | None = None) -> 
         # The store torchrun hands out outlives a restart of the worker group (--max-restarts), and
         # a restarted group reading the dead workers' keys (gloo's peer addresses) fails to connect.
         # Namespacing the keys by restart count gives every attempt a clean slate.
-        store, rank, world_size = next(torch.distributed.rendezvous("env://"))
+        rendezvous = torch.distributed.rendezvous("env://")
+        store, rank, world_size = next(rendezvous)
+        rendezvous.close()
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = torch.distributed.PrefixStore(f"sfgrpo/attempt-{attempt}/", store)
         timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
@@ -92,8 +95,13 @@ def init_from_env(device: str = "cpu", timeout_minutes: float | None = None) -> 
 
 
 def shutdown() -> None:
+    """Destroys the default group, then collects what still refers to its store and connections:
+    left to the interpreter's exit, their C++ destructors ran after Python had finalised and a
+    restarted torchrun worker sometimes aborted there ("terminate called without an active
+    exception", exit -6), which torchrun counts as a failed run."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        gc.collect()
 
 
 def local_device(device: str, ctx: DistributedContext) -> torch.device:
