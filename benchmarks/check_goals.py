@@ -69,6 +69,7 @@ def sde_step_goals(path: Path) -> list[Goal]:
         kind = "per call"
     goals.append(Goal(4, "copy bandwidth, worst case", ">= 85 %", bandwidth,
                       None if bandwidth is None else bandwidth >= 85.0, f"{kind}; {_where(row)}"))
+    fused_gpu = {(r.get("shape"), r.get("dtype"), r.get("case")): r.get("ms_gpu_only") for r in fused}
     for baseline, target in (("eager", 4.0), ("compiled", 1.5)):
         against = [r for r in rows if r.get("impl") == baseline]
         speedup, row = _worst(against, "fused_speedup_pipelined")
@@ -76,8 +77,15 @@ def sde_step_goals(path: Path) -> list[Goal]:
         if speedup is None:
             speedup, row = _worst(against, "fused_speedup")
             kind = "per call"
+        # for the reader: the same ratio on kernel time (graph replay), where the host is out of it
+        kernel = [dict(r, kernel_speedup=r["ms_gpu_only"] / fused_gpu[key]) for r in against
+                  if isinstance(r.get("ms_gpu_only"), (int, float))
+                  and isinstance(fused_gpu.get(key := (r.get("shape"), r.get("dtype"), r.get("case"))), (int, float))
+                  and fused_gpu[key] > 0]
+        kernel_worst, kernel_row = _worst(kernel, "kernel_speedup")
+        note = "" if kernel_worst is None else f"; kernel time: worst {kernel_worst:.2f}x ({_where(kernel_row)})"
         goals.append(Goal(4, f"speed-up over {baseline}, worst case", f">= {target}x", speedup,
-                          None if speedup is None else speedup >= target, f"{kind}; {_where(row)}"))
+                          None if speedup is None else speedup >= target, f"{kind}; {_where(row)}{note}"))
     syncs, row = _worst(fused, "host_syncs", pick=max)
     goals.append(Goal(4, "host syncs per fused call, worst case", "0", syncs,
                       None if syncs is None else syncs == 0, _where(row)))
