@@ -120,3 +120,17 @@ def test_speed_up_goals_also_report_kernel_time(goals, tmp_path, capsys):
     failing = [line for line in capsys.readouterr().out.splitlines() if "NOT met" in line]
     assert len(failing) == 1 and "speed-up over compiled" in failing[0]
     assert "kernel time: worst 2.50x" in failing[0]
+
+
+def test_reference_loop_goal_notes_the_time_outside_the_backbone(goals, tmp_path, capsys):
+    """The two loops differ only outside the backbone: the note puts that share's seconds side by
+    side (Amdahl: a large gain there can be a small one on the whole iteration)."""
+    bench = bench_rows(ours=(10.0, 11.0), reference=(10.5, 11.5))
+    for row in list(bench["rows"]):
+        if row["metric"] == "seconds_per_iteration" and row["implementation"] in ("sfgrpo", "reference"):
+            share = 0.01 if row["implementation"] == "sfgrpo" else 0.05
+            bench["rows"].append(dict(row, metric="outside_backbone_share", value=share))
+    assert goals.main(write(tmp_path, bench=bench)) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if "flow_grpo: reference-op loop" in line]
+    assert len(lines) == 1 and "NOT met" in lines[0]
+    assert "outside the backbone: 0.525 s vs 0.1 s (5.25x)" in lines[0]
