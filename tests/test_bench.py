@@ -2,7 +2,6 @@
 
 import csv
 import json
-import time
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ from sfgrpo.trainer import TrainerConfig
 
 
 def test_quick_suite_writes_results(tmp_path, capsys):
-    start = time.perf_counter()
+    # no wall-clock assertion: timings belong to benchmarks (this one flaked on a loaded 2-core VM)
     assert main(["bench", "--quick", "--no-progress", "--output-dir", str(tmp_path)]) == 0
-    assert time.perf_counter() - start < 60
     # without the bar, a timestamped line per phase and per measured row on stdout
     out = capsys.readouterr().out
     runs = len(plan(get_suite("quick")))
