@@ -25,6 +25,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from sfgrpo.kernels._launch import DirectLauncher
+from sfgrpo.scratch import stream_scratch
 
 SDE_TYPE_IDS = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
 MODE_SCORE, MODE_NOISE, MODE_PHILOX = 0, 1, 2
@@ -497,36 +498,6 @@ def _flags(sde_type: str, logprob: str, reduction: str, kl: str) -> dict:
     )
 
 
-# (device, stream) -> (partials, tickets) of split rows, reused by every launch on that stream
-_SCRATCH: dict = {}
-
-
-def _scratch(device, partials: int, rows: int):
-    """Scratch for a forward whose rows span several programs: `partials` float32 partial sums
-    (written and read within one launch) and `rows` int32 ticket counters, which must be zero at
-    launch and which the kernel's last program of each row sets back to zero. Launches on one
-    stream run in order, so one buffer per (device, stream), grown when too small, serves them
-    all: no allocation and no memset launch per step (host time, not the GPU, bounds a step on
-    training-size latents). A launch being captured into a CUDA graph gets fresh buffers (the
-    graph may replay on any stream, next to eager launches)."""
-    import torch
-
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return (torch.empty(partials, dtype=torch.float32, device=device),
-                    torch.zeros(rows, dtype=torch.int32, device=device))
-        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
-    else:  # Triton's interpreter runs each launch to completion
-        key = (device.type, device.index)
-    held = _SCRATCH.get(key)
-    if held is None or held[0].numel() < partials or held[1].numel() < rows:
-        size = (max(partials, held[0].numel()), max(rows, held[1].numel())) if held is not None else (partials, rows)
-        held = (torch.empty(size[0], dtype=torch.float32, device=device),
-                torch.zeros(size[1], dtype=torch.int32, device=device))
-        _SCRATCH[key] = held
-    return held
-
-
 def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
             use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
     """Launches the fused forward on `[B, D]` contiguous tensors; returns the op's 8 outputs (None
@@ -557,7 +528,10 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     if cfg.finalize_inline:
         partial = partial_kl = tickets = log_prob  # unused: FINALIZE writes the outputs directly
     else:
-        partial, tickets = _scratch(x.device, programs * (2 if v_ref is not None else 1), batch)
+        # reused by every launch on this stream (sfgrpo.scratch): the row's last program resets
+        # its ticket counter, so no allocation and no memset per step
+        partial = stream_scratch("sde_step.partials", x.device, programs * (2 if v_ref is not None else 1), torch.float32)
+        tickets = stream_scratch("sde_step.tickets", x.device, batch, torch.int32, zeroed=True)
         partial_kl = partial[programs:] if v_ref is not None else partial
     flags = _flags(sde_type, logprob, reduction, kl)
     # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched

@@ -547,17 +547,22 @@ def test_eager_step_leaves_out_what_was_not_asked_for():
 
 def test_split_rows_reuse_one_scratch_per_stream_and_leave_the_tickets_at_zero():
     """Rows spanning several programs sum partials through per-(device, stream) scratch that every
-    launch reuses: the kernel's last program of each row resets its ticket counter, so the next
-    launch (another batch size, another mode) finds zeros; growing keeps the results exact."""
-    from sfgrpo.kernels import sde_step as kernels
+    launch reuses (sfgrpo.scratch): the kernel's last program of each row resets its ticket
+    counter, so the next launch (another batch size, another mode) finds zeros; growing keeps the
+    results exact."""
+    from sfgrpo import scratch
 
-    kernels._SCRATCH.clear()
+    def tickets():
+        (key, held), = [(k, t) for k, t in scratch._HELD.items() if k[0] == "sde_step.tickets"]
+        return held
+
+    scratch.release()
     x, v, v_ref, t, tn, level = _inputs((3, 300_000), torch.bfloat16, seed=8)
     first = F.sde_step(x, v, t, tn, level, seed=5, backend="triton")
-    (partials, tickets), = kernels._SCRATCH.values()
-    assert int(tickets.abs().sum()) == 0
+    held = tickets()
+    assert int(held.abs().sum()) == 0
     again = F.sde_step(x, v, t, tn, level, seed=5, backend="triton")
-    assert kernels._SCRATCH[next(iter(kernels._SCRATCH))][1].data_ptr() == tickets.data_ptr()  # reused
+    assert tickets().data_ptr() == held.data_ptr()  # reused
     assert torch.equal(again.log_prob, first.log_prob) and torch.equal(again.prev_sample, first.prev_sample)
     # more rows and the KL's second set of partials: the scratch grows, the counters start at zero
     x5, v5, vr5, t5, tn5, level5 = _inputs((5, 300_000), torch.bfloat16, seed=9)
@@ -565,8 +570,7 @@ def test_split_rows_reuse_one_scratch_per_stream_and_leave_the_tickets_at_zero()
     oracle = ref.sde_step(x5, v5, t5, tn5, level5, prev_sample=x5, v_ref=vr5)
     _close(scored.log_prob, oracle.log_prob, 2e-6, 2e-6, "log_prob after growing")
     _close(scored.kl, oracle.kl, 2e-6, 2e-6, "kl after growing")
-    (partials, tickets), = kernels._SCRATCH.values()
-    assert tickets.numel() >= 5 and int(tickets.abs().sum()) == 0
+    assert tickets().numel() >= 5 and int(tickets().abs().sum()) == 0
     back = F.sde_step(x, v, t, tn, level, prev_sample=first.prev_sample, backend="triton")
     assert torch.equal(back.log_prob, first.log_prob)  # on-policy after the scratch grew
 

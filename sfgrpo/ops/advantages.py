@@ -38,6 +38,7 @@ from torch import Tensor
 
 from sfgrpo import _native, backend
 from sfgrpo.reference import NONFINITE_POLICIES, GroupStats
+from sfgrpo.scratch import stream_scratch
 
 NORMALIZE_MODES = ("joint", "per_step")
 STD_MODES = ("group", "global")
@@ -237,8 +238,9 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
 
 
 def _launch(args: tuple, scratch: int, device: torch.device) -> Tensor:
-    """Enqueues the CUDA engine on the current stream; returns its scratch buffer (counts at `scratch`)."""
-    buffer = torch.empty(scratch + 16, dtype=torch.uint8, device=device)
+    """Enqueues the CUDA engine on the current stream; returns its scratch buffer (counts at `scratch`).
+    The buffer is the stream's (sfgrpo.scratch): the engine clears what it needs itself."""
+    buffer = stream_scratch("advantages.workspace", device, scratch + 16, torch.uint8)
     workspace = buffer.data_ptr()
     _cuda_engine().advantages(*args, workspace + scratch, workspace, scratch,
                               torch._C._cuda_getCurrentRawStream(device.index))
