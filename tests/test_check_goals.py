@@ -134,3 +134,15 @@ def test_reference_loop_goal_notes_the_time_outside_the_backbone(goals, tmp_path
     lines = [line for line in capsys.readouterr().out.splitlines() if "flow_grpo: reference-op loop" in line]
     assert len(lines) == 1 and "NOT met" in lines[0]
     assert "outside the backbone: 0.525 s vs 0.1 s (5.25x)" in lines[0]
+
+
+def test_advantage_goal_notes_gpu_and_host_time(goals, tmp_path, capsys):
+    """bench_advantages --gpu-only writes call | GPU only | host per call: the goal reads the call,
+    the note carries the other two."""
+    args = write(tmp_path)
+    (tmp_path / "adv.md").write_text("| case | call, median µs | GPU only (graph replay), median µs | host, µs per call |\n"
+                                     "|---|---|---|---|\n| gain_advantages joint, drop (sync-free) | 55.0 | 24.5 | 31.2 |\n")
+    assert goals.main(args) == 1
+    failing = [line for line in capsys.readouterr().out.splitlines() if "NOT met" in line]
+    assert len(failing) == 1 and "| 55 |" in failing[0]
+    assert "GPU only (graph replay) 24.5 us" in failing[0] and "host 31.2 us per call" in failing[0]
