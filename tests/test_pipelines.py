@@ -1,5 +1,6 @@
 """Real-backbone loading (SD3, FLUX, Qwen-Image) on tiny random diffusers checkpoints built offline."""
 
+import contextlib
 import json
 import math
 
@@ -414,13 +415,13 @@ def test_offloaded_text_encoders_encode_on_cuda(sd3_dir):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_velocity_never_synchronises_on_cuda(family, tiny_dirs):
     """Forward and backward of each backbone's velocity (what every rollout step and PPO update
-    runs) without a host sync: position ids are built on the device. Qwen-Image with one prompt:
-    an unpadded batch passes no mask (with one, diffusers' `compute_text_seq_len_from_mask`
-    copies a Python int to the device in every forward). Chroma: its zero guidance embedding is
+    runs) without a host sync: position ids are built on the device. Qwen-Image with a padded
+    batch: its mask goes through `_text_lengths_without_sync` (diffusers' version copies a Python
+    int to the device in every forward). Chroma: its zero guidance embedding is
     computed on the device (`_ConstantsOnDevice`). Steady state: after one forward (diffusers
     caches per-device tensors on first use, e.g. Qwen-Image's rotary frequencies)."""
     model = load_pipeline_backbone(tiny_dirs(family), OPTIONS).to("cuda")
-    prompts = [PROMPTS[0]] * 2 if family == "qwenimage" else PROMPTS[:2]
+    prompts = PROMPTS[1:]  # Qwen-Image: different token counts, a padded batch with its mask
     cond = model.encode_prompts(prompts)  # encoding may synchronise; it is cached per prompt
     x = torch.randn(2, *model.latent_shape, device="cuda")
     t = torch.tensor([0.9, 0.4], device="cuda")
@@ -431,6 +432,57 @@ def test_velocity_never_synchronises_on_cuda(family, tiny_dirs):
         model.velocity(x, t, cond).float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_qwen_text_lengths_match_diffusers_and_the_swap_is_scoped(tiny_dirs):
+    """`_text_lengths_without_sync` gives diffusers' `compute_text_seq_len_from_mask` values (masks
+    with empty rows, float masks, none); the swap lasts one forward (restored after an error too),
+    and a padded batch's velocity is the one diffusers' own function gives."""
+    from diffusers.models.transformers import transformer_qwenimage as module
+
+    from sfgrpo.models.pipelines import qwen_image
+
+    original = module.compute_text_seq_len_from_mask
+    embeds = torch.randn(4, 7, 3)
+    mask = torch.rand(4, 7) > 0.4
+    mask[1] = False  # a row without any active token
+    for given in (mask, mask.float(), None):
+        ours, theirs = qwen_image._text_lengths_without_sync(embeds, given), original(embeds, given)
+        assert ours[0] == theirs[0]
+        for a, b in zip(ours[1:], theirs[1:]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ValueError, match="must match"):
+        qwen_image._text_lengths_without_sync(embeds, mask[:, :5])
+    with pytest.raises(RuntimeError, match="inside"):
+        with qwen_image._sync_free_text_lengths(True):
+            assert module.compute_text_seq_len_from_mask is qwen_image._text_lengths_without_sync
+            raise RuntimeError("inside")
+    assert module.compute_text_seq_len_from_mask is original
+    with qwen_image._sync_free_text_lengths(False):
+        assert module.compute_text_seq_len_from_mask is original
+    model = load_pipeline_backbone(tiny_dirs("qwenimage"), OPTIONS)
+    cond = model.encode_prompts(PROMPTS[1:])
+    assert cond[1] is not None  # different token counts: padded
+    x, t = torch.randn(2, *model.latent_shape), torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        patched = model.velocity(x, t, cond)
+        swap, qwen_image._sync_free_text_lengths = qwen_image._sync_free_text_lengths, lambda active: contextlib.nullcontext()
+        try:
+            direct = model.velocity(x, t, cond)  # diffusers' own function
+        finally:
+            qwen_image._sync_free_text_lengths = swap
+    assert torch.equal(patched, direct)
+
+
+def test_qwen_decode_statistics_are_made_once_per_device_and_dtype(tiny_dirs):
+    model = load_pipeline_backbone(tiny_dirs("qwenimage"), OPTIONS)
+    z = torch.randn(1, model.vae.config.z_dim, 1, 2, 2)
+    first = model._denormalize(z)
+    stats = model._latent_stats[(z.device, z.dtype)]
+    assert model._denormalize(z) is not first and model._latent_stats[(z.device, z.dtype)] is stats
+    mean = torch.tensor(model.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(model.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(first, z * std + mean, rtol=0, atol=0)
 
 
 def test_chroma_guidance_embedding_is_built_on_the_module_device(tiny_dirs):

@@ -2,11 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from sfgrpo.distributed import unwrap
 from sfgrpo.models.pipelines.base import PackedLatentsBackbone, pipeline_timestep
+
+
+def _text_lengths_without_sync(encoder_hidden_states: Tensor, encoder_hidden_states_mask: Tensor | None):
+    """diffusers' `compute_text_seq_len_from_mask` (Qwen-Image's transformer), with the fallback
+    length filled on the device: diffusers builds it with `torch.as_tensor(int, device=...)`, a
+    host-to-device copy that synchronises the host in every forward of a padded batch (whose
+    result the transformer does not even read). Same values, same checks."""
+    batch_size, text_seq_len = encoder_hidden_states.shape[:2]
+    if encoder_hidden_states_mask is None:
+        return text_seq_len, None, None
+    if encoder_hidden_states_mask.shape[:2] != (batch_size, text_seq_len):
+        raise ValueError(f"`encoder_hidden_states_mask` shape {encoder_hidden_states_mask.shape} must match "
+                         f"(batch_size, text_seq_len)=({batch_size}, {text_seq_len}).")
+    if encoder_hidden_states_mask.dtype != torch.bool:
+        encoder_hidden_states_mask = encoder_hidden_states_mask.to(torch.bool)
+    position_ids = torch.arange(text_seq_len, device=encoder_hidden_states.device, dtype=torch.long)
+    active_positions = torch.where(encoder_hidden_states_mask, position_ids, position_ids.new_zeros(()))
+    has_active = encoder_hidden_states_mask.any(dim=1)
+    per_sample_len = torch.where(has_active, active_positions.max(dim=1).values + 1,
+                                 position_ids.new_full((), text_seq_len))
+    return text_seq_len, per_sample_len, encoder_hidden_states_mask
+
+
+@contextlib.contextmanager
+def _sync_free_text_lengths(active: bool):
+    """Runs the transformer with `_text_lengths_without_sync` in place of diffusers' function, only
+    for this call (a diffusers without that function is left alone)."""
+    from diffusers.models.transformers import transformer_qwenimage as module
+
+    original = getattr(module, "compute_text_seq_len_from_mask", None)
+    if not active or original is None:
+        yield
+        return
+    module.compute_text_seq_len_from_mask = _text_lengths_without_sync
+    try:
+        yield
+    finally:
+        module.compute_text_seq_len_from_mask = original
 
 
 class PaddedText(tuple):
@@ -50,6 +90,10 @@ class QwenImageBackbone(PackedLatentsBackbone):
     family = "qwenimage"
     negative_prompt = " "
 
+    def __init__(self, pipe, options):
+        super().__init__(pipe, options)
+        self._latent_stats: dict = {}  # (device, dtype) -> the VAE's latents_mean / latents_std
+
     @property
     def unused_parameter_prefixes(self) -> tuple[str, ...]:
         """The last block's text-stream output (attention output projection, text MLP): the model
@@ -89,11 +133,12 @@ class QwenImageBackbone(PackedLatentsBackbone):
     def velocity(self, latents: Tensor, t: Tensor, cond: PaddedText) -> Tensor:
         embeds, mask = cond
         batch, dtype, grid = latents.shape[0], self.dtype, self.latent_grid
-        return self.transformer(
-            hidden_states=latents.to(dtype), timestep=pipeline_timestep(t, dtype),
-            guidance=self.guidance_embedding(batch, latents.device), encoder_hidden_states=embeds.to(dtype),
-            encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid)]] * batch, return_dict=False,
-        )[0]
+        with _sync_free_text_lengths(mask is not None):
+            return self.transformer(
+                hidden_states=latents.to(dtype), timestep=pipeline_timestep(t, dtype),
+                guidance=self.guidance_embedding(batch, latents.device), encoder_hidden_states=embeds.to(dtype),
+                encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid)]] * batch, return_dict=False,
+            )[0]
 
     @staticmethod
     def combine_guidance(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
@@ -106,9 +151,17 @@ class QwenImageBackbone(PackedLatentsBackbone):
         return self.unpack(latents).unsqueeze(2)  # [B, C, 1 frame, H, W]
 
     def _denormalize(self, z: Tensor) -> Tensor:
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
-        std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        # the VAE's per-channel statistics, made once per device and dtype: built from the config's
+        # lists in every decode, they were a host-to-device copy (a host sync) per decode, and the
+        # stepwise rewards decode after every step
+        key = (z.device, z.dtype)
+        stats = self._latent_stats.get(key)
+        if stats is None:
+            config = self.vae.config
+            stats = self._latent_stats[key] = tuple(
+                torch.tensor(values, dtype=z.dtype).view(1, -1, 1, 1, 1).to(z.device)
+                for values in (config.latents_mean, config.latents_std))
+        mean, std = stats
         return z * std + mean
 
     def _from_vae_output(self, decoded: Tensor) -> Tensor:
