@@ -33,13 +33,12 @@ import math
 import platform
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from sfgrpo.bench import flow_grpo_code as fg  # noqa: E402
-from sfgrpo.bench.measure import is_sync_warning  # noqa: E402
+from sfgrpo.bench.measure import SyncCounter  # noqa: E402
 
 from sfgrpo import functional as F  # noqa: E402
 from sfgrpo import reference as ref  # noqa: E402
@@ -102,17 +101,14 @@ def time_graph_ms(fn) -> float:
 
 
 def count_syncs(fn) -> int:
+    """Host syncs of one call after a warm-up call (sfgrpo bench's counter)."""
     fn()
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    counter = SyncCounter(torch.device("cuda"))
+    with counter.counting():
+        fn()
     torch.cuda.synchronize()
-    return sum(is_sync_warning(w.message) for w in caught)
+    return counter.take()
 
 
 def copy_bandwidth_gbs() -> float:

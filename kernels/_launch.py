@@ -26,7 +26,7 @@ from sfgrpo.backend import environ_get
 ENV_VAR = "SFGRPO_TRITON_DIRECT_LAUNCH"
 _INT32 = (-(2**31), 2**31)
 _disabled_reason: str | None = None
-_OFF = ("", "0", "false", "off", "no")
+_FALSE = ("0", "false", "off", "no")
 
 
 def enabled() -> bool:
@@ -35,9 +35,10 @@ def enabled() -> bool:
     if _disabled_reason is not None:
         return False
     switch = environ_get(ENV_VAR)
-    if switch is not None and switch.strip().lower() in _OFF[1:]:
+    if switch is not None and switch.strip().lower() in _FALSE:
         return False
-    return (environ_get("TRITON_INTERPRET") or "0").strip().lower() in _OFF
+    interpret = (environ_get("TRITON_INTERPRET") or "0").strip().lower()
+    return interpret == "" or interpret in _FALSE
 
 
 def _disable(reason: str) -> None:

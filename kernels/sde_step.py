@@ -481,11 +481,11 @@ class _Rows:
             )
 
 
-# triton.jit gives an InterpretedFunction when TRITON_INTERPRET was set at import (the same test as
-# DirectLauncher's: interpreted kernels have no `params`)
-_INTERPRETED = getattr(sde_step_fwd_kernel, "params", None) is None
 _FWD_LAUNCHER = DirectLauncher(sde_step_fwd_kernel)
 _BWD_LAUNCHER = DirectLauncher(sde_step_bwd_kernel)
+# triton.jit gives an InterpretedFunction when TRITON_INTERPRET was set at import: no `params`,
+# which DirectLauncher records as constexpr = None
+_INTERPRETED = _FWD_LAUNCHER.constexpr is None
 
 
 @functools.lru_cache(maxsize=None)

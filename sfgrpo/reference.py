@@ -460,9 +460,10 @@ def philox_step_noise(seed: int, seed_offset: int, rows: int, elements: int, dev
     quads = -(-elements // 4)
     counters = seed_offset + torch.arange(rows, dtype=torch.int64)[:, None] * quads + torch.arange(quads)[None, :]
     noise = philox_normal4(seed, counters).reshape(rows, quads * 4)[:, :elements].contiguous()
-    if device is None or torch.device(device).type == "cpu":
+    device = None if device is None else torch.device(device)
+    if device is None or device.type == "cpu":
         return noise
-    if torch.device(device).type == "cuda":
+    if device.type == "cuda":
         # from pinned memory without blocking: a pageable host->device copy synchronises the host
         # (the reference backend's sampling step must not); torch's pinned allocator keeps the
         # buffer alive until the copy has run

@@ -186,6 +186,17 @@ def run_suite(suite: Suite, progress: bool = True, case_filter: str | None = Non
     last_on_backbone: dict[str, float] = {}
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     current = None  # (status row, phase log) of the run under way, until its rows are in `rows`
+
+    def finish(new_rows: list[dict], outcome: str, line: str) -> None:
+        """A run's rows into `rows` and the files, then its line on stdout (in that order)."""
+        nonlocal current
+        rows.extend(new_rows)
+        current = None
+        _save(on_rows, rows)
+        progress_log.line(line)
+        counts[outcome] += 1
+        progress_log.update()
+
     try:
         for number, (case, implementation, prompts) in enumerate(units, 1):
             label = f"({number}/{len(units)}) {case.name} [{implementation}]" + (
@@ -205,14 +216,9 @@ def run_suite(suite: Suite, progress: bool = True, case_filter: str | None = Non
             estimate = max(known) if known else last_on_backbone.get(case.backbone)
             elapsed = progress_log.elapsed()
             if time_budget is not None and elapsed + (estimate or 0.0) > time_budget:
-                rows.append(dict(status_row, status="skipped (time budget)"))
-                current = None
-                _save(on_rows, rows)
                 expected = "" if estimate is None else f" + ~{estimate:.0f} s expected"
-                progress_log.line(f"{label}: skipped (time budget: {elapsed:.0f} s elapsed{expected} > "
-                                  f"{time_budget:g} s)")
-                counts["skipped"] += 1
-                progress_log.update()
+                finish([dict(status_row, status="skipped (time budget)")], "skipped",
+                       f"{label}: skipped (time budget: {elapsed:.0f} s elapsed{expected} > {time_budget:g} s)")
                 continue
             status, started = None, time.perf_counter()
             try:
@@ -226,26 +232,18 @@ def run_suite(suite: Suite, progress: bool = True, case_filter: str | None = Non
             if status is not None:
                 # freed here, not inside `except`: there the traceback still holds run_one's frame, and
                 # with it the failed case's trainer and its device memory (the next case would OOM)
-                rows.append(dict(status_row, status=status))
-                current = None
-                _save(on_rows, rows)
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                progress_log.line(f"{label}: {status} after {time.perf_counter() - started:.1f} s")
-                counts["failed"] += 1
-                progress_log.update()
+                finish([dict(status_row, status=status)], "failed",
+                       f"{label}: {status} after {time.perf_counter() - started:.1f} s")
                 continue
             seconds = result["metrics"]["seconds_run_total"]
             durations.setdefault((case.name, prompts), []).append(seconds)
             last_on_backbone[case.backbone] = seconds
-            rows += [dict(base, batch=result["batch"], metric=metric, value=value, unit=_unit(metric, result),
-                          status="ok" if value is not None else "n/a") for metric, value in result["metrics"].items()]
-            current = None
-            _save(on_rows, rows)  # in the files before its line is printed
-            progress_log.line(f"{label}: {_summary(result)}")
-            counts["ok"] += 1
-            progress_log.update()
+            finish([dict(base, batch=result["batch"], metric=metric, value=value, unit=_unit(metric, result),
+                         status="ok" if value is not None else "n/a") for metric, value in result["metrics"].items()],
+                   "ok", f"{label}: {_summary(result)}")
     except BaseException as error:  # Ctrl-C, SIGTERM (`timeout`): everything measured before is kept
         if current is not None:
             status_row, unit_log = current

@@ -220,7 +220,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         if nonfinite == "error" and nonfinite_rows:
             _raise_nonfinite(rewards)
         return out, stats
-    # one allocation: the engine's scratch, then {groups, nonfinite rows}
+    # one buffer, the stream's (`_launch`): the engine's scratch, then {groups, nonfinite rows}
     scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled, with_stats)
     index = device.index
     if index == torch.cuda.current_device():
