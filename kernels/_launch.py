@@ -21,6 +21,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from torch import Tensor
+
 from sfgrpo.backend import environ_get
 
 ENV_VAR = "SFGRPO_TRITON_DIRECT_LAUNCH"
@@ -48,28 +50,27 @@ def _disable(reason: str) -> None:
                   "from now on", RuntimeWarning, stacklevel=3)
 
 
-def argument_key(args: tuple, constexpr: tuple[bool, ...]) -> tuple:
-    """What Triton's specialisation can depend on, per argument (conservative: a finer key only
-    costs an extra JIT lookup the first time)."""
-    import torch
+def _runtime_key(value) -> Any:
+    """What Triton's specialisation can depend on for one runtime (non-constexpr) argument
+    (conservative: a finer key only costs an extra JIT lookup the first time)."""
+    if isinstance(value, Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):  # before int: bool is an int
+        return "i1", value
+    if isinstance(value, int):
+        return _INT32[0] <= value < _INT32[1], value >= 2**63, value == 1, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32"
+    if value is None:
+        return None
+    # something Triton may treat in its own way: never reuse a kernel for it
+    raise TypeError(f"no direct-launch key for argument of type {type(value).__name__}")
 
-    key = []
-    for value, is_constexpr in zip(args, constexpr):
-        if is_constexpr:
-            key.append(value)
-        elif isinstance(value, torch.Tensor):
-            key.append((value.dtype, value.data_ptr() % 16 == 0))
-        elif isinstance(value, bool):  # before int: bool is an int
-            key.append(("i1", value))
-        elif isinstance(value, int):
-            key.append((_INT32[0] <= value < _INT32[1], value >= 2**63, value == 1, value % 16 == 0))
-        elif isinstance(value, float):
-            key.append("fp32")
-        elif value is None:
-            key.append(None)
-        else:  # something Triton may treat in its own way: never reuse a kernel for it
-            raise TypeError(f"no direct-launch key for argument of type {type(value).__name__}")
-    return tuple(key)
+
+def argument_key(args: tuple, constexpr: tuple[bool, ...]) -> tuple:
+    """The specialisation key of a whole argument list: constexprs by value, the others by
+    `_runtime_key`."""
+    return tuple(value if is_constexpr else _runtime_key(value) for value, is_constexpr in zip(args, constexpr))
 
 
 class DirectLauncher:
@@ -83,14 +84,40 @@ class DirectLauncher:
         # Triton's interpreter wraps kernels without `params`; nothing is compiled there anyway
         params = getattr(kernel, "params", None)
         self.constexpr = tuple(bool(p.is_constexpr) for p in params) if params is not None else None
+        # when the constexprs are the trailing parameters (as in sfgrpo's kernels) the key takes
+        # their values as one slice: only the runtime arguments are looked at one by one
+        self._runtime_count = None
+        if self.constexpr is not None:
+            count = len(self.constexpr)
+            while count and self.constexpr[count - 1]:
+                count -= 1
+            if not any(self.constexpr[:count]):
+                self._runtime_count = count
         self.compiled: dict[tuple, Any] = {}
 
     def with_constexprs(self, grid: tuple[int, ...], args: tuple, constexprs: dict, **options) -> None:
         """Leading runtime arguments positionally, the constexprs by name (any order)."""
         names = self.arg_names[len(args):]
-        self(grid, *args, *(constexprs[name] for name in names), **options)
+        self._launch(grid, (*args, *map(constexprs.__getitem__, names)), options)
 
     def __call__(self, grid: tuple[int, ...], *args, **options) -> None:
+        self._launch(grid, args, options)
+
+    def _key(self, args: tuple) -> tuple:
+        count = self._runtime_count
+        if count is None:
+            return argument_key(args, self.constexpr)
+        # kernels get the same tensor in several slots (unused pointers): one key per object
+        keys: dict[int, Any] = {}
+        runtime = []
+        for value in args[:count]:
+            key = keys.get(id(value))
+            if key is None:
+                key = keys[id(value)] = _runtime_key(value)
+            runtime.append(key)
+        return tuple(runtime), args[count:]
+
+    def _launch(self, grid: tuple[int, ...], args: tuple, options: dict) -> None:
         if len(args) != len(self.arg_names):
             raise TypeError(f"the kernel takes {len(self.arg_names)} arguments, got {len(args)}")
         if self.constexpr is None or not enabled():
@@ -98,13 +125,15 @@ class DirectLauncher:
             return
         import torch
 
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        first = args[0]
+        device = (first if isinstance(first, Tensor) else next(a for a in args if isinstance(a, Tensor))).device
         if device.index != torch.cuda.current_device():  # Triton launches on the current device
             with torch.cuda.device(device):
                 self.kernel[grid](*args, **options)
             return
         try:
-            key = (argument_key(args, self.constexpr), tuple(sorted(options.items())), device.index)
+            # options by insertion order: a caller that reorders them only costs a second entry
+            key = (self._key(args), tuple(options.items()), device.index)
         except TypeError:
             self.kernel[grid](*args, **options)
             return

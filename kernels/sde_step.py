@@ -224,7 +224,7 @@ def sde_step_fwd_kernel(
     x_ptr, v_ptr, vref_ptr, sample_in_ptr, noise_ptr,
     t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax_val,
     sample_out_ptr, mean_ptr, x0_ptr, x1_ptr,
-    partial_ptr, partial_kl_ptr, ticket_ptr,
+    partial_ptr, ticket_ptr,
     logp_ptr, kl_ptr, std_ptr, stddev_ptr,
     seed, seed_offset,
     D, NUM_CHUNKS,
@@ -284,6 +284,9 @@ def sde_step_fwd_kernel(
         if HAS_VREF:
             tl.store(kl_ptr + row, kl)
     else:
+        # one partial per program, then (with a reference velocity) the KL's partials after them:
+        # the pointer is derived here rather than passed, one launch argument less
+        partial_kl_ptr = partial_ptr + tl.num_programs(0)
         tl.store(partial_ptr + pid, sq)
         if HAS_VREF:
             tl.store(partial_kl_ptr + pid, sq_kl)
@@ -410,9 +413,11 @@ class LaunchConfig:
     def finalize_inline(self) -> bool:
         return self.num_chunks == 1
 
-    @property
+    @functools.cached_property
     def partials_block(self) -> int:
-        """Partials the row's last program adds per iteration (1 when rows are not split)."""
+        """Partials the row's last program adds per iteration (1 when rows are not split). Cached:
+        the configs are (launch_config's lru_cache), and triton.next_power_of_2 is a
+        constexpr_function whose call costs ~1 us on every launch otherwise."""
         return 1 if self.finalize_inline else min(1024, triton.next_power_of_2(self.num_chunks))
 
 
@@ -464,21 +469,31 @@ class _Rows:
     __slots__ = ("pointers", "values", "scalars")
 
     def __init__(self, values, like):
+        t, t_next, level, sigma_max = values
+        # the common eager call (sfgrpo.sde_step with numbers: Python floats) first, at the cost of
+        # four type checks
+        if type(t) is float and type(t_next) is float and type(level) is float and type(sigma_max) is float:
+            self._scalars(values, like)
+            return
         import torch
 
         one = [not isinstance(v, torch.Tensor) or (v.ndim == 0 and v.device.type == "cpu") for v in values]
-        self.scalars = all(one)
-        if self.scalars:
-            self.values = tuple(float(v) for v in values)  # CPU tensors: no device sync
-            # unused by the kernel, but Triton's launcher checks that every pointer argument is
-            # device memory: hand it the latents, never the CPU scalars
-            self.pointers = (like,) * 4
-        else:
-            self.values = (0.0,) * 4
-            self.pointers = tuple(
-                torch.full((like.shape[0],), float(v), dtype=torch.float32, device=like.device) if single else v
-                for v, single in zip(values, one)
-            )
+        if all(one):
+            self._scalars(tuple(float(v) for v in values), like)  # CPU tensors: no device sync
+            return
+        self.scalars = False
+        self.values = (0.0,) * 4
+        self.pointers = tuple(
+            torch.full((like.shape[0],), float(v), dtype=torch.float32, device=like.device) if single else v
+            for v, single in zip(values, one)
+        )
+
+    def _scalars(self, values, like):
+        self.scalars = True
+        self.values = values
+        # unused by the kernel, but Triton's launcher checks that every pointer argument is device
+        # memory: hand it the latents, never the CPU scalars
+        self.pointers = (like,) * 4
 
 
 _FWD_LAUNCHER = DirectLauncher(sde_step_fwd_kernel)
@@ -526,13 +541,13 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
     programs = batch * cfg.num_chunks
     if cfg.finalize_inline:
-        partial = partial_kl = tickets = log_prob  # unused: FINALIZE writes the outputs directly
+        partial = tickets = log_prob  # unused: FINALIZE writes the outputs directly
     else:
         # reused by every launch on this stream (sfgrpo.scratch): the row's last program resets
-        # its ticket counter, so no allocation and no memset per step
+        # its ticket counter, so no allocation and no memset per step. The KL's partials follow
+        # the log-prob's in the same buffer (the kernel derives their address).
         partial = stream_scratch("sde_step.partials", x.device, programs * (2 if v_ref is not None else 1), torch.float32)
         tickets = stream_scratch("sde_step.tickets", x.device, batch, torch.int32, zeroed=True)
-        partial_kl = partial[programs:] if v_ref is not None else partial
     flags = _flags(sde_type, logprob, reduction, kl)
     # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
     _FWD_LAUNCHER.with_constexprs(
@@ -542,7 +557,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         *rows.pointers, *rows.values,
         x if sample_out is None else sample_out, x if mean is None else mean,
         x if x0 is None else x0, x if x1 is None else x1,
-        partial, partial_kl, tickets,
+        partial, tickets,
         log_prob, log_prob if kl_out is None else kl_out, std, std_dev_t,
         int(seed), int(seed_offset),
         elements, cfg.num_chunks),

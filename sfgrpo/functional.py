@@ -72,9 +72,13 @@ def _step_value(value: float | Tensor, batch: int, device: torch.device) -> floa
 
 
 def _rows(x: Tensor) -> Tensor:
-    """`[B, ...]` -> contiguous `[B, D]` (a copy only when the layout needs one)."""
-    if x.ndim == 2 and x.is_contiguous():
-        return x
+    """`[B, ...]` -> contiguous `[B, D]` (a copy only when the layout needs one). On every step's
+    host path: the contiguous case is a bare view (~0.8 us; reshape + contiguous ~1.5 us)."""
+    if x.is_contiguous():
+        if x.ndim == 2:
+            return x
+        if x.shape[0]:  # view(B, -1) cannot infer D of an empty batch
+            return x.view(x.shape[0], -1)
     return x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()
 
 
@@ -132,7 +136,7 @@ def sde_step(
     _check_latent("v", v, x)
     if x.shape[0] > 0 and math.prod(x.shape[1:]) == 0:
         raise ValueError(f"x has no elements per row (shape {tuple(x.shape)})")
-    sources = sum(item is not None for item in (prev_sample, noise, generator, seed))
+    sources = (prev_sample is not None) + (noise is not None) + (generator is not None) + (seed is not None)
     if sources > 1:
         raise ValueError("give at most one of prev_sample (scoring), noise, generator, seed")
     for name, tensor in (("prev_sample", prev_sample), ("noise", noise), ("v_ref", v_ref)):

@@ -27,9 +27,11 @@ def _stream_key(device: torch.device):
 
 def stream_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.dtype,
                    zeroed: bool = False) -> torch.Tensor:
-    """`numel` elements of `dtype` on `device` for the current stream's launches. `zeroed`: zero
-    when first allocated; the caller's kernels must leave them zero (e.g. ticket counters that the
-    last program resets), since a reused buffer is not cleared again."""
+    """At least `numel` elements of `dtype` on `device` for the current stream's launches: the held
+    buffer itself, which may be longer (a slice would cost a view's creation, ~1.5 us, on every
+    call; kernels index within what they need). `zeroed`: zero when first allocated; the caller's
+    kernels must leave them zero (e.g. ticket counters that the last program resets), since a
+    reused buffer is not cleared again."""
     stream = _stream_key(device)
     if stream is None:
         return (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
@@ -39,7 +41,7 @@ def stream_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.
         size = numel if held is None else max(numel, 2 * held.numel())  # grow geometrically
         held = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
         _HELD[key] = held
-    return held[:numel]
+    return held
 
 
 def release() -> None:

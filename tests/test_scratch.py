@@ -13,7 +13,7 @@ def test_reused_per_purpose_and_dtype_grown_when_too_small():
     assert scratch.stream_scratch("y", torch.device("cpu"), 7, torch.float32).data_ptr() != a.data_ptr()
     assert scratch.stream_scratch("x", torch.device("cpu"), 7, torch.int32).data_ptr() != a.data_ptr()
     grown = scratch.stream_scratch("x", torch.device("cpu"), 11, torch.float32)
-    assert grown.shape == (11,) and grown.data_ptr() != a.data_ptr()
+    assert grown.shape[0] >= 11 and grown.data_ptr() != a.data_ptr()
     assert scratch.stream_scratch("x", torch.device("cpu"), 20, torch.float32).data_ptr() == grown.data_ptr()  # 2x
 
 

@@ -229,7 +229,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         with torch.cuda.device(device):
             buffer = _launch(args, scratch, device)
     if with_stats or nonfinite == "error":
-        counts = buffer[scratch:].view(torch.int64)
+        counts = buffer[scratch:scratch + 16].view(torch.int64)
         if stats is not None:
             stats.num_groups.copy_(counts[0])
         if nonfinite == "error" and bool(counts[1] != 0):  # the one device->host sync of this policy

@@ -1,0 +1,82 @@
+"""CPU benchmark (pytest-benchmark) of the fused SDE step's host path: everything sfgrpo's Python does
+per call on the way to a Triton kernel (validation, outputs, scratch, the direct launcher's
+specialisation key), with the compiled kernel's runner replaced by a no-op so that it runs on CPU
+tensors without a GPU. On a GPU, back-to-back calls on small and medium latents cost about this
+plus Triton's own launcher (a few us) and torch's CUDA allocations: the part of the SDE-step
+benchmark's back-to-back time that the kernels cannot reduce.
+
+    pytest benchmarks/bench_triton_host_path.py --benchmark-enable --benchmark-columns=median,ops
+"""
+
+import pytest
+import torch
+
+from sfgrpo import functional as F
+
+SHAPES = {"flux_b16": (16, 4096, 64), "tiny_b4": (4, 16)}  # split rows (scratch, tickets) / one program per row
+
+
+class _NoOpCompiled:
+    """Stands for a CompiledKernel: `compiled[grid](*args, stream=...)` launches nothing."""
+
+    function = 0
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: None
+
+
+class _NoOpKernel:
+    """Stands for a JITFunction: the first launch of a specialisation returns the compiled kernel."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: _NoOpCompiled()
+
+
+@pytest.fixture
+def stubbed_launch(monkeypatch):
+    """The Triton path on CPU tensors with every launch a no-op."""
+    from sfgrpo.kernels import _launch
+    from sfgrpo.kernels import sde_step as kernels
+    from sfgrpo.ops import sde_step as ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(_launch.ENV_VAR, raising=False)
+    for launcher in (kernels._FWD_LAUNCHER, kernels._BWD_LAUNCHER):
+        if launcher.constexpr is None:
+            pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
+        monkeypatch.setattr(launcher, "kernel", _NoOpKernel())
+        monkeypatch.setattr(launcher, "compiled", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # CPU tensors' device index
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
+
+
+@pytest.fixture(params=list(SHAPES))
+def latents(request):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPES[request.param], generator=g).bfloat16()
+    v = torch.randn(SHAPES[request.param], generator=g).bfloat16()
+    return x, v
+
+
+def test_sample_philox(benchmark, stubbed_launch, latents):
+    x, v = latents
+    benchmark(lambda: F.sde_step(x, v, 0.8, 0.7, seed=1))
+
+
+def test_score_forward(benchmark, stubbed_launch, latents):
+    x, v = latents
+    sample = F.sde_step(x, v, 0.8, 0.7, seed=1).prev_sample
+    benchmark(lambda: F.sde_step(x, v, 0.8, 0.7, prev_sample=sample))
+
+
+def test_score_forward_backward(benchmark, stubbed_launch, latents):
+    x, v = latents
+    sample = F.sde_step(x, v, 0.8, 0.7, seed=1).prev_sample
+    v = v.clone().requires_grad_()
+
+    def step():
+        F.sde_step(x, v, 0.8, 0.7, prev_sample=sample).log_prob.sum().backward()
+        v.grad = None  # the launch is a no-op: dv is never written, and not accumulated here
+
+    benchmark(step)
