@@ -339,3 +339,28 @@ def test_sigterm_keeps_the_rows_measured(tmp_path):
     status = _status(rows)
     assert len(status) == 1 and status[0][:2] == ("iteration sd35m-small stepwise T'=1", "reference"), (out, status)
     assert status[0][2] == "interrupted (SystemExit) during waiting for the signal"
+
+
+def test_update_syncs_are_those_of_the_counted_iteration_only(monkeypatch):
+    """On CUDA the runner counts the update's host syncs in one extra iteration. A counter that
+    stands in for CUDA's sync debug mode (one "sync" per counted call) must find one update call,
+    not one per warm-up, measured and counted iteration added up."""
+    import contextlib
+
+    from sfgrpo.bench.measure import SyncCounter
+
+    class OnePerCall(SyncCounter):
+        def __init__(self, device):
+            self.enabled, self.total = True, 0
+
+        @contextlib.contextmanager
+        def counting(self):
+            self.total += 1
+            yield
+
+    monkeypatch.setattr(runner, "SyncCounter", OnePerCall)
+    case = Case("iteration stepwise T'=1", "iteration", overrides=dict(group_size=4, mode="stepwise"),
+                prompts_sweep=(2,), implementations=("sfgrpo",))
+    metrics = runner.run_one(case, "sfgrpo", 2, Suite("t", [case], warmup=1, iterations=2))["metrics"]
+    assert metrics["host_syncs_in_update"] == 1  # the counted iteration's one update call
+    assert metrics["host_syncs_per_iteration"] == 2  # + the iteration around it

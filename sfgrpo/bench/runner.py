@@ -96,7 +96,6 @@ def run_one(case: Case, implementation: str, prompts: int, suite: Suite, log=Non
 
             stack.enter_context(flow_grpo_code(trainer))
         syncs_iteration, syncs_update = SyncCounter(device), SyncCounter(device)
-        trainer.update = syncs_update.wrap(trainer.update)  # instance attribute: counts inside the update only
         records, outside = [], []
         reset_peak_memory(device)
         for index in range(suite.warmup + suite.iterations):
@@ -117,6 +116,10 @@ def run_one(case: Case, implementation: str, prompts: int, suite: Suite, log=Non
             # only the trainer's are counted
             log("host-sync count (one more iteration)")
             clock.synchronize = False
+            # the update counted in this iteration only (an instance attribute that shadows the
+            # method): wrapped for the whole run, the warm-up and measured iterations' updates
+            # added up into the one "per iteration" count (and ran in sync debug mode)
+            trainer.update = syncs_update.wrap(trainer.update)
             with syncs_iteration.counting():
                 trainer.train_iteration()
             update_syncs = syncs_update.take()
