@@ -364,3 +364,69 @@ def test_update_syncs_are_those_of_the_counted_iteration_only(monkeypatch):
     metrics = runner.run_one(case, "sfgrpo", 2, Suite("t", [case], warmup=1, iterations=2))["metrics"]
     assert metrics["host_syncs_in_update"] == 1  # the counted iteration's one update call
     assert metrics["host_syncs_per_iteration"] == 2  # + the iteration around it
+
+
+
+class _FakeEvent:
+    """Stands for torch.cuda.Event on a CPU-only machine: `record()` reads a fake GPU clock (ms)."""
+
+    gpu_ms = [0.0]
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.at = None
+
+    def record(self):
+        self.at = _FakeEvent.gpu_ms[0]
+
+    def elapsed_time(self, other):
+        return other.at - self.at
+
+
+def test_backbone_clock_on_cuda_uses_events_and_synchronises_only_in_take(monkeypatch):
+    """On CUDA the clock's hooks record events and never wait for the device (a sync per forward
+    would serialise host and GPU work that overlap without the clock); `take()` synchronises once
+    and sums the GPU time between each pair of events: forwards and backwards."""
+    from sfgrpo.bench import measure
+
+    syncs = []
+    gpu = _FakeEvent.gpu_ms
+    gpu[0] = 0.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: syncs.append(gpu[0]))
+
+    def advance(ms):
+        def hook(*_):
+            gpu[0] += ms
+        return hook
+
+    net = torch.nn.Linear(4, 4)
+    clock = measure.BackboneClock(net, device_events=True)
+    # the network's own GPU time, between the clock's marks: 3 ms per forward (a pre-hook that runs
+    # after the clock's), 5 ms per backward (the weight's gradient, before it is accumulated)
+    net.register_forward_pre_hook(advance(3.0))
+    net.weight.register_hook(advance(5.0))
+    for _ in range(2):
+        gpu[0] += 1.0  # outside the network, before and after
+        out = net(torch.randn(2, 4))
+        gpu[0] += 1.0
+        out.sum().backward()
+        gpu[0] += 1.0
+    assert syncs == []  # nothing waited for the device during the iterations
+    assert clock.take() == pytest.approx(2 * (3.0 + 5.0) / 1000)
+    assert len(syncs) == 1
+    assert clock.take() == 0.0 and len(syncs) == 1  # nothing left to time: no second sync
+
+
+def test_backbone_clock_on_cpu_reads_the_wall_clock(monkeypatch):
+    from sfgrpo.bench import measure
+
+    now = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: now[0])
+    net = torch.nn.Linear(4, 4)
+    clock = measure.BackboneClock(net)
+    net.register_forward_pre_hook(lambda *_: now.__setitem__(0, now[0] + 2.0))
+    now[0] += 7.0
+    net(torch.randn(2, 4)).sum().backward()
+    assert clock.take() == pytest.approx(2.0)

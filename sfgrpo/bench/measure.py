@@ -12,16 +12,23 @@ import torch
 
 
 class BackboneClock:
-    """Wall time spent inside the transformer's forward and backward, so the share of an iteration
-    spent outside the backbone can be reported. Forward: module hooks. Backward: from the moment the
+    """Time spent inside the transformer's forward and backward, so the share of an iteration spent
+    outside the backbone can be reported. Forward: module hooks. Backward: from the moment the
     gradient of the transformer's output arrives to the last gradient accumulated into one of its
-    parameters (module backward hooks fire too early when the inputs need no gradient). On CUDA the
-    hooks see launch times, not kernel times, so the share is only meaningful on CPU or with
-    synchronising hooks (`synchronize=True`)."""
+    parameters (module backward hooks fire too early when the inputs need no gradient).
 
-    def __init__(self, module: torch.nn.Module, synchronize: bool = False):
-        self.seconds, self._forward_start, self._backward = 0.0, 0.0, None
-        self.synchronize = synchronize and torch.cuda.is_available()
+    On CPU the hooks read the wall clock. On CUDA (`device_events=True`) they record CUDA events
+    on the current stream instead and `take()` sums the GPU time between each pair after one
+    synchronisation: the hooks never wait for the device, so the measured iteration keeps the
+    overlap of host and GPU work that it has without the clock (synchronising around every
+    forward would expose all host time outside the backbone, sfgrpo's and the reference ops'
+    alike, and add a pipeline drain per forward)."""
+
+    def __init__(self, module: torch.nn.Module, device_events: bool = False):
+        self.device_events = device_events and torch.cuda.is_available()
+        self._spans: list[tuple] = []  # (start, end) marks: perf_counter floats or CUDA events
+        self._forward_start = None
+        self._backward = None  # [start mark, end mark or None] of the backward in progress
         self.watch(module)
         for parameter in module.parameters():
             if parameter.requires_grad:
@@ -32,37 +39,49 @@ class BackboneClock:
         module.register_forward_pre_hook(self._forward_begins)
         module.register_forward_hook(self._forward_ends)
 
-    def _now(self) -> float:
-        if self.synchronize:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    def _mark(self, reuse=None):
+        """A point in time: the wall clock, or a CUDA event recorded on the current stream (`reuse`:
+        an event of this clock to record again rather than a new one)."""
+        if not self.device_events:
+            return time.perf_counter()
+        event = reuse if reuse is not None else torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _forward_begins(self, *_):
-        self._forward_start = self._now()
+        self._forward_start = self._mark()
 
     def _forward_ends(self, _module, _inputs, output):
-        self.seconds += self._now() - self._forward_start
+        if self._forward_start is not None:
+            self._spans.append((self._forward_start, self._mark()))
+            self._forward_start = None
         tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
             tensor.register_hook(self._backward_begins)
 
     def _backward_begins(self, _grad):
         self._close()
-        self._backward = [self._now(), None]
+        self._backward = [self._mark(), None]
 
     def _gradient_done(self, _parameter):
+        # one event per backward, recorded again at each parameter's gradient: the last one counts
         if self._backward is not None:
-            self._backward[1] = self._now()
+            self._backward[1] = self._mark(reuse=self._backward[1])
 
     def _close(self):
         if self._backward is not None and self._backward[1] is not None:
-            self.seconds += self._backward[1] - self._backward[0]
+            self._spans.append(tuple(self._backward))
         self._backward = None
 
     def take(self) -> float:
+        """Seconds inside the backbone since the last `take()` (one device synchronisation on CUDA)."""
         self._close()
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+        spans, self._spans = self._spans, []
+        if not self.device_events:
+            return sum(end - start for start, end in spans)
+        if spans:
+            torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in spans) / 1000.0
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -88,7 +88,7 @@ def run_one(case: Case, implementation: str, prompts: int, suite: Suite, log=Non
         # "+compile": the trainer's own --compile-backbone
         trainer = build_trainer(case, prompts, suite.device, tmp, compile_backbone=implementation.endswith("+compile"),
                                 weights=weights)
-        clock = BackboneClock(trainer.model.transformer, synchronize=device.type == "cuda")
+        clock = BackboneClock(trainer.model.transformer, device_events=device.type == "cuda")
         if trainer.reference_transformer is not None:
             clock.watch(trainer.reference_transformer)
         if implementation == "flow_grpo-code":
@@ -112,10 +112,8 @@ def run_one(case: Case, implementation: str, prompts: int, suite: Suite, log=Non
                 outside.append(1.0 - clock.take() / total)
         iteration_syncs = update_syncs = None
         if syncs_update.enabled:
-            # one more iteration just to count syncs, with the clock's own synchronisations off so that
-            # only the trainer's are counted
+            # one more iteration just to count syncs (the clock's CUDA events are no syncs)
             log("host-sync count (one more iteration)")
-            clock.synchronize = False
             # the update counted in this iteration only (an instance attribute that shadows the
             # method): wrapped for the whole run, the warm-up and measured iterations' updates
             # added up into the one "per iteration" count (and ran in sync debug mode)
