@@ -20,7 +20,7 @@
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
 #   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant)
 #   core        (not in the default list) issue 9's goals on real-size SD3.5-M,
-#               `sfgrpo bench --suite gpu-core --time-budget 240` under `timeout 300` (~4-5 min on an
+#               `sfgrpo bench --suite gpu-core --time-budget 240` under `timeout -k 10 300` (~4-5 min on an
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
 #               All steps in one 10-minute command (~250 s without core on an H100, 2026-11-26):
@@ -45,27 +45,27 @@ cd /tmp  # run against the installed package, never the source tree
 sfgrpo info > "$OUT/info.txt" 2>&1
 if want tests; then
   # no -x: one short GPU session should show every failure, not the first
-  timeout 170 python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
+  timeout -k 10 170 python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
     "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_advantages.py" "$REPO/tests/test_advantages_cuda_engine.py" \
     "$REPO/tests/test_compat_flow_grpo.py" > "$OUT/tests.txt" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
 fi
 if want advantages; then
-  timeout 45 python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
+  timeout -k 10 45 python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
   echo "advantages bench: exit $?"
   cat "$OUT/advantages.md" 2>/dev/null
 fi
 if want bench; then
-  timeout 150 python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT" > "$OUT/bench_sde_step.txt" 2>&1
+  timeout -k 10 150 python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT" > "$OUT/bench_sde_step.txt" 2>&1
   echo "sde-step bench: exit $?"
   tail -n 40 "$OUT/bench_sde_step.txt"
 fi
 if want trainer; then
-  timeout 90 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
+  timeout -k 10 90 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
   echo "trainer on CUDA: exit $? ($(tail -1 "$OUT/tests_trainer_cuda.txt"))"
 fi
 if want tune; then
-  timeout 90 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" > /dev/null 2> "$OUT/tuning.err"
+  timeout -k 10 90 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" > /dev/null 2> "$OUT/tuning.err"
   echo "tuning: exit $?"
   head -n 40 "$OUT/tuning.md" 2>/dev/null
 fi
@@ -78,7 +78,7 @@ if want core; then
   if (( hard < 120 )); then
     echo "gpu-core bench: skipped (${left} s left before DEADLINE=${DEADLINE:-})"
   else
-    timeout "$hard" sfgrpo bench --suite gpu-core --time-budget $(( hard - 60 )) --no-progress \
+    timeout -k 10 "$hard" sfgrpo bench --suite gpu-core --time-budget $(( hard - 60 )) --no-progress \
       --output-dir "$OUT/bench-gpu-core" > "$OUT/bench_gpu_core.txt" 2>&1
     echo "gpu-core bench: exit $? (hard limit ${hard} s)"
     grep -E ": (ok|skipped|interrupted|failed|oom)" "$OUT/bench_gpu_core.txt" | tail -n 12

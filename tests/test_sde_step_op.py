@@ -576,21 +576,44 @@ def test_split_rows_reuse_one_scratch_per_stream_and_leave_the_tickets_at_zero()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_capture_of_split_rows_interleaves_with_eager_steps():
-    # rows of 300k elements span several programs: the captured launch has its own scratch, so
-    # replays between eager steps on the same stream stay exact
+def test_cuda_graph_capture_of_split_rows_interleaves_with_eager_steps(monkeypatch):
+    # rows of 300k elements span several programs and sum through scratch. The capture runs on a
+    # stream whose eager steps already hold scratch: it must get buffers of its own (a graph may
+    # replay next to eager launches that reuse the held ones), and replays between eager steps on
+    # that stream stay exact
+    from sfgrpo import scratch
+    from sfgrpo.kernels import sde_step as kernels
+
     x, v, _, t, tn, level = _inputs((3, 300_000), torch.bfloat16, seed=7)
     noise = torch.randn(x.shape, device=DEVICE)
-    expected = F.sde_step(x, v, t, tn, level, noise=noise)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        expected = F.sde_step(x, v, t, tn, level, noise=noise)
     torch.cuda.synchronize()
+    side_key = (x.device.index, side.cuda_stream)
+    held = {key: buffer.data_ptr() for key, buffer in scratch._HELD.items() if key[-1] == side_key}
+    assert len(held) == 2  # the side stream's partials and tickets
+    handed_out = []
+
+    def recording(*args, **kwargs):
+        buffer = scratch.stream_scratch(*args, **kwargs)
+        handed_out.append(buffer.data_ptr())
+        return buffer
+
+    monkeypatch.setattr(kernels, "stream_scratch", recording)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         captured = F.sde_step(x, v, t, tn, level, noise=noise)
-    for _ in range(3):
-        graph.replay()
-        eager = F.sde_step(x, v, t, tn, level, noise=noise)
-        assert torch.equal(eager.log_prob, expected.log_prob)
+    assert len(handed_out) == 2 and not set(handed_out) & set(held.values())
+    monkeypatch.undo()
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            graph.replay()
+            eager = F.sde_step(x, v, t, tn, level, noise=noise)
+            assert torch.equal(eager.log_prob, expected.log_prob)
     torch.cuda.synchronize()
+    assert {key: buffer.data_ptr() for key, buffer in scratch._HELD.items() if key in held} == held
     assert torch.equal(captured.log_prob, expected.log_prob)
     assert torch.equal(captured.prev_sample, expected.prev_sample)
 
