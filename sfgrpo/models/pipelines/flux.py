@@ -57,6 +57,9 @@ class _ConstantsOnDevice(torch.nn.Module):
 
     def forward(self, values: Tensor) -> Tensor:
         device = self.anchor.device
+        # under torch.compile the constants are traced as such (and bool() below would break the graph)
+        if torch.compiler.is_compiling():
+            return self.inner(values)
         if values.device.type == "cpu" and device.type != "cpu" and values.numel() > 0:
             first = values.reshape(-1)[0]
             if bool((values == first).all()):  # a CPU tensor: no device sync
