@@ -13,6 +13,7 @@
 
 #include "sfgrpo/advantages.h"
 #include "sfgrpo/fixed_point_advantages.h"
+#include "sfgrpo/fixed_point_blocks.h"
 #include "sfgrpo/sde_step.h"
 
 namespace py = pybind11;
@@ -280,19 +281,37 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, std::uintptr_t rewards, std::uintptr_t group_ids,
          std::uintptr_t out, int64_t rows, int64_t width, bool gains, bool pooled, bool global_std,
          int ddof, double eps, std::optional<double> clip, std::uintptr_t column_mask,
-         std::optional<StatsAddresses> stats) {
+         std::optional<StatsAddresses> stats, bool as_launched) {
         return run_host_advantages(
             dtype, rewards, group_ids, out,
             make_problem(rows, width, gains, pooled, global_std, ddof, eps, clip, column_mask),
-            make_stats(stats), [](const auto& p, const auto* r, const int64_t* ids, auto* o, const auto& b) {
-              return sfgrpo::advantages_cuda_emulated(p, r, ids, o, b);
+            make_stats(stats), [&](const auto& p, const auto* r, const int64_t* ids, auto* o, const auto& b) {
+              return sfgrpo::advantages_cuda_emulated(p, r, ids, o, b, as_launched);
             });
       },
       "The CUDA engine's algorithm run sequentially on host memory (the GPU's bits); returns "
-      "(groups, nonfinite rows)",
+      "(groups, nonfinite rows). as_launched=False: phases 1 and 2 without the kernel's blocks and "
+      "shared-memory staging (the same bits)",
       py::arg("dtype"), py::arg("rewards"), py::arg("group_ids"), py::arg("out"), py::arg("rows"),
       py::arg("width"), py::arg("gains"), py::arg("pooled"), py::arg("global_std"),
-      py::arg("ddof"), py::arg("eps"), py::arg("clip"), py::arg("column_mask"), py::arg("stats"));
+      py::arg("ddof"), py::arg("eps"), py::arg("clip"), py::arg("column_mask"), py::arg("stats"),
+      py::arg("as_launched") = true);
+
+  testing.def(
+      "advantages_launch",
+      [](int64_t rows, int64_t width, bool gains, bool pooled, bool global_std) {
+        namespace fx = sfgrpo::fixed;
+        const auto p = make_problem(rows, width, gains, pooled, global_std, 0, 0.0, {}, 0);
+        const int blocks = fx::blocks_for(rows);
+        const int64_t per_round = int64_t{blocks} * fx::kThreads;
+        return py::dict(py::arg("threads") = fx::kThreads, py::arg("blocks") = blocks,
+                        py::arg("rounds") = (rows + per_round - 1) / per_round,
+                        py::arg("insert_batch_words") = fx::staged_batch_words(p, true),
+                        py::arg("moments_batch_words") = fx::staged_batch_words(p, false));
+      },
+      "The CUDA advantage engine's launch of phases 1 and 2 (the emulation runs the same): threads "
+      "per block, blocks, grid-stride rounds, batch words each phase stages in shared memory",
+      py::arg("rows"), py::arg("width"), py::arg("gains"), py::arg("pooled"), py::arg("global_std"));
 
   testing.def(
       "warp_runs",

@@ -1,7 +1,8 @@
 """The CUDA advantage engine's algorithm (csrc/include/sfgrpo/fixed_point_advantages.h: hash
 grouping, 64-bit fixed-point sums with integer atomics) through its sequential host emulation,
 which runs the device code on the CPU: against the CPU engine and the SPEC's numpy loops, row-order
-invariance, edge cases. With a GPU: the CUDA engine gives exactly the emulation's bits."""
+invariance, edge cases, the kernels' launch (blocks, shared-memory staging, grid-stride rounds). With
+a GPU: the CUDA engine gives exactly the emulation's bits."""
 
 import math
 from fractions import Fraction
@@ -23,9 +24,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 KEY_ZERO_ID = int(np.uint64(0x9E3779B97F4A7C15).astype(np.int64))
 
 
-def emulated(rewards, ids, *, gains, pooled, global_std=False, ddof=0, eps=1e-8, clip=None, step_mask=None,
-             stats=False):
-    """(advantages, padded stats or None, groups, nonfinite rows) from the emulated CUDA engine."""
+def run_engine(engine, rewards, ids, *, gains, pooled, global_std=False, ddof=0, eps=1e-8, clip=None, step_mask=None,
+               stats=False):
+    """(advantages, padded stats or None, groups, nonfinite rows) from the native engine `engine`:
+    "emulated" (the CUDA engine's algorithm on the host, as the kernels are launched), "unlaunched"
+    (the same phases warp by warp, without the launch's blocks and staging) or "cpu" (the CPU
+    engine)."""
     rewards = rewards.reshape(rewards.shape[0], -1).contiguous()
     ids = ids.contiguous()
     rows, width = rewards.shape
@@ -34,9 +38,18 @@ def emulated(rewards, ids, *, gains, pooled, global_std=False, ddof=0, eps=1e-8,
     padded = adv_ops._padded_stats(rows, 1 if pooled else columns, torch.device("cpu")) if stats else None
     problem = adv_ops._Problem(gains=gains, pooled=pooled, global_std=global_std, ddof=ddof, eps=eps, clip=clip)
     mask = None if step_mask is None else step_mask.contiguous().view(torch.uint8)
-    groups, nonfinite = _native.require("test").testing.advantages_cuda_emulated(
-        *adv_ops.engine_args(rewards, ids, out, problem, mask, padded))
+    args = adv_ops.engine_args(rewards, ids, out, problem, mask, padded)
+    native = _native.require("test")
+    if engine in ("emulated", "unlaunched"):
+        groups, nonfinite = native.testing.advantages_cuda_emulated(*args, engine == "emulated")
+    else:
+        groups, nonfinite = native.cpu.advantages(*args, 0)
     return out, padded, groups, nonfinite
+
+
+def emulated(rewards, ids, **problem):
+    """(advantages, padded stats or None, groups, nonfinite rows) from the emulated CUDA engine."""
+    return run_engine("emulated", rewards, ids, **problem)
 
 
 def emulated_gain(rewards, ids, normalize="joint", **kw):
@@ -281,6 +294,137 @@ def test_u128_to_double_rounds_to_nearest_even():
     for x in cases:
         x %= 2**128
         assert _native.require("test").testing.u128_to_double(x >> 64, x & (2**64 - 1)) == float(x), x
+
+
+# ------------------------------------------------------------------ launch geometry and staging
+# The emulation runs phases 1 and 2 as warp_rows_kernel does, with the same code
+# (sfgrpo/fixed_point_blocks.h): blocks of 256 rows (8 warps of 32), at most 4096 blocks, more rows
+# in grid-stride rounds; per block, the accumulators that every warp adds to (the group and
+# non-finite counts in phase 1 without statistics, the batch's range in phase 1 and moment sums in
+# phase 2 with global_std) are staged words, cleared first and flushed at the end with one atomic
+# each (a maximum for the range). Integer sums and maxima: the launch must not change a bit, so the
+# tests compare it with the same phases run without it (warp by warp, no staging), and the exact
+# counts with the CPU engine's. A block that clears, stages or flushes a word wrongly, or a round
+# that skips rows, fails them (each such change to fixed_point_blocks.h was tried).
+GRID_ROWS = 4096 * 256  # one grid-stride round
+
+
+def launch(rows, columns=1, *, pooled=False, global_std=False):
+    return _native.require("test").testing.advantages_launch(rows, columns, False, pooled, global_std)
+
+
+def test_launch_geometry():
+    for rows, blocks, rounds in [(1, 1, 1), (256, 1, 1), (257, 2, 1), (GRID_ROWS, 4096, 1), (GRID_ROWS + 1, 4096, 2),
+                                 (3 * GRID_ROWS, 4096, 3)]:
+        assert launch(rows) == {"threads": 256, "blocks": blocks, "rounds": rounds, "insert_batch_words": 0,
+                                "moments_batch_words": 0}
+
+
+@pytest.mark.parametrize("columns, pooled, words", [
+    (3, False, (6, 9)),  # per column: the range {hi, lo} in phase 1, the moments {S1, S2 low, S2 high} in 2
+    (11, True, (2, 3)),  # pooled: one statistic
+    (340, False, (680, 1020)),  # the most statistics whose moments fit 1024 words with the 2 counts
+    (341, False, (682, 0)),  # the moment sums stay global, the range is staged
+    (511, False, (1022, 0)),  # the most whose range fits: 1024 words
+    (512, False, (0, 0)),  # neither fits
+])
+def test_staged_batch_words(columns, pooled, words):
+    got = launch(100, columns, pooled=pooled, global_std=True)
+    assert (got["insert_batch_words"], got["moments_batch_words"]) == words
+    assert launch(100, columns, pooled=pooled)["insert_batch_words"] == 0  # without global_std: nothing
+
+
+def skewed_rewards(rows, columns, dtype, seed):
+    """Exponential rewards far from 0: the batch's mean lies far from the middle of its range (the
+    fixed-point centre), so each of the batch's moment words moves global_std's divisor past rounding,
+    and a range word in the wrong place overflows the fixed-point sums."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.empty(rows, columns, dtype=torch.float64).exponential_(generator=g) * 3 + 100).to(dtype)
+
+
+STAT_FIELDS = ("group_ids", "size", "mean", "std", "zero_std")
+
+
+def assert_launch_is_exact(rewards, ids, nonfinite_rows, *, permute=True, **problem):
+    """The emulation as launched (blocks, staged words, rounds) against the same phases without the
+    launch: the same bits, as the device's integer sums promise; a staged word that a block clears,
+    stages or flushes wrongly changes them, even below the rounding. Then against the CPU engine:
+    the exact counts, the statistics' ids and sizes, and within rounding the rest. `permute`: the
+    rows in another order (other blocks, warps and rounds) give the same bits too."""
+    got, stats, groups, nonfinite = emulated(rewards, ids, **problem)
+    flat, flat_stats, *flat_counts = run_engine("unlaunched", rewards, ids, **problem)
+    assert flat_counts == [groups, nonfinite] and torch.equal(got, flat)
+    cpu, cpu_stats, *cpu_counts = run_engine("cpu", rewards, ids, **problem)
+    assert cpu_counts == [groups, nonfinite] == [len(torch.unique(ids)), nonfinite_rows]
+    assert_matches(got, cpu, rewards.dtype)
+    if stats is not None:
+        for name in STAT_FIELDS:
+            assert torch.equal(getattr(stats, name), getattr(flat_stats, name)), name
+            if name in ("mean", "std"):
+                torch.testing.assert_close(getattr(stats, name), getattr(cpu_stats, name), rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(getattr(stats, name), getattr(cpu_stats, name)), name
+    if permute:
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(len(ids)))
+        permuted, permuted_stats, *counts = emulated(rewards[perm], ids[perm], **problem)
+        assert counts == [groups, nonfinite] and torch.equal(permuted, got[perm])
+        for name in STAT_FIELDS if stats is not None else ():
+            assert torch.equal(getattr(permuted_stats, name), getattr(stats, name)), name
+    return got
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["staged_counts", "claims"])
+@pytest.mark.parametrize("std", ["group", "global"])
+def test_blocks_stage_exact_counts_and_batch_statistics(std, stats):
+    # 20 blocks, the last with a partial last warp; groups of up to 24 rows scattered over the blocks;
+    # non-finite rows in 4 blocks, at a block's first and last row. Without statistics phase 1 stages
+    # the counts; with them its claims take their list index from the global count (not staged).
+    rows = 20 * 256 - 19
+    assert launch(rows)["blocks"] == 20
+    ids = random_layout(rows, max_group=24, seed=40)
+    rewards = skewed_rewards(rows, 3, torch.float64, seed=41)
+    bad = [0, 255, 256, 2000, 2001, rows - 1]
+    rewards[bad, [0, 1, 2, 0, 2, 1]] = torch.tensor([float("nan"), float("inf"), -float("inf")] * 2,
+                                                    dtype=torch.float64)
+    got = assert_launch_is_exact(rewards, ids, len(bad), gains=False, pooled=False, global_std=std == "global",
+                                 eps=1e-4, stats=stats)
+    assert_matches(got, numpy_group_advantages(rewards, ids, std=std), torch.float64)
+
+
+def test_blocks_stage_pooled_gains_with_global_std():
+    # the pooled batch statistic (2 staged range words, 3 moment words) over masked steps, 9 blocks
+    ids = random_layout(2200, max_group=16, seed=43)
+    rewards = skewed_rewards(2200, 8, torch.float64, seed=44).cumsum(dim=1)
+    rewards[[3, 1500], 4] = float("nan")
+    step_mask = torch.tensor([True, True, False, True, True, True, False])
+    for stats in (False, True):
+        assert_launch_is_exact(rewards, ids, 2, gains=True, pooled=True, global_std=True, step_mask=step_mask,
+                               clip=4.0, stats=stats)
+
+
+@pytest.mark.parametrize("columns", [340, 341, 512])
+def test_global_std_with_more_statistics_than_shared_memory_holds(columns):
+    # at the staging's limit: both phases staged (340), only the range (341), neither (512)
+    rows = 600
+    ids = random_layout(rows, max_group=12, seed=columns)
+    rewards = skewed_rewards(rows, columns, torch.float64, seed=columns)
+    rewards[[7, 300], [0, columns - 1]] = float("inf")
+    assert_launch_is_exact(rewards, ids, 2, gains=False, pooled=False, global_std=True, eps=1e-4, stats=True)
+
+
+def test_grid_stride_rounds():
+    # more rows than one round: blocks 0..3 take a second one (block 3's with a partial warp); prompts of
+    # 16 rows shuffled, so groups span rounds and blocks; non-finite rows in both rounds
+    rows = GRID_ROWS + 3 * 256 + 40
+    assert launch(rows, global_std=True) == {"threads": 256, "blocks": 4096, "rounds": 2, "insert_batch_words": 2,
+                                             "moments_batch_words": 3}
+    ids = (torch.arange(rows) // 16)[torch.randperm(rows, generator=torch.Generator().manual_seed(45))]
+    rewards = skewed_rewards(rows, 1, torch.float64, seed=46)
+    bad = [5, GRID_ROWS - 1, GRID_ROWS, rows - 1]
+    rewards[bad] = float("nan")
+    for stats in (False, True):
+        assert_launch_is_exact(rewards, ids, len(bad), permute=False, gains=False, pooled=False, global_std=True,
+                               eps=1e-4, stats=stats)
 
 
 # ------------------------------------------------------------------------------------- GPU

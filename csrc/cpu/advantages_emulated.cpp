@@ -1,8 +1,10 @@
 // The CUDA advantage engine's phases (sfgrpo/fixed_point_advantages.h) run sequentially on the
 // host: the same code, warp by warp (the 32 lanes of a warp as arrays, the warp collectives and
-// the run-segmented reductions on those arrays, plain read-modify-writes for the atomics), so the
-// device algorithm is tested without a GPU and, on a GPU, its results must be these bits. Not a
-// production path (the CPU engine, advantages.cpp, is faster on a CPU).
+// the run-segmented reductions on those arrays, plain read-modify-writes for the atomics), and
+// phases 1 and 2 in the kernel's launch geometry, block by block with the kernel's shared-memory
+// staging and flush (sfgrpo/fixed_point_blocks.h), so the device algorithm is tested without a GPU
+// and, on a GPU, its results must be these bits. Not a production path (the CPU engine,
+// advantages.cpp, is faster on a CPU).
 #include <algorithm>
 #include <numeric>
 #include <stdexcept>
@@ -10,12 +12,43 @@
 
 #include "sfgrpo/advantages.h"
 #include "sfgrpo/fixed_point_advantages.h"
+#include "sfgrpo/fixed_point_blocks.h"
 
 namespace sfgrpo {
+namespace {
+
+// What memory holds before anything writes it (the device's is undefined): a step that reads a
+// word before it is cleared gets garbage here too.
+constexpr uint64_t kUnwritten = 0x5a5a5a5a5a5a5a5aULL;
+
+// Phase 1 (kInsert) or 2 as warp_rows_kernel runs it: every block of the grid in turn, `staged`
+// standing for its shared memory. Not `as_launched`: warp by warp over the rows, no staging.
+template <bool kInsert, typename T>
+void run_warp_rows(const fixed::Args<T>& a, bool as_launched) {
+  if (!as_launched) {
+    for (int64_t base = 0; base < a.p.rows; base += fixed::kWarpSize) {
+      if (kInsert) {
+        fixed::insert_warp(a, base);
+      } else {
+        fixed::moments_warp(a, base);
+      }
+    }
+    return;
+  }
+  const int batch_words = fixed::staged_batch_words(a.p, kInsert);
+  std::vector<uint64_t> staged(fixed::staged_words(batch_words));
+  const unsigned blocks = static_cast<unsigned>(fixed::blocks_for(a.p.rows));
+  for (unsigned b = 0; b < blocks; ++b) {
+    std::fill(staged.begin(), staged.end(), kUnwritten);
+    fixed::warp_rows_block<kInsert>(a, batch_words, staged.data(), fixed::Block{b, blocks});
+  }
+}
+
+}  // namespace
 
 template <typename T>
 AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rewards, const int64_t* group_ids,
-                                         T* out, const GroupStatsBuffers& stats) {
+                                         T* out, const GroupStatsBuffers& stats, bool as_launched) {
   AdvantageCounts counts;
   if (p.rows == 0) return counts;
   const int64_t n = p.rows;
@@ -24,7 +57,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
   // zeroed like the device's memset; the moment sums hold garbage until their claimer zeroes them
   std::vector<uint64_t> counters(2, 0), batch_range(stat_columns * fixed::kRangeWords, 0),
       batch_moments(stat_columns * fixed::kMomentWords, 0), range(n * stat_columns * fixed::kRangeWords, 0),
-      moments(n * stat_columns * fixed::kMomentWords, 0x5a5a5a5a5a5a5a5aULL);
+      moments(n * stat_columns * fixed::kMomentWords, kUnwritten);
   std::vector<uint32_t> table(slots, 0), size(n, 0);
   std::vector<int32_t> row_rep(n), claim_reps(n), sorted_reps(n);
   std::vector<int64_t> claim_ids(n), sorted_ids(n);
@@ -47,7 +80,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
   }
   const fixed::Args<T> a{p, rewards, group_ids, out, stats, nullptr, w};
 
-  for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::insert_warp(a, base);
+  run_warp_rows<true>(a, as_launched);
   const int64_t groups = static_cast<int64_t>(counters[0]);
   if (stats.requested()) {  // the device sorts the claims by id with CUB
     std::vector<int64_t> order(groups);
@@ -58,7 +91,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
       sorted_reps[j] = claim_reps[order[j]];
     }
   }
-  for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::moments_warp(a, base);
+  run_warp_rows<false>(a, as_launched);
   for (int64_t i = 0; i < n; ++i) fixed::write_row(a, i);
   if (stats.requested()) {
     for (int64_t j = 0; j < groups; ++j) fixed::write_stats_row(a, j);
@@ -69,8 +102,8 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
 }
 
 template AdvantageCounts advantages_cuda_emulated<float>(const AdvantageProblem&, const float*, const int64_t*,
-                                                         float*, const GroupStatsBuffers&);
+                                                         float*, const GroupStatsBuffers&, bool);
 template AdvantageCounts advantages_cuda_emulated<double>(const AdvantageProblem&, const double*, const int64_t*,
-                                                          double*, const GroupStatsBuffers&);
+                                                          double*, const GroupStatsBuffers&, bool);
 
 }  // namespace sfgrpo

@@ -17,22 +17,18 @@
 
 #include "sfgrpo/advantages.h"
 #include "sfgrpo/fixed_point_advantages.h"
+#include "sfgrpo/fixed_point_blocks.h"
 
 namespace sfgrpo {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMaxBlocks = 4096;
+using fixed::blocks_for;
+using fixed::kThreads;
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("sfgrpo advantages_cuda: ") + what + ": " + cudaGetErrorString(err));
   }
-}
-
-int blocks_for(int64_t items) {
-  const int64_t blocks = (items + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < kMaxBlocks ? (blocks > 0 ? blocks : 1) : kMaxBlocks);
 }
 
 // ------------------------------------------------------------------------------ workspace
@@ -96,53 +92,14 @@ Carved carve(const AdvantageProblem& p, void* base, bool with_stats) {
 }
 
 // ---------------------------------------------------------------------------------- kernels
-// Phases 1 and 2: a grid-stride loop over warps of 32 consecutive rows (every lane of a warp runs
-// the same iterations: the phases reduce across the warp); lanes past the last row are inactive.
-// The few accumulators that every warp adds to (the group and non-finite counts in phase 1 when no
-// claim needs its index, the batch's range or moment sums with global_std) are staged in shared
-// memory: the block's warps combine there, and each word reaches global memory in one atomic per
-// block instead of one per warp (same-address atomics serialise in L2). Integer sums and maxima:
-// the same bits.
-constexpr int64_t kMaxStagedWords = 1024;  // 8 KiB of shared memory
-
-// Batch words staged by phase 1 (kInsert) or 2; 0: the batch accumulators stay in global memory.
-int64_t staged_batch_words(const AdvantageProblem& p, bool insert) {
-  const int64_t words = p.stat_columns() * (insert ? fixed::kRangeWords : fixed::kMomentWords);
-  return p.global_std && 2 + words <= kMaxStagedWords ? words : 0;
-}
-
+// Phases 1 and 2: warps of 32 consecutive rows in a grid-stride loop, their common accumulators
+// staged in shared memory per block (sfgrpo/fixed_point_blocks.h, which the host emulation runs
+// too).
 template <typename T, bool kInsert>
 __global__ void __launch_bounds__(kThreads) warp_rows_kernel(fixed::Args<T> a, int batch_words) {
-  extern __shared__ unsigned long long staged[];  // [2] counts, then `batch_words` batch words
-  const bool stage_counts = kInsert && a.w.claim_ids == nullptr;  // claims with statistics need their index
-  for (int k = threadIdx.x; k < 2 + batch_words; k += blockDim.x) staged[k] = 0;
-  __syncthreads();
-  fixed::Args<T> local = a;
-  uint64_t* shared_words = reinterpret_cast<uint64_t*>(staged);
-  if (stage_counts) local.w.counters = shared_words;  // phase 1 only adds to them
-  if (batch_words > 0) (kInsert ? local.w.batch_range : local.w.batch_moments) = shared_words + 2;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31u); base < a.p.rows;
-       base += stride) {
-    if (kInsert) {
-      fixed::insert_warp(local, base);
-    } else {
-      fixed::moments_warp(local, base);
-    }
-  }
-  __syncthreads();
-  uint64_t* batch = kInsert ? a.w.batch_range : a.w.batch_moments;
-  for (int k = threadIdx.x; k < 2 + batch_words; k += blockDim.x) {
-    const uint64_t value = staged[k];
-    if (value == 0) continue;
-    if (k < 2) {
-      if (stage_counts) fixed::atomic_add(a.w.counters + k, value);
-    } else if (kInsert) {
-      fixed::atomic_max(batch + (k - 2), value);
-    } else {
-      fixed::atomic_add(batch + (k - 2), value);
-    }
-  }
+  extern __shared__ unsigned long long staged[];  // fixed::staged_words(batch_words)
+  fixed::warp_rows_block<kInsert>(a, batch_words, reinterpret_cast<uint64_t*>(staged),
+                                  fixed::Block{blockIdx.x, gridDim.x});
 }
 
 // Advantages of every row, the statistics rows (ids sorted) and the counts.
@@ -200,9 +157,9 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   check(cudaMemsetAsync(workspace, 0, c.zeroed_bytes, stream), "clearing the accumulators");
   const fixed::Args<T> args{p, rewards, group_ids, out, stats, counts, c.w};
   const int blocks = blocks_for(p.rows);
-  const int64_t insert_batch = staged_batch_words(p, true);
-  warp_rows_kernel<T, true><<<blocks, kThreads, sizeof(uint64_t) * (2 + insert_batch), stream>>>(
-      args, static_cast<int>(insert_batch));
+  const int insert_batch = fixed::staged_batch_words(p, true);
+  warp_rows_kernel<T, true><<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(insert_batch), stream>>>(
+      args, insert_batch);
   check(cudaGetLastError(), "insert kernel launch");
   if (with_stats) {
     pad_claims_kernel<<<blocks, kThreads, 0, stream>>>(c.w, p.rows);
@@ -212,9 +169,9 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
                                           c.sorted_reps, static_cast<int>(p.rows), 0, 64, stream),
           "radix sort of the group ids");
   }
-  const int64_t moments_batch = staged_batch_words(p, false);
-  warp_rows_kernel<T, false><<<blocks, kThreads, sizeof(uint64_t) * (2 + moments_batch), stream>>>(
-      args, static_cast<int>(moments_batch));
+  const int moments_batch = fixed::staged_batch_words(p, false);
+  warp_rows_kernel<T, false><<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(moments_batch), stream>>>(
+      args, moments_batch);
   check(cudaGetLastError(), "moments kernel launch");
   write_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
   check(cudaGetLastError(), "write_kernel launch");

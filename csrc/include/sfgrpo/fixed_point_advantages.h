@@ -29,7 +29,8 @@
 // batch's, never the table's. Zeroed by one memset per call: the hash table (4 bytes per slot),
 // size (4 bytes per row) and the ranges (16 bytes per row and statistic; one statistic when
 // pooled, T per step); the moment sums (24 bytes per row and statistic) are zeroed by the claimer.
-// With global_std the batch is one more accumulator, fed one atomic per warp.
+// With global_std the batch is one more accumulator, fed one atomic per block (its warps combine in
+// shared memory first: sfgrpo/fixed_point_blocks.h, which also runs phases 1 and 2 block by block).
 #pragma once
 #include <cmath>
 #include <cstdint>

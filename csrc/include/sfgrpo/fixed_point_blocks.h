@@ -1,0 +1,160 @@
+// How the CUDA advantage engine runs phases 1 and 2 of sfgrpo/fixed_point_advantages.h: the launch
+// geometry and one block's work, shared-memory staging included, written once for the kernel
+// (warp_rows_kernel, csrc/cuda/advantages.cu) and for the host emulation
+// (csrc/cpu/advantages_emulated.cpp), which runs the same grid block by block. So the staging and
+// its flush are tested without a GPU, not only the phases.
+//
+// A grid of blocks_for(rows) blocks of kThreads threads walks the rows in a grid-stride loop over
+// warps of 32 consecutive rows (every lane of a warp runs the same iterations: the phases reduce
+// across the warp); lanes past the last row are inactive. The few accumulators that every warp
+// adds to (the group and non-finite counts in phase 1 when no claim needs its index, the batch's
+// range or moment sums with global_std) are staged in shared memory: the block's warps combine
+// there, and each word reaches global memory in one atomic per block instead of one per warp
+// (same-address atomics serialise in L2). Integer sums and maxima: the same bits in any grouping.
+#pragma once
+#include <cstdint>
+
+#include "sfgrpo/advantages.h"
+#include "sfgrpo/fixed_point_advantages.h"
+
+namespace sfgrpo {
+namespace fixed {
+
+// --------------------------------------------------------------------------- launch geometry
+constexpr int kThreads = 256;    // per block: 8 warps
+constexpr int kMaxBlocks = 4096;  // beyond 4096 * 256 rows the warps take several grid-stride rounds
+constexpr int kStagedCounts = 2;  // staged words 0 and 1: the counters (groups, non-finite rows)
+constexpr int64_t kMaxStagedWords = 1024;  // 8 KiB of shared memory, the counts' words included
+
+// Blocks of a launch over `items` rows, one per thread (per lane in phases 1 and 2): one block per
+// kThreads rows, at least 1, at most kMaxBlocks (the rest in grid-stride rounds).
+SFGRPO_HD int blocks_for(int64_t items) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < kMaxBlocks ? (blocks > 0 ? blocks : 1) : kMaxBlocks);
+}
+
+// Batch words staged by phase 1 (`insert`: the range) or 2 (the moment sums); 0: none, the batch
+// accumulators stay in global memory (no global_std, or too many statistics for the staging).
+SFGRPO_HD int staged_batch_words(const AdvantageProblem& p, bool insert) {
+  const int64_t words = p.stat_columns() * (insert ? kRangeWords : kMomentWords);
+  return p.global_std && kStagedCounts + words <= kMaxStagedWords ? static_cast<int>(words) : 0;
+}
+
+// Staged words of a block (its shared memory, in words): the counts' slots, then the batch words.
+SFGRPO_HD int staged_words(int batch_words) { return kStagedCounts + batch_words; }
+
+// ----------------------------------------------------------------------------------- staging
+// What a block of phase 1 (`insert`) or 2 stages.
+struct Staging {
+  bool insert = false;
+  bool counts = false;  // words 0, 1 stand for the counters
+  int batch_words = 0;  // then the batch's range (phase 1) or moment sums (phase 2)
+};
+
+SFGRPO_HD Staging staging_of(const Workspace& w, bool insert, int batch_words) {
+  Staging st;
+  st.insert = insert;
+  // only phase 1 adds to the counts; with statistics its claims need the global count (each claim's
+  // index in the list to sort), so they stay global
+  st.counts = insert && w.claim_ids == nullptr;
+  st.batch_words = batch_words;
+  return st;
+}
+
+// `a` with its staged accumulators pointed at the block's `staged` words (zeroed before): the
+// warps' atomics on them then land in shared memory.
+template <typename T>
+SFGRPO_HD Args<T> staged_args(const Args<T>& a, const Staging& st, uint64_t* staged) {
+  Args<T> local = a;
+  if (st.counts) local.w.counters = staged;
+  if (st.batch_words > 0) (st.insert ? local.w.batch_range : local.w.batch_moments) = staged + kStagedCounts;
+  return local;
+}
+
+// Staged word k's total into its accumulator in `w` (global): the counts and moment sums add, the
+// range's order codes take the maximum. 0 is skipped: it adds nothing and is below every code.
+SFGRPO_HD void flush_staged_word(const Workspace& w, const Staging& st, int k, uint64_t value) {
+  if (value == 0) return;
+  if (k < kStagedCounts) {
+    if (st.counts) atomic_add(w.counters + k, value);
+  } else if (st.insert) {
+    atomic_max(w.batch_range + (k - kStagedCounts), value);
+  } else {
+    atomic_add(w.batch_moments + (k - kStagedCounts), value);
+  }
+}
+
+// ------------------------------------------------------------------------------- block model
+// Like the warp model: on the device the calling thread's share of the block's work, in the
+// emulation all of it, one block at a time (so plain memory stands for the block's shared memory
+// and its barriers have nothing to wait for).
+struct Block {
+  unsigned index = 0;  // blockIdx.x
+  unsigned count = 1;  // gridDim.x
+};
+
+namespace block {
+
+// f(k) for 0 <= k < n, spread over the block's threads.
+template <typename F>
+SFGRPO_HD void each_word(int n, F&& f) {
+#if defined(__CUDA_ARCH__)
+  for (int k = threadIdx.x; k < n; k += blockDim.x) f(k);
+#else
+  for (int k = 0; k < n; ++k) f(k);
+#endif
+}
+
+SFGRPO_HD void sync() {
+#if defined(__CUDA_ARCH__)
+  __syncthreads();
+#endif
+}
+
+// The first rows of the warps of 32 rows that block b runs, in grid-stride rounds: on the device
+// the calling warp's (every lane of it gets the same bases), in the emulation every warp of the
+// block, round by round. for (base = first_warp(b); base < rows; base = next_warp(b, base)).
+SFGRPO_HD int64_t first_warp(Block b) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<int64_t>(b.index) * blockDim.x + (threadIdx.x & ~31u);
+#else
+  return static_cast<int64_t>(b.index) * kThreads;
+#endif
+}
+
+SFGRPO_HD int64_t next_warp(Block b, int64_t base) {
+#if defined(__CUDA_ARCH__)
+  return base + static_cast<int64_t>(b.count) * blockDim.x;
+#else
+  // the block's next warp in this round; after its last, the first of its next round (a round's
+  // kThreads rows start at a multiple of kThreads)
+  const int64_t next = base + kWarpSize;
+  return next % kThreads != 0 ? next : next - kThreads + static_cast<int64_t>(b.count) * kThreads;
+#endif
+}
+
+}  // namespace block
+
+// Block b of phase 1 (kInsert) or 2, `staged` its shared memory (staged_words(batch_words) words,
+// any contents): the staged words zeroed, the block's warps run the phase with their common
+// accumulators there, then each word's total goes to global memory in one atomic.
+template <bool kInsert, typename T>
+SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* staged, Block b) {
+  const Staging st = staging_of(a.w, kInsert, batch_words);
+  const int words = staged_words(batch_words);
+  block::each_word(words, [&](int k) { staged[k] = 0; });
+  block::sync();
+  const Args<T> local = staged_args(a, st, staged);
+  for (int64_t base = block::first_warp(b); base < a.p.rows; base = block::next_warp(b, base)) {
+    if (kInsert) {
+      insert_warp(local, base);
+    } else {
+      moments_warp(local, base);
+    }
+  }
+  block::sync();  // every warp's atomics are in
+  block::each_word(words, [&](int k) { flush_staged_word(a.w, st, k, staged[k]); });
+}
+
+}  // namespace fixed
+}  // namespace sfgrpo
