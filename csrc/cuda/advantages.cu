@@ -132,8 +132,14 @@ __global__ void pad_claims_kernel(fixed::Workspace w, int64_t n) {
 
 }  // namespace
 
+static void check_rows(const AdvantageProblem& p) {
+  // row indices are 32-bit in the hash table and CUB's sort; checked before the sort's size query
+  if (p.rows > INT32_MAX - 1) throw std::invalid_argument("sfgrpo advantages_cuda: more than 2^31 - 2 rows");
+}
+
 size_t advantages_cuda_workspace_bytes(const AdvantageProblem& p, bool with_stats) {
   if (p.rows == 0) return 0;
+  check_rows(p);
   return carve(p, nullptr, with_stats).total_bytes;
 }
 
@@ -146,7 +152,7 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
     check(cudaMemsetAsync(counts, 0, 2 * sizeof(int64_t), stream), "clearing the counts");
     return;
   }
-  if (p.rows > INT32_MAX - 1) throw std::invalid_argument("sfgrpo advantages_cuda: more than 2^31 - 2 rows");
+  check_rows(p);
   const bool with_stats = stats.requested();
   Carved c = carve(p, workspace, with_stats);
   if (c.total_bytes > workspace_bytes) {
