@@ -13,6 +13,7 @@ CUDA GPU the script also times 1M gains (100k trajectories x 10 steps) with CUDA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -192,9 +193,10 @@ def gpu_section() -> list[str]:
     device = torch.device("cuda")
     lines = ["### GPU (CUDA events, 1M gains = 100,000 trajectories x 10 steps, groups of 16)", "",
              f"device: {torch.cuda.get_device_name(device)}", "",
-             "`call`: one eager call between two events (host work included); `GPU only`: replay of the "
-             "call captured in a CUDA graph (kernel time, no Python, no launch overhead; n/a for calls "
-             "that synchronise); `host`: wall time per call of 50 back-to-back eager calls without a "
+             "`call`: one eager call between two events (host work included; calls without statistics "
+             "are one cooperative launch); `GPU only`: replay of the call captured in a CUDA graph (kernel "
+             "time, no Python, no launch overhead; graphs capture the memset + 3 kernels path, not the "
+             "cooperative launch; n/a for calls that synchronise); `host`: wall time per call of 50 back-to-back eager calls without a "
              "sync (the Python path and the launches, while the GPU queue absorbs the kernels; n/a for "
              "calls that synchronise).", "",
              "| case | call, median µs | GPU only (graph replay), median µs | host, µs per call |",
@@ -207,6 +209,7 @@ def gpu_section() -> list[str]:
         "gain_advantages joint, drop (sync-free)": lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
         "gain_advantages per_step, drop": lambda: sfgrpo.gain_advantages(rewards, ids, normalize="per_step",
                                                                           nonfinite="drop"),
+        MULTI_KERNEL_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
         "gain_advantages joint, error (1 sync)": lambda: sfgrpo.gain_advantages(rewards, ids),
         "group_advantages 100k samples, drop": lambda: sfgrpo.group_advantages(flow, ids, nonfinite="drop"),
         "group_advantages global std, drop": lambda: sfgrpo.group_advantages(flow, ids, std="global",
@@ -236,28 +239,56 @@ def gpu_section() -> list[str]:
         return best
 
     for name, fn in cases.items():
-        for _ in range(5):
-            fn()
-        call = event_times(fn)
-        syncs = "(1 sync)" in name or "reference" in name
-        host = "n/a" if syncs else f"{host_time(fn):.1f}"
-        graph_time = "n/a"
-        if "(1 sync)" not in name and "reference" not in name:  # calls that synchronise cannot be captured
-            try:
-                graph = torch.cuda.CUDAGraph()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    fn()  # warm-up on the capture stream
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    fn()
-                graph_time = f"{event_times(graph.replay):.1f}"
-            except Exception as err:  # noqa: BLE001 - reported in the table
-                graph_time = f"capture failed ({type(err).__name__})"
-        lines.append(f"| {name} | {call:.1f} | {graph_time} | {host} |")
+        with case_environment(name):
+            lines.append(gpu_row(name, fn, event_times, host_time))
     lines += ["", *kernel_breakdown(cases)]
     return lines
+
+
+# The same call as the first row on the memset + three kernels that the single cooperative launch
+# replaces (the A/B of SFGRPO_ADVANTAGES_COOPERATIVE); CUDA graphs capture that path in every row.
+MULTI_KERNEL_CASE = "gain_advantages joint, drop, memset + 3 kernels"
+
+
+@contextlib.contextmanager
+def case_environment(name: str):
+    """SFGRPO_ADVANTAGES_COOPERATIVE=0 while the multi-kernel case runs (the engine reads it per call)."""
+    if name != MULTI_KERNEL_CASE:
+        yield
+        return
+    previous = os.environ.get("SFGRPO_ADVANTAGES_COOPERATIVE")
+    os.environ["SFGRPO_ADVANTAGES_COOPERATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["SFGRPO_ADVANTAGES_COOPERATIVE"]
+        else:
+            os.environ["SFGRPO_ADVANTAGES_COOPERATIVE"] = previous
+
+
+def gpu_row(name: str, fn, event_times, host_time) -> str:
+    """One row of the GPU table: eager call, graph replay, host time per call."""
+    for _ in range(5):
+        fn()
+    call = event_times(fn)
+    syncs = "(1 sync)" in name or "reference" in name
+    host = "n/a" if syncs else f"{host_time(fn):.1f}"
+    graph_time = "n/a"
+    if "(1 sync)" not in name and "reference" not in name:  # calls that synchronise cannot be captured
+        try:
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()  # warm-up on the capture stream
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                fn()
+            graph_time = f"{event_times(graph.replay):.1f}"
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            graph_time = f"capture failed ({type(err).__name__})"
+    return f"| {name} | {call:.1f} | {graph_time} | {host} |"
 
 
 def kernel_breakdown(cases: dict) -> list[str]:
@@ -271,12 +302,13 @@ def kernel_breakdown(cases: dict) -> list[str]:
         for name, fn in cases.items():
             if "(1 sync)" in name or "reference" in name:
                 continue
-            fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    fn()
+            with case_environment(name):
+                fn()
                 torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
             for event in prof.key_averages():
                 total = getattr(event, "device_time_total", None)
                 if total is None:

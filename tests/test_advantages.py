@@ -504,6 +504,31 @@ def test_cuda_deterministic_sync_free_and_empty():
 
 
 @needs_cuda
+def test_cuda_graph_capture_replays_the_advantages():
+    """Eager calls without statistics are one cooperative launch; under CUDA-graph capture the call
+    takes the memset and three kernels (cooperative launches are not captured): both give the same
+    bits, and replays after new rewards are copied in give those rewards' advantages."""
+    ids = random_layout(30_000, max_group=24, seed=25).cuda()
+    rewards = rewards_for(ids.cpu(), 11, torch.float32, 25).cuda()
+    eager = F.gain_advantages(rewards, ids, nonfinite="drop", backend="native")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        F.gain_advantages(rewards, ids, nonfinite="drop", backend="native")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = F.gain_advantages(rewards, ids, nonfinite="drop", backend="native")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    other = rewards_for(ids.cpu(), 11, torch.float32, 26).cuda()
+    rewards.copy_(other)
+    graph.replay()
+    assert torch.equal(captured, F.gain_advantages(other, ids, nonfinite="drop", backend="native"))
+
+
+@needs_cuda
 def test_cuda_opcheck():
     ids = random_layout(40, seed=24).cuda()
     rewards = rewards_for(ids.cpu(), 5, torch.float32, 24).cuda()

@@ -431,7 +431,11 @@ def test_grid_stride_rounds():
 @needs_cuda
 @pytest.mark.parametrize("layout", ["prompts", "random_ids", "edge_ids", "one_group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_engine_gives_the_emulation_bits(layout, dtype):
+@pytest.mark.parametrize("single_launch", ["1", "0"])
+def test_cuda_engine_gives_the_emulation_bits(layout, dtype, single_launch, monkeypatch):
+    # "1": calls without statistics in one cooperative launch (grids capped at what the device holds
+    # at once: 100k rows take several grid-stride rounds); "0": the memset and three kernels
+    monkeypatch.setenv("SFGRPO_ADVANTAGES_COOPERATIVE", single_launch)
     g = torch.Generator().manual_seed(31)
     if layout == "prompts":  # prompt numbers, groups of 16, shuffled (the benchmark's layout)
         ids = (torch.arange(100_000) // 16)[torch.randperm(100_000, generator=g)]

@@ -1,17 +1,26 @@
-// CUDA advantage engine: the phases of sfgrpo/fixed_point_advantages.h, one kernel each, all on
-// the caller's stream, nothing waits for the device. Without per-group statistics a call is one
-// memset and three kernels (insert, moments, write): no sort, no scan, no host-visible group
+// CUDA advantage engine: the phases of sfgrpo/fixed_point_advantages.h, all on the caller's
+// stream, nothing waits for the device. Without per-group statistics a call is ONE cooperative
+// launch: the accumulators cleared, then phases 1 (insert), 2 (moments) and 3 (write) with a
+// grid-wide barrier between each, in a grid no larger than what the device runs at once. A call's
+// host cost is its launches (a few us each, more on a slow host), so one launch instead of a memset
+// and three kernels is most of the call on 1M gains. Where a cooperative launch is not available
+// (the device refuses it, a CUDA-graph capture is under way, SFGRPO_ADVANTAGES_COOPERATIVE=0), the
+// same phases run as a memset and three kernels. Either way no sort, no scan, no host-visible group
 // count. Values are summed as 64-bit fixed-point integers, so the atomics give the same bits in any
-// order (and the same bits as the host emulation of the same code,
+// order and any grid size (and the same bits as the host emulation of the same code,
 // csrc/cpu/advantages_emulated.cpp).
 //
 // Per-group statistics are reported in ascending id order: then the groups' first rows (claimed
-// in phase 1) are sorted by id with CUB between phases 1 and 2.
+// in phase 1) are sorted by id with CUB between phases 1 and 2 (the multi-kernel path).
 #include <cuda_runtime.h>
 
+#include <cooperative_groups.h>
 #include <cub/device/device_radix_sort.cuh>
 
+#include <algorithm>
+#include <atomic>
 #include <climits>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -102,9 +111,10 @@ __global__ void __launch_bounds__(kThreads) warp_rows_kernel(fixed::Args<T> a, i
                                   fixed::Block{blockIdx.x, gridDim.x});
 }
 
-// Advantages of every row, the statistics rows (ids sorted) and the counts.
+// Phase 3: advantages of every row, the statistics rows (ids sorted) and the counts; the calling
+// thread's rows of a grid-stride loop.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) write_kernel(fixed::Args<T> a) {
+__device__ void write_rows(const fixed::Args<T>& a) {
   const int64_t groups = static_cast<int64_t>(a.w.counters[0]);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.p.rows; i += stride) {
@@ -115,6 +125,34 @@ __global__ void __launch_bounds__(kThreads) write_kernel(fixed::Args<T> a) {
     a.counts[0] = groups;
     a.counts[1] = static_cast<int64_t>(a.w.counters[1]);
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) write_kernel(fixed::Args<T> a) {
+  write_rows(a);
+}
+
+// The whole call without statistics in one cooperative launch (every block resident, so the grid
+// barrier can wait for all of them): clear the accumulators (what the multi-kernel path's memset
+// clears), then the three phases, each reading what the previous one wrote. The barrier orders
+// memory too (cooperative_groups: writes before grid.sync() are visible to every thread after it).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    single_launch_kernel(fixed::Args<T> a, uint64_t* zeroed, int64_t zeroed_words, int insert_batch,
+                         int moments_batch) {
+  extern __shared__ unsigned long long staged[];  // fixed::staged_words(max of the two batches)
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < zeroed_words; k += stride) {
+    zeroed[k] = 0;
+  }
+  grid.sync();
+  const fixed::Block block{blockIdx.x, gridDim.x};
+  fixed::warp_rows_block<true>(a, insert_batch, reinterpret_cast<uint64_t*>(staged), block);
+  grid.sync();
+  fixed::warp_rows_block<false>(a, moments_batch, reinterpret_cast<uint64_t*>(staged), block);
+  grid.sync();
+  write_rows(a);
 }
 
 // Claims past the last group sort last: the largest key, and (the sort is stable) after any real
@@ -131,6 +169,68 @@ __global__ void pad_claims_kernel(fixed::Workspace w, int64_t n) {
 }
 
 }  // namespace
+
+// ------------------------------------------------------------------------- single launch
+// SFGRPO_ADVANTAGES_COOPERATIVE=0 forces the memset + three kernels (an A/B switch; read per call).
+static bool single_launch_wanted() {
+  const char* value = std::getenv("SFGRPO_ADVANTAGES_COOPERATIVE");
+  return value == nullptr || !(value[0] == '0' || value[0] == 'f' || value[0] == 'F' || value[0] == 'n' ||
+                               value[0] == 'N' || (value[0] == 'o' && value[1] == 'f'));
+}
+
+static bool capturing(cudaStream_t stream) {
+  // a graph replays what was captured, possibly next to other work: its calls take the plain launches
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    cudaGetLastError();
+    return true;  // unknown: the launches that are always allowed
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+constexpr int kMaxDevices = 64;
+
+// Blocks of single_launch_kernel<T> that the current device runs at once (with the most shared
+// memory a call can ask for), 0 when it does not do cooperative launches; queried once per device.
+template <typename T>
+static int resident_blocks() {
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, else blocks + 1
+  int device = 0;
+  check(cudaGetDevice(&device), "current device");
+  if (device < 0 || device >= kMaxDevices) return 0;
+  int cached = known[device].load(std::memory_order_relaxed);
+  if (cached != 0) return cached - 1;
+  int cooperative = 0, sms = 0, per_sm = 0;
+  check(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device attributes");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "device attributes");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, single_launch_kernel<T>, kThreads,
+                                                      sizeof(uint64_t) * fixed::kMaxStagedWords),
+        "occupancy query");
+  const int blocks = cooperative ? per_sm * sms : 0;
+  known[device].store(blocks + 1, std::memory_order_relaxed);
+  return blocks;
+}
+
+// The call in one cooperative launch; false (nothing enqueued) when that is not possible here.
+template <typename T>
+static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStream_t stream) {
+  if (!single_launch_wanted() || capturing(stream)) return false;
+  const int resident = resident_blocks<T>();
+  if (resident <= 0) return false;
+  const fixed::Args<T> a = args;
+  uint64_t* zeroed = reinterpret_cast<uint64_t*>(c.w.counters);  // the workspace's start
+  int64_t zeroed_words = static_cast<int64_t>((c.zeroed_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
+  int insert_batch = fixed::staged_batch_words(a.p, true);
+  int moments_batch = fixed::staged_batch_words(a.p, false);
+  const size_t shared = sizeof(uint64_t) * fixed::staged_words(std::max(insert_batch, moments_batch));
+  const int blocks = std::min(blocks_for(a.p.rows), resident);
+  void* params[] = {const_cast<fixed::Args<T>*>(&a), &zeroed, &zeroed_words, &insert_batch, &moments_batch};
+  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(single_launch_kernel<T>),
+                                                      dim3(blocks), dim3(kThreads), params, shared, stream);
+  if (err == cudaSuccess) return true;
+  cudaGetLastError();  // not a sticky error: the plain launches follow
+  return false;
+}
 
 static void check_rows(const AdvantageProblem& p) {
   // row indices are 32-bit in the hash table and CUB's sort; checked before the sort's size query
@@ -159,9 +259,10 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
     throw std::invalid_argument("sfgrpo advantages_cuda: workspace too small (" + std::to_string(workspace_bytes) +
                                 " < " + std::to_string(c.total_bytes) + " bytes)");
   }
+  const fixed::Args<T> args{p, rewards, group_ids, out, stats, counts, c.w};
+  if (!with_stats && launch_single(args, c, stream)) return;
   // one memset and three kernels (plus the claims' sort with statistics); no host synchronisation
   check(cudaMemsetAsync(workspace, 0, c.zeroed_bytes, stream), "clearing the accumulators");
-  const fixed::Args<T> args{p, rewards, group_ids, out, stats, counts, c.w};
   const int blocks = blocks_for(p.rows);
   const int insert_batch = fixed::staged_batch_words(p, true);
   warp_rows_kernel<T, true><<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(insert_batch), stream>>>(

@@ -1,6 +1,6 @@
 // How the CUDA advantage engine runs phases 1 and 2 of sfgrpo/fixed_point_advantages.h: the launch
 // geometry and one block's work, shared-memory staging included, written once for the kernel
-// (warp_rows_kernel, csrc/cuda/advantages.cu) and for the host emulation
+// (warp_rows_kernel and single_launch_kernel, csrc/cuda/advantages.cu) and for the host emulation
 // (csrc/cpu/advantages_emulated.cpp), which runs the same grid block by block. So the staging and
 // its flush are tested without a GPU, not only the phases.
 //
