@@ -71,6 +71,23 @@ def _step_value(value: float | Tensor, batch: int, device: torch.device) -> floa
     return _float32(value)
 
 
+def _check_step_numbers(sde_type: str, t, t_next, noise_level, sigma_max) -> None:
+    """Clear errors for step values given as Python numbers, which cost nothing to check (a tensor
+    would have to be read back: a host sync). Out of range, the formulas give NaN or inf in every
+    output instead: `sde` divides by t and by 1 - sigma_max, and takes sqrt(t - t')."""
+    number = (int, float)
+    if isinstance(t, number) and not 0.0 < t <= 1.0:
+        raise ValueError(f"t must be in (0, 1], got {t}")
+    if isinstance(t_next, number):
+        upper = t if isinstance(t, number) else 1.0
+        if not 0.0 <= t_next <= upper:
+            raise ValueError(f"t_next must be in [0, t] (t = {upper}), got {t_next}")
+    if isinstance(noise_level, number) and not 0.0 <= noise_level < math.inf:
+        raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level}")
+    if sde_type == "sde" and isinstance(sigma_max, number) and not 0.0 <= sigma_max < 1.0:
+        raise ValueError(f"sigma_max must be in [0, 1) (the sde step divides by 1 - sigma_max), got {sigma_max}")
+
+
 def _rows(x: Tensor) -> Tensor:
     """`[B, ...]` -> contiguous `[B, D]` (a copy only when the layout needs one). On every step's
     host path: the contiguous case is a bare view (~0.8 us; reshape + contiguous ~1.5 us)."""
@@ -119,8 +136,9 @@ def sde_step(
     `torch.randn(generator=...)` drawn like diffusers' `randn_tensor` (bit-compatible sampling),
     with torch's global RNG when no source is given (`ode` needs none).
     Gradients flow to `v` (and `x`, `v_ref` when they require grad) through the mean and the
-    Tweedie estimates; the sample is data. Values are not range-checked (that would sync): the
-    caller guarantees 0 <= t' < t <= 1.
+    Tweedie estimates; the sample is data. Step values given as numbers are range-checked (0 < t <= 1, 0 <= t' <= t,
+    noise level >= 0, sigma_max in [0, 1)); tensors are not (that would sync): there the caller
+    guarantees it.
     """
     if sde_type not in reference.SDE_TYPES:
         raise ValueError(f"sde_type must be one of {reference.SDE_TYPES}, got {sde_type!r}")
@@ -148,6 +166,8 @@ def sde_step(
         # the deterministic step needs none (zeros); the others draw from torch's global RNG, as
         # diffusers' randn_tensor does without a generator
         noise = torch.zeros_like(x, dtype=torch.float32) if sde_type == "ode" else reference.draw_noise(x)
+    if not torch.compiler.is_compiling():  # numbers may be symbolic under compile
+        _check_step_numbers(sde_type, t, t_next, noise_level, sigma_max)
     batch, device = x.shape[0], x.device
     t_row = _step_value(t, batch, device)
     t_next_row = _step_value(t_next, batch, device)

@@ -485,6 +485,30 @@ def test_bad_inputs_give_clear_errors():
         F.sde_step(x, v, t, tn, level, prev_sample=x[:, :2])
 
 
+@pytest.mark.parametrize("values, message", [
+    ((0.5, 0.7, 0.7), r"t_next must be in \[0, t\]"),  # stepping backwards: sqrt of a negative
+    ((0.0, 0.0, 0.7), r"t must be in \(0, 1\]"),  # sde divides by t
+    ((1.2, 0.5, 0.7), r"t must be in \(0, 1\]"),
+    ((0.5, -0.1, 0.7), r"t_next must be in \[0, t\]"),
+    ((0.5, 0.4, -0.1), "noise_level must be a finite number"),
+    ((0.5, 0.4, float("nan")), "noise_level must be a finite number"),
+    ((float("nan"), 0.4, 0.7), r"t must be in \(0, 1\]"),
+])
+def test_step_numbers_out_of_range_are_clear_errors_not_nans(values, message):
+    x, v, *_ = _inputs((3, 4, 4), torch.float32)
+    t, tn, level = values
+    with pytest.raises(ValueError, match=message):
+        F.sde_step(x, v, t, tn, level, seed=1)
+    with pytest.raises(ValueError, match="sigma_max must be in"):
+        F.sde_step(x, v, 1.0, 0.9, 0.7, sigma_max=1.0, seed=1)
+    # in range, including the edges, they run: first step t = 1, last step t' = 0, no noise
+    for ok in ((1.0, 0.9, 0.7), (0.3, 0.0, 0.7), (0.5, 0.5, 0.0)):
+        assert torch.isfinite(F.sde_step(x, v, *ok, seed=1).prev_sample).all()
+    # a number next to a tensor is checked alone; tensors are the caller's to keep in range
+    with pytest.raises(ValueError, match="t_next must be in"):
+        F.sde_step(x, v, torch.full((3,), 0.5), 1.5, 0.7, seed=1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", ["tensors", "floats"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
