@@ -242,8 +242,11 @@ def versions() -> dict:
         revision = ""
     import sfgrpo
 
+    from sfgrpo.kernels import sde_step as kernels
+
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__, "sfgrpo": sfgrpo.__version__, "git": revision,
+            "sde_step_tuning": str(kernels.TUNING),  # the launch knobs (SFGRPO_SDE_STEP_TUNING when set)
             "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -14,22 +14,23 @@
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat
 #   advantages  advantage engine: eager call vs CUDA-graph replay
+#   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant); its
+#               winner (SFGRPO_SDE_STEP_TUNING) is exported for the steps after it
 #   bench       SDE-step benchmark --quick (latency, back-to-back, GPU-only graph replay; vs eager,
 #               torch.compile, Flow-GRPO); rows are saved as they are measured
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
-#   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant)
 #   core        (not in the default list) issue 9's goals on real-size SD3.5-M,
 #               `sfgrpo bench --suite gpu-core --time-budget 240` under `timeout -k 10 300` (~4-5 min on an
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
 #               All steps in one 10-minute command (~250 s without core on an H100, 2026-11-26):
-#               DEADLINE=560 STEPS=tests,advantages,bench,trainer,tune,core bash benchmarks/gpu_checks.sh
+#               DEADLINE=560 STEPS=tests,advantages,tune,bench,trainer,core bash benchmarks/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=$(realpath -m "${OUT:-$REPO/benchmarks/results/gpu-checks}")  # absolute: the steps run from /tmp
-STEPS=",${STEPS:-tests,advantages,bench,trainer,tune},"
+STEPS=",${STEPS:-tests,advantages,tune,bench,trainer},"
 mkdir -p "$OUT"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
 if [ -n "${SKIP_INSTALL:-}" ]; then
@@ -55,6 +56,17 @@ if want advantages; then
   echo "advantages bench: exit $?"
   cat "$OUT/advantages.md" 2>/dev/null
 fi
+if want tune; then
+  # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import)
+  timeout -k 10 90 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" \
+    --winner-out "$OUT/tuning_winner.txt" > /dev/null 2> "$OUT/tuning.err"
+  echo "tuning: exit $?"
+  head -n 40 "$OUT/tuning.md" 2>/dev/null
+  if [ -s "$OUT/tuning_winner.txt" ]; then
+    export SFGRPO_SDE_STEP_TUNING=$(cat "$OUT/tuning_winner.txt")
+    echo "SDE-step launch knobs from here on: $SFGRPO_SDE_STEP_TUNING"
+  fi
+fi
 if want bench; then
   timeout -k 10 150 python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT" > "$OUT/bench_sde_step.txt" 2>&1
   echo "sde-step bench: exit $?"
@@ -63,11 +75,6 @@ fi
 if want trainer; then
   timeout -k 10 90 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
   echo "trainer on CUDA: exit $? ($(tail -1 "$OUT/tests_trainer_cuda.txt"))"
-fi
-if want tune; then
-  timeout -k 10 90 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" > /dev/null 2> "$OUT/tuning.err"
-  echo "tuning: exit $?"
-  head -n 40 "$OUT/tuning.md" 2>/dev/null
 fi
 if want core; then
   # the budget stops starting new rows after 240 s (sfgrpo and the reference ops on both cases come

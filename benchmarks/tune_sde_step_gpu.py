@@ -7,9 +7,11 @@ target program count) it times, as CUDA-graph replays (kernel time only, no host
 scoring forward + backward and Philox sampling on SD3.5-M and FLUX latents in bf16 and fp32 (and,
 with the default knobs, Philox sampling on libdevice's precise log/sin/cos: the A/B of
 `PHILOX_FAST_MATH`), checks the log-prob against the reference, and prints one markdown row per
-(case, variant) with GB/s and % of the measured copy bandwidth, best first. The winner becomes the default by editing
-`TUNING` in kernels/sde_step.py (the chunking may depend on shape and dtype only: sampling and
-scoring must sum in the same order).
+(case, variant) with GB/s and % of the measured copy bandwidth, best first. The winner (the best
+geometric mean of GB/s over every case, shape and dtype) is printed last as the value of
+SFGRPO_SDE_STEP_TUNING (`--winner-out FILE` also writes it there), which a process reads at
+import; committed, it becomes the default by editing `LaunchTuning` in kernels/sde_step.py (the
+chunking may depend on shape and dtype only: sampling and scoring must sum in the same order).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer variants")
     parser.add_argument("--out", help="also write the markdown here")
+    parser.add_argument("--winner-out", help="write the winning variant here, as SFGRPO_SDE_STEP_TUNING's value")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -127,7 +130,32 @@ def main() -> int:
         K.TUNING = default
         K.launch_config.cache_clear()
     print(_write(args.out, header, rows, default, peak))
+    best = winner(rows, variants)
+    if best is not None:
+        text = tuning_text(best)
+        print(f"winner: {K.TUNING_ENV}={text}")
+        if args.winner_out:
+            with open(args.winner_out, "w") as handle:
+                handle.write(text + "\n")
     return 0
+
+
+def tuning_text(variant) -> str:
+    """The variant as SFGRPO_SDE_STEP_TUNING's value (kernels.sde_step.tuning_from_text reads it)."""
+    return ",".join(f"{name}={getattr(variant, name)}" for name in variant.__dataclass_fields__)
+
+
+def winner(rows: list, variants: list):
+    """The variant with the best geometric mean of GB/s over every (case, latents, dtype) that all
+    variants measured (the precise-math A/B left out); None without a complete variant."""
+    keys = {(r[0], r[1], r[2]) for r in rows if r[0] != PRECISE_CASE}
+    score = {}
+    for variant in variants:
+        gbs = {(r[0], r[1], r[2]): r[5] for r in rows if r[3] == variant and r[0] != PRECISE_CASE}
+        values = [gbs.get(key, math.nan) for key in keys]
+        if values and all(math.isfinite(v) and v > 0 for v in values):
+            score[variant] = math.exp(sum(math.log(v) for v in values) / len(values))
+    return max(score, key=score.get) if score else None
 
 
 if __name__ == "__main__":

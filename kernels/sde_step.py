@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import triton
@@ -431,7 +433,45 @@ class LaunchTuning:
     max_iters: int = 32  # blocks one program streams
 
 
-TUNING = LaunchTuning()
+TUNING_ENV = "SFGRPO_SDE_STEP_TUNING"
+
+
+def tuning_from_text(text: str) -> LaunchTuning:
+    """`LaunchTuning` from "threads=256,bytes_per_thread=16,target_programs=1024" (any subset of the
+    fields; the others keep their defaults), the format benchmarks/tune_sde_step_gpu.py prints."""
+    fields = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in LaunchTuning.__dataclass_fields__:
+            raise ValueError(f"{TUNING_ENV}: expected name=value with names from "
+                             f"{sorted(LaunchTuning.__dataclass_fields__)}, got {part!r}")
+        fields[name] = int(value)
+        if fields[name] <= 0:
+            raise ValueError(f"{TUNING_ENV}: {name} must be > 0, got {value}")
+    tuning = LaunchTuning(**fields)
+    per_thread = tuning.bytes_per_thread
+    if tuning.threads % 32 or tuning.threads & (tuning.threads - 1) or per_thread & (per_thread - 1):
+        raise ValueError(f"{TUNING_ENV}: threads must be a power of two >= 32 and bytes_per_thread a power of "
+                         f"two, got {tuning}")
+    return tuning
+
+
+def _tuning_at_import() -> LaunchTuning:
+    """The launch knobs for this process: the defaults, or SFGRPO_SDE_STEP_TUNING (a device's sweep
+    winner). Read once: the chunking must not change within a run, or sampling and scoring would
+    sum residuals in different orders (the on-policy ratio would no longer be exactly 1)."""
+    text = os.environ.get(TUNING_ENV, "").strip()
+    if not text:
+        return LaunchTuning()
+    try:
+        return tuning_from_text(text)
+    except ValueError as err:
+        warnings.warn(f"sfgrpo: {err}; using the default launch knobs", RuntimeWarning, stacklevel=2)
+        return LaunchTuning()
+
+
+TUNING = _tuning_at_import()
 
 
 @functools.lru_cache(maxsize=1024)  # on the host path of every call: ~40 us uncached under Triton 3.6
