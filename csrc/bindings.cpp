@@ -281,21 +281,22 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, std::uintptr_t rewards, std::uintptr_t group_ids,
          std::uintptr_t out, int64_t rows, int64_t width, bool gains, bool pooled, bool global_std,
          int ddof, double eps, std::optional<double> clip, std::uintptr_t column_mask,
-         std::optional<StatsAddresses> stats, bool as_launched) {
+         std::optional<StatsAddresses> stats, bool as_launched, int max_blocks) {
         return run_host_advantages(
             dtype, rewards, group_ids, out,
             make_problem(rows, width, gains, pooled, global_std, ddof, eps, clip, column_mask),
             make_stats(stats), [&](const auto& p, const auto* r, const int64_t* ids, auto* o, const auto& b) {
-              return sfgrpo::advantages_cuda_emulated(p, r, ids, o, b, as_launched);
+              return sfgrpo::advantages_cuda_emulated(p, r, ids, o, b, as_launched, max_blocks);
             });
       },
       "The CUDA engine's algorithm run sequentially on host memory (the GPU's bits); returns "
       "(groups, nonfinite rows). as_launched=False: phases 1 and 2 without the kernel's blocks and "
-      "shared-memory staging (the same bits)",
+      "shared-memory staging (the same bits); max_blocks > 0 caps the grid like the cooperative "
+      "single launch",
       py::arg("dtype"), py::arg("rewards"), py::arg("group_ids"), py::arg("out"), py::arg("rows"),
       py::arg("width"), py::arg("gains"), py::arg("pooled"), py::arg("global_std"),
       py::arg("ddof"), py::arg("eps"), py::arg("clip"), py::arg("column_mask"), py::arg("stats"),
-      py::arg("as_launched") = true);
+      py::arg("as_launched") = true, py::arg("max_blocks") = 0);
 
   testing.def(
       "advantages_launch",

@@ -25,7 +25,7 @@ KEY_ZERO_ID = int(np.uint64(0x9E3779B97F4A7C15).astype(np.int64))
 
 
 def run_engine(engine, rewards, ids, *, gains, pooled, global_std=False, ddof=0, eps=1e-8, clip=None, step_mask=None,
-               stats=False):
+               stats=False, max_blocks=0):
     """(advantages, padded stats or None, groups, nonfinite rows) from the native engine `engine`:
     "emulated" (the CUDA engine's algorithm on the host, as the kernels are launched), "unlaunched"
     (the same phases warp by warp, without the launch's blocks and staging) or "cpu" (the CPU
@@ -41,7 +41,7 @@ def run_engine(engine, rewards, ids, *, gains, pooled, global_std=False, ddof=0,
     args = adv_ops.engine_args(rewards, ids, out, problem, mask, padded)
     native = _native.require("test")
     if engine in ("emulated", "unlaunched"):
-        groups, nonfinite = native.testing.advantages_cuda_emulated(*args, engine == "emulated")
+        groups, nonfinite = native.testing.advantages_cuda_emulated(*args, engine == "emulated", max_blocks)
     else:
         groups, nonfinite = native.cpu.advantages(*args, 0)
     return out, padded, groups, nonfinite
@@ -425,6 +425,23 @@ def test_grid_stride_rounds():
     for stats in (False, True):
         assert_launch_is_exact(rewards, ids, len(bad), permute=False, gains=False, pooled=False, global_std=True,
                                eps=1e-4, stats=stats)
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+@pytest.mark.parametrize("max_blocks", [1, 3, 396])
+def test_a_capped_grid_gives_the_same_bits(max_blocks, global_std):
+    # the cooperative single launch runs at most the blocks the device holds at once (an H100: 3 per
+    # SM x 132) and its grid-stride loops take the rest: 1, 3 or 396 blocks over 2,000 to 120,000
+    # rows give the bits of the full grid, counts and statistics included
+    for rows, seed in ((2000, 50), (120_000, 51)):
+        ids = (torch.arange(rows) // 16)[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))]
+        rewards = skewed_rewards(rows, 5, torch.float64, seed=seed)
+        rewards[[1, rows // 2, rows - 1], [0, 2, 4]] = float("nan")
+        problem = dict(gains=True, pooled=True, global_std=global_std, eps=1e-6, clip=3.0)
+        full, _, *full_counts = run_engine("emulated", rewards, ids, **problem)
+        capped, _, *capped_counts = run_engine("emulated", rewards, ids, max_blocks=max_blocks, **problem)
+        assert capped_counts == full_counts == [rows // 16, 3]
+        assert torch.equal(capped, full)
 
 
 # ------------------------------------------------------------------------------------- GPU

@@ -21,10 +21,11 @@ namespace {
 // word before it is cleared gets garbage here too.
 constexpr uint64_t kUnwritten = 0x5a5a5a5a5a5a5a5aULL;
 
-// Phase 1 (kInsert) or 2 as warp_rows_kernel runs it: every block of the grid in turn, `staged`
-// standing for its shared memory. Not `as_launched`: warp by warp over the rows, no staging.
+// Phase 1 (kInsert) or 2 as warp_rows_kernel runs it: every block of the grid (capped at
+// `max_blocks` when > 0, as the cooperative single launch caps it) in turn, `staged` standing for
+// its shared memory. Not `as_launched`: warp by warp over the rows, no staging.
 template <bool kInsert, typename T>
-void run_warp_rows(const fixed::Args<T>& a, bool as_launched) {
+void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks) {
   if (!as_launched) {
     for (int64_t base = 0; base < a.p.rows; base += fixed::kWarpSize) {
       if (kInsert) {
@@ -37,7 +38,7 @@ void run_warp_rows(const fixed::Args<T>& a, bool as_launched) {
   }
   const int batch_words = fixed::staged_batch_words(a.p, kInsert);
   std::vector<uint64_t> staged(fixed::staged_words(batch_words));
-  const unsigned blocks = static_cast<unsigned>(fixed::blocks_for(a.p.rows));
+  const unsigned blocks = static_cast<unsigned>(fixed::grid_blocks(a.p.rows, max_blocks));
   for (unsigned b = 0; b < blocks; ++b) {
     std::fill(staged.begin(), staged.end(), kUnwritten);
     fixed::warp_rows_block<kInsert>(a, batch_words, staged.data(), fixed::Block{b, blocks});
@@ -48,7 +49,8 @@ void run_warp_rows(const fixed::Args<T>& a, bool as_launched) {
 
 template <typename T>
 AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rewards, const int64_t* group_ids,
-                                         T* out, const GroupStatsBuffers& stats, bool as_launched) {
+                                         T* out, const GroupStatsBuffers& stats, bool as_launched,
+                                         int max_blocks) {
   AdvantageCounts counts;
   if (p.rows == 0) return counts;
   const int64_t n = p.rows;
@@ -80,7 +82,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
   }
   const fixed::Args<T> a{p, rewards, group_ids, out, stats, nullptr, w};
 
-  run_warp_rows<true>(a, as_launched);
+  run_warp_rows<true>(a, as_launched, max_blocks);
   const int64_t groups = static_cast<int64_t>(counters[0]);
   if (stats.requested()) {  // the device sorts the claims by id with CUB
     std::vector<int64_t> order(groups);
@@ -91,7 +93,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
       sorted_reps[j] = claim_reps[order[j]];
     }
   }
-  run_warp_rows<false>(a, as_launched);
+  run_warp_rows<false>(a, as_launched, max_blocks);
   for (int64_t i = 0; i < n; ++i) fixed::write_row(a, i);
   if (stats.requested()) {
     for (int64_t j = 0; j < groups; ++j) fixed::write_stats_row(a, j);
@@ -102,8 +104,8 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
 }
 
 template AdvantageCounts advantages_cuda_emulated<float>(const AdvantageProblem&, const float*, const int64_t*,
-                                                         float*, const GroupStatsBuffers&, bool);
+                                                         float*, const GroupStatsBuffers&, bool, int);
 template AdvantageCounts advantages_cuda_emulated<double>(const AdvantageProblem&, const double*, const int64_t*,
-                                                          double*, const GroupStatsBuffers&, bool);
+                                                          double*, const GroupStatsBuffers&, bool, int);
 
 }  // namespace sfgrpo

@@ -223,7 +223,7 @@ static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStrea
   int insert_batch = fixed::staged_batch_words(a.p, true);
   int moments_batch = fixed::staged_batch_words(a.p, false);
   const size_t shared = sizeof(uint64_t) * fixed::staged_words(std::max(insert_batch, moments_batch));
-  const int blocks = std::min(blocks_for(a.p.rows), resident);
+  const int blocks = fixed::grid_blocks(a.p.rows, resident);
   void* params[] = {const_cast<fixed::Args<T>*>(&a), &zeroed, &zeroed_words, &insert_batch, &moments_batch};
   const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(single_launch_kernel<T>),
                                                       dim3(blocks), dim3(kThreads), params, shared, stream);

@@ -74,11 +74,12 @@ AdvantageCounts advantages_cpu(const AdvantageProblem& problem, const T* rewards
 // The CUDA engine's algorithm (fixed_point_advantages.h) run sequentially on host memory: the
 // bits the GPU produces, for tests without a GPU. `as_launched` false: phases 1 and 2 without the
 // kernel's blocks and shared-memory staging (warp by warp, every atomic to the global accumulator),
-// a reference the launch must not change a bit of.
+// a reference the launch must not change a bit of. `max_blocks` > 0 caps the grid as the
+// cooperative single launch does (fewer blocks, more grid-stride rounds: the same bits).
 template <typename T>
 AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& problem, const T* rewards,
                                          const int64_t* group_ids, T* out, const GroupStatsBuffers& stats,
-                                         bool as_launched = true);
+                                         bool as_launched = true, int max_blocks = 0);
 
 // Maps arbitrary int64 group ids to dense indices 0..G-1 in order of first appearance.
 // Writes out[i] for i < n and returns G. O(n) expected (open-addressing hash table).

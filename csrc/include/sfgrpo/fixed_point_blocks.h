@@ -33,6 +33,13 @@ SFGRPO_HD int blocks_for(int64_t items) {
   return static_cast<int>(blocks < kMaxBlocks ? (blocks > 0 ? blocks : 1) : kMaxBlocks);
 }
 
+// Blocks of a launch capped at `cap` (0: no cap): the cooperative single launch runs no more blocks
+// than the device holds at once, and the grid-stride loops cover the rest of the rows.
+SFGRPO_HD int grid_blocks(int64_t items, int cap) {
+  const int blocks = blocks_for(items);
+  return cap > 0 && cap < blocks ? cap : blocks;
+}
+
 // Batch words staged by phase 1 (`insert`: the range) or 2 (the moment sums); 0: none, the batch
 // accumulators stay in global memory (no global_std, or too many statistics for the staging).
 SFGRPO_HD int staged_batch_words(const AdvantageProblem& p, bool insert) {
