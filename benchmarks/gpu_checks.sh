@@ -9,7 +9,8 @@
 #   SKIP_INSTALL=1 STEPS=bench,tune bash benchmarks/gpu_checks.sh  # more, already installed
 #
 # All steps fit one 10-minute command on an H200-class machine (install ~1 min, tests ~1.5 min; the
-# limits below sum to 8.6 min and only a hung step reaches its limit).
+# limits below sum to 10 min, DEADLINE cuts the core step to what is left, and only a hung step
+# reaches its limit).
 # steps (default: all, in this order):
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat
@@ -71,6 +72,10 @@ if want bench; then
   timeout -k 10 150 python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT" > "$OUT/bench_sde_step.txt" 2>&1
   echo "sde-step bench: exit $?"
   tail -n 40 "$OUT/bench_sde_step.txt"
+  # where a back-to-back call's host time goes (sfgrpo's Python vs Triton's launcher vs one torch op)
+  timeout -k 10 60 python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2>&1
+  echo "host breakdown: exit $?"
+  cat "$OUT/host_breakdown.md" 2>/dev/null
 fi
 if want trainer; then
   timeout -k 10 90 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
