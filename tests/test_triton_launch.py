@@ -92,6 +92,19 @@ def test_anything_triton_specialises_on_gets_its_own_kernel(launch, change):
     assert [entry[0] for entry in kernel.log] == ["jit", "jit"]
 
 
+def test_constexprs_between_runtime_arguments_are_keyed_by_value(launch):
+    # sfgrpo's kernels declare their constexprs last (keyed as one slice); any order works
+    kernel = FakeKernel()
+    kernel.arg_names = ["x_ptr", "BLOCK", "n"]
+    kernel.params = [_Param(False), _Param(True), _Param(False)]
+    launcher = launch.DirectLauncher(kernel)
+    x = torch.zeros(64)
+    for block, n in ((128, 32), (128, 48), (256, 48), (256, 33)):
+        launcher((1,), x, block, n)
+    # 48 and 32 specialise alike (both % 16 == 0); a new BLOCK or an n not divisible by 16 does not
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct", "jit", "jit"]
+
+
 def test_a_runner_that_rejects_the_call_turns_direct_launch_off(launch):
     kernel = FakeKernel(fail=True)
     launcher = launch.DirectLauncher(kernel)
