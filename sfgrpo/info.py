@@ -57,7 +57,24 @@ def collect() -> dict:
             op: {d: backend.resolve_backend(op, d) for d in devices}
             for op in sorted(backend.registered_ops())
         },
+        "switches": _switches(),
     }
+
+
+def _switches() -> dict[str, str]:
+    """The environment switches of the accelerated paths, as this process sees them."""
+    switches = {
+        "SFGRPO_TRITON_DIRECT_LAUNCH": backend.environ_get("SFGRPO_TRITON_DIRECT_LAUNCH") or "(unset: on)",
+        "SFGRPO_ADVANTAGES_COOPERATIVE": backend.environ_get("SFGRPO_ADVANTAGES_COOPERATIVE") or "(unset: on)",
+    }
+    try:
+        from sfgrpo.kernels import sde_step as kernels
+    except ImportError:  # no Triton: the SDE step has no kernels to tune
+        switches["SFGRPO_SDE_STEP_TUNING"] = "(Triton not installed)"
+    else:
+        source = "" if backend.environ_get(kernels.TUNING_ENV) else " (defaults)"
+        switches["SFGRPO_SDE_STEP_TUNING"] = f"{kernels.TUNING}{source}"
+    return switches
 
 
 def _pipeline_support() -> dict[str, bool]:
@@ -101,4 +118,6 @@ def format_report(info: dict) -> str:
         lines.append("  (no ops registered)")
     for op, per_device in info["ops"].items():
         lines.append(f"  {op:<24} " + "  ".join(f"{d}: {b}" for d, b in per_device.items()))
+    lines += ["", "switches:"]
+    lines += [f"  {name:<30} {value}" for name, value in info.get("switches", {}).items()]
     return "\n".join(lines)

@@ -96,6 +96,15 @@ def test_cli_info_reports_native_build_and_backends():
                                    ("StableDiffusion3Pipeline", "FluxPipeline", "ChromaPipeline", "Flux2KleinPipeline",
                                     "QwenImagePipeline")}
     assert "diffusers checkpoints" in text and "QwenImagePipeline" in text
+    # the accelerated paths' switches as the process sees them (the launch knobs from the environment)
+    assert report["switches"]["SFGRPO_ADVANTAGES_COOPERATIVE"] == "(unset: on)"
+    assert report["switches"]["SFGRPO_SDE_STEP_TUNING"].endswith("(defaults)")
+    tuned = subprocess.run(
+        [sys.executable, "-m", "sfgrpo.cli", "info", "--json"], capture_output=True, text=True, check=True, cwd="/",
+        env=dict(os.environ, SFGRPO_SDE_STEP_TUNING="target_programs=4096"),
+    ).stdout
+    assert json.loads(tuned)["switches"]["SFGRPO_SDE_STEP_TUNING"] == (
+        "LaunchTuning(threads=256, bytes_per_thread=16, target_programs=4096, max_iters=32)")
 
 
 def test_console_script_is_installed():
