@@ -58,7 +58,9 @@ if want advantages; then
   cat "$OUT/advantages.md" 2>/dev/null
 fi
 if want tune; then
-  # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import)
+  # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import);
+  # a winner left in $OUT by an earlier run must not be exported when this sweep names none
+  rm -f "$OUT/tuning_winner.txt"
   timeout -k 10 90 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" \
     --winner-out "$OUT/tuning_winner.txt" > /dev/null 2> "$OUT/tuning.err"
   echo "tuning: exit $?"
@@ -73,7 +75,8 @@ if want bench; then
   echo "sde-step bench: exit $?"
   tail -n 40 "$OUT/bench_sde_step.txt"
   # where a back-to-back call's host time goes (sfgrpo's Python vs Triton's launcher vs one torch op)
-  timeout -k 10 60 python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2>&1
+  rm -f "$OUT/host_breakdown.md"  # written row by row: what this run measured, nothing older
+  timeout -k 10 60 python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2> "$OUT/host_breakdown.err"
   echo "host breakdown: exit $?"
   cat "$OUT/host_breakdown.md" 2>/dev/null
 fi

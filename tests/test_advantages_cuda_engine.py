@@ -482,3 +482,38 @@ def test_cuda_engine_gives_the_emulation_bits(layout, dtype, single_launch, monk
         expected, *_ = emulated(flat, ids, gains=False, pooled=False, global_std=std == "global", eps=1e-4)
         got = F.group_advantages(flat.cuda(), ids.cuda(), std=std, nonfinite="drop", backend="native")
         assert torch.equal(got.cpu().reshape(-1), expected.reshape(-1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("single_launch", ["1", "0"])
+def test_cuda_engine_runs_the_launch_asked_for_and_its_capped_grid_is_exact(single_launch, monkeypatch):
+    # 300k rows need 1,172 blocks: the cooperative launch caps its grid at what the device holds at
+    # once (an H100: 3 per SM x 132 = 396), so its warps take several grid-stride rounds on the
+    # device (the other GPU tests' batches, 100k rows and less, fit one round of an H100's grid).
+    # The profiler says which launch ran: a cooperative launch the device refuses falls back to the
+    # memset + 3 kernels silently, and the bits alone would not show it.
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("SFGRPO_ADVANTAGES_COOPERATIVE", single_launch)
+    rows = 300_000
+    ids = (torch.arange(rows) // 16)[torch.randperm(rows, generator=torch.Generator().manual_seed(60))]
+    rewards = rewards_for(ids, 11, torch.float32, 61) * 10 + 1
+    rewards[[5, rows // 2, rows - 1], [0, 3, 10]] = float("nan")
+    flat = rewards[:, -1].contiguous()
+    expected, *_ = emulated_gain(rewards, ids, "joint", clip=5.0)
+    expected_global, *_ = emulated(flat, ids, gains=False, pooled=False, global_std=True, eps=1e-4)
+    rewards_d, ids_d, flat_d = rewards.cuda(), ids.cuda(), flat.cuda()
+    F.gain_advantages(rewards_d, ids_d, clip=5.0, nonfinite="drop", backend="native")  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = F.gain_advantages(rewards_d, ids_d, clip=5.0, nonfinite="drop", backend="native")
+        got_global = F.group_advantages(flat_d, ids_d, std="global", nonfinite="drop", backend="native")
+        torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), expected)
+    assert torch.equal(got_global.cpu().reshape(-1), expected_global.reshape(-1))
+    names = [event.key for event in prof.key_averages()]
+    if not any("_kernel" in name for name in names):
+        pytest.skip(f"the profiler recorded no kernels ({names})")
+    single = any("single_launch_kernel" in name for name in names)
+    multi = any("warp_rows_kernel" in name for name in names)
+    assert (single, multi) == ((True, False) if single_launch == "1" else (False, True)), names
