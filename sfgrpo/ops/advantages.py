@@ -296,7 +296,9 @@ def _group_advantages_run(rewards, group_ids, std, eps, unbiased, clip, nonfinit
     """The op's body after validation."""
     problem = _group_problem(std, eps, unbiased, clip)
     out, stats = _run_native(_as_matrix(rewards), group_ids, problem, None, nonfinite, with_stats)
-    return (out.reshape(rewards.shape), *stats) if with_stats else out.reshape(rewards.shape)
+    if rewards.ndim == 1:  # [N] rewards ran as [N, 1]; squeeze is the cheaper view (~0.8 vs ~1.6 us)
+        out = out.squeeze(1)
+    return (out, *stats) if with_stats else out
 
 
 @torch.library.custom_op("sfgrpo::gain_advantages", mutates_args=(), device_types=("cpu", "cuda"))
