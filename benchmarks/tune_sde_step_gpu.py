@@ -6,7 +6,7 @@ For every `LaunchTuning` variant (threads per program, storage bytes per thread 
 target program count) it times, as CUDA-graph replays (kernel time only, no host work), the
 scoring forward + backward and Philox sampling on SD3.5-M and FLUX latents in bf16 and fp32 (and,
 with the default knobs, Philox sampling on libdevice's precise log/sin/cos: the A/B of
-`PHILOX_FAST_MATH`), checks the log-prob against the reference, and prints one markdown row per
+`PHILOX_FAST_MATH`, and the scoring pass with L2 eviction hints: the A/B of `L2_HINTS`), checks the log-prob against the reference, and prints one markdown row per
 (case, variant) with GB/s and % of the measured copy bandwidth, best first. The winner (the best
 geometric mean of GB/s over every case, shape and dtype) is printed last as the value of
 SFGRPO_SDE_STEP_TUNING (`--winner-out FILE` also writes it there), which a process reads at
@@ -33,6 +33,8 @@ from sfgrpo.kernels import sde_step as K
 
 SHAPES = {"sd35m_b32_128": (32, 16, 128, 128), "flux_b16_4096x64": (16, 4096, 64)}
 PRECISE_CASE = "sample philox precise"  # timed with the default tuning only
+L2_CASE = "score fwd+bwd L2 hints"  # the A/B of L2_HINTS, default tuning only
+AB_CASES = (PRECISE_CASE, L2_CASE)
 
 
 def cases(shape, dtype):
@@ -49,6 +51,13 @@ def cases(shape, dtype):
         vg.grad = None
         out = F.sde_step(x, vg, 0.8, 0.6, 0.7, prev_sample=sample)
         (out.log_prob * weights).sum().backward()
+
+    def score_l2_hints():  # the A/B: evict_last in the forward, evict_first in the backward
+        hints, K.L2_HINTS = K.L2_HINTS, True
+        try:
+            score()
+        finally:
+            K.L2_HINTS = hints
 
     def draw():
         F.sde_step(x, v, 0.8, 0.6, 0.7, seed=1)
@@ -67,7 +76,7 @@ def cases(shape, dtype):
 
     # bytes the fused algorithm must move: score fwd reads x, v, x'; bwd reads them again, writes dv
     return {"score fwd+bwd": (score, numel * 7 * itemsize), "sample philox": (draw, numel * 3 * itemsize),
-            PRECISE_CASE: (draw_precise, numel * 3 * itemsize)}, check
+            PRECISE_CASE: (draw_precise, numel * 3 * itemsize), L2_CASE: (score_l2_hints, numel * 7 * itemsize)}, check
 
 
 def _write(path: str | None, header: list[str], rows: list, default, peak: float) -> str:
@@ -117,7 +126,7 @@ def main() -> int:
                 try:
                     check()
                     for case, (fn, nbytes) in work.items():
-                        if case == PRECISE_CASE and variant != default:
+                        if case in AB_CASES and variant != default:
                             continue
                         us = 1e3 * time_graph_ms(fn)  # NaN: could not be captured
                         gbs = nbytes / (us * 1e-6) / 1e9
@@ -148,10 +157,10 @@ def tuning_text(variant) -> str:
 def winner(rows: list, variants: list):
     """The variant with the best geometric mean of GB/s over every (case, latents, dtype) that all
     variants measured (the precise-math A/B left out); None without a complete variant."""
-    keys = {(r[0], r[1], r[2]) for r in rows if r[0] != PRECISE_CASE}
+    keys = {(r[0], r[1], r[2]) for r in rows if r[0] not in AB_CASES}
     score = {}
     for variant in variants:
-        gbs = {(r[0], r[1], r[2]): r[5] for r in rows if r[3] == variant and r[0] != PRECISE_CASE}
+        gbs = {(r[0], r[1], r[2]): r[5] for r in rows if r[3] == variant and r[0] not in AB_CASES}
         values = [gbs.get(key, math.nan) for key in keys]
         if values and all(math.isfinite(v) and v > 0 for v in values):
             score[variant] = math.exp(sum(math.log(v) for v in values) / len(values))

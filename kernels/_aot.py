@@ -60,14 +60,19 @@ def resource_usage(cubin: bytes) -> dict:
 
 def global_access_widths(ptx: str) -> dict:
     """Counts of 128-bit (`.v4` of 32-bit words) and narrower global loads/stores in the PTX."""
-    accesses = re.findall(r"\b(ld|st)\.global((?:\.\w+)*)", ptx)
+    # modifiers may carry "::" (cache hints: .L1::evict_last.L2::cache_hint)
+    accesses = re.findall(r"\b(ld|st)\.global((?:\.[\w:]+)*)", ptx)
     wide = lambda kind: sum(1 for op, mods in accesses if op == kind and ".v4" in mods and (".b32" in mods or ".f32" in mods))  # noqa: E731
     return {"loads_128bit": wide("ld"), "stores_128bit": wide("st"),
             "loads_narrow": sum(1 for op, _ in accesses if op == "ld") - wide("ld"),
             "stores_narrow": sum(1 for op, _ in accesses if op == "st") - wide("st"),
             # cross-program hand-offs: acquire/release atomics, and loads that skip the (incoherent) L1
             "atomics_acq_rel": len(re.findall(r"\batom\.(?:\w+\.)*acq_rel", ptx)),
-            "loads_cg": sum(1 for op, mods in accesses if op == "ld" and ".cg" in mods)}
+            "loads_cg": sum(1 for op, mods in accesses if op == "ld" and ".cg" in mods),
+            # L2 eviction priorities (kernels.sde_step.L2_HINTS): policies made, and loads that use one
+            "l2_evict_last": len(re.findall(r"createpolicy\.\w+\.L2::evict_last", ptx)),
+            "l2_evict_first": len(re.findall(r"createpolicy\.\w+\.L2::evict_first", ptx)),
+            "loads_l2_hinted": sum(1 for op, mods in accesses if op == "ld" and "L2::cache_hint" in mods)}
 
 
 def transcendentals(ptx: str) -> dict:

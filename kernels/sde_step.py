@@ -53,6 +53,13 @@ FP_FUSION = False
 # functions on the GPU too, same formula (an A/B switch for benchmarks; it changes the noise by the
 # approximation error only).
 PHILOX_FAST_MATH = True
+# L2 eviction hints for a training step's scoring pass (an A/B switch for benchmarks, off until a GPU
+# shows it pays): the forward that autograd will differentiate loads x, v, x' (and v_ref) with
+# L2::evict_last, so that the backward that follows a few small loss kernels later can find them
+# in L2 (an H100 has 50 MB: bf16 FLUX latents of batch 16 are 8.4 MB each), and the backward,
+# their last use, loads them with L2::evict_first. Sampling and scoring without a gradient keep the
+# default priority. Hints change where data is cached, never a value.
+L2_HINTS = False
 
 
 @triton.jit
@@ -176,13 +183,14 @@ def _chunk_of(pid, NUM_CHUNKS, D, BLOCK: tl.constexpr, ITERS: tl.constexpr):
 
 
 @triton.jit
-def _load_block(x_ptr, v_ptr, row_start, block_start, D, c_x, c_v, BLOCK: tl.constexpr):
-    """One block of a row: (flat offsets, in-row mask, x, v, mean = c_x x + c_v v), float32."""
+def _load_block(x_ptr, v_ptr, row_start, block_start, D, c_x, c_v, BLOCK: tl.constexpr, EVICT: tl.constexpr):
+    """One block of a row: (flat offsets, in-row mask, x, v, mean = c_x x + c_v v), float32.
+    EVICT: the loads' L2 eviction priority ("" for the default; see L2_HINTS)."""
     cols = block_start + tl.arange(0, BLOCK)
     mask = cols < D
     offs = row_start + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     return offs, mask, x, v, c_x * x + c_v * v
 
 
@@ -234,7 +242,7 @@ def sde_step_fwd_kernel(
     WRITE_MEAN: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_X1: tl.constexpr,
     FINALIZE: tl.constexpr, LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr,
     KL_FLOW_GRPO: tl.constexpr, FAST_MATH: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr, BLOCK_C: tl.constexpr, EVICT: tl.constexpr,
 ):
     """FINALIZE (one chunk per row): the program writes its row's outputs. Otherwise each program
     stores its chunk's partial sums and takes a ticket from the row's counter; the row's last
@@ -248,9 +256,10 @@ def sde_step_fwd_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
-        offs, mask, x, v, mean = _load_block(x_ptr, v_ptr, row_start, chunk_start + i * BLOCK, D, c_x, c_v, BLOCK)
+        offs, mask, x, v, mean = _load_block(x_ptr, v_ptr, row_start, chunk_start + i * BLOCK, D, c_x, c_v, BLOCK,
+                                             EVICT)
         if MODE == 0:
-            sample = tl.load(sample_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sample = tl.load(sample_in_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
         else:
             if MODE == 1:
                 eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -265,7 +274,7 @@ def sde_step_fwd_kernel(
         diff = tl.where(mask, sample - mean, 0.0)
         acc += diff * diff
         if HAS_VREF:
-            v_ref = tl.load(vref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v_ref = tl.load(vref_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
             mean_diff = tl.where(mask, mean - (c_x * x + c_v * v_ref), 0.0)
             acc_kl += mean_diff * mean_diff
         if WRITE_MEAN:
@@ -343,7 +352,7 @@ def sde_step_bwd_kernel(
     HAS_G_MEAN: tl.constexpr, HAS_G_X0: tl.constexpr, HAS_G_X1: tl.constexpr,
     WRITE_DVREF: tl.constexpr, WRITE_DX: tl.constexpr,
     LOGPROB_FLOW_GRPO: tl.constexpr, SUM_REDUCTION: tl.constexpr, KL_FLOW_GRPO: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr, EVICT: tl.constexpr,
 ):
     """dL/dv (and dL/dv_ref, dL/dx when asked) from the upstream gradients, one pass.
 
@@ -375,16 +384,17 @@ def sde_step_bwd_kernel(
         safe_kl = tl.where(kl_std > 0.0, kl_std, 1.0)
         k_kl = tl.where(kl_std > 0.0, g_kl * scale / (safe_kl * safe_kl), 0.0)
     for i in range(ITERS):
-        offs, mask, x, v, mean = _load_block(x_ptr, v_ptr, row_start, chunk_start + i * BLOCK, D, c_x, c_v, BLOCK)
+        offs, mask, x, v, mean = _load_block(x_ptr, v_ptr, row_start, chunk_start + i * BLOCK, D, c_x, c_v, BLOCK,
+                                             EVICT)
         g_on_mean = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_G_LOGP:
-            sample = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sample = tl.load(sample_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
             g_on_mean += k_lp * (sample - mean)
         if HAS_G_MEAN:
             g_on_mean += tl.load(g_mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dv = c_v * g_on_mean
         if HAS_G_KL:
-            v_ref = tl.load(vref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v_ref = tl.load(vref_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
             g_kl_mean = k_kl * (mean - (c_x * x + c_v * v_ref))
             dv += c_v * g_kl_mean
             if WRITE_DVREF:
@@ -554,9 +564,10 @@ def _flags(sde_type: str, logprob: str, reduction: str, kl: str) -> dict:
 
 
 def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
-            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
+            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1, for_backward=False):
     """Launches the fused forward on `[B, D]` contiguous tensors; returns the op's 8 outputs (None
-    for those not asked for)."""
+    for those not asked for). `for_backward`: autograd will run the backward on these inputs (the
+    L2 hints' cue)."""
     import torch
 
     batch, elements = x.shape
@@ -604,7 +615,8 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         dict(MODE=mode, HAS_VREF=v_ref is not None,
              WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
              FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
-             ROW_SCALARS=rows.scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(), **flags),
+             ROW_SCALARS=rows.scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(),
+             EVICT="evict_last" if for_backward and L2_HINTS and mode == MODE_SCORE else "", **flags),
         num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
@@ -657,7 +669,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         dict(HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
              HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
              WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx, BLOCK=cfg.block, ITERS=cfg.iters,
-             ROW_SCALARS=rows.scalars, **_flags(sde_type, logprob, reduction, kl)),
+             ROW_SCALARS=rows.scalars, EVICT="evict_first" if L2_HINTS else "", **_flags(sde_type, logprob, reduction, kl)),
         num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return dv, dv_ref, dx
@@ -683,7 +695,7 @@ def aot_variants():
                 for name in fn.arg_names if name in scalars or name.endswith("_ptr")}
 
     fwd_flags = dict(ROW_SCALARS=False, HAS_VREF=True, WRITE_MEAN=True, WRITE_X0=True, WRITE_X1=True, LOGPROB_FLOW_GRPO=False,
-                     SUM_REDUCTION=False, KL_FLOW_GRPO=False, ITERS=4)
+                     SUM_REDUCTION=False, KL_FLOW_GRPO=False, ITERS=4, EVICT="")
     for storage in ("fp32", "bf16", "fp16"):
         cfg = launch_config(64, 1 << 20, 4 if storage == "fp32" else 2)
         fwd_flags["BLOCK"] = cfg.block
@@ -705,11 +717,19 @@ def aot_variants():
                    dict(fwd_flags, ROW_SCALARS=True, SDE_TYPE=0, MODE=MODE_NOISE, FINALIZE=False, BLOCK_C=1024,
                         FAST_MATH=False),
                    cfg.num_warps)
+        # the scoring pass with the L2 hints (L2_HINTS): evict_last in the forward, evict_first in the backward
+        yield (f"fwd/{storage}/sde/mode0/l2hints/finalize0", sde_step_fwd_kernel, types(sde_step_fwd_kernel, storage, _FWD_POINTERS),
+               dict(fwd_flags, SDE_TYPE=0, MODE=MODE_SCORE, FINALIZE=False, BLOCK_C=1024, FAST_MATH=False,
+                    EVICT="evict_last"), cfg.num_warps)
+        yield (f"bwd/{storage}/sde/l2hints", sde_step_bwd_kernel, types(sde_step_bwd_kernel, storage, _BWD_STORAGE),
+               dict(SDE_TYPE=0, ROW_SCALARS=False, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True,
+                    HAS_G_X1=True, WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
+                    KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4, EVICT="evict_first"), cfg.num_warps)
         for sde_type, sde_id in SDE_TYPE_IDS.items():
             if storage != "bf16" and sde_type != "sde":
                 continue
             yield (f"bwd/{storage}/{sde_type}", sde_step_bwd_kernel, types(sde_step_bwd_kernel, storage, _BWD_STORAGE),
                    dict(SDE_TYPE=sde_id, ROW_SCALARS=False, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True, HAS_G_X1=True,
                         WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
-                        KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4), cfg.num_warps)
+                        KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4, EVICT=""), cfg.num_warps)
 

@@ -70,7 +70,8 @@ def test_the_sweep_winner_has_the_best_geometric_mean_over_complete_variants(tun
         ("score fwd+bwd", "flux", "bfloat16", a, 1.0, 3000.0), ("sample philox", "flux", "bfloat16", a, 1.0, 500.0),
         ("score fwd+bwd", "flux", "bfloat16", b, 1.0, 2000.0), ("sample philox", "flux", "bfloat16", b, 1.0, 1500.0),
         ("score fwd+bwd", "flux", "bfloat16", c, 1.0, 9000.0),
-        (tune.PRECISE_CASE, "flux", "bfloat16", a, 1.0, 1e9),  # the precise-math A/B does not count
+        (tune.PRECISE_CASE, "flux", "bfloat16", a, 1.0, 1e9),  # the A/B cases do not count
+        (tune.L2_CASE, "flux", "bfloat16", a, 1.0, 1e9),
     ]
     assert tune.winner(rows, [a, b, c]) == b
     assert tune.winner([], [a]) is None

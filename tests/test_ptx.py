@@ -77,3 +77,18 @@ def test_philox_sampling_uses_the_hardware_approximations(variants):
     for name, row in variants.items():
         if name.startswith("sde_step/") and name not in philox:
             assert row["lg2_approx"] == row["sin_approx"] == row["cos_approx"] == 0, f"{name}: {row}"
+
+
+def test_l2_hints_only_where_asked_and_loads_stay_128bit(variants):
+    # kernels.sde_step.L2_HINTS: the scoring forward keeps x, v, x', v_ref in L2 for the backward
+    # (evict_last), the backward lets them go (evict_first); every other variant has no hint
+    hinted = {name: row for name, row in variants.items() if "l2hints" in name}
+    assert {name.split("/")[1] for name in hinted} == {"fwd", "bwd"} and len(hinted) == 6
+    for name, row in hinted.items():
+        kind = "l2_evict_last" if "/fwd/" in name else "l2_evict_first"
+        assert row[kind] >= 1 and row["loads_l2_hinted"] >= 4, f"{name}: {row}"
+        twin = variants[name.replace("/l2hints", "")]  # the same kernel without the hints
+        assert all(row[k] == twin[k] for k in ("loads_128bit", "loads_narrow", "stores_128bit")), f"{name}: {row}"
+    for name, row in variants.items():
+        if name.startswith("sde_step/") and name not in hinted:
+            assert row["l2_evict_last"] == row["l2_evict_first"] == row["loads_l2_hinted"] == 0, f"{name}: {row}"

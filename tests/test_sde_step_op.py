@@ -678,3 +678,23 @@ def test_cuda_compat_step_has_no_host_sync():
         compat.sde_step_with_logprob(scheduler, vg, ts, x, prev_sample=sample)[1].sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_hints_change_no_value(monkeypatch, dtype):
+    # kernels.sde_step.L2_HINTS (evict_last in a scoring forward that autograd will differentiate,
+    # evict_first in its backward) moves data between cache levels only: the same bits, with the
+    # split rows' partials (60k-element rows) and the KL; on the GPU this runs the hinted kernels
+    from sfgrpo.kernels import sde_step as kernels
+
+    x, v, v_ref, t, tn, level = _inputs((3, 60_000), dtype, seed=13)
+    sample = F.sde_step(x, v, t, tn, level, seed=3, backend="triton").prev_sample
+    results = []
+    for hints in (False, True):
+        monkeypatch.setattr(kernels, "L2_HINTS", hints)
+        vg = v.clone().requires_grad_()
+        out = F.sde_step(x, vg, t, tn, level, prev_sample=sample, v_ref=v_ref, backend="triton")
+        (out.log_prob.sum() + 0.5 * out.kl.sum()).backward()
+        results.append((out.log_prob, out.kl, vg.grad))
+    for plain, hinted in zip(*results):
+        assert torch.equal(plain, hinted)

@@ -68,7 +68,9 @@ def _problem(x: Tensor, values: tuple, sde_type: str, logprob: str, reduction: s
 
 
 def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
-            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1):
+            use_philox, sde_type, logprob, reduction, kl, write_mean, write_x0, write_x1,
+            for_backward=False):
+    # for_backward: the Triton kernels' cue for their L2 hints; nothing to hint on CPU
     module = _native.require("the native CPU SDE step")
     x, v, prev_sample, noise, v_ref = (_contiguous(a) for a in (x, v, prev_sample, noise, v_ref))
     batch, elements = x.shape

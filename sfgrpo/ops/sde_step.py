@@ -195,7 +195,7 @@ class _EagerSdeStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, v_ref, call):
         implementation = call[-1]
-        outputs = implementation.forward(*call[:-1])
+        outputs = implementation.forward(*call[:-1], for_backward=True)
         _setup_context(ctx, call, outputs)
         ctx.mark_non_differentiable(*(out for out in (outputs[0], outputs[2], outputs[3]) if out is not None))
         return outputs
