@@ -9,7 +9,7 @@
 #   SKIP_INSTALL=1 STEPS=bench,tune bash benchmarks/gpu_checks.sh  # more, already installed
 #
 # All steps fit one 10-minute command on an H200-class machine (install ~1 min, tests ~1.5 min; the
-# limits below sum to 10 min, DEADLINE cuts the core step to what is left, and only a hung step
+# limits below sum to ~10.5 min, DEADLINE cuts the core step to what is left, and only a hung step
 # reaches its limit).
 # steps (default: all, in this order):
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
@@ -61,7 +61,7 @@ if want tune; then
   # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import);
   # a winner left in $OUT by an earlier run must not be exported when this sweep names none
   rm -f "$OUT/tuning_winner.txt"
-  timeout -k 10 90 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" \
+  timeout -k 10 120 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" \
     --winner-out "$OUT/tuning_winner.txt" > /dev/null 2> "$OUT/tuning.err"
   echo "tuning: exit $?"
   head -n 40 "$OUT/tuning.md" 2>/dev/null

@@ -133,20 +133,27 @@ def main() -> int:
                         rows.append((case, shape_name, str(dtype).removeprefix("torch."), variant, us, gbs))
                 except Exception as err:  # noqa: BLE001 - a variant that does not compile or fit
                     print(f"{shape_name} {dtype} {variant}: {type(err).__name__}: {err}", file=sys.stderr)
-            if args.out:  # after every shape: a time limit still leaves what was measured
+            # after every shape: a time limit still leaves what was measured, and a winner over it
+            if args.out:
                 _write(args.out, header, rows, default, peak)
+            save_winner(rows, variants, args.winner_out)
     finally:
         K.TUNING = default
         K.launch_config.cache_clear()
     print(_write(args.out, header, rows, default, peak))
-    best = winner(rows, variants)
+    best = save_winner(rows, variants, args.winner_out)
     if best is not None:
-        text = tuning_text(best)
-        print(f"winner: {K.TUNING_ENV}={text}")
-        if args.winner_out:
-            with open(args.winner_out, "w") as handle:
-                handle.write(text + "\n")
+        print(f"winner: {K.TUNING_ENV}={tuning_text(best)}")
     return 0
+
+
+def save_winner(rows: list, variants: list, path: str | None):
+    """The winner over the rows so far, written to `path` (when given) as SFGRPO_SDE_STEP_TUNING's value."""
+    best = winner(rows, variants)
+    if best is not None and path:
+        with open(path, "w") as handle:
+            handle.write(tuning_text(best) + "\n")
+    return best
 
 
 def tuning_text(variant) -> str:

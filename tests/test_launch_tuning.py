@@ -60,7 +60,7 @@ def tune():
     return module
 
 
-def test_the_sweep_winner_has_the_best_geometric_mean_over_complete_variants(tune):
+def test_the_sweep_winner_has_the_best_geometric_mean_over_complete_variants(tune, tmp_path):
     from sfgrpo.kernels import sde_step as K
 
     a, b, c = (K.LaunchTuning(target_programs=p) for p in (512, 1024, 2048))
@@ -77,3 +77,7 @@ def test_the_sweep_winner_has_the_best_geometric_mean_over_complete_variants(tun
     assert tune.winner([], [a]) is None
     text = tune.tuning_text(b)
     assert K.tuning_from_text(text) == b and "target_programs=1024" in text
+    # written after every shape, so a sweep cut short by its time limit still names one
+    path = tmp_path / "winner.txt"
+    assert tune.save_winner(rows, [a, b, c], str(path)) == b and path.read_text() == text + "\n"
+    assert tune.save_winner([], [a], str(tmp_path / "none.txt")) is None and not (tmp_path / "none.txt").exists()
