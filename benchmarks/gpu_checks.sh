@@ -9,8 +9,8 @@
 #   SKIP_INSTALL=1 STEPS=bench,tune bash benchmarks/gpu_checks.sh  # more, already installed
 #
 # All steps fit one 10-minute command on an H200-class machine (install ~1 min, tests ~1.5 min; the
-# limits below sum to ~10.5 min, DEADLINE cuts the core step to what is left, and only a hung step
-# reaches its limit).
+# limits below sum to ~10.5 min, but with DEADLINE every step's limit is cut to what is left, and
+# only a hung step reaches its limit).
 # steps (default: all, in this order):
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat
@@ -43,17 +43,23 @@ else
   python3 -m pip install -q ".[test]" || exit 1
 fi
 want() { [[ "$STEPS" == *",$1,"* ]]; }
+# a step's time limit: its own, cut to what is left before DEADLINE (seconds since the start, minus
+# 20 s for the goals table), so overrunning steps cannot push the whole command past its limit
+limit() {
+  local left=$(( ${DEADLINE:-100000} - SECONDS - 20 ))
+  (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"
+}
 cd /tmp  # run against the installed package, never the source tree
 sfgrpo info > "$OUT/info.txt" 2>&1
 if want tests; then
   # no -x: one short GPU session should show every failure, not the first
-  timeout -k 10 170 python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
+  timeout -k 10 $(limit 170) python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
     "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_advantages.py" "$REPO/tests/test_advantages_cuda_engine.py" \
     "$REPO/tests/test_compat_flow_grpo.py" > "$OUT/tests.txt" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
 fi
 if want advantages; then
-  timeout -k 10 45 python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
+  timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
   echo "advantages bench: exit $?"
   cat "$OUT/advantages.md" 2>/dev/null
 fi
@@ -61,7 +67,7 @@ if want tune; then
   # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import);
   # a winner left in $OUT by an earlier run must not be exported when this sweep names none
   rm -f "$OUT/tuning_winner.txt"
-  timeout -k 10 120 python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" \
+  timeout -k 10 $(limit 120) python3 "$REPO/benchmarks/tune_sde_step_gpu.py" --quick --out "$OUT/tuning.md" \
     --winner-out "$OUT/tuning_winner.txt" > /dev/null 2> "$OUT/tuning.err"
   echo "tuning: exit $?"
   head -n 40 "$OUT/tuning.md" 2>/dev/null
@@ -71,17 +77,17 @@ if want tune; then
   fi
 fi
 if want bench; then
-  timeout -k 10 150 python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT" > "$OUT/bench_sde_step.txt" 2>&1
+  timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT" > "$OUT/bench_sde_step.txt" 2>&1
   echo "sde-step bench: exit $?"
   tail -n 40 "$OUT/bench_sde_step.txt"
   # where a back-to-back call's host time goes (sfgrpo's Python vs Triton's launcher vs one torch op)
   rm -f "$OUT/host_breakdown.md"  # written row by row: what this run measured, nothing older
-  timeout -k 10 60 python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2> "$OUT/host_breakdown.err"
+  timeout -k 10 $(limit 60) python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2> "$OUT/host_breakdown.err"
   echo "host breakdown: exit $?"
   cat "$OUT/host_breakdown.md" 2>/dev/null
 fi
 if want trainer; then
-  timeout -k 10 90 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
+  timeout -k 10 $(limit 90) python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
   echo "trainer on CUDA: exit $? ($(tail -1 "$OUT/tests_trainer_cuda.txt"))"
 fi
 if want core; then
