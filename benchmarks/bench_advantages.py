@@ -13,7 +13,6 @@ CUDA GPU the script also times 1M gains (100k trajectories x 10 steps) with CUDA
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 import sfgrpo
+from sfgrpo.bench.runner import environment
 
 SIZES = [(1_152, 48), (24_576, 1_024), (65_536, 4_096)]
 STEPS = 10
@@ -250,21 +250,15 @@ def gpu_section() -> list[str]:
 MULTI_KERNEL_CASE = "gain_advantages joint, drop, memset + 3 kernels"
 
 
-@contextlib.contextmanager
 def case_environment(name: str):
     """SFGRPO_ADVANTAGES_COOPERATIVE=0 while the multi-kernel case runs (the engine reads it per call)."""
-    if name != MULTI_KERNEL_CASE:
-        yield
-        return
-    previous = os.environ.get("SFGRPO_ADVANTAGES_COOPERATIVE")
-    os.environ["SFGRPO_ADVANTAGES_COOPERATIVE"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["SFGRPO_ADVANTAGES_COOPERATIVE"]
-        else:
-            os.environ["SFGRPO_ADVANTAGES_COOPERATIVE"] = previous
+    return environment("SFGRPO_ADVANTAGES_COOPERATIVE", "0" if name == MULTI_KERNEL_CASE else None)
+
+
+def synchronises(case: str) -> bool:
+    """Whether a GPU case's call waits for the device (`nonfinite="error"` reads a count back, the
+    reference engine syncs): no host-time or graph row, no kernel profile."""
+    return "(1 sync)" in case or "reference" in case
 
 
 def gpu_row(name: str, fn, event_times, host_time) -> str:
@@ -272,10 +266,10 @@ def gpu_row(name: str, fn, event_times, host_time) -> str:
     for _ in range(5):
         fn()
     call = event_times(fn)
-    syncs = "(1 sync)" in name or "reference" in name
+    syncs = synchronises(name)
     host = "n/a" if syncs else f"{host_time(fn):.1f}"
     graph_time = "n/a"
-    if "(1 sync)" not in name and "reference" not in name:  # calls that synchronise cannot be captured
+    if not syncs:  # calls that synchronise cannot be captured
         try:
             graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream()
@@ -300,7 +294,7 @@ def kernel_breakdown(cases: dict) -> list[str]:
         from torch.profiler import ProfilerActivity, profile
 
         for name, fn in cases.items():
-            if "(1 sync)" in name or "reference" in name:
+            if synchronises(name):
                 continue
             with case_environment(name):
                 fn()

@@ -52,22 +52,8 @@ def cases(shape, dtype):
         out = F.sde_step(x, vg, 0.8, 0.6, 0.7, prev_sample=sample)
         (out.log_prob * weights).sum().backward()
 
-    def score_l2_hints():  # the A/B: evict_last in the forward, evict_first in the backward
-        hints, K.L2_HINTS = K.L2_HINTS, True
-        try:
-            score()
-        finally:
-            K.L2_HINTS = hints
-
     def draw():
         F.sde_step(x, v, 0.8, 0.6, 0.7, seed=1)
-
-    def draw_precise():  # the A/B: libdevice's precise logf/sinf/cosf instead of the MUFU approximations
-        fast, K.PHILOX_FAST_MATH = K.PHILOX_FAST_MATH, False
-        try:
-            F.sde_step(x, v, 0.8, 0.6, 0.7, seed=1)
-        finally:
-            K.PHILOX_FAST_MATH = fast
 
     def check():
         got = F.sde_step(x, v, 0.8, 0.6, 0.7, prev_sample=sample).log_prob
@@ -76,7 +62,22 @@ def cases(shape, dtype):
 
     # bytes the fused algorithm must move: score fwd reads x, v, x'; bwd reads them again, writes dv
     return {"score fwd+bwd": (score, numel * 7 * itemsize), "sample philox": (draw, numel * 3 * itemsize),
-            PRECISE_CASE: (draw_precise, numel * 3 * itemsize), L2_CASE: (score_l2_hints, numel * 7 * itemsize)}, check
+            # the A/Bs: libdevice's precise logf/sinf/cosf instead of the MUFU approximations; L2
+            # evict_last in the scoring forward and evict_first in its backward
+            PRECISE_CASE: (_with_switch(draw, "PHILOX_FAST_MATH", False), numel * 3 * itemsize),
+            L2_CASE: (_with_switch(score, "L2_HINTS", True), numel * 7 * itemsize)}, check
+
+
+def _with_switch(fn, name: str, value):
+    """`fn` run with kernels.sde_step's A/B switch `name` set to `value`, restored after each call."""
+    def run():
+        previous = getattr(K, name)
+        setattr(K, name, value)
+        try:
+            fn()
+        finally:
+            setattr(K, name, previous)
+    return run
 
 
 def _write(path: str | None, header: list[str], rows: list, default, peak: float) -> str:

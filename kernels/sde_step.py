@@ -696,9 +696,12 @@ def aot_variants():
 
     fwd_flags = dict(ROW_SCALARS=False, HAS_VREF=True, WRITE_MEAN=True, WRITE_X0=True, WRITE_X1=True, LOGPROB_FLOW_GRPO=False,
                      SUM_REDUCTION=False, KL_FLOW_GRPO=False, ITERS=4, EVICT="")
+    bwd_flags = dict(ROW_SCALARS=False, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True, HAS_G_X1=True,
+                     WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
+                     KL_FLOW_GRPO=False, ITERS=4, EVICT="")
     for storage in ("fp32", "bf16", "fp16"):
         cfg = launch_config(64, 1 << 20, 4 if storage == "fp32" else 2)
-        fwd_flags["BLOCK"] = cfg.block
+        fwd_flags["BLOCK"] = bwd_flags["BLOCK"] = cfg.block
         for sde_type, sde_id in SDE_TYPE_IDS.items():
             for mode in (MODE_SCORE, MODE_NOISE, MODE_PHILOX):
                 if storage != "bf16" and (sde_type != "sde"):
@@ -722,14 +725,10 @@ def aot_variants():
                dict(fwd_flags, SDE_TYPE=0, MODE=MODE_SCORE, FINALIZE=False, BLOCK_C=1024, FAST_MATH=False,
                     EVICT="evict_last"), cfg.num_warps)
         yield (f"bwd/{storage}/sde/l2hints", sde_step_bwd_kernel, types(sde_step_bwd_kernel, storage, _BWD_STORAGE),
-               dict(SDE_TYPE=0, ROW_SCALARS=False, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True,
-                    HAS_G_X1=True, WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
-                    KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4, EVICT="evict_first"), cfg.num_warps)
+               dict(bwd_flags, SDE_TYPE=0, EVICT="evict_first"), cfg.num_warps)
         for sde_type, sde_id in SDE_TYPE_IDS.items():
             if storage != "bf16" and sde_type != "sde":
                 continue
             yield (f"bwd/{storage}/{sde_type}", sde_step_bwd_kernel, types(sde_step_bwd_kernel, storage, _BWD_STORAGE),
-                   dict(SDE_TYPE=sde_id, ROW_SCALARS=False, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_MEAN=True, HAS_G_X0=True, HAS_G_X1=True,
-                        WRITE_DVREF=True, WRITE_DX=True, LOGPROB_FLOW_GRPO=False, SUM_REDUCTION=False,
-                        KL_FLOW_GRPO=False, BLOCK=cfg.block, ITERS=4, EVICT=""), cfg.num_warps)
+                   dict(bwd_flags, SDE_TYPE=sde_id), cfg.num_warps)
 

@@ -36,19 +36,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @contextlib.contextmanager
-def backend_env(implementation: str):
-    """SFGRPO_BACKEND=reference for the reference and flow_grpo-code implementations; the caller's
-    setting otherwise."""
-    previous = os.environ.get(ENV_VAR)
-    if implementation.startswith(("reference", "flow_grpo-code")):
-        os.environ[ENV_VAR] = "reference"
+def environment(name: str, value: str | None):
+    """The environment variable `name` set to `value` inside the block (None: left as it is), then
+    restored, unset if it was."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(ENV_VAR, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[ENV_VAR] = previous
+            os.environ[name] = previous
+
+
+def backend_env(implementation: str):
+    """SFGRPO_BACKEND=reference for the reference and flow_grpo-code implementations; the caller's
+    setting otherwise."""
+    return environment(ENV_VAR, "reference" if implementation.startswith(("reference", "flow_grpo-code")) else None)
 
 
 def build_trainer(case: Case, prompts: int, device: str, output_dir: str, compile_backbone: bool = False,
