@@ -29,9 +29,9 @@ from sfgrpo.kernels._launch import DirectLauncher
 
 # Widest row one tile holds (larger D runs the reference: `sfgrpo.ops.rms_norm`). At 8192 the
 # backward holds x, dy, the dweight partials and the weight slice: 16 fp32 values each per thread
-# at 16 warps, far from spilling (tests/test_ptx.py).
+# at 16 warps, 113 registers and no spills on sm_90 (tests/test_ptx.py).
 MAX_D = 8192
-# Elements per tile: 16 KB of fp32, a few 128-bit accesses per thread at 8 warps.
+# Elements per tile: 16 KB of fp32, one or two 128-bit accesses per thread and tensor (`tile_config`).
 TILE_ELEMENTS = 4096
 # Backward programs when dweight is needed (each strides over row tiles, so the partials buffer is
 # at most [MAX_PARTIALS, D]); fixed, not the device's SM count, so dweight's summation order, and
@@ -121,14 +121,16 @@ def rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, eps, TILES,
 
 
 @functools.lru_cache(maxsize=256)
-def tile_config(D: int, itemsize: int) -> tuple[int, int, int]:
+def tile_config(D: int, itemsize: int, vectors: int = 2) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps): a whole row per tile row, TILE_ELEMENTS per tile, and
-    warps so that each thread handles at least one 128-bit vector of each row it touches
-    (D = 64 bf16: 64 rows x 64, 8 warps, 2 x 8 values per thread)."""
+    warps so that each thread handles `vectors` 128-bit vectors of a tensor (fewer where 16 warps
+    cannot cover the tile). The forward takes 2 (D = 64 bf16: 64 rows x 64, 8 warps, 40 registers
+    on sm_90); the backward, which holds x, dy, the weight and the dweight partials, 1 (16 warps:
+    60 registers instead of 108 at 8 warps, twice the resident warps)."""
     block_d = triton.next_power_of_2(D)
     block_rows = max(1, TILE_ELEMENTS // block_d)
     vector = 16 // itemsize
-    num_warps = max(1, min(16, block_rows * block_d // (32 * vector * 2)))
+    num_warps = max(1, min(16, block_rows * block_d // (32 * vector * vectors)))
     return block_rows, block_d, num_warps
 
 
@@ -151,6 +153,7 @@ def forward(x, weight, eps: float, out_dtype):
     if R == 0:
         return y
     block_rows, block_d, num_warps = tile_config(D, x.element_size())
+    weight = None if weight is None else weight.contiguous()  # read as [D] at stride 1
     _FWD.with_constexprs(
         (triton.cdiv(R, block_rows),), (x, x if weight is None else weight, y, R, D, float(eps)),
         dict(HAS_W=weight is not None, ROUND_W=_round_w(weight), BLOCK_ROWS=block_rows, BLOCK_D=block_d),
@@ -168,8 +171,9 @@ def backward(dy, x, weight, eps: float, need_dx: bool, need_dw: bool):
     dx = torch.empty_like(x) if need_dx else None
     if R == 0 or not (need_dx or need_dw):
         return dx, (torch.zeros_like(weight) if need_dw else None)
-    block_rows, block_d, num_warps = tile_config(D, max(x.element_size(), dy.element_size()))
+    block_rows, block_d, num_warps = tile_config(D, max(x.element_size(), dy.element_size()), vectors=1)
     tiles = triton.cdiv(R, block_rows)
+    weight = None if weight is None else weight.contiguous()
     programs = min(tiles, MAX_PARTIALS) if need_dw else tiles
     partials = torch.empty((programs, D), dtype=torch.float32, device=x.device) if need_dw else None
     _BWD.with_constexprs(
@@ -190,15 +194,15 @@ def aot_variants():
     storage_of = {"fp32": ("fp32", 4), "bf16": ("bf16", 2)}
     for name, (storage, itemsize) in storage_of.items():
         for D in (64, 128, 3072, MAX_D):
-            block_rows, block_d, num_warps = tile_config(D, itemsize)
-            tiles = dict(BLOCK_ROWS=block_rows, BLOCK_D=block_d)
             w = dict(HAS_W=True, ROUND_W=storage != "fp32")
             scalars = {"R": "i32", "D": "i32", "eps": "fp32"}
+            block_rows, block_d, num_warps = tile_config(D, itemsize)
             yield (f"fwd/{name}/D{D}", rms_norm_fwd_kernel,
                    {"x_ptr": f"*{storage}", "w_ptr": f"*{storage}", "y_ptr": f"*{storage}", **scalars},
-                   dict(w, **tiles), num_warps)
+                   dict(w, BLOCK_ROWS=block_rows, BLOCK_D=block_d), num_warps)
+            block_rows, block_d, num_warps = tile_config(D, itemsize, vectors=1)
             for dw in (False, True):
                 yield (f"bwd/{name}/D{D}/dw{int(dw)}", rms_norm_bwd_kernel,
                        {"x_ptr": f"*{storage}", "w_ptr": f"*{storage}", "dy_ptr": f"*{storage}",
                         "dx_ptr": f"*{storage}", "dw_ptr": "*fp32", "TILES": "i32", **scalars},
-                       dict(w, WRITE_DX=True, WRITE_DW=dw, **tiles), num_warps)
+                       dict(w, WRITE_DX=True, WRITE_DW=dw, BLOCK_ROWS=block_rows, BLOCK_D=block_d), num_warps)

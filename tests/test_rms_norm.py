@@ -98,7 +98,9 @@ def test_kernel_rounds_exactly_like_the_reference(dtype, wdtype):
     for D in (7, 64, 3072):
         x = (torch.randint(-16, 17, (9, D), generator=g) * 0.25).to(dtype).to(DEVICE)
         w = _w(D, wdtype)
-        got, expected = F.rms_norm(x, w, 1e-5, backend="triton"), ref.rms_norm(x, w, 1e-5)
+        got = F.rms_norm(x, w, 1e-5, backend="triton").cpu()
+        # the CPU reference: torch's CUDA rsqrt is rsqrtf (2 ulp), its CPU one 1 / sqrt correctly rounded
+        expected = ref.rms_norm(x.cpu(), None if w is None else w.cpu(), 1e-5)
         assert got.dtype == expected.dtype and torch.equal(got, expected), (D, dtype, wdtype)
 
 
@@ -114,6 +116,25 @@ def test_kernel_layouts_transposed_view_and_non_dense_slice():
     for sliced in (big[..., :64], big[:, ::2, :64], _x((4, 64, 6), torch.float32).transpose(-1, -2)):
         assert not ops.rows_in_memory_order(sliced)
         _close(F.rms_norm(sliced, w.float(), backend="triton"), ref.rms_norm(sliced, w.float()), torch.float32)
+
+
+def test_eps_zero_padding_rows_keep_dweight_finite():
+    # 70 rows: the last tile is mostly padding, whose 1 / rms is 1 / sqrt(0) = inf with eps = 0
+    x, w = _x((70, 64), torch.float32), _w(64, torch.float32).requires_grad_()
+    F.rms_norm(x, w, 0.0, backend="triton").sum().backward()
+    expected = ref.rms_norm_backward(torch.ones_like(x), x, w.detach(), 0.0, need_dx=False)[1]
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_weight():
+    x = _x((5, 64), torch.float32)
+    w = _w(128, torch.float32)[::2]
+    w.requires_grad_()
+    F.rms_norm(x, w, backend="triton").sum().backward()
+    expected = ref.rms_norm_backward(torch.ones_like(x), x, w.detach(), need_dx=False)[1]
+    torch.testing.assert_close(w.grad, expected, rtol=1e-5, atol=1e-5)
+    _close(F.rms_norm(x, w.detach(), backend="triton"), ref.rms_norm(x, w.detach()), torch.float32)
 
 
 def test_transposed_view_is_not_copied(monkeypatch):
@@ -232,6 +253,27 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(q, w), loss_fn(q, w))
+
+    def under_autocast(q, w):  # the autocast dtype is read while tracing, no graph break either
+        with torch.autocast(q.device.type, dtype=torch.bfloat16):
+            return F.rms_norm(q, w)
+
+    out = torch.compile(under_autocast, fullgraph=True, backend="aot_eager")(q, w)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, under_autocast(q, w))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_cuda_forward_backward_have_no_host_sync(backend):
+    q = _qk_view(B=4, N=256, H=8, D=64, dtype=torch.bfloat16).requires_grad_()
+    w = _w(64, torch.bfloat16).requires_grad_()
+    F.rms_norm(q, w, backend=backend).float().square().sum().backward()  # warm-up (compiles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        F.rms_norm(q, w, backend=backend).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 # ---------------------------------------------------------------------- errors, empty input
