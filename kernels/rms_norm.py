@@ -136,11 +136,11 @@ def tile_config(D: int, itemsize: int, vectors: int = 2) -> tuple[int, int, int]
 
 _FWD = DirectLauncher(rms_norm_fwd_kernel)
 _BWD = DirectLauncher(rms_norm_bwd_kernel)
-_HALF = ("torch.float16", "torch.bfloat16")
 
 
 def _round_w(weight) -> bool:
-    return weight is not None and str(weight.dtype) in _HALF
+    """A half-precision weight (float16 / bfloat16: the 2-byte float dtypes sfgrpo accepts)."""
+    return weight is not None and weight.element_size() == 2
 
 
 def forward(x, weight, eps: float, out_dtype):

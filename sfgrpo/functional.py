@@ -344,7 +344,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, back
             raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
         if weight.dtype not in _RMS_NORM_DTYPES:
             raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
-    if not torch.compiler.is_compiling():  # eps may be symbolic under compile
+    if not torch.compiler.is_compiling():  # eps may be symbolic under compile: checked eagerly only
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     out_dtype = reference.rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, x.device.type)

@@ -127,7 +127,7 @@ def _backward(dy, x, weight, eps, need_dx, need_dw, implementation):
 
 # ----------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, weight, eps, out_dtype, backend_name = inputs
+    x, weight, eps, _, backend_name = inputs
     ctx.save_for_backward(x, weight)
     ctx.options = (eps, backend_name)
 
