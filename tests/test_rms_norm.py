@@ -240,9 +240,10 @@ def test_eager_fast_path_equals_the_registered_op():
         assert torch.equal(a, b)
 
 
-def test_torch_compile_fullgraph_has_no_graph_break():
+@pytest.mark.parametrize("backend", [None, "triton"])  # None on CPU: the reference traced; triton: the op
+def test_torch_compile_fullgraph_has_no_graph_break(backend):
     def loss_fn(q, w):
-        return F.rms_norm(q, w, 1e-6).square().mean()
+        return F.rms_norm(q, w, 1e-6, backend=backend).square().mean()
 
     q = _qk_view(D=64)
     w = _w(64, torch.float32)

@@ -13,8 +13,9 @@ CPU tensors the reference (`sfgrpo.reference.rms_norm`, diffusers' code), the `t
 CPU the kernels in Triton's interpreter. Rows wider than the kernels' one tile (D > MAX_D) run the
 reference on every device.
 
-In eager mode `rms_norm` skips the op's dispatch layers (as `sde_step` does): the implementation
-directly, inside a lean autograd.Function when a gradient is needed.
+In eager mode `rms_norm` skips the op's dispatch layers (as `sde_step` does): the kernels directly,
+inside a lean autograd.Function when a gradient is needed; the reference path runs diffusers' own
+expressions under autograd (bit-exact forward and backward, traced as they are by torch.compile).
 """
 
 from __future__ import annotations
@@ -168,8 +169,16 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.d
     """Runs `sfgrpo::rms_norm` (same arguments): the registered op when compiling, else the
     implementation directly, inside a lean autograd.Function when a gradient is needed."""
     if torch.compiler.is_compiling():
+        # CPU: the reference traced as it is (Inductor fuses it; an opaque op would not be), the
+        # kernels' op elsewhere
+        if x.device.type == "cpu" and backend.requested_backend(backend_name) != "triton":
+            return reference.rms_norm(x, weight, eps, out_dtype=out_dtype)
         return rms_norm_op(x, weight, eps, out_dtype, backend_name)
     implementation = _implementation(x, backend_name)
+    if implementation is _Reference:
+        # diffusers' own code under autograd: the same forward and backward bits as the module it
+        # replaces (the op's written-out fp32 backward is for the registered op only)
+        return reference.rms_norm(x, weight, eps, out_dtype=out_dtype)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return _EagerRmsNorm.apply(x, weight, (eps, out_dtype, implementation))
     return implementation.forward(_rows(x), weight, eps, out_dtype)
