@@ -708,3 +708,19 @@ def ppo_loss(
         return per_entry.mean()
     weight = mask.to(per_entry.dtype)
     return (per_entry * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+# ------------------------------------------------------------- adaLN modulation (layer_norm_modulate)
+def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
+    """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]`, op for op what diffusers'
+    AdaLayerNormZero / AdaLayerNormContinuous compute (the LayerNorm has no affine): x is
+    `[B, ..., C]`, scale and shift `[B, C]` get a singleton dim for every dim of x between batch and
+    channel. The output dtype is the expression's (type promotion of x, scale, shift); under
+    torch.autocast active for x's device the expression runs as autocast runs it, then is cast
+    once to the autocast dtype (in diffusers the result always feeds a Linear, which autocast
+    casts to that dtype anyway)."""
+    index = (slice(None),) + (None,) * (x.ndim - 2)
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[index]) + shift[index]
+    if torch.is_autocast_enabled(x.device.type):
+        y = y.to(torch.get_autocast_dtype(x.device.type))
+    return y
