@@ -724,3 +724,19 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     if torch.is_autocast_enabled(x.device.type):
         y = y.to(torch.get_autocast_dtype(x.device.type))
     return y
+
+
+def layer_norm_modulate_backward(grad: Tensor, x: Tensor, scale: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `layer_norm_modulate` for `x` `[B, N, C]`, scale `[B, C]`, upstream `grad`
+    `[B, N, C]`, in float32: (dx, dscale, dshift). With xhat = (x - mean) * rstd and g = grad *
+    (1 + scale): dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat)) (LayerNorm's backward),
+    dscale = sum over the sample's rows of grad * xhat, dshift = the sum of grad. Written out (not
+    autograd through the expression): the custom op's implementation runs below autograd."""
+    xf, g_out = x.float(), grad.float()
+    mean = xf.mean(-1, keepdim=True)
+    centred = xf - mean
+    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    xhat = centred * rstd
+    g = g_out * (1.0 + scale.float()[:, None])
+    dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx, (g_out * xhat).sum(1), g_out.sum(1)

@@ -30,7 +30,7 @@ backend.register_op(OP_NAME, "triton")
 
 # ------------------------------------------------------------------------ implementations
 class _Reference:
-    """The reference expression under the caller's autocast state; its backward is autograd's."""
+    """The reference expression under the caller's autocast state, and its backward's formulas."""
 
     @staticmethod
     def forward(x, scale, shift, eps, out_dtype, autocast):
@@ -41,18 +41,10 @@ class _Reference:
 
     @staticmethod
     def backward(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift):
-        wanted = [t for t, need in ((x, need_dx), (scale, need_dscale), (shift, need_dshift)) if need]
-        if not wanted:
-            return None, None, None
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) for t, need in
-                      ((x, need_dx), (scale, need_dscale), (shift, need_dshift))]
-            y = _Reference.forward(*inputs, eps, out_dtype, autocast)
-            grads = iter(torch.autograd.grad(y, [t for t in inputs if t.requires_grad], grad, allow_unused=True))
-        out = tuple(next(grads) if need else None for need in (need_dx, need_dscale, need_dshift))
-        # an input that does not reach y (no rows) gets no gradient from autograd: its sum is zero
-        return tuple(torch.zeros_like(t) if need and g is None else g
-                     for t, need, g in zip((x, scale, shift), (need_dx, need_dscale, need_dshift), out))
+        # fp32 formulas, as the kernels compute them (autograd cannot run inside an op's implementation)
+        dx, dscale, dshift = reference.layer_norm_modulate_backward(grad, x, scale, eps)
+        return (dx.to(x.dtype) if need_dx else None, dscale.to(scale.dtype) if need_dscale else None,
+                dshift.to(shift.dtype) if need_dshift else None)
 
 
 class _Kernels:
