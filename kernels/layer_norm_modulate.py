@@ -22,7 +22,7 @@ import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
 
-# Widest row a program holds in registers (16 fp32 per thread at 16 warps); wider rows run the
+# Widest row a program holds in registers (8 fp32 per thread at 32 warps); wider rows run the
 # reference (SD3.5 has C = 1536 / 2432, FLUX 3072).
 MAX_C = 8192
 # Rows per program: at least MIN_ROWS (each program writes a C-wide partial of dscale / dshift, so
@@ -55,6 +55,7 @@ def ln_modulate_fwd_kernel(x_ptr, scale_ptr, shift_ptr, y_ptr, N, C, stride_xb, 
     # (1 + scale) in fp32: the eager expression rounds it to scale's dtype first
     gain = 1.0 + tl.load(scale_ptr + b64 * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + b64 * stride_tb + cols, mask=mask, other=0.0).to(tl.float32)
+    # 64-bit sample offsets; offsets inside a sample stay 32-bit (N * C < 2^31: 75k tokens at C = 3072 fit)
     x_row = x_ptr + b64 * stride_xb
     y_row = y_ptr + b64 * N * C
     for n in range(first, last):
@@ -116,8 +117,10 @@ def launch_config(batch: int, rows: int, channels: int) -> tuple[int, int, int, 
     """(rows_per_program, chunks, BLOCK_C, num_warps) for `[batch, rows, channels]`."""
     per_program = max(MIN_ROWS, triton.cdiv(batch * rows, TARGET_PROGRAMS))
     block = max(16, triton.next_power_of_2(channels))
-    # ~8 elements per thread (one 128-bit access of bf16, two of fp32), at most 16 per thread
-    num_warps = min(16, max(1, block // 256))
+    # 8 elements per thread (one 128-bit access of bf16, two of fp32): the backward with partials
+    # keeps x, dy, gain and two accumulators live, 64 registers; at 16 warps C = 6144 took 127 of
+    # the 128 that 512 threads may have (sm_90, no spill yet, but no margin)
+    num_warps = min(32, max(1, block // 256))
     return per_program, triton.cdiv(rows, per_program), block, num_warps
 
 
@@ -176,14 +179,14 @@ DIVISIBLE = ("C", "stride_xb", "stride_xn", "stride_sb", "stride_tb")
 
 def aot_variants():
     """(name, kernel, {arg: type}, constexprs, num_warps, divisible args): forward and backward for
-    fp32 and bf16 storage at SD3.5's and FLUX's widths; the backward with and without the
-    dscale / dshift partials."""
+    fp32 and bf16 storage at SD3.5's and FLUX's widths and at 6144 (the widest block, 32 warps);
+    the backward with and without the dscale / dshift partials."""
     ints = {"N": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_sb": "i32", "stride_tb": "i32",
             "rows_per_program": "i32", "num_chunks": "i32", "eps": "fp32"}
     for storage in ("fp32", "bf16"):
         pointers = {"x_ptr": storage, "dy_ptr": storage, "dx_ptr": storage, "y_ptr": storage, "scale_ptr": storage,
                     "shift_ptr": storage, "dscale_part_ptr": "fp32", "dshift_part_ptr": "fp32"}
-        for channels in (1536, 3072):
+        for channels in (1536, 3072, 6144):
             _, _, block, num_warps = launch_config(1, 4096, channels)
             for name, fn, flags in (
                 ("fwd", ln_modulate_fwd_kernel, {}),

@@ -726,7 +726,9 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     return y
 
 
-def layer_norm_modulate_backward(grad: Tensor, x: Tensor, scale: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_modulate_backward(
+    grad: Tensor, x: Tensor, scale: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `layer_norm_modulate` for `x` `[B, N, C]`, scale `[B, C]`, upstream `grad`
     `[B, N, C]`, in float32: (dx, dscale, dshift). With xhat = (x - mean) * rstd and g = grad *
     (1 + scale): dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat)) (LayerNorm's backward),

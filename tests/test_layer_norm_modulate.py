@@ -80,7 +80,7 @@ def test_reference_under_autocast_gives_the_autocast_dtype(x_dtype):
 # (B, N, C, two_d): every C with both batch sizes; N = 77 splits a sample over several programs
 FWD_SHAPES = [(1, 1, 1, False), (3, 5, 1, False), (3, 5, 7, False), (1, 77, 7, False), (3, 1, 64, True),
               (1, 5, 64, False), (3, 77, 64, False), (3, 5, 1536, False), (1, 77, 1536, False), (3, 1, 1536, True),
-              (1, 5, 3072, False), (3, 1, 3072, True)]
+              (1, 5, 3072, False), (3, 1, 3072, True), (1, 3, 6144, False)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -142,7 +142,7 @@ def test_backward_matches_autograd_through_the_reference(shape, dtype, mode, bac
         assert a.grad.dtype == dtype and a.grad.shape == a.shape, name
         # relative to the gradient's magnitude: dx of a normalised row has cancellations
         atol = rtol * b.grad.abs().max().item()
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_kernel_backward_is_deterministic_across_chunks():
@@ -174,7 +174,8 @@ def test_chunked_scale_and_shift_are_read_in_place(monkeypatch):
 
 def test_wider_rows_than_the_kernel_holds_run_the_reference():
     x, scale, shift = _inputs(1, 2, kernels.MAX_C + 1, torch.float32)
-    assert torch.equal(F.layer_norm_modulate(x, scale, shift, backend="triton"), ref.layer_norm_modulate(x, scale, shift))
+    expected = ref.layer_norm_modulate(x, scale, shift)
+    assert torch.equal(F.layer_norm_modulate(x, scale, shift, backend="triton"), expected)
 
 
 def test_float64_runs_the_reference_on_every_backend():
@@ -226,7 +227,7 @@ def test_eager_fast_path_equals_the_registered_op():
 
 
 def test_torch_compile_fullgraph_has_no_graph_break():
-    x, scale, shift = _inputs(2, 5, 32, torch.float32)
+    x = _inputs(2, 5, 32, torch.float32)[0]
 
     def loss_fn(x, emb):
         shift, scale = emb.chunk(6, dim=1)[:2]
@@ -241,6 +242,18 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     torch.testing.assert_close(e1.grad, e2.grad)
     # and inductor compiles around it (the op is opaque to it)
     torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(x, emb), loss_fn(x, emb))
+
+
+def test_torch_compile_under_autocast_gives_the_eager_bits():
+    def modulate(x, emb):
+        shift, scale = emb.chunk(6, dim=1)[:2]
+        return F.layer_norm_modulate(x, scale, shift)
+
+    x, emb = torch.randn(2, 5, 32, device=DEVICE), torch.randn(2, 6 * 32, device=DEVICE)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        compiled = torch.compile(modulate, fullgraph=True, backend="aot_eager")(x, emb)
+        eager = modulate(x, emb)
+    assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager)
 
 
 def test_top_level_export():
