@@ -19,6 +19,8 @@
 #               winner (SFGRPO_SDE_STEP_TUNING) is exported for the steps after it
 #   bench       SDE-step benchmark --quick (latency, back-to-back, GPU-only graph replay; vs eager,
 #               torch.compile, Flow-GRPO); rows are saved as they are measured
+#   norms       fused transformer norms (adaLN modulation, QK RMSNorm): ops vs eager / torch.compile,
+#               and a real-size SD3.5-M forward and backward with them vs diffusers' modules
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
 #   core        (not in the default list) issue 9's goals on real-size SD3.5-M,
@@ -26,12 +28,12 @@
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
 #               All steps in one 10-minute command (~250 s without core on an H100, 2026-11-26):
-#               DEADLINE=560 STEPS=tests,advantages,tune,bench,trainer,core bash benchmarks/gpu_checks.sh
+#               DEADLINE=560 STEPS=tests,advantages,tune,bench,norms,trainer,core bash benchmarks/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=$(realpath -m "${OUT:-$REPO/benchmarks/results/gpu-checks}")  # absolute: the steps run from /tmp
-STEPS=",${STEPS:-tests,advantages,tune,bench,trainer},"
+STEPS=",${STEPS:-tests,advantages,tune,bench,norms,trainer},"
 mkdir -p "$OUT"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
 if [ -n "${SKIP_INSTALL:-}" ]; then
@@ -55,7 +57,8 @@ if want tests; then
   # no -x: one short GPU session should show every failure, not the first
   timeout -k 10 $(limit 170) python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
     "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_advantages.py" "$REPO/tests/test_advantages_cuda_engine.py" \
-    "$REPO/tests/test_compat_flow_grpo.py" > "$OUT/tests.txt" 2>&1
+    "$REPO/tests/test_compat_flow_grpo.py" "$REPO/tests/test_rms_norm.py" "$REPO/tests/test_layer_norm_modulate.py" \
+    "$REPO/tests/test_fused_norms.py" > "$OUT/tests.txt" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
 fi
 if want advantages; then
@@ -85,6 +88,13 @@ if want bench; then
   timeout -k 10 $(limit 60) python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2> "$OUT/host_breakdown.err"
   echo "host breakdown: exit $?"
   cat "$OUT/host_breakdown.md" 2>/dev/null
+fi
+if want norms; then
+  # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
+  # buy a real-size SD3.5-M forward / backward (fused vs diffusers' modules, one run)
+  timeout -k 10 $(limit 100) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
+  echo "norms bench: exit $?"
+  tail -n 20 "$OUT/bench_norms.txt"
 fi
 if want trainer; then
   timeout -k 10 $(limit 90) python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1

@@ -77,16 +77,20 @@ def global_access_widths(ptx: str) -> dict:
 
 
 def transcendentals(ptx: str) -> dict:
-    """How the PTX computes log/sin/cos/sqrt: counts of the approximate instructions (`lg2.approx`,
+    """How the PTX computes log/sin/cos/sqrt/division: counts of the approximate instructions (`lg2.approx`,
     `sin.approx`, `cos.approx`, `sqrt.approx`: one MUFU each in SASS) and whether libdevice's
     precise sinf/cosf are there (their Payne-Hanek table `__cudart_i2opi_f`; the precise logf is
     an inlined polynomial with no instruction of its own)."""
     return {"lg2_approx": len(re.findall(r"\blg2\.approx", ptx)), "sin_approx": len(re.findall(r"\bsin\.approx", ptx)),
             "cos_approx": len(re.findall(r"\bcos\.approx", ptx)), "sqrt_approx": len(re.findall(r"\bsqrt\.approx", ptx)),
-            "precise_trig": "__cudart_i2opi_f" in ptx}
+            "precise_trig": "__cudart_i2opi_f" in ptx,
+            # IEEE-rounded division / square root (rms_norm mirrors torch's CPU rsqrt = 1 / sqrt)
+            # against the 2-ulp div.full / approximate forms that Triton's `/` and tl.sqrt give
+            "div_rn": len(re.findall(r"\bdiv\.rn\.f32", ptx)), "sqrt_rn": len(re.findall(r"\bsqrt\.rn\.f32", ptx)),
+            "div_inexact": len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))}
 
 
-def report(modules=("sde_step", "layer_norm_modulate")) -> list[dict]:
+def report(modules=("sde_step", "rms_norm", "layer_norm_modulate")) -> list[dict]:
     import importlib
 
     rows = []

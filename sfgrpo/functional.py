@@ -19,6 +19,7 @@ from sfgrpo.backend import resolve_backend
 from sfgrpo.gather import gather_batch
 from sfgrpo.ops import advantages as advantage_ops
 from sfgrpo.ops import layer_norm_modulate as layer_norm_modulate_ops
+from sfgrpo.ops import rms_norm as rms_norm_ops
 from sfgrpo.ops import sde_step as sde_step_ops
 from sfgrpo.reference import VelocityFn
 
@@ -316,6 +317,39 @@ def ppo_loss(
 ) -> Tensor:
     """PPO clipped surrogate + beta * KL (SPEC §4.5); see `reference.ppo_loss`."""
     return reference.ppo_loss(log_prob, old_log_prob, advantages, clip_range, kl=kl, beta=beta, mask=mask)
+
+
+_RMS_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
+    """diffusers' `RMSNorm` (the QK-norm of SD3.5 / FLUX attention) over the last dim of `x`, fused.
+
+    Same numbers and dtype as `diffusers.models.normalization.RMSNorm.forward` (see
+    `reference.rms_norm`): fp32 math; the output in the weight's dtype when it is half precision,
+    float32 with a float32 weight, x's dtype without a weight; under `torch.autocast` for x's device
+    the autocast dtype instead (the fp32 result rounded once). x of any rank and dtype
+    float32 / bfloat16 / float16 (float64 is rejected: the kernels do not take it); weight `[D]`.
+    x laid out with its rows consecutive in memory (contiguous, or a permuted view such as
+    `q.view(B, N, H, D).transpose(1, 2)`) is read in place and the output takes its strides; other
+    layouts are copied once. Gradients flow to x and weight (fused one-pass backward on CUDA).
+    """
+    if not isinstance(x, Tensor) or x.ndim < 1:
+        raise ValueError("x must be a tensor with at least one dimension (normalised over the last)")
+    if x.dtype not in _RMS_NORM_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if weight is not None:
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(f"weight must have shape [D] = [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+        if weight.dtype not in _RMS_NORM_DTYPES:
+            raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if not torch.compiler.is_compiling():  # eps may be symbolic under compile: checked eagerly only
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    out_dtype = reference.rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, x.device.type)
+    return rms_norm_ops.rms_norm(x, weight, float(eps), out_dtype, backend)
 
 
 # ------------------------------------------------------------------ adaLN modulation (fused LayerNorm)

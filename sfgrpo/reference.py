@@ -710,6 +710,59 @@ def ppo_loss(
     return (per_entry * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+# ---------------------------------------------------------------- RMSNorm (QK-norm of SD3.5 / FLUX)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def rms_norm_output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype | None, device_type: str) -> torch.dtype:
+    """diffusers' RMSNorm output dtype: the weight's when it is half precision, float32 (promotion)
+    for a float32 weight, x's without a weight; under torch.autocast for `device_type` the autocast
+    dtype instead (the result feeds attention, which autocast casts to it anyway)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if weight_dtype is None:
+        return x_dtype
+    if weight_dtype in _HALF_DTYPES:
+        return weight_dtype
+    return torch.promote_types(torch.float32, weight_dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
+             out_dtype: torch.dtype | None = None) -> Tensor:
+    """`diffusers.models.normalization.RMSNorm.forward` (non-NPU branch, no bias) op for op, so it
+    gives diffusers' bits; the last cast goes to `out_dtype` (default `rms_norm_output_dtype`, x's
+    dtype without a weight: diffusers' own cast), so under autocast the fp32 result is rounded once."""
+    if out_dtype is None:
+        out_dtype = rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, x.device.type)
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = x * torch.rsqrt(variance + eps)
+    if weight is not None:
+        if weight.dtype in _HALF_DTYPES:
+            h = h.to(weight.dtype)
+        h = h * weight
+    return h.to(out_dtype)
+
+
+def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None = None, eps: float = 1e-6,
+                      need_dx: bool = True, need_dweight: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dweight) of `rms_norm` in x's and the weight's dtypes (None where not needed), in
+    fp32: dx = r (g - h mean(g h)) with r = 1 / rms(x), h = x r, g = grad * weight; dweight sums
+    grad * h (h rounded to a half weight's dtype, as the forward multiplied it) over every row."""
+    xf = x.to(torch.float32)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    h = xf * r
+    gf = grad.to(torch.float32)
+    dx = dweight = None
+    if need_dx:
+        g = gf if weight is None else gf * weight.to(torch.float32)
+        dx = (r * (g - h * (g * h).mean(-1, keepdim=True))).to(x.dtype)
+    if need_dweight and weight is not None:
+        hw = h.to(weight.dtype).to(torch.float32) if weight.dtype in _HALF_DTYPES else h
+        products = gf * hw
+        dweight = (products[None] if x.ndim == 1 else products.flatten(0, -2)).sum(0).to(weight.dtype)
+    return dx, dweight
+
+
 # ------------------------------------------------------------- adaLN modulation (layer_norm_modulate)
 def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
     """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]`, op for op what diffusers'

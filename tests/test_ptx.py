@@ -110,3 +110,33 @@ def test_l2_hints_only_where_asked_and_loads_stay_128bit(variants):
     for name, row in variants.items():
         if name.startswith("sde_step/") and name not in hinted:
             assert row["l2_evict_last"] == row["l2_evict_first"] == row["loads_l2_hinted"] == 0, f"{name}: {row}"
+
+
+def test_rms_norm_variants_compile_for_sm90(variants):
+    for storage in ("fp32", "bf16"):
+        for D in (64, 128, 3072):
+            assert f"rms_norm/fwd/{storage}/D{D}" in variants
+            assert f"rms_norm/bwd/{storage}/D{D}/dw0" in variants and f"rms_norm/bwd/{storage}/D{D}/dw1" in variants
+
+
+def test_rms_norm_streams_rows_with_128bit_accesses(variants):
+    # a tile of whole rows: even D = 64 loads x, dy (and the weight) and stores y, dx 128 bits at a
+    # time; the only narrow access is the backward's one [D] row of dweight partials per program
+    rms = {name: row for name, row in variants.items() if name.startswith("rms_norm/")}
+    assert rms
+    for name, row in rms.items():
+        assert row["loads_narrow"] == 0, f"{name}: {row}"
+        if "/fwd/" in name:
+            assert row["loads_128bit"] >= 2 and row["stores_128bit"] >= 1 and row["stores_narrow"] == 0, f"{name}: {row}"
+        else:
+            assert row["loads_128bit"] >= 3 and row["stores_128bit"] >= 1, f"{name}: {row}"
+            assert row["stores_narrow"] <= (1 if name.endswith("dw1") else 0), f"{name}: {row}"
+
+
+def test_rms_norm_divides_and_takes_roots_ieee_rounded(variants):
+    # torch's CPU rsqrt is 1 / sqrt with both correctly rounded, and the mean is sum / D: the kernels
+    # use div.rn / sqrt.rn, never Triton's default div.full (2 ulp) or sqrt.approx
+    for name, row in variants.items():
+        if name.startswith("rms_norm/"):
+            assert row["div_rn"] >= 2 and row["sqrt_rn"] >= 1, f"{name}: {row}"
+            assert row["div_inexact"] == 0 and row["sqrt_approx"] == 0, f"{name}: {row}"

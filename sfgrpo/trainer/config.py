@@ -101,6 +101,10 @@ class TrainerConfig:
     ema_decay: float = _help("EMA of the trained weights (0: off)", default=0.0)
     compile_backbone: bool = _help("run the transformer's forward under torch.compile (the first iterations "
                                    "compile)", default=False)
+    fused_norms: bool = _help(
+        "run the diffusers transformer's adaLN modulations (LayerNorm * (1 + scale) + shift) and QK RMSNorms through "
+        "sfgrpo's fused ops (one pass each, Triton on CUDA; diffusers' own expressions on CPU, bit-exact); the "
+        "parameters and checkpoints are unchanged (sfgrpo.models.fused_norms)", default=True)
     # ------------------------------------------------------------------ LoRA (needs peft)
     use_lora: bool = _help("train LoRA adapters (peft) instead of the full transformer", default=False)
     lora_rank: int = _help("LoRA rank", default=32)

@@ -22,6 +22,7 @@ from torch import Tensor
 from sfgrpo import distributed, functional
 from sfgrpo.rewards import get_reward
 from sfgrpo.models.pipelines import sampling_sigmas
+from sfgrpo.models.fused_norms import fuse_norms
 from sfgrpo.models.protocol import check_backbone
 from sfgrpo.trainer import checkpoint as ckpt
 from sfgrpo.trainer.config import TrainerConfig
@@ -72,6 +73,8 @@ class Trainer:
                              f"pipeline samples without CFG); use guidance_scale and eval_guidance_scale 1, not "
                              f"{sorted(scales)}")
         self.model = model.to(self.device).requires_grad_(False)
+        if cfg.fused_norms:  # before the reference copy, LoRA, DDP/FSDP and torch.compile see the modules
+            fuse_norms(self.model)
         self.reward = get_reward(reward if reward is not None else cfg.reward)
         self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
                                      cfg.train_last_step)

@@ -1,0 +1,175 @@
+"""GPU benchmark of sfgrpo's fused transformer norms (`sfgrpo.layer_norm_modulate`,
+`sfgrpo.rms_norm`) and of what they buy a real-size transformer.
+
+Ops, on SD3.5-M / FLUX.1 shapes at 512 px in bf16: the fused op vs diffusers' eager expression vs
+`torch.compile` of that expression, forward and forward + backward; GPU-only times (CUDA-graph
+replay), GB/s and % of the device's copy bandwidth (algorithmic bytes: each full-size tensor read or
+written once). Model: the SD3.5-Medium transformer (random weights, published config) forward
+(rollout) and forward + backward with frozen weights (a LoRA update's activations path), with the
+norms fused vs diffusers' modules, eager, in one run.
+
+    python benchmarks/bench_norms_gpu.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bench_sde_step_gpu import copy_bandwidth_gbs, time_graph_ms, time_ms, versions  # noqa: E402
+
+from sfgrpo import functional as F  # noqa: E402
+from sfgrpo import reference as ref  # noqa: E402
+
+# (name, x shape, channels): image tokens at 512 px (+ text) for SD3.5-M (C 1536) and FLUX.1 (C 3072)
+MODULATE_SHAPES = {
+    "sd35m_b8_1024x1536": (8, 1024, 1536),
+    "sd35m_b16_1357x1536": (16, 1357, 1536),
+    "flux_b4_4608x3072": (4, 4608, 3072),
+}
+# QK-norm input as diffusers' SD3 processor passes it: [B, N, H, D] memory viewed as [B, H, N, D]
+RMS_SHAPES = {
+    "sd35m_q_b8_1024x24x64": (8, 1024, 24, 64),
+    "sd35m_q_b16_1357x24x64": (16, 1357, 24, 64),
+}
+QUICK_MODULATE = ("sd35m_b16_1357x1536", "flux_b4_4608x3072")
+QUICK_RMS = ("sd35m_q_b16_1357x24x64",)
+
+
+def _diffusers_modulate(x, scale, shift, eps=1e-6):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _diffusers_rms(x, weight, eps=1e-6):
+    return ref.rms_norm(x, weight, eps)
+
+
+def _timings(name, implementations, make_inputs, nbytes_fwd, nbytes_bwd, bandwidth, rows):
+    for mode in ("fwd", "fwd+bwd"):
+        base = None
+        for impl_name, fn in implementations.items():
+            inputs = make_inputs(mode == "fwd+bwd")
+            if mode == "fwd":
+                call = lambda: fn(*inputs)  # noqa: E731
+            else:
+                grad = torch.randn_like(fn(*inputs))
+
+                def call(inputs=inputs, grad=grad, fn=fn):
+                    torch.autograd.backward(fn(*inputs), grad)
+            try:
+                gpu_ms = time_graph_ms(call)
+                eager_ms = time_ms(call, warmup=3, reps=10, calls=10)
+            except Exception as err:  # noqa: BLE001 - a failed implementation is a row, not a crash
+                print(f"  {name} {mode} {impl_name}: failed ({type(err).__name__}: {err})", flush=True)
+                continue
+            nbytes = nbytes_fwd if mode == "fwd" else nbytes_fwd + nbytes_bwd
+            gbs = nbytes / (gpu_ms * 1e-3) / 1e9
+            base = base or gpu_ms
+            row = dict(case=name, mode=mode, impl=impl_name, gpu_ms=gpu_ms, back_to_back_ms=eager_ms, gbs=gbs,
+                       pct_copy_bw=100 * gbs / bandwidth)
+            rows.append(row)
+            print(f"  {name:24s} {mode:8s} {impl_name:10s} GPU {gpu_ms * 1e3:8.1f} us  {gbs:6.0f} GB/s "
+                  f"{row['pct_copy_bw']:5.1f}%  back-to-back {eager_ms * 1e3:8.1f} us", flush=True)
+
+
+def bench_ops(quick: bool, bandwidth: float, rows: list) -> None:
+    dev, dt = "cuda", torch.bfloat16
+    compiled_modulate = torch.compile(_diffusers_modulate)
+    for name in QUICK_MODULATE if quick else MODULATE_SHAPES:
+        b, n, c = MODULATE_SHAPES[name]
+
+        def make(grad, b=b, n=n, c=c):
+            x = torch.randn(b, n, c, device=dev, dtype=dt, requires_grad=grad)
+            emb = torch.randn(b, 6 * c, device=dev, dtype=dt, requires_grad=grad)
+            chunks = emb.chunk(6, dim=1)  # the adaLN layout: strided views, as diffusers passes them
+            return x, chunks[1], chunks[0]
+
+        numel = b * n * c
+        _timings(name, {"sfgrpo": F.layer_norm_modulate, "eager": _diffusers_modulate, "compiled": compiled_modulate},
+                 make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
+    compiled_rms = torch.compile(_diffusers_rms)
+    for name in QUICK_RMS if quick else RMS_SHAPES:
+        b, n, h, d = RMS_SHAPES[name]
+
+        def make(grad, b=b, n=n, h=h, d=d):
+            q = torch.randn(b, n, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(grad)
+            weight = torch.ones(d, device=dev, dtype=dt)
+            return q, weight
+
+        numel = b * n * h * d
+        _timings(name, {"sfgrpo": F.rms_norm, "eager": _diffusers_rms, "compiled": compiled_rms},
+                 make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
+
+
+def bench_model(batch: int, rows: list) -> None:
+    """SD3.5-M at 512 px: forward (no grad) and forward + backward with frozen weights."""
+    from sfgrpo.bench import configs
+    from sfgrpo.models.fused_norms import fuse_norms, unfuse_norms
+
+    model = configs.random_transformer("sd35m", "cuda", torch.bfloat16).requires_grad_(False)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c = model.config
+    latents = torch.randn(batch, c.in_channels, 64, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    text = torch.randn(batch, 333, c.joint_attention_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    pooled = torch.randn(batch, c.pooled_projection_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.full((batch,), 500.0, device="cuda")
+
+    def forward():
+        with torch.no_grad():
+            model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                  return_dict=False)
+
+    def forward_backward():
+        x = latents.detach().requires_grad_()
+        out = model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                    return_dict=False)[0]
+        out.float().square().mean().backward()
+
+    for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
+        times = {}
+        for variant in ("diffusers", "fused", "diffusers "):  # diffusers twice: drift between the A and B runs
+            (fuse_norms if variant == "fused" else unfuse_norms)(model)
+            times[variant] = time_ms(fn, warmup=2, reps=5)
+        base = min(times["diffusers"], times["diffusers "])
+        row = dict(case=f"sd35m_b{batch}_512px", mode=label, impl="model", diffusers_ms=base, fused_ms=times["fused"],
+                   speedup=base / times["fused"], diffusers_runs_ms=[times["diffusers"], times["diffusers "]])
+        rows.append(row)
+        print(f"  SD3.5-M b{batch} 512px {label:17s} diffusers {base:8.2f} ms  fused norms {times['fused']:8.2f} ms  "
+              f"x{row['speedup']:.3f}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (the short GPU session)")
+    parser.add_argument("--out", default="benchmarks/results", help="results folder")
+    parser.add_argument("--model-batch", type=int, default=4, help="trajectories in the SD3.5-M forward (0: skip)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_norms_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth_gbs()
+    print(f"{device}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+    rows: list = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"norms_{device.replace(' ', '_')}.json"
+    try:
+        bench_ops(args.quick, bandwidth, rows)
+        if args.model_batch:
+            bench_model(args.model_batch, rows)
+    finally:  # what was measured is written even when a later row fails or the run is cut short
+        path.write_text(json.dumps(dict(device=device, copy_bandwidth_gbs=bandwidth, versions=versions(), rows=rows),
+                                   indent=1))
+        print(f"results in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""sfgrpo.models.fused_norms: diffusers' adaLN modulations and QK RMSNorms swapped for sfgrpo's fused
+ops inside real transformer architectures (SD3.5-M's and FLUX.1's blocks at small width)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sfgrpo.bench import configs
+from sfgrpo.models import fused_norms
+from sfgrpo.models.fused_norms import fuse_norms, fused_norm_count, unfuse_norms
+
+pytest.importorskip("diffusers")
+from diffusers.models.normalization import (  # noqa: E402
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    RMSNorm,
+    SD35AdaLayerNormZeroX,
+)
+
+
+def _sd3_inputs(model, batch=2, grid=8, tokens=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(batch, c.in_channels, grid, grid, generator=g),
+        encoder_hidden_states=torch.randn(batch, tokens, c.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, c.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([700.0, 300.0][:batch]),
+    )
+
+
+def _flux_inputs(model, batch=2, grid=4, tokens=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    image = grid * grid
+    ids = torch.zeros(image, 3)
+    ids[:, 1] = torch.arange(grid).repeat_interleave(grid)
+    ids[:, 2] = torch.arange(grid).repeat(grid)
+    return dict(
+        hidden_states=torch.randn(batch, image, c.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, tokens, c.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, c.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([0.7, 0.3][:batch]),
+        img_ids=ids, txt_ids=torch.zeros(tokens, 3), guidance=torch.full((batch,), 3.5),
+    )
+
+
+ARCHITECTURES = {"sd35m-small": _sd3_inputs, "flux1-dev-small": _flux_inputs}
+
+
+def _pair(name):
+    original = configs.random_transformer(name, seed=1)
+    fused = copy.deepcopy(original)
+    return original, fused
+
+
+def _kinds(model):
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, fused_norms._Fused)})
+
+
+def test_sd35_blocks_get_every_norm_swapped():
+    original, fused = _pair("sd35m-small")
+    before = {n: type(m) for n, m in original.named_modules()}
+    count = fuse_norms(fused)
+    expected = sum(type(m) in (AdaLayerNormZero, AdaLayerNormZeroSingle, SD35AdaLayerNormZeroX,
+                               AdaLayerNormContinuous, RMSNorm) for m in original.modules())
+    assert count == expected == fused_norm_count(fused) > 0
+    # SD3.5-M: the dual-attention block's norm1 (x2 modulations), the context norms, QK RMSNorms
+    # of both streams and of the second attention, the output norm
+    assert _kinds(fused) == ["FusedAdaLayerNormContinuous", "FusedAdaLayerNormZero", "FusedRMSNorm",
+                             "FusedSD35AdaLayerNormZeroX"]
+    assert fuse_norms(fused) == 0  # idempotent: nothing left to swap
+    # same modules, parameters and state-dict keys: checkpoints and LoRA targets are unaffected
+    assert list(fused.state_dict()) == list(original.state_dict())
+    assert [n for n, _ in fused.named_modules()] == list(before)
+    assert unfuse_norms(fused) == count and fused_norm_count(fused) == 0
+    assert {n: type(m) for n, m in fused.named_modules()} == before
+
+
+def test_flux_keeps_torch_rmsnorm_and_swaps_the_modulations():
+    original, fused = _pair("flux1-dev-small")
+    fuse_norms(fused)
+    assert _kinds(fused) == ["FusedAdaLayerNormContinuous", "FusedAdaLayerNormZero",
+                             "FusedAdaLayerNormZeroSingle"]
+    # FLUX's QK norms are torch.nn.RMSNorm (one fused ATen kernel already, other rounding): untouched
+    assert any(type(m) is nn.RMSNorm for m in fused.modules())
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swap_is_bit_exact_on_cpu_forward_and_backward(name, dtype):
+    """On CPU the ops run diffusers' own expressions: outputs and every parameter's gradient equal."""
+    original, fused = _pair(name)
+    original, fused = original.to(dtype), fused.to(dtype)
+    assert fuse_norms(fused) > 0
+    inputs = {k: (v.to(dtype) if v.is_floating_point() and k != "timestep" else v)
+              for k, v in ARCHITECTURES[name](original).items()}
+    outs = []
+    for model in (original, fused):
+        out = model(**inputs, return_dict=False)[0]
+        out.float().square().mean().backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = outs
+    assert torch.equal(a, b)
+    assert grads_a.keys() == grads_b.keys()
+    for key in grads_a:
+        assert (grads_a[key] is None) == (grads_b[key] is None), key
+        if grads_a[key] is not None:
+            assert torch.equal(grads_a[key], grads_b[key]), key
+
+
+def test_autocast_output_is_close_and_in_the_autocast_dtype():
+    original, fused = _pair("sd35m-small")
+    fuse_norms(fused)
+    inputs = _sd3_inputs(original)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = original(**inputs, return_dict=False)[0]
+        b = fused(**inputs, return_dict=False)[0]
+    assert a.dtype == b.dtype
+    # the fused modulations hand the next Linear what autocast would have cast it to
+    torch.testing.assert_close(b.float(), a.float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_triton_kernels_inside_the_transformer_match_diffusers(name, monkeypatch):
+    """The Triton kernels on every swapped module of a whole forward and backward: compiled on a
+    GPU, in Triton's interpreter on the CPU."""
+    from sfgrpo.backend import ENV_VAR
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    original, fused = (m.to(device) for m in _pair(name))
+    fuse_norms(fused)
+    inputs = {k: v.to(device) for k, v in ARCHITECTURES[name](original, batch=1).items()}
+    out_a = original(**inputs, return_dict=False)[0]
+    out_a.square().mean().backward()
+    if device == "cpu":
+        monkeypatch.setenv(ENV_VAR, "triton")
+    out_b = fused(**inputs, return_dict=False)[0]
+    out_b.square().mean().backward()
+    torch.testing.assert_close(out_b, out_a, atol=2e-5, rtol=2e-4)
+    for (key, pa), (_, pb) in zip(original.named_parameters(), fused.named_parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=2e-5, rtol=2e-3, msg=key)
+
+
+def test_unsupported_configurations_keep_diffusers_forward():
+    affine = AdaLayerNormContinuous(16, 16, elementwise_affine=True, eps=1e-6)
+    with_bias = RMSNorm(8, eps=1e-6, elementwise_affine=True, bias=True)
+
+    class Subclass(AdaLayerNormZero):  # may compute something else: exact classes only
+        pass
+
+    model = nn.ModuleList([affine, with_bias, Subclass(16), AdaLayerNormZero(16, norm_type="fp32_layer_norm")])
+    assert fuse_norms(model) == 0
+
+
+def test_trainer_fuses_by_default_and_the_flag_turns_it_off(tmp_path):
+    from sfgrpo import Trainer, TrainerConfig
+    from sfgrpo.trainer.cli_args import add_config_arguments, config_from_args
+
+    small = dict(group_size=2, num_steps=2, prompts="0,1", output_dir=str(tmp_path))
+    on = Trainer(TrainerConfig(**small))
+    assert fused_norm_count(on.model) > 0  # the built-in digits backbone is a diffusers SD3 transformer
+    off = Trainer(TrainerConfig(**small, fused_norms=False))
+    assert fused_norm_count(off.model) == 0
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert config_from_args(parser.parse_args(["--no-fused-norms"])).fused_norms is False
+    assert config_from_args(parser.parse_args([])).fused_norms is True
