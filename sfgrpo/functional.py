@@ -367,8 +367,8 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     shift; under torch.autocast for x's device, the autocast dtype (`reference.layer_norm_modulate`).
     CUDA tensors run the fused Triton kernels (fp32 math, one rounding of y; C up to
     kernels.layer_norm_modulate.MAX_C, wider rows and float64 run the reference), CPU tensors the
-    reference, bit-identical to diffusers. Gradients flow to x, scale and shift (dscale and dshift
-    only when they require grad).
+    reference, bit-identical to diffusers in the output and in the gradients. Gradients flow to x,
+    scale and shift (dscale and dshift computed only when they require grad).
     """
     if x.ndim < 2:
         raise ValueError(f"x must be [B, ..., C] with at least 2 dims, got shape {tuple(x.shape)}")

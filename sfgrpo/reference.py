@@ -780,18 +780,28 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
 
 
 def layer_norm_modulate_backward(
-    grad: Tensor, x: Tensor, scale: Tensor, eps: float = 1e-6
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of `layer_norm_modulate` for `x` `[B, N, C]`, scale `[B, C]`, upstream `grad`
-    `[B, N, C]`, in float32: (dx, dscale, dshift). With xhat = (x - mean) * rstd and g = grad *
-    (1 + scale): dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat)) (LayerNorm's backward),
-    dscale = sum over the sample's rows of grad * xhat, dshift = the sum of grad. Written out (not
-    autograd through the expression): the custom op's implementation runs below autograd."""
-    xf, g_out = x.float(), grad.float()
-    mean = xf.mean(-1, keepdim=True)
-    centred = xf - mean
-    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
-    xhat = centred * rstd
-    g = g_out * (1.0 + scale.float()[:, None])
-    dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    return dx, (g_out * xhat).sum(1), g_out.sum(1)
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6,
+    need_dx: bool = True, need_dscale: bool = True, need_dshift: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dscale, dshift) of `layer_norm_modulate` (x `[B, N, C]`, scale / shift `[B, C]`) as
+    autograd computes them through the expression, op for op, so the bits are autograd's: each
+    product in the promoted dtype, summed over the broadcast rows, then cast to the input's dtype
+    (the engine's order), and LayerNorm's own backward kernel with the forward's mean and rstd.
+    Written out because the custom op's implementation runs below autograd. `grad` is cast to the
+    expression's dtype first (the backward of a final autocast cast); None where not needed."""
+    channels = x.shape[-1]
+    h, mean, rstd = torch.native_layer_norm(x, (channels,), None, None, eps)
+    gain = 1 + scale[:, None]
+    product_dtype = torch.promote_types(h.dtype, gain.dtype)  # of h * gain
+    grad = grad.to(torch.promote_types(product_dtype, shift.dtype))
+    g_product = grad.to(product_dtype)
+    dx = dscale = dshift = None
+    if need_dx:
+        g_h = (g_product * gain).to(h.dtype)
+        dx = torch.ops.aten.native_layer_norm_backward(g_h, x, (channels,), mean, rstd, None, None,
+                                                       [True, False, False])[0]
+    if need_dscale:
+        dscale = (g_product * h).sum(1).to(scale.dtype)
+    if need_dshift:
+        dshift = grad.sum(1).to(shift.dtype)
+    return dx, dscale, dshift

@@ -3,6 +3,8 @@ blocks bit for bit, the Triton kernels (interpreter on CPU, real on CUDA) agains
 forward and backward, in-place reads of chunked embeddings, opcheck, torch.compile, bad and empty
 inputs."""
 
+import copy
+
 import pytest
 import torch
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
@@ -59,6 +61,31 @@ def test_reference_is_diffusers_ada_layer_norm_continuous_bit_for_bit(dtype):
     expected = block(x, cond)
     scale, shift = block.linear(block.silu(cond).to(dtype)).chunk(2, dim=1)
     assert torch.equal(F.layer_norm_modulate(x, scale, shift, 1e-6), expected)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_path_gradients_are_autograds_bits(dtype, autocast):
+    """The op's CPU backward (written out: it runs below autograd) gives exactly the gradients that
+    autograd computes through diffusers' block, down to the adaLN linear's weight."""
+    torch.manual_seed(3)
+    block = AdaLayerNormZero(48).to(dtype)
+    fused = copy.deepcopy(block)
+    x, temb = torch.randn(2, 7, 48, dtype=dtype), torch.randn(2, 48, dtype=dtype)
+    grad = torch.randn(2, 7, 48, dtype=dtype)
+    results = []
+    for module, ours in ((block, False), (fused, True)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if ours:
+                shift, scale = module.linear(module.silu(temb)).chunk(6, dim=1)[:2]
+                y = F.layer_norm_modulate(xi, scale, shift)
+            else:
+                y = module(xi, emb=temb)[0].to(torch.bfloat16 if autocast else dtype)
+        y.backward(grad.to(y.dtype))
+        results.append((y, xi.grad, module.linear.weight.grad, module.linear.bias.grad))
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), *results):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])

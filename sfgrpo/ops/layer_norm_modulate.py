@@ -5,7 +5,8 @@ ops take x as `[B, N, C]` with unit last stride and scale / shift as `[B, C]` wi
 and any row stride (`sfgrpo.functional.layer_norm_modulate` reshapes and validates), plus the
 output dtype and whether autocast was on at the call: the op runs the expression under exactly
 that autocast state whatever the state around it (compiled graphs, the backward), so the
-reference path is bit-identical to the eager expression under the caller's autocast.
+reference path is bit-identical to the eager expression under the caller's autocast, and its
+backward to autograd's through that expression (reference.layer_norm_modulate_backward).
 
 Per device (`sfgrpo.backend`): CUDA tensors run the Triton kernels, CPU tensors the reference, the
 `triton` backend on CPU the kernels in Triton's interpreter. Rows wider than the kernels' MAX_C and
@@ -30,7 +31,7 @@ backend.register_op(OP_NAME, "triton")
 
 # ------------------------------------------------------------------------ implementations
 class _Reference:
-    """The reference expression under the caller's autocast state, and its backward's formulas."""
+    """The reference expression under the caller's autocast state, and autograd's backward of it."""
 
     @staticmethod
     def forward(x, scale, shift, eps, out_dtype, autocast):
@@ -41,10 +42,16 @@ class _Reference:
 
     @staticmethod
     def backward(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift):
-        # fp32 formulas, as the kernels compute them (autograd cannot run inside an op's implementation)
-        dx, dscale, dshift = reference.layer_norm_modulate_backward(grad, x, scale, eps)
-        return (dx.to(x.dtype) if need_dx else None, dscale.to(scale.dtype) if need_dscale else None,
-                dshift.to(shift.dtype) if need_dshift else None)
+        # autograd's own bits (reference.layer_norm_modulate_backward): under autocast LayerNorm
+        # ran on x cast to the dtype autocast picks for it on this device (fp32 on CUDA, the
+        # autocast dtype on CPU), which a one-element probe reads off the autocast policy
+        x_ln = x
+        if autocast:
+            with torch.autocast(x.device.type, dtype=out_dtype):
+                x_ln = x.to(torch.nn.functional.layer_norm(x.new_zeros(1), (1,)).dtype)
+        dx, dscale, dshift = reference.layer_norm_modulate_backward(
+            grad, x_ln, scale, shift, eps, need_dx, need_dscale, need_dshift)
+        return None if dx is None else dx.to(x.dtype), dscale, dshift
 
 
 class _Kernels:
