@@ -28,15 +28,16 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def compile_sm90(fn, arg_types: dict, constexprs: dict, num_warps: int):
+def compile_sm90(fn, arg_types: dict, constexprs: dict, num_warps: int, divisible=("D",)):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
     signature = {name: arg_types.get(name, "constexpr") for name in names}
-    # what the launcher's specialisation sees for aligned tensors and D % 16 == 0
-    aligned = [name for name in names if arg_types.get(name, "").startswith("*") or name == "D"]
+    # what the launcher's specialisation sees for aligned tensors and integers that are multiples of
+    # 16 (`divisible`: the SDE step's D; a kernel module may name its own, such as row strides)
+    aligned = [name for name in names if arg_types.get(name, "").startswith("*") or name in divisible]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget(*SM90), options={"num_warps": num_warps, "enable_fp_fusion": False})
@@ -89,14 +90,15 @@ def transcendentals(ptx: str) -> dict:
             "div_inexact": len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))}
 
 
-def report(modules=("sde_step", "rms_norm")) -> list[dict]:
+def report(modules=("sde_step", "rms_norm", "layer_norm_modulate")) -> list[dict]:
     import importlib
 
     rows = []
     for module_name in modules:
         module = importlib.import_module(f"sfgrpo.kernels.{module_name}")
-        for name, fn, arg_types, constexprs, num_warps in module.aot_variants():
-            compiled = compile_sm90(fn, arg_types, constexprs, num_warps)
+        # a variant may end with the names of its integer arguments that are multiples of 16
+        for name, fn, arg_types, constexprs, num_warps, *divisible in module.aot_variants():
+            compiled = compile_sm90(fn, arg_types, constexprs, num_warps, *divisible)
             ptx = compiled.asm["ptx"]
             target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
             rows.append({"variant": f"{module_name}/{name}", "target": target, **global_access_widths(ptx),

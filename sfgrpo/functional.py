@@ -18,6 +18,7 @@ from sfgrpo import reference
 from sfgrpo.backend import resolve_backend
 from sfgrpo.gather import gather_batch
 from sfgrpo.ops import advantages as advantage_ops
+from sfgrpo.ops import layer_norm_modulate as layer_norm_modulate_ops
 from sfgrpo.ops import rms_norm as rms_norm_ops
 from sfgrpo.ops import sde_step as sde_step_ops
 from sfgrpo.reference import VelocityFn
@@ -349,3 +350,57 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, back
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     out_dtype = reference.rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, x.device.type)
     return rms_norm_ops.rms_norm(x, weight, float(eps), out_dtype, backend)
+
+
+# ------------------------------------------------------------------ adaLN modulation (fused LayerNorm)
+_MODULATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *,
+                        backend: str | None = None) -> Tensor:
+    """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]` (LayerNorm without affine,
+    then per-sample modulation: diffusers' AdaLayerNormZero and friends) in one pass over x.
+
+    x is `[B, ..., C]` (usually `[B, N, C]`, also `[B, C]`), scale and shift `[B, C]`. They may be
+    views with a row stride, such as `emb.chunk(6, dim=1)[i]`: read in place, no copy (other
+    layouts are made contiguous once). Output dtype: the expression's type promotion of x, scale,
+    shift; under torch.autocast for x's device, the autocast dtype (`reference.layer_norm_modulate`).
+    CUDA tensors run the fused Triton kernels (fp32 math, one rounding of y; C up to
+    kernels.layer_norm_modulate.MAX_C, wider rows and float64 run the reference), CPU tensors the
+    reference, bit-identical to diffusers in the output and in the gradients. Gradients flow to x,
+    scale and shift (dscale and dshift computed only when they require grad).
+    """
+    if x.ndim < 2:
+        raise ValueError(f"x must be [B, ..., C] with at least 2 dims, got shape {tuple(x.shape)}")
+    batch, channels = x.shape[0], x.shape[-1]
+    for name, tensor in (("scale", scale), ("shift", shift)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.shape != (batch, channels):
+            raise ValueError(f"{name} must have shape [B, C] = [{batch}, {channels}] to match x of shape "
+                             f"{tuple(x.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    for name, tensor in (("x", x), ("scale", scale), ("shift", shift)):
+        if tensor.dtype not in _MODULATE_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (float64 runs the reference), "
+                            f"got {tensor.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        out_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
+    # [B, N, C]: a view for contiguous x (N from the shape: reshape cannot infer it when B = 0)
+    rows = x.reshape(batch, math.prod(x.shape[1:-1]), channels)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    # the kernels read scale / shift through their row stride; only the channels must be adjacent
+    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    shift = shift if shift.stride(-1) == 1 else shift.contiguous()
+    y = layer_norm_modulate_ops.layer_norm_modulate(rows, scale, shift, float(eps), out_dtype, autocast, backend)
+    return y.view(x.shape)

@@ -761,3 +761,47 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None = None, eps
         products = gf * hw
         dweight = (products[None] if x.ndim == 1 else products.flatten(0, -2)).sum(0).to(weight.dtype)
     return dx, dweight
+
+
+# ------------------------------------------------------------- adaLN modulation (layer_norm_modulate)
+def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
+    """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]`, op for op what diffusers'
+    AdaLayerNormZero / AdaLayerNormContinuous compute (the LayerNorm has no affine): x is
+    `[B, ..., C]`, scale and shift `[B, C]` get a singleton dim for every dim of x between batch and
+    channel. The output dtype is the expression's (type promotion of x, scale, shift); under
+    torch.autocast active for x's device the expression runs as autocast runs it, then is cast
+    once to the autocast dtype (in diffusers the result always feeds a Linear, which autocast
+    casts to that dtype anyway)."""
+    index = (slice(None),) + (None,) * (x.ndim - 2)
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[index]) + shift[index]
+    if torch.is_autocast_enabled(x.device.type):
+        y = y.to(torch.get_autocast_dtype(x.device.type))
+    return y
+
+
+def layer_norm_modulate_backward(
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6,
+    need_dx: bool = True, need_dscale: bool = True, need_dshift: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dscale, dshift) of `layer_norm_modulate` (x `[B, N, C]`, scale / shift `[B, C]`) as
+    autograd computes them through the expression, op for op, so the bits are autograd's: each
+    product in the promoted dtype, summed over the broadcast rows, then cast to the input's dtype
+    (the engine's order), and LayerNorm's own backward kernel with the forward's mean and rstd.
+    Written out because the custom op's implementation runs below autograd. `grad` is cast to the
+    expression's dtype first (the backward of a final autocast cast); None where not needed."""
+    channels = x.shape[-1]
+    h, mean, rstd = torch.native_layer_norm(x, (channels,), None, None, eps)
+    gain = 1 + scale[:, None]
+    product_dtype = torch.promote_types(h.dtype, gain.dtype)  # of h * gain
+    grad = grad.to(torch.promote_types(product_dtype, shift.dtype))
+    g_product = grad.to(product_dtype)
+    dx = dscale = dshift = None
+    if need_dx:
+        g_h = (g_product * gain).to(h.dtype)
+        dx = torch.ops.aten.native_layer_norm_backward(g_h, x, (channels,), mean, rstd, None, None,
+                                                       [True, False, False])[0]
+    if need_dscale:
+        dscale = (g_product * h).sum(1).to(scale.dtype)
+    if need_dshift:
+        dshift = grad.sum(1).to(shift.dtype)
+    return dx, dscale, dshift

@@ -34,6 +34,13 @@ def test_every_sde_type_mode_and_dtype_compiles_for_sm90(variants):
     assert all(row["target"].startswith("sm_90") for row in variants.values())
 
 
+def test_every_layer_norm_modulate_variant_compiles_for_sm90(variants):
+    for storage in ("fp32", "bf16"):
+        for channels in (1536, 3072, 6144):
+            for kind in ("fwd", "bwd/dx", "bwd/dx_partials"):
+                assert f"layer_norm_modulate/{kind}/{storage}/C{channels}" in variants
+
+
 def test_no_register_spills(variants):
     for name, row in variants.items():
         assert row["registers"] is not None, f"{name}: could not read the cubin's resource usage"
@@ -51,6 +58,17 @@ def test_streamed_tensors_use_128bit_accesses(variants):
         elif name.startswith("sde_step/bwd/"):
             # x, v, v_ref, sample, and three upstream gradients; dv, dv_ref, dx written
             assert row["loads_128bit"] >= 7 and row["stores_128bit"] >= 3, f"{name}: {row}"
+
+
+def test_layer_norm_modulate_streams_with_128bit_accesses_only(variants):
+    # x (and dy) in, y (or dx, and the fp32 dscale / dshift partials) out; the per-sample scale and
+    # shift too: not one narrower global access (C and the row strides are multiples of 16)
+    rows = {name: row for name, row in variants.items() if name.startswith("layer_norm_modulate/")}
+    assert len(rows) == 18
+    for name, row in rows.items():
+        assert row["loads_narrow"] == 0 and row["stores_narrow"] == 0, f"{name}: {row}"
+        # fwd: x, scale, shift; bwd: x, dy, scale (bf16 at 8 elements a thread: one v4 each)
+        assert row["loads_128bit"] >= 3 and row["stores_128bit"] >= (3 if "partials" in name else 1), f"{name}: {row}"
 
 
 def test_split_rows_hand_their_partials_over_with_acquire_release(variants):

@@ -1,0 +1,171 @@
+"""Custom ops `sfgrpo::layer_norm_modulate` and `sfgrpo::layer_norm_modulate_backward`.
+
+adaLN modulation `layer_norm(x) * (1 + scale[b]) + shift[b]` (reference.layer_norm_modulate). The
+ops take x as `[B, N, C]` with unit last stride and scale / shift as `[B, C]` with unit last stride
+and any row stride (`sfgrpo.functional.layer_norm_modulate` reshapes and validates), plus the
+output dtype and whether autocast was on at the call: the op runs the expression under exactly
+that autocast state whatever the state around it (compiled graphs, the backward), so the
+reference path is bit-identical to the eager expression under the caller's autocast, and its
+backward to autograd's through that expression (reference.layer_norm_modulate_backward).
+
+Per device (`sfgrpo.backend`): CUDA tensors run the Triton kernels, CPU tensors the reference, the
+`triton` backend on CPU the kernels in Triton's interpreter. Rows wider than the kernels' MAX_C and
+float64 run the reference whatever the backend (the kernels store fp32 / bf16 / fp16 only).
+
+In eager mode the op's dispatch layers are skipped, as for the SDE step: the implementation runs
+directly, inside a lean autograd.Function when a gradient is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sfgrpo import backend, reference
+
+OP_NAME = "layer_norm_modulate"
+backend.register_op(OP_NAME, "triton")
+
+
+# ------------------------------------------------------------------------ implementations
+class _Reference:
+    """The reference expression under the caller's autocast state, and autograd's backward of it."""
+
+    @staticmethod
+    def forward(x, scale, shift, eps, out_dtype, autocast):
+        with torch.autocast(x.device.type, dtype=out_dtype if autocast else None, enabled=autocast):
+            # contiguous like the kernels' output (and the fake's); a no-op for the contiguous x
+            # that functional passes unless its rows are strided
+            return reference.layer_norm_modulate(x, scale, shift, eps).to(out_dtype).contiguous()
+
+    @staticmethod
+    def backward(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift):
+        # autograd's own bits (reference.layer_norm_modulate_backward): under autocast LayerNorm
+        # ran on x cast to the dtype autocast picks for it on this device (fp32 on CUDA, the
+        # autocast dtype on CPU), which a one-element probe reads off the autocast policy
+        x_ln = x
+        if autocast:
+            with torch.autocast(x.device.type, dtype=out_dtype):
+                x_ln = x.to(torch.nn.functional.layer_norm(x.new_zeros(1), (1,)).dtype)
+        dx, dscale, dshift = reference.layer_norm_modulate_backward(
+            grad, x_ln, scale, shift, eps, need_dx, need_dscale, need_dshift)
+        return None if dx is None else dx.to(x.dtype), dscale, dshift
+
+
+class _Kernels:
+    """The Triton kernels (fp32 math); dscale / dshift come back as fp32 and take the inputs' dtype here."""
+
+    @staticmethod
+    def forward(x, scale, shift, eps, out_dtype, autocast):
+        from sfgrpo.kernels import layer_norm_modulate as kernels
+
+        return kernels.forward(x, scale, shift, eps, out_dtype)
+
+    @staticmethod
+    def backward(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift):
+        from sfgrpo.kernels import layer_norm_modulate as kernels
+
+        dx, dscale, dshift = kernels.backward(grad, x, scale, eps, need_dx, need_dscale, need_dshift)
+        return (dx, None if dscale is None else dscale.to(scale.dtype),
+                None if dshift is None else dshift.to(shift.dtype))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _implementation(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype, backend_name: Optional[str]):
+    if backend.resolve_backend(OP_NAME, x.device, backend_name) != "triton":
+        return _Reference
+    from sfgrpo.kernels import layer_norm_modulate as kernels
+
+    if (not kernels.supports(x.shape[-1]) or out_dtype not in _KERNEL_DTYPES
+            or any(t.dtype not in _KERNEL_DTYPES for t in (x, scale, shift))):
+        return _Reference  # wider than a program's registers, or float64: no error, the reference
+    return _Kernels
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ------------------------------------------------------------------------------ forward
+@torch.library.custom_op("sfgrpo::layer_norm_modulate", mutates_args=())
+def layer_norm_modulate_op(x: Tensor, scale: Tensor, shift: Tensor, eps: float, out_dtype: torch.dtype,
+                           autocast: bool, backend_name: Optional[str]) -> Tensor:
+    """-> y `[B, N, C]` contiguous in `out_dtype`."""
+    return _implementation(x, scale, shift, out_dtype, backend_name).forward(x, scale, shift, eps, out_dtype, autocast)
+
+
+@layer_norm_modulate_op.register_fake
+def _(x, scale, shift, eps, out_dtype, autocast, backend_name):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------- backward
+@torch.library.custom_op("sfgrpo::layer_norm_modulate_backward", mutates_args=())
+def layer_norm_modulate_backward_op(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, eps: float,
+                                    out_dtype: torch.dtype, autocast: bool, need_dx: bool, need_dscale: bool,
+                                    need_dshift: bool, backend_name: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx, dscale, dshift) in the dtypes and shapes of x, scale, shift (empty when not needed)."""
+    outputs = _implementation(x, scale, shift, out_dtype, backend_name).backward(
+        grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift)
+    # a fresh tensor each: a custom op may not return its input or one tensor twice
+    return tuple(_empty(x) if out is None else out for out in outputs)
+
+
+@layer_norm_modulate_backward_op.register_fake
+def _(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift, backend_name):
+    return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(scale) if need_dscale else _empty(x),
+            torch.empty_like(shift) if need_dshift else _empty(x))
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, scale, shift, eps, out_dtype, autocast, backend_name = inputs
+    ctx.save_for_backward(x, scale, shift)
+    ctx.options = (eps, out_dtype, autocast, backend_name)
+
+
+def _op_gradients(ctx, grad):
+    x, scale, shift = ctx.saved_tensors
+    eps, out_dtype, autocast, backend_name = ctx.options
+    need = ctx.needs_input_grad[:3]
+    dx, dscale, dshift = layer_norm_modulate_backward_op(grad, x, scale, shift, eps, out_dtype, autocast, *need,
+                                                         backend_name)
+    return (dx if need[0] else None, dscale if need[1] else None, dshift if need[2] else None, None, None, None, None)
+
+
+layer_norm_modulate_op.register_autograd(_op_gradients, setup_context=_setup_context)
+
+
+class _EagerLayerNormModulate(torch.autograd.Function):
+    """The op's forward and backward without its dispatch layers; `call` is (eps, out_dtype,
+    autocast, implementation), so the backward runs what the forward ran."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, call):
+        eps, out_dtype, autocast, implementation = call
+        ctx.save_for_backward(x, scale, shift)
+        ctx.call = call
+        return implementation.forward(x, scale, shift, eps, out_dtype, autocast)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, shift = ctx.saved_tensors
+        eps, out_dtype, autocast, implementation = ctx.call
+        return (*implementation.backward(grad, x, scale, shift, eps, out_dtype, autocast, *ctx.needs_input_grad[:3]),
+                None)
+
+
+def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float, out_dtype: torch.dtype,
+                        autocast: bool, backend_name: Optional[str]) -> Tensor:
+    """Runs `sfgrpo::layer_norm_modulate` (same arguments): the registered op when compiling, else
+    the implementation directly, inside a lean autograd.Function when a gradient is needed."""
+    if torch.compiler.is_compiling():
+        return layer_norm_modulate_op(x, scale, shift, eps, out_dtype, autocast, backend_name)
+    implementation = _implementation(x, scale, shift, out_dtype, backend_name)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+        return _EagerLayerNormModulate.apply(x, scale, shift, (eps, out_dtype, autocast, implementation))
+    return implementation.forward(x, scale, shift, eps, out_dtype, autocast)
