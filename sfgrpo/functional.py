@@ -403,4 +403,4 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     scale = scale if scale.stride(-1) == 1 else scale.contiguous()
     shift = shift if shift.stride(-1) == 1 else shift.contiguous()
     y = layer_norm_modulate_ops.layer_norm_modulate(rows, scale, shift, float(eps), out_dtype, autocast, backend)
-    return y.view(x.shape)
+    return y.reshape(x.shape)  # a view of the kernels' contiguous output; the reference's may be strided

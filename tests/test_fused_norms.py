@@ -173,3 +173,15 @@ def test_trainer_fuses_by_default_and_the_flag_turns_it_off(tmp_path):
     add_config_arguments(parser)
     assert config_from_args(parser.parse_args(["--no-fused-norms"])).fused_norms is False
     assert config_from_args(parser.parse_args([])).fused_norms is True
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_fused_transformer_compiles_without_graph_breaks(name):
+    """torch.compile(fullgraph=True) of a whole fused transformer (the trainer's --compile-backbone)."""
+    original, fused = _pair(name)
+    fuse_norms(fused)
+    inputs = ARCHITECTURES[name](original)
+    expected = original(**inputs, return_dict=False)[0]
+    torch._dynamo.reset()
+    got = torch.compile(fused, fullgraph=True)(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

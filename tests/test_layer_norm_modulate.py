@@ -253,12 +253,13 @@ def test_eager_fast_path_equals_the_registered_op():
     assert all(torch.equal(a, t.grad) for a, t in zip(eager_grads, (x, scale, shift)))
 
 
-def test_torch_compile_fullgraph_has_no_graph_break():
+@pytest.mark.parametrize("backend", [None, "triton"])  # None on CPU: the reference traced; triton: the op
+def test_torch_compile_fullgraph_has_no_graph_break(backend):
     x = _inputs(2, 5, 32, torch.float32)[0]
 
     def loss_fn(x, emb):
         shift, scale = emb.chunk(6, dim=1)[:2]
-        return F.layer_norm_modulate(x, scale, shift).square().mean()
+        return F.layer_norm_modulate(x, scale, shift, backend=backend).square().mean()
 
     emb = torch.randn(2, 6 * 32, device=DEVICE)
     x1, e1 = x.detach().clone().requires_grad_(), emb.clone().requires_grad_()
@@ -267,7 +268,7 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     loss_fn(x2, e2).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(e1.grad, e2.grad)
-    # and inductor compiles around it (the op is opaque to it)
+    # and inductor compiles it (around the op, which is opaque to it)
     torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(x, emb), loss_fn(x, emb))
 
 

@@ -18,9 +18,11 @@ affine parameters; an RMSNorm without bias): anything else keeps diffusers' forw
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from sfgrpo import functional as F
+from sfgrpo.backend import requested_backend, resolve_backend
 
 __all__ = ["fuse_norms", "unfuse_norms", "fused_norm_count"]
 
@@ -29,6 +31,15 @@ def _plain_layer_norm(norm) -> bool:
     """A LayerNorm the fused op reproduces: exactly nn.LayerNorm (not FP32LayerNorm, which
     rounds in between), without weight and bias, normalising one dimension."""
     return (type(norm) is nn.LayerNorm and not norm.elementwise_affine and len(norm.normalized_shape) == 1)
+
+
+def _reference_path(x: Tensor) -> bool:
+    """Whether the fused ops run their reference (diffusers' expressions) on x's device. Under
+    torch.compile by the rule the ops follow there (CPU unless the triton backend is forced),
+    without tracing the backend's resolution."""
+    if torch.compiler.is_compiling():
+        return x.device.type == "cpu" and requested_backend() != "triton"
+    return resolve_backend("layer_norm_modulate", x.device) == "reference"
 
 
 class _Fused:
@@ -78,6 +89,9 @@ def _sd35_ada_layer_norm_zero_x():
         diffusers_class = SD35AdaLayerNormZeroX
 
         def forward(self, hidden_states, emb=None):
+            if _reference_path(hidden_states):
+                # diffusers' code: one LayerNorm shared by both modulations (bit-exact gradients)
+                return super().forward(hidden_states, emb)
             emb = self.linear(self.silu(emb))
             (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2,
              gate_msa2) = emb.chunk(9, dim=1)

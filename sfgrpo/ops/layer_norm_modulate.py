@@ -12,8 +12,9 @@ Per device (`sfgrpo.backend`): CUDA tensors run the Triton kernels, CPU tensors 
 `triton` backend on CPU the kernels in Triton's interpreter. Rows wider than the kernels' MAX_C and
 float64 run the reference whatever the backend (the kernels store fp32 / bf16 / fp16 only).
 
-In eager mode the op's dispatch layers are skipped, as for the SDE step: the implementation runs
-directly, inside a lean autograd.Function when a gradient is needed.
+In eager mode the op's dispatch layers are skipped, as for the SDE step: the kernels run directly,
+inside a lean autograd.Function when a gradient is needed; the reference path is the expression
+itself under autograd (and, on CPU under torch.compile, traced as it is).
 """
 
 from __future__ import annotations
@@ -164,8 +165,16 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float, out
     """Runs `sfgrpo::layer_norm_modulate` (same arguments): the registered op when compiling, else
     the implementation directly, inside a lean autograd.Function when a gradient is needed."""
     if torch.compiler.is_compiling():
+        # CPU: the reference traced as it is (Inductor fuses it; an opaque op would not be), the
+        # kernels' op elsewhere
+        if x.device.type == "cpu" and backend.requested_backend(backend_name) != "triton":
+            return reference.layer_norm_modulate(x, scale, shift, eps)
         return layer_norm_modulate_op(x, scale, shift, eps, out_dtype, autocast, backend_name)
     implementation = _implementation(x, scale, shift, out_dtype, backend_name)
+    if implementation is _Reference:
+        # diffusers' expression under autograd: the module's own forward and backward bits (the
+        # written-out backward above serves the registered op)
+        return reference.layer_norm_modulate(x, scale, shift, eps)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return _EagerLayerNormModulate.apply(x, scale, shift, (eps, out_dtype, autocast, implementation))
     return implementation.forward(x, scale, shift, eps, out_dtype, autocast)
