@@ -12,6 +12,7 @@ from sfgrpo.models import fused_norms
 from sfgrpo.models.fused_norms import fuse_norms, fused_norm_count, unfuse_norms
 
 pytest.importorskip("diffusers")
+from diffusers.models.attention import JointTransformerBlock  # noqa: E402
 from diffusers.models.normalization import (  # noqa: E402
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -66,12 +67,12 @@ def test_sd35_blocks_get_every_norm_swapped():
     before = {n: type(m) for n, m in original.named_modules()}
     count = fuse_norms(fused)
     expected = sum(type(m) in (AdaLayerNormZero, AdaLayerNormZeroSingle, SD35AdaLayerNormZeroX,
-                               AdaLayerNormContinuous, RMSNorm) for m in original.modules())
+                               AdaLayerNormContinuous, RMSNorm, JointTransformerBlock) for m in original.modules())
     assert count == expected == fused_norm_count(fused) > 0
     # SD3.5-M: the dual-attention block's norm1 (x2 modulations), the context norms, QK RMSNorms
-    # of both streams and of the second attention, the output norm
-    assert _kinds(fused) == ["FusedAdaLayerNormContinuous", "FusedAdaLayerNormZero", "FusedRMSNorm",
-                             "FusedSD35AdaLayerNormZeroX"]
+    # of both streams and of the second attention, the output norm, the blocks' residual tails
+    assert _kinds(fused) == ["FusedAdaLayerNormContinuous", "FusedAdaLayerNormZero", "FusedJointTransformerBlock",
+                             "FusedRMSNorm", "FusedSD35AdaLayerNormZeroX"]
     assert fuse_norms(fused) == 0  # idempotent: nothing left to swap
     # same modules, parameters and state-dict keys: checkpoints and LoRA targets are unaffected
     assert list(fused.state_dict()) == list(original.state_dict())
@@ -83,8 +84,8 @@ def test_sd35_blocks_get_every_norm_swapped():
 def test_flux_keeps_torch_rmsnorm_and_swaps_the_modulations():
     original, fused = _pair("flux1-dev-small")
     fuse_norms(fused)
-    assert _kinds(fused) == ["FusedAdaLayerNormContinuous", "FusedAdaLayerNormZero",
-                             "FusedAdaLayerNormZeroSingle"]
+    assert _kinds(fused) == ["FusedAdaLayerNormContinuous", "FusedAdaLayerNormZero", "FusedAdaLayerNormZeroSingle",
+                             "FusedFluxSingleTransformerBlock", "FusedFluxTransformerBlock"]
     # FLUX's QK norms are torch.nn.RMSNorm (one fused ATen kernel already, other rounding): untouched
     assert any(type(m) is nn.RMSNorm for m in fused.modules())
 
@@ -185,3 +186,26 @@ def test_fused_transformer_compiles_without_graph_breaks(name):
     torch._dynamo.reset()
     got = torch.compile(fused, fullgraph=True)(**inputs, return_dict=False)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_block_whose_diffusers_source_is_not_verified_keeps_its_forward(monkeypatch):
+    """Another diffusers release may compute something else in a block: its forward stays diffusers'
+    (the norm modules inside are still fused)."""
+    from sfgrpo.models import fused_blocks
+
+    assert fused_blocks.verified(JointTransformerBlock)  # the installed diffusers is one checked
+    monkeypatch.setattr(fused_blocks, "_VERIFIED", {})
+    monkeypatch.setattr(fused_norms, "_SWAPS", None)
+    _, fused = _pair("sd35m-small")
+    fuse_norms(fused)
+    assert "FusedJointTransformerBlock" not in _kinds(fused) and "FusedRMSNorm" in _kinds(fused)
+
+
+def test_chunked_feed_forward_block_stays_exact():
+    original, fused = _pair("sd35m-small")
+    fuse_norms(fused)
+    for model in (original, fused):
+        for block in model.transformer_blocks:
+            block.set_chunk_feed_forward(4, dim=1)
+    inputs = _sd3_inputs(original)
+    assert torch.equal(original(**inputs, return_dict=False)[0], fused(**inputs, return_dict=False)[0])

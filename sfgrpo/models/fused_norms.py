@@ -11,6 +11,11 @@ for op, so the swap is bit-exact there. On CUDA the fused kernels compute in fp3
 (diffusers rounds after every op in bf16), and under autocast they write the autocast dtype
 that the next Linear / attention would cast to anyway.
 
+The blocks around them (SD3's JointTransformerBlock, FLUX's double and single blocks) are swapped
+too, for twins that run their gated residuals and norm2's modulation through
+`sfgrpo.gated_residual[_layer_norm_modulate]` (`sfgrpo.models.fused_blocks`; only where the
+installed diffusers' block forward is one that module was verified against).
+
 Only modules whose configuration the fused ops reproduce are swapped (a plain LayerNorm without
 affine parameters; an RMSNorm without bias): anything else keeps diffusers' forward.
 `unfuse_norms` swaps them back.
@@ -23,11 +28,12 @@ from torch import Tensor, nn
 
 from sfgrpo import functional as F
 from sfgrpo.backend import requested_backend, resolve_backend
+from sfgrpo.models import fused_blocks
 
 __all__ = ["fuse_norms", "unfuse_norms", "fused_norm_count"]
 
 
-def _plain_layer_norm(norm) -> bool:
+def plain_layer_norm(norm) -> bool:
     """A LayerNorm the fused op reproduces: exactly nn.LayerNorm (not FP32LayerNorm, which
     rounds in between), without weight and bias, normalising one dimension."""
     return (type(norm) is nn.LayerNorm and not norm.elementwise_affine and len(norm.normalized_shape) == 1)
@@ -62,7 +68,7 @@ def _ada_layer_norm_zero():
             x = F.layer_norm_modulate(x, scale_msa, shift_msa, self.norm.eps)
             return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
-    return FusedAdaLayerNormZero, lambda m: _plain_layer_norm(m.norm)
+    return FusedAdaLayerNormZero, lambda m: plain_layer_norm(m.norm)
 
 
 def _ada_layer_norm_zero_single():
@@ -76,7 +82,7 @@ def _ada_layer_norm_zero_single():
             shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
             return F.layer_norm_modulate(x, scale_msa, shift_msa, self.norm.eps), gate_msa
 
-    return FusedAdaLayerNormZeroSingle, lambda m: _plain_layer_norm(m.norm)
+    return FusedAdaLayerNormZeroSingle, lambda m: plain_layer_norm(m.norm)
 
 
 def _sd35_ada_layer_norm_zero_x():
@@ -100,7 +106,7 @@ def _sd35_ada_layer_norm_zero_x():
             second = F.layer_norm_modulate(hidden_states, scale_msa2, shift_msa2, eps)
             return first, gate_msa, shift_mlp, scale_mlp, gate_mlp, second, gate_msa2
 
-    return FusedSD35AdaLayerNormZeroX, lambda m: _plain_layer_norm(m.norm)
+    return FusedSD35AdaLayerNormZeroX, lambda m: plain_layer_norm(m.norm)
 
 
 def _ada_layer_norm_continuous():
@@ -114,7 +120,7 @@ def _ada_layer_norm_continuous():
             scale, shift = emb.chunk(2, dim=1)
             return F.layer_norm_modulate(x, scale, shift, self.norm.eps)
 
-    return FusedAdaLayerNormContinuous, lambda m: _plain_layer_norm(m.norm)
+    return FusedAdaLayerNormContinuous, lambda m: plain_layer_norm(m.norm)
 
 
 def _rms_norm():
@@ -135,6 +141,18 @@ def _rms_norm():
     return FusedRMSNorm, supported
 
 
+def _blocks():
+    """The DiT blocks whose elementwise tail runs fused (sfgrpo.models.fused_blocks), each only
+    where diffusers' forward of it is one the fused twin was verified against."""
+    for factory in fused_blocks.FACTORIES:
+        try:
+            fused, supported = factory(_Fused)
+        except ImportError:
+            continue
+        if fused_blocks.verified(fused.diffusers_class):
+            yield fused, supported
+
+
 _FACTORIES = (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _sd35_ada_layer_norm_zero_x,
               _ada_layer_norm_continuous, _rms_norm)
 _SWAPS: dict[type, tuple[type, object]] | None = None
@@ -153,15 +171,18 @@ def _swaps() -> dict[type, tuple[type, object]]:
             except ImportError:
                 continue
             swaps[fused.diffusers_class] = (fused, supported)
+        for fused, supported in _blocks():
+            swaps[fused.diffusers_class] = (fused, supported)
         _SWAPS = swaps
     return _SWAPS
 
 
 def fuse_norms(model: nn.Module) -> int:
     """Swaps, in place, every adaLN modulation (AdaLayerNormZero, AdaLayerNormZeroSingle,
-    SD35AdaLayerNormZeroX, AdaLayerNormContinuous over a plain LayerNorm) and RMSNorm (no bias) in
+    SD35AdaLayerNormZeroX, AdaLayerNormContinuous over a plain LayerNorm), RMSNorm (no bias) and
+    verified DiT block (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock) in
     `model` for its fused twin; returns how many modules were swapped. Exact class matches only: a
-    subclass of a diffusers norm may compute something else. Idempotent."""
+    subclass of a diffusers module may compute something else. Idempotent."""
     swaps = _swaps()
     count = 0
     for module in model.modules():
