@@ -1,10 +1,12 @@
 """GPU benchmark of sfgrpo's fused transformer norms (`sfgrpo.layer_norm_modulate`,
-`sfgrpo.rms_norm`) and of what they buy a real-size transformer.
+`sfgrpo.rms_norm`, `sfgrpo.gated_residual_layer_norm_modulate`) and of what they buy a real-size
+transformer (`sfgrpo.models.fused_norms`: the norm modules and the blocks' tails).
 
 Ops, on SD3.5-M / FLUX.1 shapes at 512 px in bf16: the fused op vs diffusers' eager expression vs
 `torch.compile` of that expression, forward and forward + backward; GPU-only times (CUDA-graph
 replay), GB/s and % of the device's copy bandwidth (algorithmic bytes: each full-size tensor read or
-written once). Model: the SD3.5-Medium transformer (random weights, published config) forward
+written once); also the block tail `h + gate * y` then norm2's modulation
+(`sfgrpo.gated_residual_layer_norm_modulate`). Model: the SD3.5-Medium transformer (random weights, published config) forward
 (rollout) and forward + backward with frozen weights (a LoRA update's activations path), with the
 norms fused vs diffusers' modules, eager, in one run.
 
@@ -44,6 +46,12 @@ def _diffusers_modulate(x, scale, shift, eps=1e-6):
     return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
 
 
+def _diffusers_residual_norm2(h, y, gate, scale, shift, eps=1e-6):
+    """JointTransformerBlock / FluxTransformerBlock: the gated residual, then norm2's modulation."""
+    h = h + gate.unsqueeze(1) * y
+    return h, _diffusers_modulate(h, scale, shift, eps)
+
+
 def _diffusers_rms(x, weight, eps=1e-6):
     return ref.rms_norm(x, weight, eps)
 
@@ -56,10 +64,13 @@ def _timings(name, implementations, make_inputs, nbytes_fwd, nbytes_bwd, bandwid
             if mode == "fwd":
                 call = lambda: fn(*inputs)  # noqa: E731
             else:
-                grad = torch.randn_like(fn(*inputs))
+                out = fn(*inputs)
+                outs = out if isinstance(out, tuple) else (out,)
+                grads = tuple(torch.randn_like(o) for o in outs)
 
-                def call(inputs=inputs, grad=grad, fn=fn):
-                    torch.autograd.backward(fn(*inputs), grad)
+                def call(inputs=inputs, grads=grads, fn=fn):
+                    out = fn(*inputs)
+                    torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
             try:
                 gpu_ms = time_graph_ms(call)
                 eager_ms = time_ms(call, warmup=3, reps=10, calls=10)
@@ -91,6 +102,21 @@ def bench_ops(quick: bool, bandwidth: float, rows: list) -> None:
         numel = b * n * c
         _timings(name, {"sfgrpo": F.layer_norm_modulate, "eager": _diffusers_modulate, "compiled": compiled_modulate},
                  make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
+    compiled_tail = torch.compile(_diffusers_residual_norm2)
+    for name in QUICK_MODULATE[:1] if quick else MODULATE_SHAPES:
+        b, n, c = MODULATE_SHAPES[name]
+
+        def make(grad, b=b, n=n, c=c):
+            h = torch.randn(b, n, c, device=dev, dtype=dt, requires_grad=grad)
+            y = torch.randn(b, n, c, device=dev, dtype=dt, requires_grad=grad)
+            emb = torch.randn(b, 6 * c, device=dev, dtype=dt, requires_grad=grad)
+            chunks = emb.chunk(6, dim=1)
+            return h, y, chunks[2], chunks[4], chunks[3]
+
+        numel = b * n * c  # fwd: h, y in; h', normed out. bwd: h, y, 2 grads in; dh, dy out
+        _timings(f"residual+norm2 {name}", {"sfgrpo": F.gated_residual_layer_norm_modulate,
+                                            "eager": _diffusers_residual_norm2, "compiled": compiled_tail},
+                 make, 4 * numel * 2, 6 * numel * 2, bandwidth, rows)
     compiled_rms = torch.compile(_diffusers_rms)
     for name in QUICK_RMS if quick else RMS_SHAPES:
         b, n, h, d = RMS_SHAPES[name]
@@ -140,8 +166,6 @@ def bench_model(batch: int, rows: list) -> None:
         rows.append(row)
         print(f"  SD3.5-M b{batch} 512px {label:17s} diffusers {base:8.2f} ms  fused norms {times['fused']:8.2f} ms  "
               f"x{row['speedup']:.3f}", flush=True)
-    del model
-    torch.cuda.empty_cache()
 
 
 def main() -> int:

@@ -58,7 +58,17 @@ def collect() -> dict:
             for op in sorted(backend.registered_ops())
         },
         "switches": _switches(),
+        "fused_blocks": _fused_block_support(),
     }
+
+
+def _fused_block_support() -> dict[str, str]:
+    try:
+        from sfgrpo.models import fused_blocks
+
+        return fused_blocks.support()
+    except ImportError as err:  # no diffusers: nothing to fuse
+        return {"(all)": f"unavailable: {err}"}
 
 
 def _switches() -> dict[str, str]:
@@ -120,4 +130,6 @@ def format_report(info: dict) -> str:
         lines.append(f"  {op:<24} " + "  ".join(f"{d}: {b}" for d, b in per_device.items()))
     lines += ["", "switches:"]
     lines += [f"  {name:<30} {value}" for name, value in info.get("switches", {}).items()]
+    lines += ["", "DiT blocks under --fused-norms (their gated residuals and norm2 through sfgrpo's ops):"]
+    lines += [f"  {name:<30} {value}" for name, value in info.get("fused_blocks", {}).items()]
     return "\n".join(lines)

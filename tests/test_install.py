@@ -96,6 +96,14 @@ def test_cli_info_reports_native_build_and_backends():
                                    ("StableDiffusion3Pipeline", "FluxPipeline", "ChromaPipeline", "Flux2KleinPipeline",
                                     "QwenImagePipeline")}
     assert "diffusers checkpoints" in text and "QwenImagePipeline" in text
+    # which DiT blocks get the fused forward with this diffusers (verified forwards only)
+    from diffusers.models.attention import JointTransformerBlock
+
+    from sfgrpo.models import fused_blocks
+
+    expected = "fused" if fused_blocks.verified(JointTransformerBlock) else "diffusers' forward"
+    assert report["fused_blocks"]["JointTransformerBlock"].startswith(expected)
+    assert "DiT blocks under --fused-norms" in text
     # the accelerated paths' switches as the process sees them (the launch knobs from the environment)
     assert report["switches"]["SFGRPO_ADVANTAGES_COOPERATIVE"] == "(unset: on)"
     assert report["switches"]["SFGRPO_SDE_STEP_TUNING"].endswith("(defaults)")

@@ -46,6 +46,27 @@ def verified(cls: type) -> bool:
     return source_digest(cls.forward) in _VERIFIED.get(cls.__name__, {}).values()
 
 
+_MODULES = {"JointTransformerBlock": "diffusers.models.attention",
+            "FluxTransformerBlock": "diffusers.models.transformers.transformer_flux",
+            "FluxSingleTransformerBlock": "diffusers.models.transformers.transformer_flux"}
+
+
+def support() -> dict[str, str]:
+    """Per block class: whether `fuse_norms` gives it the fused forward with the installed diffusers
+    (`sfgrpo info`)."""
+    import importlib
+
+    report = {}
+    for name, module in _MODULES.items():
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            report[name] = "not in the installed diffusers"
+            continue
+        report[name] = "fused" if verified(cls) else "diffusers' forward (this version of it is not verified)"
+    return report
+
+
 def _feed_forward(block, ff, hidden_states):
     """diffusers' chunked feed-forward when the block was set to chunk, else the plain call."""
     if block._chunk_size is not None:
