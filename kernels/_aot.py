@@ -90,7 +90,7 @@ def transcendentals(ptx: str) -> dict:
             "div_inexact": len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))}
 
 
-def report(modules=("sde_step", "rms_norm", "layer_norm_modulate")) -> list[dict]:
+def report(modules=("sde_step", "rms_norm", "layer_norm_modulate", "gated_residual")) -> list[dict]:
     import importlib
 
     rows = []

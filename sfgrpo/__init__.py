@@ -7,8 +7,8 @@ above them, the functional API, then trainer / compat / CLI. See ARCHITECTURE in
 from sfgrpo._version import __version__
 from sfgrpo import functional, reference, schedules
 from sfgrpo.backend import available_backends, resolve_backend
-from sfgrpo.functional import (gain_advantages, group_advantages, layer_norm_modulate, ode_lookahead, ppo_loss,
-                               rms_norm, sde_step)
+from sfgrpo.functional import (gain_advantages, gated_residual, gated_residual_layer_norm_modulate, group_advantages,
+                               layer_norm_modulate, ode_lookahead, ppo_loss, rms_norm, sde_step)
 from sfgrpo.trainer import Trainer, TrainerConfig
 
 __all__ = [
@@ -19,6 +19,8 @@ __all__ = [
     "available_backends",
     "resolve_backend",
     "gain_advantages",
+    "gated_residual",
+    "gated_residual_layer_norm_modulate",
     "group_advantages",
     "layer_norm_modulate",
     "ode_lookahead",

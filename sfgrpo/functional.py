@@ -18,6 +18,7 @@ from sfgrpo import reference
 from sfgrpo.backend import resolve_backend
 from sfgrpo.gather import gather_batch
 from sfgrpo.ops import advantages as advantage_ops
+from sfgrpo.ops import gated_residual as gated_residual_ops
 from sfgrpo.ops import layer_norm_modulate as layer_norm_modulate_ops
 from sfgrpo.ops import rms_norm as rms_norm_ops
 from sfgrpo.ops import sde_step as sde_step_ops
@@ -404,3 +405,86 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     shift = shift if shift.stride(-1) == 1 else shift.contiguous()
     y = layer_norm_modulate_ops.layer_norm_modulate(rows, scale, shift, float(eps), out_dtype, autocast, backend)
     return y.reshape(x.shape)  # a view of the kernels' contiguous output; the reference's may be strided
+
+
+# ------------------------------------------------- gated residual (+ the MLP branch's adaLN)
+def _check_gated_inputs(h: Tensor, y: Tensor, gate: Tensor, **per_sample: Tensor) -> None:
+    for name, tensor in (("h", h), ("y", y), ("gate", gate), *per_sample.items()):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if h.ndim < 2:
+        raise ValueError(f"h must be [B, ..., C] with at least 2 dims, got shape {tuple(h.shape)}")
+    if y.shape != h.shape:
+        raise ValueError(f"y must have h's shape {tuple(h.shape)}, got {tuple(y.shape)}")
+    batch, channels = h.shape[0], h.shape[-1]
+    for name, tensor in (("gate", gate), *per_sample.items()):
+        if tensor.shape != (batch, channels):
+            raise ValueError(f"{name} must have shape [B, C] = [{batch}, {channels}] to match h of shape "
+                             f"{tuple(h.shape)}, got {tuple(tensor.shape)}")
+    for name, tensor in (("y", y), ("gate", gate), *per_sample.items()):
+        if tensor.device != h.device:
+            raise ValueError(f"{name} is on {tensor.device} but h is on {h.device}")
+    for name, tensor in (("h", h), ("y", y), ("gate", gate), *per_sample.items()):
+        if tensor.dtype not in _MODULATE_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (float64 runs the reference), "
+                            f"got {tensor.dtype}")
+
+
+def _token_rows(x: Tensor) -> Tensor:
+    """x `[B, ..., C]` as `[B, N, C]` with unit last stride: a view when it can be one (the
+    kernels read any batch and token strides)."""
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # N from the shape: B may be 0
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _channels_adjacent(t: Tensor) -> Tensor:
+    """[B, C] read through its row stride (chunks of diffusers' [B, kC] embedding stay in place)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def gated_residual(h: Tensor, y: Tensor, gate: Tensor, *, backend: str | None = None) -> Tensor:
+    """`h + gate.unsqueeze(1) * y`: diffusers' SD3 / FLUX blocks adding the gated attention or MLP
+    output to the residual stream, in one pass.
+
+    h and y are `[B, ..., C]` of one shape (usually `[B, N, C]`; `[B, C]` too: gate then broadcasts as
+    `gate[:, None]` generalised to their rank), gate `[B, C]`, possibly a view with a row stride such
+    as `emb.chunk(6, dim=1)[i]` (read in place, no copy). Output dtype and rounding are the eager
+    expression's: the product rounded to promote(gate, y), the sum to promote(h, product); on
+    CUDA (Triton kernels, fp32 math) bit-identical to it. CPU tensors run the expression itself;
+    float64 and rows wider than kernels.gated_residual.MAX_C run the reference on every backend.
+    Gradients: dh = g, dy = g * gate, dgate = the sum over the sample's rows of g * y (only the ones
+    required)."""
+    _check_gated_inputs(h, y, gate)
+    out = gated_residual_ops.gated_residual(_token_rows(h), _token_rows(y), _channels_adjacent(gate), backend)
+    return out.reshape(h.shape)
+
+
+def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale: Tensor, shift: Tensor,
+                                       eps: float = 1e-6, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """`(h_out, normed)` with `h_out = gated_residual(h, y, gate)` and
+    `normed = layer_norm_modulate(h_out, scale, shift, eps)`: diffusers' residual update followed by
+    norm2 (LayerNorm without affine) and the MLP's adaLN modulation, in one pass that reads h, y (and
+    the gate, scale, shift rows) and writes h_out and normed.
+
+    Shapes as `gated_residual`, scale and shift `[B, C]` (row-strided views read in place). h_out has
+    gated_residual's dtype and bits; the LayerNorm reads h_out as rounded to that dtype (what norm2
+    reads); normed has layer_norm_modulate's dtype (promote(h_out, scale, shift), under
+    torch.autocast the autocast dtype). One-pass backward: total = g_h_out + the LayerNorm-modulate
+    gradient w.r.t. h_out (either output may be unused), dh = total, dy = total * gate, and dgate,
+    dscale, dshift as sums over the sample's rows, each only when required."""
+    _check_gated_inputs(h, y, gate, scale=scale, shift=shift)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    device_type = h.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        out_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        h_out_dtype = torch.promote_types(h.dtype, torch.promote_types(gate.dtype, y.dtype))
+        out_dtype = torch.promote_types(torch.promote_types(h_out_dtype, scale.dtype), shift.dtype)
+    h_out, normed = gated_residual_ops.gated_residual_layer_norm_modulate(
+        _token_rows(h), _token_rows(y), _channels_adjacent(gate), _channels_adjacent(scale), _channels_adjacent(shift),
+        float(eps), out_dtype, autocast, backend)
+    return h_out.reshape(h.shape), normed.reshape(h.shape)

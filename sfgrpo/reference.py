@@ -805,3 +805,42 @@ def layer_norm_modulate_backward(
     if need_dshift:
         dshift = grad.sum(1).to(shift.dtype)
     return dx, dscale, dshift
+
+
+# ------------------------------------------------------ gated residual (+ adaLN of the MLP branch)
+def _gate_index(x: Tensor) -> tuple:
+    """`gate[:, None]` generalised to x's rank (`[B, C]` gate against `[B, ..., C]` x), as
+    `layer_norm_modulate` broadcasts scale and shift."""
+    return (slice(None),) + (None,) * (x.ndim - 2)
+
+
+def gated_residual(h: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """`h + gate.unsqueeze(1) * y`, op for op diffusers' JointTransformerBlock / FluxTransformerBlock
+    (`attn_output = gate_msa.unsqueeze(1) * attn_output; hidden_states = hidden_states + attn_output`,
+    and the same with gate_mlp and ff_output): the product in promote(gate, y), the sum in
+    promote(h, product). Elementwise ops: autocast leaves them alone."""
+    return h + gate[_gate_index(y)] * y
+
+
+def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale: Tensor, shift: Tensor,
+                                       eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(h_out, normed): `h_out = gated_residual(h, y, gate)`, then diffusers' norm2 (LayerNorm without
+    affine) of the stored h_out and the MLP's modulation, `layer_norm_modulate(h_out, scale, shift)`
+    (its output dtype, under autocast the autocast dtype)."""
+    h_out = gated_residual(h, y, gate)
+    return h_out, layer_norm_modulate(h_out, scale, shift, eps)
+
+
+def gated_residual_backward(
+    grad: Tensor, y: Tensor, gate: Tensor, h_dtype: torch.dtype,
+    need_dh: bool = True, need_dy: bool = True, need_dgate: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dh, dy, dgate) of `gated_residual` (y `[B, N, C]`, gate `[B, C]`) as autograd computes them
+    through the expression: dh = grad in h's dtype; the product's gradient in promote(gate, y), times
+    gate (dy) or y summed over the rows (dgate), each cast to its input's dtype. Written out because
+    the custom op's implementation runs below autograd. None where not needed."""
+    g_product = grad.to(torch.promote_types(gate.dtype, y.dtype))
+    dh = grad.to(h_dtype) if need_dh else None
+    dy = (g_product * gate[:, None]).to(y.dtype) if need_dy else None
+    dgate = (g_product * y).sum(1).to(gate.dtype) if need_dgate else None
+    return dh, dy, dgate

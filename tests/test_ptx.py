@@ -140,3 +140,33 @@ def test_rms_norm_divides_and_takes_roots_ieee_rounded(variants):
         if name.startswith("rms_norm/"):
             assert row["div_rn"] >= 2 and row["sqrt_rn"] >= 1, f"{name}: {row}"
             assert row["div_inexact"] == 0 and row["sqrt_approx"] == 0, f"{name}: {row}"
+
+
+GATED_RESIDUAL_KINDS = {  # variant kind -> (128-bit loads, 128-bit stores) at least, bf16 (fp32 has twice)
+    "fwd/residual": (3, 1),  # h, y, gate -> h_out
+    "fwd/norm": (5, 2),  # h, y, gate, scale, shift -> h_out, normed
+    "bwd/residual": (2, 1),  # g, gate -> dy
+    "bwd/residual_partials": (3, 3),  # + y -> + the fp32 dgate partials (two v4 of fp32)
+    "bwd/norm": (5, 2),  # g_normed, h_out, g_hout, gate, scale -> dh, dy
+    # + y -> + dgate, dscale, dshift partials; at C = 6144 the fused pass leaves dgate to the
+    # residual_partials kernel (kernels/gated_residual.py, RELOAD_ABOVE): one partial fewer
+    "bwd/norm_partials": (5, 6),
+}
+
+
+def test_every_gated_residual_variant_compiles_for_sm90(variants):
+    for storage in ("fp32", "bf16"):
+        for channels in (1536, 3072, 6144):
+            for kind in GATED_RESIDUAL_KINDS:
+                assert f"gated_residual/{kind}/{storage}/C{channels}" in variants
+
+
+def test_gated_residual_streams_with_128bit_accesses_only(variants):
+    # every activation, gradient, per-sample row and fp32 partial: not one narrower global access
+    rows = {name: row for name, row in variants.items() if name.startswith("gated_residual/")}
+    assert len(rows) == 2 * 3 * len(GATED_RESIDUAL_KINDS)
+    for name, row in rows.items():
+        kind = name.split("/")[1] + "/" + name.split("/")[2]
+        loads, stores = GATED_RESIDUAL_KINDS[kind]
+        assert row["loads_narrow"] == 0 and row["stores_narrow"] == 0, f"{name}: {row}"
+        assert row["loads_128bit"] >= loads and row["stores_128bit"] >= stores, f"{name}: {row}"
