@@ -3,8 +3,8 @@ norms and block tail, counted on the CPU (no GPU needed).
 
 Every ATen op a block's forward and backward dispatch is recorded (TorchDispatchMode) with the
 bytes of its tensor inputs and outputs; views and metadata ops move nothing and are left out. The
-fused ops run their Triton kernels' math from the reference, counted as ONE kernel each with their
-own inputs and outputs. Grouped as matmul / attention (what fusion cannot remove) and everything
+fused ops' Triton kernels are counted as ONE kernel each with their
+own inputs and outputs (the kernels run in Triton's interpreter). Grouped as matmul / attention (what fusion cannot remove) and everything
 else (the elementwise and normalisation traffic the fused ops cut). On a GPU the "everything else"
 row is memory-bound, so its bytes are its time: this is the model the GPU benchmark
 (`bench_norms_gpu.py`) measures for real.
@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections import Counter
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+# the fused ops' Triton kernels run in Triton's interpreter on the CPU (set before Triton is imported)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+from sfgrpo.bench.runner import environment  # noqa: E402
 
 _COMPUTE = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -63,9 +69,8 @@ class Traffic(TorchDispatchMode):
 
 @contextlib.contextmanager
 def fused_ops_counted_as_one_kernel(traffic: Traffic):
-    """The fused ops' Triton kernels stood in for on the CPU: each op's implementation becomes its
-    reference implementation's forward / backward (the registered op's CPU kernels) run with the
-    counting mode off and recorded as one kernel moving the op's inputs and outputs."""
+    """The fused ops' Triton kernels (run in Triton's interpreter here) each recorded as one kernel
+    moving the op's inputs and outputs, with the counting mode off inside them."""
     from sfgrpo.ops import gated_residual, layer_norm_modulate, rms_norm
 
     def counted(function):
@@ -75,18 +80,23 @@ def fused_ops_counted_as_one_kernel(traffic: Traffic):
             traffic.record("elementwise / norms", _nbytes((args, kwargs)) + _nbytes(out))
             return out
 
-        return staticmethod(run)
+        return run
+
+    class Counting:
+        def __init__(self, kernels):
+            self.forward, self.backward = counted(kernels.forward), counted(kernels.backward)
 
     originals = []
     for module in (rms_norm, layer_norm_modulate, gated_residual):
-        reference = module._Reference
-        # a class other than _Reference: the ops' eager entries take their kernel path with it
-        kernel = type("CountedKernel", (), {"forward": counted(reference.forward),
-                                            "backward": counted(reference.backward)})
+        def implementation(*args, original=module._implementation, reference=module._Reference, **kwargs):
+            chosen = original(*args, **kwargs)
+            return chosen if chosen is reference else Counting(chosen)
+
         originals.append((module, module._implementation))
-        module._implementation = lambda *args, kernel=kernel, **kwargs: kernel
+        module._implementation = implementation
     try:
-        yield
+        with environment("SFGRPO_BACKEND", "triton"):
+            yield
     finally:
         for module, original in originals:
             module._implementation = original
@@ -102,9 +112,12 @@ def measure(block, inputs, fused: bool) -> Traffic:
         if fused:
             stack.enter_context(fused_ops_counted_as_one_kernel(traffic))
         with traffic:
-            outputs = block(**inputs)
-            loss = sum(o.float().square().mean() for o in outputs if o is not None)
-            loss.backward()
+            outputs = [o for o in block(**inputs) if o is not None]
+        # fixed output gradients made outside the count: the loss's own kernels are not the block's
+        grads = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))
+                 for i, o in enumerate(outputs)]
+        with traffic:
+            torch.autograd.backward(outputs, grads)
     return traffic
 
 
