@@ -13,7 +13,8 @@
 # only a hung step reaches its limit).
 # steps (default: all, in this order):
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
-#               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat
+#               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat, the fused transformer
+#               norms (ops and whole fused SD3.5-M / FLUX.1-architecture transformers vs diffusers)
 #   advantages  advantage engine: eager call vs CUDA-graph replay
 #   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant); its
 #               winner (SFGRPO_SDE_STEP_TUNING) is exported for the steps after it
