@@ -334,6 +334,21 @@ def test_opcheck(backend):
                                    torch.float32, *needs, backend))
 
 
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_ops_outputs_match_the_fake_for_permuted_inputs(backend):
+    """y and the incoming gradients dense but not contiguous (batch inside tokens): the real
+    outputs must have the strides the fakes promise (compiled graphs trust the fake's)."""
+    permuted = lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)  # noqa: E731
+    h, y, gate, scale, shift = (t.detach() for t in _op_inputs())
+    y, grad = permuted(y), permuted(torch.randn_like(h))
+    h_out = permuted(h + gate[:, None] * y)
+    torch.library.opcheck(gated_residual_backward_op, (grad, y, gate, torch.float32, True, True, True, backend))
+    for g_out, g_normed in ((grad, grad * 0.5), (grad, None)):
+        torch.library.opcheck(gated_residual_layer_norm_modulate_backward_op,
+                              (g_out, g_normed, h_out, y, gate, scale, shift, 1e-6, torch.float32, False,
+                               torch.float32, True, True, True, True, True, backend))
+
 def test_eager_fast_path_equals_the_registered_op():
     h, y, gate, scale, shift = _op_inputs()
     results = []

@@ -240,6 +240,18 @@ def test_opcheck(backend):
                               (grad, x.detach(), scale.detach(), shift.detach(), eps, dtype, autocast, *needs, backend))
 
 
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_op_outputs_match_the_fake_for_permuted_inputs(backend):
+    """x dense but not contiguous (its batch dim inside the tokens'), the gradient too: the real
+    outputs must have the strides the fake promises (compiled graphs trust the fake's)."""
+    x, scale, shift, eps, dtype, autocast, _ = _op_args(backend)
+    x = x.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    grad = torch.randn_like(x).transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x.is_contiguous() and not grad.is_contiguous()
+    torch.library.opcheck(layer_norm_modulate_backward_op,
+                          (grad, x, scale.detach(), shift.detach(), eps, dtype, autocast, True, True, True, backend))
+
 def test_eager_fast_path_equals_the_registered_op():
     x, scale, shift, *rest = _op_args("triton")
     eager = F.layer_norm_modulate(x, scale, shift, backend="triton")

@@ -122,10 +122,19 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _like(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A fake output of t's shape, contiguous (not `empty_like`: that keeps the strides of a dense
+    permuted input, which the real outputs, made contiguous by `_fresh`, do not)."""
+    return t.new_empty(t.shape, dtype=t.dtype if dtype is None else dtype)
+
+
 def _fresh(outputs, inputs) -> tuple:
-    """A custom op may not return one of its inputs (nor a view of one) or one tensor twice."""
+    """A custom op may not return one of its inputs (nor a view of one) or one tensor twice; and
+    its outputs are contiguous, as the fakes promise (dh is g_out cast, dy g_out times gate: they
+    would otherwise take the incoming gradient's strides)."""
     result = []
     for out in outputs:
+        out = out.contiguous()
         if any(out is t or (t is not None and out._is_view() and out._base is t) for t in inputs):
             out = out.clone()
         result.append(out)
@@ -156,8 +165,8 @@ def gated_residual_backward_op(grad: Tensor, y: Tensor, gate: Tensor, h_dtype: t
 
 @gated_residual_backward_op.register_fake
 def _(grad, y, gate, h_dtype, need_dh, need_dy, need_dgate, backend_name):
-    return (torch.empty_like(y, dtype=h_dtype) if need_dh else _empty(y), torch.empty_like(y) if need_dy else _empty(y),
-            torch.empty_like(gate) if need_dgate else _empty(y))
+    return (_like(y, h_dtype) if need_dh else _empty(y), _like(y) if need_dy else _empty(y),
+            _like(gate) if need_dgate else _empty(y))
 
 
 def _residual_setup_context(ctx, inputs, output):
@@ -214,9 +223,9 @@ def gated_residual_layer_norm_modulate_backward_op(
 @gated_residual_layer_norm_modulate_backward_op.register_fake
 def _(g_out, g_normed, h_out, y, gate, scale, shift, eps, out_dtype, autocast, h_dtype, need_dh, need_dy, need_dgate,
       need_dscale, need_dshift, backend_name):
-    return (torch.empty_like(y, dtype=h_dtype) if need_dh else _empty(y), torch.empty_like(y) if need_dy else _empty(y),
-            torch.empty_like(gate) if need_dgate else _empty(y), torch.empty_like(scale) if need_dscale else _empty(y),
-            torch.empty_like(shift) if need_dshift else _empty(y))
+    return (_like(y, h_dtype) if need_dh else _empty(y), _like(y) if need_dy else _empty(y),
+            _like(gate) if need_dgate else _empty(y), _like(scale) if need_dscale else _empty(y),
+            _like(shift) if need_dshift else _empty(y))
 
 
 def _fused_setup_context(ctx, inputs, output):

@@ -91,6 +91,12 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _contiguous(like: Tensor) -> Tensor:
+    """A fake output of `like`'s shape and dtype, contiguous (not `empty_like`: that keeps the
+    strides of a dense permuted input, which the kernels' and the reference's outputs do not)."""
+    return like.new_empty(like.shape)
+
+
 # ------------------------------------------------------------------------------ forward
 @torch.library.custom_op("sfgrpo::layer_norm_modulate", mutates_args=())
 def layer_norm_modulate_op(x: Tensor, scale: Tensor, shift: Tensor, eps: float, out_dtype: torch.dtype,
@@ -112,14 +118,15 @@ def layer_norm_modulate_backward_op(grad: Tensor, x: Tensor, scale: Tensor, shif
     """-> (dx, dscale, dshift) in the dtypes and shapes of x, scale, shift (empty when not needed)."""
     outputs = _implementation(x, scale, shift, out_dtype, backend_name).backward(
         grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift)
-    # a fresh tensor each: a custom op may not return its input or one tensor twice
-    return tuple(_empty(x) if out is None else out for out in outputs)
+    # a fresh tensor each: a custom op may not return its input or one tensor twice; contiguous,
+    # as the fake promises, whatever the layouts of x and grad
+    return tuple(_empty(x) if out is None else out.contiguous() for out in outputs)
 
 
 @layer_norm_modulate_backward_op.register_fake
 def _(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift, backend_name):
-    return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(scale) if need_dscale else _empty(x),
-            torch.empty_like(shift) if need_dshift else _empty(x))
+    return (_contiguous(x) if need_dx else _empty(x), _contiguous(scale) if need_dscale else _empty(x),
+            _contiguous(shift) if need_dshift else _empty(x))
 
 
 # ----------------------------------------------------------------------------- autograd
