@@ -320,7 +320,7 @@ def ppo_loss(
     return reference.ppo_loss(log_prob, old_log_prob, advantages, clip_range, kl=kl, beta=beta, mask=mask)
 
 
-_RMS_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+RMS_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
@@ -337,14 +337,14 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, back
     """
     if not isinstance(x, Tensor) or x.ndim < 1:
         raise ValueError("x must be a tensor with at least one dimension (normalised over the last)")
-    if x.dtype not in _RMS_NORM_DTYPES:
+    if x.dtype not in RMS_NORM_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if weight is not None:
         if weight.shape != (x.shape[-1],):
             raise ValueError(f"weight must have shape [D] = [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
         if weight.device != x.device:
             raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-        if weight.dtype not in _RMS_NORM_DTYPES:
+        if weight.dtype not in RMS_NORM_DTYPES:
             raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
     if not torch.compiler.is_compiling():  # eps may be symbolic under compile: checked eagerly only
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:

@@ -158,6 +158,19 @@ def test_unsupported_configurations_keep_diffusers_forward():
     assert fuse_norms(model) == 0
 
 
+
+def test_float64_rms_norm_runs_diffusers_forward():
+    """sfgrpo.rms_norm takes no float64 (the kernels store 2- and 4-byte floats only): a swapped
+    RMSNorm in a float64 model (or fed float64) computes diffusers' forward instead of raising."""
+    norm = RMSNorm(16, eps=1e-6).double()
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    expected = norm(x)
+    assert fuse_norms(norm) == 1
+    assert torch.equal(norm(x), expected)
+    weightless = RMSNorm(16, eps=1e-6, elementwise_affine=False)
+    fuse_norms(weightless)
+    assert torch.equal(weightless(x), RMSNorm.forward(weightless, x))
+
 def test_trainer_fuses_by_default_and_the_flag_turns_it_off(tmp_path):
     from sfgrpo import Trainer, TrainerConfig
     from sfgrpo.trainer.cli_args import add_config_arguments, config_from_args

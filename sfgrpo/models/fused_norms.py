@@ -130,6 +130,10 @@ def _rms_norm():
         diffusers_class = RMSNorm
 
         def forward(self, hidden_states: Tensor) -> Tensor:
+            if hidden_states.dtype not in F.RMS_NORM_DTYPES or (
+                    self.weight is not None and self.weight.dtype not in F.RMS_NORM_DTYPES):
+                # float64 (the op takes 2- and 4-byte floats only): diffusers' code, as unswapped
+                return super().forward(hidden_states)
             return F.rms_norm(hidden_states, self.weight, self.eps)
 
     def supported(module) -> bool:
