@@ -79,22 +79,24 @@ def gated_residual_fwd_kernel(h_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, out_
         # (1 + scale) in fp32, as layer_norm_modulate's kernel
         gain = 1.0 + tl.load(scale_ptr + b64 * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + b64 * stride_tb + cols, mask=mask, other=0.0).to(tl.float32)
-    # 64-bit sample offsets; offsets inside a sample stay 32-bit (N * C < 2^31)
+    # 64-bit sample and row offsets (a row may start past 2^31 elements into its sample), as in
+    # layer_norm_modulate's kernel
     h_row = h_ptr + b64 * stride_hb
     y_row = y_ptr + b64 * stride_yb
     out_row = out_ptr + b64 * N * C  # outputs contiguous [B, N, C]
     normed_row = normed_ptr + b64 * N * C
     for n in range(first, last):
-        h = tl.load(h_row + n * stride_hn + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_row + n * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
+        n64 = tl.cast(n, tl.int64)
+        h = tl.load(h_row + n64 * stride_hn + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_row + n64 * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
         p = _product(gate, y, gate_ptr.dtype.element_ty, y_ptr.dtype.element_ty)
         out = _round_to(h + p, out_ptr.dtype.element_ty)
-        tl.store(out_row + n * C + cols, out, mask=mask)
+        tl.store(out_row + n64 * C + cols, out, mask=mask)
         if NORM:
             # the LayerNorm reads h_out as stored (masked lanes are 0: loaded as 0, 0 + 0 * 0)
             centred, rstd = _row_stats(out.to(tl.float32), mask, C, eps)
             normed = centred * rstd * gain + shift
-            tl.store(normed_row + n * C + cols, _round_to(normed, normed_ptr.dtype.element_ty), mask=mask)
+            tl.store(normed_row + n64 * C + cols, _round_to(normed, normed_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,7 +128,8 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
     dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
     dshift = tl.zeros([BLOCK_C], dtype=tl.float32)
     for n in range(first, last):
-        offs = base + n * C + cols
+        n64 = tl.cast(n, tl.int64)  # 64-bit row offsets, as in the forward
+        offs = base + n64 * C + cols
         if NORM:
             gn = tl.load(g_normed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -154,7 +157,7 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
                 gate = tl.load(gate_row + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(dy_ptr + offs, _round_to(total * gate, dy_ptr.dtype.element_ty), mask=mask)
         if WRITE_DGATE:
-            y = tl.load(y_row + n * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_row + n64 * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
             dgate += total * y
     part = (b64 * num_chunks + chunk) * C + cols
     if WRITE_DGATE:

@@ -55,14 +55,16 @@ def ln_modulate_fwd_kernel(x_ptr, scale_ptr, shift_ptr, y_ptr, N, C, stride_xb, 
     # (1 + scale) in fp32: the eager expression rounds it to scale's dtype first
     gain = 1.0 + tl.load(scale_ptr + b64 * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + b64 * stride_tb + cols, mask=mask, other=0.0).to(tl.float32)
-    # 64-bit sample offsets; offsets inside a sample stay 32-bit (N * C < 2^31: 75k tokens at C = 3072 fit)
+    # 64-bit sample and row offsets (one scalar per row: free): a row may start past 2^31 elements
+    # into its sample (N * C >= 2^31, or a token stride spanning the batch); column offsets are 32-bit
     x_row = x_ptr + b64 * stride_xb
     y_row = y_ptr + b64 * N * C
     for n in range(first, last):
-        x = tl.load(x_row + n * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
+        n64 = tl.cast(n, tl.int64)
+        x = tl.load(x_row + n64 * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
         centred, rstd = _row_stats(x, mask, C, eps)
         y = centred * rstd * gain + shift
-        tl.store(y_row + n * C + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + n64 * C + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -83,8 +85,9 @@ def ln_modulate_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_part_ptr, ds
     dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
     dshift = tl.zeros([BLOCK_C], dtype=tl.float32)
     for n in range(first, last):
-        x = tl.load(x_row + n * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_row + n * C + cols, mask=mask, other=0.0).to(tl.float32)
+        n64 = tl.cast(n, tl.int64)  # 64-bit row offsets, as in the forward
+        x = tl.load(x_row + n64 * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + n64 * C + cols, mask=mask, other=0.0).to(tl.float32)
         centred, rstd = _row_stats(x, mask, C, eps)
         xhat = centred * rstd
         if WRITE_DSCALE:
@@ -97,7 +100,7 @@ def ln_modulate_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_part_ptr, ds
             mean_g = tl.sum(g, axis=0) / C
             mean_gx = tl.sum(g * xhat, axis=0) / C
             dx = rstd * (g - mean_g - xhat * mean_gx)
-            tl.store(dx_row + n * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_row + n64 * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = (b64 * num_chunks + chunk) * C + cols
     if WRITE_DSCALE:
         tl.store(dscale_part_ptr + part, dscale, mask=mask)

@@ -252,6 +252,26 @@ def test_backward_op_outputs_match_the_fake_for_permuted_inputs(backend):
     torch.library.opcheck(layer_norm_modulate_backward_op,
                           (grad, x, scale.detach(), shift.detach(), eps, dtype, autocast, True, True, True, backend))
 
+
+def test_row_offsets_past_int32_in_one_sample():
+    """A strided x whose last row starts 2^31 + 32 elements into its sample (a token stride of
+    2^30 + 16: the batch inside the tokens, or a sample of > 2^31 elements): 32-bit row offsets
+    wrapped negative and read outside x (a segfault in the interpreter). 4 GiB of address space,
+    three rows of it touched."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    channels, stride = 16, 2**30 + 16
+    base = torch.empty(2 * stride + channels, dtype=torch.bfloat16, device=device)
+    x = base.as_strided((1, 3, channels), (0, stride, 1))
+    x.copy_(torch.randn(1, 3, channels).to(torch.bfloat16))
+    scale, shift = (torch.randn(1, channels, device=device) for _ in range(2))
+    x.requires_grad_()
+    y = F.layer_norm_modulate(x, scale, shift, backend="triton")
+    dense = x.detach().contiguous().requires_grad_()
+    expected = F.layer_norm_modulate(dense, scale, shift, backend="triton")
+    assert torch.equal(y, expected)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(dx, torch.autograd.grad(expected, dense, torch.ones_like(expected))[0])
+
 def test_eager_fast_path_equals_the_registered_op():
     x, scale, shift, *rest = _op_args("triton")
     eager = F.layer_norm_modulate(x, scale, shift, backend="triton")
