@@ -355,16 +355,15 @@ def test_row_offsets_past_int32_in_one_sample(norm):
     """h and y strided so that their last row starts 2^31 + 32 elements into the sample (a token
     stride of 2^30 + 16): 32-bit row offsets wrapped negative and read outside them. 4 GiB of
     address space each, three rows touched; dgate reads y through the same offsets."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     channels, stride = 16, 2**30 + 16
     strided = []
     for seed in range(2):
-        base = torch.empty(2 * stride + channels, dtype=torch.bfloat16, device=device)
+        base = torch.empty(2 * stride + channels, dtype=torch.bfloat16, device=DEVICE)
         t = base.as_strided((1, 3, channels), (0, stride, 1))
         t.copy_(torch.randn(1, 3, channels, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
         strided.append(t)
     h, y = strided
-    gate, scale, shift = (torch.randn(1, channels, device=device) for _ in range(3))
+    gate, scale, shift = (torch.randn(1, channels, device=DEVICE) for _ in range(3))
     gate.requires_grad_()
     run = ((lambda h, y: F.gated_residual_layer_norm_modulate(h, y, gate, scale, shift, backend="triton")) if norm
            else (lambda h, y: (F.gated_residual(h, y, gate, backend="triton"),)))

@@ -258,12 +258,11 @@ def test_row_offsets_past_int32_in_one_sample():
     2^30 + 16: the batch inside the tokens, or a sample of > 2^31 elements): 32-bit row offsets
     wrapped negative and read outside x (a segfault in the interpreter). 4 GiB of address space,
     three rows of it touched."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     channels, stride = 16, 2**30 + 16
-    base = torch.empty(2 * stride + channels, dtype=torch.bfloat16, device=device)
+    base = torch.empty(2 * stride + channels, dtype=torch.bfloat16, device=DEVICE)
     x = base.as_strided((1, 3, channels), (0, stride, 1))
     x.copy_(torch.randn(1, 3, channels).to(torch.bfloat16))
-    scale, shift = (torch.randn(1, channels, device=device) for _ in range(2))
+    scale, shift = (torch.randn(1, channels, device=DEVICE) for _ in range(2))
     x.requires_grad_()
     y = F.layer_norm_modulate(x, scale, shift, backend="triton")
     dense = x.detach().contiguous().requires_grad_()
