@@ -143,6 +143,8 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
             if RELOAD:
                 gain = 1.0 + tl.load(scale_row + cols, mask=mask, other=0.0).to(tl.float32)
             g = gn * gain
+            # plain division here (the gradient is not bit-matched; div.rn costs registers that
+            # the widest rows do not have)
             mean_g = tl.sum(g, axis=0) / C
             mean_gx = tl.sum(g * xhat, axis=0) / C
             total = rstd * (g - mean_g - xhat * mean_gx)

@@ -36,11 +36,19 @@ FP_FUSION = False
 
 @triton.jit
 def _row_stats(x, mask, C, eps):
-    """(x - mean, rstd) of one fp32 row held in registers; masked lanes of the centred row are 0."""
-    mean = tl.sum(x, axis=0) / C
+    """(x - mean, rstd) of one fp32 row held in registers; masked lanes of the centred row are 0.
+    The per-row divisions and the square root IEEE-rounded (div.rn / sqrt.rn, as torch computes
+    them; plain `/` is div.full, 2 ulp): once per row, free in a memory-bound kernel."""
+    mean = _mean(tl.sum(x, axis=0), C)
     centred = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / C
-    return centred, 1.0 / tl.sqrt(var + eps)
+    var = _mean(tl.sum(centred * centred, axis=0), C)
+    return centred, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _mean(total, C):
+    # C * 1.0, not C.to(...): Triton passes C = 1 as a constexpr (a Python int)
+    return tl.math.div_rn(total, C * 1.0)
 
 
 @triton.jit
@@ -97,6 +105,8 @@ def ln_modulate_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_part_ptr, ds
         if WRITE_DX:
             # LayerNorm's backward with the upstream gradient dy * (1 + scale); masked lanes are 0
             g = dy * gain
+            # plain division here (the gradient is not bit-matched; div.rn costs registers that
+            # the widest rows do not have)
             mean_g = tl.sum(g, axis=0) / C
             mean_gx = tl.sum(g * xhat, axis=0) / C
             dx = rstd * (g - mean_g - xhat * mean_gx)

@@ -44,7 +44,8 @@ FP_FUSION = False
 @triton.jit
 def _inv_rms(x, D, eps):
     """1 / sqrt(mean(x^2) + eps) per tile row, IEEE-rounded like torch.rsqrt on the CPU."""
-    mean_sq = tl.math.div_rn(tl.sum(x * x, axis=1), D.to(tl.float32))
+    # D * 1.0, not D.to(...): Triton passes D = 1 as a constexpr (a Python int)
+    mean_sq = tl.math.div_rn(tl.sum(x * x, axis=1), D * 1.0)
     return tl.math.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
 
 
@@ -107,7 +108,7 @@ def rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, eps, TILES,
             g = dy
         if WRITE_DX:
             # d/dx of x r w: r g - x r^3 mean(g x)
-            c = tl.math.div_rn(tl.sum(g * x, axis=1), D.to(tl.float32))[:, None]
+            c = tl.math.div_rn(tl.sum(g * x, axis=1), D * 1.0)[:, None]
             dx = r * g - x * (r * r * r * c)
             tl.store(dx_ptr + offs, _round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         if WRITE_DW:
