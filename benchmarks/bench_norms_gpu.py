@@ -87,9 +87,14 @@ def _timings(name, implementations, make_inputs, nbytes_fwd, nbytes_bwd, bandwid
                   f"{row['pct_copy_bw']:5.1f}%  back-to-back {eager_ms * 1e3:8.1f} us", flush=True)
 
 
-def bench_ops(quick: bool, bandwidth: float, rows: list) -> None:
-    dev, dt = "cuda", torch.bfloat16
-    compiled_modulate = torch.compile(_diffusers_modulate)
+def _baselines(eager, quick: bool) -> dict:
+    """diffusers' eager expression, and torch.compile of it unless quick (each compile of a forward
+    and a backward graph takes tens of seconds: the short GPU session's step has ~2 minutes)."""
+    return {"eager": eager} if quick else {"eager": eager, "compiled": torch.compile(eager)}
+
+
+def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> None:
+    dt = torch.bfloat16
     for name in QUICK_MODULATE if quick else MODULATE_SHAPES:
         b, n, c = MODULATE_SHAPES[name]
 
@@ -100,9 +105,8 @@ def bench_ops(quick: bool, bandwidth: float, rows: list) -> None:
             return x, chunks[1], chunks[0]
 
         numel = b * n * c
-        _timings(name, {"sfgrpo": F.layer_norm_modulate, "eager": _diffusers_modulate, "compiled": compiled_modulate},
+        _timings(name, {"sfgrpo": F.layer_norm_modulate, **_baselines(_diffusers_modulate, quick)},
                  make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
-    compiled_tail = torch.compile(_diffusers_residual_norm2)
     for name in QUICK_MODULATE[:1] if quick else MODULATE_SHAPES:
         b, n, c = MODULATE_SHAPES[name]
 
@@ -115,9 +119,8 @@ def bench_ops(quick: bool, bandwidth: float, rows: list) -> None:
 
         numel = b * n * c  # fwd: h, y in; h', normed out. bwd: h, y, 2 grads in; dh, dy out
         _timings(f"residual+norm2 {name}", {"sfgrpo": F.gated_residual_layer_norm_modulate,
-                                            "eager": _diffusers_residual_norm2, "compiled": compiled_tail},
+                                            **_baselines(_diffusers_residual_norm2, quick)},
                  make, 4 * numel * 2, 6 * numel * 2, bandwidth, rows)
-    compiled_rms = torch.compile(_diffusers_rms)
     for name in QUICK_RMS if quick else RMS_SHAPES:
         b, n, h, d = RMS_SHAPES[name]
 
@@ -127,22 +130,24 @@ def bench_ops(quick: bool, bandwidth: float, rows: list) -> None:
             return q, weight
 
         numel = b * n * h * d
-        _timings(name, {"sfgrpo": F.rms_norm, "eager": _diffusers_rms, "compiled": compiled_rms},
+        _timings(name, {"sfgrpo": F.rms_norm, **_baselines(_diffusers_rms, quick)},
                  make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
 
 
-def bench_model(batch: int, rows: list) -> None:
-    """SD3.5-M at 512 px: forward (no grad) and forward + backward with frozen weights."""
+def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda", grid: int = 64,
+                text_tokens: int = 333) -> None:
+    """SD3.5-M at 512 px (a 64 x 64 latent grid, 333 text tokens): forward (no grad) and forward +
+    backward with frozen weights. `name` / `device`: a small config on the CPU for the script's test."""
     from sfgrpo.bench import configs
     from sfgrpo.models.fused_norms import fuse_norms, unfuse_norms
 
-    model = configs.random_transformer("sd35m", "cuda", torch.bfloat16).requires_grad_(False)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    model = configs.random_transformer(name, device, torch.bfloat16).requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
     c = model.config
-    latents = torch.randn(batch, c.in_channels, 64, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    text = torch.randn(batch, 333, c.joint_attention_dim, device="cuda", dtype=torch.bfloat16, generator=g)
-    pooled = torch.randn(batch, c.pooled_projection_dim, device="cuda", dtype=torch.bfloat16, generator=g)
-    t = torch.full((batch,), 500.0, device="cuda")
+    latents = torch.randn(batch, c.in_channels, grid, grid, device=device, dtype=torch.bfloat16, generator=g)
+    text = torch.randn(batch, text_tokens, c.joint_attention_dim, device=device, dtype=torch.bfloat16, generator=g)
+    pooled = torch.randn(batch, c.pooled_projection_dim, device=device, dtype=torch.bfloat16, generator=g)
+    t = torch.full((batch,), 500.0, device=device)
 
     def forward():
         with torch.no_grad():
@@ -161,16 +166,17 @@ def bench_model(batch: int, rows: list) -> None:
             (fuse_norms if variant == "fused" else unfuse_norms)(model)
             times[variant] = time_ms(fn, warmup=2, reps=5)
         base = min(times["diffusers"], times["diffusers "])
-        row = dict(case=f"sd35m_b{batch}_512px", mode=label, impl="model", diffusers_ms=base, fused_ms=times["fused"],
+        row = dict(case=f"{name}_b{batch}_{grid * 8}px", mode=label, impl="model", diffusers_ms=base, fused_ms=times["fused"],
                    speedup=base / times["fused"], diffusers_runs_ms=[times["diffusers"], times["diffusers "]])
         rows.append(row)
-        print(f"  SD3.5-M b{batch} 512px {label:17s} diffusers {base:8.2f} ms  fused norms {times['fused']:8.2f} ms  "
+        print(f"  {name} b{batch} {grid * 8}px {label:17s} diffusers {base:8.2f} ms  fused norms {times['fused']:8.2f} ms  "
               f"x{row['speedup']:.3f}", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (the short GPU session)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and no torch.compile baselines (the short "
+                        "GPU session)")
     parser.add_argument("--out", default="benchmarks/results", help="results folder")
     parser.add_argument("--model-batch", type=int, default=4, help="trajectories in the SD3.5-M forward (0: skip)")
     args = parser.parse_args()
@@ -185,9 +191,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"norms_{device.replace(' ', '_')}.json"
     try:
-        bench_ops(args.quick, bandwidth, rows)
+        # the whole transformer first: what the fused modules buy a training step is the headline
         if args.model_batch:
             bench_model(args.model_batch, rows)
+        bench_ops(args.quick, bandwidth, rows)
     finally:  # what was measured is written even when a later row fails or the run is cut short
         path.write_text(json.dumps(dict(device=device, copy_bandwidth_gbs=bandwidth, versions=versions(), rows=rows),
                                    indent=1))

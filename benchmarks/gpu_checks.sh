@@ -20,7 +20,7 @@
 #               winner (SFGRPO_SDE_STEP_TUNING) is exported for the steps after it
 #   bench       SDE-step benchmark --quick (latency, back-to-back, GPU-only graph replay; vs eager,
 #               torch.compile, Flow-GRPO); rows are saved as they are measured
-#   norms       fused transformer norms (adaLN modulation, QK RMSNorm): ops vs eager / torch.compile,
+#   norms       fused transformer norms (adaLN modulation, QK RMSNorm, block tail): ops vs eager (torch.compile too without --quick),
 #               and a real-size SD3.5-M forward and backward with them vs diffusers' modules
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
@@ -93,7 +93,7 @@ fi
 if want norms; then
   # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
   # buy a real-size SD3.5-M forward / backward (fused vs diffusers' modules, one run)
-  timeout -k 10 $(limit 100) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
+  timeout -k 10 $(limit 120) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
   echo "norms bench: exit $?"
   tail -n 20 "$OUT/bench_norms.txt"
 fi

@@ -1,0 +1,64 @@
+"""benchmarks/bench_norms_gpu.py runs end to end (a script of the repository, loaded from its path):
+on the CPU with small shapes and its GPU timers replaced by stand-ins, so a GPU session does not
+discover a broken script. The timings themselves need a GPU."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its `from bench_sde_step_gpu import ...`
+    spec = importlib.util.spec_from_file_location("bench_norms_gpu", BENCHMARKS / "bench_norms_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    def fake_time(fn, *args, **kwargs):  # runs what would be timed, as the real timers do
+        fn()
+        calls.append(fn)
+        return 0.5
+
+    monkeypatch.setattr(module, "time_ms", fake_time)
+    monkeypatch.setattr(module, "time_graph_ms", fake_time)
+    monkeypatch.setattr(module, "MODULATE_SHAPES", {"tiny": (2, 5, 16)})
+    monkeypatch.setattr(module, "QUICK_MODULATE", ("tiny",))
+    monkeypatch.setattr(module, "RMS_SHAPES", {"tiny_q": (2, 5, 3, 8)})
+    monkeypatch.setattr(module, "QUICK_RMS", ("tiny_q",))
+    yield module, calls
+    sys.modules.pop("bench_sde_step_gpu", None)
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_op_rows_for_every_op_mode_and_implementation(script, quick):
+    module, calls = script
+    rows = []
+    module.bench_ops(quick, 1000.0, rows, dev="cpu")
+    impls = {"sfgrpo", "eager"} | (set() if quick else {"compiled"})
+    cases = {row["case"] for row in rows}
+    assert cases == {"tiny", "residual+norm2 tiny", "tiny_q"}
+    for case in cases:
+        for mode in ("fwd", "fwd+bwd"):
+            assert {r["impl"] for r in rows if r["case"] == case and r["mode"] == mode} == impls, (case, mode)
+    assert all(row["gbs"] > 0 and row["pct_copy_bw"] > 0 for row in rows)
+    assert len(calls) == 2 * len(rows)  # a graph-replay and a back-to-back timing per row
+
+
+def test_model_rows_compare_fused_with_diffusers_modules(script, monkeypatch):
+    from sfgrpo.models import fused_norms
+
+    module, _ = script
+    swaps = []  # the A/B/A order: diffusers' modules, fused, diffusers' again, per mode
+    monkeypatch.setattr(fused_norms, "fuse_norms", lambda m, f=fused_norms.fuse_norms: swaps.append("fused") or f(m))
+    monkeypatch.setattr(fused_norms, "unfuse_norms",
+                        lambda m, f=fused_norms.unfuse_norms: swaps.append("diffusers") or f(m))
+    rows = []
+    module.bench_model(1, rows, name="sd35m-small", device="cpu", grid=8, text_tokens=5)
+    assert [row["mode"] for row in rows] == ["forward", "forward+backward"]
+    assert all(row["speedup"] == 1.0 and row["case"] == "sd35m-small_b1_64px" for row in rows)
+    assert swaps == ["diffusers", "fused", "diffusers"] * 2
