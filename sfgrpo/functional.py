@@ -357,6 +357,21 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, back
 _MODULATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _check_norm_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
+def _modulated_dtype(device_type: str, x_dtype, scale_dtype, shift_dtype) -> tuple[bool, torch.dtype]:
+    """(autocast on, output dtype) of a modulated LayerNorm: the autocast dtype under autocast, else
+    the eager expression's type promotion."""
+    if torch.is_autocast_enabled(device_type):
+        return True, torch.get_autocast_dtype(device_type)
+    return False, torch.promote_types(torch.promote_types(x_dtype, scale_dtype), shift_dtype)
+
+
 def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *,
                         backend: str | None = None) -> Tensor:
     """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]` (LayerNorm without affine,
@@ -386,16 +401,8 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
         if tensor.dtype not in _MODULATE_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (float64 runs the reference), "
                             f"got {tensor.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
-        out_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        out_dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
+    _check_norm_eps(eps)
+    autocast, out_dtype = _modulated_dtype(x.device.type, x.dtype, scale.dtype, shift.dtype)
     # [B, N, C]: a view for contiguous x (N from the shape: reshape cannot infer it when B = 0)
     rows = x.reshape(batch, math.prod(x.shape[1:-1]), channels)
     if rows.stride(-1) != 1:
@@ -473,17 +480,9 @@ def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale
     gradient w.r.t. h_out (either output may be unused), dh = total, dy = total * gate, and dgate,
     dscale, dshift as sums over the sample's rows, each only when required."""
     _check_gated_inputs(h, y, gate, scale=scale, shift=shift)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    device_type = h.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
-        out_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        h_out_dtype = torch.promote_types(h.dtype, torch.promote_types(gate.dtype, y.dtype))
-        out_dtype = torch.promote_types(torch.promote_types(h_out_dtype, scale.dtype), shift.dtype)
+    _check_norm_eps(eps)
+    h_out_dtype = torch.promote_types(h.dtype, torch.promote_types(gate.dtype, y.dtype))
+    autocast, out_dtype = _modulated_dtype(h.device.type, h_out_dtype, scale.dtype, shift.dtype)
     h_out, normed = gated_residual_ops.gated_residual_layer_norm_modulate(
         _token_rows(h), _token_rows(y), _channels_adjacent(gate), _channels_adjacent(scale), _channels_adjacent(shift),
         float(eps), out_dtype, autocast, backend)
