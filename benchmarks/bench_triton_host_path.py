@@ -80,3 +80,72 @@ def test_score_forward_backward(benchmark, stubbed_launch, latents):
         v.grad = None  # the launch is a no-op: dv is never written, and not accumulated here
 
     benchmark(step)
+
+
+# ------------------------------------------------------------- the fused transformer norms
+@pytest.fixture
+def stubbed_norm_launch(monkeypatch):
+    """The norm ops' Triton path on CPU tensors with every launch a no-op (the kernels' outputs are
+    left unwritten: only the host work is timed)."""
+    from sfgrpo import backend
+    from sfgrpo.kernels import _launch
+    from sfgrpo.kernels import gated_residual, layer_norm_modulate, rms_norm
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(_launch.ENV_VAR, raising=False)
+    launchers = [value for module in (rms_norm, layer_norm_modulate, gated_residual) for value in vars(module).values()
+                 if isinstance(value, _launch.DirectLauncher)]
+    for launcher in launchers:
+        if launcher.constexpr is None:
+            pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
+        monkeypatch.setattr(launcher, "kernel", _NoOpKernel())
+        monkeypatch.setattr(launcher, "compiled", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    resolve = backend.resolve_backend
+    norm_ops = ("rms_norm", "layer_norm_modulate", "gated_residual")
+    monkeypatch.setattr(backend, "resolve_backend",
+                        lambda op, device, override=None: "triton" if op in norm_ops else resolve(op, device, override))
+
+
+def _sd35_block_tensors():
+    """An SD3.5-M block's image stream at 512 px, batch 8, bf16: x / residual, adaLN chunks, a QK view."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1024, 1536, generator=g).bfloat16()
+    y = torch.randn(8, 1024, 1536, generator=g).bfloat16()
+    shift, scale, gate = torch.randn(8, 6 * 1536, generator=g).bfloat16().chunk(6, dim=1)[:3]
+    q = torch.randn(8, 1024, 24, 64, generator=g).bfloat16().transpose(1, 2)
+    return x, y, shift, scale, gate, q, torch.ones(64, dtype=torch.bfloat16)
+
+
+def test_rms_norm_host(benchmark, stubbed_norm_launch):
+    *_, q, weight = _sd35_block_tensors()
+    benchmark(lambda: F.rms_norm(q, weight, 1e-6))
+
+
+def test_layer_norm_modulate_host(benchmark, stubbed_norm_launch):
+    x, _, shift, scale, *_ = _sd35_block_tensors()
+    benchmark(lambda: F.layer_norm_modulate(x, scale, shift))
+
+
+def test_gated_residual_host(benchmark, stubbed_norm_launch):
+    x, y, _, _, gate, *_ = _sd35_block_tensors()
+    benchmark(lambda: F.gated_residual(x, y, gate))
+
+
+def test_gated_residual_layer_norm_modulate_host(benchmark, stubbed_norm_launch):
+    x, y, shift, scale, gate, *_ = _sd35_block_tensors()
+    benchmark(lambda: F.gated_residual_layer_norm_modulate(x, y, gate, scale, shift))
+
+
+def test_gated_residual_layer_norm_modulate_forward_backward_host(benchmark, stubbed_norm_launch):
+    """With autograd (the update): forward, then the backward of both outputs."""
+    x, y, shift, scale, gate, *_ = _sd35_block_tensors()
+    y = y.clone().requires_grad_()
+    grads = (torch.ones_like(x), torch.ones_like(x))
+
+    def step():
+        torch.autograd.backward(F.gated_residual_layer_norm_modulate(x, y, gate, scale, shift), grads)
+        y.grad = None
+
+    benchmark(step)

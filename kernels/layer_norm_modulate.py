@@ -17,6 +17,8 @@ dim reduces. The chunking depends only on (B, N), so the sums are deterministic 
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -126,6 +128,7 @@ def supports(channels: int) -> bool:
     return channels <= MAX_C
 
 
+@functools.lru_cache(maxsize=1024)  # on every call's host path: triton.cdiv / next_power_of_2 cost ~1 us each
 def launch_config(batch: int, rows: int, channels: int) -> tuple[int, int, int, int]:
     """(rows_per_program, chunks, BLOCK_C, num_warps) for `[batch, rows, channels]`."""
     per_program = max(MIN_ROWS, triton.cdiv(batch * rows, TARGET_PROGRAMS))
