@@ -16,6 +16,7 @@ from sfgrpo import reference as ref
 from sfgrpo.kernels import gated_residual as kernels
 from sfgrpo.ops.gated_residual import (gated_residual_backward_op, gated_residual_layer_norm_modulate_backward_op,
                                        gated_residual_layer_norm_modulate_op, gated_residual_op)
+from norm_grads import assert_gradients_close  # tests/ helper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -191,16 +192,9 @@ def test_fused_backward_matches_autograd_through_the_reference(shape, dtype, mod
     _loss(*F.gated_residual_layer_norm_modulate(*ours, backend="triton"), use, 3).backward()
     truth = [t.requires_grad_(need) for t, need in zip(_upcast(*inputs), needs)]
     _loss(*ref.gated_residual_layer_norm_modulate(*truth), use, 3).backward()
-    rtol = 1e-5 if dtype == torch.float32 else 2e-2
-    for name, a, b, need in zip(("dh", "dy", "dgate", "dscale", "dshift"), ours, truth, needs):
-        if not need or b.grad is None:  # not required, or normed unused: autograd leaves it None
-            assert a.grad is None, name
-            continue
-        assert a.grad.dtype == dtype and a.grad.shape == a.shape, name
-        # relative to the gradient's magnitude: the LayerNorm's backward has cancellations
-        atol = rtol * max(b.grad.abs().max().item(), 1e-6)
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    # normed unused: autograd leaves dscale / dshift None
+    assert_gradients_close(("dh", "dy", "dgate", "dscale", "dshift"), ours, truth, needs, dtype,
+                           1e-5 if dtype == torch.float32 else 2e-2, none_when_unused=True)
 
 
 RES_BWD_CASES = [(shape, dtype, needs) for shape in BWD_SHAPES[:4] for dtype in (torch.float32, torch.bfloat16)
@@ -217,15 +211,7 @@ def test_residual_backward_matches_autograd_through_the_reference(shape, dtype, 
     F.gated_residual(*ours, backend=backend).backward(grad)
     truth = [t.requires_grad_(need) for t, need in zip(_upcast(h, y, gate), needs)]
     ref.gated_residual(*truth).backward(grad.float())
-    rtol = 1e-6 if dtype == torch.float32 else 1e-2
-    for name, a, b, need in zip(("dh", "dy", "dgate"), ours, truth, needs):
-        if not need:
-            assert a.grad is None, name
-            continue
-        assert a.grad.dtype == dtype and a.grad.shape == a.shape, name
-        atol = rtol * max(b.grad.abs().max().item(), 1e-6)
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_gradients_close(("dh", "dy", "dgate"), ours, truth, needs, dtype, 1e-6 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("use", USES)
