@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
-from sfgrpo.kernels.layer_norm_modulate import MAX_C, _row_stats, launch_config
+from sfgrpo.kernels.layer_norm_modulate import MAX_C, _row_stats, launch_config, layer_norm_input_grad
 from sfgrpo.kernels.rms_norm import _round_to
 
 __all__ = ["MAX_C", "supports", "launch_config", "forward", "backward", "aot_variants"]
@@ -142,12 +142,7 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
             # LayerNorm's backward with the upstream gradient g_normed * (1 + scale); masked lanes 0
             if RELOAD:
                 gain = 1.0 + tl.load(scale_row + cols, mask=mask, other=0.0).to(tl.float32)
-            g = gn * gain
-            # plain division here (the gradient is not bit-matched; div.rn costs registers that
-            # the widest rows do not have)
-            mean_g = tl.sum(g, axis=0) / C
-            mean_gx = tl.sum(g * xhat, axis=0) / C
-            total = rstd * (g - mean_g - xhat * mean_gx)
+            total = layer_norm_input_grad(gn * gain, xhat, rstd, C)
             if HAS_G_OUT:
                 total += tl.load(g_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if WRITE_DH:

@@ -48,6 +48,16 @@ def _row_stats(x, mask, C, eps):
 
 
 @triton.jit
+def layer_norm_input_grad(g, xhat, rstd, C):
+    """dL/dx of a LayerNorm without affine from the gradient g of its output (xhat, rstd from
+    `_row_stats`; masked lanes of g and xhat are 0). Plain division here: the gradient is not
+    bit-matched, and div.rn costs registers the widest rows do not have."""
+    mean_g = tl.sum(g, axis=0) / C
+    mean_gx = tl.sum(g * xhat, axis=0) / C
+    return rstd * (g - mean_g - xhat * mean_gx)
+
+
+@triton.jit
 def _mean(total, C):
     # C * 1.0, not C.to(...): Triton passes C = 1 as a constexpr (a Python int)
     return tl.math.div_rn(total, C * 1.0)
@@ -106,12 +116,7 @@ def ln_modulate_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_part_ptr, ds
             dshift += dy
         if WRITE_DX:
             # LayerNorm's backward with the upstream gradient dy * (1 + scale); masked lanes are 0
-            g = dy * gain
-            # plain division here (the gradient is not bit-matched; div.rn costs registers that
-            # the widest rows do not have)
-            mean_g = tl.sum(g, axis=0) / C
-            mean_gx = tl.sum(g * xhat, axis=0) / C
-            dx = rstd * (g - mean_g - xhat * mean_gx)
+            dx = layer_norm_input_grad(dy * gain, xhat, rstd, C)
             tl.store(dx_row + n64 * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = (b64 * num_chunks + chunk) * C + cols
     if WRITE_DSCALE:
