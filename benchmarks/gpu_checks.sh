@@ -16,12 +16,12 @@
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat, the fused transformer
 #               norms (ops and whole fused SD3.5-M / FLUX.1-architecture transformers vs diffusers)
 #   advantages  advantage engine: eager call vs CUDA-graph replay
+#   norms       fused transformer norms (adaLN modulation, QK RMSNorm, block tail): a real-size SD3.5-M
+#               forward and backward with them vs diffusers' modules, then each op vs eager (issue 9)
 #   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant); its
 #               winner (SFGRPO_SDE_STEP_TUNING) is exported for the steps after it
 #   bench       SDE-step benchmark --quick (latency, back-to-back, GPU-only graph replay; vs eager,
 #               torch.compile, Flow-GRPO); rows are saved as they are measured
-#   norms       fused transformer norms (adaLN modulation, QK RMSNorm, block tail): ops vs eager (torch.compile too without --quick),
-#               and a real-size SD3.5-M forward and backward with them vs diffusers' modules
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
 #   core        (not in the default list) issue 9's goals on real-size SD3.5-M,
@@ -29,12 +29,12 @@
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
 #               All steps in one 10-minute command (~250 s without core on an H100, 2026-11-26):
-#               DEADLINE=560 STEPS=tests,advantages,tune,bench,norms,trainer,core bash benchmarks/gpu_checks.sh
+#               DEADLINE=560 STEPS=tests,advantages,norms,tune,bench,trainer,core bash benchmarks/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=$(realpath -m "${OUT:-$REPO/benchmarks/results/gpu-checks}")  # absolute: the steps run from /tmp
-STEPS=",${STEPS:-tests,advantages,tune,bench,norms,trainer},"
+STEPS=",${STEPS:-tests,advantages,norms,tune,bench,trainer},"
 mkdir -p "$OUT"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
 if [ -n "${SKIP_INSTALL:-}" ]; then
@@ -67,6 +67,13 @@ if want advantages; then
   echo "advantages bench: exit $?"
   cat "$OUT/advantages.md" 2>/dev/null
 fi
+if want norms; then
+  # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
+  # buy a real-size SD3.5-M forward / backward (fused vs diffusers' modules, one run)
+  timeout -k 10 $(limit 120) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
+  echo "norms bench: exit $?"
+  tail -n 20 "$OUT/bench_norms.txt"
+fi
 if want tune; then
   # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import);
   # a winner left in $OUT by an earlier run must not be exported when this sweep names none
@@ -89,13 +96,6 @@ if want bench; then
   timeout -k 10 $(limit 60) python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2> "$OUT/host_breakdown.err"
   echo "host breakdown: exit $?"
   cat "$OUT/host_breakdown.md" 2>/dev/null
-fi
-if want norms; then
-  # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
-  # buy a real-size SD3.5-M forward / backward (fused vs diffusers' modules, one run)
-  timeout -k 10 $(limit 120) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
-  echo "norms bench: exit $?"
-  tail -n 20 "$OUT/bench_norms.txt"
 fi
 if want trainer; then
   timeout -k 10 $(limit 90) python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
