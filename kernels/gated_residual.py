@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
-from sfgrpo.kernels.layer_norm_modulate import MAX_C, _row_stats, launch_config, layer_norm_input_grad
+# one row per program's registers, the same limit and launch geometry as layer_norm_modulate's kernels
+from sfgrpo.kernels.layer_norm_modulate import MAX_C, _row_stats, launch_config, layer_norm_input_grad, supports
 from sfgrpo.kernels.rms_norm import _round_to
 
 __all__ = ["MAX_C", "supports", "launch_config", "forward", "backward", "aot_variants"]
@@ -167,10 +168,6 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
 
 _FWD_LAUNCHER = DirectLauncher(gated_residual_fwd_kernel)
 _BWD_LAUNCHER = DirectLauncher(gated_residual_bwd_kernel)
-
-
-def supports(channels: int) -> bool:
-    return channels <= MAX_C
 
 
 def forward(h, y, gate, scale, shift, eps: float, out_dtype, normed_dtype):

@@ -372,66 +372,27 @@ def _modulated_dtype(device_type: str, x_dtype, scale_dtype, shift_dtype) -> tup
     return False, torch.promote_types(torch.promote_types(x_dtype, scale_dtype), shift_dtype)
 
 
-def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *,
-                        backend: str | None = None) -> Tensor:
-    """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]` (LayerNorm without affine,
-    then per-sample modulation: diffusers' AdaLayerNormZero and friends) in one pass over x.
-
-    x is `[B, ..., C]` (usually `[B, N, C]`, also `[B, C]`), scale and shift `[B, C]`. They may be
-    views with a row stride, such as `emb.chunk(6, dim=1)[i]`: read in place, no copy (other
-    layouts are made contiguous once). Output dtype: the expression's type promotion of x, scale,
-    shift; under torch.autocast for x's device, the autocast dtype (`reference.layer_norm_modulate`).
-    CUDA tensors run the fused Triton kernels (fp32 math, one rounding of y; C up to
-    kernels.layer_norm_modulate.MAX_C, wider rows and float64 run the reference), CPU tensors the
-    reference, bit-identical to diffusers in the output and in the gradients. Gradients flow to x,
-    scale and shift (dscale and dshift computed only when they require grad).
-    """
+def _check_per_sample_inputs(x_name: str, x: Tensor, y: Tensor | None = None, **per_sample: Tensor) -> None:
+    """Clear errors for the norm ops' inputs: `x` `[B, ..., C]`, `y` (the gated residual's other
+    stream) of x's shape, each `per_sample` tensor `[B, C]`; all on x's device, in a float dtype
+    (float64 runs the reference)."""
+    named = ((x_name, x), *((("y", y),) if y is not None else ()), *per_sample.items())
+    for name, tensor in named:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if x.ndim < 2:
-        raise ValueError(f"x must be [B, ..., C] with at least 2 dims, got shape {tuple(x.shape)}")
+        raise ValueError(f"{x_name} must be [B, ..., C] with at least 2 dims, got shape {tuple(x.shape)}")
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"y must have {x_name}'s shape {tuple(x.shape)}, got {tuple(y.shape)}")
     batch, channels = x.shape[0], x.shape[-1]
-    for name, tensor in (("scale", scale), ("shift", shift)):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    for name, tensor in per_sample.items():
         if tensor.shape != (batch, channels):
-            raise ValueError(f"{name} must have shape [B, C] = [{batch}, {channels}] to match x of shape "
+            raise ValueError(f"{name} must have shape [B, C] = [{batch}, {channels}] to match {x_name} of shape "
                              f"{tuple(x.shape)}, got {tuple(tensor.shape)}")
+    for name, tensor in named[1:]:
         if tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
-    for name, tensor in (("x", x), ("scale", scale), ("shift", shift)):
-        if tensor.dtype not in _MODULATE_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (float64 runs the reference), "
-                            f"got {tensor.dtype}")
-    _check_norm_eps(eps)
-    autocast, out_dtype = _modulated_dtype(x.device.type, x.dtype, scale.dtype, shift.dtype)
-    # [B, N, C]: a view for contiguous x (N from the shape: reshape cannot infer it when B = 0)
-    rows = x.reshape(batch, math.prod(x.shape[1:-1]), channels)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    # the kernels read scale / shift through their row stride; only the channels must be adjacent
-    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
-    shift = shift if shift.stride(-1) == 1 else shift.contiguous()
-    y = layer_norm_modulate_ops.layer_norm_modulate(rows, scale, shift, float(eps), out_dtype, autocast, backend)
-    return y.reshape(x.shape)  # a view of the kernels' contiguous output; the reference's may be strided
-
-
-# ------------------------------------------------- gated residual (+ the MLP branch's adaLN)
-def _check_gated_inputs(h: Tensor, y: Tensor, gate: Tensor, **per_sample: Tensor) -> None:
-    for name, tensor in (("h", h), ("y", y), ("gate", gate), *per_sample.items()):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    if h.ndim < 2:
-        raise ValueError(f"h must be [B, ..., C] with at least 2 dims, got shape {tuple(h.shape)}")
-    if y.shape != h.shape:
-        raise ValueError(f"y must have h's shape {tuple(h.shape)}, got {tuple(y.shape)}")
-    batch, channels = h.shape[0], h.shape[-1]
-    for name, tensor in (("gate", gate), *per_sample.items()):
-        if tensor.shape != (batch, channels):
-            raise ValueError(f"{name} must have shape [B, C] = [{batch}, {channels}] to match h of shape "
-                             f"{tuple(h.shape)}, got {tuple(tensor.shape)}")
-    for name, tensor in (("y", y), ("gate", gate), *per_sample.items()):
-        if tensor.device != h.device:
-            raise ValueError(f"{name} is on {tensor.device} but h is on {h.device}")
-    for name, tensor in (("h", h), ("y", y), ("gate", gate), *per_sample.items()):
+            raise ValueError(f"{name} is on {tensor.device} but {x_name} is on {x.device}")
+    for name, tensor in named:
         if tensor.dtype not in _MODULATE_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (float64 runs the reference), "
                             f"got {tensor.dtype}")
@@ -449,6 +410,29 @@ def _channels_adjacent(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *,
+                        backend: str | None = None) -> Tensor:
+    """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]` (LayerNorm without affine,
+    then per-sample modulation: diffusers' AdaLayerNormZero and friends) in one pass over x.
+
+    x is `[B, ..., C]` (usually `[B, N, C]`, also `[B, C]`), scale and shift `[B, C]`. They may be
+    views with a row stride, such as `emb.chunk(6, dim=1)[i]`: read in place, no copy (other
+    layouts are made contiguous once). Output dtype: the expression's type promotion of x, scale,
+    shift; under torch.autocast for x's device, the autocast dtype (`reference.layer_norm_modulate`).
+    CUDA tensors run the fused Triton kernels (fp32 math, one rounding of y; C up to
+    kernels.layer_norm_modulate.MAX_C, wider rows and float64 run the reference), CPU tensors the
+    reference, bit-identical to diffusers in the output and in the gradients. Gradients flow to x,
+    scale and shift (dscale and dshift computed only when they require grad).
+    """
+    _check_per_sample_inputs("x", x, scale=scale, shift=shift)
+    _check_norm_eps(eps)
+    autocast, out_dtype = _modulated_dtype(x.device.type, x.dtype, scale.dtype, shift.dtype)
+    y = layer_norm_modulate_ops.layer_norm_modulate(_token_rows(x), _channels_adjacent(scale),
+                                                    _channels_adjacent(shift), float(eps), out_dtype, autocast, backend)
+    return y.reshape(x.shape)  # a view of the kernels' contiguous output; the reference's may be strided
+
+
+# ------------------------------------------------- gated residual (+ the MLP branch's adaLN)
 def gated_residual(h: Tensor, y: Tensor, gate: Tensor, *, backend: str | None = None) -> Tensor:
     """`h + gate.unsqueeze(1) * y`: diffusers' SD3 / FLUX blocks adding the gated attention or MLP
     output to the residual stream, in one pass.
@@ -461,7 +445,7 @@ def gated_residual(h: Tensor, y: Tensor, gate: Tensor, *, backend: str | None = 
     float64 and rows wider than kernels.gated_residual.MAX_C run the reference on every backend.
     Gradients: dh = g, dy = g * gate, dgate = the sum over the sample's rows of g * y (only the ones
     required)."""
-    _check_gated_inputs(h, y, gate)
+    _check_per_sample_inputs("h", h, y, gate=gate)
     out = gated_residual_ops.gated_residual(_token_rows(h), _token_rows(y), _channels_adjacent(gate), backend)
     return out.reshape(h.shape)
 
@@ -479,7 +463,7 @@ def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale
     torch.autocast the autocast dtype). One-pass backward: total = g_h_out + the LayerNorm-modulate
     gradient w.r.t. h_out (either output may be unused), dh = total, dy = total * gate, and dgate,
     dscale, dshift as sums over the sample's rows, each only when required."""
-    _check_gated_inputs(h, y, gate, scale=scale, shift=shift)
+    _check_per_sample_inputs("h", h, y, gate=gate, scale=scale, shift=shift)
     _check_norm_eps(eps)
     h_out_dtype = torch.promote_types(h.dtype, torch.promote_types(gate.dtype, y.dtype))
     autocast, out_dtype = _modulated_dtype(h.device.type, h_out_dtype, scale.dtype, shift.dtype)

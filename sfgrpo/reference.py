@@ -764,6 +764,12 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None = None, eps
 
 
 # ------------------------------------------------------------- adaLN modulation (layer_norm_modulate)
+def _per_sample_index(x: Tensor) -> tuple:
+    """`[:, None]` generalised to x's rank: a `[B, C]` per-sample vector (scale, shift, gate) against
+    `[B, ..., C]` x."""
+    return (slice(None),) + (None,) * (x.ndim - 2)
+
+
 def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
     """`layer_norm(x, (C,), eps) * (1 + scale[:, None]) + shift[:, None]`, op for op what diffusers'
     AdaLayerNormZero / AdaLayerNormContinuous compute (the LayerNorm has no affine): x is
@@ -772,7 +778,7 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     torch.autocast active for x's device the expression runs as autocast runs it, then is cast
     once to the autocast dtype (in diffusers the result always feeds a Linear, which autocast
     casts to that dtype anyway)."""
-    index = (slice(None),) + (None,) * (x.ndim - 2)
+    index = _per_sample_index(x)
     y = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[index]) + shift[index]
     if torch.is_autocast_enabled(x.device.type):
         y = y.to(torch.get_autocast_dtype(x.device.type))
@@ -808,18 +814,12 @@ def layer_norm_modulate_backward(
 
 
 # ------------------------------------------------------ gated residual (+ adaLN of the MLP branch)
-def _gate_index(x: Tensor) -> tuple:
-    """`gate[:, None]` generalised to x's rank (`[B, C]` gate against `[B, ..., C]` x), as
-    `layer_norm_modulate` broadcasts scale and shift."""
-    return (slice(None),) + (None,) * (x.ndim - 2)
-
-
 def gated_residual(h: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """`h + gate.unsqueeze(1) * y`, op for op diffusers' JointTransformerBlock / FluxTransformerBlock
     (`attn_output = gate_msa.unsqueeze(1) * attn_output; hidden_states = hidden_states + attn_output`,
     and the same with gate_mlp and ff_output): the product in promote(gate, y), the sum in
     promote(h, product). Elementwise ops: autocast leaves them alone."""
-    return h + gate[_gate_index(y)] * y
+    return h + gate[_per_sample_index(y)] * y
 
 
 def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale: Tensor, shift: Tensor,

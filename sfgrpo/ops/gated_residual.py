@@ -36,8 +36,6 @@ from sfgrpo.ops import layer_norm_modulate as layer_norm_modulate_ops
 OP_NAME = "gated_residual"
 backend.register_op(OP_NAME, "triton")
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def residual_dtype(h: Tensor, y: Tensor, gate: Tensor) -> torch.dtype:
     """The eager expression's dtype: promote(h, promote(gate, y))."""
@@ -107,15 +105,9 @@ class _Kernels:
 
 
 def _implementation(tensors, out_dtypes, backend_name: Optional[str]):
-    h = tensors[0]
-    if backend.resolve_backend(OP_NAME, h.device, backend_name) != "triton":
-        return _Reference
-    from sfgrpo.kernels import gated_residual as kernels
-
-    if (not kernels.supports(h.shape[-1]) or any(d not in _KERNEL_DTYPES for d in out_dtypes)
-            or any(t.dtype not in _KERNEL_DTYPES for t in tensors if t is not None)):
-        return _Reference  # wider than a program's registers, or float64: no error, the reference
-    return _Kernels
+    if layer_norm_modulate_ops.kernels_run(OP_NAME, tensors, out_dtypes, backend_name):
+        return _Kernels
+    return _Reference
 
 
 def _empty(like: Tensor) -> Tensor:

@@ -76,15 +76,21 @@ class _Kernels:
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _implementation(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype, backend_name: Optional[str]):
-    if backend.resolve_backend(OP_NAME, x.device, backend_name) != "triton":
-        return _Reference
+def kernels_run(op_name: str, tensors, out_dtypes, backend_name: Optional[str]) -> bool:
+    """Whether the Triton kernels of a row-in-registers op (this one, the gated residual) run on
+    `tensors` (the first one `[..., C]`; None entries ignored): the backend picks Triton, and the
+    rows fit a program's registers and every dtype is one the kernels store; else the reference,
+    with no error (wider rows, float64)."""
+    if backend.resolve_backend(op_name, tensors[0].device, backend_name) != "triton":
+        return False
     from sfgrpo.kernels import layer_norm_modulate as kernels
 
-    if (not kernels.supports(x.shape[-1]) or out_dtype not in _KERNEL_DTYPES
-            or any(t.dtype not in _KERNEL_DTYPES for t in (x, scale, shift))):
-        return _Reference  # wider than a program's registers, or float64: no error, the reference
-    return _Kernels
+    return (kernels.supports(tensors[0].shape[-1]) and all(d in _KERNEL_DTYPES for d in out_dtypes)
+            and all(t.dtype in _KERNEL_DTYPES for t in tensors if t is not None))
+
+
+def _implementation(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype, backend_name: Optional[str]):
+    return _Kernels if kernels_run(OP_NAME, (x, scale, shift), (out_dtype,), backend_name) else _Reference
 
 
 def _empty(like: Tensor) -> Tensor:
