@@ -87,6 +87,14 @@ def requested_backend(override: str | None = None) -> str:
     return value
 
 
+def traced_reference(device: torch.device, override: str | None = None) -> bool:
+    """Under torch.compile, whether a Triton-family op on `device` is traced as its reference
+    expression (Inductor fuses it; the registered op would be opaque to it): CPU tensors unless the
+    triton backend is forced. Decided without `resolve_backend`, whose memo and environment lookups
+    dynamo would trace."""
+    return device.type == "cpu" and requested_backend(override) != "triton"
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 

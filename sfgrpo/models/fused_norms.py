@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from sfgrpo import functional as F
-from sfgrpo.backend import requested_backend, resolve_backend
+from sfgrpo.backend import resolve_backend, traced_reference
 from sfgrpo.models import fused_blocks
 
 __all__ = ["fuse_norms", "unfuse_norms", "fused_norm_count"]
@@ -40,11 +40,10 @@ def plain_layer_norm(norm) -> bool:
 
 
 def _reference_path(x: Tensor) -> bool:
-    """Whether the fused ops run their reference (diffusers' expressions) on x's device. Under
-    torch.compile by the rule the ops follow there (CPU unless the triton backend is forced),
-    without tracing the backend's resolution."""
+    """Whether the fused ops run their reference (diffusers' expressions) on x's device; under
+    torch.compile by the rule the ops follow there."""
     if torch.compiler.is_compiling():
-        return x.device.type == "cpu" and requested_backend() != "triton"
+        return traced_reference(x.device)
     return resolve_backend("layer_norm_modulate", x.device) == "reference"
 
 

@@ -264,7 +264,7 @@ def gated_residual(h: Tensor, y: Tensor, gate: Tensor, backend_name: Optional[st
     """Runs `sfgrpo::gated_residual` (same arguments): the registered op when compiling, else the
     implementation directly, inside a lean autograd.Function when a gradient is needed."""
     if torch.compiler.is_compiling():
-        if h.device.type == "cpu" and backend.requested_backend(backend_name) != "triton":
+        if backend.traced_reference(h.device, backend_name):
             return reference.gated_residual(h, y, gate)
         return gated_residual_op(h, y, gate, backend_name)
     implementation = _implementation((h, y, gate), (), backend_name)
@@ -304,7 +304,7 @@ def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale
                                        backend_name: Optional[str]) -> tuple[Tensor, Tensor]:
     """Runs `sfgrpo::gated_residual_layer_norm_modulate` (same arguments), as `gated_residual` does."""
     if torch.compiler.is_compiling():
-        if h.device.type == "cpu" and backend.requested_backend(backend_name) != "triton":
+        if backend.traced_reference(h.device, backend_name):
             return reference.gated_residual_layer_norm_modulate(h, y, gate, scale, shift, eps)
         return gated_residual_layer_norm_modulate_op(h, y, gate, scale, shift, eps, out_dtype, autocast, backend_name)
     tensors = (h, y, gate, scale, shift)

@@ -178,9 +178,7 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float, out
     """Runs `sfgrpo::layer_norm_modulate` (same arguments): the registered op when compiling, else
     the implementation directly, inside a lean autograd.Function when a gradient is needed."""
     if torch.compiler.is_compiling():
-        # CPU: the reference traced as it is (Inductor fuses it; an opaque op would not be), the
-        # kernels' op elsewhere
-        if x.device.type == "cpu" and backend.requested_backend(backend_name) != "triton":
+        if backend.traced_reference(x.device, backend_name):
             return reference.layer_norm_modulate(x, scale, shift, eps)
         return layer_norm_modulate_op(x, scale, shift, eps, out_dtype, autocast, backend_name)
     implementation = _implementation(x, scale, shift, out_dtype, backend_name)

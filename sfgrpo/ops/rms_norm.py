@@ -169,9 +169,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.d
     """Runs `sfgrpo::rms_norm` (same arguments): the registered op when compiling, else the
     implementation directly, inside a lean autograd.Function when a gradient is needed."""
     if torch.compiler.is_compiling():
-        # CPU: the reference traced as it is (Inductor fuses it; an opaque op would not be), the
-        # kernels' op elsewhere
-        if x.device.type == "cpu" and backend.requested_backend(backend_name) != "triton":
+        if backend.traced_reference(x.device, backend_name):
             return reference.rms_norm(x, weight, eps, out_dtype=out_dtype)
         return rms_norm_op(x, weight, eps, out_dtype, backend_name)
     implementation = _implementation(x, backend_name)
