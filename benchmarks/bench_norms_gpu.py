@@ -5,8 +5,8 @@ transformer (`sfgrpo.models.fused_norms`: the norm modules and the blocks' tails
 Ops, on SD3.5-M / FLUX.1 shapes at 512 px in bf16: the fused op vs diffusers' eager expression vs
 `torch.compile` of that expression, forward and forward + backward; GPU-only times (CUDA-graph
 replay), GB/s and % of the device's copy bandwidth (algorithmic bytes: each full-size tensor read or
-written once); also the block tail `h + gate * y` then norm2's modulation
-(`sfgrpo.gated_residual_layer_norm_modulate`). Model: the SD3.5-Medium transformer (random weights, published config) forward
+written once); also the block tail `h + gate * y` alone (`sfgrpo.gated_residual`) and followed by
+norm2's modulation (`sfgrpo.gated_residual_layer_norm_modulate`). Model: the SD3.5-Medium transformer (random weights, published config) forward
 (rollout) and forward + backward with frozen weights (a LoRA update's activations path), with the
 norms fused vs diffusers' modules, eager, in one run.
 
@@ -46,9 +46,14 @@ def _diffusers_modulate(x, scale, shift, eps=1e-6):
     return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
 
 
+def _diffusers_residual(h, y, gate):
+    """JointTransformerBlock / FluxTransformerBlock: the attention or MLP output gated into the residual."""
+    return h + gate.unsqueeze(1) * y
+
+
 def _diffusers_residual_norm2(h, y, gate, scale, shift, eps=1e-6):
-    """JointTransformerBlock / FluxTransformerBlock: the gated residual, then norm2's modulation."""
-    h = h + gate.unsqueeze(1) * y
+    """The gated residual, then norm2's modulation."""
+    h = _diffusers_residual(h, y, gate)
     return h, _diffusers_modulate(h, scale, shift, eps)
 
 
@@ -121,6 +126,9 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
         _timings(f"residual+norm2 {name}", {"sfgrpo": F.gated_residual_layer_norm_modulate,
                                             **_baselines(_diffusers_residual_norm2, quick)},
                  make, 4 * numel * 2, 6 * numel * 2, bandwidth, rows)
+        # the plain gated residual (the MLP branch's): fwd h, y in, h' out; bwd the grad and y in, dy out
+        _timings(f"residual {name}", {"sfgrpo": F.gated_residual, **_baselines(_diffusers_residual, quick)},
+                 lambda grad, make=make: make(grad)[:3], 3 * numel * 2, 3 * numel * 2, bandwidth, rows)
     for name in QUICK_RMS if quick else RMS_SHAPES:
         b, n, h, d = RMS_SHAPES[name]
 

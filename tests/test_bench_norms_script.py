@@ -41,7 +41,7 @@ def test_op_rows_for_every_op_mode_and_implementation(script, quick):
     module.bench_ops(quick, 1000.0, rows, dev="cpu")
     impls = {"sfgrpo", "eager"} | (set() if quick else {"compiled"})
     cases = {row["case"] for row in rows}
-    assert cases == {"tiny", "residual+norm2 tiny", "tiny_q"}
+    assert cases == {"tiny", "residual+norm2 tiny", "residual tiny", "tiny_q"}
     for case in cases:
         for mode in ("fwd", "fwd+bwd"):
             assert {r["impl"] for r in rows if r["case"] == case and r["mode"] == mode} == impls, (case, mode)
