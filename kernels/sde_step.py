@@ -347,7 +347,7 @@ def sde_step_bwd_kernel(
     t_ptr, tn_ptr, a_ptr, smax_ptr, t_val, tn_val, a_val, smax_val,
     g_logp_ptr, g_kl_ptr, g_mean_ptr, g_x0_ptr, g_x1_ptr,
     dv_ptr, dvref_ptr, dx_ptr,
-    D, NUM_CHUNKS,
+    g_logp_stride, g_kl_stride, D, NUM_CHUNKS,
     SDE_TYPE: tl.constexpr, ROW_SCALARS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,
     HAS_G_MEAN: tl.constexpr, HAS_G_X0: tl.constexpr, HAS_G_X1: tl.constexpr,
     WRITE_DVREF: tl.constexpr, WRITE_DX: tl.constexpr,
@@ -371,7 +371,7 @@ def sde_step_bwd_kernel(
         scale = 1.0 / D
     k_lp = 0.0
     if HAS_G_LOGP:
-        g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
+        g_logp = tl.load(g_logp_ptr + row.to(tl.int64) * g_logp_stride).to(tl.float32)
         if LOGPROB_FLOW_GRPO and (SDE_TYPE == 1 or SDE_TYPE == 2):
             k_lp = 2.0 * g_logp * scale  # bare squares: a gradient on every row, std = 0 too
         else:
@@ -379,7 +379,7 @@ def sde_step_bwd_kernel(
             k_lp = tl.where(std > 0.0, g_logp * scale / (safe_std * safe_std), 0.0)
     k_kl = 0.0
     if HAS_G_KL:
-        g_kl = tl.load(g_kl_ptr + row).to(tl.float32)
+        g_kl = tl.load(g_kl_ptr + row.to(tl.int64) * g_kl_stride).to(tl.float32)
         kl_std = _kl_std(std, std_dev_t, KL_FLOW_GRPO)
         safe_kl = tl.where(kl_std > 0.0, kl_std, 1.0)
         k_kl = tl.where(kl_std > 0.0, g_kl * scale / (safe_kl * safe_kl), 0.0)
@@ -653,8 +653,8 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         return dv, dv_ref, dx
     contiguous = lambda g: g.contiguous() if g is not None else None  # noqa: E731
     grad_mean, grad_x0, grad_x1 = contiguous(grad_mean), contiguous(grad_x0), contiguous(grad_x1)
-    grad_log_prob = contiguous(grad_log_prob)
-    grad_kl = contiguous(grad_kl)
+    # the per-row gradients are read through their stride: `log_prob.sum()`'s backward hands an
+    # expanded scalar (stride 0), which a .contiguous() would copy in a kernel of its own
     _BWD_LAUNCHER.with_constexprs(
         (batch * cfg.num_chunks,), (
         x, v, v_ref if v_ref is not None else v, sample,
@@ -665,6 +665,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         grad_mean if grad_mean is not None else x, grad_x0 if grad_x0 is not None else x,
         grad_x1 if grad_x1 is not None else x,
         dv, dv_ref if (need_dv_ref and has_g_kl) else dv, dx if need_dx else dv,
+        grad_log_prob.stride(0) if grad_log_prob is not None else 0, grad_kl.stride(0) if has_g_kl else 0,
         elements, cfg.num_chunks),
         dict(HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
              HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
@@ -685,6 +686,7 @@ def aot_variants():
     ahead of time for a PTX check: every SDE type, noise mode and storage dtype, with the heaviest
     flag set (all outputs, KL) so register pressure is at its worst."""
     scalars = {"seed": "i64", "seed_offset": "i64", "D": "i32", "NUM_CHUNKS": "i32",
+               "g_logp_stride": "i32", "g_kl_stride": "i32",
                "t_val": "fp32", "tn_val": "fp32", "a_val": "fp32", "smax_val": "fp32"}
 
     def types(fn, storage, storage_args):

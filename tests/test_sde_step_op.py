@@ -375,6 +375,67 @@ def test_gradient_flows_only_through_requested_outputs(backend):
     _close(v.grad, oracle_v.grad, 1e-2, 1e-2, "bf16 dv")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["expanded", "strided"])
+def test_per_row_gradients_are_read_through_their_strides(backend, layout):
+    """`log_prob.sum()` hands the backward an expanded scalar (stride 0); a column of a stacked
+    `[B, 2]` gradient has stride 2. The kernels read both in place (no copy) and must get the
+    rows right."""
+    x, v, v_ref, t, tn, level = _inputs((4, 3, 50), torch.float32, seed=5)
+    sample = (x + 0.3 * torch.randn_like(x)).detach()
+    weights = torch.randn(4, 2, device=DEVICE)
+
+    def run(step, **extra):
+        vg, vr = v.detach().clone().requires_grad_(), v_ref.detach().clone().requires_grad_()
+        out = step(x, vg, t, tn, level, prev_sample=sample, v_ref=vr, **extra)
+        if layout == "expanded":
+            loss = out.log_prob.sum() + 0.5 * out.kl.sum()
+        else:
+            loss = (torch.stack([out.log_prob, out.kl], dim=1) * weights).sum()
+        loss.backward()
+        return vg.grad, vr.grad
+
+    for name, a, b in zip(("dv", "dv_ref"), run(F.sde_step, backend=backend), run(ref.sde_step)):
+        _close(a, b, 1e-6, 1e-5, name)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the ATen ops around the interpreted kernels")
+def test_backward_runs_its_kernel_and_nothing_else():
+    """The Triton backward of a scoring step launches one kernel: no zero gradients materialised
+    for the outputs the loss does not use (std, std_dev_t), no copy of the expanded per-row
+    gradients. On a GPU each of those was a kernel of its own in every backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from sfgrpo.kernels import sde_step as kernels
+
+    ops = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launch = kernels._BWD_LAUNCHER.with_constexprs
+
+    def launch_unrecorded(*args, **kwargs):  # the interpreter's own tensor traffic is not the GPU's
+        with _disable_current_modes():
+            ops.append("TRITON")
+            launch(*args, **kwargs)
+
+    x, v, v_ref, t, tn, level = _inputs((3, 2, 40), torch.float32)
+    v = v.requires_grad_()
+    out = F.sde_step(x, v, t, tn, level, prev_sample=torch.randn_like(x), v_ref=v_ref, backend="triton")
+    loss = out.log_prob.sum() + out.kl.sum()
+    kernels._BWD_LAUNCHER.with_constexprs = launch_unrecorded
+    try:
+        with Recorder():
+            loss.backward()
+    finally:
+        del kernels._BWD_LAUNCHER.with_constexprs
+    kernel_ops = [op for op in ops if op not in ("empty", "empty_like", "expand", "view", "detach", "ones_like")]
+    assert kernel_ops == ["TRITON"], ops
+
+
 def _op_args(x, v, v_ref, t, tn, level, *, prev_sample=None, noise=None, write=True, backend=None, sde_type="sde"):
     rows = lambda a: a.reshape(a.shape[0], -1).contiguous()  # noqa: E731
     return (rows(x), rows(v), t, tn, level, tn.clone(), None if prev_sample is None else rows(prev_sample),

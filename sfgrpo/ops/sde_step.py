@@ -155,6 +155,9 @@ def _setup_context(ctx, inputs, output):
     ctx.row_numbers = tuple(None if isinstance(r, Tensor) else r for r in rows)
     ctx.options = (sde_type, logprob, reduction, kl, backend_name)
     ctx.has_v_ref = v_ref is not None
+    # outputs without a gradient (the std rows always, often the KL) stay None in the backward
+    # instead of zero tensors: each would be a fill kernel per backward, read by nothing
+    ctx.set_materialize_grads(False)
 
 
 def _nonempty(grad: Tensor | None) -> Tensor | None:
