@@ -142,6 +142,53 @@ def test_duplicate_timesteps_take_the_second_match():
     torch.testing.assert_close(out[4].flatten(), torch.tensor([math.sqrt(0.25)]))  # t = 0.5 -> t' = 0.25
 
 
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"] + (["native"] if _DEVICE == "cpu" else []))
+@pytest.mark.parametrize("mode", ["sample", "score"])
+def test_low_precision_velocity_equals_flow_grpos_float_cast(scheduler, monkeypatch, backend, mode):
+    """Flow-GRPO casts the velocity to float32 first; the drop-in reads it in its storage dtype
+    (no cast kernel): outputs and the velocity's gradient must have the same bits."""
+    monkeypatch.setenv("SFGRPO_BACKEND", backend)
+    g = torch.Generator().manual_seed(11)
+    sample = torch.randn(3, 4, 6, 6, generator=g).bfloat16().to(_DEVICE)
+    other = torch.randn(3, 4, 6, 6, generator=g).to(_DEVICE)
+    velocity = torch.randn(3, 4, 6, 6, generator=g).bfloat16().to(_DEVICE)
+    timestep = scheduler.timesteps[torch.tensor([0, 3, 9])].to(_DEVICE)
+    results = []
+    for cast in (False, True):
+        v = velocity.clone().requires_grad_()
+        extra = dict(prev_sample=other) if mode == "score" else dict(generator=torch.Generator().manual_seed(2))
+        out = compat.sde_step_with_logprob(scheduler, v.float() if cast else v, timestep, sample, **extra)
+        (out[1] * torch.tensor([1.0, -2.0, 0.5], device=_DEVICE)).sum().backward()
+        assert v.grad.dtype == torch.bfloat16
+        results.append([o.detach() for o in out] + [v.grad])
+    (*outputs, grad), (*cast_outputs, cast_grad) = results
+    for a, b in zip(outputs, cast_outputs):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    if backend == "triton" and _DEVICE == "cpu":
+        # Triton's interpreter truncates fp32 -> bf16 stores (the GPU rounds to nearest even, like
+        # torch): one bf16 step apart at most
+        torch.testing.assert_close(grad.float(), cast_grad.float(), rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(grad, cast_grad)
+
+
+def test_timestep_occurring_three_times_takes_its_second_occurrence():
+    table = types.SimpleNamespace(timesteps=torch.tensor([1000.0, 500.0, 500.0, 500.0, 250.0]),
+                                  sigmas=torch.tensor([1.0, 0.7, 0.6, 0.5, 0.25, 0.0]))
+    out = compat.sde_step_with_logprob(table, torch.randn(3, 8), torch.tensor([500.0, 1000.0, 250.0]), torch.randn(3, 8),
+                                       sde_type="cps", noise_level=0.8, return_sqrt_dt=True)
+    torch.testing.assert_close(out[4].flatten() ** 2, torch.tensor([0.1, 0.3, 0.25]))
+
+
+def test_scheduler_without_timesteps_is_a_clear_error():
+    table = types.SimpleNamespace(timesteps=torch.tensor([]), sigmas=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="no timesteps"):
+        compat.sde_step_with_logprob(table, torch.randn(1, 4), torch.tensor([1.0]), torch.randn(1, 4))
+
+
 def test_unknown_timestep_is_a_clear_error(scheduler):
     with pytest.raises(RuntimeError, match="not in scheduler.timesteps"):
         compat.sde_step_with_logprob(scheduler, torch.randn(2, 4), torch.tensor([123.0, 456.0]), torch.randn(2, 4))

@@ -38,6 +38,19 @@ class _ScheduleTable:
                 f"scheduler has {self.timesteps.numel()} timesteps but {self.sigmas.numel()} sigmas; "
                 "expected one more sigma (the final 0)"
             )
+        if self.timesteps.numel() == 0:
+            raise ValueError("scheduler has no timesteps: call scheduler.set_timesteps first")
+        # diffusers' rule for a timestep that occurs more than once: its second occurrence. Which
+        # position answers each value is decided here, once per schedule, on the device: position j
+        # answers when it is the second occurrence of its value, or the only one
+        same = self.timesteps[:, None] == self.timesteps[None, :]
+        earlier = same.tril(diagonal=-1).sum(dim=1)  # occurrences of position j's value before j
+        occurrences = same.sum(dim=1)
+        self.answers = (earlier == (occurrences > 1).to(earlier.dtype)).to(torch.uint8)
+        n = self.timesteps.numel()
+        # what a lookup returns, gathered in one index: t, t', sigma_max, and the timestep itself
+        # (to check the match)
+        self.rows = torch.stack([self.sigmas[:n], self.sigmas[1:], self.sigmas[1].expand(n), self.timesteps])
 
     @staticmethod
     def key_of(scheduler, device):
@@ -47,18 +60,13 @@ class _ScheduleTable:
 
     def lookup(self, timestep: torch.Tensor):
         """Per-row (t, t', sigma_max) by exact match of `timestep` in the table, diffusers' rule
-        (the second match if there are two), all on the device."""
-        matches = timestep[:, None] == self.timesteps[None, :]
-        count = matches.sum(dim=1)
-        first = matches.to(torch.int8).argmax(dim=1)
-        # elementwise, not `later[rows, first] = False`: advanced-index assignment syncs on CUDA
-        positions = torch.arange(self.timesteps.numel(), device=timestep.device)
-        later = matches & (positions[None, :] != first[:, None])
-        second = later.to(torch.int8).argmax(dim=1)
-        index = torch.where(count > 1, second, first)
-        # an asynchronous check: no host sync, still a clear error for a timestep not in the schedule
-        torch._assert_async((count > 0).all(), "sde_step_with_logprob: a timestep is not in scheduler.timesteps")
-        return self.sigmas[index], self.sigmas[index + 1], self.sigmas[1].expand(timestep.numel())
+        (the second match if there are two), all on the device: 7 small kernels, no host sync."""
+        index = ((timestep[:, None] == self.timesteps[None, :]) * self.answers).argmax(dim=1)
+        t, t_next, sigma_max, matched = self.rows.index_select(1, index).unbind(0)
+        # a row without a match took position 0 (argmax of zeros): an asynchronous check, no host
+        # sync, still a clear error for a timestep not in the schedule
+        torch._assert_async((matched == timestep).all(), "sde_step_with_logprob: a timestep is not in scheduler.timesteps")
+        return t, t_next, sigma_max
 
 
 def _table(scheduler, device) -> _ScheduleTable:
@@ -90,7 +98,9 @@ def sde_step_with_logprob(
     float32; `std_dev_t` is sigma_t for `sde` (without sqrt(-dt)) and the per-step std for `cps`."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    model_output = model_output.float()
+    # the velocity in its storage dtype: the kernels read it as fp32 (exactly what .float() gives)
+    # and write its gradient in that dtype with the rounding of .float()'s backward, without a cast
+    # kernel and its backward per step
     sample = sample.float()
     if prev_sample is not None:
         prev_sample = prev_sample.float()
@@ -103,7 +113,7 @@ def sde_step_with_logprob(
     t, t_next, sigma_max = _table(scheduler, device).lookup(timestep)
     noise = None
     if prev_sample is None:
-        noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
+        noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=torch.float32)
     out = functional.sde_step(
         sample, model_output, t, t_next, noise_level, sde_type=sde_type, prev_sample=prev_sample, noise=noise,
         logprob="flow_grpo", sigma_max=sigma_max, return_mean=True,
