@@ -8,7 +8,9 @@ replay), GB/s and % of the device's copy bandwidth (algorithmic bytes: each full
 written once); also the block tail `h + gate * y` alone (`sfgrpo.gated_residual`) and followed by
 norm2's modulation (`sfgrpo.gated_residual_layer_norm_modulate`). Model: the SD3.5-Medium transformer (random weights, published config) forward
 (rollout) and forward + backward with frozen weights (a LoRA update's activations path), with the
-norms fused vs diffusers' modules, eager, in one run.
+norms fused vs diffusers' modules, eager, in one run; then with LoRA r32 adapters (fp32, the
+trainer's attention targets) under bf16 autocast, the trainer's setting: sfgrpo's fused norms and
+fused LoRA linear (`sfgrpo.models.fused_lora`) vs diffusers' modules and peft's LoRA layers.
 
     python benchmarks/bench_norms_gpu.py [--quick] [--out DIR]
 """
@@ -142,12 +144,17 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
                  make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
 
 
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out"]  # the SD3 backbone's default_lora_targets
+
+
 def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda", grid: int = 64,
-                text_tokens: int = 333) -> None:
+                text_tokens: int = 333, lora_rank: int = 32) -> None:
     """SD3.5-M at 512 px (a 64 x 64 latent grid, 333 text tokens): forward (no grad) and forward +
-    backward with frozen weights. `name` / `device`: a small config on the CPU for the script's test."""
+    backward with frozen weights; then (lora_rank > 0, needs peft) both again with LoRA adapters
+    under bf16 autocast. `name` / `device`: a small config on the CPU for the script's test."""
     from sfgrpo.bench import configs
-    from sfgrpo.models.fused_norms import fuse_norms, unfuse_norms
+    from sfgrpo.models import fused_lora, fused_norms
 
     model = configs.random_transformer(name, device, torch.bfloat16).requires_grad_(False)
     g = torch.Generator(device=device).manual_seed(0)
@@ -168,17 +175,41 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
                     return_dict=False)[0]
         out.float().square().mean().backward()
 
-    for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
+    def lora_forward():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            forward()
+
+    def lora_forward_backward():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            forward_backward()
+
+    def a_b_a(label, fn):
         times = {}
         for variant in ("diffusers", "fused", "diffusers "):  # diffusers twice: drift between the A and B runs
-            (fuse_norms if variant == "fused" else unfuse_norms)(model)
+            fused = variant == "fused"
+            (fused_norms.fuse_norms if fused else fused_norms.unfuse_norms)(model)
+            (fused_lora.fuse_lora if fused else fused_lora.unfuse_lora)(model)
             times[variant] = time_ms(fn, warmup=2, reps=5)
         base = min(times["diffusers"], times["diffusers "])
         row = dict(case=f"{name}_b{batch}_{grid * 8}px", mode=label, impl="model", diffusers_ms=base, fused_ms=times["fused"],
                    speedup=base / times["fused"], diffusers_runs_ms=[times["diffusers"], times["diffusers "]])
         rows.append(row)
-        print(f"  {name} b{batch} {grid * 8}px {label:17s} diffusers {base:8.2f} ms  fused norms {times['fused']:8.2f} ms  "
+        print(f"  {name} b{batch} {grid * 8}px {label:22s} diffusers {base:8.2f} ms  fused {times['fused']:8.2f} ms  "
               f"x{row['speedup']:.3f}", flush=True)
+
+    for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
+        a_b_a(label, fn)
+    if lora_rank:
+        from peft import LoraConfig
+
+        model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS,
+                                     init_lora_weights="gaussian"))
+        for param_name, param in model.named_parameters():  # fp32 adapters, as the trainer keeps them
+            if "lora_" in param_name:
+                param.data = param.data.float()
+                param.requires_grad_(True)
+        for label, fn in (("lora forward", lora_forward), ("lora forward+backward", lora_forward_backward)):
+            a_b_a(label, fn)
 
 
 def main() -> int:

@@ -1,5 +1,7 @@
 """Kernels and memory traffic of one real-size DiT block, diffusers' modules vs sfgrpo's fused
-norms and block tail, counted on the CPU (no GPU needed).
+norms and block tail, counted on the CPU (no GPU needed); and the same block with LoRA adapters on
+its attention projections under bf16 autocast (the trainer's setting), peft's layers vs sfgrpo's
+fused LoRA linear.
 
 Every ATen op a block's forward and backward dispatch is recorded (TorchDispatchMode) with the
 bytes of its tensor inputs and outputs; views and metadata ops move nothing and are left out. The
@@ -9,7 +11,7 @@ else (the elementwise and normalisation traffic the fused ops cut). On a GPU the
 row is memory-bound, so its bytes are its time: this is the model the GPU benchmark
 (`bench_norms_gpu.py`) measures for real.
 
-    python benchmarks/block_traffic_cpu.py [--tokens 1024] [--batch 1] [--out FILE.md]
+    python benchmarks/block_traffic_cpu.py [--tokens 1024] [--batch 1] [--lora-rank 32] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from sfgrpo.bench.runner import environment  # noqa: E402
 
-_COMPUTE = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+_COMPUTE = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
             "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
             "_scaled_dot_product_efficient_attention_backward", "convolution", "convolution_backward"}
@@ -102,26 +104,60 @@ def fused_ops_counted_as_one_kernel(traffic: Traffic):
             module._implementation = original
 
 
-def measure(block, inputs, fused: bool) -> Traffic:
+def measure(block, inputs, fused: bool, autocast: bool = False) -> Traffic:
+    from sfgrpo.models.fused_lora import fuse_lora, unfuse_lora
     from sfgrpo.models.fused_norms import fuse_norms, unfuse_norms
 
     (fuse_norms if fused else unfuse_norms)(block)
+    (fuse_lora if fused else unfuse_lora)(block)
     traffic = Traffic()
     stack = contextlib.ExitStack()
     with stack:
         if fused:
             stack.enter_context(fused_ops_counted_as_one_kernel(traffic))
-        with traffic:
+        with traffic, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outputs = [o for o in block(**inputs) if o is not None]
         # fixed output gradients made outside the count: the loss's own kernels are not the block's
         grads = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))
                  for i, o in enumerate(outputs)]
         with traffic:
             torch.autograd.backward(outputs, grads)
-    traffic.outputs = [o.detach() for o in outputs] + [t.grad for t in inputs.values() if t.grad is not None]
-    for tensor in inputs.values():
+    lora = [p for n, p in block.named_parameters() if "lora_" in n]
+    traffic.outputs = ([o.detach() for o in outputs] + [t.grad for t in inputs.values() if t.grad is not None]
+                       + [p.grad for p in lora])
+    for tensor in [*inputs.values(), *lora]:
         tensor.grad = None
     return traffic
+
+
+def add_lora(block, rank: int) -> None:
+    """peft adapters on the attention projections of both streams (Flow-GRPO's SD3 targets), fp32
+    on the bf16 block as the trainer keeps them, B drawn non-zero (a trained adapter)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+               "attn.add_v_proj", "attn.to_add_out"]
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                       init_lora_weights="gaussian"), block)
+    for name, p in block.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            if "lora_B" in name:
+                p.data.normal_(0, 0.02)
+            p.requires_grad_(True)
+
+
+def table(title: str, rows: dict) -> list[str]:
+    lines = [title, "", "| | diffusers kernels | diffusers MB | sfgrpo kernels | sfgrpo MB | traffic ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    a, b = rows["diffusers"], rows["sfgrpo fused"]
+    for group in ("elementwise / norms", "matmul / attention"):
+        lines.append(f"| {group} | {a.kernels[group]} | {a.bytes[group] / 1e6:.0f} | {b.kernels[group]} | "
+                     f"{b.bytes[group] / 1e6:.0f} | {a.bytes[group] / max(b.bytes[group], 1):.2f}x |")
+    lines += ["", f"Largest difference of the outputs and gradients, fused vs diffusers, relative to their "
+                  f"largest value: {largest_difference(a, b):.1e} (bf16 rounds at 3.9e-3; diffusers rounds after "
+                  f"every op, the fused kernels once)", ""]
+    return lines
 
 
 def largest_difference(a: Traffic, b: Traffic) -> float:
@@ -138,6 +174,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="image tokens (SD3.5-M at 512 px: 1024)")
     parser.add_argument("--text-tokens", type=int, default=333)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lora-rank", type=int, default=32, help="rank of the second table's adapters (0: no table)")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -149,22 +186,23 @@ def main() -> int:
         encoder_hidden_states=torch.randn(args.batch, args.text_tokens, 1536, dtype=torch.bfloat16, requires_grad=True),
         temb=torch.randn(args.batch, 1536, dtype=torch.bfloat16),
     )
+    shape = f"bf16, batch {args.batch}, {args.tokens} image + {args.text_tokens} text tokens"
     rows = {name: measure(block, inputs, fused) for name, fused in (("diffusers", False), ("sfgrpo fused", True))}
-    lines = [f"SD3.5-M dual-attention JointTransformerBlock, bf16, batch {args.batch}, {args.tokens} image + "
-             f"{args.text_tokens} text tokens, forward + backward of the activations (weights frozen, as under LoRA)",
-             "", "| | diffusers kernels | diffusers MB | sfgrpo kernels | sfgrpo MB | traffic ratio |", "|---|---:|---:|---:|---:|---:|"]
-    for group in ("elementwise / norms", "matmul / attention"):
-        a, b = rows["diffusers"], rows["sfgrpo fused"]
-        lines.append(f"| {group} | {a.kernels[group]} | {a.bytes[group] / 1e6:.0f} | {b.kernels[group]} | "
-                     f"{b.bytes[group] / 1e6:.0f} | {a.bytes[group] / max(b.bytes[group], 1):.2f}x |")
-    lines += ["", f"Largest difference of the outputs and input gradients, fused vs diffusers, relative to their "
-                  f"largest value: {largest_difference(rows['diffusers'], rows['sfgrpo fused']):.1e} (bf16 rounds at "
-                  f"3.9e-3; diffusers rounds after every op, the fused kernels once)"]
-    text = "\n".join(lines)
+    lines = table(f"SD3.5-M dual-attention JointTransformerBlock, {shape}, forward + backward of the activations "
+                  "(weights frozen, no adapters)", rows)
+    if args.lora_rank > 0:
+        add_lora(block, args.lora_rank)
+        rows = {name: measure(block, inputs, fused, autocast=True)
+                for name, fused in (("diffusers", False), ("sfgrpo fused", True))}
+        lines += table(f"The same block with LoRA r{args.lora_rank} (fp32 adapters) on the 8 attention projections of "
+                       "both streams, under bf16 autocast (the trainer's setting), forward + backward: diffusers = "
+                       "diffusers' modules + peft's lora.Linear, sfgrpo = fused norms, block tail and "
+                       "`sfgrpo.lora_linear`", rows)
+    text = "\n".join(lines).rstrip() + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(text + "\n")
+            f.write(text)
     return 0
 
 

@@ -16,8 +16,9 @@
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat, the fused transformer
 #               norms (ops and whole fused SD3.5-M / FLUX.1-architecture transformers vs diffusers)
 #   advantages  advantage engine: eager call vs CUDA-graph replay
-#   norms       fused transformer norms (adaLN modulation, QK RMSNorm, block tail): a real-size SD3.5-M
-#               forward and backward with them vs diffusers' modules, then each op vs eager (issue 9)
+#   norms       fused transformer norms (adaLN modulation, QK RMSNorm, block tail) and fused LoRA linear: a
+#               real-size SD3.5-M forward and backward with them vs diffusers' modules (and with LoRA r32
+#               under bf16 autocast vs peft's layers), then each op vs eager (issue 9)
 #   tune        launch-knob sweep of the SDE-step kernels (kernel-only bandwidth per variant); its
 #               winner (SFGRPO_SDE_STEP_TUNING) is exported for the steps after it
 #   bench       SDE-step benchmark --quick (latency, back-to-back, GPU-only graph replay; vs eager,
@@ -59,7 +60,7 @@ if want tests; then
   timeout -k 10 $(limit 170) python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
     "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_advantages.py" "$REPO/tests/test_advantages_cuda_engine.py" \
     "$REPO/tests/test_compat_flow_grpo.py" "$REPO/tests/test_rms_norm.py" "$REPO/tests/test_layer_norm_modulate.py" \
-    "$REPO/tests/test_fused_norms.py" > "$OUT/tests.txt" 2>&1
+    "$REPO/tests/test_fused_norms.py" "$REPO/tests/test_lora_linear.py" > "$OUT/tests.txt" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
 fi
 if want advantages; then
@@ -70,7 +71,7 @@ fi
 if want norms; then
   # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
   # buy a real-size SD3.5-M forward / backward (fused vs diffusers' modules, one run)
-  timeout -k 10 $(limit 120) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
+  timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
   echo "norms bench: exit $?"
   tail -n 20 "$OUT/bench_norms.txt"
 fi

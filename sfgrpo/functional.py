@@ -20,6 +20,7 @@ from sfgrpo.gather import gather_batch
 from sfgrpo.ops import advantages as advantage_ops
 from sfgrpo.ops import gated_residual as gated_residual_ops
 from sfgrpo.ops import layer_norm_modulate as layer_norm_modulate_ops
+from sfgrpo.ops import lora_linear as lora_linear_ops
 from sfgrpo.ops import rms_norm as rms_norm_ops
 from sfgrpo.ops import sde_step as sde_step_ops
 from sfgrpo.reference import VelocityFn
@@ -471,3 +472,51 @@ def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale
         _token_rows(h), _token_rows(y), _channels_adjacent(gate), _channels_adjacent(scale), _channels_adjacent(shift),
         float(eps), out_dtype, autocast, backend)
     return h_out.reshape(h.shape), normed.reshape(h.shape)
+
+
+# ------------------------------------------------------------------------------ LoRA linear
+_LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                scaling: float) -> Tensor:
+    """A Linear layer with a LoRA adapter, `x W^T + b + scaling * (x A^T) B^T` (peft's `lora.Linear`
+    with dropout off), with no full-size pass besides the GEMMs: the adapter's output is accumulated
+    into the base output by the second GEMM, and in the backward the adapter's input gradient into
+    the base's by the input-gradient GEMM (peft adds casts, the scaling product and the sums as
+    kernels of their own).
+
+    x `[..., in]`, weight `[out, in]`, bias `[out]` or None, lora_a `[r, in]`, lora_b `[out, r]`.
+    Computes in the autocast dtype under `torch.autocast` for x's device (what peft's GEMMs run in
+    there), else in x's dtype; the weights are cast to it (small casts, except a base weight stored
+    in another dtype, which autocast would cast too). Gradients flow to every input that requires
+    one, in its own dtype. The result equals `reference.lora_linear` up to rounding: the sum is
+    rounded once, at the end of the GEMM, not after each op."""
+    tensors = dict(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in _LORA_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), got {tensor.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    if x.ndim < 1 or weight.ndim != 2 or lora_a.ndim != 2 or lora_b.ndim != 2:
+        raise ValueError("x must be [..., in], weight [out, in], lora_a [r, in], lora_b [out, r]; got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
+    (out_features, in_features), rank = weight.shape, lora_a.shape[0]
+    if x.shape[-1] != in_features or lora_a.shape[1] != in_features or lora_b.shape != (out_features, rank):
+        raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a "
+                         f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} (want [..., in], [out, in], [r, in], [out, r])")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must be [out] = [{out_features}], got {tuple(bias.shape)}")
+    if not torch.compiler.is_compiling() and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
+        raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    return lora_linear_ops.lora_linear(cast(x), cast(weight), cast(bias), cast(lora_a), cast(lora_b), float(scaling))

@@ -844,3 +844,12 @@ def gated_residual_backward(
     dy = (g_product * gate[:, None]).to(y.dtype) if need_dy else None
     dgate = (g_product * y).sum(1).to(gate.dtype) if need_dgate else None
     return dh, dy, dgate
+
+
+# --------------------------------------------------------------------------- LoRA linear
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                scaling: float) -> Tensor:
+    """A Linear layer with a LoRA adapter, as peft's `lora.Linear` computes it (dropout off):
+    `base(x) + lora_B(lora_A(x)) * scaling`, every op in its own kernel."""
+    return torch.nn.functional.linear(x, weight, bias) + torch.nn.functional.linear(
+        torch.nn.functional.linear(x, lora_a), lora_b) * scaling

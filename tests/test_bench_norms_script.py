@@ -50,15 +50,19 @@ def test_op_rows_for_every_op_mode_and_implementation(script, quick):
 
 
 def test_model_rows_compare_fused_with_diffusers_modules(script, monkeypatch):
-    from sfgrpo.models import fused_norms
+    pytest.importorskip("peft")
+    from sfgrpo.models import fused_lora, fused_norms
 
     module, _ = script
     swaps = []  # the A/B/A order: diffusers' modules, fused, diffusers' again, per mode
     monkeypatch.setattr(fused_norms, "fuse_norms", lambda m, f=fused_norms.fuse_norms: swaps.append("fused") or f(m))
     monkeypatch.setattr(fused_norms, "unfuse_norms",
                         lambda m, f=fused_norms.unfuse_norms: swaps.append("diffusers") or f(m))
+    lora_counts = []  # LoRA layers swapped by fuse_lora: none before the adapters exist, then all 8 per block
+    monkeypatch.setattr(fused_lora, "fuse_lora", lambda m, f=fused_lora.fuse_lora: lora_counts.append(f(m)))
     rows = []
-    module.bench_model(1, rows, name="sd35m-small", device="cpu", grid=8, text_tokens=5)
-    assert [row["mode"] for row in rows] == ["forward", "forward+backward"]
+    module.bench_model(1, rows, name="sd35m-small", device="cpu", grid=8, text_tokens=5, lora_rank=4)
+    assert [row["mode"] for row in rows] == ["forward", "forward+backward", "lora forward", "lora forward+backward"]
     assert all(row["speedup"] == 1.0 and row["case"] == "sd35m-small_b1_64px" for row in rows)
-    assert swaps == ["diffusers", "fused", "diffusers"] * 2
+    assert swaps == ["diffusers", "fused", "diffusers"] * 4
+    assert lora_counts[:2] == [0, 0] and len(set(lora_counts[2:])) == 1 and lora_counts[2] > 0

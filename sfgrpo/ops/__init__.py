@@ -7,5 +7,6 @@ dispatching through `sfgrpo.backend.resolve_backend`. Importing this package reg
 from sfgrpo.ops import advantages  # noqa: F401  (registers sfgrpo::gain_advantages, ...)
 from sfgrpo.ops import gated_residual  # noqa: F401  (registers sfgrpo::gated_residual, ...)
 from sfgrpo.ops import layer_norm_modulate  # noqa: F401  (registers sfgrpo::layer_norm_modulate)
+from sfgrpo.ops import lora_linear  # noqa: F401  (registers sfgrpo::lora_linear)
 from sfgrpo.ops import sde_step  # noqa: F401  (registers sfgrpo::sde_step)
 from sfgrpo.ops import rms_norm  # noqa: F401  (registers sfgrpo::rms_norm, sfgrpo::rms_norm_backward)

@@ -109,6 +109,11 @@ class TrainerConfig:
     use_lora: bool = _help("train LoRA adapters (peft) instead of the full transformer", default=False)
     lora_rank: int = _help("LoRA rank", default=32)
     lora_alpha: float = _help("LoRA alpha", default=64.0)
+    fused_lora: bool = _help(
+        "run the LoRA layers through sfgrpo's fused LoRA linear (the adapter's products accumulated inside the "
+        "GEMMs: none of peft's full-size casts, scaling products and sums); falls back to peft's forward for "
+        "anything it does not reproduce; parameters and checkpoints are unchanged (sfgrpo.models.fused_lora)",
+        default=True)
     lora_target_modules: str | None = _help(
         "comma-separated module names that get adapters (None: the backbone's default -- the attention projections "
         "of both streams for the diffusers families, as Flow-GRPO's SD3 recipe; to_q,to_k,to_v,to_out.0 otherwise)",

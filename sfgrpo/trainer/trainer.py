@@ -22,6 +22,7 @@ from torch import Tensor
 from sfgrpo import distributed, functional
 from sfgrpo.rewards import get_reward
 from sfgrpo.models.pipelines import sampling_sigmas
+from sfgrpo.models.fused_lora import fuse_lora
 from sfgrpo.models.fused_norms import fuse_norms
 from sfgrpo.models.protocol import check_backbone
 from sfgrpo.trainer import checkpoint as ckpt
@@ -442,6 +443,8 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
                                                    init_lora_weights="gaussian"))
+            if cfg.fused_lora:
+                fuse_lora(transformer)
             params = {f"transformer.{n}": p for n, p in transformer.named_parameters() if "lora_" in n}
             for p in params.values():  # adapters train in fp32 even on a bf16/fp16 base (peft casts inputs)
                 p.data = p.data.float()
