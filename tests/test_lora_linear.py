@@ -292,3 +292,25 @@ def test_trainer_fuses_lora_by_default_and_flag_turns_it_off(tmp_path):
     add_config_arguments(parser)
     assert config_from_args(parser.parse_args(["--no-fused-lora"])).fused_lora is False
     assert config_from_args(parser.parse_args([])).fused_lora is True
+
+
+def test_adapted_fused_transformer_compiles_without_graph_break_under_autocast():
+    from test_fused_norms import ARCHITECTURES
+
+    from sfgrpo.models.fused_lora import fuse_lora
+    from sfgrpo.models.fused_norms import fuse_norms
+
+    model = _adapted()
+    _lora_params(model)
+    fuse_lora(model), fuse_norms(model)
+    inputs = ARCHITECTURES["sd35m-small"](model)
+
+    def velocity(**kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**kwargs, return_dict=False)[0]
+
+    compiled = torch.compile(velocity, fullgraph=True, backend="aot_eager")
+    got = compiled(**inputs)
+    got.float().square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    assert torch.equal(got, velocity(**inputs))
