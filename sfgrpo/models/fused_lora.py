@@ -27,6 +27,7 @@ from torch import nn
 
 from sfgrpo import functional as F
 from sfgrpo.backend import requested_backend
+from sfgrpo.models.class_swap import swap_back, swapped_count
 
 __all__ = ["fuse_lora", "unfuse_lora", "fused_lora_count"]
 
@@ -100,14 +101,9 @@ def fuse_lora(model: nn.Module) -> int:
 
 def unfuse_lora(model: nn.Module) -> int:
     """Undoes `fuse_lora`; returns how many modules were swapped back."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, _FusedLora):
-            module.__class__ = module.peft_class
-            count += 1
-    return count
+    return swap_back(model, _FusedLora, "peft_class")
 
 
 def fused_lora_count(model: nn.Module) -> int:
     """How many of `model`'s LoRA layers run sfgrpo's fused LoRA linear."""
-    return sum(isinstance(m, _FusedLora) for m in model.modules())
+    return swapped_count(model, _FusedLora)

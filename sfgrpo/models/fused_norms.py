@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from sfgrpo import functional as F
 from sfgrpo.backend import resolve_backend, traced_reference
 from sfgrpo.models import fused_blocks
+from sfgrpo.models.class_swap import swap_back, swapped_count
 
 __all__ = ["fuse_norms", "unfuse_norms", "fused_norm_count"]
 
@@ -198,14 +199,9 @@ def fuse_norms(model: nn.Module) -> int:
 
 def unfuse_norms(model: nn.Module) -> int:
     """Undoes `fuse_norms`; returns how many modules were swapped back."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, _Fused):
-            module.__class__ = module.diffusers_class
-            count += 1
-    return count
+    return swap_back(model, _Fused, "diffusers_class")
 
 
 def fused_norm_count(model: nn.Module) -> int:
     """How many of `model`'s modules run sfgrpo's fused norms."""
-    return sum(isinstance(m, _Fused) for m in model.modules())
+    return swapped_count(model, _Fused)
