@@ -59,6 +59,7 @@ def collect() -> dict:
         },
         "switches": _switches(),
         "fused_blocks": _fused_block_support(),
+        "fused_lora": _fused_lora_support(),
     }
 
 
@@ -69,6 +70,16 @@ def _fused_block_support() -> dict[str, str]:
         return fused_blocks.support()
     except ImportError as err:  # no diffusers: nothing to fuse
         return {"(all)": f"unavailable: {err}"}
+
+
+def _fused_lora_support() -> str:
+    """What --fused-lora does with the installed peft."""
+    try:
+        from peft.tuners.lora import Linear  # noqa: F401
+    except ImportError:
+        return "unavailable: peft is not installed (LoRA needs it)"
+    return (f"peft {_version('peft')}: lora.Linear layers run sfgrpo.lora_linear (peft's forward for DoRA, dropout, "
+            "merged or disabled adapters)")
 
 
 def _switches() -> dict[str, str]:
@@ -132,4 +143,5 @@ def format_report(info: dict) -> str:
     lines += [f"  {name:<30} {value}" for name, value in info.get("switches", {}).items()]
     lines += ["", "DiT blocks under --fused-norms (their gated residuals and norm2 through sfgrpo's ops):"]
     lines += [f"  {name:<30} {value}" for name, value in info.get("fused_blocks", {}).items()]
+    lines += ["", f"LoRA layers under --fused-lora: {info.get('fused_lora', 'unknown')}"]
     return "\n".join(lines)

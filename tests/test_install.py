@@ -1,5 +1,6 @@
 """The package as installed: native module, kernels subpackage, CLI, backend selection."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -104,6 +105,8 @@ def test_cli_info_reports_native_build_and_backends():
     expected = "fused" if fused_blocks.verified(JointTransformerBlock) else "diffusers' forward"
     assert report["fused_blocks"]["JointTransformerBlock"].startswith(expected)
     assert "DiT blocks under --fused-norms" in text
+    assert report["fused_lora"].startswith(f"peft {importlib.metadata.version('peft')}: lora.Linear layers run")
+    assert "LoRA layers under --fused-lora: peft" in text
     # the accelerated paths' switches as the process sees them (the launch knobs from the environment)
     assert report["switches"]["SFGRPO_ADVANTAGES_COOPERATIVE"] == "(unset: on)"
     assert report["switches"]["SFGRPO_SDE_STEP_TUNING"].endswith("(defaults)")
