@@ -36,7 +36,8 @@ _COMPUTE = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_scaled_dot_product_flas
 _FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "split", "chunk",
          "slice", "select", "alias", "detach", "as_strided", "split_with_sizes", "unbind", "_reshape_alias",
          "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros_like", "ones_like",
-         "lift_fresh", "is_same_size", "_to_copy_meta", "reshape", "contiguous_meta", "unflatten"}
+         "lift_fresh", "is_same_size", "_to_copy_meta", "reshape", "contiguous_meta", "unflatten",
+         "promote_types", "result_type"}  # dtype arithmetic the fused ops' wrappers dispatch: no kernel
 
 
 def _nbytes(tree) -> int:
