@@ -200,8 +200,11 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
     for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
         a_b_a(label, fn)
     if lora_rank:
-        from peft import LoraConfig
-
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            print("  LoRA rows skipped: peft is not installed", flush=True)
+            return
         model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS,
                                      init_lora_weights="gaussian"))
         for param_name, param in model.named_parameters():  # fp32 adapters, as the trainer keeps them
