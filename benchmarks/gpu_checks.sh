@@ -11,7 +11,7 @@
 # All steps fit one 10-minute command on an H200-class machine (install ~1 min, tests ~1.5 min; the
 # limits below sum to ~10.5 min, but with DEADLINE every step's limit is cut to what is left, and
 # only a hung step reaches its limit).
-# steps (default: all, in this order):
+# steps, run in the order STEPS names them (default: all but core, in this order):
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat, the fused transformer
 #               norms (ops and whole fused SD3.5-M / FLUX.1-architecture transformers vs diffusers)
@@ -29,13 +29,17 @@
 #               `sfgrpo bench --suite gpu-core --time-budget 240` under `timeout -k 10 300` (~4-5 min on an
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
-#               All steps in one 10-minute command (~250 s without core on an H100, 2026-11-26):
-#               DEADLINE=560 STEPS=tests,advantages,norms,tune,bench,trainer,core bash benchmarks/gpu_checks.sh
+#
+# A session with 15 minutes of device time (machine start included), most valuable first: issue 9's
+# goals were never measured, the kernels of the fused norms and LoRA never ran on a GPU:
+#   call 1 (timeout 590 s): DEADLINE=570 WHEELS=.whl STEPS=tests,advantages,norms,core bash benchmarks/gpu_checks.sh
+#   call 2 (warm machine, if >= 5 min are left): SKIP_INSTALL=1 DEADLINE=280 STEPS=bench bash benchmarks/gpu_checks.sh
+# (DEADLINE cuts each step's limit to what is left of the command, core's included.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=$(realpath -m "${OUT:-$REPO/benchmarks/results/gpu-checks}")  # absolute: the steps run from /tmp
-STEPS=",${STEPS:-tests,advantages,norms,tune,bench,trainer},"
+STEPS="${STEPS:-tests,advantages,norms,tune,bench,trainer}"
 mkdir -p "$OUT"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
 if [ -n "${SKIP_INSTALL:-}" ]; then
@@ -46,7 +50,6 @@ elif [ -n "${WHEELS:-}" ]; then
 else
   python3 -m pip install -q ".[test]" || exit 1
 fi
-want() { [[ "$STEPS" == *",$1,"* ]]; }
 # a step's time limit: its own, cut to what is left before DEADLINE (seconds since the start, minus
 # 20 s for the goals table), so overrunning steps cannot push the whole command past its limit
 limit() {
@@ -55,27 +58,27 @@ limit() {
 }
 cd /tmp  # run against the installed package, never the source tree
 sfgrpo info > "$OUT/info.txt" 2>&1
-if want tests; then
+step_tests() {
   # no -x: one short GPU session should show every failure, not the first
   timeout -k 10 $(limit 170) python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
     "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_advantages.py" "$REPO/tests/test_advantages_cuda_engine.py" \
     "$REPO/tests/test_compat_flow_grpo.py" "$REPO/tests/test_rms_norm.py" "$REPO/tests/test_layer_norm_modulate.py" \
     "$REPO/tests/test_fused_norms.py" "$REPO/tests/test_lora_linear.py" > "$OUT/tests.txt" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
-fi
-if want advantages; then
+}
+step_advantages() {
   timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
   echo "advantages bench: exit $?"
   cat "$OUT/advantages.md" 2>/dev/null
-fi
-if want norms; then
+}
+step_norms() {
   # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
   # buy a real-size SD3.5-M forward / backward (fused vs diffusers' modules, one run)
   timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
   echo "norms bench: exit $?"
   tail -n 20 "$OUT/bench_norms.txt"
-fi
-if want tune; then
+}
+step_tune() {
   # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import);
   # a winner left in $OUT by an earlier run must not be exported when this sweep names none
   rm -f "$OUT/tuning_winner.txt"
@@ -87,8 +90,8 @@ if want tune; then
     export SFGRPO_SDE_STEP_TUNING=$(cat "$OUT/tuning_winner.txt")
     echo "SDE-step launch knobs from here on: $SFGRPO_SDE_STEP_TUNING"
   fi
-fi
-if want bench; then
+}
+step_bench() {
   timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_sde_step_gpu.py" --quick --out "$OUT" > "$OUT/bench_sde_step.txt" 2>&1
   echo "sde-step bench: exit $?"
   tail -n 40 "$OUT/bench_sde_step.txt"
@@ -97,12 +100,12 @@ if want bench; then
   timeout -k 10 $(limit 60) python3 "$REPO/benchmarks/host_breakdown_gpu.py" --out "$OUT/host_breakdown.md" > /dev/null 2> "$OUT/host_breakdown.err"
   echo "host breakdown: exit $?"
   cat "$OUT/host_breakdown.md" 2>/dev/null
-fi
-if want trainer; then
+}
+step_trainer() {
   timeout -k 10 $(limit 90) python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_trainer.py" "$REPO/tests/test_pipelines.py" -k cuda > "$OUT/tests_trainer_cuda.txt" 2>&1
   echo "trainer on CUDA: exit $? ($(tail -1 "$OUT/tests_trainer_cuda.txt"))"
-fi
-if want core; then
+}
+step_core() {
   # the budget stops starting new rows after 240 s (sfgrpo and the reference ops on both cases come
   # first); `timeout` is the hard stop for a row that overruns its estimate. With DEADLINE (seconds
   # since this script started, e.g. 560 inside a 590 s command), both shrink to what is left.
@@ -116,7 +119,14 @@ if want core; then
     echo "gpu-core bench: exit $? (hard limit ${hard} s)"
     grep -E ": (ok|skipped|interrupted|failed|oom)" "$OUT/bench_gpu_core.txt" | tail -n 12
   fi
-fi
+}
+for step in ${STEPS//,/ }; do  # in the order given
+  if declare -F "step_$step" > /dev/null; then
+    "step_$step"
+  else
+    echo "unknown step '$step' (known: tests advantages norms tune bench trainer core)"
+  fi
+done
 # the goals of issues 4, 5 and 9 against what the steps above measured (each input is optional)
 sde_json=$(ls "$OUT"/sde_step_*.json 2>/dev/null | head -n 1)
 core_json="$OUT/bench-gpu-core/results.json"
