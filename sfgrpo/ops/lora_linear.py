@@ -44,11 +44,12 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Te
     torch.compile."""
     dx = dweight = dbias = da = db = None
     gh = None
-    # the scaling rides in the GEMMs' alpha (beta = 0: the 0-d `nothing` is never read), not in a
-    # kernel of its own
-    nothing = grad.new_empty(())
+    # the scaling rides in the GEMMs' alpha, not in kernels of their own. beta = 0 ignores the input,
+    # but a zero (not an empty tensor's garbage) keeps it so where an epilogue computes beta * input
+    # anyway (Inductor's Triton addmm template: 0 * NaN)
+    zero = grad.new_zeros(())
     if need_dx or need_da:
-        gh = torch.addmm(nothing, grad, lora_b, beta=0, alpha=scaling)  # dL/dh, [M, r]
+        gh = torch.addmm(zero, grad, lora_b, beta=0, alpha=scaling)  # dL/dh, [M, r]
     if need_dx:
         dx = torch.mm(grad, weight).addmm_(gh, lora_a)  # both input gradients summed by the GEMM
     if need_dweight:
@@ -58,7 +59,7 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Te
     if need_da:
         da = torch.mm(gh.t(), x)
     if need_db:
-        db = torch.addmm(nothing, grad.t(), h, beta=0, alpha=scaling)
+        db = torch.addmm(zero, grad.t(), h, beta=0, alpha=scaling)
     return dx, dweight, dbias, da, db
 
 
