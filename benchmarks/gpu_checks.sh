@@ -109,8 +109,8 @@ step_core() {
   # the budget stops starting new rows after 240 s (sfgrpo and the reference ops on both cases come
   # first); `timeout` is the hard stop for a row that overruns its estimate. With DEADLINE (seconds
   # since this script started, e.g. 560 inside a 590 s command), both shrink to what is left.
-  left=$(( ${DEADLINE:-100000} - SECONDS - 15 ))
-  hard=$(( left < 300 ? left : 300 ))
+  local left=$(( ${DEADLINE:-100000} - SECONDS - 15 ))
+  local hard=$(( left < 300 ? left : 300 ))
   if (( hard < 120 )); then
     echo "gpu-core bench: skipped (${left} s left before DEADLINE=${DEADLINE:-})"
   else
@@ -120,7 +120,11 @@ step_core() {
     grep -E ": (ok|skipped|interrupted|failed|oom)" "$OUT/bench_gpu_core.txt" | tail -n 12
   fi
 }
-for step in ${STEPS//,/ }; do  # in the order given
+IFS=, read -ra step_list <<< "$STEPS"  # no word splitting or globbing of the names
+declare -A done_steps=()
+for step in "${step_list[@]}"; do  # in the order given, each once
+  [ -n "$step" ] && [ -z "${done_steps[$step]:-}" ] || continue
+  done_steps[$step]=1
   if declare -F "step_$step" > /dev/null; then
     "step_$step"
   else

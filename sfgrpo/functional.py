@@ -489,8 +489,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     x `[..., in]`, weight `[out, in]`, bias `[out]` or None, lora_a `[r, in]`, lora_b `[out, r]`.
     Computes in the autocast dtype under `torch.autocast` for x's device (what peft's GEMMs run in
     there), else in x's dtype; the weights are cast to it (small casts, except a base weight stored
-    in another dtype, which autocast would cast too). Gradients flow to every input that requires
-    one, in its own dtype. The result equals `reference.lora_linear` up to rounding: the sum is
+    in another dtype, which autocast would cast too; float64 ones as well, which autocast would
+    leave alone: `fuse_lora` keeps peft's forward for those). Gradients flow to every input that
+    requires one, in its own dtype. The result equals `reference.lora_linear` up to rounding: the sum is
     rounded once, at the end of the GEMM, not after each op."""
     tensors = dict(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     if bias is not None:
@@ -499,7 +500,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tensor.dtype not in _LORA_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), got {tensor.dtype}")
+            raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), "
+                            f"got {tensor.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
     if x.ndim < 1 or weight.ndim != 2 or lora_a.ndim != 2 or lora_b.ndim != 2:
@@ -508,7 +510,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     (out_features, in_features), rank = weight.shape, lora_a.shape[0]
     if x.shape[-1] != in_features or lora_a.shape[1] != in_features or lora_b.shape != (out_features, rank):
         raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a "
-                         f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} (want [..., in], [out, in], [r, in], [out, r])")
+                         f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} "
+                         "(want [..., in], [out, in], [r, in], [out, r])")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must be [out] = [{out_features}], got {tuple(bias.shape)}")
     if not torch.compiler.is_compiling() and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):

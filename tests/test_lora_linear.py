@@ -314,3 +314,104 @@ def test_adapted_fused_transformer_compiles_without_graph_break_under_autocast()
     got.float().square().mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
     assert torch.equal(got, velocity(**inputs))
+
+
+def _one_layer(dtype=torch.float32, rank=4):
+    """A peft-adapted single Linear (fused and plain copies), B non-zero."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sfgrpo.models.fused_lora import fuse_lora
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = nn.Linear(24, 20)
+
+        def forward(self, x):
+            return self.to_q(x)
+
+    torch.manual_seed(0)
+    plain = Holder().to(dtype)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["to_q"]), plain)
+    with torch.no_grad():
+        plain.to_q.lora_B["default"].weight.normal_(0, 0.1)
+    fused = copy.deepcopy(plain)
+    assert fuse_lora(fused) == 1
+    return plain, fused
+
+
+def test_float64_under_autocast_keeps_peft_forward():
+    """Autocast leaves float64 alone, so peft computes in float64 there: so must the fused layer."""
+    plain, fused = _one_layer(torch.float64)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = plain(x), fused(x)
+    assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_hooks_on_the_wrapped_modules_keep_peft_forward():
+    """A hook on the base layer (diffusers' layerwise casting and offloading work through hooks and
+    wrapped forwards) runs in peft's forward; the fused one reads the weights directly, so it must
+    not run then."""
+    plain, fused = _one_layer()
+    x = torch.randn(3, 24)
+    for model in (plain, fused):
+        model.to_q.base_layer.register_forward_hook(lambda module, args, out: out * 0)
+    assert torch.equal(fused(x), plain(x))
+    plain, fused = _one_layer()
+    for model in (plain, fused):
+        original = model.to_q.lora_A["default"].forward
+        model.to_q.lora_A["default"].forward = lambda t, original=original: 2 * original(t)
+    assert torch.equal(fused(x), plain(x))
+
+
+def test_mixed_bias_dtype_without_autocast_behaves_like_peft():
+    plain, fused = _one_layer()
+    for model in (plain, fused):
+        model.to_q.base_layer.bias.data = model.to_q.base_layer.bias.data.double()
+    x = torch.randn(3, 24)
+    with pytest.raises(RuntimeError) as want:
+        plain(x)
+    with pytest.raises(RuntimeError) as got:
+        fused(x)
+    assert type(got.value) is type(want.value)
+
+
+def test_double_backward_is_an_error_not_a_wrong_answer():
+    x, weight, bias, lora_a, lora_b = (t.requires_grad_() if t is not None else t for t in _inputs())
+    y = F.lora_linear(x, weight, bias, lora_a, lora_b, 0.5)
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    for wrt in (x, lora_a, lora_b):  # the first backward's graph ends at the op: no second-order terms
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(dx.square().sum(), wrt, retain_graph=True)
+
+
+def test_registered_op_gradients_through_both_outputs():
+    """`h` is an output of the registered op (saved for its backward); a caller that reads it gets
+    its gradient too."""
+    x, weight, bias, lora_a, lora_b = _inputs((6, 24))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, lora_a, lora_b)]
+    y, h = lora_linear_op(*leaves, 0.5)
+    (y.square().sum() + 3.0 * h.sum()).backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias, lora_a, lora_b)]
+    xr, wr, br, ar, bbr = ref_leaves
+    (ref.lora_linear(xr, wr, br, ar, bbr, 0.5).square().sum() + 3.0 * (xr @ ar.t()).sum()).backward()
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_model_pickles_with_its_fused_classes():
+    import io
+
+    from sfgrpo.models.fused_norms import fuse_norms
+
+    model = _adapted()
+    fuse_norms(model)
+    from sfgrpo.models.fused_lora import fuse_lora
+
+    fuse_lora(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]

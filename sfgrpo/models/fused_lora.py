@@ -52,12 +52,24 @@ def _fused_class():
             return F.lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                  self.scaling[adapter])
 
+    # importable by this name (`__getattr__` below): pickling a fused model finds the class
+    FusedLoraLinear.__module__, FusedLoraLinear.__qualname__ = __name__, "FusedLoraLinear"
     return FusedLoraLinear
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts (not float64)
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks and no instance-level forward (diffusers' hook registry, accelerate and group
+    offloading wrap `forward`; layerwise casting and offloading hooks change the weights around
+    it): reading the module's weights is what calling it computes."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
 def _fusable_adapter(layer, x) -> str | None:
     """The name of the one adapter the fused forward would apply in place of peft's, or None when
-    peft's forward must run."""
+    peft's forward must run: only where the fused forward computes what peft's would."""
     if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
         return None
     active = layer.active_adapters
@@ -71,30 +83,56 @@ def _fusable_adapter(layer, x) -> str | None:
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     if type(base) is not nn.Linear or lora_b.bias is not None or not isinstance(x, torch.Tensor):
         return None
+    if not (_plain(base) and _plain(lora_a) and _plain(lora_b) and _plain(layer.lora_dropout[adapter])):
+        return None
+    if _global_module_hooks():
+        return None
+    tensors = [x, base.weight, lora_a.weight, lora_b.weight] + ([base.bias] if base.bias is not None else [])
+    if any(t.device != x.device for t in tensors):  # offloaded or meta weights: peft's path moves them
+        return None
+    dtypes = {t.dtype for t in tensors}
     if torch.is_autocast_enabled(x.device.type):
-        return adapter
-    dtypes = {x.dtype, base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype}
-    return adapter if len(dtypes) == 1 else None
+        # autocast casts every one of these to its dtype, as the fused op does; float64 it leaves alone
+        return adapter if dtypes <= set(_AUTOCAST_ELIGIBLE) else None
+    return adapter if len(dtypes) == 1 and dtypes <= set(_AUTOCAST_ELIGIBLE + (torch.float64,)) else None
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as module_impl
+
+    return bool(getattr(module_impl, "_global_forward_hooks", None)
+                or getattr(module_impl, "_global_forward_pre_hooks", None))
 
 
 _FUSED: type | None = None
+
+
+def __getattr__(name: str):
+    if name == "FusedLoraLinear":  # built on first use: peft is optional
+        return _fused()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fused() -> type:
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = _fused_class()
+    return _FUSED
 
 
 def fuse_lora(model: nn.Module) -> int:
     """Swaps, in place, every peft `lora.Linear` (exactly that class) in `model` for its fused twin;
     returns how many were swapped. Idempotent; a model without peft adapters (or without peft
     installed) is left alone."""
-    global _FUSED
     try:
         from peft.tuners.lora import Linear
     except ImportError:
         return 0
-    if _FUSED is None:
-        _FUSED = _fused_class()
+    fused = _fused()
     count = 0
     for module in model.modules():
         if type(module) is Linear:
-            module.__class__ = _FUSED
+            module.__class__ = fused
             count += 1
     return count
 

@@ -177,8 +177,19 @@ def _swaps() -> dict[type, tuple[type, object]]:
             swaps[fused.diffusers_class] = (fused, supported)
         for fused, supported in _blocks():
             swaps[fused.diffusers_class] = (fused, supported)
+        for fused, _ in swaps.values():  # importable by name (`__getattr__` below): a fused model pickles
+            fused.__module__, fused.__qualname__ = __name__, fused.__name__
         _SWAPS = swaps
     return _SWAPS
+
+
+def __getattr__(name: str):
+    """The fused classes by name (built on first use: diffusers is imported only then)."""
+    if name.startswith("Fused"):
+        for fused, _ in _swaps().values():
+            if fused.__name__ == name:
+                return fused
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fuse_norms(model: nn.Module) -> int:

@@ -38,18 +38,26 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, l
     return y, h
 
 
-def backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, h: Tensor, scaling: float,
-             need_dx: bool, need_dweight: bool, need_dbias: bool, need_da: bool, need_db: bool):
+def backward(grad: Optional[Tensor], x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, h: Tensor,
+             scaling: float, need_dx: bool, need_dweight: bool, need_dbias: bool, need_da: bool, need_db: bool,
+             grad_h: Optional[Tensor] = None):
     """-> (dx, dweight, dbias, dA, dB), None where not needed; plain ATen, traced as is under
-    torch.compile."""
+    torch.compile. `grad` (of y) or `grad_h` (of h, for a caller of the op that reads h) may be
+    None: no gradient through that output. Not differentiable itself (h is saved, not recomputed)."""
     dx = dweight = dbias = da = db = None
+    if grad is None and grad_h is None:
+        return dx, dweight, dbias, da, db
+    if grad is None:
+        grad = x.new_zeros((x.shape[0], weight.shape[0]))
+    # the scaling rides in the GEMMs' alpha, not in kernels of their own. beta = 0 makes ATen ignore
+    # the input (documented: NaN in it is not propagated), so eager passes an empty 0-d tensor (no
+    # kernel); a traced graph gets a zero, because Inductor's Triton addmm epilogue computes
+    # beta * input anyway (0 * garbage could be NaN)
+    nothing = grad.new_zeros(()) if torch.compiler.is_compiling() else grad.new_empty(())
     gh = None
-    # the scaling rides in the GEMMs' alpha, not in kernels of their own. beta = 0 ignores the input,
-    # but a zero (not an empty tensor's garbage) keeps it so where an epilogue computes beta * input
-    # anyway (Inductor's Triton addmm template: 0 * NaN)
-    zero = grad.new_zeros(())
     if need_dx or need_da:
-        gh = torch.addmm(zero, grad, lora_b, beta=0, alpha=scaling)  # dL/dh, [M, r]
+        gh = (torch.addmm(nothing, grad, lora_b, beta=0, alpha=scaling) if grad_h is None
+              else torch.addmm(grad_h, grad, lora_b, alpha=scaling))  # dL/dh, [M, r]
     if need_dx:
         dx = torch.mm(grad, weight).addmm_(gh, lora_a)  # both input gradients summed by the GEMM
     if need_dweight:
@@ -59,7 +67,7 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Te
     if need_da:
         da = torch.mm(gh.t(), x)
     if need_db:
-        db = torch.addmm(zero, grad.t(), h, beta=0, alpha=scaling)
+        db = torch.addmm(nothing, grad.t(), h, beta=0, alpha=scaling)
     return dx, dweight, dbias, da, db
 
 
@@ -86,11 +94,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad, grad_h):
-    # h is an output only to be saved for this backward: nothing downstream reads it
+    # h is an output for this backward to save (`lora_linear` never reads it: grad_h is None then)
     x, weight, lora_a, lora_b, h = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dweight, dbias, da, db = backward(grad, x, weight, lora_a, lora_b, h, ctx.scaling, need[0], need[1],
-                                         ctx.has_bias and need[2], need[3], need[4])
+                                         ctx.has_bias and need[2], need[3], need[4], grad_h=grad_h)
     return dx, dweight, dbias, da, db, None
 
 
@@ -109,6 +117,7 @@ class _EagerLoraLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # h is saved, not recomputed: fail, never be wrong
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, h = ctx.saved_tensors
         need = ctx.needs_input_grad
