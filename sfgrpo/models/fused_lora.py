@@ -11,8 +11,11 @@ besides them) whenever it computes what peft computes:
 
 - one active adapter, vanilla LoRA (no DoRA or other variant, no LoRA bias), dropout off, not
   merged, adapters enabled, a plain `nn.Linear` base with `fan_in_fan_out` off, no extra arguments;
-- under `torch.autocast` for the input's device (every GEMM in the autocast dtype, as peft's run
-  there), or with x, the base weight and the adapter all in one dtype.
+- no hooks or wrapped forwards on the base layer, the adapters or the dropout, and no global module
+  hooks (diffusers' layerwise casting and offloading work that way: calling the module is then not
+  reading its weights), every weight on the input's device;
+- under `torch.autocast` for the input's device with no float64 tensor (every GEMM in the autocast
+  dtype, as peft's run there), or with x, the base weight and bias and the adapter in one dtype.
 
 Anything else (and every call with SFGRPO_BACKEND=reference: the plain-PyTorch loop the
 benchmarks compare against) runs peft's own forward. Parameters, state-dict keys, adapters and
