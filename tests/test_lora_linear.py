@@ -415,3 +415,31 @@ def test_fused_model_pickles_with_its_fused_classes():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("mixed_precision, tolerance", [("no", 1e-5), ("bf16", 2e-2)])
+def test_trainer_lora_iterations_match_peft(tmp_path, monkeypatch, mixed_precision, tolerance):
+    """Two training iterations with the fused LoRA layers give the adapters peft's layers give (fp32:
+    to rounding; bf16 autocast: to bf16 noise), and the fused path is the one that ran."""
+    from sfgrpo import Trainer, TrainerConfig
+    from sfgrpo import functional as functional_module
+
+    calls = []
+    fused_linear = functional_module.lora_linear
+    monkeypatch.setattr(functional_module, "lora_linear", lambda *a, **k: calls.append(1) or fused_linear(*a, **k))
+    adapters = {}
+    for fused in (True, False):
+        config = TrainerConfig(output_dir=str(tmp_path / str(fused)), backbone="tiny-random", reward="brightness",
+                               iterations=2, prompts_per_iteration=2, group_size=3, num_steps=4, progress=False,
+                               plots=False, use_lora=True, lora_rank=4, mixed_precision=mixed_precision,
+                               fused_lora=fused, learning_rate=1e-3)
+        trainer = Trainer(config)
+        before = len(calls)
+        for _ in range(2):
+            trainer.train_iteration()
+        assert (len(calls) > before) == fused
+        adapters[fused] = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    assert adapters[True].keys() == adapters[False].keys() and adapters[True]
+    for name in adapters[True]:
+        torch.testing.assert_close(adapters[True][name], adapters[False][name], atol=tolerance, rtol=tolerance,
+                                   msg=name)
