@@ -34,7 +34,8 @@ import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
 # one row per program's registers, the same limit and launch geometry as layer_norm_modulate's kernels
-from sfgrpo.kernels.layer_norm_modulate import MAX_C, _row_stats, launch_config, layer_norm_input_grad, supports
+from sfgrpo.kernels.layer_norm_modulate import (MAX_C, _row_stats, launch_config, layer_norm_input_grad,
+                                                modulate_grad_row, store_modulate_partials, supports)
 from sfgrpo.kernels.rms_norm import _round_to
 
 __all__ = ["MAX_C", "supports", "launch_config", "forward", "backward", "aot_variants"]
@@ -134,12 +135,8 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
         if NORM:
             gn = tl.load(g_normed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            centred, rstd = _row_stats(x, mask, C, eps)
-            xhat = centred * rstd
-            if WRITE_DSCALE:
-                dscale += gn * xhat
-            if WRITE_DSHIFT:
-                dshift += gn
+            xhat, rstd, dscale, dshift = modulate_grad_row(gn, x, mask, C, eps, dscale, dshift, WRITE_DSCALE,
+                                                           WRITE_DSHIFT)
             # LayerNorm's backward with the upstream gradient g_normed * (1 + scale); masked lanes 0
             if RELOAD:
                 gain = 1.0 + tl.load(scale_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -160,10 +157,7 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
     part = (b64 * num_chunks + chunk) * C + cols
     if WRITE_DGATE:
         tl.store(dgate_part_ptr + part, dgate, mask=mask)
-    if WRITE_DSCALE:
-        tl.store(dscale_part_ptr + part, dscale, mask=mask)
-    if WRITE_DSHIFT:
-        tl.store(dshift_part_ptr + part, dshift, mask=mask)
+    store_modulate_partials(part, dscale, dshift, dscale_part_ptr, dshift_part_ptr, mask, WRITE_DSCALE, WRITE_DSHIFT)
 
 
 _FWD_LAUNCHER = DirectLauncher(gated_residual_fwd_kernel)

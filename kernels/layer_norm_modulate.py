@@ -58,6 +58,31 @@ def layer_norm_input_grad(g, xhat, rstd, C):
 
 
 @triton.jit
+def modulate_grad_row(g, x, mask, C, eps, dscale, dshift, WRITE_DSCALE: tl.constexpr, WRITE_DSHIFT: tl.constexpr):
+    """One row of the adaLN modulation's backward, `normed = LN(x) * (1 + scale) + shift` with g the
+    gradient of normed: the row's LayerNorm statistics, and its terms added to the per-sample
+    dscale (g * xhat) and dshift (g) accumulators. -> (xhat, rstd, dscale, dshift)."""
+    centred, rstd = _row_stats(x, mask, C, eps)
+    xhat = centred * rstd
+    if WRITE_DSCALE:
+        dscale += g * xhat
+    if WRITE_DSHIFT:
+        dshift += g
+    return xhat, rstd, dscale, dshift
+
+
+@triton.jit
+def store_modulate_partials(part, dscale, dshift, dscale_part_ptr, dshift_part_ptr, mask,
+                            WRITE_DSCALE: tl.constexpr, WRITE_DSHIFT: tl.constexpr):
+    """A program's dscale / dshift partial sums at offset `part` of the partials buffers (summed over
+    programs by the host in a fixed order: deterministic)."""
+    if WRITE_DSCALE:
+        tl.store(dscale_part_ptr + part, dscale, mask=mask)
+    if WRITE_DSHIFT:
+        tl.store(dshift_part_ptr + part, dshift, mask=mask)
+
+
+@triton.jit
 def _mean(total, C):
     # C * 1.0, not C.to(...): Triton passes C = 1 as a constexpr (a Python int)
     return tl.math.div_rn(total, C * 1.0)
@@ -108,21 +133,13 @@ def ln_modulate_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_part_ptr, ds
         n64 = tl.cast(n, tl.int64)  # 64-bit row offsets, as in the forward
         x = tl.load(x_row + n64 * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_row + n64 * C + cols, mask=mask, other=0.0).to(tl.float32)
-        centred, rstd = _row_stats(x, mask, C, eps)
-        xhat = centred * rstd
-        if WRITE_DSCALE:
-            dscale += dy * xhat
-        if WRITE_DSHIFT:
-            dshift += dy
+        xhat, rstd, dscale, dshift = modulate_grad_row(dy, x, mask, C, eps, dscale, dshift, WRITE_DSCALE, WRITE_DSHIFT)
         if WRITE_DX:
             # LayerNorm's backward with the upstream gradient dy * (1 + scale); masked lanes are 0
             dx = layer_norm_input_grad(dy * gain, xhat, rstd, C)
             tl.store(dx_row + n64 * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    part = (b64 * num_chunks + chunk) * C + cols
-    if WRITE_DSCALE:
-        tl.store(dscale_part_ptr + part, dscale, mask=mask)
-    if WRITE_DSHIFT:
-        tl.store(dshift_part_ptr + part, dshift, mask=mask)
+    store_modulate_partials((b64 * num_chunks + chunk) * C + cols, dscale, dshift, dscale_part_ptr, dshift_part_ptr,
+                            mask, WRITE_DSCALE, WRITE_DSHIFT)
 
 
 _FWD_LAUNCHER = DirectLauncher(ln_modulate_fwd_kernel)
