@@ -1,6 +1,18 @@
-"""Shared check of the fused norm ops' tests: gradients against autograd through the reference."""
+"""Shared pieces of the fused norm ops' tests: the kernel shapes, the fp32 oracle inputs, gradients
+against autograd through the reference."""
 
 import torch
+
+# (B, N, C, two_d) of the kernels-vs-reference tests: every C with both batch sizes; N = 77 splits a
+# sample over several programs
+KERNEL_SHAPES = [(1, 1, 1, False), (3, 5, 1, False), (3, 5, 7, False), (1, 77, 7, False), (3, 1, 64, True),
+                 (1, 5, 64, False), (3, 77, 64, False), (3, 5, 1536, False), (1, 77, 1536, False), (3, 1, 1536, True),
+                 (1, 5, 3072, False), (3, 1, 3072, True), (1, 3, 6144, False)]
+
+
+def upcast(*tensors):
+    """Detached fp32 copies: the reference's inputs, autograd's leaves."""
+    return [t.detach().float() for t in tensors]
 
 
 def assert_gradients_close(names, ours, truth, needs, dtype, rtol, none_when_unused=False):

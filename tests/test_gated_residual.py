@@ -16,7 +16,7 @@ from sfgrpo import reference as ref
 from sfgrpo.kernels import gated_residual as kernels
 from sfgrpo.ops.gated_residual import (gated_residual_backward_op, gated_residual_layer_norm_modulate_backward_op,
                                        gated_residual_layer_norm_modulate_op, gated_residual_op)
-from norm_grads import assert_gradients_close  # tests/ helper
+from norm_grads import KERNEL_SHAPES, assert_gradients_close, upcast  # tests/ helper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,10 +39,6 @@ def _inputs(batch, rows, channels, dtype, seed=0, chunked=True, two_d=False, dty
     else:
         gate, shift, scale = (emb[:, i * channels:(i + 1) * channels].clone() for i in range(3))
     return h, y, gate, scale, shift
-
-
-def _upcast(*tensors):
-    return [t.detach().float() for t in tensors]
 
 
 # ------------------------------------------------------------------------ reference vs diffusers
@@ -108,7 +104,7 @@ def test_gated_residual_is_the_expression_bit_for_bit(dtypes, backend):
         assert torch.equal(normed, expected_normed)
     else:  # fp32 math on h_out as rounded (the expression rounds (1 + scale) and each product to its dtypes)
         rtol, atol = FWD_TOL[torch.bfloat16 if torch.bfloat16 in dtypes else min(dtypes, key=lambda d: d.itemsize)]
-        torch.testing.assert_close(normed.float(), ref.layer_norm_modulate(*_upcast(expected, scale, shift)),
+        torch.testing.assert_close(normed.float(), ref.layer_norm_modulate(*upcast(expected, scale, shift)),
                                    rtol=rtol, atol=atol)
 
 
@@ -132,14 +128,10 @@ def test_under_autocast_normed_takes_the_autocast_dtype(backend):
 
 
 # ------------------------------------------------------------------------- kernels vs reference
-# (B, N, C, two_d): every C with both batch sizes; N = 77 splits a sample over several programs
-FWD_SHAPES = [(1, 1, 1, False), (3, 5, 1, False), (3, 5, 7, False), (1, 77, 7, False), (3, 1, 64, True),
-              (1, 5, 64, False), (3, 77, 64, False), (3, 5, 1536, False), (1, 77, 1536, False), (3, 1, 1536, True),
-              (1, 5, 3072, False), (3, 1, 3072, True), (1, 3, 6144, False)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", FWD_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
 def test_kernel_forward_matches_reference(shape, dtype):
     batch, rows, channels, two_d = shape
     h, y, gate, scale, shift = _inputs(batch, rows, channels, dtype, seed=channels + rows, chunked=channels != 64,
@@ -150,7 +142,7 @@ def test_kernel_forward_matches_reference(shape, dtype):
     h_out, normed = F.gated_residual_layer_norm_modulate(h, y, gate, scale, shift, backend="triton")
     assert torch.equal(h_out, expected_out)
     # the LayerNorm reads h_out as rounded to its dtype
-    expected = ref.layer_norm_modulate(*_upcast(expected_out, scale, shift))
+    expected = ref.layer_norm_modulate(*upcast(expected_out, scale, shift))
     assert normed.shape == h.shape and normed.dtype == dtype
     rtol, atol = FWD_TOL[dtype]
     torch.testing.assert_close(normed.float(), expected, rtol=rtol, atol=atol)
@@ -190,7 +182,7 @@ def test_fused_backward_matches_autograd_through_the_reference(shape, dtype, mod
     needs = GRAD_MODES[mode]
     ours = [t.detach().clone().requires_grad_(need) for t, need in zip(inputs, needs)]
     _loss(*F.gated_residual_layer_norm_modulate(*ours, backend="triton"), use, 3).backward()
-    truth = [t.requires_grad_(need) for t, need in zip(_upcast(*inputs), needs)]
+    truth = [t.requires_grad_(need) for t, need in zip(upcast(*inputs), needs)]
     _loss(*ref.gated_residual_layer_norm_modulate(*truth), use, 3).backward()
     # normed unused: autograd leaves dscale / dshift None
     assert_gradients_close(("dh", "dy", "dgate", "dscale", "dshift"), ours, truth, needs, dtype,
@@ -209,7 +201,7 @@ def test_residual_backward_matches_autograd_through_the_reference(shape, dtype, 
     ours = [t.detach().clone().requires_grad_(need) for t, need in zip((h, y, gate), needs)]
     grad = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
     F.gated_residual(*ours, backend=backend).backward(grad)
-    truth = [t.requires_grad_(need) for t, need in zip(_upcast(h, y, gate), needs)]
+    truth = [t.requires_grad_(need) for t, need in zip(upcast(h, y, gate), needs)]
     ref.gated_residual(*truth).backward(grad.float())
     assert_gradients_close(("dh", "dy", "dgate"), ours, truth, needs, dtype, 1e-6 if dtype == torch.float32 else 1e-2)
 
@@ -220,7 +212,7 @@ def test_registered_ops_backward_on_both_backends(dtype, use):
     """The registered op's backward (what torch.compile runs): its written-out reference formulas and
     the kernels, with an absent g_hout / g_normed, against autograd through the expression."""
     inputs = _inputs(2, 5, 16, dtype, seed=11)
-    truth = [t.requires_grad_() for t in _upcast(*inputs)]
+    truth = [t.requires_grad_() for t in upcast(*inputs)]
     _loss(*ref.gated_residual_layer_norm_modulate(*truth), use, 4).backward()
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
     for backend in ("reference", "triton"):

@@ -14,7 +14,7 @@ from sfgrpo import functional as F
 from sfgrpo import reference as ref
 from sfgrpo.kernels import layer_norm_modulate as kernels
 from sfgrpo.ops.layer_norm_modulate import layer_norm_modulate_backward_op, layer_norm_modulate_op
-from norm_grads import assert_gradients_close  # tests/ helper
+from norm_grads import KERNEL_SHAPES, assert_gradients_close, upcast  # tests/ helper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -35,10 +35,6 @@ def _inputs(batch, rows, channels, dtype, seed=0, chunked=True, two_d=False):
     else:
         shift, scale = emb[:, :channels].clone(), emb[:, channels:2 * channels].clone()
     return x, scale, shift
-
-
-def _upcast(*tensors):
-    return [t.detach().float() for t in tensors]
 
 
 # ------------------------------------------------------------------------ reference vs diffusers
@@ -105,19 +101,15 @@ def test_reference_under_autocast_gives_the_autocast_dtype(x_dtype):
 
 
 # ------------------------------------------------------------------------- kernels vs reference
-# (B, N, C, two_d): every C with both batch sizes; N = 77 splits a sample over several programs
-FWD_SHAPES = [(1, 1, 1, False), (3, 5, 1, False), (3, 5, 7, False), (1, 77, 7, False), (3, 1, 64, True),
-              (1, 5, 64, False), (3, 77, 64, False), (3, 5, 1536, False), (1, 77, 1536, False), (3, 1, 1536, True),
-              (1, 5, 3072, False), (3, 1, 3072, True), (1, 3, 6144, False)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", FWD_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
 def test_kernel_forward_matches_reference(shape, dtype):
     batch, rows, channels, two_d = shape
     x, scale, shift = _inputs(batch, rows, channels, dtype, seed=channels + rows, chunked=channels != 64, two_d=two_d)
     got = F.layer_norm_modulate(x, scale, shift, backend="triton")
-    expected = ref.layer_norm_modulate(*_upcast(x, scale, shift))
+    expected = ref.layer_norm_modulate(*upcast(x, scale, shift))
     assert got.shape == x.shape and got.dtype == dtype
     rtol, atol = FWD_TOL[dtype]
     torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=atol)
@@ -127,11 +119,11 @@ def test_kernel_forward_promotes_like_the_expression():
     x, scale, shift = _inputs(2, 3, 64, torch.bfloat16)
     got = F.layer_norm_modulate(x, scale.float(), shift, backend="triton")
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, ref.layer_norm_modulate(*_upcast(x, scale, shift)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref.layer_norm_modulate(*upcast(x, scale, shift)), rtol=1e-5, atol=1e-5)
     with torch.autocast(x.device.type, dtype=torch.bfloat16):  # the autocast dtype, rounded once
         got = F.layer_norm_modulate(x.float(), scale.float(), shift, backend="triton")
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), ref.layer_norm_modulate(*_upcast(x, scale, shift)), rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(got.float(), ref.layer_norm_modulate(*upcast(x, scale, shift)), rtol=8e-3, atol=8e-3)
 
 
 BWD_SHAPES = [(3, 5, 7, False), (1, 77, 64, False), (3, 1, 64, True), (3, 77, 1536, False), (1, 5, 3072, False)]
@@ -160,7 +152,7 @@ def test_backward_matches_autograd_through_the_reference(shape, dtype, mode, bac
     ours = [t.detach().clone().requires_grad_(need) for t, need in zip((x, scale, shift), needs)]
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
     F.layer_norm_modulate(*ours, backend=backend).backward(grad)
-    truth = [t.requires_grad_(need) for t, need in zip(_upcast(x, scale, shift), needs)]
+    truth = [t.requires_grad_(need) for t, need in zip(upcast(x, scale, shift), needs)]
     ref.layer_norm_modulate(*truth).backward(grad.float())
     assert_gradients_close(("dx", "dscale", "dshift"), ours, truth, needs, dtype, 1e-5 if dtype == torch.float32 else 2e-2)
 
@@ -189,7 +181,7 @@ def test_chunked_scale_and_shift_are_read_in_place(monkeypatch):
     monkeypatch.setattr(kernels, "forward", spy)
     got = F.layer_norm_modulate(x, scale, shift, backend="triton")
     assert seen == [(scale.data_ptr(), scale.stride(), shift.data_ptr(), shift.stride())]
-    torch.testing.assert_close(got.float(), ref.layer_norm_modulate(*_upcast(x, scale, shift)), rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(got.float(), ref.layer_norm_modulate(*upcast(x, scale, shift)), rtol=8e-3, atol=8e-3)
 
 
 def test_wider_rows_than_the_kernel_holds_run_the_reference():
