@@ -25,6 +25,8 @@ the GEMM, where peft rounds after each op: results agree to rounding, not bit fo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -41,7 +43,9 @@ class _FusedLora:
     peft_class: type
 
 
+@functools.lru_cache(maxsize=None)
 def _fused_class():
+    """The fused subclass of peft's `lora.Linear`, built once, on first use (peft is optional)."""
     from peft.tuners.lora import Linear
 
     class FusedLoraLinear(_FusedLora, Linear):
@@ -107,20 +111,10 @@ def _global_module_hooks() -> bool:
                 or getattr(module_impl, "_global_forward_pre_hooks", None))
 
 
-_FUSED: type | None = None
-
-
 def __getattr__(name: str):
-    if name == "FusedLoraLinear":  # built on first use: peft is optional
-        return _fused()
+    if name == "FusedLoraLinear":
+        return _fused_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _fused() -> type:
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = _fused_class()
-    return _FUSED
 
 
 def fuse_lora(model: nn.Module) -> int:
@@ -131,7 +125,7 @@ def fuse_lora(model: nn.Module) -> int:
         from peft.tuners.lora import Linear
     except ImportError:
         return 0
-    fused = _fused()
+    fused = _fused_class()
     count = 0
     for module in model.modules():
         if type(module) is Linear:
