@@ -73,7 +73,8 @@ step_advantages() {
 }
 step_norms() {
   # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
-  # buy a real-size SD3.5-M forward / backward (fused vs diffusers' modules, one run)
+  # (and, with LoRA adapters, the fused LoRA linear) buy a real-size SD3.5-M forward / backward against
+  # diffusers' modules and peft's layers, in one run
   timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
   echo "norms bench: exit $?"
   tail -n 20 "$OUT/bench_norms.txt"
@@ -128,7 +129,7 @@ for step in "${step_list[@]}"; do  # in the order given, each once
   if declare -F "step_$step" > /dev/null; then
     "step_$step"
   else
-    echo "unknown step '$step' (known: tests advantages norms tune bench trainer core)"
+    echo "unknown step '$step' (known: $(declare -F | sed -n 's/^declare -f step_//p' | paste -sd' '))"
   fi
 done
 # the goals of issues 4, 5 and 9 against what the steps above measured (each input is optional)
