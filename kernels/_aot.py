@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 SM90 = ("cuda", 90, 32)
+KERNEL_MODULES = ("sde_step", "rms_norm", "layer_norm_modulate", "gated_residual", "qk_norm_rope")
 
 
 def _cuobjdump() -> str | None:
@@ -90,7 +91,7 @@ def transcendentals(ptx: str) -> dict:
             "div_inexact": len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))}
 
 
-def report(modules=("sde_step", "rms_norm", "layer_norm_modulate", "gated_residual")) -> list[dict]:
+def report(modules=KERNEL_MODULES) -> list[dict]:
     import importlib
 
     rows = []
@@ -106,7 +107,7 @@ def report(modules=("sde_step", "rms_norm", "layer_norm_modulate", "gated_residu
     return rows
 
 
-def unit_integer_report(modules=("sde_step", "rms_norm", "layer_norm_modulate", "gated_residual")) -> list[dict]:
+def unit_integer_report(modules=KERNEL_MODULES) -> list[dict]:
     """Triton passes an integer argument equal to 1 as a constexpr (a Python int inside the kernel:
     `D.to(tl.float32)` fails to compile there, `D * 1.0` does not). Compiles every kernel function
     once (its first variant) with all its integer arguments set to 1, the way a launch with

@@ -8,7 +8,8 @@ from sfgrpo._version import __version__
 from sfgrpo import functional, reference, schedules
 from sfgrpo.backend import available_backends, resolve_backend
 from sfgrpo.functional import (gain_advantages, gated_residual, gated_residual_layer_norm_modulate, group_advantages,
-                               layer_norm_modulate, lora_linear, ode_lookahead, ppo_loss, rms_norm, sde_step)
+                               layer_norm_modulate, lora_linear, ode_lookahead, ppo_loss, qk_norm_rope, rms_norm,
+                               sde_step)
 from sfgrpo.trainer import Trainer, TrainerConfig
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "lora_linear",
     "ode_lookahead",
     "ppo_loss",
+    "qk_norm_rope",
     "rms_norm",
     "sde_step",
     "Trainer",

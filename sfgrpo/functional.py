@@ -21,6 +21,7 @@ from sfgrpo.ops import advantages as advantage_ops
 from sfgrpo.ops import gated_residual as gated_residual_ops
 from sfgrpo.ops import layer_norm_modulate as layer_norm_modulate_ops
 from sfgrpo.ops import lora_linear as lora_linear_ops
+from sfgrpo.ops import qk_norm_rope as qk_norm_rope_ops
 from sfgrpo.ops import rms_norm as rms_norm_ops
 from sfgrpo.ops import sde_step as sde_step_ops
 from sfgrpo.reference import VelocityFn
@@ -352,6 +353,55 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, back
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     out_dtype = reference.rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, x.device.type)
     return rms_norm_ops.rms_norm(x, weight, float(eps), out_dtype, backend)
+
+
+def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor | None = None, eps: float | None = None, *,
+                 backend: str | None = None) -> Tensor:
+    """FLUX attention's QK-norm and rotary embedding in one pass:
+    `apply_rotary_emb(torch.nn.functional.rms_norm(x, (D,), weight, eps), (cos, sin), sequence_dim=1)`
+    (diffusers' interleaved-pair rotation, `use_real_unbind_dim=-1`); `eps=None`: the rotation only.
+
+    x `[B, N, H, D]` (batch, token, head, channel; D even), float32 / bfloat16 / float16, any strides
+    with channel stride 1 read in place (a slice of a joint sequence); cos / sin `[N, D]` (row n the
+    angles of token n; float32, or half precision; no gradient flows to them); weight `[D]`.
+    Returns a contiguous `[B, N, H, D]` tensor in x's dtype (what torch's rms_norm and the rotation
+    return; under torch.autocast for x's device the autocast dtype: it feeds attention). fp32
+    math, rounded once after the norm (where torch's rms_norm rounds) and once at the end; on CPU
+    (reference backend) torch's and diffusers' own expressions, the same bits as the modules.
+    Gradients flow to x and weight (one-pass fused backward on CUDA).
+    """
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError(f"x must be a [B, N, H, D] tensor, got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
+    if x.dtype not in RMS_NORM_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    B, N, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"the rotation pairs channels: x's last dim must be even, got {D}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, Tensor) or table.shape != (N, D):
+            raise ValueError(f"{name} must be [N, D] = [{N}, {D}], got "
+                             f"{tuple(table.shape) if isinstance(table, Tensor) else type(table).__name__}")
+        if table.dtype not in RMS_NORM_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {table.dtype}")
+        if table.device != x.device:
+            raise ValueError(f"{name} is on {table.device} but x is on {x.device}")
+        if table.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires a gradient: qk_norm_rope gives none to the rotation tables")
+    if weight is not None:
+        if eps is None:
+            raise ValueError("a weight needs eps (the norm): eps=None is the rotation alone")
+        if weight.shape != (D,):
+            raise ValueError(f"weight must have shape [D] = [{D}], got {tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+        if weight.dtype not in RMS_NORM_DTYPES:
+            raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if eps is not None and not torch.compiler.is_compiling():
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0 or None, got {eps!r}")
+    norm_dtype, out_dtype = reference.qk_norm_rope_dtypes(x.dtype, x.device.type)
+    return qk_norm_rope_ops.qk_norm_rope(x, cos, sin, weight, None if eps is None else float(eps), norm_dtype,
+                                         out_dtype, backend)
 
 
 # ------------------------------------------------------------------ adaLN modulation (fused LayerNorm)

@@ -763,6 +763,67 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None = None, eps
     return dx, dweight
 
 
+# --------------------------------------------- QK RMSNorm + rotary embedding (qk_norm_rope)
+def qk_norm_rope_dtypes(x_dtype: torch.dtype, device_type: str) -> tuple[torch.dtype, torch.dtype]:
+    """(the dtype the normalised rows are rounded to, the output dtype) of `qk_norm_rope`.
+
+    torch's `rms_norm` returns x's dtype whatever the weight's (the product in fp32, rounded once);
+    the rotation keeps its input's dtype. Under torch.autocast for `device_type` the output is the
+    autocast dtype (the result feeds attention, which autocast casts to it) and, on CUDA, the norm
+    runs in fp32 (torch's autocast policy for rms_norm there: no intermediate rounding)."""
+    norm_dtype = x_dtype
+    if torch.is_autocast_enabled(device_type):
+        return (torch.float32 if device_type == "cuda" else norm_dtype), torch.get_autocast_dtype(device_type)
+    return norm_dtype, norm_dtype
+
+
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """diffusers' `apply_rotary_emb(x, (cos, sin), sequence_dim=1)` (interleaved pairs,
+    `use_real_unbind_dim=-1`: FLUX.1 / FLUX.2) op for op: x `[B, N, H, D]`, cos / sin `[N, D]`."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2).unbind(-1)  # diffusers: -1 (fails when empty)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor | None = None, eps: float | None = None, *,
+                 out_dtype: torch.dtype | None = None) -> Tensor:
+    """`apply_rotary_emb(torch.nn.functional.rms_norm(x, (D,), weight, eps), (cos, sin))`: what
+    FLUX's attention does to q and k (`eps=None`: the rotation only), torch's and diffusers' own
+    expressions, then cast to `out_dtype` (default: the expression's dtype). x `[B, N, H, D]`."""
+    if eps is not None:
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    y = rotary_embedding(x, cos, sin)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def qk_norm_rope_backward(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor | None,
+                          eps: float | None, need_dx: bool = True,
+                          need_dweight: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dweight) of `qk_norm_rope` in x's and the weight's dtypes (None where not needed), in
+    fp32 (written out: custom ops' implementations run below autograd). The rotation's transpose
+    u = (g_even cos_even + g_odd sin_odd, g_odd cos_odd - g_even sin_even) per pair, then the
+    norm's backward: dx = r (u w - h mean(u w h)), dweight = sum over rows of u h, h = x r."""
+    need_dweight = need_dweight and eps is not None and weight is not None
+    half = grad.shape[-1] // 2
+    g_even, g_odd = grad.float().reshape(*grad.shape[:-1], half, 2).unbind(-1)
+    cos_even, cos_odd = cos.float().reshape(1, cos.shape[0], 1, half, 2).unbind(-1)
+    sin_even, sin_odd = sin.float().reshape(1, sin.shape[0], 1, half, 2).unbind(-1)
+    u = torch.stack([g_even * cos_even + g_odd * sin_odd, g_odd * cos_odd - g_even * sin_even], -1).flatten(-2)
+    if eps is None:
+        return (u.to(x.dtype) if need_dx else None), None
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    h = xf * r
+    dx = dweight = None
+    if need_dx:
+        gw = u if weight is None else u * weight.float()
+        dx = (r * (gw - h * (gw * h).mean(-1, keepdim=True))).to(x.dtype)
+    if need_dweight:
+        dweight = (u * h).flatten(0, -2).sum(0).to(weight.dtype)
+    return dx, dweight
+
+
 # ------------------------------------------------------------- adaLN modulation (layer_norm_modulate)
 def _per_sample_index(x: Tensor) -> tuple:
     """`[:, None]` generalised to x's rank: a `[B, C]` per-sample vector (scale, shift, gate) against

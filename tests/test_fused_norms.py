@@ -81,13 +81,124 @@ def test_sd35_blocks_get_every_norm_swapped():
     assert {n: type(m) for n, m in fused.named_modules()} == before
 
 
-def test_flux_keeps_torch_rmsnorm_and_swaps_the_modulations():
+def test_flux_swaps_the_modulations_blocks_and_attention():
     original, fused = _pair("flux1-dev-small")
     fuse_norms(fused)
     assert _kinds(fused) == ["FusedAdaLayerNormContinuous", "FusedAdaLayerNormZero", "FusedAdaLayerNormZeroSingle",
-                             "FusedFluxSingleTransformerBlock", "FusedFluxTransformerBlock"]
-    # FLUX's QK norms are torch.nn.RMSNorm (one fused ATen kernel already, other rounding): untouched
+                             "FusedFluxAttention", "FusedFluxSingleTransformerBlock", "FusedFluxTransformerBlock"]
+    # the QK norms stay torch.nn.RMSNorm modules (their weights): the fused attention reads them
     assert any(type(m) is nn.RMSNorm for m in fused.modules())
+
+
+def _count_qk_norm_rope(monkeypatch):
+    from sfgrpo import functional
+    from sfgrpo.models import fused_attention
+
+    calls = []
+    original = functional.qk_norm_rope
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_attention.F, "qk_norm_rope", counted)
+    return calls
+
+
+def test_flux_attention_runs_one_fused_pass_per_stream_and_tensor(monkeypatch):
+    """Triton backend: q and k of each stream through `qk_norm_rope` (4 calls in a double block, 2 in
+    a single block); the reference backend (CPU default) runs diffusers' processor (no call)."""
+    from sfgrpo.backend import ENV_VAR
+
+    original, fused = _pair("flux1-dev-small")
+    fuse_norms(fused)
+    calls = _count_qk_norm_rope(monkeypatch)
+    inputs = _flux_inputs(original, batch=1)
+    assert torch.equal(fused(**inputs, return_dict=False)[0], original(**inputs, return_dict=False)[0])
+    assert calls == []
+    monkeypatch.setenv(ENV_VAR, "triton")
+    fused(**inputs, return_dict=False)
+    doubles, singles = len(fused.transformer_blocks), len(fused.single_transformer_blocks)
+    assert len(calls) == 4 * doubles + 2 * singles
+
+
+def test_flux_attention_falls_back_to_diffusers_processor(monkeypatch):
+    """Another processor, extra attention kwargs or rotary tables of another form: diffusers' own
+    processor runs (no fused call), with the same result as the unswapped module."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    from sfgrpo.backend import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, "triton")
+    torch.manual_seed(0)
+    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, added_kv_proj_dim=32, bias=True, eps=1e-6)
+    fused = copy.deepcopy(attn)
+    assert fuse_norms(fused) == 1
+    calls = _count_qk_norm_rope(monkeypatch)
+    hidden, text = torch.randn(1, 6, 32), torch.randn(1, 3, 32)
+    angles = torch.rand(9, 8).repeat_interleave(2, dim=1)
+    tables = (angles.cos(), angles.sin())
+    torch.testing.assert_close(fused(hidden, text, image_rotary_emb=tables)[0], attn(hidden, text, image_rotary_emb=tables)[0],
+                               atol=2e-6, rtol=1e-5)
+    assert len(calls) == 4
+
+    class OtherProcessor(type(attn.processor)):  # a subclass may compute something else
+        pass
+
+    calls.clear()
+    for module in (attn, fused):
+        module.set_processor(OtherProcessor())
+    assert torch.equal(fused(hidden, text, image_rotary_emb=tables)[0], attn(hidden, text, image_rotary_emb=tables)[0])
+    fused.set_processor(type(attn.processor)())
+    wrong_shape = (tables[0][:5], tables[1][:5])
+    with pytest.raises(RuntimeError):  # diffusers' own error for tables that do not fit the tokens
+        fused(hidden, text, image_rotary_emb=wrong_shape)
+    complex_tables = torch.polar(torch.ones(9, 8), angles[:, ::2])
+    with pytest.raises(Exception):  # diffusers' processor rejects it too: the fused path did not take it
+        attn(hidden, text, image_rotary_emb=complex_tables)
+    with pytest.raises(Exception):
+        fused(hidden, text, image_rotary_emb=complex_tables)
+    assert calls == []
+
+
+def test_flux_attention_with_an_unverified_diffusers_keeps_its_processor(monkeypatch):
+    from sfgrpo.models import fused_attention
+
+    assert fused_attention.verified()
+    monkeypatch.setattr(fused_attention, "_VERIFIED", {"apply_rotary_emb": {"0": "0"}})
+    monkeypatch.setattr(fused_norms, "_SWAPS", None)
+    _, fused = _pair("flux1-dev-small")
+    fuse_norms(fused)
+    assert "FusedFluxAttention" not in _kinds(fused) and "FusedFluxTransformerBlock" in _kinds(fused)
+    assert "not verified" in fused_attention.support()["FluxAttention"]
+
+
+def test_fused_flux_pickles_and_unfuses():
+    import pickle
+
+    original, fused = _pair("flux1-dev-small")
+    fuse_norms(fused)
+    restored = pickle.loads(pickle.dumps(fused))
+    assert _kinds(restored) == _kinds(fused)
+    unfuse_norms(restored)
+    assert _kinds(restored) == [] and type(restored.transformer_blocks[0].attn) is type(original.transformer_blocks[0].attn)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_flux_triton_path_in_half_precision_is_close_to_diffusers(dtype, monkeypatch):
+    """bf16 weights and activations: every fused kernel rounds once where diffusers rounds after each
+    op; the whole FLUX.1-architecture output stays within bf16 noise of diffusers'."""
+    from sfgrpo.backend import ENV_VAR
+
+    original, fused = _pair("flux1-dev-small")
+    original, fused = original.to(dtype), fused.to(dtype)
+    fuse_norms(fused)
+    inputs = {k: (v.to(dtype) if v.is_floating_point() and k != "timestep" else v)
+              for k, v in _flux_inputs(original, batch=1).items()}
+    expected = original(**inputs, return_dict=False)[0].float()
+    monkeypatch.setenv(ENV_VAR, "triton")
+    got = fused(**inputs, return_dict=False)[0].float()
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

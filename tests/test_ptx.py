@@ -142,6 +142,30 @@ def test_rms_norm_divides_and_takes_roots_ieee_rounded(variants):
             assert row["div_inexact"] == 0 and row["sqrt_approx"] == 0, f"{name}: {row}"
 
 
+def test_qk_norm_rope_variants_compile_for_sm90(variants):
+    for storage in ("fp32", "bf16"):
+        for D in (64, 128):
+            for norm in (0, 1):
+                assert f"qk_norm_rope/fwd/{storage}/D{D}/norm{norm}" in variants
+                assert f"qk_norm_rope/bwd/{storage}/D{D}/norm{norm}/dw0" in variants
+            assert f"qk_norm_rope/bwd/{storage}/D{D}/norm1/dw1" in variants
+
+
+def test_qk_norm_rope_streams_rows_and_tables_with_128bit_accesses(variants):
+    # x (or the incoming gradient), cos and sin stream in 128 bits at a time (the even / odd split of
+    # the pairs stays in registers) and the rotated rows / dx go out the same way; the only narrow
+    # accesses are the widest tile's weight load and the backward's one row of dweight partials
+    rows = {name: row for name, row in variants.items() if name.startswith("qk_norm_rope/")}
+    assert rows
+    for name, row in rows.items():
+        assert row["loads_128bit"] >= (4 if "/bwd/" in name and "/norm1/" in name else 3), f"{name}: {row}"
+        assert row["stores_128bit"] >= 1, f"{name}: {row}"
+        assert row["loads_narrow"] <= (1 if "/D1024/" in name else 0), f"{name}: {row}"
+        assert row["stores_narrow"] <= (1 if name.endswith("dw1") else 0), f"{name}: {row}"
+        if "/norm1" in name:  # torch's rms_norm: IEEE-rounded mean and root, as the RMSNorm kernels
+            assert row["div_rn"] >= 2 and row["sqrt_rn"] >= 1 and row["div_inexact"] == 0, f"{name}: {row}"
+
+
 GATED_RESIDUAL_KINDS = {  # variant kind -> (128-bit loads, 128-bit stores) at least, bf16 (fp32 has twice)
     "fwd/residual": (3, 1),  # h, y, gate -> h_out
     "fwd/norm": (5, 2),  # h, y, gate, scale, shift -> h_out, normed

@@ -14,7 +14,9 @@ that the next Linear / attention would cast to anyway.
 The blocks around them (SD3's JointTransformerBlock, FLUX's double and single blocks) are swapped
 too, for twins that run their gated residuals and norm2's modulation through
 `sfgrpo.gated_residual[_layer_norm_modulate]` (`sfgrpo.models.fused_blocks`; only where the
-installed diffusers' block forward is one that module was verified against).
+installed diffusers' block forward is one that module was verified against), and so is FLUX's
+attention, whose QK-norm and rotary embedding run as one pass per stream
+(`sfgrpo.models.fused_attention`, verified the same way).
 
 Only modules whose configuration the fused ops reproduce are swapped (a plain LayerNorm without
 affine parameters; an RMSNorm without bias): anything else keeps diffusers' forward.
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from sfgrpo import functional as F
 from sfgrpo.backend import resolve_backend, traced_reference
-from sfgrpo.models import fused_blocks
+from sfgrpo.models import fused_attention, fused_blocks
 from sfgrpo.models.class_swap import swap_back, swapped_count
 
 __all__ = ["fuse_norms", "unfuse_norms", "fused_norm_count"]
@@ -157,6 +159,18 @@ def _blocks():
             yield fused, supported
 
 
+def _attention():
+    """The attention modules whose QK-norm and rotation run fused (sfgrpo.models.fused_attention),
+    only where diffusers' processor is one the twin was verified against."""
+    if not fused_attention.verified():
+        return
+    for factory in fused_attention.FACTORIES:
+        try:
+            yield factory(_Fused)
+        except ImportError:
+            continue
+
+
 _FACTORIES = (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _sd35_ada_layer_norm_zero_x,
               _ada_layer_norm_continuous, _rms_norm)
 _SWAPS: dict[type, tuple[type, object]] | None = None
@@ -175,7 +189,7 @@ def _swaps() -> dict[type, tuple[type, object]]:
             except ImportError:
                 continue
             swaps[fused.diffusers_class] = (fused, supported)
-        for fused, supported in _blocks():
+        for fused, supported in (*_blocks(), *_attention()):
             swaps[fused.diffusers_class] = (fused, supported)
         for fused, _ in swaps.values():  # importable by name (`__getattr__` below): a fused model pickles
             fused.__module__, fused.__qualname__ = __name__, fused.__name__
@@ -195,8 +209,8 @@ def __getattr__(name: str):
 def fuse_norms(model: nn.Module) -> int:
     """Swaps, in place, every adaLN modulation (AdaLayerNormZero, AdaLayerNormZeroSingle,
     SD35AdaLayerNormZeroX, AdaLayerNormContinuous over a plain LayerNorm), RMSNorm (no bias) and
-    verified DiT block (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock) in
-    `model` for its fused twin; returns how many modules were swapped. Exact class matches only: a
+    verified DiT block (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock) and
+    verified FLUX attention (QK-norm + rotary embedding in one pass) in `model` for its fused twin; returns how many modules were swapped. Exact class matches only: a
     subclass of a diffusers module may compute something else. Idempotent."""
     swaps = _swaps()
     count = 0
