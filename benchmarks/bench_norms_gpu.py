@@ -1,5 +1,6 @@
 """GPU benchmark of sfgrpo's fused transformer norms (`sfgrpo.layer_norm_modulate`,
-`sfgrpo.rms_norm`, `sfgrpo.gated_residual_layer_norm_modulate`) and of what they buy a real-size
+`sfgrpo.rms_norm`, `sfgrpo.gated_residual_layer_norm_modulate`, FLUX attention's
+`sfgrpo.qk_norm_rope`) and of what they buy a real-size
 transformer (`sfgrpo.models.fused_norms`: the norm modules and the blocks' tails).
 
 Ops, on SD3.5-M / FLUX.1 shapes at 512 px in bf16: the fused op vs diffusers' eager expression vs
@@ -40,8 +41,15 @@ RMS_SHAPES = {
     "sd35m_q_b8_1024x24x64": (8, 1024, 24, 64),
     "sd35m_q_b16_1357x24x64": (16, 1357, 24, 64),
 }
+# FLUX attention's q (or k) of one stream as FluxAttnProcessor has it: [B, N, H, D], image tokens
+# at 512 px and at 1024 px
+ROPE_SHAPES = {
+    "flux_q_b4_1024x24x128": (4, 1024, 24, 128),
+    "flux_q_b4_4096x24x128": (4, 4096, 24, 128),
+}
 QUICK_MODULATE = ("sd35m_b16_1357x1536", "flux_b4_4608x3072")
 QUICK_RMS = ("sd35m_q_b16_1357x24x64",)
+QUICK_ROPE = ("flux_q_b4_4096x24x128",)
 
 
 def _diffusers_modulate(x, scale, shift, eps=1e-6):
@@ -61,6 +69,15 @@ def _diffusers_residual_norm2(h, y, gate, scale, shift, eps=1e-6):
 
 def _diffusers_rms(x, weight, eps=1e-6):
     return ref.rms_norm(x, weight, eps)
+
+
+def _diffusers_norm_rope(x, weight, cos, sin, eps=1e-6):
+    """FluxAttnProcessor: torch.nn.RMSNorm over the head dim, then apply_rotary_emb (fp32)."""
+    return ref.qk_norm_rope(x, cos, sin, weight, eps)
+
+
+def _sfgrpo_norm_rope(x, weight, cos, sin, eps=1e-6):
+    return F.qk_norm_rope(x, cos, sin, weight, eps)
 
 
 def _timings(name, implementations, make_inputs, nbytes_fwd, nbytes_bwd, bandwidth, rows):
@@ -141,6 +158,18 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
 
         numel = b * n * h * d
         _timings(name, {"sfgrpo": F.rms_norm, **_baselines(_diffusers_rms, quick)},
+                 make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
+    for name in QUICK_ROPE if quick else ROPE_SHAPES:
+        b, n, h, d = ROPE_SHAPES[name]
+
+        def make(grad, b=b, n=n, h=h, d=d):
+            q = torch.randn(b, n, h, d, device=dev, dtype=dt, requires_grad=grad)
+            weight = (1 + 0.1 * torch.randn(d, device=dev)).to(dt).requires_grad_(grad)
+            angles = torch.rand(n, d // 2, device=dev).repeat_interleave(2, dim=1) * 6.0
+            return q, weight, angles.cos(), angles.sin()
+
+        numel = b * n * h * d  # fwd: q in, q out (the fp32 tables stay in L2); bwd: q, grad in, dq out
+        _timings(f"norm+rope {name}", {"sfgrpo": _sfgrpo_norm_rope, **_baselines(_diffusers_norm_rope, quick)},
                  make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
 
 

@@ -1,17 +1,20 @@
 """Kernels and memory traffic of one real-size DiT block, diffusers' modules vs sfgrpo's fused
-norms and block tail, counted on the CPU (no GPU needed); and the same block with LoRA adapters on
-its attention projections under bf16 autocast (the trainer's setting), peft's layers vs sfgrpo's
-fused LoRA linear.
+ops, counted on the CPU (no GPU needed): SD3.5-M's dual-attention block (fused norms and block
+tail), the same block with LoRA adapters on its attention projections under bf16 autocast (the
+trainer's setting; peft's layers vs sfgrpo's fused LoRA linear), and FLUX.1-dev's double- and
+single-stream blocks (fused norms, block tails and the attention's QK-norm + rotary embedding).
 
 Every ATen op a block's forward and backward dispatch is recorded (TorchDispatchMode) with the
 bytes of its tensor inputs and outputs; views and metadata ops move nothing and are left out. The
-fused ops' Triton kernels are counted as ONE kernel each with their
-own inputs and outputs (the kernels run in Triton's interpreter). Grouped as matmul / attention (what fusion cannot remove) and everything
-else (the elementwise and normalisation traffic the fused ops cut). On a GPU the "everything else"
-row is memory-bound, so its bytes are its time: this is the model the GPU benchmark
-(`bench_norms_gpu.py`) measures for real.
+fused ops' Triton kernels are counted as ONE kernel each with their own inputs and outputs (the
+kernels run in Triton's interpreter), and so is torch.nn.RMSNorm (one fused kernel each way on
+CUDA, decomposed on the CPU). Grouped as matmul / attention (what fusion cannot remove) and
+everything else (the elementwise and normalisation traffic the fused ops cut). On a GPU the
+"everything else" row is memory-bound, so its bytes are its time: this is the model the GPU
+benchmark (`bench_norms_gpu.py`) measures for real.
 
-    python benchmarks/block_traffic_cpu.py [--tokens 1024] [--batch 1] [--lora-rank 32] [--out FILE.md]
+    python benchmarks/block_traffic_cpu.py [--models sd35m,flux1] [--tokens 1024] [--batch 1] [--lora-rank 32]
+                                          [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class Traffic(TorchDispatchMode):
 def fused_ops_counted_as_one_kernel(traffic: Traffic):
     """The fused ops' Triton kernels (run in Triton's interpreter here) each recorded as one kernel
     moving the op's inputs and outputs, with the counting mode off inside them."""
-    from sfgrpo.ops import gated_residual, layer_norm_modulate, rms_norm
+    from sfgrpo.ops import gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm
 
     def counted(function):
         def run(*args, **kwargs):
@@ -90,7 +93,7 @@ def fused_ops_counted_as_one_kernel(traffic: Traffic):
             self.forward, self.backward = counted(kernels.forward), counted(kernels.backward)
 
     originals = []
-    for module in (rms_norm, layer_norm_modulate, gated_residual):
+    for module in (rms_norm, layer_norm_modulate, gated_residual, qk_norm_rope):
         def implementation(*args, original=module._implementation, reference=module._Reference, **kwargs):
             chosen = original(*args, **kwargs)
             return chosen if chosen is reference else Counting(chosen)
@@ -105,7 +108,51 @@ def fused_ops_counted_as_one_kernel(traffic: Traffic):
             module._implementation = original
 
 
-def measure(block, inputs, fused: bool, autocast: bool = False) -> Traffic:
+@contextlib.contextmanager
+def torch_rms_norm_counted_as_one_kernel(traffic: Traffic):
+    """torch.nn.RMSNorm (FLUX's QK norms) recorded as one kernel forward and one backward, with their
+    inputs and outputs: what CUDA runs (torch's fused rms_norm and its backward), where the CPU
+    decomposes it into ~5 ops each way."""
+
+    class Counted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, eps):
+            with _disable_current_modes():
+                y = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+            traffic.record("elementwise / norms", _nbytes((x, weight, y)))
+            ctx.save_for_backward(x, weight)
+            ctx.eps = eps
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            x, weight = ctx.saved_tensors
+            with _disable_current_modes(), torch.enable_grad():
+                xg = x.detach().requires_grad_()
+                wg = None if weight is None else weight.detach().requires_grad_(ctx.needs_input_grad[1])
+                y = torch.nn.functional.rms_norm(xg, (x.shape[-1],), wg, ctx.eps)
+                wanted = [xg] + ([wg] if wg is not None and wg.requires_grad else [])
+                grads = list(torch.autograd.grad(y, wanted, g))
+            dx = grads[0]
+            dw = grads[1] if len(grads) > 1 else None
+            traffic.record("elementwise / norms", _nbytes((g, x, weight, dx, dw)))
+            return dx, dw, None
+
+    def forward(self, x):
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return Counted.apply(x, self.weight, eps)
+
+    original = torch.nn.RMSNorm.forward
+    torch.nn.RMSNorm.forward = forward
+    try:
+        yield
+    finally:
+        torch.nn.RMSNorm.forward = original
+
+
+def measure(block, inputs, fused: bool, autocast: bool = False, constants: dict | None = None) -> Traffic:
+    """Kernels and bytes of `block(**inputs, **constants)` forward and backward; `inputs` get
+    gradients, `constants` (FLUX's rotary tables) do not."""
     from sfgrpo.models.fused_lora import fuse_lora, unfuse_lora
     from sfgrpo.models.fused_norms import fuse_norms, unfuse_norms
 
@@ -114,10 +161,12 @@ def measure(block, inputs, fused: bool, autocast: bool = False) -> Traffic:
     traffic = Traffic()
     stack = contextlib.ExitStack()
     with stack:
+        stack.enter_context(torch_rms_norm_counted_as_one_kernel(traffic))
         if fused:
             stack.enter_context(fused_ops_counted_as_one_kernel(traffic))
         with traffic, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            outputs = [o for o in block(**inputs) if o is not None]
+            outputs = block(**inputs, **(constants or {}))
+            outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if o is not None]
         # fixed output gradients made outside the count: the loss's own kernels are not the block's
         grads = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))
                  for i, o in enumerate(outputs)]
@@ -168,16 +217,21 @@ def largest_difference(a: Traffic, b: Traffic) -> float:
                for x, y in zip(a.outputs, b.outputs))
 
 
-def main() -> int:
+def flux_rotary_tables(image_tokens: int, text_tokens: int, axes_dim=(16, 56, 56)):
+    """FLUX.1's (cos, sin) for a square image grid after the text tokens (FluxPosEmbed; FLUX.1's
+    axes for its head dim 128)."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    side = int(round(image_tokens ** 0.5))
+    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
+                                      indexing="ij"), -1).reshape(-1, 3)
+    ids = torch.cat([torch.zeros(text_tokens, 3), grid])
+    return FluxPosEmbed(theta=10000, axes_dim=list(axes_dim))(ids)
+
+
+def sd35m_tables(args) -> list[str]:
     from diffusers.models.attention import JointTransformerBlock
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=1024, help="image tokens (SD3.5-M at 512 px: 1024)")
-    parser.add_argument("--text-tokens", type=int, default=333)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--lora-rank", type=int, default=32, help="rank of the second table's adapters (0: no table)")
-    parser.add_argument("--out", help="also write the table to this markdown file")
-    args = parser.parse_args()
     torch.manual_seed(0)
     # SD3.5-Medium's dual-attention block (layers 0-12), bf16 like a real run
     block = JointTransformerBlock(dim=1536, num_attention_heads=24, attention_head_dim=64, context_pre_only=False,
@@ -199,6 +253,60 @@ def main() -> int:
                        "both streams, under bf16 autocast (the trainer's setting), forward + backward: diffusers = "
                        "diffusers' modules + peft's lora.Linear, sfgrpo = fused norms, block tail and "
                        "`sfgrpo.lora_linear`", rows)
+    return lines
+
+
+def flux1_tables(args) -> list[str]:
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    text = args.flux_text_tokens
+    shape = f"bf16, batch {args.batch}, {args.tokens} image + {text} text tokens"
+    tables = flux_rotary_tables(args.tokens, text)
+    constants = dict(image_rotary_emb=tables)
+    note = ("(weights frozen, no adapters; torch.nn.RMSNorm, FLUX's QK norm, counted as one kernel each way on "
+            "both sides, as CUDA runs it)")
+    lines = []
+    torch.manual_seed(0)
+    block = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128)
+    block = block.to(torch.bfloat16).requires_grad_(False)
+    inputs = dict(
+        hidden_states=torch.randn(args.batch, args.tokens, 3072, dtype=torch.bfloat16, requires_grad=True),
+        encoder_hidden_states=torch.randn(args.batch, text, 3072, dtype=torch.bfloat16, requires_grad=True),
+        temb=torch.randn(args.batch, 3072, dtype=torch.bfloat16),
+    )
+    rows = {name: measure(block, inputs, fused, constants=constants)
+            for name, fused in (("diffusers", False), ("sfgrpo fused", True))}
+    lines += table(f"FLUX.1-dev double-stream FluxTransformerBlock, {shape}, forward + backward {note}", rows)
+    del block, inputs, rows
+    block = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128)
+    block = block.to(torch.bfloat16).requires_grad_(False)
+    inputs = dict(  # diffusers' single block concatenates the two streams itself
+        hidden_states=torch.randn(args.batch, args.tokens, 3072, dtype=torch.bfloat16, requires_grad=True),
+        encoder_hidden_states=torch.randn(args.batch, text, 3072, dtype=torch.bfloat16, requires_grad=True),
+        temb=torch.randn(args.batch, 3072, dtype=torch.bfloat16),
+    )
+    rows = {name: measure(block, inputs, fused, constants=constants)
+            for name, fused in (("diffusers", False), ("sfgrpo fused", True))}
+    lines += table(f"FLUX.1-dev FluxSingleTransformerBlock, {shape} (one joint stream), forward + backward {note}", rows)
+    return lines
+
+
+MODELS = {"sd35m": sd35m_tables, "flux1": flux1_tables}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1024, help="image tokens (SD3.5-M / FLUX.1 at 512 px: 1024)")
+    parser.add_argument("--text-tokens", type=int, default=333, help="SD3.5-M's text tokens (CLIP 77 + T5 256)")
+    parser.add_argument("--flux-text-tokens", type=int, default=512, help="FLUX.1-dev's T5 tokens")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lora-rank", type=int, default=32, help="rank of the SD3.5-M LoRA table's adapters (0: none)")
+    parser.add_argument("--models", default="sd35m,flux1", help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--out", help="also write the tables to this markdown file")
+    args = parser.parse_args()
+    lines = []
+    for name in args.models.split(","):
+        lines += MODELS[name.strip()](args)
     text = "\n".join(lines).rstrip() + "\n"
     print(text)
     if args.out:

@@ -65,9 +65,9 @@ def collect() -> dict:
 
 def _fused_block_support() -> dict[str, str]:
     try:
-        from sfgrpo.models import fused_blocks
+        from sfgrpo.models import fused_attention, fused_blocks
 
-        return fused_blocks.support()
+        return {**fused_blocks.support(), **fused_attention.support()}
     except ImportError as err:  # no diffusers: nothing to fuse
         return {"(all)": f"unavailable: {err}"}
 

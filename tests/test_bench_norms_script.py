@@ -30,6 +30,8 @@ def script(monkeypatch):
     monkeypatch.setattr(module, "QUICK_MODULATE", ("tiny",))
     monkeypatch.setattr(module, "RMS_SHAPES", {"tiny_q": (2, 5, 3, 8)})
     monkeypatch.setattr(module, "QUICK_RMS", ("tiny_q",))
+    monkeypatch.setattr(module, "ROPE_SHAPES", {"tiny_rope": (2, 5, 3, 8)})
+    monkeypatch.setattr(module, "QUICK_ROPE", ("tiny_rope",))
     yield module, calls
     sys.modules.pop("bench_sde_step_gpu", None)
 
@@ -41,7 +43,7 @@ def test_op_rows_for_every_op_mode_and_implementation(script, quick):
     module.bench_ops(quick, 1000.0, rows, dev="cpu")
     impls = {"sfgrpo", "eager"} | (set() if quick else {"compiled"})
     cases = {row["case"] for row in rows}
-    assert cases == {"tiny", "residual+norm2 tiny", "residual tiny", "tiny_q"}
+    assert cases == {"tiny", "residual+norm2 tiny", "residual tiny", "tiny_q", "norm+rope tiny_rope"}
     for case in cases:
         for mode in ("fwd", "fwd+bwd"):
             assert {r["impl"] for r in rows if r["case"] == case and r["mode"] == mode} == impls, (case, mode)

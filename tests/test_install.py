@@ -104,6 +104,10 @@ def test_cli_info_reports_native_build_and_backends():
 
     expected = "fused" if fused_blocks.verified(JointTransformerBlock) else "diffusers' forward"
     assert report["fused_blocks"]["JointTransformerBlock"].startswith(expected)
+    from sfgrpo.models import fused_attention
+
+    expected = "fused" if fused_attention.verified() else "diffusers' processor"
+    assert report["fused_blocks"]["FluxAttention"].startswith(expected)
     assert "DiT blocks under --fused-norms" in text
     assert report["fused_lora"].startswith(f"peft {importlib.metadata.version('peft')}: lora.Linear layers run")
     assert "LoRA layers under --fused-lora: peft" in text

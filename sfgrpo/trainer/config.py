@@ -102,8 +102,9 @@ class TrainerConfig:
     compile_backbone: bool = _help("run the transformer's forward under torch.compile (the first iterations "
                                    "compile)", default=False)
     fused_norms: bool = _help(
-        "run the diffusers transformer's adaLN modulations (LayerNorm * (1 + scale) + shift) and QK RMSNorms through "
-        "sfgrpo's fused ops (one pass each, Triton on CUDA; diffusers' own expressions on CPU, bit-exact); the "
+        "run the diffusers transformer's adaLN modulations (LayerNorm * (1 + scale) + shift), QK RMSNorms, block "
+        "tails (gated residuals) and FLUX's QK-norm + rotary embedding through sfgrpo's fused ops (one pass each, "
+        "Triton on CUDA; diffusers' own expressions on CPU, bit-exact); the "
         "parameters and checkpoints are unchanged (sfgrpo.models.fused_norms)", default=True)
     # ------------------------------------------------------------------ LoRA (needs peft)
     use_lora: bool = _help("train LoRA adapters (peft) instead of the full transformer", default=False)
