@@ -88,9 +88,22 @@ def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, R, D, eps,
 
 
 @triton.jit
-def rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, eps, TILES,
+def _strided_rows(R, tile, S1, S2, ST0, ST1, ST2, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets of the tile's rows in a tensor whose row r (x's memory order) is (i0, i1, i2) over
+    sizes (., S1, S2) at strides (ST0, ST1, ST2): the incoming gradient as a slice of a joint one."""
+    rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    r = tl.where(rows < R, rows, 0).to(tl.int64)
+    i2 = r % S2
+    i01 = r // S2
+    base = (i01 // S1) * ST0 + (i01 % S1) * ST1 + i2 * ST2
+    return base[:, None] + tl.arange(0, BLOCK_D)[None, :]
+
+
+@triton.jit
+def rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, eps, TILES, DY_S1, DY_S2, DY_ST0, DY_ST1, DY_ST2,
                         HAS_W: tl.constexpr, ROUND_W: tl.constexpr, WRITE_DX: tl.constexpr,
-                        WRITE_DW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                        WRITE_DW: tl.constexpr, STRIDED_DY: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     if HAS_W:
@@ -100,7 +113,11 @@ def rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, eps, TILES,
     for tile in range(pid, TILES, tl.num_programs(0)):
         offs, mask = _tile(R, D, tile, BLOCK_ROWS, BLOCK_D)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if STRIDED_DY:
+            dy_offs = _strided_rows(R, tile, DY_S1, DY_S2, DY_ST0, DY_ST1, DY_ST2, BLOCK_ROWS, BLOCK_D)
+        else:
+            dy_offs = offs
+        dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
         r = _inv_rms(x, D, eps)[:, None]
         if HAS_W:
             g = dy * w[None, :]
@@ -162,8 +179,9 @@ def forward(x, weight, eps: float, out_dtype):
     return y
 
 
-def backward(dy, x, weight, eps: float, need_dx: bool, need_dw: bool):
-    """(dx, dweight), None where not needed; dy must have x's layout (the op layer copies it)."""
+def backward(dy, x, weight, eps: float, need_dx: bool, need_dw: bool, dy_rows=None):
+    """(dx, dweight), None where not needed. dy has x's layout, or `dy_rows` = ((S0, S1, S2),
+    (ST0, ST1, ST2)) maps x's memory-order rows to dy's (`sfgrpo.ops.rms_norm.row_map`)."""
     import torch
 
     D = x.shape[-1]
@@ -177,11 +195,12 @@ def backward(dy, x, weight, eps: float, need_dx: bool, need_dw: bool):
     weight = None if weight is None else weight.contiguous()
     programs = min(tiles, MAX_PARTIALS) if need_dw else tiles
     partials = torch.empty((programs, D), dtype=torch.float32, device=x.device) if need_dw else None
+    (_, s1, s2), (st0, st1, st2) = dy_rows if dy_rows is not None else ((R, 1, 1), (0, 0, 0))
     _BWD.with_constexprs(
         (programs,), (x, x if weight is None else weight, dy, x if dx is None else dx,
-                      x if partials is None else partials, R, D, float(eps), tiles),
+                      x if partials is None else partials, R, D, float(eps), tiles, s1, s2, st0, st1, st2),
         dict(HAS_W=weight is not None, ROUND_W=_round_w(weight), WRITE_DX=need_dx, WRITE_DW=need_dw,
-             BLOCK_ROWS=block_rows, BLOCK_D=block_d),
+             STRIDED_DY=dy_rows is not None, BLOCK_ROWS=block_rows, BLOCK_D=block_d),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     dw = partials.sum(dim=0).to(weight.dtype) if need_dw else None
     return dx, dw
@@ -202,8 +221,11 @@ def aot_variants():
                    {"x_ptr": f"*{storage}", "w_ptr": f"*{storage}", "y_ptr": f"*{storage}", **scalars},
                    dict(w, BLOCK_ROWS=block_rows, BLOCK_D=block_d), num_warps)
             block_rows, block_d, num_warps = tile_config(D, itemsize, vectors=1)
+            grad_rows = {"DY_S1": "i32", "DY_S2": "i32", "DY_ST0": "i32", "DY_ST1": "i32", "DY_ST2": "i32"}
             for dw in (False, True):
-                yield (f"bwd/{name}/D{D}/dw{int(dw)}", rms_norm_bwd_kernel,
-                       {"x_ptr": f"*{storage}", "w_ptr": f"*{storage}", "dy_ptr": f"*{storage}",
-                        "dx_ptr": f"*{storage}", "dw_ptr": "*fp32", "TILES": "i32", **scalars},
-                       dict(w, WRITE_DX=True, WRITE_DW=dw, BLOCK_ROWS=block_rows, BLOCK_D=block_d), num_warps)
+                for strided in ((False, True) if D <= 128 else (False,)):  # QK norms get joint-grad slices
+                    yield (f"bwd/{name}/D{D}/dw{int(dw)}" + ("/strided_dy" if strided else ""), rms_norm_bwd_kernel,
+                           {"x_ptr": f"*{storage}", "w_ptr": f"*{storage}", "dy_ptr": f"*{storage}",
+                            "dx_ptr": f"*{storage}", "dw_ptr": "*fp32", "TILES": "i32", **scalars, **grad_rows},
+                           dict(w, WRITE_DX=True, WRITE_DW=dw, STRIDED_DY=strided, BLOCK_ROWS=block_rows,
+                                BLOCK_D=block_d), num_warps, ("D", "DY_ST0", "DY_ST1", "DY_ST2"))

@@ -117,6 +117,8 @@ def test_rms_norm_variants_compile_for_sm90(variants):
         for D in (64, 128, 3072):
             assert f"rms_norm/fwd/{storage}/D{D}" in variants
             assert f"rms_norm/bwd/{storage}/D{D}/dw0" in variants and f"rms_norm/bwd/{storage}/D{D}/dw1" in variants
+        for D in (64, 128):  # the incoming gradient read in place through a row map (joint-attention slices)
+            assert f"rms_norm/bwd/{storage}/D{D}/dw1/strided_dy" in variants
 
 
 def test_rms_norm_streams_rows_with_128bit_accesses(variants):
@@ -130,7 +132,7 @@ def test_rms_norm_streams_rows_with_128bit_accesses(variants):
             assert row["loads_128bit"] >= 2 and row["stores_128bit"] >= 1 and row["stores_narrow"] == 0, f"{name}: {row}"
         else:
             assert row["loads_128bit"] >= 3 and row["stores_128bit"] >= 1, f"{name}: {row}"
-            assert row["stores_narrow"] <= (1 if name.endswith("dw1") else 0), f"{name}: {row}"
+            assert row["stores_narrow"] <= (1 if "/dw1" in name else 0), f"{name}: {row}"
 
 
 def test_rms_norm_divides_and_takes_roots_ieee_rounded(variants):

@@ -209,6 +209,57 @@ def test_gradient_with_another_layout_than_x_and_weight_only():
     torch.testing.assert_close(w16.grad.float(), expected.float(), rtol=2 * ULP[torch.bfloat16], atol=1e-2)
 
 
+class _JointGradient(torch.autograd.Function):
+    """Identity whose backward hands back a given gradient as it is laid out (what the attention's
+    backward gives the concatenated q)."""
+
+    @staticmethod
+    def forward(ctx, joint, grad):
+        ctx.grad = grad
+        return joint.view_as(joint)
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.grad, None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_joint_attention_gradient_slices_are_read_in_place(batch, monkeypatch):
+    """SD3's processor norms q of each stream ([B, H, N, D] views of [B, N, H, D] memory), then
+    concatenates the streams: the norm's incoming gradient is a slice of the joint gradient, whose
+    batch stride is the joint sequence's. The kernels read it through a row map, no copy."""
+    copies = []
+
+    def like(grad, x, original=ops._like):
+        if not ops._same_layout(grad, x):
+            copies.append(grad.shape)
+        return original(grad, x)
+
+    monkeypatch.setattr(ops, "_like", like)
+    image, text = _qk_view(B=batch, N=7, H=3, D=64), _qk_view(B=batch, N=4, H=3, D=64)
+    w = _w(64, torch.float32)  # fp32 throughout: the fused fp32 backward against autograd's to rounding
+    joint_grad = _x((batch, 11, 3, 64), torch.float32, seed=9).transpose(1, 2)  # [B, H, N, D] of [B, N, H, D]
+    grads = []
+    for norm in (lambda q, w: F.rms_norm(q, w, backend="triton"), ref.rms_norm):
+        leaves = [t.detach().clone().requires_grad_() for t in (image, text, w)]
+        joint = torch.cat([norm(leaves[0], leaves[2]), norm(leaves[1], leaves[2])], dim=2)
+        _JointGradient.apply(joint, joint_grad).sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert copies == []
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+    if batch > 1:  # the map: x's memory-order rows (b, n, h) -> the joint gradient's, two strides
+        assert ops.row_map(joint_grad[:, :, 7:], text) == ((1, batch, 12), (0, 11 * 3 * 64, 64))
+
+
+def test_row_map_gives_up_on_layouts_three_strides_cannot_address():
+    x = _x((2, 3, 4, 5, 8), torch.float32)
+    g = _x((2, 3, 4, 5, 16), torch.float32)[..., ::2]  # channel stride 2
+    assert ops.row_map(g, x) is None
+    g = _x((4, 2, 6, 3, 8), torch.float32).permute(1, 3, 0, 2, 4)[:, :, :, :5]  # four strided row dims
+    assert ops.row_map(g, x) is None
+
+
 def test_wider_rows_than_one_tile_run_the_reference():
     from sfgrpo.kernels import rms_norm as kernels
 

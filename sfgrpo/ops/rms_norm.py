@@ -4,9 +4,11 @@
 (the last dim has stride 1 and x is dense under some order of its other dims: contiguous, or the
 `q.view(B, N, H, D).transpose(1, 2)` that diffusers' attention processors hand to `norm_q`) the
 kernels run over memory in order with no copy and the output takes x's strides; any other layout
-is copied once with `.contiguous()`. Incoming gradients with another layout than x are copied
-once into x's. The output dtype is decided by the caller (`sfgrpo.functional.rms_norm`: diffusers'
-rule, or the autocast dtype) and passed in, so the op itself never looks at autocast state.
+is copied once with `.contiguous()`. Incoming gradients with another layout than x are read in
+place by the kernels when three strides address their rows (the slice of the attention's joint
+gradient a QK norm gets back), else copied once into x's layout. The output dtype is decided by
+the caller (`sfgrpo.functional.rms_norm`: diffusers' rule, or the autocast dtype) and passed in,
+so the op itself never looks at autocast state.
 
 Per device (`sfgrpo.backend`): CUDA tensors run the Triton kernels (`sfgrpo.kernels.rms_norm`),
 CPU tensors the reference (`sfgrpo.reference.rms_norm`, diffusers' code), the `triton` backend on
@@ -55,6 +57,28 @@ def _rows(x: Tensor) -> Tensor:
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size != 1)
+
+
+def row_map(grad: Tensor, x: Tensor):
+    """How the kernels read `grad` (x's shape, another layout) row by row without a copy: x's rows
+    are in memory order (`rows_in_memory_order`); returns ((S0, S1, S2), (ST0, ST1, ST2)) such that
+    x's row r is grad's row at (r // (S1 S2)) ST0 + (r // S2 % S1) ST1 + (r % S2) ST2, or None when
+    grad's rows need more than three strides (or its last dim is not unit-stride). The incoming
+    gradient of a QK norm is such a slice: the attention's joint gradient narrowed to one stream."""
+    if grad.shape[-1] > 1 and grad.stride(-1) != 1:
+        return None
+    dims = sorted((d for d in range(x.ndim - 1) if x.shape[d] != 1), key=x.stride, reverse=True)
+    merged: list[list[int]] = []  # [size, stride], outermost first
+    for d in dims:
+        size, stride = x.shape[d], grad.stride(d)
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if len(merged) > 3:
+        return None
+    merged = [[1, 0]] * (3 - len(merged)) + merged
+    return tuple(m[0] for m in merged), tuple(m[1] for m in merged)
 
 
 def _like(grad: Tensor, x: Tensor) -> Tensor:
@@ -123,7 +147,12 @@ def _(dy, x, weight, eps, need_dx, need_dw, backend_name):
 
 def _backward(dy, x, weight, eps, need_dx, need_dw, implementation):
     x = _rows(x)
-    return implementation.backward(_like(dy, x), x, weight, eps, need_dx, need_dw and weight is not None)
+    need_dw = need_dw and weight is not None
+    if implementation is not _Reference and not _same_layout(dy, x):
+        rows = row_map(dy, x)
+        if rows is not None:  # read in place (a slice of the attention's joint gradient): no copy
+            return implementation.backward(dy, x, weight, eps, need_dx, need_dw, dy_rows=rows)
+    return implementation.backward(_like(dy, x), x, weight, eps, need_dx, need_dw)
 
 
 # ----------------------------------------------------------------------------- autograd
