@@ -362,3 +362,59 @@ def test_a_training_iteration_on_the_fused_kernels_matches_the_reference(tmp_pat
     # sign, so the updates are compared as a whole
     assert update_a.abs().max() > 0
     assert (update_b - update_a).norm() <= 1e-2 * update_a.norm()
+
+
+def _flux2_pair(seed=0):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    original = Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32,
+                                       axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    return original, copy.deepcopy(original)
+
+
+def _flux2_inputs(batch=2, grid=4, tokens=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = grid * grid
+    img_ids = torch.zeros(image, 4)
+    img_ids[:, 1] = torch.arange(grid).repeat_interleave(grid)
+    img_ids[:, 2] = torch.arange(grid).repeat(grid)
+    txt_ids = torch.zeros(tokens, 4)
+    txt_ids[:, 3] = torch.arange(tokens)
+    return dict(hidden_states=torch.randn(batch, image, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, tokens, 24, generator=g),
+                timestep=torch.tensor([0.7, 0.3][:batch]), img_ids=img_ids, txt_ids=txt_ids)
+
+
+def test_flux2_attention_twins_match_diffusers(monkeypatch):
+    """FLUX.2's double-stream Flux2Attention and single-stream Flux2ParallelSelfAttention: bit-exact on
+    the reference path, and on the Triton kernels (the interpreter here) within fp32 rounding of
+    diffusers' forward and every gradient, with q and k of each stream through one fused pass."""
+    from sfgrpo.backend import ENV_VAR
+
+    original, fused = _flux2_pair()
+    fuse_norms(fused)
+    assert {"FusedFlux2Attention", "FusedFlux2ParallelSelfAttention"} <= set(_kinds(fused))
+    inputs = _flux2_inputs()
+    expected = original(**inputs, return_dict=False)[0]
+    expected.square().mean().backward()
+    assert torch.equal(fused(**inputs, return_dict=False)[0], expected)
+    calls = _count_qk_norm_rope(monkeypatch)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    got = fused(**inputs, return_dict=False)[0]
+    got.square().mean().backward()
+    assert len(calls) == 4 * len(fused.transformer_blocks) + 2 * len(fused.single_transformer_blocks)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-4)
+    for (key, pa), (_, pb) in zip(original.named_parameters(), fused.named_parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=2e-5, rtol=2e-3, msg=key)
+
+
+def test_every_attention_twin_is_verified_and_reported():
+    from sfgrpo.models import fused_attention
+
+    report = fused_attention.support()
+    assert set(report) == {"FluxAttention", "Flux2Attention", "Flux2ParallelSelfAttention"}
+    for name in report:
+        assert fused_attention.verified(name) and report[name].startswith("fused"), name

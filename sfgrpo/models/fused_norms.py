@@ -161,10 +161,10 @@ def _blocks():
 
 def _attention():
     """The attention modules whose QK-norm and rotation run fused (sfgrpo.models.fused_attention),
-    only where diffusers' processor is one the twin was verified against."""
-    if not fused_attention.verified():
-        return
-    for factory in fused_attention.FACTORIES:
+    each only where diffusers' processor of it is one the twin was verified against."""
+    for name, factory in fused_attention.FACTORIES.items():
+        if not fused_attention.verified(name):
+            continue
         try:
             yield factory(_Fused)
         except ImportError:
@@ -210,7 +210,8 @@ def fuse_norms(model: nn.Module) -> int:
     """Swaps, in place, every adaLN modulation (AdaLayerNormZero, AdaLayerNormZeroSingle,
     SD35AdaLayerNormZeroX, AdaLayerNormContinuous over a plain LayerNorm), RMSNorm (no bias) and
     verified DiT block (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock) and
-    verified FLUX attention (QK-norm + rotary embedding in one pass) in `model` for its fused twin; returns how many modules were swapped. Exact class matches only: a
+    verified FLUX.1 / FLUX.2 attention (QK-norm + rotary embedding in one pass) in `model` for its
+    fused twin; returns how many modules were swapped. Exact class matches only: a
     subclass of a diffusers module may compute something else. Idempotent."""
     swaps = _swaps()
     count = 0
