@@ -418,3 +418,64 @@ def test_every_attention_twin_is_verified_and_reported():
     assert set(report) == {"FluxAttention", "Flux2Attention", "Flux2ParallelSelfAttention"}
     for name in report:
         assert fused_attention.verified(name) and report[name].startswith("fused"), name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_projection_is_the_projection_of_the_concatenation(bias, monkeypatch):
+    """FLUX's single block projects cat([attention, MLP]): the split projection gives the same
+    output and input gradients without the concatenation, for a frozen nn.Linear off the
+    reference path; anywhere else it declines (None) and the block concatenates."""
+    from sfgrpo.backend import ENV_VAR
+    from sfgrpo.models.fused_blocks import split_projection
+
+    torch.manual_seed(0)
+    linear = nn.Linear(8 + 32, 16, bias=bias).requires_grad_(False)
+    first, second = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 32, requires_grad=True)
+    assert split_projection(linear, first, second) is None  # the reference path (CPU default)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    got = split_projection(linear, first, second)
+    expected = linear(torch.cat([first, second], dim=-1))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(got, (first, second), g)
+    expected_grads = torch.autograd.grad(expected, (first, second), g)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = split_projection(linear, first, second)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    linear.weight.requires_grad_(True)  # a trained weight: diffusers' concatenation
+    assert split_projection(linear, first, second) is None
+    linear.weight.requires_grad_(False)
+    assert split_projection(linear, first, second.double()) is None  # mixed dtypes, no autocast
+
+
+def test_flux_single_block_with_a_frozen_projection_matches_diffusers(monkeypatch):
+    """LoRA-style training of a FLUX.1-architecture transformer (weights frozen, gradients to the
+    inputs): on the Triton kernels, with the single blocks' split projection, within fp32 rounding
+    of diffusers' forward and input gradient."""
+    from sfgrpo.backend import ENV_VAR
+
+    original, fused = _pair("flux1-dev-small")
+    for model in (original, fused):
+        model.requires_grad_(False)
+    fuse_norms(fused)
+    calls = []
+    from sfgrpo.models import fused_blocks
+
+    monkeypatch.setattr(fused_blocks, "split_projection",
+                        lambda *a, f=fused_blocks.split_projection: calls.append(f(*a)) or calls[-1])
+    inputs = _flux_inputs(original, batch=2)
+    results = []
+    for model in (original, fused):
+        if model is fused:
+            monkeypatch.setenv(ENV_VAR, "triton")
+        hidden = inputs["hidden_states"].clone().requires_grad_()
+        out = model(**dict(inputs, hidden_states=hidden), return_dict=False)[0]
+        out.square().mean().backward()
+        results.append((out, hidden.grad))
+    assert calls and all(c is not None for c in calls)  # the split path ran in every single block
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(gb, ga, atol=2e-5, rtol=2e-3)

@@ -3,9 +3,10 @@
 Between the matmuls, an SD3 `JointTransformerBlock` / FLUX `FluxTransformerBlock` runs, per stream,
 `h = h + gate * attn_out` then `norm2(h) * (1 + scale) + shift` (six full-size kernels, ~11 passes
 over the activations) and `h = h + gate * ff_out` (two kernels), and a FLUX single block
-`residual + gate * proj_out(...)`. These forwards are diffusers' own, line for line, with those
-expressions replaced by `sfgrpo.gated_residual_layer_norm_modulate` (one pass: h and the
-normalised, modulated h) and `sfgrpo.gated_residual`. The norm modules inside the blocks are
+`residual + gate * proj_out(cat([attn_out, mlp_out]))`. These forwards are diffusers' own, line for
+line, with those expressions replaced by `sfgrpo.gated_residual_layer_norm_modulate` (one pass: h
+and the normalised, modulated h) and `sfgrpo.gated_residual`, and the single block's
+concatenation by a split projection (`split_projection`) where its weight is frozen. The norm modules inside the blocks are
 swapped by `sfgrpo.models.fused_norms` as everywhere else.
 
 A block's forward is only replaced when diffusers' source of it is one this module was written
@@ -202,8 +203,10 @@ def flux_single_transformer_block(fused_mixin):
                 **joint_attention_kwargs,
             )
 
-            hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
-            hidden_states = F.gated_residual(residual, self.proj_out(hidden_states), gate)
+            projected = split_projection(self.proj_out, attn_output, mlp_hidden_states)
+            if projected is None:  # diffusers' concatenation, then the projection
+                projected = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
+            hidden_states = F.gated_residual(residual, projected, gate)
             if hidden_states.dtype == torch.float16:
                 hidden_states = hidden_states.clip(-65504, 65504)
 
@@ -211,6 +214,41 @@ def flux_single_transformer_block(fused_mixin):
             return encoder_hidden_states, hidden_states
 
     return FusedFluxSingleTransformerBlock, lambda block: True
+
+
+def split_projection(linear, first, second):
+    """`linear(torch.cat([first, second], dim=-1))` without the concatenation, or None where that
+    is not done. FLUX's single block concatenates the attention output (C wide) and the MLP's
+    activations (4C) only to project them: the 5C-wide copy moves more bytes than every other
+    elementwise pass of the block's forward. Here the projection's weight is split by columns and
+    the second GEMM accumulates into the first's output (`addmm_`): same math, one extra bf16
+    rounding of the partial sum. Only for a frozen plain nn.Linear (LoRA training, rollouts; a
+    trained weight's gradient would be assembled from two slices) and off the reference path
+    (diffusers' bits there)."""
+    if type(linear) is not torch.nn.Linear or linear.weight.requires_grad or (
+            linear.bias is not None and linear.bias.requires_grad) or _reference_path(first):
+        return None
+    weight, bias = linear.weight, linear.bias
+    device_type = first.device.type
+    if torch.is_autocast_enabled(device_type):  # what autocast would hand the GEMM
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = first.dtype
+        if any(t is not None and t.dtype != dtype for t in (second, weight, bias)):
+            return None  # mixed dtypes without autocast: diffusers' call (and its error, if any)
+    width = first.shape[-1]
+    rows = first.reshape(-1, width).to(dtype)
+    rest = second.reshape(-1, second.shape[-1]).to(dtype)
+    head, tail = weight[:, :width].to(dtype), weight[:, width:].to(dtype)
+    out = rows @ head.t() if bias is None else torch.addmm(bias.to(dtype), rows, head.t())
+    out.addmm_(rest, tail.t())
+    return out.view(*first.shape[:-1], weight.shape[0])
+
+
+def _reference_path(x) -> bool:
+    from sfgrpo.models.fused_norms import _reference_path as reference_path
+
+    return reference_path(x)
 
 
 def _plain_layer_norm(norm) -> bool:
