@@ -153,6 +153,11 @@ def test_flux_attention_falls_back_to_diffusers_processor(monkeypatch):
     wrong_shape = (tables[0][:5], tables[1][:5])
     with pytest.raises(RuntimeError):  # diffusers' own error for tables that do not fit the tokens
         fused(hidden, text, image_rotary_emb=wrong_shape)
+    with_grad = (tables[0].clone().requires_grad_(), tables[1])  # diffusers differentiates through them
+    torch.testing.assert_close(fused(hidden, text, image_rotary_emb=with_grad)[0],
+                               attn(hidden, text, image_rotary_emb=with_grad)[0])
+    half = (tables[0].double(), tables[1].double())  # float64 tables: diffusers' fp64 rotation
+    torch.testing.assert_close(fused(hidden, text, image_rotary_emb=half)[0], attn(hidden, text, image_rotary_emb=half)[0])
     complex_tables = torch.polar(torch.ones(9, 8), angles[:, ::2])
     with pytest.raises(Exception):  # diffusers' processor rejects it too: the fused path did not take it
         attn(hidden, text, image_rotary_emb=complex_tables)

@@ -84,14 +84,17 @@ def _kernel_path(x: torch.Tensor) -> bool:
     return resolve_backend("qk_norm_rope", x.device) != "reference"
 
 
-def _rotary_tables(image_rotary_emb, tokens: int, head_dim: int):
+def _rotary_tables(image_rotary_emb, tokens: int, head_dim: int, device):
     """(cos, sin) when `image_rotary_emb` is FLUX's pair of [tokens, head_dim] tables the fused op
-    takes, else None."""
+    takes (on the activations' device, no gradient wanted for them: diffusers would move them and
+    differentiate through them), else None."""
     if not isinstance(image_rotary_emb, (tuple, list)) or len(image_rotary_emb) != 2:
         return None
     cos, sin = image_rotary_emb
     for table in (cos, sin):
-        if not isinstance(table, torch.Tensor) or table.shape != (tokens, head_dim) or table.dtype not in F.RMS_NORM_DTYPES:
+        if (not isinstance(table, torch.Tensor) or table.shape != (tokens, head_dim)
+                or table.dtype not in F.RMS_NORM_DTYPES or table.device != device
+                or (table.requires_grad and torch.is_grad_enabled())):
             return None
     return cos, sin
 
@@ -109,7 +112,8 @@ def _fusable_tables(attn, processor_cls, kwargs, hidden_states, text_tokens: int
     if (type(processor) is not processor_cls or kwargs or processor._parallel_config is not None
             or hidden_states.dtype not in F.RMS_NORM_DTYPES or not _kernel_path(hidden_states)):
         return None
-    return _rotary_tables(image_rotary_emb, text_tokens + hidden_states.shape[1], attn.head_dim)
+    return _rotary_tables(image_rotary_emb, text_tokens + hidden_states.shape[1], attn.head_dim,
+                          hidden_states.device)
 
 
 def _joint_qkv(attn, query, key, value, encoder_query, encoder_key, encoder_value, tables):
