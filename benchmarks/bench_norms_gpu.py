@@ -7,13 +7,15 @@ Ops, on SD3.5-M / FLUX.1 shapes at 512 px in bf16: the fused op vs diffusers' ea
 `torch.compile` of that expression, forward and forward + backward; GPU-only times (CUDA-graph
 replay), GB/s and % of the device's copy bandwidth (algorithmic bytes: each full-size tensor read or
 written once); also the block tail `h + gate * y` alone (`sfgrpo.gated_residual`) and followed by
-norm2's modulation (`sfgrpo.gated_residual_layer_norm_modulate`). Model: the SD3.5-Medium transformer (random weights, published config) forward
+norm2's modulation (`sfgrpo.gated_residual_layer_norm_modulate`), and FLUX attention's QK-norm +
+rotation (`sfgrpo.qk_norm_rope`). Model (`--models`, default sd35m; also flux1-dev): the
+SD3.5-Medium transformer (random weights, published config) forward
 (rollout) and forward + backward with frozen weights (a LoRA update's activations path), with the
 norms fused vs diffusers' modules, eager, in one run; then with LoRA r32 adapters (fp32, the
 trainer's attention targets) under bf16 autocast, the trainer's setting: sfgrpo's fused norms and
 fused LoRA linear (`sfgrpo.models.fused_lora`) vs diffusers' modules and peft's LoRA layers.
 
-    python benchmarks/bench_norms_gpu.py [--quick] [--out DIR]
+    python benchmarks/bench_norms_gpu.py [--quick] [--models sd35m,flux1-dev] [--out DIR]
 """
 
 from __future__ import annotations
@@ -174,34 +176,55 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
 
 
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out"]  # the SD3 backbone's default_lora_targets
+                "attn.add_v_proj", "attn.to_add_out"]  # the SD3 / FLUX backbones' default_lora_targets
+
+
+def model_inputs(model, family: str, batch: int, device: str, grid: int, text_tokens: int) -> dict:
+    """What the family's pipeline feeds the transformer: SD3 latents `[B, C, grid, grid]`, FLUX
+    packed 2x2 patches `[B, (grid/2)^2, 4C]` with their position ids and guidance; bf16."""
+    g = torch.Generator(device=device).manual_seed(0)
+    c = model.config
+    bf16 = torch.bfloat16
+    text = torch.randn(batch, text_tokens, c.joint_attention_dim, device=device, dtype=bf16, generator=g)
+    pooled = torch.randn(batch, c.pooled_projection_dim, device=device, dtype=bf16, generator=g)
+    if family == "sd3":
+        latents = torch.randn(batch, c.in_channels, grid, grid, device=device, dtype=bf16, generator=g)
+        return dict(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                    timestep=torch.full((batch,), 500.0, device=device))
+    side = grid // 2
+    latents = torch.randn(batch, side * side, c.in_channels, device=device, dtype=bf16, generator=g)
+    img_ids = torch.zeros(side * side, 3, device=device)
+    img_ids[:, 1] = torch.arange(side, device=device).repeat_interleave(side)
+    img_ids[:, 2] = torch.arange(side, device=device).repeat(side)
+    inputs = dict(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                  timestep=torch.full((batch,), 0.5, device=device), img_ids=img_ids,
+                  txt_ids=torch.zeros(text_tokens, 3, device=device))
+    if c.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 3.5, device=device)
+    return inputs
 
 
 def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda", grid: int = 64,
-                text_tokens: int = 333, lora_rank: int = 32) -> None:
-    """SD3.5-M at 512 px (a 64 x 64 latent grid, 333 text tokens): forward (no grad) and forward +
-    backward with frozen weights; then (lora_rank > 0, needs peft) both again with LoRA adapters
-    under bf16 autocast. `name` / `device`: a small config on the CPU for the script's test."""
+                text_tokens: int | None = None, lora_rank: int = 32) -> None:
+    """A real-size transformer at 512 px (a 64 x 64 latent grid; SD3.5-M's 333 text tokens, FLUX's
+    512): forward (no grad) and forward + backward with frozen weights; then (lora_rank > 0, needs
+    peft) both again with LoRA adapters under bf16 autocast. `name` / `device`: a small config on
+    the CPU for the script's test."""
     from sfgrpo.bench import configs
     from sfgrpo.models import fused_lora, fused_norms
 
     model = configs.random_transformer(name, device, torch.bfloat16).requires_grad_(False)
-    g = torch.Generator(device=device).manual_seed(0)
-    c = model.config
-    latents = torch.randn(batch, c.in_channels, grid, grid, device=device, dtype=torch.bfloat16, generator=g)
-    text = torch.randn(batch, text_tokens, c.joint_attention_dim, device=device, dtype=torch.bfloat16, generator=g)
-    pooled = torch.randn(batch, c.pooled_projection_dim, device=device, dtype=torch.bfloat16, generator=g)
-    t = torch.full((batch,), 500.0, device=device)
+    family = configs.TRANSFORMERS[name]["family"]
+    inputs = model_inputs(model, family, batch, device, grid, text_tokens or configs.TEXT_TOKENS[family])
+    latents = inputs.pop("hidden_states")
 
     def forward():
         with torch.no_grad():
-            model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                  return_dict=False)
+            model(hidden_states=latents, **inputs, return_dict=False)
 
     def forward_backward():
         x = latents.detach().requires_grad_()
-        out = model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                    return_dict=False)[0]
+        out = model(hidden_states=x, **inputs, return_dict=False)[0]
         out.float().square().mean().backward()
 
     def lora_forward():
@@ -249,7 +272,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and no torch.compile baselines (the short "
                         "GPU session)")
     parser.add_argument("--out", default="benchmarks/results", help="results folder")
-    parser.add_argument("--model-batch", type=int, default=4, help="trajectories in the SD3.5-M forward (0: skip)")
+    parser.add_argument("--model-batch", type=int, default=4, help="trajectories in the model forwards (0: skip)")
+    parser.add_argument("--models", default="sd35m", help="comma-separated transformers to time whole: sd35m, "
+                        "flux1-dev (12B parameters: ~24 GB in bf16, a minute to build)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_norms_gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -264,7 +289,8 @@ def main() -> int:
     try:
         # the whole transformer first: what the fused modules buy a training step is the headline
         if args.model_batch:
-            bench_model(args.model_batch, rows)
+            for name in args.models.split(","):
+                bench_model(args.model_batch, rows, name=name.strip())
         bench_ops(args.quick, bandwidth, rows)
     finally:  # what was measured is written even when a later row fails or the run is cut short
         path.write_text(json.dumps(dict(device=device, copy_bandwidth_gbs=bandwidth, versions=versions(), rows=rows),

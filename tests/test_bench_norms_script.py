@@ -68,3 +68,13 @@ def test_model_rows_compare_fused_with_diffusers_modules(script, monkeypatch):
     assert all(row["speedup"] == 1.0 and row["case"] == "sd35m-small_b1_64px" for row in rows)
     assert swaps == ["diffusers", "fused", "diffusers"] * 4
     assert lora_counts[:2] == [0, 0] and len(set(lora_counts[2:])) == 1 and lora_counts[2] > 0
+
+
+def test_model_rows_for_a_flux_transformer(script):
+    """The FLUX.1 inputs (packed latents, position ids, guidance) drive the whole-model A/B/A."""
+    pytest.importorskip("peft")
+    module, _ = script
+    rows = []
+    module.bench_model(1, rows, name="flux1-dev-small", device="cpu", grid=8, text_tokens=5, lora_rank=4)
+    assert [row["mode"] for row in rows] == ["forward", "forward+backward", "lora forward", "lora forward+backward"]
+    assert all(row["case"] == "flux1-dev-small_b1_64px" for row in rows)
