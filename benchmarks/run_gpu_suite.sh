@@ -18,7 +18,9 @@ python benchmarks/bench_sde_step_gpu.py ${QUICK:+--quick} --out benchmarks/resul
 python benchmarks/bench_advantages.py ${QUICK:+--quick} --out "benchmarks/results/advantages_${gpu}.md"
 python -m sfgrpo.kernels._aot > "benchmarks/results/aot_sm90.jsonl"
 # the fused transformer ops and whole real-size transformers with them vs diffusers' modules
-python benchmarks/bench_norms_gpu.py ${QUICK:+--quick} ${QUICK:---models sd35m,flux1-dev} --out benchmarks/results
+models=sd35m,flux1-dev
+[ -z "${QUICK:-}" ] || models=sd35m
+python benchmarks/bench_norms_gpu.py ${QUICK:+--quick} --models "$models" --out benchmarks/results
 # training-loop benchmark: real-size SD3.5-M / FLUX.1-dev transformers, sfgrpo vs reference ops vs compile
 # (rows are printed and saved as they are measured; on a short lease run only issue 9's goals instead:
 # `timeout 300 sfgrpo bench --suite gpu-core --time-budget 240`, see benchmarks/gpu_checks.sh STEPS=core)
