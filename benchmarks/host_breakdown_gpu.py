@@ -101,15 +101,16 @@ def main() -> int:
         rows.append(("  the same calls, launches replaced by no-ops", "n/a: direct launch off or unused"))
     else:
         stubbed = {}
-        for launcher in launchers:
-            stubbed[launcher] = dict(launcher.compiled)
+        for launcher in launchers:  # both caches: by the full key and by the caller's key
+            stubbed[launcher] = (launcher.compiled, launcher.by_caller_key)
             launcher.compiled = {key: _NoOpRunner() for key in launcher.compiled}
+            launcher.by_caller_key = {key: _NoOpRunner() for key in launcher.by_caller_key}
         try:
             row("  the same sampling step, launch replaced by a no-op", sample_step)
             row("  the same scoring step, launches replaced by no-ops", score_step)
         finally:
-            for launcher, compiled_kernels in stubbed.items():
-                launcher.compiled = compiled_kernels
+            for launcher, (compiled_kernels, by_caller_key) in stubbed.items():
+                launcher.compiled, launcher.by_caller_key = compiled_kernels, by_caller_key
     # last: a cold inductor compile is the slowest and least predictable part of the run
     compiled = torch.compile(lambda: ref.sde_step(x, v, 0.8, 0.7, noise=torch.randn(SHAPE, device="cuda")).log_prob,
                              fullgraph=True)

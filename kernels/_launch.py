@@ -94,11 +94,26 @@ class DirectLauncher:
             if not any(self.constexpr[:count]):
                 self._runtime_count = count
         self.compiled: dict[tuple, Any] = {}
+        self.by_caller_key: dict[tuple, Any] = {}  # launch_keyed's key -> the compiled kernel
 
     def with_constexprs(self, grid: tuple[int, ...], args: tuple, constexprs: dict, **options) -> None:
         """Leading runtime arguments positionally, the constexprs by name (any order)."""
         names = self.arg_names[len(args):]
         self._launch(grid, (*args, *map(constexprs.__getitem__, names)), options)
+
+    def constexpr_values(self, runtime_count: int, constexprs: dict) -> tuple:
+        """The constexprs by name -> their values in parameter order (after `runtime_count` runtime
+        arguments): for `launch_keyed`, which takes all arguments positionally."""
+        return tuple(map(constexprs.__getitem__, self.arg_names[runtime_count:]))
+
+    def launch_keyed(self, grid: tuple[int, ...], caller_key, args: tuple, **options) -> None:
+        """`self(grid, *args, **options)` with the caller's `caller_key` standing for the
+        specialisation key once a launch has tied the two: the caller promises that its key
+        determines everything Triton specialises on (each pointer's dtype and 16-byte alignment, the
+        integers' properties, the constexprs) and the options, and passes None when it cannot (a
+        misaligned tensor, say): then the full key is computed as usual. A caller that knows its
+        kernel's layout builds such a key from a few values instead of one per argument."""
+        self._launch(grid, args, options, caller_key)
 
     def __call__(self, grid: tuple[int, ...], *args, **options) -> None:
         self._launch(grid, args, options)
@@ -117,7 +132,7 @@ class DirectLauncher:
             runtime.append(key)
         return tuple(runtime), args[count:]
 
-    def _launch(self, grid: tuple[int, ...], args: tuple, options: dict) -> None:
+    def _launch(self, grid: tuple[int, ...], args: tuple, options: dict, caller_key=None) -> None:
         if len(args) != len(self.arg_names):
             raise TypeError(f"the kernel takes {len(self.arg_names)} arguments, got {len(args)}")
         if self.constexpr is None or not enabled():
@@ -131,6 +146,12 @@ class DirectLauncher:
             with torch.cuda.device(device):
                 self.kernel[grid](*args, **options)
             return
+        if caller_key is not None:
+            caller_key = (caller_key, device.index)
+            compiled = self.by_caller_key.get(caller_key)
+            if compiled is not None:
+                self._run(compiled, grid, args, options, device)
+                return
         try:
             # options by insertion order: a caller that reorders them only costs a second entry
             key = (self._key(args), tuple(options.items()), device.index)
@@ -142,7 +163,16 @@ class DirectLauncher:
             compiled = self.kernel[grid](*args, **options)  # compiles (or finds) and launches
             if hasattr(compiled, "__getitem__") and hasattr(compiled, "function"):
                 self.compiled[key] = compiled
+                if caller_key is not None:
+                    self.by_caller_key[caller_key] = compiled
             return
+        if caller_key is not None:
+            self.by_caller_key[caller_key] = compiled
+        self._run(compiled, grid, args, options, device)
+
+    def _run(self, compiled, grid: tuple[int, ...], args: tuple, options: dict, device) -> None:
+        import torch
+
         grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         stream = torch._C._cuda_getCurrentRawStream(device.index)
         try:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from sfgrpo.kernels._launch import DirectLauncher
+from sfgrpo.kernels._launch import DirectLauncher, _runtime_key
 from sfgrpo.scratch import stream_scratch
 
 SDE_TYPE_IDS = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
@@ -553,6 +553,19 @@ _BWD_LAUNCHER = DirectLauncher(sde_step_bwd_kernel)
 _INTERPRETED = _FWD_LAUNCHER.constexpr is None
 
 
+# `forward` / `backward` take contiguous latents of any rank (row b is elements b*D .. b*D + D - 1
+# whatever the shape): the eager path hands them over without a `[B, D]` view (~1 us each on the
+# host, and one more to reshape each output back)
+ANY_RANK = True
+
+
+def _batch_elements(x) -> tuple[int, int]:
+    batch = x.shape[0]
+    if batch:
+        return batch, x.numel() // batch
+    return 0, math.prod(x.shape[1:])
+
+
 @functools.lru_cache(maxsize=None)
 def _flags(sde_type: str, logprob: str, reduction: str, kl: str) -> dict:
     return dict(
@@ -570,7 +583,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     L2 hints' cue)."""
     import torch
 
-    batch, elements = x.shape
+    batch, elements = _batch_elements(x)
     cfg = launch_config(batch, elements, x.element_size())
     rows = _Rows((t, t_next, noise_level, sigma_max), x)
     f32 = torch.float32
@@ -600,26 +613,46 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         partial = stream_scratch("sde_step.partials", x.device, programs * (2 if v_ref is not None else 1), torch.float32)
         tickets = stream_scratch("sde_step.tickets", x.device, batch, torch.int32, zeroed=True)
     flags = _flags(sde_type, logprob, reduction, kl)
-    # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
-    _FWD_LAUNCHER.with_constexprs(
-        (programs,), (
+    noise = noise if mode == MODE_NOISE else None
+    seed, seed_offset = int(seed), int(seed_offset)
+    runtime = (
+        # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
         x, v, v_ref if v_ref is not None else v, prev_sample if prev_sample is not None else x,
-        noise if mode == MODE_NOISE else x,
+        noise if noise is not None else x,
         *rows.pointers, *rows.values,
         x if sample_out is None else sample_out, x if mean is None else mean,
         x if x0 is None else x0, x if x1 is None else x1,
         partial, tickets,
         log_prob, log_prob if kl_out is None else kl_out, std, std_dev_t,
-        int(seed), int(seed_offset),
-        elements, cfg.num_chunks),
-        dict(MODE=mode, HAS_VREF=v_ref is not None,
-             WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
-             FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
-             ROW_SCALARS=rows.scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(),
-             EVICT="evict_last" if for_backward and L2_HINTS and mode == MODE_SCORE else "", **flags),
-        num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-    )
+        seed, seed_offset,
+        elements, cfg.num_chunks)
+    constexprs = _FWD_LAUNCHER.constexpr_values(len(runtime), dict(
+        MODE=mode, HAS_VREF=v_ref is not None,
+        WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
+        FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
+        ROW_SCALARS=rows.scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(),
+        EVICT="evict_last" if for_backward and L2_HINTS and mode == MODE_SCORE else "", **flags))
+    # what Triton specialises on, from a few values: the constexprs, the dtypes of the inputs (every
+    # other pointer is an fp32 / int32 buffer or a dummy x), whether every pointer is 16-byte aligned
+    # (fresh outputs and the stream scratch always are), the Philox integers' properties, the shape
+    inputs = (x, v, v_ref, prev_sample, noise) + (() if rows.scalars else rows.pointers)
+    caller_key = None
+    if _aligned(inputs):
+        caller_key = (constexprs, tuple(None if t is None else t.dtype for t in inputs), _runtime_key(seed),
+                      _runtime_key(seed_offset), elements, cfg.num_chunks, cfg.num_warps)
+    _FWD_LAUNCHER.launch_keyed((programs,), caller_key, runtime + constexprs, num_warps=cfg.num_warps,
+                               enable_fp_fusion=FP_FUSION)
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
+
+
+def _aligned(tensors) -> bool:
+    """Whether every tensor (None: skipped) starts at a 16-byte boundary (Triton's pointer
+    specialisation)."""
+    bits = 0
+    for tensor in tensors:
+        if tensor is not None:
+            bits |= tensor.data_ptr()
+    return not bits & 15
 
 
 def philox_noise(seed: int, seed_offset: int, rows: int, elements: int, device, block: int = 1024):
@@ -640,7 +673,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     """Launches the one-pass backward; returns (dv, dv_ref, dx), None where not needed."""
     import torch
 
-    batch, elements = x.shape
+    batch, elements = _batch_elements(x)
     cfg = launch_config(batch, elements, x.element_size())
     rows = _Rows((t, t_next, noise_level, sigma_max), x)
     dv = torch.empty_like(v)
@@ -653,10 +686,11 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         return dv, dv_ref, dx
     contiguous = lambda g: g.contiguous() if g is not None else None  # noqa: E731
     grad_mean, grad_x0, grad_x1 = contiguous(grad_mean), contiguous(grad_x0), contiguous(grad_x1)
+    grad_kl = grad_kl if has_g_kl else None
     # the per-row gradients are read through their stride: `log_prob.sum()`'s backward hands an
     # expanded scalar (stride 0), which a .contiguous() would copy in a kernel of its own
-    _BWD_LAUNCHER.with_constexprs(
-        (batch * cfg.num_chunks,), (
+    strides = (grad_log_prob.stride(0) if grad_log_prob is not None else 0, grad_kl.stride(0) if has_g_kl else 0)
+    runtime = (
         x, v, v_ref if v_ref is not None else v, sample,
         *rows.pointers, *rows.values,
         # unused pointer slots get a device tensor: `t` may be a 0-d CPU tensor (the registered op's
@@ -665,14 +699,22 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         grad_mean if grad_mean is not None else x, grad_x0 if grad_x0 is not None else x,
         grad_x1 if grad_x1 is not None else x,
         dv, dv_ref if (need_dv_ref and has_g_kl) else dv, dx if need_dx else dv,
-        grad_log_prob.stride(0) if grad_log_prob is not None else 0, grad_kl.stride(0) if has_g_kl else 0,
-        elements, cfg.num_chunks),
-        dict(HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
-             HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
-             WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx, BLOCK=cfg.block, ITERS=cfg.iters,
-             ROW_SCALARS=rows.scalars, EVICT="evict_first" if L2_HINTS else "", **_flags(sde_type, logprob, reduction, kl)),
-        num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-    )
+        *strides, elements, cfg.num_chunks)
+    constexprs = _BWD_LAUNCHER.constexpr_values(len(runtime), dict(
+        HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
+        HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
+        WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx, BLOCK=cfg.block, ITERS=cfg.iters,
+        ROW_SCALARS=rows.scalars, EVICT="evict_first" if L2_HINTS else "", **_flags(sde_type, logprob, reduction, kl)))
+    # as the forward's: the constexprs, the inputs' dtypes and alignment (the outputs are fresh), the
+    # per-row gradients' strides by value (0 or 1: Triton specialises on 1), the shape
+    inputs = (x, v, v_ref, sample, grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1) + (
+        () if rows.scalars else rows.pointers)
+    caller_key = None
+    if _aligned(inputs):
+        caller_key = (constexprs, tuple(None if t is None else t.dtype for t in inputs), strides, elements,
+                      cfg.num_chunks, cfg.num_warps)
+    _BWD_LAUNCHER.launch_keyed((batch * cfg.num_chunks,), caller_key, runtime + constexprs,
+                               num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
     return dv, dv_ref, dx
 
 

@@ -415,7 +415,7 @@ def test_backward_runs_its_kernel_and_nothing_else():
             ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    launch = kernels._BWD_LAUNCHER.with_constexprs
+    launch = kernels._BWD_LAUNCHER.launch_keyed
 
     def launch_unrecorded(*args, **kwargs):  # the interpreter's own tensor traffic is not the GPU's
         with _disable_current_modes():
@@ -426,12 +426,12 @@ def test_backward_runs_its_kernel_and_nothing_else():
     v = v.requires_grad_()
     out = F.sde_step(x, v, t, tn, level, prev_sample=torch.randn_like(x), v_ref=v_ref, backend="triton")
     loss = out.log_prob.sum() + out.kl.sum()
-    kernels._BWD_LAUNCHER.with_constexprs = launch_unrecorded
+    kernels._BWD_LAUNCHER.launch_keyed = launch_unrecorded
     try:
         with Recorder():
             loss.backward()
     finally:
-        del kernels._BWD_LAUNCHER.with_constexprs
+        del kernels._BWD_LAUNCHER.launch_keyed
     kernel_ops = [op for op in ops if op not in ("empty", "empty_like", "expand", "view", "detach", "ones_like")]
     assert kernel_ops == ["TRITON"], ops
 
@@ -503,6 +503,28 @@ def test_non_contiguous_inputs_equal_contiguous(accel):
     b = F.sde_step(x, v, t, tn, level, noise=noise, backend=accel, return_x0_hat=True)
     assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
     assert torch.equal(a.x0_hat, b.x0_hat)
+
+
+def test_triton_path_reads_latents_of_any_rank_in_place(monkeypatch):
+    """Eager Triton calls hand contiguous 4-D latents to the kernels as they are (no [B, D] view)
+    and get outputs shaped like x; forward values and gradients equal those of the flattened call."""
+    from sfgrpo.ops import sde_step as ops
+
+    x, v, sample, t, tn, level = _inputs((3, 4, 6, 5), torch.float32)
+    seen = []
+    original = ops._flattened
+    monkeypatch.setattr(ops, "_flattened", lambda inputs: seen.append(inputs[0].shape) or original(inputs))
+    results = []
+    for latents in ((x, v, sample), tuple(t.reshape(3, -1) for t in (x, v, sample))):
+        vg = latents[1].detach().clone().requires_grad_()
+        out = F.sde_step(latents[0], vg, t, tn, level, prev_sample=latents[2], return_mean=True,
+                         return_x0_hat=True, backend="triton")
+        assert out.mean.shape == latents[0].shape and out.x0_hat.shape == latents[0].shape
+        (out.log_prob.sum() + out.x0_hat.square().mean()).backward()
+        results.append((out.log_prob, out.mean.reshape(3, -1), out.x0_hat.reshape(3, -1), vg.grad.reshape(3, -1)))
+    assert seen == []  # neither call was flattened
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

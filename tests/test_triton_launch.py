@@ -128,6 +128,53 @@ def test_switched_off_by_environment(launch, monkeypatch, env):
     assert [entry[0] for entry in kernel.log] == ["jit"] * 3
 
 
+def test_keyed_launch_reuses_the_kernel_its_key_was_tied_to(launch, monkeypatch):
+    """launch_keyed: the first launch with a caller key computes the full key (and compiles); later
+    launches with that caller key go straight to the compiled kernel, the full key not computed;
+    a None caller key always computes it."""
+    kernel = FakeKernel()
+    launcher = launch.DirectLauncher(kernel)
+    full_keys = []
+    monkeypatch.setattr(launcher, "_key", lambda args, key=launcher._key: full_keys.append(args) or key(args))
+    x, y = torch.zeros(64), torch.ones(64)
+    launcher.launch_keyed((2,), ("float32", 32), (x, 32, 128), num_warps=4)
+    launcher.launch_keyed((3,), ("float32", 32), (y, 32, 128), num_warps=4)
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct"] and len(full_keys) == 1
+    assert kernel.log[1][1] == (3, 1, 1) and kernel.log[1][2][0] is y
+    launcher.launch_keyed((1,), None, (x[1:], 32, 128), num_warps=4)  # misaligned: the caller gives no key
+    launcher.launch_keyed((1,), ("float32", 48), (x, 48, 128), num_warps=4)  # new caller key, known kernel
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct", "jit", "direct"] and len(full_keys) == 3
+    assert launcher.by_caller_key.keys() == {(("float32", 32), None), (("float32", 48), None)}
+
+
+def test_sde_step_caller_key_tells_dtypes_and_alignment_apart(launch, monkeypatch):
+    """The SDE-step forward keys its launches by its constexprs, input dtypes, alignment and Philox
+    integers: a bf16 call and an fp32 call tie different kernels; a misaligned latent gives no key."""
+    from sfgrpo import functional as F
+    from sfgrpo.kernels import sde_step as kernels
+    from sfgrpo.ops import sde_step as ops
+
+    launcher = kernels._FWD_LAUNCHER
+    if launcher.constexpr is None:
+        pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
+    kernel = FakeKernel()
+    monkeypatch.setattr(launcher, "kernel", kernel)
+    monkeypatch.setattr(launcher, "compiled", {})
+    monkeypatch.setattr(launcher, "by_caller_key", {})
+    monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
+    calls = []
+    monkeypatch.setattr(launcher, "_launch", lambda grid, args, options, key=None, run=launcher._launch:
+                        calls.append(key) or run(grid, args, options, key))
+    x = torch.randn(4, 64)
+    for dtype in (torch.float32, torch.float32, torch.bfloat16):
+        F.sde_step(x.to(dtype), x.to(dtype), 0.8, 0.7, seed=3)
+    assert calls[0] == calls[1] and calls[0] != calls[2] and None not in calls
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct", "jit"]
+    wide = torch.randn(4 * 64 + 1)
+    F.sde_step(wide[1:].view(4, 64), x, 0.8, 0.7, seed=3)  # 4 bytes past a 16-byte boundary
+    assert calls[-1] is None and kernel.log[-1][0] == "jit"
+
+
 def test_wrong_argument_count_is_an_error(launch):
     with pytest.raises(TypeError, match="takes 3 arguments"):
         launch.DirectLauncher(FakeKernel())((1,), torch.zeros(4), 32)

@@ -1,7 +1,7 @@
 """Custom ops `sfgrpo::sde_step` and `sfgrpo::sde_step_backward` (torch.library).
 
-Both take latents flattened to `[B, D]` (contiguous; `sfgrpo.functional.sde_step` reshapes and
-validates) and, for t, t', the noise level and sigma_max, per-row float32 `[B]` tensors on the
+Both take latents flattened to `[B, D]` (contiguous; `sde_step` below flattens them, except for the
+eager Triton path, which reads contiguous latents of any rank; `sfgrpo.functional.sde_step` validates) and, for t, t', the noise level and sigma_max, per-row float32 `[B]` tensors on the
 latents' device or 0-d float32 CPU tensors (one value for every row). Outputs that
 were not requested are returned as empty tensors (custom ops cannot return None), and so is the
 sample when scoring a given one (an op may not return its own input).
@@ -19,6 +19,7 @@ kernels. `sfgrpo.backend` decides.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -210,14 +211,49 @@ class _EagerSdeStep(torch.autograd.Function):
         return dx, dv, dv_ref, None
 
 
+_LATENTS = (0, 1, 6, 7, 8)  # x, v, prev_sample, noise, v_ref among the forward's inputs
+
+
+def rows(x: Tensor) -> Tensor:
+    """`[B, ...]` -> contiguous `[B, D]` (a copy only when the layout needs one). The contiguous
+    case is a bare view (~0.8 us; reshape + contiguous ~1.5 us)."""
+    if x.is_contiguous():
+        if x.ndim == 2:
+            return x
+        if x.shape[0]:  # view(B, -1) cannot infer D of an empty batch
+            return x.view(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()
+
+
+def _flattened(inputs: tuple) -> tuple:
+    """The latents as contiguous `[B, D]`: what the registered op and the C++ / PyTorch
+    implementations take."""
+    inputs = list(inputs)
+    for i in _LATENTS:
+        if inputs[i] is not None:
+            inputs[i] = rows(inputs[i])
+    return tuple(inputs)
+
+
+def _as_given(inputs: tuple, implementation) -> bool:
+    """Whether `implementation` takes the latents as they are: the Triton kernels read any rank of
+    contiguous latents, so the eager path skips the `[B, D]` views."""
+    return getattr(implementation, "ANY_RANK", False) and all(
+        inputs[i] is None or inputs[i].is_contiguous() for i in _LATENTS)
+
+
 def sde_step(*inputs):
-    """Runs `sfgrpo::sde_step` (same arguments; step values may also be Python numbers): the
-    registered op when compiling, else the implementation directly, inside a lean
-    autograd.Function when a gradient is needed. All call the same kernels."""
+    """Runs `sfgrpo::sde_step` (same arguments, latents of any rank; step values may also be Python
+    numbers): the registered op when compiling, else the implementation directly, inside a lean
+    autograd.Function when a gradient is needed. All call the same kernels. The outputs are `[B, D]`
+    or, from the Triton kernels given contiguous latents, shaped like x."""
     if torch.compiler.is_compiling():
+        inputs = _flattened(inputs)
         return sde_step_op(*inputs[:2], *(_row_tensor(r) for r in inputs[_ROWS]), *inputs[6:])
+    implementation = _implementation(inputs[0].device, inputs[-1])
+    if not _as_given(inputs, implementation):
+        inputs = _flattened(inputs)
     x, v, v_ref = inputs[0], inputs[1], inputs[8]
-    implementation = _implementation(x.device, inputs[-1])
     if torch.is_grad_enabled() and (v.requires_grad or x.requires_grad or (v_ref is not None and v_ref.requires_grad)):
         return _EagerSdeStep.apply(x, v, v_ref, (*inputs[:-1], implementation))
     return implementation.forward(*inputs[:-1])
