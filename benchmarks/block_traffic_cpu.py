@@ -266,28 +266,20 @@ def flux1_tables(args) -> list[str]:
     note = ("(weights frozen, no adapters; torch.nn.RMSNorm, FLUX's QK norm, counted as one kernel each way on "
             "both sides, as CUDA runs it)")
     lines = []
-    torch.manual_seed(0)
-    block = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128)
-    block = block.to(torch.bfloat16).requires_grad_(False)
-    inputs = dict(
-        hidden_states=torch.randn(args.batch, args.tokens, 3072, dtype=torch.bfloat16, requires_grad=True),
-        encoder_hidden_states=torch.randn(args.batch, text, 3072, dtype=torch.bfloat16, requires_grad=True),
-        temb=torch.randn(args.batch, 3072, dtype=torch.bfloat16),
-    )
-    rows = {name: measure(block, inputs, fused, constants=constants)
-            for name, fused in (("diffusers", False), ("sfgrpo fused", True))}
-    lines += table(f"FLUX.1-dev double-stream FluxTransformerBlock, {shape}, forward + backward {note}", rows)
-    del block, inputs, rows
-    block = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128)
-    block = block.to(torch.bfloat16).requires_grad_(False)
-    inputs = dict(  # diffusers' single block concatenates the two streams itself
-        hidden_states=torch.randn(args.batch, args.tokens, 3072, dtype=torch.bfloat16, requires_grad=True),
-        encoder_hidden_states=torch.randn(args.batch, text, 3072, dtype=torch.bfloat16, requires_grad=True),
-        temb=torch.randn(args.batch, 3072, dtype=torch.bfloat16),
-    )
-    rows = {name: measure(block, inputs, fused, constants=constants)
-            for name, fused in (("diffusers", False), ("sfgrpo fused", True))}
-    lines += table(f"FLUX.1-dev FluxSingleTransformerBlock, {shape} (one joint stream), forward + backward {note}", rows)
+    titles = {FluxTransformerBlock: f"FLUX.1-dev double-stream FluxTransformerBlock, {shape}",
+              FluxSingleTransformerBlock: f"FLUX.1-dev FluxSingleTransformerBlock, {shape} (one joint stream)"}
+    for cls, title in titles.items():
+        torch.manual_seed(0)
+        block = cls(dim=3072, num_attention_heads=24, attention_head_dim=128).to(torch.bfloat16).requires_grad_(False)
+        inputs = dict(  # both blocks take the two streams (the single one concatenates them itself)
+            hidden_states=torch.randn(args.batch, args.tokens, 3072, dtype=torch.bfloat16, requires_grad=True),
+            encoder_hidden_states=torch.randn(args.batch, text, 3072, dtype=torch.bfloat16, requires_grad=True),
+            temb=torch.randn(args.batch, 3072, dtype=torch.bfloat16),
+        )
+        rows = {name: measure(block, inputs, fused, constants=constants)
+                for name, fused in (("diffusers", False), ("sfgrpo fused", True))}
+        lines += table(f"{title}, forward + backward {note}", rows)
+        del block, inputs, rows
     return lines
 
 

@@ -23,18 +23,15 @@ intermediate rounding as the identity (as autograd does) and keeps fp32 througho
 
 from __future__ import annotations
 
-import functools
-
 import triton
 import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
 from sfgrpo.kernels.rms_norm import _inv_rms, _round_to
+from sfgrpo.kernels.rms_norm import tile_config as rms_tile_config
 
 # Widest head dim one tile holds (attention heads are 64-256 wide); wider rows run the reference.
 MAX_D = 1024
-# Elements per tile: 16 KB of fp32 (as the RMSNorm kernels).
-TILE_ELEMENTS = 4096
 # Backward programs when dweight is needed: fixed, so dweight's summation order (its bits) depends
 # only on the shape, not on the device.
 MAX_PARTIALS = 1024
@@ -150,15 +147,10 @@ def qk_norm_rope_bwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, g_ptr, dx_ptr, dw_pt
         tl.store(dw_ptr + pid.to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=cols < D)
 
 
-@functools.lru_cache(maxsize=256)
 def tile_config(D: int, itemsize: int, vectors: int = 2) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps): whole rows, TILE_ELEMENTS per tile, warps so that each
-    thread handles `vectors` 128-bit vectors of a tensor (the forward 2, the backward 1)."""
-    block_d = max(2, triton.next_power_of_2(D))
-    block_rows = max(1, TILE_ELEMENTS // block_d)
-    vector = 16 // itemsize
-    num_warps = max(1, min(16, block_rows * block_d // (32 * vector * vectors)))
-    return block_rows, block_d, num_warps
+    """(BLOCK_ROWS, BLOCK_D, num_warps): whole rows, as the RMSNorm kernels tile them (the forward
+    2 vectors per thread and tensor, the backward 1); at least a pair of channels wide."""
+    return rms_tile_config(max(D, 2), itemsize, vectors)
 
 
 _FWD = DirectLauncher(qk_norm_rope_fwd_kernel)

@@ -3,6 +3,26 @@ against autograd through the reference."""
 
 import torch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# one ulp of each storage dtype: the kernels may differ from the reference only through the order
+# of an fp32 sum, which moves a result by at most about one rounding
+ULP = {torch.float32: 1.2e-7, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def row_inputs(shape, dtype, seed=0):
+    """Normal values off zero (x 2 + 0.3) in `dtype` on the test device: the QK norms' inputs."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2 + 0.3).to(dtype).to(DEVICE)
+
+
+def norm_weight(D, dtype, seed=1):
+    """A `[D]` weight around 1 in `dtype` (None: no weight)."""
+    if dtype is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return (1 + 0.5 * torch.randn(D, generator=g)).to(dtype).to(DEVICE)
+
+
 # (B, N, C, two_d) of the kernels-vs-reference tests: every C with both batch sizes; N = 77 splits a
 # sample over several programs
 KERNEL_SHAPES = [(1, 1, 1, False), (3, 5, 1, False), (3, 5, 7, False), (1, 77, 7, False), (3, 1, 64, True),

@@ -10,24 +10,12 @@ import sfgrpo
 from sfgrpo import functional as F
 from sfgrpo import reference as ref
 from sfgrpo.ops import qk_norm_rope as ops
+from norm_grads import DEVICE, ULP, norm_weight, row_inputs  # tests/ helper
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (norm, weight dtype): the rotation alone, or the norm without / with an fp32 or bf16 weight
 NORMS = [(False, None), (True, None), (True, torch.float32), (True, torch.bfloat16)]
-ULP = {torch.float32: 1.2e-7, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
-
-def _x(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 2 + 0.3).to(dtype).to(DEVICE)
-
-
-def _w(D, dtype, seed=1):
-    if dtype is None:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return (1 + 0.5 * torch.randn(D, generator=g)).to(dtype).to(DEVICE)
+_x, _w = row_inputs, norm_weight
 
 
 def _tables(N, D, seed=2):

@@ -9,25 +9,11 @@ import sfgrpo
 from sfgrpo import functional as F
 from sfgrpo import reference as ref
 from sfgrpo.ops import rms_norm as ops
+from norm_grads import DEVICE, ULP, norm_weight, row_inputs  # tests/ helper
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WEIGHTS = [None, torch.float32, torch.bfloat16]
-# one ulp of each storage dtype: the kernels may differ from the reference only through the order
-# of the fp32 sum of squares, which moves a result by at most about one rounding
-ULP = {torch.float32: 1.2e-7, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
-
-def _x(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 2 + 0.3).to(dtype).to(DEVICE)
-
-
-def _w(D, dtype, seed=1):
-    if dtype is None:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return (1 + 0.5 * torch.randn(D, generator=g)).to(dtype).to(DEVICE)
+_x, _w = row_inputs, norm_weight
 
 
 def _qk_view(B=2, N=5, H=3, D=64, dtype=torch.float32):
