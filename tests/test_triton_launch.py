@@ -7,6 +7,11 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+if importlib.util.find_spec("triton") is not None:
+    # imported now, under the session's TRITON_INTERPRET (conftest): importing it inside a test, under
+    # the `launch` fixture's TRITON_INTERPRET=0, would make JIT functions of the kernels for the rest
+    # of the session, which cannot run without a GPU
+    from sfgrpo.kernels import sde_step as sde_kernels
 
 
 class _Param:
@@ -151,16 +156,20 @@ def test_sde_step_caller_key_tells_dtypes_and_alignment_apart(launch, monkeypatc
     """The SDE-step forward keys its launches by its constexprs, input dtypes, alignment and Philox
     integers: a bf16 call and an fp32 call tie different kernels; a misaligned latent gives no key."""
     from sfgrpo import functional as F
-    from sfgrpo.kernels import sde_step as kernels
     from sfgrpo.ops import sde_step as ops
 
-    launcher = kernels._FWD_LAUNCHER
-    if launcher.constexpr is None:
-        pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
+    kernels = sde_kernels
+
+    # a launcher of a stand-in with the forward kernel's parameters (constexprs from the annotations:
+    # the real kernel may be an interpreted function, which has no `params`)
+    real = kernels.sde_step_fwd_kernel
     kernel = FakeKernel()
-    monkeypatch.setattr(launcher, "kernel", kernel)
-    monkeypatch.setattr(launcher, "compiled", {})
-    monkeypatch.setattr(launcher, "by_caller_key", {})
+    kernel.arg_names = list(real.arg_names)
+    annotations = getattr(real, "fn", real).__annotations__
+    kernel.params = [_Param("constexpr" in str(annotations.get(name, ""))) for name in kernel.arg_names]
+    launcher = launch.DirectLauncher(kernel)
+    assert launcher._runtime_count is not None  # the constexprs trail: the layout the forward keys on
+    monkeypatch.setattr(kernels, "_FWD_LAUNCHER", launcher)
     monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
     calls = []
     monkeypatch.setattr(launcher, "_launch", lambda grid, args, options, key=None, run=launcher._launch:
