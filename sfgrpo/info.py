@@ -141,7 +141,8 @@ def format_report(info: dict) -> str:
         lines.append(f"  {op:<24} " + "  ".join(f"{d}: {b}" for d, b in per_device.items()))
     lines += ["", "switches:"]
     lines += [f"  {name:<30} {value}" for name, value in info.get("switches", {}).items()]
-    lines += ["", "DiT blocks under --fused-norms (their gated residuals and norm2 through sfgrpo's ops):"]
+    lines += ["", "DiT blocks under --fused-norms (their gated residuals and norm2, FLUX attention's QK-norm + "
+                  "rotation, through sfgrpo's ops):"]
     lines += [f"  {name:<30} {value}" for name, value in info.get("fused_blocks", {}).items()]
     lines += ["", f"LoRA layers under --fused-lora: {info.get('fused_lora', 'unknown')}"]
     return "\n".join(lines)
