@@ -484,3 +484,69 @@ def test_flux_single_block_with_a_frozen_projection_matches_diffusers(monkeypatc
     (a, ga), (b, gb) = results
     torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-4)
     torch.testing.assert_close(gb, ga, atol=2e-5, rtol=2e-3)
+
+
+def test_flux_attention_with_fused_projections_and_default_eps(monkeypatch):
+    """diffusers' fuse_qkv_projections (its single blocks then hand back `(None,)` for the text
+    stream) and a QK norm built with eps=None (torch's default: fp32's epsilon for bf16 inputs) run
+    the twin with diffusers' results."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    from sfgrpo.backend import ENV_VAR
+
+    original, fused = _pair("flux1-dev-small")
+    fuse_norms(fused)
+    for model in (original, fused):
+        model.fuse_qkv_projections()
+    inputs = _flux_inputs(original, batch=1)
+    expected = original(**inputs, return_dict=False)[0]
+    monkeypatch.setenv(ENV_VAR, "triton")
+    calls = _count_qk_norm_rope(monkeypatch)
+    torch.testing.assert_close(fused(**inputs, return_dict=False)[0], expected, atol=2e-5, rtol=2e-4)
+    assert len(calls) == 4 * len(fused.transformer_blocks) + 2 * len(fused.single_transformer_blocks)
+    torch.manual_seed(0)
+    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, bias=True, eps=None, pre_only=True).to(torch.bfloat16)
+    twin = copy.deepcopy(attn)
+    assert fuse_norms(twin) == 1
+    hidden = torch.randn(1, 6, 32, dtype=torch.bfloat16)
+    angles = torch.rand(6, 8).repeat_interleave(2, dim=1)
+    tables = (angles.cos(), angles.sin())
+    got, want = twin(hidden, image_rotary_emb=tables).float(), attn(hidden, image_rotary_emb=tables).float()
+    assert (got - want).abs().max() <= 0.005 * want.abs().max()  # the fp32 eps; bf16's would be ~3 % off
+
+
+def test_hooked_norms_and_projections_keep_diffusers_calls(monkeypatch):
+    """A hook on a QK norm or on the single block's projection (offloading and layerwise casting
+    work through them) keeps diffusers' calls: the fused paths read weights only where calling the
+    module would compute nothing else; float64 under autocast stays float64."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    from sfgrpo.backend import ENV_VAR
+    from sfgrpo.models.fused_blocks import split_projection
+
+    monkeypatch.setenv(ENV_VAR, "triton")
+    torch.manual_seed(0)
+    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, bias=True, eps=1e-6, pre_only=True)
+    twin = copy.deepcopy(attn)
+    fuse_norms(twin)
+
+    def halve_weight(module, args):  # stands for a hook that moves / casts the weight before the call
+        with torch.no_grad():
+            module.weight.fill_(0.5)
+
+    for module in (attn, twin):
+        module.norm_q.register_forward_pre_hook(halve_weight)
+    calls = _count_qk_norm_rope(monkeypatch)
+    hidden = torch.randn(1, 6, 32)
+    angles = torch.rand(6, 8).repeat_interleave(2, dim=1)
+    tables = (angles.cos(), angles.sin())
+    assert torch.equal(twin(hidden, image_rotary_emb=tables), attn(hidden, image_rotary_emb=tables))
+    assert calls == []
+    linear = nn.Linear(40, 16).requires_grad_(False)
+    first, second = torch.randn(2, 3, 8), torch.randn(2, 3, 32)
+    assert split_projection(linear, first, second) is not None
+    handle = linear.register_forward_hook(lambda module, args, out: out)
+    assert split_projection(linear, first, second) is None
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert split_projection(linear.double(), first.double(), second.double()) is None

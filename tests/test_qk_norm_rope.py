@@ -129,6 +129,23 @@ def test_kernel_gradients_match_autograd_through_the_reference(dtype, wdtype, no
                                    atol=wtol * dw.abs().max().item())
 
 
+def test_tables_with_different_row_strides():
+    """sin a slice of a wider table, or one broadcast row: the kernels read both tables with one row
+    stride, so such a pair is made alike first; forward and gradients stay the reference's."""
+    x, w = _x((2, 5, 3, 64), torch.float32), _w(64, torch.float32)
+    cos, sin = _tables(5, 64)
+    wide_sin = torch.cat([sin, sin], dim=1)[:, :64]
+    for pair in ((cos, wide_sin), (cos, sin[:1].expand(5, 64)), (cos[:1].expand(5, 64), sin)):
+        xg, rg = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = F.qk_norm_rope(xg, *pair, w, 1e-6, backend="triton")
+        expected = ref.qk_norm_rope(rg, *pair, w, 1e-6)
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+        g = _x(got.shape, torch.float32, seed=4)
+        got.backward(g)
+        expected.backward(g)
+        torch.testing.assert_close(xg.grad, rg.grad, rtol=2e-5, atol=2e-5)
+
+
 def test_gradient_of_a_joint_slice_and_weight_only():
     """The incoming gradient as a slice of a joint gradient (what the cat's backward hands over);
     a weight-only backward (x frozen) writes no dx."""

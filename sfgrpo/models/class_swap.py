@@ -21,3 +21,20 @@ def swap_back(model: nn.Module, mixin: type, original: str) -> int:
 def swapped_count(model: nn.Module, mixin: type) -> int:
     """How many of `model`'s modules run a swapped class with `mixin`."""
     return sum(isinstance(m, mixin) for m in model.modules())
+
+
+def unhooked(module: nn.Module) -> bool:
+    """No hooks and no instance-level forward (diffusers' hook registry, accelerate and group
+    offloading wrap `forward`; layerwise casting and offloading hooks change the weights around
+    it): reading the module's weights is what calling it computes. What a fused twin checks before
+    it reads a submodule's weights instead of calling it."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def global_module_hooks() -> bool:
+    """Whether forward hooks are registered for every module (torch.nn.modules.module's globals):
+    calling a module would run them, reading its weights would not."""
+    from torch.nn.modules import module as module_impl
+
+    return bool(getattr(module_impl, "_global_forward_hooks", None)
+                or getattr(module_impl, "_global_forward_pre_hooks", None))

@@ -26,6 +26,7 @@ import torch
 
 from sfgrpo import functional as F
 from sfgrpo.backend import resolve_backend, traced_reference
+from sfgrpo.models.class_swap import global_module_hooks, unhooked
 from sfgrpo.models.fused_blocks import source_digest
 
 # sha256[:16] of the dedented sources the twins mirror, per diffusers release checked
@@ -101,7 +102,8 @@ def _rotary_tables(image_rotary_emb, tokens: int, head_dim: int, device):
 
 def _norm_rope(norm, x, cos, sin):
     """`apply_rotary_emb(norm(x), ...)` for one stream's rows of the tables, one pass."""
-    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps  # torch.nn.RMSNorm's default
+    # torch.nn.RMSNorm's default eps: that of its compute dtype (fp32 for half-precision inputs)
+    eps = norm.eps if norm.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     return F.qk_norm_rope(x, cos, sin, norm.weight, eps)
 
 
@@ -111,6 +113,11 @@ def _fusable_tables(attn, processor_cls, kwargs, hidden_states, text_tokens: int
     processor = attn.processor
     if (type(processor) is not processor_cls or kwargs or processor._parallel_config is not None
             or hidden_states.dtype not in F.RMS_NORM_DTYPES or not _kernel_path(hidden_states)):
+        return None
+    # the twin reads the QK norms' weights instead of calling them: only where that is the same
+    # (no hooks that would move or cast them, the weights on the activations' device)
+    if global_module_hooks() or not all(unhooked(norm) and (norm.weight is None or norm.weight.device ==
+                                                             hidden_states.device) for norm in _norms(attn)):
         return None
     return _rotary_tables(image_rotary_emb, text_tokens + hidden_states.shape[1], attn.head_dim,
                           hidden_states.device)
@@ -168,6 +175,8 @@ def _two_stream(name: str, fused_mixin, project_out):
             if tables is None:
                 return super().forward(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
             projections = module._get_qkv_projections(self, hidden_states, encoder_hidden_states)
+            if not joint:  # diffusers' fused projections hand back (None,) here, which it never reads
+                projections = (*projections[:3], None, None, None)
             query, key, value = _joint_qkv(self, *projections, tables)
             hidden_states = _attention(module, self.processor, query, key, value, attention_mask)
             if encoder_hidden_states is None:
@@ -236,11 +245,16 @@ def flux2_parallel_self_attention(fused_mixin):
     return FusedFlux2ParallelSelfAttention, _supported
 
 
-def _supported(attn) -> bool:
+def _norms(attn) -> list:
+    """The QK norms the twin reads: both streams' where the module has a text stream."""
     norms = [attn.norm_q, attn.norm_k]
     if getattr(attn, "added_kv_proj_dim", None) is not None:
         norms += [attn.norm_added_q, attn.norm_added_k]
-    return all(_plain_head_norm(norm, attn.head_dim) for norm in norms)
+    return norms
+
+
+def _supported(attn) -> bool:
+    return all(_plain_head_norm(norm, attn.head_dim) for norm in _norms(attn))
 
 
 # attention class -> factory of its twin

@@ -25,6 +25,7 @@ import textwrap
 import torch
 
 from sfgrpo import functional as F
+from sfgrpo.models.class_swap import global_module_hooks, unhooked
 
 # sha256[:16] of the dedented source of each block's forward, per diffusers release checked
 _VERIFIED = {
@@ -228,9 +229,15 @@ def split_projection(linear, first, second):
     if type(linear) is not torch.nn.Linear or linear.weight.requires_grad or (
             linear.bias is not None and linear.bias.requires_grad) or _reference_path(first):
         return None
+    # calling the projection must compute nothing but its weights: no hooks (offloading, layerwise
+    # casting move or cast them around the call), the weights already on the activations' device
+    if not unhooked(linear) or global_module_hooks() or linear.weight.device != first.device:
+        return None
     weight, bias = linear.weight, linear.bias
     device_type = first.device.type
     if torch.is_autocast_enabled(device_type):  # what autocast would hand the GEMM
+        if torch.float64 in (first.dtype, second.dtype, weight.dtype):
+            return None  # autocast leaves float64 alone: diffusers' call
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = first.dtype

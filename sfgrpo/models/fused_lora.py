@@ -32,7 +32,7 @@ from torch import nn
 
 from sfgrpo import functional as F
 from sfgrpo.backend import requested_backend
-from sfgrpo.models.class_swap import swap_back, swapped_count
+from sfgrpo.models.class_swap import global_module_hooks, swap_back, swapped_count, unhooked
 
 __all__ = ["fuse_lora", "unfuse_lora", "fused_lora_count"]
 
@@ -67,13 +67,6 @@ def _fused_class():
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts (not float64)
 
 
-def _plain(module: nn.Module) -> bool:
-    """No hooks and no instance-level forward (diffusers' hook registry, accelerate and group
-    offloading wrap `forward`; layerwise casting and offloading hooks change the weights around
-    it): reading the module's weights is what calling it computes."""
-    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
-
-
 def _fusable_adapter(layer, x) -> str | None:
     """The name of the one adapter the fused forward would apply in place of peft's, or None when
     peft's forward must run: only where the fused forward computes what peft's would."""
@@ -90,9 +83,9 @@ def _fusable_adapter(layer, x) -> str | None:
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     if type(base) is not nn.Linear or lora_b.bias is not None or not isinstance(x, torch.Tensor):
         return None
-    if not (_plain(base) and _plain(lora_a) and _plain(lora_b) and _plain(layer.lora_dropout[adapter])):
+    if not (unhooked(base) and unhooked(lora_a) and unhooked(lora_b) and unhooked(layer.lora_dropout[adapter])):
         return None
-    if _global_module_hooks():
+    if global_module_hooks():
         return None
     tensors = [x, base.weight, lora_a.weight, lora_b.weight] + ([base.bias] if base.bias is not None else [])
     if any(t.device != x.device for t in tensors):  # offloaded or meta weights: peft's path moves them
@@ -102,13 +95,6 @@ def _fusable_adapter(layer, x) -> str | None:
         # autocast casts every one of these to its dtype, as the fused op does; float64 it leaves alone
         return adapter if dtypes <= set(_AUTOCAST_ELIGIBLE) else None
     return adapter if len(dtypes) == 1 and dtypes <= set(_AUTOCAST_ELIGIBLE + (torch.float64,)) else None
-
-
-def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as module_impl
-
-    return bool(getattr(module_impl, "_global_forward_hooks", None)
-                or getattr(module_impl, "_global_forward_pre_hooks", None))
 
 
 def __getattr__(name: str):

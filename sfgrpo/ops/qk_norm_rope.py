@@ -31,6 +31,15 @@ def _unit_channel_stride(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin as the kernels read them: channel stride 1 and one row stride for both (a table
+    sliced from a wider one, or a broadcast row, is copied once: tables are [N, D], small)."""
+    cos, sin = _unit_channel_stride(cos), _unit_channel_stride(sin)
+    if cos.shape[0] > 1 and cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
 def _contiguous_out(y: Tensor) -> Tensor:
     return y if y.is_contiguous() else y.contiguous()
 
@@ -67,7 +76,7 @@ def _eps(eps: float, normalize: bool) -> Optional[float]:
 def qk_norm_rope_op(x: Tensor, cos: Tensor, sin: Tensor, weight: Optional[Tensor], eps: float, normalize: bool,
                     norm_dtype: torch.dtype, out_dtype: torch.dtype, backend_name: Optional[str]) -> Tensor:
     """-> rotate(rms_norm(x)) (or rotate(x)), contiguous `[B, N, H, D]` in `out_dtype`."""
-    x, cos, sin = _unit_channel_stride(x), _unit_channel_stride(cos), _unit_channel_stride(sin)
+    x, (cos, sin) = _unit_channel_stride(x), _tables(cos, sin)
     return _implementation(x, backend_name).forward(x, cos, sin, weight, _eps(eps, normalize), norm_dtype, out_dtype)
 
 
@@ -96,7 +105,7 @@ def _(g, x, cos, sin, weight, eps, normalize, need_dx, need_dw, backend_name):
 
 
 def _backward(g, x, cos, sin, weight, eps, need_dx, need_dw, implementation):
-    x, cos, sin, g = (_unit_channel_stride(t) for t in (x, cos, sin, g))
+    x, g, (cos, sin) = _unit_channel_stride(x), _unit_channel_stride(g), _tables(cos, sin)
     return implementation.backward(g, x, cos, sin, weight, eps, need_dx,
                                    need_dw and eps is not None and weight is not None)
 
@@ -127,7 +136,7 @@ class _EagerQkNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, cos, sin, call):
         eps, norm_dtype, out_dtype, implementation = call
-        x, cos, sin = _unit_channel_stride(x), _unit_channel_stride(cos), _unit_channel_stride(sin)
+        x, (cos, sin) = _unit_channel_stride(x), _tables(cos, sin)
         ctx.save_for_backward(x, weight, cos, sin)
         ctx.call = call
         return implementation.forward(x, cos, sin, weight, eps, norm_dtype, out_dtype)
@@ -158,5 +167,4 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, weight: Optional[Tensor], 
         return reference.qk_norm_rope(x, cos, sin, weight, eps, out_dtype=out_dtype)
     if torch.is_grad_enabled() and (x.requires_grad or (normalize and weight is not None and weight.requires_grad)):
         return _EagerQkNormRope.apply(x, weight, cos, sin, (eps, norm_dtype, out_dtype, implementation))
-    return implementation.forward(_unit_channel_stride(x), _unit_channel_stride(cos), _unit_channel_stride(sin),
-                                  weight, eps, norm_dtype, out_dtype)
+    return implementation.forward(_unit_channel_stride(x), *_tables(cos, sin), weight, eps, norm_dtype, out_dtype)
