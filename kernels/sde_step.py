@@ -639,7 +639,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     caller_key = None
     if _aligned(inputs):
         caller_key = (constexprs, tuple(None if t is None else t.dtype for t in inputs), _runtime_key(seed),
-                      _runtime_key(seed_offset), elements, cfg.num_chunks, cfg.num_warps)
+                      _runtime_key(seed_offset), elements, cfg.num_chunks, cfg.num_warps, FP_FUSION)
     _FWD_LAUNCHER.launch_keyed((programs,), caller_key, runtime + constexprs, num_warps=cfg.num_warps,
                                enable_fp_fusion=FP_FUSION)
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
@@ -712,7 +712,7 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
     caller_key = None
     if _aligned(inputs):
         caller_key = (constexprs, tuple(None if t is None else t.dtype for t in inputs), strides, elements,
-                      cfg.num_chunks, cfg.num_warps)
+                      cfg.num_chunks, cfg.num_warps, FP_FUSION)
     _BWD_LAUNCHER.launch_keyed((batch * cfg.num_chunks,), caller_key, runtime + constexprs,
                                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
     return dv, dv_ref, dx
