@@ -340,25 +340,36 @@ def test_chunked_feed_forward_block_stays_exact():
     assert torch.equal(original(**inputs, return_dict=False)[0], fused(**inputs, return_dict=False)[0])
 
 
-def test_a_training_iteration_on_the_fused_kernels_matches_the_reference(tmp_path, monkeypatch):
-    """Rollout, look-ahead and update of an SD3.5-M-architecture backbone with every fused norm and
-    block tail on the Triton kernels (Triton's interpreter on CPU, compiled on a GPU) against the
-    same iteration on diffusers' expressions: same rewards and updated weights, to fp32 rounding."""
+@pytest.mark.parametrize("name,lora", [("sd35m-small", False), ("flux1-dev-small", True)])
+def test_a_training_iteration_on_the_fused_kernels_matches_the_reference(tmp_path, monkeypatch, name, lora):
+    """Rollout, look-ahead and update of an SD3.5-M-architecture backbone (full fine-tune) and of a
+    FLUX.1-architecture one (LoRA: fused attention, the single blocks' split projection and the
+    fused LoRA linear) with every fused op on the Triton kernels (Triton's interpreter on CPU,
+    compiled on a GPU) against the same iteration on diffusers' and peft's expressions: same rewards
+    and updated weights, to fp32 rounding."""
+    if lora:
+        pytest.importorskip("peft")
     from sfgrpo import Trainer, TrainerConfig
     from sfgrpo.backend import ENV_VAR
     from sfgrpo.bench.backbones import build_backbone
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs = {}
+    fused_calls = _count_qk_norm_rope(monkeypatch)
     for backend in ("reference", "triton" if device == "cpu" else "auto"):
         monkeypatch.setenv(ENV_VAR, backend)
+        fused_calls.clear()
         cfg = TrainerConfig(group_size=2, prompts_per_iteration=2, num_steps=3, reward="brightness", prompts="a,b",
-                            output_dir=str(tmp_path / backend), mode="stepwise", seed=0, device=device)
-        trainer = Trainer(cfg, model=build_backbone("sd35m-small", 64, text_tokens=8, device=device))
+                            output_dir=str(tmp_path / backend), mode="stepwise", seed=0, device=device,
+                            use_lora=lora, lora_rank=4)
+        trainer = Trainer(cfg, model=build_backbone(name, 64, text_tokens=8, device=device))
         assert fused_norm_count(trainer.model) > 0
-        before = [p.detach().clone() for p in trainer.model.transformer.parameters()]
+        trained = [p for p in trainer.model.transformer.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trained]
         stats = trainer.train_iteration()
-        after = trainer.model.transformer.parameters()
+        after = trained
+        # FLUX's attention runs the fused QK-norm + rotation on the kernels only, never on the reference
+        assert bool(fused_calls) == (name.startswith("flux") and backend != "reference")
         runs[backend] = (stats, torch.cat([(p.detach() - b).flatten() for p, b in zip(after, before)]))
     (stats_a, update_a), (stats_b, update_b) = runs.values()
     assert stats_b["reward_mean"] == pytest.approx(stats_a["reward_mean"], rel=1e-5)
