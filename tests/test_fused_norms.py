@@ -427,6 +427,35 @@ def test_flux2_attention_twins_match_diffusers(monkeypatch):
             torch.testing.assert_close(pb.grad, pa.grad, atol=2e-5, rtol=2e-3, msg=key)
 
 
+def test_flux2_single_blocks_split_their_frozen_output_projection(monkeypatch):
+    """Weights frozen (LoRA training, rollouts): FLUX.2's single-stream attention projects its
+    attention and MLP outputs without concatenating them, within fp32 rounding of diffusers'."""
+    from sfgrpo.backend import ENV_VAR
+    from sfgrpo.models import fused_attention
+
+    original, fused = _flux2_pair()
+    for model in (original, fused):
+        model.requires_grad_(False)
+    fuse_norms(fused)
+    splits = []
+    monkeypatch.setattr(fused_attention, "split_projection",
+                        lambda *a, f=fused_attention.split_projection: splits.append(f(*a)) or splits[-1])
+    inputs = _flux2_inputs()
+    hidden = inputs.pop("hidden_states")
+    results = []
+    for model in (original, fused):
+        if model is fused:
+            monkeypatch.setenv(ENV_VAR, "triton")
+        x = hidden.clone().requires_grad_()
+        out = model(hidden_states=x, **inputs, return_dict=False)[0]
+        out.square().mean().backward()
+        results.append((out, x.grad))
+    assert len(splits) == len(fused.single_transformer_blocks) and all(s is not None for s in splits)
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(gb, ga, atol=2e-5, rtol=2e-3)
+
+
 def test_every_attention_twin_is_verified_and_reported():
     from sfgrpo.models import fused_attention
 

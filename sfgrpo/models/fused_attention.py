@@ -27,7 +27,7 @@ import torch
 from sfgrpo import functional as F
 from sfgrpo.backend import resolve_backend, traced_reference
 from sfgrpo.models.class_swap import global_module_hooks, unhooked
-from sfgrpo.models.fused_blocks import source_digest
+from sfgrpo.models.fused_blocks import source_digest, split_projection
 
 # sha256[:16] of the dedented sources the twins mirror, per diffusers release checked
 _VERIFIED = {
@@ -221,7 +221,8 @@ def flux2_attention(fused_mixin):
 
 def flux2_parallel_self_attention(fused_mixin):
     """FLUX.2's single blocks: q, k, v and the MLP input from one projection, attention and MLP
-    outputs concatenated into one output projection (Flux2ParallelSelfAttnProcessor)."""
+    outputs concatenated into one output projection (Flux2ParallelSelfAttnProcessor); that
+    projection split in two GEMMs where its weight is frozen (`split_projection`)."""
     module, attention_cls, processor_cls = _classes("Flux2ParallelSelfAttention")
 
     class FusedFlux2ParallelSelfAttention(fused_mixin, attention_cls):
@@ -239,6 +240,10 @@ def flux2_parallel_self_attention(fused_mixin):
             query, key, value = _joint_qkv(self, *qkv.chunk(3, dim=-1), None, None, None, tables)
             hidden_states = _attention(module, self.processor, query, key, value, attention_mask)
             mlp_hidden_states = self.mlp_act_fn(mlp_hidden_states)
+            # the output projection of the concatenation, without it where the weight is frozen
+            projected = split_projection(self.to_out, hidden_states, mlp_hidden_states)
+            if projected is not None:
+                return projected
             hidden_states = torch.cat([hidden_states, mlp_hidden_states], dim=-1)
             return self.to_out(hidden_states)
 
