@@ -427,35 +427,6 @@ def test_flux2_attention_twins_match_diffusers(monkeypatch):
             torch.testing.assert_close(pb.grad, pa.grad, atol=2e-5, rtol=2e-3, msg=key)
 
 
-def test_flux2_single_blocks_split_their_frozen_output_projection(monkeypatch):
-    """Weights frozen (LoRA training, rollouts): FLUX.2's single-stream attention projects its
-    attention and MLP outputs without concatenating them, within fp32 rounding of diffusers'."""
-    from sfgrpo.backend import ENV_VAR
-    from sfgrpo.models import fused_attention
-
-    original, fused = _flux2_pair()
-    for model in (original, fused):
-        model.requires_grad_(False)
-    fuse_norms(fused)
-    splits = []
-    monkeypatch.setattr(fused_attention, "split_projection",
-                        lambda *a, f=fused_attention.split_projection: splits.append(f(*a)) or splits[-1])
-    inputs = _flux2_inputs()
-    hidden = inputs.pop("hidden_states")
-    results = []
-    for model in (original, fused):
-        if model is fused:
-            monkeypatch.setenv(ENV_VAR, "triton")
-        x = hidden.clone().requires_grad_()
-        out = model(hidden_states=x, **inputs, return_dict=False)[0]
-        out.square().mean().backward()
-        results.append((out, x.grad))
-    assert len(splits) == len(fused.single_transformer_blocks) and all(s is not None for s in splits)
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-4)
-    torch.testing.assert_close(gb, ga, atol=2e-5, rtol=2e-3)
-
-
 def test_every_attention_twin_is_verified_and_reported():
     from sfgrpo.models import fused_attention
 
@@ -496,22 +467,26 @@ def test_split_projection_is_the_projection_of_the_concatenation(bias, monkeypat
     assert split_projection(linear, first, second.double()) is None  # mixed dtypes, no autocast
 
 
-def test_flux_single_block_with_a_frozen_projection_matches_diffusers(monkeypatch):
-    """LoRA-style training of a FLUX.1-architecture transformer (weights frozen, gradients to the
-    inputs): on the Triton kernels, with the single blocks' split projection, within fp32 rounding
-    of diffusers' forward and input gradient."""
+@pytest.mark.parametrize("architecture", ["flux1", "flux2"])
+def test_frozen_single_block_projections_are_split_and_match_diffusers(architecture, monkeypatch):
+    """LoRA-style training (weights frozen, gradients to the inputs) of FLUX.1- and FLUX.2-architecture
+    transformers on the Triton kernels: every single block projects its attention and MLP outputs
+    without concatenating them, within fp32 rounding of diffusers' forward and input gradient."""
     from sfgrpo.backend import ENV_VAR
+    from sfgrpo.models import fused_attention, fused_blocks
 
-    original, fused = _pair("flux1-dev-small")
+    if architecture == "flux1":
+        (original, fused), module = _pair("flux1-dev-small"), fused_blocks
+        inputs = _flux_inputs(original, batch=2)
+    else:
+        (original, fused), module = _flux2_pair(), fused_attention
+        inputs = _flux2_inputs()
     for model in (original, fused):
         model.requires_grad_(False)
     fuse_norms(fused)
-    calls = []
-    from sfgrpo.models import fused_blocks
-
-    monkeypatch.setattr(fused_blocks, "split_projection",
-                        lambda *a, f=fused_blocks.split_projection: calls.append(f(*a)) or calls[-1])
-    inputs = _flux_inputs(original, batch=2)
+    splits = []
+    monkeypatch.setattr(module, "split_projection",
+                        lambda *a, f=module.split_projection: splits.append(f(*a)) or splits[-1])
     results = []
     for model in (original, fused):
         if model is fused:
@@ -520,7 +495,7 @@ def test_flux_single_block_with_a_frozen_projection_matches_diffusers(monkeypatc
         out = model(**dict(inputs, hidden_states=hidden), return_dict=False)[0]
         out.square().mean().backward()
         results.append((out, hidden.grad))
-    assert calls and all(c is not None for c in calls)  # the split path ran in every single block
+    assert len(splits) == len(fused.single_transformer_blocks) and all(s is not None for s in splits)
     (a, ga), (b, gb) = results
     torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-4)
     torch.testing.assert_close(gb, ga, atol=2e-5, rtol=2e-3)
