@@ -114,13 +114,18 @@ def _fusable_tables(attn, processor_cls, kwargs, hidden_states, text_tokens: int
     if (type(processor) is not processor_cls or kwargs or processor._parallel_config is not None
             or hidden_states.dtype not in F.RMS_NORM_DTYPES or not _kernel_path(hidden_states)):
         return None
-    # the twin reads the QK norms' weights instead of calling them: only where that is the same
-    # (no hooks that would move or cast them, the weights on the activations' device)
-    if global_module_hooks() or not all(unhooked(norm) and (norm.weight is None or norm.weight.device ==
-                                                             hidden_states.device) for norm in _norms(attn)):
+    if not _norm_weights_readable(attn, hidden_states.device):
         return None
     return _rotary_tables(image_rotary_emb, text_tokens + hidden_states.shape[1], attn.head_dim,
                           hidden_states.device)
+
+
+def _norm_weights_readable(attn, device) -> bool:
+    """The twin reads the QK norms' weights instead of calling the norms: only where that is the
+    same (no hooks that would move or cast them, the weights already on the activations' device)."""
+    if global_module_hooks():
+        return False
+    return all(unhooked(norm) and (norm.weight is None or norm.weight.device == device) for norm in _norms(attn))
 
 
 def _joint_qkv(attn, query, key, value, encoder_query, encoder_key, encoder_value, tables):
