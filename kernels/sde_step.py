@@ -635,24 +635,25 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     # what Triton specialises on, from a few values: the constexprs, the dtypes of the inputs (every
     # other pointer is an fp32 / int32 buffer or a dummy x), whether every pointer is 16-byte aligned
     # (fresh outputs and the stream scratch always are), the Philox integers' properties, the shape
-    inputs = (x, v, v_ref, prev_sample, noise) + (() if rows.scalars else rows.pointers)
-    caller_key = None
-    if _aligned(inputs):
-        caller_key = (constexprs, tuple(None if t is None else t.dtype for t in inputs), _runtime_key(seed),
-                      _runtime_key(seed_offset), elements, cfg.num_chunks, cfg.num_warps, FP_FUSION)
+    dtypes = _aligned_dtypes((x, v, v_ref, prev_sample, noise) + (() if rows.scalars else rows.pointers))
+    caller_key = None if dtypes is None else (constexprs, dtypes, _runtime_key(seed), _runtime_key(seed_offset),
+                                              elements, cfg.num_chunks, cfg.num_warps, FP_FUSION)
     _FWD_LAUNCHER.launch_keyed((programs,), caller_key, runtime + constexprs, num_warps=cfg.num_warps,
                                enable_fp_fusion=FP_FUSION)
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
 
 
-def _aligned(tensors) -> bool:
-    """Whether every tensor (None: skipped) starts at a 16-byte boundary (Triton's pointer
-    specialisation)."""
+def _aligned_dtypes(tensors) -> tuple | None:
+    """The launch key's share of the inputs: their dtypes (None for an absent one) when every
+    tensor starts at a 16-byte boundary (Triton's pointer specialisation), else None (no caller key:
+    the launcher computes the full one)."""
     bits = 0
     for tensor in tensors:
         if tensor is not None:
             bits |= tensor.data_ptr()
-    return not bits & 15
+    if bits & 15:
+        return None
+    return tuple(None if tensor is None else tensor.dtype for tensor in tensors)
 
 
 def philox_noise(seed: int, seed_offset: int, rows: int, elements: int, device, block: int = 1024):
@@ -707,12 +708,10 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         ROW_SCALARS=rows.scalars, EVICT="evict_first" if L2_HINTS else "", **_flags(sde_type, logprob, reduction, kl)))
     # as the forward's: the constexprs, the inputs' dtypes and alignment (the outputs are fresh), the
     # per-row gradients' strides by value (0 or 1: Triton specialises on 1), the shape
-    inputs = (x, v, v_ref, sample, grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1) + (
-        () if rows.scalars else rows.pointers)
-    caller_key = None
-    if _aligned(inputs):
-        caller_key = (constexprs, tuple(None if t is None else t.dtype for t in inputs), strides, elements,
-                      cfg.num_chunks, cfg.num_warps, FP_FUSION)
+    dtypes = _aligned_dtypes((x, v, v_ref, sample, grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1) + (
+        () if rows.scalars else rows.pointers))
+    caller_key = None if dtypes is None else (constexprs, dtypes, strides, elements, cfg.num_chunks, cfg.num_warps,
+                                              FP_FUSION)
     _BWD_LAUNCHER.launch_keyed((batch * cfg.num_chunks,), caller_key, runtime + constexprs,
                                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
     return dv, dv_ref, dx

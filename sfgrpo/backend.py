@@ -95,6 +95,15 @@ def traced_reference(device: torch.device, override: str | None = None) -> bool:
     return device.type == "cpu" and requested_backend(override) != "triton"
 
 
+def runs_reference(op: str, device: torch.device) -> bool:
+    """Whether `op` (a Triton-family op) runs its reference expression on `device`: under
+    torch.compile by `traced_reference`'s rule, else as `resolve_backend` decides. What a fused
+    module twin asks before leaving diffusers' own code for the op's kernels."""
+    if torch.compiler.is_compiling():
+        return traced_reference(device)
+    return resolve_backend(op, device) == "reference"
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 

@@ -319,6 +319,21 @@ def ppo_loss(
 RMS_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _check_rms_weight_and_eps(x: Tensor, weight: Tensor | None, eps) -> None:
+    """An RMSNorm's weight ([D], x's device, a 2- or 4-byte float) and eps (finite, >= 0), for
+    `rms_norm` and `qk_norm_rope`."""
+    if weight is not None:
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(f"weight must have shape [D] = [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+        if weight.dtype not in RMS_NORM_DTYPES:
+            raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if not torch.compiler.is_compiling():  # eps may be symbolic under compile: checked eagerly only
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
     """diffusers' `RMSNorm` (the QK-norm of SD3.5 / FLUX attention) over the last dim of `x`, fused.
 
@@ -335,16 +350,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, back
         raise ValueError("x must be a tensor with at least one dimension (normalised over the last)")
     if x.dtype not in RMS_NORM_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if weight is not None:
-        if weight.shape != (x.shape[-1],):
-            raise ValueError(f"weight must have shape [D] = [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
-        if weight.device != x.device:
-            raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-        if weight.dtype not in RMS_NORM_DTYPES:
-            raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
-    if not torch.compiler.is_compiling():  # eps may be symbolic under compile: checked eagerly only
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _check_rms_weight_and_eps(x, weight, eps)
     out_dtype = reference.rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, x.device.type)
     return rms_norm_ops.rms_norm(x, weight, float(eps), out_dtype, backend)
 
@@ -381,18 +387,10 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor | None = No
             raise ValueError(f"{name} is on {table.device} but x is on {x.device}")
         if table.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires a gradient: qk_norm_rope gives none to the rotation tables")
-    if weight is not None:
-        if eps is None:
-            raise ValueError("a weight needs eps (the norm): eps=None is the rotation alone")
-        if weight.shape != (D,):
-            raise ValueError(f"weight must have shape [D] = [{D}], got {tuple(weight.shape)}")
-        if weight.device != x.device:
-            raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-        if weight.dtype not in RMS_NORM_DTYPES:
-            raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
-    if eps is not None and not torch.compiler.is_compiling():
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
-            raise ValueError(f"eps must be a finite number >= 0 or None, got {eps!r}")
+    if eps is not None:
+        _check_rms_weight_and_eps(x, weight, eps)
+    elif weight is not None:
+        raise ValueError("a weight needs eps (the norm): eps=None is the rotation alone")
     norm_dtype, out_dtype = reference.qk_norm_rope_dtypes(x.dtype, x.device.type)
     return qk_norm_rope_ops.qk_norm_rope(x, cos, sin, weight, None if eps is None else float(eps), norm_dtype,
                                          out_dtype, backend)

@@ -1,10 +1,23 @@
 """Swapping a module's class in place for a fused twin (a subclass with another forward) and back:
-what `fused_norms` and `fused_lora` do. Parameters, buffers, hooks and state-dict keys stay with the
+what `fused_norms` and `fused_lora` do, and the checks a twin makes before it reads a submodule's
+weights instead of calling it. Parameters, buffers, hooks and state-dict keys stay with the
 module object; only the forward changes."""
 
 from __future__ import annotations
 
 from torch import nn
+
+
+def swap_in(model: nn.Module, twin_of) -> int:
+    """Every module of `model` for which `twin_of(module)` names a class gets that class; returns
+    how many."""
+    count = 0
+    for module in model.modules():
+        twin = twin_of(module)
+        if twin is not None:
+            module.__class__ = twin
+            count += 1
+    return count
 
 
 def swap_back(model: nn.Module, mixin: type, original: str) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from sfgrpo import functional as F
-from sfgrpo.backend import resolve_backend, traced_reference
+from sfgrpo.backend import runs_reference
 from sfgrpo.models.class_swap import global_module_hooks, unhooked
 from sfgrpo.models.fused_blocks import source_digest, split_projection
 
@@ -79,12 +79,6 @@ def _plain_head_norm(norm, head_dim: int) -> bool:
     return type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (head_dim,)
 
 
-def _kernel_path(x: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return not traced_reference(x.device)
-    return resolve_backend("qk_norm_rope", x.device) != "reference"
-
-
 def _rotary_tables(image_rotary_emb, tokens: int, head_dim: int, device):
     """(cos, sin) when `image_rotary_emb` is FLUX's pair of [tokens, head_dim] tables the fused op
     takes (on the activations' device, no gradient wanted for them: diffusers would move them and
@@ -112,7 +106,7 @@ def _fusable_tables(attn, processor_cls, kwargs, hidden_states, text_tokens: int
     one, nothing extra asked of it, the fused op runs its kernels), else None: diffusers' forward."""
     processor = attn.processor
     if (type(processor) is not processor_cls or kwargs or processor._parallel_config is not None
-            or hidden_states.dtype not in F.RMS_NORM_DTYPES or not _kernel_path(hidden_states)):
+            or hidden_states.dtype not in F.RMS_NORM_DTYPES or runs_reference("qk_norm_rope", hidden_states.device)):
         return None
     if not _norm_weights_readable(attn, hidden_states.device):
         return None

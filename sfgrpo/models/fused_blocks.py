@@ -6,8 +6,8 @@ over the activations) and `h = h + gate * ff_out` (two kernels), and a FLUX sing
 `residual + gate * proj_out(cat([attn_out, mlp_out]))`. These forwards are diffusers' own, line for
 line, with those expressions replaced by `sfgrpo.gated_residual_layer_norm_modulate` (one pass: h
 and the normalised, modulated h) and `sfgrpo.gated_residual`, and the single block's
-concatenation by a split projection (`split_projection`) where its weight is frozen. The norm modules inside the blocks are
-swapped by `sfgrpo.models.fused_norms` as everywhere else.
+concatenation by a split projection (`split_projection`) where its weight is frozen. The norm
+modules inside the blocks are swapped by `sfgrpo.models.fused_norms` as everywhere else.
 
 A block's forward is only replaced when diffusers' source of it is one this module was written
 against and tested with (its digest is in `_VERIFIED`): another diffusers version may have changed
@@ -25,6 +25,7 @@ import textwrap
 import torch
 
 from sfgrpo import functional as F
+from sfgrpo.backend import runs_reference
 from sfgrpo.models.class_swap import global_module_hooks, unhooked
 
 # sha256[:16] of the dedented source of each block's forward, per diffusers release checked
@@ -227,7 +228,7 @@ def split_projection(linear, first, second):
     trained weight's gradient would be assembled from two slices) and off the reference path
     (diffusers' bits there)."""
     if type(linear) is not torch.nn.Linear or linear.weight.requires_grad or (
-            linear.bias is not None and linear.bias.requires_grad) or _reference_path(first):
+            linear.bias is not None and linear.bias.requires_grad) or runs_reference("layer_norm_modulate", first.device):
         return None
     # calling the projection must compute nothing but its weights: no hooks (offloading, layerwise
     # casting move or cast them around the call), the weights already on the activations' device
@@ -250,12 +251,6 @@ def split_projection(linear, first, second):
     out = rows @ head.t() if bias is None else torch.addmm(bias.to(dtype), rows, head.t())
     out.addmm_(rest, tail.t())
     return out.view(*first.shape[:-1], weight.shape[0])
-
-
-def _reference_path(x) -> bool:
-    from sfgrpo.models.fused_norms import _reference_path as reference_path
-
-    return reference_path(x)
 
 
 def _plain_layer_norm(norm) -> bool:

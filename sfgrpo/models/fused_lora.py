@@ -32,7 +32,7 @@ from torch import nn
 
 from sfgrpo import functional as F
 from sfgrpo.backend import requested_backend
-from sfgrpo.models.class_swap import global_module_hooks, swap_back, swapped_count, unhooked
+from sfgrpo.models.class_swap import global_module_hooks, swap_back, swap_in, swapped_count, unhooked
 
 __all__ = ["fuse_lora", "unfuse_lora", "fused_lora_count"]
 
@@ -112,12 +112,7 @@ def fuse_lora(model: nn.Module) -> int:
     except ImportError:
         return 0
     fused = _fused_class()
-    count = 0
-    for module in model.modules():
-        if type(module) is Linear:
-            module.__class__ = fused
-            count += 1
-    return count
+    return swap_in(model, lambda module: fused if type(module) is Linear else None)
 
 
 def unfuse_lora(model: nn.Module) -> int:

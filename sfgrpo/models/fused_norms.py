@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from sfgrpo import functional as F
-from sfgrpo.backend import resolve_backend, traced_reference
+from sfgrpo.backend import runs_reference
 from sfgrpo.models import fused_attention, fused_blocks
-from sfgrpo.models.class_swap import swap_back, swapped_count
+from sfgrpo.models.class_swap import swap_back, swap_in, swapped_count
 
 __all__ = ["fuse_norms", "unfuse_norms", "fused_norm_count"]
 
@@ -43,11 +43,8 @@ def plain_layer_norm(norm) -> bool:
 
 
 def _reference_path(x: Tensor) -> bool:
-    """Whether the fused ops run their reference (diffusers' expressions) on x's device; under
-    torch.compile by the rule the ops follow there."""
-    if torch.compiler.is_compiling():
-        return traced_reference(x.device)
-    return resolve_backend("layer_norm_modulate", x.device) == "reference"
+    """Whether the fused ops run their reference (diffusers' expressions) on x's device."""
+    return runs_reference("layer_norm_modulate", x.device)
 
 
 class _Fused:
@@ -214,13 +211,12 @@ def fuse_norms(model: nn.Module) -> int:
     fused twin; returns how many modules were swapped. Exact class matches only: a
     subclass of a diffusers module may compute something else. Idempotent."""
     swaps = _swaps()
-    count = 0
-    for module in model.modules():
+
+    def twin_of(module):
         entry = swaps.get(type(module))
-        if entry is not None and entry[1](module):
-            module.__class__ = entry[0]
-            count += 1
-    return count
+        return entry[0] if entry is not None and entry[1](module) else None
+
+    return swap_in(model, twin_of)
 
 
 def unfuse_norms(model: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """Custom ops `sfgrpo::sde_step` and `sfgrpo::sde_step_backward` (torch.library).
 
 Both take latents flattened to `[B, D]` (contiguous; `sde_step` below flattens them, except for the
-eager Triton path, which reads contiguous latents of any rank; `sfgrpo.functional.sde_step` validates) and, for t, t', the noise level and sigma_max, per-row float32 `[B]` tensors on the
+eager Triton path, which reads contiguous latents of any rank; `sfgrpo.functional.sde_step`
+validates) and, for t, t', the noise level and sigma_max, per-row float32 `[B]` tensors on the
 latents' device or 0-d float32 CPU tensors (one value for every row). Outputs that
 were not requested are returned as empty tensors (custom ops cannot return None), and so is the
 sample when scoring a given one (an op may not return its own input).
