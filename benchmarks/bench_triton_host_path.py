@@ -89,11 +89,12 @@ def stubbed_norm_launch(monkeypatch):
     left unwritten: only the host work is timed)."""
     from sfgrpo import backend
     from sfgrpo.kernels import _launch
-    from sfgrpo.kernels import gated_residual, layer_norm_modulate, rms_norm
+    from sfgrpo.kernels import gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv(_launch.ENV_VAR, raising=False)
-    launchers = [value for module in (rms_norm, layer_norm_modulate, gated_residual) for value in vars(module).values()
+    launchers = [value for module in (rms_norm, layer_norm_modulate, gated_residual, qk_norm_rope)
+                 for value in vars(module).values()
                  if isinstance(value, _launch.DirectLauncher)]
     for launcher in launchers:
         if launcher.constexpr is None:
@@ -103,7 +104,7 @@ def stubbed_norm_launch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     resolve = backend.resolve_backend
-    norm_ops = ("rms_norm", "layer_norm_modulate", "gated_residual")
+    norm_ops = ("rms_norm", "layer_norm_modulate", "gated_residual", "qk_norm_rope")
     monkeypatch.setattr(backend, "resolve_backend",
                         lambda op, device, override=None: "triton" if op in norm_ops else resolve(op, device, override))
 
@@ -147,5 +148,30 @@ def test_gated_residual_layer_norm_modulate_forward_backward_host(benchmark, stu
     def step():
         torch.autograd.backward(F.gated_residual_layer_norm_modulate(x, y, gate, scale, shift), grads)
         y.grad = None
+
+    benchmark(step)
+
+
+def _flux_query():
+    """A FLUX.1 double block's image-stream q at 512 px, batch 4, bf16, with its rotation rows."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 1024, 24, 128, generator=g).bfloat16()
+    angles = torch.rand(1024, 64, generator=g).repeat_interleave(2, dim=1)
+    return q, torch.ones(128, dtype=torch.bfloat16), angles.cos(), angles.sin()
+
+
+def test_qk_norm_rope_host(benchmark, stubbed_norm_launch):
+    q, weight, cos, sin = _flux_query()
+    benchmark(lambda: F.qk_norm_rope(q, cos, sin, weight, 1e-6))
+
+
+def test_qk_norm_rope_forward_backward_host(benchmark, stubbed_norm_launch):
+    q, weight, cos, sin = _flux_query()
+    q = q.clone().requires_grad_()
+    grad = torch.ones_like(q)
+
+    def step():
+        F.qk_norm_rope(q, cos, sin, weight, 1e-6).backward(grad)
+        q.grad = None
 
     benchmark(step)
