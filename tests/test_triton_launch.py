@@ -97,6 +97,33 @@ def test_anything_triton_specialises_on_gets_its_own_kernel(launch, change):
     assert [entry[0] for entry in kernel.log] == ["jit", "jit"]
 
 
+def test_which_pointer_is_misaligned_is_part_of_the_key(launch):
+    """All pointers aligned: one key form; a misaligned one: the per-argument form, which tells the
+    two pointers apart (Triton specialises each pointer on its own alignment)."""
+    kernel = FakeKernel()
+    kernel.arg_names = ["x_ptr", "y_ptr", "n", "BLOCK"]
+    kernel.params = [_Param(False), _Param(False), _Param(False), _Param(True)]
+    launcher = launch.DirectLauncher(kernel)
+    x = torch.zeros(64)
+    for first, second in ((x, x), (x[1:], x), (x, x[1:]), (x[1:], x), (x, x[4:]), (x[4:], x[4:])):
+        launcher((1,), first, second, 32, 128)
+    # x[4:] is 16 bytes past x: aligned like x
+    assert [entry[0] for entry in kernel.log] == ["jit", "jit", "jit", "direct", "direct", "direct"]
+
+
+def test_integer_keys_are_memoised_up_to_a_bound(launch, monkeypatch):
+    monkeypatch.setattr(launch, "_INT_KEYS", {})
+    monkeypatch.setattr(launch, "_INT_KEYS_MAX", 3)
+    kernel = FakeKernel()
+    launcher = launch.DirectLauncher(kernel)
+    x = torch.zeros(64)
+    for n in (32, 48, 33, 1, 2**40, 31):
+        launcher((1,), x, n, 128)
+    assert launch._INT_KEYS == {32: launch._runtime_key(32), 48: launch._runtime_key(48), 33: launch._runtime_key(33)}
+    # 32 and 48 share a kernel; 33, 1, 2**40 are three more; 31 is keyed like 33 (past the memo bound)
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct", "jit", "jit", "jit", "direct"]
+
+
 def test_constexprs_between_runtime_arguments_are_keyed_by_value(launch):
     # sfgrpo's kernels declare their constexprs last (keyed as one slice); any order works
     kernel = FakeKernel()
