@@ -3,8 +3,10 @@
 `python -m sfgrpo.kernels._aot` compiles every variant listed by the kernel modules'
 `aot_variants()` with `triton.compile(..., GPUTarget("cuda", 90, 32))`, reads the PTX's global
 access widths and transcendental instructions (approximate or libdevice's precise ones) and the
-cubin's registers / stack / local memory (spills), and prints one JSON object per variant. Run it
-without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+cubin's registers / stack / local memory (spills), and prints one JSON object per variant.
+`--other-archs` compiles the same variants for sm_80 and sm_89 (compiled or the error, registers,
+spills); `--unit-integers` every kernel with its integer arguments equal to 1. Run it without
+TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import tempfile
 from pathlib import Path
 
 SM90 = ("cuda", 90, 32)
+# the other architecture generations the wheel's native module is built for (SFGRPO_CUDA_ARCHS'
+# default): A100 (sm_80; sm_86, A10 / RTX 30xx, has its features) and L4 / L40 / RTX 40xx (sm_89).
+# Triton compiles for them on the user's machine: a kernel that does not compile there would fail
+# at its first launch
+OTHER_ARCHS = (80, 89)
 KERNEL_MODULES = ("sde_step", "rms_norm", "layer_norm_modulate", "gated_residual", "qk_norm_rope")
 
 
@@ -29,7 +36,8 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def compile_sm90(fn, arg_types: dict, constexprs: dict, num_warps: int, divisible=("D",)):
+def compile_sm90(fn, arg_types: dict, constexprs: dict, num_warps: int, divisible=("D",), arch: int = 90):
+    """`triton.compile` of one variant for sm_90 (or `arch`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,7 +49,7 @@ def compile_sm90(fn, arg_types: dict, constexprs: dict, num_warps: int, divisibl
     aligned = [name for name in names if arg_types.get(name, "").startswith("*") or name in divisible]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget(*SM90), options={"num_warps": num_warps, "enable_fp_fusion": False})
+    compiled = triton.compile(source, target=GPUTarget(SM90[0], arch, SM90[2]), options={"num_warps": num_warps, "enable_fp_fusion": False})
     return compiled
 
 
@@ -107,6 +115,26 @@ def report(modules=KERNEL_MODULES) -> list[dict]:
     return rows
 
 
+def arch_report(archs=OTHER_ARCHS, modules=KERNEL_MODULES) -> list[dict]:
+    """Every variant compiled for each of `archs`: one row per (variant, arch), compiled or the
+    error, with the cubin's registers and spills."""
+    import importlib
+
+    rows = []
+    for module_name in modules:
+        module = importlib.import_module(f"sfgrpo.kernels.{module_name}")
+        for name, fn, arg_types, constexprs, num_warps, *divisible in module.aot_variants():
+            for arch in archs:
+                row = {"variant": f"{module_name}/{name}", "arch": arch}
+                try:
+                    compiled = compile_sm90(fn, arg_types, constexprs, num_warps, *divisible, arch=arch)
+                    row.update(compiled=True, **resource_usage(compiled.asm["cubin"]))
+                except Exception as err:  # noqa: BLE001 - reported, the test names the variant
+                    row.update(compiled=False, error=f"{type(err).__name__}: {str(err)[-400:]}")
+                rows.append(row)
+    return rows
+
+
 def unit_integer_report(modules=KERNEL_MODULES) -> list[dict]:
     """Triton passes an integer argument equal to 1 as a constexpr (a Python int inside the kernel:
     `D.to(tl.float32)` fails to compile there, `D * 1.0` does not). Compiles every kernel function
@@ -138,7 +166,13 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    rows = unit_integer_report() if "--unit-integers" in sys.argv[1:] else report()
+    args = sys.argv[1:]
+    if "--unit-integers" in args:
+        rows = unit_integer_report()
+    elif "--other-archs" in args:
+        rows = arch_report()
+    else:
+        rows = report()
     for row in rows:
         print(json.dumps(row))
     return 0
