@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from sfgrpo.kernels._launch import DirectLauncher, _runtime_key
+from sfgrpo.kernels._launch import DirectLauncher, _int_key
 from sfgrpo.scratch import stream_scratch
 
 SDE_TYPE_IDS = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
@@ -548,6 +548,9 @@ class _Rows:
 
 _FWD_LAUNCHER = DirectLauncher(sde_step_fwd_kernel)
 _BWD_LAUNCHER = DirectLauncher(sde_step_bwd_kernel)
+# the runtime (non-constexpr) parameters lead each kernel's signature; the constexprs follow
+_FWD_RUNTIME_ARGS = _FWD_LAUNCHER.arg_names.index("SDE_TYPE")
+_BWD_RUNTIME_ARGS = _BWD_LAUNCHER.arg_names.index("SDE_TYPE")
 # triton.jit gives an InterpretedFunction when TRITON_INTERPRET was set at import: no `params`,
 # which DirectLauncher records as constexpr = None
 _INTERPRETED = _FWD_LAUNCHER.constexpr is None
@@ -574,6 +577,37 @@ def _flags(sde_type: str, logprob: str, reduction: str, kl: str) -> dict:
         SUM_REDUCTION=reduction == "sum",
         KL_FLOW_GRPO=kl == "flow_grpo",
     )
+
+
+class _Plan:
+    """A launch's constexpr values (in parameter order) and compile options, made once per
+    combination of flags and chunking (`_forward_plan`, `_backward_plan`). Hashed by identity: the
+    caller keys hold the plan object itself, which the lru_caches hand back for equal arguments,
+    instead of a tuple of ~20 values hashed on every call."""
+
+    __slots__ = ("constexprs", "fp_fusion")
+
+    def __init__(self, constexprs: tuple, fp_fusion: bool):
+        self.constexprs, self.fp_fusion = constexprs, fp_fusion
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(mode, has_vref, write_mean, write_x0, write_x1, cfg, row_scalars, evict, sde_type, logprob,
+                  reduction, kl, fp_fusion) -> _Plan:
+    return _Plan(_FWD_LAUNCHER.constexpr_values(_FWD_RUNTIME_ARGS, dict(
+        MODE=mode, HAS_VREF=has_vref, WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
+        FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
+        ROW_SCALARS=row_scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(), EVICT=evict,
+        **_flags(sde_type, logprob, reduction, kl))), fp_fusion)
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(has_g_logp, has_g_kl, has_g_mean, has_g_x0, has_g_x1, write_dvref, write_dx, cfg, row_scalars,
+                   evict, sde_type, logprob, reduction, kl, fp_fusion) -> _Plan:
+    return _Plan(_BWD_LAUNCHER.constexpr_values(_BWD_RUNTIME_ARGS, dict(
+        HAS_G_LOGP=has_g_logp, HAS_G_KL=has_g_kl, HAS_G_MEAN=has_g_mean, HAS_G_X0=has_g_x0, HAS_G_X1=has_g_x1,
+        WRITE_DVREF=write_dvref, WRITE_DX=write_dx, BLOCK=cfg.block, ITERS=cfg.iters, ROW_SCALARS=row_scalars,
+        EVICT=evict, **_flags(sde_type, logprob, reduction, kl))), fp_fusion)
 
 
 def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, seed, seed_offset,
@@ -612,9 +646,11 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         # the log-prob's in the same buffer (the kernel derives their address).
         partial = stream_scratch("sde_step.partials", x.device, programs * (2 if v_ref is not None else 1), torch.float32)
         tickets = stream_scratch("sde_step.tickets", x.device, batch, torch.int32, zeroed=True)
-    flags = _flags(sde_type, logprob, reduction, kl)
     noise = noise if mode == MODE_NOISE else None
     seed, seed_offset = int(seed), int(seed_offset)
+    evict = "evict_last" if for_backward and L2_HINTS and mode == MODE_SCORE else ""
+    plan = _forward_plan(mode, v_ref is not None, write_mean, write_x0, write_x1, cfg, rows.scalars, evict,
+                         sde_type, logprob, reduction, kl, FP_FUSION)
     runtime = (
         # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
         x, v, v_ref if v_ref is not None else v, prev_sample if prev_sample is not None else x,
@@ -626,20 +662,14 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         log_prob, log_prob if kl_out is None else kl_out, std, std_dev_t,
         seed, seed_offset,
         elements, cfg.num_chunks)
-    constexprs = _FWD_LAUNCHER.constexpr_values(len(runtime), dict(
-        MODE=mode, HAS_VREF=v_ref is not None,
-        WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
-        FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
-        ROW_SCALARS=rows.scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(),
-        EVICT="evict_last" if for_backward and L2_HINTS and mode == MODE_SCORE else "", **flags))
-    # what Triton specialises on, from a few values: the constexprs, the dtypes of the inputs (every
-    # other pointer is an fp32 / int32 buffer or a dummy x), whether every pointer is 16-byte aligned
-    # (fresh outputs and the stream scratch always are), the Philox integers' properties, the shape
+    # what Triton specialises on, from a few values: the plan (constexprs, shape's chunking, options),
+    # the dtypes of the inputs (every other pointer is an fp32 / int32 buffer or a dummy x), whether
+    # every pointer is 16-byte aligned (fresh outputs and the stream scratch always are), the Philox
+    # integers' properties, the row length
     dtypes = _aligned_dtypes((x, v, v_ref, prev_sample, noise) + (() if rows.scalars else rows.pointers))
-    caller_key = None if dtypes is None else (constexprs, dtypes, _runtime_key(seed), _runtime_key(seed_offset),
-                                              elements, cfg.num_chunks, cfg.num_warps, FP_FUSION)
-    _FWD_LAUNCHER.launch_keyed((programs,), caller_key, runtime + constexprs, num_warps=cfg.num_warps,
-                               enable_fp_fusion=FP_FUSION)
+    caller_key = None if dtypes is None else (plan, dtypes, _int_key(seed), _int_key(seed_offset), elements)
+    _FWD_LAUNCHER.launch_keyed((programs,), caller_key, runtime + plan.constexprs, num_warps=cfg.num_warps,
+                               enable_fp_fusion=plan.fp_fusion)
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
 
 
@@ -701,19 +731,16 @@ def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_pr
         grad_x1 if grad_x1 is not None else x,
         dv, dv_ref if (need_dv_ref and has_g_kl) else dv, dx if need_dx else dv,
         *strides, elements, cfg.num_chunks)
-    constexprs = _BWD_LAUNCHER.constexpr_values(len(runtime), dict(
-        HAS_G_LOGP=grad_log_prob is not None, HAS_G_KL=has_g_kl,
-        HAS_G_MEAN=grad_mean is not None, HAS_G_X0=grad_x0 is not None, HAS_G_X1=grad_x1 is not None,
-        WRITE_DVREF=need_dv_ref and has_g_kl, WRITE_DX=need_dx, BLOCK=cfg.block, ITERS=cfg.iters,
-        ROW_SCALARS=rows.scalars, EVICT="evict_first" if L2_HINTS else "", **_flags(sde_type, logprob, reduction, kl)))
-    # as the forward's: the constexprs, the inputs' dtypes and alignment (the outputs are fresh), the
-    # per-row gradients' strides by value (0 or 1: Triton specialises on 1), the shape
+    plan = _backward_plan(grad_log_prob is not None, has_g_kl, grad_mean is not None, grad_x0 is not None,
+                          grad_x1 is not None, need_dv_ref and has_g_kl, need_dx, cfg, rows.scalars,
+                          "evict_first" if L2_HINTS else "", sde_type, logprob, reduction, kl, FP_FUSION)
+    # as the forward's: the plan, the inputs' dtypes and alignment (the outputs are fresh), the
+    # per-row gradients' strides by value (0 or 1: Triton specialises on 1), the row length
     dtypes = _aligned_dtypes((x, v, v_ref, sample, grad_log_prob, grad_kl, grad_mean, grad_x0, grad_x1) + (
         () if rows.scalars else rows.pointers))
-    caller_key = None if dtypes is None else (constexprs, dtypes, strides, elements, cfg.num_chunks, cfg.num_warps,
-                                              FP_FUSION)
-    _BWD_LAUNCHER.launch_keyed((batch * cfg.num_chunks,), caller_key, runtime + constexprs,
-                               num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
+    caller_key = None if dtypes is None else (plan, dtypes, strides, elements)
+    _BWD_LAUNCHER.launch_keyed((batch * cfg.num_chunks,), caller_key, runtime + plan.constexprs,
+                               num_warps=cfg.num_warps, enable_fp_fusion=plan.fp_fusion)
     return dv, dv_ref, dx
 
 
