@@ -34,6 +34,7 @@ _disabled_reason: str | None = None
 # SDE-step launch, most for the same unused-slot tensor); the device check is done here instead.
 POINTERS_AS_INTS = False
 _FALSE = ("0", "false", "off", "no")
+_INTERPRETER_OFF = ("",) + _FALSE
 
 
 def enabled() -> bool:
@@ -44,8 +45,8 @@ def enabled() -> bool:
     switch = environ_get(ENV_VAR)
     if switch is not None and switch.strip().lower() in _FALSE:
         return False
-    interpret = (environ_get("TRITON_INTERPRET") or "0").strip().lower()
-    return interpret == "" or interpret in _FALSE
+    interpret = environ_get("TRITON_INTERPRET")
+    return interpret is None or interpret.strip().lower() in _INTERPRETER_OFF
 
 
 def _disable(reason: str) -> None:

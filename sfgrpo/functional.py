@@ -52,11 +52,11 @@ def _check_latent(name: str, tensor: Tensor, like: Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
 
 
-def _float32(value: float) -> float:
+def _float32(value: float, compiling: bool) -> float:
     """A Python number rounded to float32 (to nearest, as torch.tensor(value, dtype=float32) does).
-    Under torch.compile the number passes as it is (dynamo cannot trace `struct`; it may also be a
-    symbolic float): the op's kernels take it as float32, which rounds it the same way."""
-    if torch.compiler.is_compiling():
+    Under torch.compile (`compiling`) the number passes as it is (dynamo cannot trace `struct`; it
+    may also be a symbolic float): the op's kernels take it as float32, which rounds it the same way."""
+    if compiling:
         return value
     try:
         return _FLOAT32.unpack(_FLOAT32.pack(float(value)))[0]
@@ -67,13 +67,13 @@ def _float32(value: float) -> float:
 _FLOAT32 = struct.Struct("f")
 
 
-def _step_value(value: float | Tensor, batch: int, device: torch.device) -> float | Tensor:
+def _step_value(value: float | Tensor, batch: int, device: torch.device, compiling: bool) -> float | Tensor:
     """A per-row step value for the op: a Python number stays a number, rounded to float32 (one
     value for every row: the kernels take it by value, nothing is built on the device); a tensor
     becomes float32 `[B]` on the latents' device."""
     if isinstance(value, Tensor):
         return reference.row_values(value, batch, device).contiguous()
-    return _float32(value)
+    return _float32(value, compiling)
 
 
 def _check_step_numbers(sde_type: str, t, t_next, noise_level, sigma_max) -> None:
@@ -160,13 +160,14 @@ def sde_step(
         # the deterministic step needs none (zeros); the others draw from torch's global RNG, as
         # diffusers' randn_tensor does without a generator
         noise = torch.zeros_like(x, dtype=torch.float32) if sde_type == "ode" else reference.draw_noise(x)
-    if not torch.compiler.is_compiling():  # numbers may be symbolic under compile
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # numbers may be symbolic under compile
         _check_step_numbers(sde_type, t, t_next, noise_level, sigma_max)
     batch, device = x.shape[0], x.device
-    t_row = _step_value(t, batch, device)
-    t_next_row = _step_value(t_next, batch, device)
-    level_row = _step_value(noise_level, batch, device)
-    sigma_max_row = t_next_row if sigma_max is None else _step_value(sigma_max, batch, device)
+    t_row = _step_value(t, batch, device, compiling)
+    t_next_row = _step_value(t_next, batch, device, compiling)
+    level_row = _step_value(noise_level, batch, device, compiling)
+    sigma_max_row = t_next_row if sigma_max is None else _step_value(sigma_max, batch, device, compiling)
     outputs = sde_step_ops.sde_step(  # latents as given: the op flattens them where it must
         x, v, t_row, t_next_row, level_row, sigma_max_row,
         None if prev_sample is None else prev_sample.to(x.dtype),

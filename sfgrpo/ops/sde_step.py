@@ -239,8 +239,12 @@ def _flattened(inputs: tuple) -> tuple:
 def _as_given(inputs: tuple, implementation) -> bool:
     """Whether `implementation` takes the latents as they are: the Triton kernels read any rank of
     contiguous latents, so the eager path skips the `[B, D]` views."""
-    return getattr(implementation, "ANY_RANK", False) and all(
-        inputs[i] is None or inputs[i].is_contiguous() for i in _LATENTS)
+    if not getattr(implementation, "ANY_RANK", False):
+        return False
+    for i in _LATENTS:
+        if inputs[i] is not None and not inputs[i].is_contiguous():
+            return False
+    return True
 
 
 def sde_step(*inputs):
