@@ -592,12 +592,12 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=1024)
-def _forward_plan(mode, has_vref, write_mean, write_x0, write_x1, cfg, row_scalars, evict, sde_type, logprob,
-                  reduction, kl, fp_fusion) -> _Plan:
+def _forward_plan(mode, has_vref, write_mean, write_x0, write_x1, cfg, row_scalars, fast_math, evict, sde_type,
+                  logprob, reduction, kl, fp_fusion) -> _Plan:
     return _Plan(_FWD_LAUNCHER.constexpr_values(_FWD_RUNTIME_ARGS, dict(
         MODE=mode, HAS_VREF=has_vref, WRITE_MEAN=write_mean, WRITE_X0=write_x0, WRITE_X1=write_x1,
         FINALIZE=cfg.finalize_inline, BLOCK=cfg.block, ITERS=cfg.iters, BLOCK_C=cfg.partials_block,
-        ROW_SCALARS=row_scalars, FAST_MATH=mode == MODE_PHILOX and philox_fast_math(), EVICT=evict,
+        ROW_SCALARS=row_scalars, FAST_MATH=fast_math, EVICT=evict,
         **_flags(sde_type, logprob, reduction, kl))), fp_fusion)
 
 
@@ -649,8 +649,9 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     noise = noise if mode == MODE_NOISE else None
     seed, seed_offset = int(seed), int(seed_offset)
     evict = "evict_last" if for_backward and L2_HINTS and mode == MODE_SCORE else ""
-    plan = _forward_plan(mode, v_ref is not None, write_mean, write_x0, write_x1, cfg, rows.scalars, evict,
-                         sde_type, logprob, reduction, kl, FP_FUSION)
+    # every module-level switch the plan depends on is an argument: a test that flips one gets a new plan
+    plan = _forward_plan(mode, v_ref is not None, write_mean, write_x0, write_x1, cfg, rows.scalars,
+                         mode == MODE_PHILOX and philox_fast_math(), evict, sde_type, logprob, reduction, kl, FP_FUSION)
     runtime = (
         # unused pointer slots get any valid tensor of a plausible dtype; constexpr flags keep them untouched
         x, v, v_ref if v_ref is not None else v, prev_sample if prev_sample is not None else x,

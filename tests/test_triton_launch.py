@@ -250,6 +250,39 @@ def test_a_cpu_tensor_rejected_by_the_runner_leaves_direct_launch_on(launch):
     assert launch.enabled()
 
 
+def test_sde_step_launch_plans_follow_the_module_switches(launch, monkeypatch):
+    """The SDE step's constexprs come from cached plans: flipping a module-level switch (the Philox
+    approximations, the L2 hints) gives a new plan, never a stale one; equal calls share one."""
+    from sfgrpo import functional as F
+    from sfgrpo.ops import sde_step as ops
+
+    kernels = sde_kernels
+    real = kernels.sde_step_fwd_kernel
+    kernel = FakeKernel()
+    kernel.arg_names = list(real.arg_names)
+    annotations = getattr(real, "fn", real).__annotations__
+    kernel.params = [_Param("constexpr" in str(annotations.get(name, ""))) for name in kernel.arg_names]
+    launcher = launch.DirectLauncher(kernel)
+    monkeypatch.setattr(kernels, "_FWD_LAUNCHER", launcher)
+    monkeypatch.setattr(kernels, "_INTERPRETED", False)  # as on a GPU: the switches are live
+    monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
+    fast_math = kernel.arg_names.index("FAST_MATH")
+    evict = kernel.arg_names.index("EVICT")
+    x = torch.randn(4, 64)
+    seen = []
+    for switch in (True, True, False):
+        monkeypatch.setattr(kernels, "PHILOX_FAST_MATH", switch)
+        F.sde_step(x, x, 0.8, 0.7, seed=3)
+        seen.append(kernel.log[-1][2][fast_math])
+    assert seen == [True, True, False]
+    sample = torch.randn(4, 64)
+    v = x.clone().requires_grad_()
+    for hints, expected in ((False, ""), (True, "evict_last")):
+        monkeypatch.setattr(kernels, "L2_HINTS", hints)
+        F.sde_step(x, v, 0.8, 0.7, prev_sample=sample)  # autograd will differentiate it: the hint's cue
+        assert kernel.log[-1][2][evict] == expected
+
+
 def test_wrong_argument_count_is_an_error(launch):
     with pytest.raises(TypeError, match="takes 3 arguments"):
         launch.DirectLauncher(FakeKernel())((1,), torch.zeros(4), 32)
