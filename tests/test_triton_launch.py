@@ -179,25 +179,31 @@ def test_keyed_launch_reuses_the_kernel_its_key_was_tied_to(launch, monkeypatch)
     assert launcher.by_caller_key.keys() == {(("float32", 32), None), (("float32", 48), None)}
 
 
-def test_sde_step_caller_key_tells_dtypes_and_alignment_apart(launch, monkeypatch):
-    """The SDE-step forward keys its launches by its constexprs, input dtypes, alignment and Philox
-    integers: a bf16 call and an fp32 call tie different kernels; a misaligned latent gives no key."""
-    from sfgrpo import functional as F
+def _stand_in_sde_forward(launch, monkeypatch):
+    """(fake kernel, its DirectLauncher) standing for the SDE-step forward on the eager path: the
+    real kernel's parameters (constexprs from the annotations: the real kernel may be an
+    interpreted function, which has no `params`), every launch recorded in the fake's log."""
     from sfgrpo.ops import sde_step as ops
 
-    kernels = sde_kernels
-
-    # a launcher of a stand-in with the forward kernel's parameters (constexprs from the annotations:
-    # the real kernel may be an interpreted function, which has no `params`)
-    real = kernels.sde_step_fwd_kernel
+    real = sde_kernels.sde_step_fwd_kernel
     kernel = FakeKernel()
     kernel.arg_names = list(real.arg_names)
     annotations = getattr(real, "fn", real).__annotations__
     kernel.params = [_Param("constexpr" in str(annotations.get(name, ""))) for name in kernel.arg_names]
     launcher = launch.DirectLauncher(kernel)
+    monkeypatch.setattr(sde_kernels, "_FWD_LAUNCHER", launcher)
+    monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: sde_kernels)
+    return kernel, launcher
+
+
+def test_sde_step_caller_key_tells_dtypes_and_alignment_apart(launch, monkeypatch):
+    """The SDE-step forward keys its launches by its constexprs, input dtypes, alignment and Philox
+    integers: a bf16 call and an fp32 call tie different kernels; a misaligned latent gives no key."""
+    from sfgrpo import functional as F
+
+    kernels = sde_kernels
+    kernel, launcher = _stand_in_sde_forward(launch, monkeypatch)
     assert launcher._runtime_count is not None  # the constexprs trail: the layout the forward keys on
-    monkeypatch.setattr(kernels, "_FWD_LAUNCHER", launcher)
-    monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
     calls = []
     monkeypatch.setattr(launcher, "_launch", lambda grid, args, options, key=None, run=launcher._launch:
                         calls.append(key) or run(grid, args, options, key))
@@ -254,18 +260,10 @@ def test_sde_step_launch_plans_follow_the_module_switches(launch, monkeypatch):
     """The SDE step's constexprs come from cached plans: flipping a module-level switch (the Philox
     approximations, the L2 hints) gives a new plan, never a stale one; equal calls share one."""
     from sfgrpo import functional as F
-    from sfgrpo.ops import sde_step as ops
 
     kernels = sde_kernels
-    real = kernels.sde_step_fwd_kernel
-    kernel = FakeKernel()
-    kernel.arg_names = list(real.arg_names)
-    annotations = getattr(real, "fn", real).__annotations__
-    kernel.params = [_Param("constexpr" in str(annotations.get(name, ""))) for name in kernel.arg_names]
-    launcher = launch.DirectLauncher(kernel)
-    monkeypatch.setattr(kernels, "_FWD_LAUNCHER", launcher)
+    kernel, _ = _stand_in_sde_forward(launch, monkeypatch)
     monkeypatch.setattr(kernels, "_INTERPRETED", False)  # as on a GPU: the switches are live
-    monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
     fast_math = kernel.arg_names.index("FAST_MATH")
     evict = kernel.arg_names.index("EVICT")
     x = torch.randn(4, 64)
