@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
-from sfgrpo.kernels.rms_norm import _inv_rms, _round_to
+from sfgrpo.kernels.rms_norm import _inv_rms, _inv_rms_input_grad, _round_to
 from sfgrpo.kernels.rms_norm import tile_config as rms_tile_config
 
 # Widest head dim one tile holds (attention heads are 64-256 wide); wider rows run the reference.
@@ -132,9 +132,7 @@ def qk_norm_rope_bwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, g_ptr, dx_ptr, dw_pt
             else:
                 gw = u
             if WRITE_DX:
-                # d/dx of x r w: r g - x r^3 mean(g x)
-                c = tl.math.div_rn(tl.sum(gw * x, axis=1), D * 1.0)[:, None]
-                dx = r * gw - x * (r * r * r * c)
+                dx = _inv_rms_input_grad(gw, x, r, D)
             if WRITE_DW:
                 # padding rows have r = 1 / sqrt(eps): inf when eps = 0, and 0 * inf is NaN
                 acc += tl.where(mask, u * (x * r), 0.0)

@@ -50,6 +50,13 @@ def _inv_rms(x, D, eps):
 
 
 @triton.jit
+def _inv_rms_input_grad(g, x, r, D):
+    """d/dx of x r w given g = dy w (or dy without a weight), per tile row: r g - x r^3 mean(g x)."""
+    c = tl.math.div_rn(tl.sum(g * x, axis=1), D * 1.0)[:, None]
+    return r * g - x * (r * r * r * c)
+
+
+@triton.jit
 def _round_to(h, dtype: tl.constexpr):
     """fp32 -> `dtype`, to nearest even. bfloat16 is rounded on the bits first: Triton's interpreter
     truncates fp32 -> bf16, the GPU's cvt.rn rounds; with the low half already zero both casts are
@@ -124,9 +131,7 @@ def rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, eps, TILES, 
         else:
             g = dy
         if WRITE_DX:
-            # d/dx of x r w: r g - x r^3 mean(g x)
-            c = tl.math.div_rn(tl.sum(g * x, axis=1), D * 1.0)[:, None]
-            dx = r * g - x * (r * r * r * c)
+            dx = _inv_rms_input_grad(g, x, r, D)
             tl.store(dx_ptr + offs, _round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         if WRITE_DW:
             h = x * r
