@@ -47,3 +47,32 @@ def assert_gradients_close(names, ours, truth, needs, dtype, rtol, none_when_unu
         assert a.grad.dtype == dtype and a.grad.shape == a.shape, name
         atol = rtol * max(b.grad.abs().max().item(), 1e-6)
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _leaf_runs(calls, x, w, loss):
+    """(output, x's gradient, w's gradient) of each call(x, w) on fresh leaf copies of x and w,
+    through `loss(output)`."""
+    runs = []
+    for call in calls:
+        xg, wg = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out = call(xg, wg)
+        loss(out).backward()
+        runs.append((out.detach(), xg.grad, wg.grad))
+    return runs
+
+
+def assert_calls_agree_bitwise(calls, x, w):
+    """Every call(x, w) -> y gives the same y and the same gradients of y.square().sum(), bit for bit
+    (the eager fast path against the registered op: the same kernels)."""
+    runs = _leaf_runs(calls, x, w, lambda out: out.square().sum())
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def assert_compiled_gradients_match(loss_fn, x, w):
+    """torch.compile(loss_fn, fullgraph=True) (no graph break, or it raises) gives eager's gradients."""
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    (_, *a), (_, *b) = _leaf_runs((compiled, loss_fn), x, w, lambda loss: loss)
+    for ours, eager in zip(a, b):
+        torch.testing.assert_close(ours, eager)

@@ -10,7 +10,8 @@ import sfgrpo
 from sfgrpo import functional as F
 from sfgrpo import reference as ref
 from sfgrpo.ops import qk_norm_rope as ops
-from norm_grads import DEVICE, ULP, norm_weight, row_inputs  # tests/ helper
+from norm_grads import (DEVICE, ULP, assert_calls_agree_bitwise, assert_compiled_gradients_match, norm_weight,  # tests/ helper
+                        row_inputs)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (norm, weight dtype): the rotation alone, or the norm without / with an fp32 or bf16 weight
@@ -220,15 +221,9 @@ def test_reference_backward_matches_autograd(normalize, wdtype):
 
 def test_eager_fast_path_equals_the_registered_op():
     x, w, (cos, sin) = _x((2, 5, 3, 64), torch.float32), _w(64, torch.float32), _tables(5, 64)
-    results = []
-    for call in (lambda x, w: ops.qk_norm_rope(x, cos, sin, w, 1e-6, torch.float32, torch.float32, "triton"),
-                 lambda x, w: ops.qk_norm_rope_op(x, cos, sin, w, 1e-6, True, torch.float32, torch.float32, "triton")):
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = call(xg, wg)
-        out.square().sum().backward()
-        results.append((out.detach(), xg.grad, wg.grad))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert_calls_agree_bitwise(
+        [lambda x, w: ops.qk_norm_rope(x, cos, sin, w, 1e-6, torch.float32, torch.float32, "triton"),
+         lambda x, w: ops.qk_norm_rope_op(x, cos, sin, w, 1e-6, True, torch.float32, torch.float32, "triton")], x, w)
 
 
 @pytest.mark.parametrize("backend", [None, "triton"])  # None on CPU: the reference traced; triton: the op
@@ -239,13 +234,7 @@ def test_torch_compile_fullgraph_has_no_graph_break(backend):
         return F.qk_norm_rope(x, cos, sin, w, 1e-6, backend=backend).square().mean()
 
     x, w = _x((2, 5, 3, 64), torch.float32), _w(64, torch.float32)
-    grads = []
-    for fn in (torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), loss_fn):
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        fn(xg, wg).backward()
-        grads.append((xg.grad, wg.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_gradients_match(loss_fn, x, w)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

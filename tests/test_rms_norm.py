@@ -9,7 +9,8 @@ import sfgrpo
 from sfgrpo import functional as F
 from sfgrpo import reference as ref
 from sfgrpo.ops import rms_norm as ops
-from norm_grads import DEVICE, ULP, norm_weight, row_inputs  # tests/ helper
+from norm_grads import (DEVICE, ULP, assert_calls_agree_bitwise, assert_compiled_gradients_match, norm_weight,  # tests/ helper
+                        row_inputs)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WEIGHTS = [None, torch.float32, torch.bfloat16]
@@ -267,14 +268,8 @@ def test_opcheck(backend):
 def test_eager_fast_path_equals_the_registered_op():
     q = _qk_view(D=64)
     w = _w(64, torch.float32)
-    results = []
-    for call in (ops.rms_norm, ops.rms_norm_op):
-        qg, wg = q.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-        out = call(qg, wg, 1e-6, torch.float32, "triton")
-        out.square().sum().backward()
-        results.append((out.detach(), qg.grad, wg.grad))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert_calls_agree_bitwise([lambda q, w, call=call: call(q, w, 1e-6, torch.float32, "triton")
+                                for call in (ops.rms_norm, ops.rms_norm_op)], q, w)
 
 
 @pytest.mark.parametrize("backend", [None, "triton"])  # None on CPU: the reference traced; triton: the op
@@ -284,13 +279,7 @@ def test_torch_compile_fullgraph_has_no_graph_break(backend):
 
     q = _qk_view(D=64)
     w = _w(64, torch.float32)
-    grads = []
-    for fn in (torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), loss_fn):
-        qg, wg = q.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-        fn(qg, wg).backward()
-        grads.append((qg.grad, wg.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_gradients_match(loss_fn, q, w)
     torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(q, w), loss_fn(q, w))
 
     def under_autocast(q, w):  # the autocast dtype is read while tracing, no graph break either
