@@ -82,6 +82,18 @@ def _sfgrpo_norm_rope(x, weight, cos, sin, eps=1e-6):
     return F.qk_norm_rope(x, cos, sin, weight, eps)
 
 
+_GENERATORS: dict[str, torch.Generator] = {}
+
+
+def _randn(*shape, dtype=torch.float32, requires_grad=False, dev="cuda"):
+    """Inputs from the script's own generator: a CUDA-graph capture that fails (an implementation
+    that cannot be captured) can leave the default CUDA generator unusable ("Offset increment outside
+    graph capture"), which must not stop the rows after it."""
+    if dev not in _GENERATORS:
+        _GENERATORS[dev] = torch.Generator(device=dev).manual_seed(0)
+    return torch.randn(*shape, device=dev, dtype=dtype, generator=_GENERATORS[dev]).requires_grad_(requires_grad)
+
+
 def _timings(name, implementations, make_inputs, nbytes_fwd, nbytes_bwd, bandwidth, rows):
     for mode in ("fwd", "fwd+bwd"):
         base = None
@@ -92,11 +104,14 @@ def _timings(name, implementations, make_inputs, nbytes_fwd, nbytes_bwd, bandwid
             else:
                 out = fn(*inputs)
                 outs = out if isinstance(out, tuple) else (out,)
-                grads = tuple(torch.randn_like(o) for o in outs)
+                grads = tuple(_randn(*o.shape, dtype=o.dtype, dev=o.device.type) for o in outs)
+                wrt = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
 
-                def call(inputs=inputs, grads=grads, fn=fn):
+                def call(inputs=inputs, grads=grads, fn=fn, wrt=wrt):
+                    # gradients handed back, not accumulated into .grad: no AccumulateGrad nodes, whose
+                    # stream (the default one, where the leaves were made) breaks the graph capture
                     out = fn(*inputs)
-                    torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+                    return torch.autograd.grad(out if isinstance(out, tuple) else (out,), wrt, grads)
             try:
                 gpu_ms = time_graph_ms(call)
                 eager_ms = time_ms(call, warmup=3, reps=10, calls=10)
@@ -125,8 +140,8 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
         b, n, c = MODULATE_SHAPES[name]
 
         def make(grad, b=b, n=n, c=c):
-            x = torch.randn(b, n, c, device=dev, dtype=dt, requires_grad=grad)
-            emb = torch.randn(b, 6 * c, device=dev, dtype=dt, requires_grad=grad)
+            x = _randn(b, n, c, dtype=dt, requires_grad=grad, dev=dev)
+            emb = _randn(b, 6 * c, dtype=dt, requires_grad=grad, dev=dev)
             chunks = emb.chunk(6, dim=1)  # the adaLN layout: strided views, as diffusers passes them
             return x, chunks[1], chunks[0]
 
@@ -137,9 +152,9 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
         b, n, c = MODULATE_SHAPES[name]
 
         def make(grad, b=b, n=n, c=c):
-            h = torch.randn(b, n, c, device=dev, dtype=dt, requires_grad=grad)
-            y = torch.randn(b, n, c, device=dev, dtype=dt, requires_grad=grad)
-            emb = torch.randn(b, 6 * c, device=dev, dtype=dt, requires_grad=grad)
+            h = _randn(b, n, c, dtype=dt, requires_grad=grad, dev=dev)
+            y = _randn(b, n, c, dtype=dt, requires_grad=grad, dev=dev)
+            emb = _randn(b, 6 * c, dtype=dt, requires_grad=grad, dev=dev)
             chunks = emb.chunk(6, dim=1)
             return h, y, chunks[2], chunks[4], chunks[3]
 
@@ -154,7 +169,7 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
         b, n, h, d = RMS_SHAPES[name]
 
         def make(grad, b=b, n=n, h=h, d=d):
-            q = torch.randn(b, n, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(grad)
+            q = _randn(b, n, h, d, dtype=dt, dev=dev).transpose(1, 2).requires_grad_(grad)
             weight = torch.ones(d, device=dev, dtype=dt)
             return q, weight
 
@@ -165,9 +180,9 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
         b, n, h, d = ROPE_SHAPES[name]
 
         def make(grad, b=b, n=n, h=h, d=d):
-            q = torch.randn(b, n, h, d, device=dev, dtype=dt, requires_grad=grad)
-            weight = (1 + 0.1 * torch.randn(d, device=dev)).to(dt).requires_grad_(grad)
-            angles = torch.rand(n, d // 2, device=dev).repeat_interleave(2, dim=1) * 6.0
+            q = _randn(b, n, h, d, dtype=dt, requires_grad=grad, dev=dev)
+            weight = (1 + 0.1 * _randn(d, dev=dev)).to(dt).requires_grad_(grad)
+            angles = _randn(n, d // 2, dev=dev).repeat_interleave(2, dim=1) * 3.0
             return q, weight, angles.cos(), angles.sin()
 
         numel = b * n * h * d  # fwd: q in, q out (the fp32 tables stay in L2); bwd: q, grad in, dq out
@@ -204,8 +219,46 @@ def model_inputs(model, family: str, batch: int, device: str, grid: int, text_to
     return inputs
 
 
+def kernel_times(fn, device: str = "cuda") -> dict[str, tuple[float, int]]:
+    """GPU time (ms) and launch count of each kernel in one call of `fn` (after a warm-up call), by
+    kernel name (torch.profiler; on the CPU: the ops' CPU time, for the script's test)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    times = {}
+    for item in prof.key_averages():
+        total_us = (getattr(item, "device_time_total", None) if cuda else item.self_cpu_time_total) or 0.0
+        if total_us > 0:
+            times[item.key] = (total_us / 1e3, item.count)
+    return times
+
+
+def print_kernel_diff(label: str, times: dict[str, dict], top: int = 15) -> list[dict]:
+    """The kernels where the variants' times differ most (what the fused modules changed), and each
+    variant's total; returns the rows for the JSON."""
+    (name_a, a), (name_b, b) = times.items()
+    total_a, total_b = sum(t for t, _ in a.values()), sum(t for t, _ in b.values())
+    print(f"  kernels, {label}: {name_a} {total_a:.2f} ms in all, {name_b} {total_b:.2f} ms", flush=True)
+    names = sorted(set(a) | set(b), key=lambda k: -abs(b.get(k, (0.0, 0))[0] - a.get(k, (0.0, 0))[0]))
+    rows = []
+    for key in names[:top]:
+        (ta, ca), (tb, cb) = a.get(key, (0.0, 0)), b.get(key, (0.0, 0))
+        rows.append(dict(kernel=key, **{f"{name_a}_ms": ta, f"{name_a}_calls": ca, f"{name_b}_ms": tb,
+                                        f"{name_b}_calls": cb}))
+        print(f"    {tb - ta:+8.3f} ms  {name_a} {ta:8.3f} ms x{ca:<5d} {name_b} {tb:8.3f} ms x{cb:<5d} {key[:90]}",
+              flush=True)
+    return rows
+
+
 def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda", grid: int = 64,
-                text_tokens: int | None = None, lora_rank: int = 32) -> None:
+                text_tokens: int | None = None, lora_rank: int = 32, profile: bool = False) -> None:
     """A real-size transformer at 512 px (a 64 x 64 latent grid; SD3.5-M's 333 text tokens, FLUX's
     512): forward (no grad) and forward + backward with frozen weights; then (lora_rank > 0, needs
     peft) both again with LoRA adapters under bf16 autocast. `name` / `device`: a small config on
@@ -249,8 +302,20 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
         print(f"  {name} b{batch} {grid * 8}px {label:22s} diffusers {base:8.2f} ms  fused {times['fused']:8.2f} ms  "
               f"x{row['speedup']:.3f}", flush=True)
 
+    def kernel_diff(label, fn):
+        times = {}
+        for variant in ("diffusers", "fused"):
+            fused = variant == "fused"
+            (fused_norms.fuse_norms if fused else fused_norms.unfuse_norms)(model)
+            (fused_lora.fuse_lora if fused else fused_lora.unfuse_lora)(model)
+            times[variant] = kernel_times(fn, device)
+        rows.append(dict(case=f"{name}_b{batch}_{grid * 8}px", mode=label, impl="kernels",
+                         kernels=print_kernel_diff(f"{name} b{batch} {label}", times)))
+
     for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
         a_b_a(label, fn)
+    if profile:  # which kernels the fused modules made faster or slower
+        kernel_diff("forward+backward", forward_backward)
     if lora_rank:
         try:
             from peft import LoraConfig
@@ -265,6 +330,8 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
                 param.requires_grad_(True)
         for label, fn in (("lora forward", lora_forward), ("lora forward+backward", lora_forward_backward)):
             a_b_a(label, fn)
+        if profile:
+            kernel_diff("lora forward+backward", lora_forward_backward)
 
 
 def main() -> int:
@@ -275,6 +342,8 @@ def main() -> int:
     parser.add_argument("--model-batch", type=int, default=4, help="trajectories in the model forwards (0: skip)")
     parser.add_argument("--models", default="sd35m", help="comma-separated transformers to time whole: sd35m, "
                         "flux1-dev (12B parameters: ~24 GB in bf16, a minute to build)")
+    parser.add_argument("--profile", action="store_true", help="per-kernel GPU times of the model's forward + "
+                        "backward, diffusers vs fused (torch.profiler): which kernels the fused modules changed")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_norms_gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -290,7 +359,7 @@ def main() -> int:
         # the whole transformer first: what the fused modules buy a training step is the headline
         if args.model_batch:
             for name in args.models.split(","):
-                bench_model(args.model_batch, rows, name=name.strip())
+                bench_model(args.model_batch, rows, name=name.strip(), profile=args.profile)
         bench_ops(args.quick, bandwidth, rows)
     finally:  # what was measured is written even when a later row fails or the run is cut short
         path.write_text(json.dumps(dict(device=device, copy_bandwidth_gbs=bandwidth, versions=versions(), rows=rows),

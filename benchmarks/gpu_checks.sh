@@ -60,15 +60,20 @@ limit() {
 }
 cd /tmp  # run against the installed package, never the source tree
 sfgrpo info > "$OUT/info.txt" 2>&1
+# pytest-xdist workers where it is installed: the fused-op tests compile hundreds of Triton
+# specialisations, CPU-bound (one process took > 150 s for them on an H200's host, 2026-11-26)
+XDIST=""
+python3 -c "import xdist" 2> /dev/null && XDIST="-n ${TEST_WORKERS:-8} --dist loadfile"  # a file's tests in order, in one worker
 step_tests() {
   # no -x: one short GPU session should show every failure, not the first. Two runs, each under its
   # own limit, so that a slow second half (many kernel specialisations to compile) cannot cost the
-  # first half's summary: the SDE step, advantages and compat; then the fused transformer ops
-  timeout -k 10 $(limit 120) python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
+  # first half's summary: the SDE step, advantages and compat; then the fused transformer ops.
+  # -v: one line per test, so a run cut short by its limit still names the tests that failed
+  timeout -k 10 $(limit 120) python3 -m pytest -v -rfE $XDIST --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
     "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_advantages.py" "$REPO/tests/test_advantages_cuda_engine.py" \
     "$REPO/tests/test_compat_flow_grpo.py" > "$OUT/tests.txt" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
-  timeout -k 10 $(limit 150) python3 -m pytest -q --maxfail=25 -p no:cacheprovider "$REPO/tests/test_rms_norm.py" \
+  timeout -k 10 $(limit 150) python3 -m pytest -v -rfE $XDIST --maxfail=25 -p no:cacheprovider "$REPO/tests/test_rms_norm.py" \
     "$REPO/tests/test_qk_norm_rope.py" "$REPO/tests/test_layer_norm_modulate.py" "$REPO/tests/test_gated_residual.py" \
     "$REPO/tests/test_fused_norms.py" "$REPO/tests/test_lora_linear.py" > "$OUT/tests_fused_ops.txt" 2>&1
   echo "fused-op tests: exit $? ($(tail -1 "$OUT/tests_fused_ops.txt"))"
@@ -82,7 +87,7 @@ step_norms() {
   # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
   # (and, with LoRA adapters, the fused LoRA linear) buy a real-size SD3.5-M forward / backward against
   # diffusers' modules and peft's layers, in one run
-  timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
+  timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --profile --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
   echo "norms bench: exit $?"
   tail -n 20 "$OUT/bench_norms.txt"
 }

@@ -78,3 +78,17 @@ def test_model_rows_for_a_flux_transformer(script):
     module.bench_model(1, rows, name="flux1-dev-small", device="cpu", grid=8, text_tokens=5, lora_rank=4)
     assert [row["mode"] for row in rows] == ["forward", "forward+backward", "lora forward", "lora forward+backward"]
     assert all(row["case"] == "flux1-dev-small_b1_64px" for row in rows)
+
+
+def test_profile_rows_name_the_kernels_each_variant_ran(script):
+    """--profile: per-kernel times of the forward + backward, diffusers' modules vs fused, as rows."""
+    module, _ = script
+    rows = []
+    module.bench_model(1, rows, name="sd35m-small", device="cpu", grid=8, text_tokens=5, lora_rank=0, profile=True)
+    (kernels,) = [row for row in rows if row["impl"] == "kernels"]
+    assert kernels["mode"] == "forward+backward" and 0 < len(kernels["kernels"]) <= 15
+    first = kernels["kernels"][0]
+    assert {"kernel", "diffusers_ms", "fused_ms", "diffusers_calls", "fused_calls"} <= set(first)
+    # sorted by how much the variants differ, and some kernel differs (the fused modules run other ops)
+    gaps = [abs(k["fused_ms"] - k["diffusers_ms"]) for k in kernels["kernels"]]
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] > 0

@@ -50,6 +50,17 @@ def _flux_inputs(model, batch=2, grid=4, tokens=5, seed=0):
 
 
 ARCHITECTURES = {"sd35m-small": _sd3_inputs, "flux1-dev-small": _flux_inputs}
+# where the Triton kernels run: compiled on a GPU, in Triton's interpreter (CPU tensors) without one
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to_device(value):
+    """Modules (in place), tensors and dicts / tuples of them on DEVICE."""
+    if isinstance(value, dict):
+        return {k: _to_device(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_to_device(v) for v in value)
+    return value.to(DEVICE)
 
 
 def _pair(name):
@@ -117,7 +128,7 @@ def test_flux_attention_runs_one_fused_pass_per_stream_and_tensor(monkeypatch):
     assert torch.equal(fused(**inputs, return_dict=False)[0], original(**inputs, return_dict=False)[0])
     assert calls == []
     monkeypatch.setenv(ENV_VAR, "triton")
-    fused(**inputs, return_dict=False)
+    fused.to(DEVICE)(**_to_device(inputs), return_dict=False)
     doubles, singles = len(fused.transformer_blocks), len(fused.single_transformer_blocks)
     assert len(calls) == 4 * doubles + 2 * singles
 
@@ -131,12 +142,12 @@ def test_flux_attention_falls_back_to_diffusers_processor(monkeypatch):
 
     monkeypatch.setenv(ENV_VAR, "triton")
     torch.manual_seed(0)
-    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, added_kv_proj_dim=32, bias=True, eps=1e-6)
+    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, added_kv_proj_dim=32, bias=True, eps=1e-6).to(DEVICE)
     fused = copy.deepcopy(attn)
     assert fuse_norms(fused) == 1
     calls = _count_qk_norm_rope(monkeypatch)
-    hidden, text = torch.randn(1, 6, 32), torch.randn(1, 3, 32)
-    angles = torch.rand(9, 8).repeat_interleave(2, dim=1)
+    hidden, text = _to_device((torch.randn(1, 6, 32), torch.randn(1, 3, 32)))
+    angles = torch.rand(9, 8, device=DEVICE).repeat_interleave(2, dim=1)
     tables = (angles.cos(), angles.sin())
     torch.testing.assert_close(fused(hidden, text, image_rotary_emb=tables)[0], attn(hidden, text, image_rotary_emb=tables)[0],
                                atol=2e-6, rtol=1e-5)
@@ -158,7 +169,7 @@ def test_flux_attention_falls_back_to_diffusers_processor(monkeypatch):
                                attn(hidden, text, image_rotary_emb=with_grad)[0])
     half = (tables[0].double(), tables[1].double())  # float64 tables: diffusers' fp64 rotation
     torch.testing.assert_close(fused(hidden, text, image_rotary_emb=half)[0], attn(hidden, text, image_rotary_emb=half)[0])
-    complex_tables = torch.polar(torch.ones(9, 8), angles[:, ::2])
+    complex_tables = torch.polar(torch.ones(9, 8, device=DEVICE), angles[:, ::2])
     with pytest.raises(Exception):  # diffusers' processor rejects it too: the fused path did not take it
         attn(hidden, text, image_rotary_emb=complex_tables)
     with pytest.raises(Exception):
@@ -196,10 +207,10 @@ def test_flux_triton_path_in_half_precision_is_close_to_diffusers(dtype, monkeyp
     from sfgrpo.backend import ENV_VAR
 
     original, fused = _pair("flux1-dev-small")
-    original, fused = original.to(dtype), fused.to(dtype)
+    original, fused = original.to(DEVICE, dtype), fused.to(DEVICE, dtype)
     fuse_norms(fused)
     inputs = {k: (v.to(dtype) if v.is_floating_point() and k != "timestep" else v)
-              for k, v in _flux_inputs(original, batch=1).items()}
+              for k, v in _to_device(_flux_inputs(original, batch=1)).items()}
     expected = original(**inputs, return_dict=False)[0].float()
     monkeypatch.setenv(ENV_VAR, "triton")
     got = fused(**inputs, return_dict=False)[0].float()
@@ -413,9 +424,10 @@ def test_flux2_attention_twins_match_diffusers(monkeypatch):
     fuse_norms(fused)
     assert {"FusedFlux2Attention", "FusedFlux2ParallelSelfAttention"} <= set(_kinds(fused))
     inputs = _flux2_inputs()
+    assert torch.equal(fused(**inputs, return_dict=False)[0], original(**inputs, return_dict=False)[0])
+    original, fused, inputs = _to_device((original, fused, inputs))
     expected = original(**inputs, return_dict=False)[0]
     expected.square().mean().backward()
-    assert torch.equal(fused(**inputs, return_dict=False)[0], expected)
     calls = _count_qk_norm_rope(monkeypatch)
     monkeypatch.setenv(ENV_VAR, "triton")
     got = fused(**inputs, return_dict=False)[0]
@@ -445,9 +457,11 @@ def test_split_projection_is_the_projection_of_the_concatenation(bias, monkeypat
     from sfgrpo.models.fused_blocks import split_projection
 
     torch.manual_seed(0)
-    linear = nn.Linear(8 + 32, 16, bias=bias).requires_grad_(False)
-    first, second = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 32, requires_grad=True)
-    assert split_projection(linear, first, second) is None  # the reference path (CPU default)
+    linear = nn.Linear(8 + 32, 16, bias=bias, device=DEVICE).requires_grad_(False)
+    first = torch.randn(2, 5, 8, device=DEVICE, requires_grad=True)
+    second = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
+    monkeypatch.setenv(ENV_VAR, "reference")  # (the CPU's default)
+    assert split_projection(linear, first, second) is None
     monkeypatch.setenv(ENV_VAR, "triton")
     got = split_projection(linear, first, second)
     expected = linear(torch.cat([first, second], dim=-1))
@@ -457,7 +471,7 @@ def test_split_projection_is_the_projection_of_the_concatenation(bias, monkeypat
     expected_grads = torch.autograd.grad(expected, (first, second), g)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = split_projection(linear, first, second)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
@@ -482,7 +496,8 @@ def test_frozen_single_block_projections_are_split_and_match_diffusers(architect
         (original, fused), module = _flux2_pair(), fused_attention
         inputs = _flux2_inputs()
     for model in (original, fused):
-        model.requires_grad_(False)
+        model.requires_grad_(False).to(DEVICE)
+    inputs = _to_device(inputs)
     fuse_norms(fused)
     splits = []
     monkeypatch.setattr(module, "split_projection",
@@ -513,18 +528,19 @@ def test_flux_attention_with_fused_projections_and_default_eps(monkeypatch):
     fuse_norms(fused)
     for model in (original, fused):
         model.fuse_qkv_projections()
-    inputs = _flux_inputs(original, batch=1)
+        model.to(DEVICE)
+    inputs = _to_device(_flux_inputs(original, batch=1))
     expected = original(**inputs, return_dict=False)[0]
     monkeypatch.setenv(ENV_VAR, "triton")
     calls = _count_qk_norm_rope(monkeypatch)
     torch.testing.assert_close(fused(**inputs, return_dict=False)[0], expected, atol=2e-5, rtol=2e-4)
     assert len(calls) == 4 * len(fused.transformer_blocks) + 2 * len(fused.single_transformer_blocks)
     torch.manual_seed(0)
-    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, bias=True, eps=None, pre_only=True).to(torch.bfloat16)
+    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, bias=True, eps=None, pre_only=True).to(DEVICE, torch.bfloat16)
     twin = copy.deepcopy(attn)
     assert fuse_norms(twin) == 1
-    hidden = torch.randn(1, 6, 32, dtype=torch.bfloat16)
-    angles = torch.rand(6, 8).repeat_interleave(2, dim=1)
+    hidden = torch.randn(1, 6, 32, dtype=torch.bfloat16, device=DEVICE)
+    angles = torch.rand(6, 8, device=DEVICE).repeat_interleave(2, dim=1)
     tables = (angles.cos(), angles.sin())
     got, want = twin(hidden, image_rotary_emb=tables).float(), attn(hidden, image_rotary_emb=tables).float()
     assert (got - want).abs().max() <= 0.005 * want.abs().max()  # the fp32 eps; bf16's would be ~3 % off
@@ -541,7 +557,7 @@ def test_hooked_norms_and_projections_keep_diffusers_calls(monkeypatch):
 
     monkeypatch.setenv(ENV_VAR, "triton")
     torch.manual_seed(0)
-    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, bias=True, eps=1e-6, pre_only=True)
+    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, bias=True, eps=1e-6, pre_only=True).to(DEVICE)
     twin = copy.deepcopy(attn)
     fuse_norms(twin)
 
@@ -552,16 +568,16 @@ def test_hooked_norms_and_projections_keep_diffusers_calls(monkeypatch):
     for module in (attn, twin):
         module.norm_q.register_forward_pre_hook(halve_weight)
     calls = _count_qk_norm_rope(monkeypatch)
-    hidden = torch.randn(1, 6, 32)
-    angles = torch.rand(6, 8).repeat_interleave(2, dim=1)
+    hidden = torch.randn(1, 6, 32, device=DEVICE)
+    angles = torch.rand(6, 8, device=DEVICE).repeat_interleave(2, dim=1)
     tables = (angles.cos(), angles.sin())
     assert torch.equal(twin(hidden, image_rotary_emb=tables), attn(hidden, image_rotary_emb=tables))
     assert calls == []
-    linear = nn.Linear(40, 16).requires_grad_(False)
-    first, second = torch.randn(2, 3, 8), torch.randn(2, 3, 32)
+    linear = nn.Linear(40, 16, device=DEVICE).requires_grad_(False)
+    first, second = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 3, 32, device=DEVICE)
     assert split_projection(linear, first, second) is not None
     handle = linear.register_forward_hook(lambda module, args, out: out)
     assert split_projection(linear, first, second) is None
     handle.remove()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert split_projection(linear.double(), first.double(), second.double()) is None

@@ -192,7 +192,7 @@ def test_gradient_with_another_layout_than_x_and_weight_only():
     x = _x((33, 64), torch.bfloat16)
     w16 = _w(64, torch.bfloat16).requires_grad_()
     F.rms_norm(x, w16, backend="triton").float().sum().backward()
-    expected = ref.rms_norm_backward(torch.ones(33, 64, dtype=torch.bfloat16), x, w16.detach(), need_dx=False)[1]
+    expected = ref.rms_norm_backward(torch.ones(33, 64, dtype=torch.bfloat16, device=DEVICE), x, w16.detach(), need_dx=False)[1]
     torch.testing.assert_close(w16.grad.float(), expected.float(), rtol=2 * ULP[torch.bfloat16], atol=1e-2)
 
 
