@@ -26,16 +26,21 @@
 #               torch.compile, Flow-GRPO); rows are saved as they are measured
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
+#   ncu         (not in the default list) Nsight Compute on the advantage engine's 1M-gain call: each
+#               kernel's throughput, occupancy and warp stalls (~1 min)
 #   core        (not in the default list) issue 9's goals on real-size SD3.5-M,
 #               `sfgrpo bench --suite gpu-core --time-budget 240` under `timeout -k 10 300` (~4-5 min on an
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
 #
-# A session with 15 minutes of device time (machine start included), most valuable first: issue 9's
-# goals were never measured (core needs >= 120 s of the command left), the kernels of the fused
-# norms, attention and LoRA never ran on a GPU:
-#   call 1 (timeout 590 s): DEADLINE=570 WHEELS=.whl STEPS=tests,core,advantages,norms bash benchmarks/gpu_checks.sh
-#   call 2 (warm machine, if >= 5 min are left): SKIP_INSTALL=1 DEADLINE=280 STEPS=bench bash benchmarks/gpu_checks.sh
+# A session with 15 minutes of device time (machine start included), most valuable first. Issue 9's
+# goals were met on an H200 (2026-11-26, results/gpu-checks-NVIDIA_H200); open there: why the fused
+# norms slow a plain-bf16 SD3.5-M (norms --profile), the advantage kernel's 36 us (ncu), the
+# fused-op tests that failed or were cut short:
+#   call 1 (timeout 590 s): DEADLINE=560 WHEELS=.whl STEPS=tests,norms,ncu,advantages bash benchmarks/gpu_checks.sh
+#   call 2 (warm machine, if >= 5 min are left): SKIP_INSTALL=1 DEADLINE=280 STEPS=tune,bench bash benchmarks/gpu_checks.sh
+# The device has no diffusers: .whl/ holds diffusers 0.42.1 and importlib_metadata wheels (pip download
+# as the device tool's README says, `echo /.whl/ >> .git/info/exclude`), carried with the call.
 # (DEADLINE cuts each step's limit to what is left of the command, core's included.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +95,17 @@ step_norms() {
   timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --profile --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
   echo "norms bench: exit $?"
   tail -n 20 "$OUT/bench_norms.txt"
+}
+step_ncu() {
+  # Nsight Compute on the advantage engine's 1M-gain call (issue 5: 36 us of GPU time for 8.4 MB):
+  # throughput, occupancy and warp stalls of the cooperative kernel and of each phase's kernel
+  if ! command -v ncu > /dev/null; then echo "ncu: not installed"; return; fi
+  timeout -k 10 $(limit 120) ncu --clock-control none --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats -k regex:'single_launch|warp_rows|write_kernel' \
+    python3 "$REPO/benchmarks/ncu_advantages.py" > "$OUT/ncu_advantages.txt" 2>&1
+  echo "ncu advantages: exit $?"
+  grep -E "^  [a-zA-Z_:<>(), ]+\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall" \
+    "$OUT/ncu_advantages.txt" | head -n 60
 }
 step_tune() {
   # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import);
