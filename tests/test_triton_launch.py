@@ -179,6 +179,36 @@ def test_keyed_launch_reuses_the_kernel_its_key_was_tied_to(launch, monkeypatch)
     assert launcher.by_caller_key.keys() == {(("float32", 32), None), (("float32", 48), None)}
 
 
+def test_with_constexprs_keys_launches_by_value(launch, monkeypatch):
+    """with_constexprs: the leading *_ptr arguments by dtype (when all are 16-byte aligned), every
+    other argument, constexpr and option by value. A repeated call skips the full key; values
+    Triton specialises alike share the compiled kernel; a misaligned or non-tensor pointer takes the
+    full key every time; the table of value keys is bounded."""
+    monkeypatch.setattr(launch, "_CALLER_KEYS_MAX", 3)
+    kernel = FakeKernel()
+    kernel.arg_names = ["x_ptr", "y_ptr", "n", "BLOCK"]
+    kernel.params = [_Param(False), _Param(False), _Param(False), _Param(True)]
+    launcher = launch.DirectLauncher(kernel)
+    assert launcher._pointer_count == 2
+    full_keys = []
+    monkeypatch.setattr(launcher, "_key", lambda args, key=launcher._key: full_keys.append(args) or key(args))
+    x, y = torch.zeros(64), torch.ones(64)
+    launcher.with_constexprs((1,), (x, y, 32), {"BLOCK": 128}, num_warps=4)
+    launcher.with_constexprs((2,), (y, x, 32), {"BLOCK": 128}, num_warps=4)  # same dtypes and values
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct"] and len(full_keys) == 1
+    assert kernel.log[1][2] == (y, x, 32, 128)
+    launcher.with_constexprs((1,), (x, y, 48), {"BLOCK": 128}, num_warps=4)  # new value, same kernel
+    assert [entry[0] for entry in kernel.log][-1] == "direct" and len(full_keys) == 2
+    for args in ((x[1:], y, 48), (x, y, 48)):  # misaligned: the full key; then the value key again
+        launcher.with_constexprs((1,), args, {"BLOCK": 128}, num_warps=4)
+    assert [entry[0] for entry in kernel.log][-2:] == ["jit", "direct"] and len(full_keys) == 3
+    launcher.with_constexprs((1,), (x, y.double(), 48), {"BLOCK": 128}, num_warps=4)  # another dtype
+    launcher.with_constexprs((1,), (x, y, 48), {"BLOCK": 256}, num_warps=4)  # another constexpr
+    launcher.with_constexprs((1,), (x, y, 48), {"BLOCK": 128}, num_warps=8)  # other options
+    assert [entry[0] for entry in kernel.log][-3:] == ["jit", "jit", "jit"]
+    assert len(launcher.by_caller_key) <= 3  # cleared at the bound, refilled from the compiled kernels
+
+
 def _stand_in_sde_forward(launch, monkeypatch):
     """(fake kernel, its DirectLauncher) standing for the SDE-step forward on the eager path: the
     real kernel's parameters (constexprs from the annotations: the real kernel may be an
