@@ -175,3 +175,62 @@ def test_qk_norm_rope_forward_backward_host(benchmark, stubbed_norm_launch):
         q.grad = None
 
     benchmark(step)
+
+
+# ----------------------------------- the fused norm ops vs diffusers' expressions, host time only
+# Tiny activations ([1, 4, 128]; a [1, 4, 2, 64] QK view), so that the CPU's arithmetic is negligible
+# on both sides: the fused op with its launch stubbed (sfgrpo's Python, autograd.Function) against
+# diffusers' eager expression (ATen's C++ dispatch and autograd nodes). On a GPU each ATen op also
+# pays a CUDA launch (the fused op one per pass), so a ratio near 1 here favours the fused op there;
+# when a model's step is bound by its host, this is the cost that decides (the H200 run, README).
+def _diffusers_modulate(x, scale, shift):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _diffusers_residual(h, y, gate):
+    return h + gate.unsqueeze(1) * y
+
+
+def _diffusers_residual_norm2(h, y, gate, scale, shift):
+    h = _diffusers_residual(h, y, gate)
+    return h, _diffusers_modulate(h, scale, shift)
+
+
+_QK_NORM = torch.nn.RMSNorm(64, eps=1e-6)
+
+_HOST_OPS = {
+    "layer_norm_modulate": (lambda x, y, gate, scale, shift, q: F.layer_norm_modulate(x, scale, shift),
+                            lambda x, y, gate, scale, shift, q: _diffusers_modulate(x, scale, shift)),
+    "gated_residual": (lambda x, y, gate, scale, shift, q: F.gated_residual(x, y, gate),
+                       lambda x, y, gate, scale, shift, q: _diffusers_residual(x, y, gate)),
+    "gated_residual_layer_norm_modulate": (
+        lambda x, y, gate, scale, shift, q: F.gated_residual_layer_norm_modulate(x, y, gate, scale, shift),
+        lambda x, y, gate, scale, shift, q: _diffusers_residual_norm2(x, y, gate, scale, shift)),
+    "rms_norm": (lambda x, y, gate, scale, shift, q: F.rms_norm(q, _QK_NORM.weight, 1e-6),
+                 lambda x, y, gate, scale, shift, q: _QK_NORM(q)),
+}
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("implementation", ["fused", "diffusers"])
+@pytest.mark.parametrize("op", list(_HOST_OPS))
+def test_norm_host_vs_diffusers(benchmark, stubbed_norm_launch, op, implementation, backward):
+    """Forward, or forward + backward with the activations requiring grad (frozen modulation and
+    weights: a LoRA update's path through the norms)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(1, 4, 128, generator=g).requires_grad_(backward) for _ in range(2))
+    shift, scale, gate = torch.randn(1, 6 * 128, generator=g).chunk(6, dim=1)[:3]
+    q = torch.randn(1, 4, 2, 64, generator=g).transpose(1, 2).requires_grad_(backward)
+    _QK_NORM.weight.requires_grad_(False)
+    fn = _HOST_OPS[op][implementation == "diffusers"]
+    inputs = (x, y, gate, scale, shift, q)
+    if not backward:
+        benchmark(lambda: fn(*inputs))
+        return
+
+    def step():
+        out = fn(*inputs)
+        torch.autograd.backward([o.sum() for o in (out if isinstance(out, tuple) else (out,))])
+        x.grad = y.grad = q.grad = None
+
+    benchmark(step)
