@@ -334,6 +334,63 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
             kernel_diff("lora forward+backward", lora_forward_backward)
 
 
+# (MIN_ROWS, TARGET_PROGRAMS) of kernels.layer_norm_modulate.launch_config, which the gated-residual
+# kernels share: the shipped (16, 512) first. Each program streams its rows one after another, so the
+# rows in flight per SM (and the bandwidth, by Little's law) grow with the programs resident per SM;
+# more programs also mean more dscale / dshift / dgate partial rows in the backward.
+ROW_CHUNKINGS = ((16, 512), (8, 1024), (4, 2048), (2, 4096), (1, 8192))
+
+
+def sweep_row_chunking(bandwidth: float, rows: list, quick: bool, dev: str = "cuda") -> None:
+    """GPU-only time of the modulation and of the residual + norm2 op, forward and forward + backward
+    (the activations' gradients; then with dscale / dshift / dgate too), under each ROW_CHUNKINGS
+    setting: the data for choosing the kernels' defaults."""
+    from sfgrpo.kernels import layer_norm_modulate as lnm_kernels
+
+    shipped = (lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS)
+    dt = torch.bfloat16
+    shapes = QUICK_MODULATE if quick else tuple(MODULATE_SHAPES)
+    try:
+        for min_rows, target in ROW_CHUNKINGS:
+            lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS = min_rows, target
+            lnm_kernels.launch_config.cache_clear()
+            for name in shapes:
+                b, n, c = MODULATE_SHAPES[name]
+                numel = b * n * c
+                x = _randn(b, n, c, dtype=dt, dev=dev)
+                h = _randn(b, n, c, dtype=dt, dev=dev)
+                chunks = _randn(b, 6 * c, dtype=dt, dev=dev).chunk(6, dim=1)
+                g = _randn(b, n, c, dtype=dt, dev=dev)
+                cases = []
+                for weights in (False, True):  # the activations' gradients; then the modulation's too
+                    xs = x.detach().requires_grad_(True)
+                    hs, ys = h.detach().requires_grad_(True), x.detach().requires_grad_(True)
+                    mods = [t.detach().requires_grad_(weights) for t in chunks]
+                    label = "fwd+bwd all" if weights else "fwd+bwd x"
+                    wrt = (xs, *(mods[:2] if weights else ()))
+                    cases.append((f"modulate {name}", label, 5 * numel * 2,
+                                  lambda xs=xs, m=mods, wrt=wrt: torch.autograd.grad(
+                                      F.layer_norm_modulate(xs, m[1], m[0]), wrt, g)))
+                    wrt2 = (hs, ys, *((mods[2], mods[3], mods[4]) if weights else ()))
+                    cases.append((f"residual+norm2 {name}", label, 10 * numel * 2,
+                                  lambda hs=hs, ys=ys, m=mods, wrt2=wrt2: torch.autograd.grad(
+                                      F.gated_residual_layer_norm_modulate(hs, ys, m[2], m[4], m[3]), wrt2, (g, g))))
+                cases.insert(0, (f"modulate {name}", "fwd", 2 * numel * 2,
+                                 lambda: F.layer_norm_modulate(x, chunks[1], chunks[0])))
+                cases.insert(1, (f"residual+norm2 {name}", "fwd", 4 * numel * 2,
+                                 lambda: F.gated_residual_layer_norm_modulate(h, x, chunks[2], chunks[4], chunks[3])))
+                for case, mode, nbytes, call in cases:
+                    gpu_ms = time_graph_ms(call)
+                    gbs = nbytes / (gpu_ms * 1e-3) / 1e9
+                    rows.append(dict(case=case, mode=mode, impl="sweep", min_rows=min_rows, target_programs=target,
+                                     gpu_ms=gpu_ms, gbs=gbs, pct_copy_bw=100 * gbs / bandwidth))
+                    print(f"  sweep MIN_ROWS={min_rows:<2d} TARGET_PROGRAMS={target:<5d} {case:34s} {mode:12s} "
+                          f"GPU {gpu_ms * 1e3:8.1f} us {gbs:6.0f} GB/s {100 * gbs / bandwidth:5.1f}%", flush=True)
+    finally:
+        lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS = shipped
+        lnm_kernels.launch_config.cache_clear()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and no torch.compile baselines (the short "
@@ -342,6 +399,8 @@ def main() -> int:
     parser.add_argument("--model-batch", type=int, default=4, help="trajectories in the model forwards (0: skip)")
     parser.add_argument("--models", default="sd35m", help="comma-separated transformers to time whole: sd35m, "
                         "flux1-dev (12B parameters: ~24 GB in bf16, a minute to build)")
+    parser.add_argument("--sweep", action="store_true", help="only the row-chunking sweep of the modulation and "
+                        "residual + norm2 kernels (ROW_CHUNKINGS): GPU-only times per setting")
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU times of the model's forward + "
                         "backward, diffusers vs fused (torch.profiler): which kernels the fused modules changed")
     args = parser.parse_args()
@@ -355,7 +414,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"norms_{device.replace(' ', '_')}.json"
+    if args.sweep:
+        path = out / f"norms_sweep_{device.replace(' ', '_')}.json"
     try:
+        if args.sweep:
+            sweep_row_chunking(bandwidth, rows, args.quick)
+            return 0
         # the whole transformer first: what the fused modules buy a training step is the headline
         if args.model_batch:
             for name in args.models.split(","):

@@ -26,6 +26,8 @@
 #               torch.compile, Flow-GRPO); rows are saved as they are measured
 #   trainer     the trainer on CUDA (its update must not synchronise; bf16, fp16, KL, minibatches) and
 #               the diffusers backbones' CUDA tests (sync-free velocities, offloaded text encoders)
+#   normsweep   (not in the default list) the fused norms' row chunking: GPU-only times of the modulation
+#               and residual + norm2 kernels per (MIN_ROWS, TARGET_PROGRAMS) setting (~1 min)
 #   ncu         (not in the default list) Nsight Compute on the advantage engine's 1M-gain call: each
 #               kernel's throughput, occupancy and warp stalls (~1 min)
 #   core        (not in the default list) issue 9's goals on real-size SD3.5-M,
@@ -38,7 +40,7 @@
 # norms slow a plain-bf16 SD3.5-M (norms --profile), the advantage kernel's 36 us (ncu), the
 # fused-op tests that failed or were cut short:
 #   call 1 (timeout 590 s): DEADLINE=560 WHEELS=.whl STEPS=tests,norms,ncu,advantages bash benchmarks/gpu_checks.sh
-#   call 2 (warm machine, if >= 5 min are left): SKIP_INSTALL=1 DEADLINE=280 STEPS=tune,bench bash benchmarks/gpu_checks.sh
+#   call 2 (warm machine, if >= 5 min are left): SKIP_INSTALL=1 DEADLINE=280 STEPS=normsweep,tune,bench bash benchmarks/gpu_checks.sh
 # The device has no diffusers: .whl/ holds diffusers 0.42.1 and importlib_metadata wheels (pip download
 # as the device tool's README says, `echo /.whl/ >> .git/info/exclude`), carried with the call.
 # (DEADLINE cuts each step's limit to what is left of the command, core's included.)
@@ -95,6 +97,14 @@ step_norms() {
   timeout -k 10 $(limit 150) python3 "$REPO/benchmarks/bench_norms_gpu.py" --quick --profile --out "$OUT" > "$OUT/bench_norms.txt" 2>&1
   echo "norms bench: exit $?"
   tail -n 20 "$OUT/bench_norms.txt"
+}
+step_normsweep() {
+  # the modulation / residual+norm2 kernels' row chunking (rows per program, programs per launch):
+  # GPU-only time per setting, for their defaults (their forward streamed at 44 % of copy bandwidth)
+  timeout -k 10 $(limit 90) python3 "$REPO/benchmarks/bench_norms_gpu.py" --sweep --quick --out "$OUT" \
+    > "$OUT/bench_norms_sweep.txt" 2>&1
+  echo "norms sweep: exit $?"
+  grep -E "sweep" "$OUT/bench_norms_sweep.txt" | head -n 70
 }
 step_ncu() {
   # Nsight Compute on the advantage engine's 1M-gain call (issue 5: 36 us of GPU time for 8.4 MB):

@@ -92,3 +92,18 @@ def test_profile_rows_name_the_kernels_each_variant_ran(script):
     # sorted by how much the variants differ, and some kernel differs (the fused modules run other ops)
     gaps = [abs(k["fused_ms"] - k["diffusers_ms"]) for k in kernels["kernels"]]
     assert gaps == sorted(gaps, reverse=True) and gaps[0] > 0
+
+
+def test_row_chunking_sweep_times_every_setting_and_restores_the_defaults(script):
+    from sfgrpo.kernels import layer_norm_modulate as kernels
+
+    module, calls = script
+    shipped = (kernels.MIN_ROWS, kernels.TARGET_PROGRAMS)
+    rows = []
+    module.sweep_row_chunking(1000.0, rows, quick=True, dev="cpu")
+    settings = {(row["min_rows"], row["target_programs"]) for row in rows}
+    assert settings == set(module.ROW_CHUNKINGS) and module.ROW_CHUNKINGS[0] == shipped
+    per_setting = {(row["case"], row["mode"]) for row in rows if (row["min_rows"], row["target_programs"]) == shipped}
+    assert {mode for _, mode in per_setting} == {"fwd", "fwd+bwd x", "fwd+bwd all"}
+    assert len(per_setting) == 6 and len(rows) == 6 * len(module.ROW_CHUNKINGS) == len(calls)
+    assert (kernels.MIN_ROWS, kernels.TARGET_PROGRAMS) == shipped
