@@ -219,7 +219,10 @@ class DirectLauncher:
             return
         if caller_key is not None:
             caller_key = (caller_key, device.index)
-            compiled = self.by_caller_key.get(caller_key)
+            try:
+                compiled = self.by_caller_key.get(caller_key)
+            except TypeError:  # an unhashable value in a value key: the full key decides
+                compiled = caller_key = None
             if compiled is not None:
                 self._run(compiled, grid, args, options, device)
                 return

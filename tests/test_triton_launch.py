@@ -207,6 +207,9 @@ def test_with_constexprs_keys_launches_by_value(launch, monkeypatch):
     launcher.with_constexprs((1,), (x, y, 48), {"BLOCK": 128}, num_warps=8)  # other options
     assert [entry[0] for entry in kernel.log][-3:] == ["jit", "jit", "jit"]
     assert len(launcher.by_caller_key) <= 3  # cleared at the bound, refilled from the compiled kernels
+    before = len(full_keys)
+    launcher.with_constexprs((1,), (x, y, [48]), {"BLOCK": 128}, num_warps=4)  # unhashable: the full key
+    assert len(full_keys) == before + 1
 
 
 def _stand_in_sde_forward(launch, monkeypatch):
