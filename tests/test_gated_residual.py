@@ -350,6 +350,30 @@ def test_row_offsets_past_int32_in_one_sample(norm):
     grads = [torch.autograd.grad(out, gate, [torch.ones_like(o) for o in out])[0] for out in (got, expected)]
     assert torch.equal(*grads)
 
+@pytest.mark.parametrize("dtypes", MIXED, ids=str)
+def test_frozen_gate_backward_is_one_product_with_the_kernels_bits(dtypes, monkeypatch):
+    """A frozen gate (LoRA, a no-grad adaLN): the eager backward hands back the incoming gradient as dh
+    and `grad * gate` as dy, without the kernel, where that product has y's dtype (one dtype
+    throughout); the same bits as the registered op's backward (the kernel) in every mix."""
+    from sfgrpo.ops import gated_residual as ops
+
+    h, y, gate, _, _ = _inputs(3, 7, 64, None, seed=9, dtypes=dtypes)
+    h, y = h.requires_grad_(), y.requires_grad_()
+    kernel_calls = []
+    monkeypatch.setattr(kernels, "backward", lambda *a, f=kernels.backward: kernel_calls.append(1) or f(*a))
+    results = []
+    for eager in (True, False):
+        h.grad = y.grad = None
+        out = F.gated_residual(h, y, gate, backend="triton") if eager else ops.gated_residual_op(h, y, gate, "triton")
+        out.backward(torch.linspace(-2, 3, out.numel(), device=DEVICE).reshape(out.shape).to(out.dtype))
+        results.append((h.grad, y.grad))
+        if eager:
+            uniform = len(set(dtypes)) == 1
+            assert kernel_calls == ([] if uniform else [1])
+    for got, expected in zip(*results):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 def test_eager_fast_path_equals_the_registered_op():
     h, y, gate, scale, shift = _op_inputs()
     results = []

@@ -96,8 +96,8 @@ class _Kernels:
         dh, dy, dgate, dscale, dshift = kernels.backward(
             g_out, g_normed, h_out, y, gate, scale, eps, h_dtype, y_dtype, need_dh, need_dy, need_dgate, need_dscale,
             need_dshift)
-        if need_dh and dh is None:  # total is g_out: dh is its cast (a view of it where the dtypes agree)
-            dh = g_out.to(h_dtype)
+        if need_dh and dh is None:  # total is g_out: dh is g_out itself, or its cast
+            dh = g_out if g_out.dtype == h_dtype else g_out.to(h_dtype)
         # dscale, dshift None without g_normed (normed did not reach the loss), as autograd's
         return (dh, dy, dgate.to(gate_dtype) if need_dgate else None,
                 dscale.to(scale.dtype) if dscale is not None else None,
@@ -255,9 +255,20 @@ class _EagerGatedResidual(torch.autograd.Function):
     def backward(ctx, grad):
         y, gate = ctx.saved_tensors
         h_dtype, y_dtype, gate_dtype, implementation = ctx.meta
+        need_dh, need_dy, need_dgate = ctx.needs_input_grad[:3]
+        if not need_dgate and grad.dtype == h_dtype and (not need_dy or _product_dtype(grad, gate) == y_dtype):
+            # nothing to reduce (the gate is frozen: LoRA, or a no-grad adaLN): dh is the incoming
+            # gradient and dy = grad * gate one multiply, the kernel's own arithmetic (fp32, rounded
+            # once to y's dtype) as one ATen op, without the kernel path's host work
+            return grad if need_dh else None, grad * gate.unsqueeze(1) if need_dy else None, None, None
         dh, dy, dgate, _, _ = implementation.backward(grad, None, None, y, gate, None, None, 0.0, None, False, h_dtype,
-                                                      *ctx.needs_input_grad[:3], False, False, y_dtype, gate_dtype)
+                                                      need_dh, need_dy, need_dgate, False, False, y_dtype, gate_dtype)
         return dh, dy, dgate, None
+
+
+def _product_dtype(grad: Tensor, gate: Tensor) -> torch.dtype:
+    """The dtype of ATen's `grad * gate`."""
+    return torch.promote_types(grad.dtype, gate.dtype)
 
 
 def gated_residual(h: Tensor, y: Tensor, gate: Tensor, backend_name: Optional[str]) -> Tensor:
