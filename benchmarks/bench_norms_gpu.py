@@ -234,6 +234,8 @@ def kernel_times(fn, device: str = "cuda") -> dict[str, tuple[float, int]]:
             torch.cuda.synchronize()
     times = {}
     for item in prof.key_averages():
+        if cuda and getattr(item, "device_type", None) == torch.autograd.DeviceType.CPU:
+            continue  # host-side events (the runtime's launch calls) may carry their kernels' time too
         total_us = (getattr(item, "device_time_total", None) if cuda else item.self_cpu_time_total) or 0.0
         if total_us > 0:
             times[item.key] = (total_us / 1e3, item.count)
