@@ -111,15 +111,6 @@ def main() -> int:
         finally:
             for launcher, (compiled_kernels, by_caller_key) in stubbed.items():
                 launcher.compiled, launcher.by_caller_key = compiled_kernels, by_caller_key
-    # the launcher experiment: tensors handed to Triton's runner as addresses (no data_ptr() call and
-    # no cuPointerGetAttribute per pointer argument in Triton's launcher)
-    if _launch.enabled():
-        _launch.POINTERS_AS_INTS = True
-        try:
-            row("  the same sampling step, pointers passed as addresses", sample_step)
-            row("  the same scoring step, pointers passed as addresses", score_step)
-        finally:
-            _launch.POINTERS_AS_INTS = False
     # last: a cold inductor compile is the slowest and least predictable part of the run
     compiled = torch.compile(lambda: ref.sde_step(x, v, 0.8, 0.7, noise=torch.randn(SHAPE, device="cuda")).log_prob,
                              fullgraph=True)

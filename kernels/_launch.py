@@ -29,11 +29,6 @@ from sfgrpo.backend import environ_get
 ENV_VAR = "SFGRPO_TRITON_DIRECT_LAUNCH"
 _INT32 = (-(2**31), 2**31)
 _disabled_reason: str | None = None
-# An experiment for the GPU host-time breakdown (benchmarks/host_breakdown_gpu.py), off by default:
-# hand the runner each tensor's address as an int. Triton's launcher then skips, per pointer
-# argument, its data_ptr() call and its cuPointerGetAttribute check (a driver call: ~22 of them per
-# SDE-step launch, most for the same unused-slot tensor); the device check is done here instead.
-POINTERS_AS_INTS = False
 _FALSE = ("0", "false", "off", "no")
 _INTERPRETER_OFF = ("",) + _FALSE
 
@@ -91,20 +86,6 @@ def _int_key(value: int) -> tuple:
         if len(_INT_KEYS) < _INT_KEYS_MAX:
             _INT_KEYS[value] = key
     return key
-
-
-def _addresses(args: tuple) -> tuple:
-    """`args` with every tensor replaced by its address (POINTERS_AS_INTS): what Triton's launcher
-    would read, minus its own check that the memory is the GPU's, which is made here (cheaply:
-    device type only)."""
-    out = []
-    for value in args:
-        if isinstance(value, Tensor):
-            if not value.is_cuda:
-                raise ValueError(f"a pointer argument is a {value.device.type} tensor: Triton kernels read CUDA memory")
-            value = value.data_ptr()
-        out.append(value)
-    return tuple(out)
 
 
 def argument_key(args: tuple, constexpr: tuple[bool, ...]) -> tuple:
@@ -254,9 +235,8 @@ class DirectLauncher:
 
         grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         stream = torch._C._cuda_getCurrentRawStream(device.index)
-        runner_args = _addresses(args) if POINTERS_AS_INTS else args
         try:
-            compiled[grid3](*runner_args, stream=stream)
+            compiled[grid3](*args, stream=stream)
         except (TypeError, ValueError, AttributeError) as err:  # a Triton whose runner differs
             if isinstance(err, ValueError) and "cannot be accessed" in str(err):
                 raise  # memory the GPU cannot read (Triton's check): the caller's mistake, not the runner's

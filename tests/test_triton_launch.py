@@ -250,25 +250,6 @@ def test_sde_step_caller_key_tells_dtypes_and_alignment_apart(launch, monkeypatc
     assert calls[-1] is None and kernel.log[-1][0] == "jit"
 
 
-def test_pointers_as_ints_hand_the_runner_addresses_and_refuse_cpu_memory(launch, monkeypatch):
-    """POINTERS_AS_INTS (an experiment the GPU host breakdown times): the runner gets each tensor's
-    address; a tensor that is not CUDA memory is a clear error before any launch, and it does not
-    switch direct launch off."""
-    monkeypatch.setattr(launch, "POINTERS_AS_INTS", True)
-    gpu_memory = {"yes": True}  # the CPU tensors stand for CUDA ones until told otherwise
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: gpu_memory["yes"]))
-    kernel = FakeKernel()
-    launcher = launch.DirectLauncher(kernel)
-    x = torch.zeros(64)
-    launcher((1,), x, 32, 128)  # the JIT launch (Triton checks its pointers itself)
-    launcher((1,), x, 32, 128)
-    assert kernel.log[1][0] == "direct" and kernel.log[1][2] == (x.data_ptr(), 32, 128)
-    gpu_memory["yes"] = False
-    with pytest.raises(ValueError, match="cpu tensor: Triton kernels read CUDA memory"):
-        launcher((1,), x, 32, 128)
-    assert len(kernel.log) == 2 and launch.enabled()
-
-
 def test_a_cpu_tensor_rejected_by_the_runner_leaves_direct_launch_on(launch):
     """Triton's launcher refuses memory the GPU cannot access with a ValueError: a caller's mistake,
     raised as it is, not taken for a runner that differs (which would switch direct launch off)."""
@@ -322,8 +303,7 @@ def test_wrong_argument_count_is_an_error(launch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 7), (4, 16, 33, 17), (2, 300_000)])
-@pytest.mark.parametrize("as_ints", [False, True])
-def test_cuda_direct_launches_equal_jit_launches(monkeypatch, dtype, shape, as_ints):
+def test_cuda_direct_launches_equal_jit_launches(monkeypatch, dtype, shape):
     from sfgrpo import functional as F
     from sfgrpo.kernels import _launch
 
@@ -343,7 +323,6 @@ def test_cuda_direct_launches_equal_jit_launches(monkeypatch, dtype, shape, as_i
     monkeypatch.setenv(_launch.ENV_VAR, "0")
     jit = run()
     monkeypatch.setenv(_launch.ENV_VAR, "1")
-    monkeypatch.setattr(_launch, "POINTERS_AS_INTS", as_ints)
     run()  # compiles / caches
     direct = run()
     assert _launch.enabled()
