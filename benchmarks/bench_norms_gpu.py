@@ -54,19 +54,19 @@ QUICK_RMS = ("sd35m_q_b16_1357x24x64",)
 QUICK_ROPE = ("flux_q_b4_4096x24x128",)
 
 
-def _diffusers_modulate(x, scale, shift, eps=1e-6):
+def diffusers_modulate(x, scale, shift, eps=1e-6):
     return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
 
 
-def _diffusers_residual(h, y, gate):
+def diffusers_residual(h, y, gate):
     """JointTransformerBlock / FluxTransformerBlock: the attention or MLP output gated into the residual."""
     return h + gate.unsqueeze(1) * y
 
 
-def _diffusers_residual_norm2(h, y, gate, scale, shift, eps=1e-6):
+def diffusers_residual_norm2(h, y, gate, scale, shift, eps=1e-6):
     """The gated residual, then norm2's modulation."""
-    h = _diffusers_residual(h, y, gate)
-    return h, _diffusers_modulate(h, scale, shift, eps)
+    h = diffusers_residual(h, y, gate)
+    return h, diffusers_modulate(h, scale, shift, eps)
 
 
 def _diffusers_rms(x, weight, eps=1e-6):
@@ -146,7 +146,7 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
             return x, chunks[1], chunks[0]
 
         numel = b * n * c
-        _timings(name, {"sfgrpo": F.layer_norm_modulate, **_baselines(_diffusers_modulate, quick)},
+        _timings(name, {"sfgrpo": F.layer_norm_modulate, **_baselines(diffusers_modulate, quick)},
                  make, 2 * numel * 2, 3 * numel * 2, bandwidth, rows)
     for name in QUICK_MODULATE[:1] if quick else MODULATE_SHAPES:
         b, n, c = MODULATE_SHAPES[name]
@@ -160,10 +160,10 @@ def bench_ops(quick: bool, bandwidth: float, rows: list, dev: str = "cuda") -> N
 
         numel = b * n * c  # fwd: h, y in; h', normed out. bwd: h, y, 2 grads in; dh, dy out
         _timings(f"residual+norm2 {name}", {"sfgrpo": F.gated_residual_layer_norm_modulate,
-                                            **_baselines(_diffusers_residual_norm2, quick)},
+                                            **_baselines(diffusers_residual_norm2, quick)},
                  make, 4 * numel * 2, 6 * numel * 2, bandwidth, rows)
         # the plain gated residual (the MLP branch's): fwd h, y in, h' out; bwd the grad and y in, dy out
-        _timings(f"residual {name}", {"sfgrpo": F.gated_residual, **_baselines(_diffusers_residual, quick)},
+        _timings(f"residual {name}", {"sfgrpo": F.gated_residual, **_baselines(diffusers_residual, quick)},
                  lambda grad, make=make: make(grad)[:3], 3 * numel * 2, 3 * numel * 2, bandwidth, rows)
     for name in QUICK_RMS if quick else RMS_SHAPES:
         b, n, h, d = RMS_SHAPES[name]
@@ -290,12 +290,16 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
         with torch.autocast(device, dtype=torch.bfloat16):
             forward_backward()
 
+    def use(variant):
+        """The model on sfgrpo's fused modules ("fused") or on diffusers' and peft's own."""
+        fused = variant == "fused"
+        (fused_norms.fuse_norms if fused else fused_norms.unfuse_norms)(model)
+        (fused_lora.fuse_lora if fused else fused_lora.unfuse_lora)(model)
+
     def a_b_a(label, fn):
         times = {}
         for variant in ("diffusers", "fused", "diffusers "):  # diffusers twice: drift between the A and B runs
-            fused = variant == "fused"
-            (fused_norms.fuse_norms if fused else fused_norms.unfuse_norms)(model)
-            (fused_lora.fuse_lora if fused else fused_lora.unfuse_lora)(model)
+            use(variant)
             times[variant] = time_ms(fn, warmup=2, reps=5)
         base = min(times["diffusers"], times["diffusers "])
         row = dict(case=f"{name}_b{batch}_{grid * 8}px", mode=label, impl="model", diffusers_ms=base, fused_ms=times["fused"],
@@ -307,9 +311,7 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
     def kernel_diff(label, fn):
         times = {}
         for variant in ("diffusers", "fused"):
-            fused = variant == "fused"
-            (fused_norms.fuse_norms if fused else fused_norms.unfuse_norms)(model)
-            (fused_lora.fuse_lora if fused else fused_lora.unfuse_lora)(model)
+            use(variant)
             times[variant] = kernel_times(fn, device)
         rows.append(dict(case=f"{name}_b{batch}_{grid * 8}px", mode=label, impl="kernels",
                          kernels=print_kernel_diff(f"{name} b{batch} {label}", times)))
@@ -363,7 +365,10 @@ def sweep_row_chunking(bandwidth: float, rows: list, quick: bool, dev: str = "cu
                 h = _randn(b, n, c, dtype=dt, dev=dev)
                 chunks = _randn(b, 6 * c, dtype=dt, dev=dev).chunk(6, dim=1)
                 g = _randn(b, n, c, dtype=dt, dev=dev)
-                cases = []
+                cases = [(f"modulate {name}", "fwd", 2 * numel * 2,
+                          lambda: F.layer_norm_modulate(x, chunks[1], chunks[0])),
+                         (f"residual+norm2 {name}", "fwd", 4 * numel * 2,
+                          lambda: F.gated_residual_layer_norm_modulate(h, x, chunks[2], chunks[4], chunks[3]))]
                 for weights in (False, True):  # the activations' gradients; then the modulation's too
                     xs = x.detach().requires_grad_(True)
                     hs, ys = h.detach().requires_grad_(True), x.detach().requires_grad_(True)
@@ -377,10 +382,6 @@ def sweep_row_chunking(bandwidth: float, rows: list, quick: bool, dev: str = "cu
                     cases.append((f"residual+norm2 {name}", label, 10 * numel * 2,
                                   lambda hs=hs, ys=ys, m=mods, wrt2=wrt2: torch.autograd.grad(
                                       F.gated_residual_layer_norm_modulate(hs, ys, m[2], m[4], m[3]), wrt2, (g, g))))
-                cases.insert(0, (f"modulate {name}", "fwd", 2 * numel * 2,
-                                 lambda: F.layer_norm_modulate(x, chunks[1], chunks[0])))
-                cases.insert(1, (f"residual+norm2 {name}", "fwd", 4 * numel * 2,
-                                 lambda: F.gated_residual_layer_norm_modulate(h, x, chunks[2], chunks[4], chunks[3])))
                 for case, mode, nbytes, call in cases:
                     gpu_ms = time_graph_ms(call)
                     gbs = nbytes / (gpu_ms * 1e-3) / 1e9

@@ -8,10 +8,16 @@ benchmark's back-to-back time that the kernels cannot reduce.
     pytest benchmarks/bench_triton_host_path.py --benchmark-enable --benchmark-columns=median,ops
 """
 
+import pathlib
+import sys
+
 import pytest
 import torch
 
 from sfgrpo import functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' own modules
+from bench_norms_gpu import diffusers_modulate, diffusers_residual, diffusers_residual_norm2  # noqa: E402
 
 SHAPES = {"flux_b16": (16, 4096, 64), "tiny_b4": (4, 16)}  # split rows (scratch, tickets) / one program per row
 
@@ -183,29 +189,16 @@ def test_qk_norm_rope_forward_backward_host(benchmark, stubbed_norm_launch):
 # diffusers' eager expression (ATen's C++ dispatch and autograd nodes). On a GPU each ATen op also
 # pays a CUDA launch (the fused op one per pass), so a ratio near 1 here favours the fused op there;
 # when a model's step is bound by its host, this is the cost that decides (the H200 run, README).
-def _diffusers_modulate(x, scale, shift):
-    return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-
-
-def _diffusers_residual(h, y, gate):
-    return h + gate.unsqueeze(1) * y
-
-
-def _diffusers_residual_norm2(h, y, gate, scale, shift):
-    h = _diffusers_residual(h, y, gate)
-    return h, _diffusers_modulate(h, scale, shift)
-
-
 _QK_NORM = torch.nn.RMSNorm(64, eps=1e-6)
 
 _HOST_OPS = {
     "layer_norm_modulate": (lambda x, y, gate, scale, shift, q: F.layer_norm_modulate(x, scale, shift),
-                            lambda x, y, gate, scale, shift, q: _diffusers_modulate(x, scale, shift)),
+                            lambda x, y, gate, scale, shift, q: diffusers_modulate(x, scale, shift)),
     "gated_residual": (lambda x, y, gate, scale, shift, q: F.gated_residual(x, y, gate),
-                       lambda x, y, gate, scale, shift, q: _diffusers_residual(x, y, gate)),
+                       lambda x, y, gate, scale, shift, q: diffusers_residual(x, y, gate)),
     "gated_residual_layer_norm_modulate": (
         lambda x, y, gate, scale, shift, q: F.gated_residual_layer_norm_modulate(x, y, gate, scale, shift),
-        lambda x, y, gate, scale, shift, q: _diffusers_residual_norm2(x, y, gate, scale, shift)),
+        lambda x, y, gate, scale, shift, q: diffusers_residual_norm2(x, y, gate, scale, shift)),
     "rms_norm": (lambda x, y, gate, scale, shift, q: F.rms_norm(q, _QK_NORM.weight, 1e-6),
                  lambda x, y, gate, scale, shift, q: _QK_NORM(q)),
 }
