@@ -256,7 +256,9 @@ class _EagerGatedResidual(torch.autograd.Function):
         y, gate = ctx.saved_tensors
         h_dtype, y_dtype, gate_dtype, implementation = ctx.meta
         need_dh, need_dy, need_dgate = ctx.needs_input_grad[:3]
-        if not need_dgate and grad.dtype == h_dtype and (not need_dy or _product_dtype(grad, gate) == y_dtype):
+        # ATen's `grad * gate` has y's dtype (or no dy is needed)
+        dy_is_product = not need_dy or torch.promote_types(grad.dtype, gate.dtype) == y_dtype
+        if not need_dgate and grad.dtype == h_dtype and dy_is_product:
             # nothing to reduce (the gate is frozen: LoRA, or a no-grad adaLN): dh is the incoming
             # gradient and dy = grad * gate one multiply, the kernel's own arithmetic (fp32, rounded
             # once to y's dtype) as one ATen op, without the kernel path's host work
@@ -264,11 +266,6 @@ class _EagerGatedResidual(torch.autograd.Function):
         dh, dy, dgate, _, _ = implementation.backward(grad, None, None, y, gate, None, None, 0.0, None, False, h_dtype,
                                                       need_dh, need_dy, need_dgate, False, False, y_dtype, gate_dtype)
         return dh, dy, dgate, None
-
-
-def _product_dtype(grad: Tensor, gate: Tensor) -> torch.dtype:
-    """The dtype of ATen's `grad * gate`."""
-    return torch.promote_types(grad.dtype, gate.dtype)
 
 
 def gated_residual(h: Tensor, y: Tensor, gate: Tensor, backend_name: Optional[str]) -> Tensor:
