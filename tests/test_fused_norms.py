@@ -10,6 +10,7 @@ from torch import nn
 from sfgrpo.bench import configs
 from sfgrpo.models import fused_norms
 from sfgrpo.models.fused_norms import fuse_norms, fused_norm_count, unfuse_norms
+from norm_grads import DEVICE  # tests/ helper: where the Triton kernels run (the interpreter without a GPU)
 
 pytest.importorskip("diffusers")
 from diffusers.models.attention import JointTransformerBlock  # noqa: E402
@@ -50,8 +51,6 @@ def _flux_inputs(model, batch=2, grid=4, tokens=5, seed=0):
 
 
 ARCHITECTURES = {"sd35m-small": _sd3_inputs, "flux1-dev-small": _flux_inputs}
-# where the Triton kernels run: compiled on a GPU, in Triton's interpreter (CPU tensors) without one
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _to_device(value):
