@@ -108,14 +108,20 @@ step_normsweep() {
 }
 step_ncu() {
   # Nsight Compute on the advantage engine's 1M-gain call (issue 5: 36 us of GPU time for 8.4 MB):
-  # throughput, occupancy and warp stalls of the cooperative kernel and of each phase's kernel
+  # every section of each kernel (the cooperative one and each phase's, scattered groups then
+  # groups side by side), then the warp-stall samples per SASS instruction of the phases' kernels
   if ! command -v ncu > /dev/null; then echo "ncu: not installed"; return; fi
-  timeout -k 10 $(limit 120) ncu --clock-control none --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats -k regex:'single_launch|warp_rows|write_kernel' \
-    python3 "$REPO/benchmarks/ncu_advantages.py" > "$OUT/ncu_advantages.txt" 2>&1
+  timeout -k 10 $(limit 120) ncu --clock-control none --set full --import-source no \
+    -k regex:'single_launch|warp_rows|write_kernel' \
+    python3 "$REPO/benchmarks/ncu_advantages.py" --calls 1 --layouts permuted,sorted > "$OUT/ncu_advantages.txt" 2>&1
   echo "ncu advantages: exit $?"
-  grep -E "^  [a-zA-Z_:<>(), ]+\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall" \
-    "$OUT/ncu_advantages.txt" | head -n 60
+  grep -E "^  [a-zA-Z_:<>(), ]+\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Executed Ipc A|Issue Slots Busy" \
+    "$OUT/ncu_advantages.txt" | head -n 80
+  # per-instruction stall samples (the hot SASS lines) of the permuted layout's phase kernels
+  timeout -k 10 $(limit 90) ncu --clock-control none --section SourceCounters --section WarpStateStats \
+    --import-source no --page source --print-source sass --csv -k regex:'warp_rows|write_kernel' -c 3 \
+    python3 "$REPO/benchmarks/ncu_advantages.py" --calls 0 --layouts permuted > "$OUT/ncu_advantages_sass.csv" 2>&1
+  echo "ncu sass: exit $? ($(wc -l < "$OUT/ncu_advantages_sass.csv") lines)"
 }
 step_tune() {
   # before the benchmarks: they run with the sweep's winner (SFGRPO_SDE_STEP_TUNING, read at import);

@@ -78,6 +78,26 @@ def test_gain_advantages_match_the_spec_and_the_cpu_engine(dtype, normalize, max
                                    getattr(cpu_stats, name), rtol=1e-12, atol=1e-12)
 
 
+# Phase 3 stores a warp's 32 rows as one tile, 32 values a round and 4 rounds per batch of loads:
+# widths that divide 32, that don't, of one column, wider than a warp; partial last warps and
+# batches; a NaN row and a masked step inside the tile.
+@pytest.mark.parametrize("normalize", ["joint", "per_step"])
+@pytest.mark.parametrize("rows, steps", [(1, 1), (5, 1), (31, 2), (33, 3), (64, 7), (70, 10), (45, 31), (40, 32),
+                                         (37, 33), (9, 130)])
+def test_the_write_phase_tiles_every_width(normalize, rows, steps):
+    ids = random_layout(rows, max_group=6, seed=rows + steps)
+    rewards = rewards_for(ids, steps + 1, torch.float32, seed=steps)
+    if rows > 4:
+        rewards[3, steps // 2] = float("nan")
+    step_mask = torch.ones(steps, dtype=torch.bool)
+    step_mask[steps // 3] = steps == 1
+    got, *_ = emulated_gain(rewards, ids, normalize, step_mask=step_mask)
+    expected = numpy_gain_advantages(rewards, ids, normalize=normalize, step_mask=step_mask)
+    assert_matches(got, expected, torch.float32)
+    if rows > 4:
+        assert torch.equal(got[3], torch.zeros(steps))
+
+
 @pytest.mark.parametrize("std", ["group", "global"])
 @pytest.mark.parametrize("columns", [1, 3])
 @pytest.mark.parametrize("unbiased", [False, True])

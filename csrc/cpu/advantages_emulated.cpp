@@ -94,7 +94,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
     }
   }
   run_warp_rows<false>(a, as_launched, max_blocks);
-  for (int64_t i = 0; i < n; ++i) fixed::write_row(a, i);
+  for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::write_warp(a, base);  // any order: no atomics
   if (stats.requested()) {
     for (int64_t j = 0; j < groups; ++j) fixed::write_stats_row(a, j);
   }

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -33,6 +34,11 @@ namespace {
 
 using fixed::blocks_for;
 using fixed::kThreads;
+
+// Resident blocks per SM the kernels are compiled for (at most 80 registers a thread): 3 x 132 SMs
+// (an H100) hold the 391 blocks of 100k rows at once, so the cooperative launch's grid is not cut
+// to what fits and no phase runs a second round of blocks.
+constexpr int kMinBlocksPerSM = 3;
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -105,21 +111,26 @@ Carved carve(const AdvantageProblem& p, void* base, bool with_stats) {
 // staged in shared memory per block (sfgrpo/fixed_point_blocks.h, which the host emulation runs
 // too).
 template <typename T, bool kInsert>
-__global__ void __launch_bounds__(kThreads) warp_rows_kernel(fixed::Args<T> a, int batch_words) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) warp_rows_kernel(fixed::Args<T> a, int batch_words) {
   extern __shared__ unsigned long long staged[];  // fixed::staged_words(batch_words)
   fixed::warp_rows_block<kInsert>(a, batch_words, reinterpret_cast<uint64_t*>(staged),
                                   fixed::Block{blockIdx.x, gridDim.x});
 }
 
-// Phase 3: advantages of every row, the statistics rows (ids sorted) and the counts; the calling
-// thread's rows of a grid-stride loop.
+// Phase 3: the advantages of the block's warps of rows (a coalesced tile each), then the statistics
+// rows (ids sorted) in a grid-stride loop, and the counts.
 template <typename T>
 __device__ void write_rows(const fixed::Args<T>& a) {
+  const fixed::Block block{blockIdx.x, gridDim.x};
+  for (int64_t base = fixed::block::first_warp(block); base < a.p.rows; base = fixed::block::next_warp(block, base)) {
+    fixed::write_warp(a, base);
+  }
   const int64_t groups = static_cast<int64_t>(a.w.counters[0]);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.p.rows; i += stride) {
-    fixed::write_row(a, i);
-    if (a.stats.requested() && i < groups) fixed::write_stats_row(a, i);
+  if (a.stats.requested()) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < groups; j += stride) {
+      fixed::write_stats_row(a, j);
+    }
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     a.counts[0] = groups;
@@ -128,7 +139,7 @@ __device__ void write_rows(const fixed::Args<T>& a) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) write_kernel(fixed::Args<T> a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) write_kernel(fixed::Args<T> a) {
   write_rows(a);
 }
 
@@ -137,15 +148,17 @@ __global__ void __launch_bounds__(kThreads) write_kernel(fixed::Args<T> a) {
 // clears), then the three phases, each reading what the previous one wrote. The barrier orders
 // memory too (cooperative_groups: writes before grid.sync() are visible to every thread after it).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     single_launch_kernel(fixed::Args<T> a, uint64_t* zeroed, int64_t zeroed_words, int insert_batch,
                          int moments_batch) {
   extern __shared__ unsigned long long staged[];  // fixed::staged_words(max of the two batches)
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < zeroed_words; k += stride) {
-    zeroed[k] = 0;
-  }
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // 16-byte stores (the workspace starts 256-byte aligned), the odd last word on its own
+  uint4* zeroed_pairs = reinterpret_cast<uint4*>(zeroed);
+  for (int64_t k = first; k < zeroed_words / 2; k += stride) zeroed_pairs[k] = make_uint4(0, 0, 0, 0);
+  if (first == 0 && zeroed_words % 2 != 0) zeroed[zeroed_words - 1] = 0;
   grid.sync();
   const fixed::Block block{blockIdx.x, gridDim.x};
   fixed::warp_rows_block<true>(a, insert_batch, reinterpret_cast<uint64_t*>(staged), block);
@@ -253,6 +266,9 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
     return;
   }
   check_rows(p);
+  if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {  // carve's pieces are 256-byte aligned from it
+    throw std::invalid_argument("sfgrpo advantages_cuda: the workspace must be 256-byte aligned");
+  }
   const bool with_stats = stats.requested();
   Carved c = carve(p, workspace, with_stats);
   if (c.total_bytes > workspace_bytes) {

@@ -12,13 +12,19 @@ namespace math {
 
 // The value normalised at (row, column): the reward itself or the gain of step `column`. A gain
 // is computed in T, like the reference's `rewards[:, 1:] - rewards[:, :-1]`, then widened.
+// value_of takes the loaded reward (and the next one, read only for gains).
 template <typename T>
-SFGRPO_HD double value_at(const T* row, int64_t column, bool gains) {
+SFGRPO_HD double value_of(T reward, T next_reward, bool gains) {
   if (gains) {
-    const T gain = row[column + 1] - row[column];
+    const T gain = next_reward - reward;
     return static_cast<double>(gain);
   }
-  return static_cast<double>(row[column]);
+  return static_cast<double>(reward);
+}
+
+template <typename T>
+SFGRPO_HD double value_at(const T* row, int64_t column, bool gains) {
+  return value_of(row[column], gains ? row[column + 1] : T(0), gains);
 }
 
 template <typename T>

@@ -7,8 +7,10 @@
 // Methods of the plain structs below are callable from device code too.
 #if defined(__CUDACC__)
 #define SFGRPO_HD __host__ __device__ __forceinline__
+#define SFGRPO_UNROLL _Pragma("unroll")  // fixed-count loops over register arrays: no local memory
 #else
 #define SFGRPO_HD inline
+#define SFGRPO_UNROLL
 #endif
 
 namespace sfgrpo {

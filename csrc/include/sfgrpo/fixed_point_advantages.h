@@ -22,7 +22,8 @@
 //     count themselves into size[r] and widen [lo, hi] of each statistic (atomicMax on
 //     order-preserving integer encodings of doubles); the claimer zeroes its group's moment sums.
 //  2. moments: each finite row adds its S1 and S2 parts (fixed point, scales from [lo, hi], n).
-//  3. write:   advantages = (value - mean) / (std + eps), clipped; statistics rows when asked.
+//  3. write:   advantages = (value - mean) / (std + eps), clipped, a warp's rows as one coalesced
+//     tile; statistics rows when asked.
 // Within a warp, consecutive rows of one group (the usual layout: a prompt's samples side by side)
 // combine their integer parts with a segmented shuffle reduction first: one atomic per run, not
 // one per row. Accumulators are indexed by the representative's row number, so their size is the
@@ -172,16 +173,6 @@ SFGRPO_HD uint32_t atomic_cas(uint32_t* at, uint32_t expected, uint32_t desired)
   const uint32_t old = *at;
   if (old == expected) *at = desired;
   return old;
-#endif
-}
-
-// A hash slot's current value: 0 may be stale (the caller then claims it with a CAS), anything
-// else is final (a slot is written once).
-SFGRPO_HD uint32_t peek(const uint32_t* at) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(reinterpret_cast<const unsigned int*>(at));  // from L2, where the atomics land
-#else
-  return *at;
 #endif
 }
 
@@ -595,8 +586,9 @@ SFGRPO_HD int32_t find_group(const Args<T>& a, int64_t i, int64_t id, bool& clai
   const uint32_t mine = static_cast<uint32_t>(i) + 1;
   uint64_t slot = mix_key(static_cast<uint64_t>(id) ^ kKeyMix) & mask;
   while (true) {  // ends: at most `rows` of the >= 2 rows slots are ever taken
-    uint32_t seen = peek(w.table + slot);
-    if (seen == 0) seen = atomic_cas(w.table + slot, 0u, mine);
+    // one CAS, no read of the slot first: a warp's lanes that claim and lanes that find would wait
+    // for memory one more time (the read, then the claimers' CAS); a slot is written once
+    const uint32_t seen = atomic_cas(w.table + slot, 0u, mine);
     if (seen == 0) {
       claimed = true;
       return static_cast<int32_t>(i);
@@ -820,30 +812,174 @@ SFGRPO_HD GroupStat group_stat(const Args<T>& a, int64_t r, int64_t s) {
   return g;
 }
 
+// Phase 3 for the warp's rows base .. base + 31. Their advantages are one contiguous tile of `out`
+// (rows x columns values) that consecutive lanes store value by value, so each store of the warp
+// covers 32 consecutive values (one row per lane spread every store over 32 rows: 32 partial
+// sectors). A pooled statistic is computed once per row, by the row's lane, and shuffled to the
+// lanes that store the row's values; per step (not pooled) each value's lane computes its own.
+// Pooled, the tile's rewards are loaded kPooledRounds rounds of 32 values ahead of their stores:
+// the compiler cannot move a load above a store to `out` (which, for all it knows, may alias the
+// rewards), so a loop of load-then-store would wait for memory once per round; the first rounds'
+// loads are issued before the row statistics' gathers, so both wait for memory together. Per step,
+// one round at a time: the statistic's arithmetic next to 8 loaded values would need more registers
+// than the kernels can have and keep their blocks resident (the cooperative launch's grid).
+constexpr int kPooledRounds = 4;
+
+// Bits of a row's flags in phase 3.
+constexpr int kRowFinite = 1;  // the row counts: every reward finite
+constexpr int kRowZero = 2;    // pooled: its group's advantages are all 0
+
+// The per-row part of phase 3 for the warp's rows: each lane's representative and flags, and, when
+// pooled, its group's mean and 1 / (std + eps).
+struct RowStats {
+  Lanes<int> rep, flags;
+  Lanes<double> mean, scale;
+};
+
 template <typename T>
-SFGRPO_HD void write_row(const Args<T>& a, int64_t i) {
+SFGRPO_HD RowStats row_stats(const Args<T>& a, int64_t base) {
   const AdvantageProblem& p = a.p;
-  const Workspace& w = a.w;
+  RowStats rows;
+  warp::each([&](int lane) {
+    const int64_t i = base + lane;
+    const int32_t packed = i < p.rows ? a.w.row_rep[i] : -1;  // past the batch: not finite
+    rows.rep[lane] = packed >= 0 ? packed : ~packed;
+    rows.flags[lane] = packed >= 0 ? kRowFinite : 0;
+    rows.mean[lane] = 0.0;
+    rows.scale[lane] = 0.0;
+    if (p.pooled && packed >= 0) {
+      const GroupStat g = group_stat(a, rows.rep[lane], 0);
+      rows.mean[lane] = g.mean;
+      rows.scale[lane] = math::inverse_spread(g.divisor, p);  // once per row, not per value
+      if (g.zero) rows.flags[lane] |= kRowZero;
+    }
+  });
+  return rows;
+}
+
+// The warp's tile and each lane's place in it: (row, column) of the lane's next value; a round
+// moves every lane 32 values on.
+template <typename T>
+struct Tile {
+  const T* rewards;  // the tile's first row
+  T* out;
+  int64_t values;    // rows x columns
+  int64_t columns;
+  int round_rows;  // 32 / columns
+  int64_t round_columns;
+
+  SFGRPO_HD void start(Lanes<int>& row, Lanes<int64_t>& column) const {
+    warp::each([&](int lane) {
+      row[lane] = static_cast<int>(lane / columns);
+      column[lane] = lane % columns;
+    });
+  }
+  SFGRPO_HD void advance(Lanes<int>& row, Lanes<int64_t>& column) const {
+    warp::each([&](int lane) {
+      column[lane] += round_columns;
+      row[lane] += round_rows;  // 0 when columns > 32
+      if (column[lane] >= columns) {
+        column[lane] -= columns;
+        row[lane] += 1;
+      }
+    });
+  }
+};
+
+// Up to kRounds rounds of the tile's rewards from `first` on: the value's reward (and the next, for
+// a gain); the cursor (row, column) moves past them.
+template <int kRounds, typename T>
+struct TileRewards {
+  Lanes<T> left[kRounds], right[kRounds];
+
+  SFGRPO_HD void load(const Tile<T>& tile, int64_t width, bool gains, int64_t first, Lanes<int>& row,
+                      Lanes<int64_t>& column) {
+    SFGRPO_UNROLL
+    for (int k = 0; k < kRounds; ++k) {
+      warp::each([&](int lane) {
+        const bool valid = first + k * kWarpSize + lane < tile.values;
+        const T* at = tile.rewards + row[lane] * width + column[lane];
+        left[k][lane] = valid ? at[0] : T(0);
+        right[k][lane] = valid && gains ? at[1] : T(0);
+      });
+      tile.advance(row, column);
+    }
+  }
+};
+
+// The advantages of the rounds that `loaded` holds; the cursor (row, column) retraces their steps.
+template <int kRounds, bool kPooled, typename T>
+SFGRPO_HD void store_rounds(const Args<T>& a, const Tile<T>& tile, const RowStats& rows,
+                            const TileRewards<kRounds, T>& loaded, int64_t first, Lanes<int>& row,
+                            Lanes<int64_t>& column) {
+  const AdvantageProblem& p = a.p;
+  SFGRPO_UNROLL
+  for (int k = 0; k < kRounds; ++k) {
+    const int64_t round_first = first + k * kWarpSize;
+    if (round_first < tile.values) {  // warp-uniform (no break: the loop must unroll)
+      Lanes<int> source;
+      warp::each([&](int lane) {
+        source[lane] = round_first + lane < tile.values ? row[lane] : 0;
+      });
+      const Lanes<int> row_flags = warp::shfl(rows.flags, source);
+      Lanes<int> row_rep;
+      Lanes<double> row_mean, row_scale;
+      if (kPooled) {
+        row_mean = warp::shfl(rows.mean, source);
+        row_scale = warp::shfl(rows.scale, source);
+      } else {
+        row_rep = warp::shfl(rows.rep, source);
+      }
+      warp::each([&](int lane) {
+        const int64_t e = round_first + lane;
+        if (e >= tile.values) return;
+        const int64_t c = column[lane];
+        double advantage = 0.0;
+        if ((row_flags[lane] & kRowFinite) && math::column_counted(p.column_mask, c)) {
+          const double value = math::value_of(loaded.left[k][lane], loaded.right[k][lane], p.gains);
+          if (kPooled) {
+            if (!(row_flags[lane] & kRowZero)) advantage = math::standardize(value, row_mean[lane], row_scale[lane], p);
+          } else {
+            const GroupStat g = group_stat(a, row_rep[lane], c);
+            if (!g.zero) advantage = math::standardize(value, g.mean, math::inverse_spread(g.divisor, p), p);
+          }
+        }
+        tile.out[e] = static_cast<T>(advantage);
+      });
+    }
+    tile.advance(row, column);
+  }
+}
+
+template <int kRounds, bool kPooled, typename T>
+SFGRPO_HD void write_tile(const Args<T>& a, int64_t base) {
+  const AdvantageProblem& p = a.p;
   const int64_t columns = p.columns();
-  const T* row = a.rewards + i * p.width;
-  T* out = a.out + i * columns;
-  const int32_t packed = w.row_rep[i];
-  const bool finite = packed >= 0;
-  const int64_t r = finite ? packed : ~packed;
-  GroupStat g;
-  bool have = false;  // pooled: one statistic for the whole row
-  for (int64_t c = 0; c < columns; ++c) {
-    if (!finite || !math::column_counted(p.column_mask, c)) {
-      out[c] = T(0);
-      continue;
-    }
-    if (!p.pooled || !have) {
-      g = group_stat(a, r, p.pooled ? 0 : c);
-      have = true;
-    }
-    out[c] = g.zero ? T(0)
-                    : static_cast<T>(math::standardize(math::value_at(row, c, p.gains), g.mean,
-                                                       math::inverse_spread(g.divisor, p), p));
+  const int64_t tile_rows = p.rows - base < kWarpSize ? p.rows - base : kWarpSize;
+  const Tile<T> tile{a.rewards + base * p.width, a.out + base * columns, tile_rows * columns, columns,
+                     static_cast<int>(kWarpSize / columns), kWarpSize % columns};
+  Lanes<int> load_row, store_row;  // < 32
+  Lanes<int64_t> load_column, store_column;
+  tile.start(load_row, load_column);
+  store_row = load_row;
+  store_column = load_column;
+  TileRewards<kRounds, T> loaded;
+  loaded.load(tile, p.width, p.gains, 0, load_row, load_column);  // in flight with row_stats' gathers
+  const RowStats rows = row_stats(a, base);
+  for (int64_t first = 0;;) {
+    store_rounds<kRounds, kPooled>(a, tile, rows, loaded, first, store_row, store_column);
+    first += int64_t{kWarpSize} * kRounds;
+    if (first >= tile.values) break;
+    loaded.load(tile, p.width, p.gains, first, load_row, load_column);
+  }
+}
+
+template <typename T>
+SFGRPO_HD void write_warp(const Args<T>& a, int64_t base) {
+  if (a.p.pooled) {
+    write_tile<kPooledRounds, true>(a, base);
+  } else {
+    write_tile<1, false>(a, base);
   }
 }
 
