@@ -25,6 +25,7 @@ import torch
 
 import sfgrpo
 from sfgrpo.bench.runner import environment
+from sfgrpo.ops import advantages as advantage_ops
 
 SIZES = [(1_152, 48), (24_576, 1_024), (65_536, 4_096)]
 STEPS = 10
@@ -206,7 +207,7 @@ def gpu_section() -> list[str]:
     rewards = torch.rand(samples, STEPS + 1, device=device)
     flow = torch.rand(samples, device=device)
     cases = {
-        "gain_advantages joint, drop (sync-free)": lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
+        GAIN_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
         "gain_advantages per_step, drop": lambda: sfgrpo.gain_advantages(rewards, ids, normalize="per_step",
                                                                           nonfinite="drop"),
         MULTI_KERNEL_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
@@ -241,7 +242,45 @@ def gpu_section() -> list[str]:
     for name, fn in cases.items():
         with case_environment(name):
             lines.append(gpu_row(name, fn, event_times, host_time))
-    lines += ["", *kernel_breakdown(cases)]
+    lines += ["", *kernel_breakdown(cases), "", *host_breakdown(cases[GAIN_CASE], rewards, host_time)]
+    return lines
+
+
+GAIN_CASE = "gain_advantages joint, drop (sync-free)"
+
+
+class _NoLaunchEngine:
+    """sfgrpo._C.cuda with its launch replaced by a no-op (the workspace size query is real)."""
+
+    def __init__(self, engine):
+        self.advantages_workspace_bytes = engine.advantages_workspace_bytes
+
+    def advantages(self, *args):
+        return None
+
+
+def host_breakdown(gain_call, rewards, host_time) -> list[str]:
+    """Where the 1M-gain call's host time goes: sfgrpo's Python (validation, the output, the stream's
+    workspace, the pybind call's arguments) with the engine's launch replaced by a no-op, against the
+    whole call and two plain PyTorch calls of this host for scale."""
+    lines = ["Host time per call (back to back, best of 5 x 50):", "", "| call | µs per call |", "|---|---:|"]
+    small = torch.ones(16, device=rewards.device)
+    rows = [("gain_advantages joint, drop (the whole call: Python + one cooperative launch)", gain_call),
+            ("the same, the engine's launch replaced by a no-op (Python, output, workspace)", None),
+            ("one eager PyTorch op (x.mul(2), 16 elements)", lambda: small.mul(2)),
+            ("torch.empty of the advantages' size", lambda: torch.empty(rewards.shape[0], STEPS, device=rewards.device))]
+    engine = advantage_ops._cuda_engine()
+    for label, fn in rows:
+        if fn is None:
+            stub = _NoLaunchEngine(engine)
+            original = advantage_ops._cuda_engine
+            advantage_ops._cuda_engine = lambda: stub
+            try:
+                lines.append(f"| {label} | {host_time(gain_call):.1f} |")
+            finally:
+                advantage_ops._cuda_engine = original
+        else:
+            lines.append(f"| {label} | {host_time(fn):.1f} |")
     return lines
 
 

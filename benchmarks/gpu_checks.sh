@@ -16,7 +16,8 @@
 #               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat; then the fused
 #               transformer ops (norms, block tails, QK-norm + rotation, LoRA linear; whole fused SD3.5-M /
 #               FLUX.1 / FLUX.2-architecture transformers vs diffusers)
-#   advantages  advantage engine: eager call vs CUDA-graph replay
+#   advantages  advantage engine: eager call vs CUDA-graph replay, its kernels, host time breakdown
+#   advbase     (not in the default list) the same for the BASELINE build (below), for an A/B
 #   norms       fused transformer norms (adaLN modulation, QK RMSNorm, block tail) and fused LoRA linear: a
 #               real-size SD3.5-M forward and backward with them vs diffusers' modules (and with LoRA r32
 #               under bf16 autocast vs peft's layers), then each op vs eager (issue 9)
@@ -51,6 +52,20 @@ OUT=$(realpath -m "${OUT:-$REPO/benchmarks/results/gpu-checks}")  # absolute: th
 STEPS="${STEPS:-tests,advantages,norms,tune,bench,trainer}"
 mkdir -p "$OUT"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
+# BASELINE=<source tarball> (`git archive -o .whl/baseline.tar <commit>`, carried with .whl): that
+# version is built into /tmp/sfgrpo-baseline next to this install, and step `advbase` times its
+# advantage engine: a change to the engine A/B'd in one run on one GPU. Both builds finish before
+# any step runs (nvcc in the background would skew the host timings).
+BASELINE_SITE=/tmp/sfgrpo-baseline
+baseline_pid=""
+if [ -n "${BASELINE:-}" ]; then
+  baseline_tar=$(realpath "$BASELINE")
+  ( rm -rf /tmp/sfgrpo-baseline-src "$BASELINE_SITE" && mkdir -p /tmp/sfgrpo-baseline-src \
+      && tar xf "$baseline_tar" -C /tmp/sfgrpo-baseline-src \
+      && SFGRPO_CUDA_ARCHS=${SFGRPO_CUDA_ARCHS:-90} python3 -m pip install -q --no-index --no-build-isolation \
+           --no-deps --target "$BASELINE_SITE" /tmp/sfgrpo-baseline-src ) > "$OUT/baseline_build.txt" 2>&1 &
+  baseline_pid=$!
+fi
 if [ -n "${SKIP_INSTALL:-}" ]; then
   :
 elif [ -n "${WHEELS:-}" ]; then
@@ -65,6 +80,10 @@ limit() {
   local left=$(( ${DEADLINE:-100000} - SECONDS - 20 ))
   (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"
 }
+if [ -n "$baseline_pid" ]; then
+  wait "$baseline_pid"
+  echo "baseline build: exit $? ($(tail -1 "$OUT/baseline_build.txt" 2>/dev/null))"
+fi
 cd /tmp  # run against the installed package, never the source tree
 sfgrpo info > "$OUT/info.txt" 2>&1
 # pytest-xdist workers where it is installed: the fused-op tests compile hundreds of Triton
@@ -89,6 +108,14 @@ step_advantages() {
   timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
   echo "advantages bench: exit $?"
   cat "$OUT/advantages.md" 2>/dev/null
+}
+step_advbase() {
+  # the advantage engine of the BASELINE build (see above), same benchmark, same GPU, same run
+  if [ ! -d "$BASELINE_SITE/sfgrpo" ]; then echo "advantages baseline: no BASELINE build"; return; fi
+  PYTHONPATH="$BASELINE_SITE" timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only \
+    --out "$OUT/advantages_baseline.md" > /dev/null 2> "$OUT/bench_advantages_baseline.err"
+  echo "advantages baseline bench: exit $?"
+  cat "$OUT/advantages_baseline.md" 2>/dev/null
 }
 step_norms() {
   # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they
