@@ -98,6 +98,13 @@ def test_the_write_phase_tiles_every_width(normalize, rows, steps):
         assert torch.equal(got[3], torch.zeros(steps))
 
 
+def test_rows_wider_than_2_to_the_26_are_refused():
+    """Phase 3 indexes a warp's 32 rows in 32-bit integers: wider rows get a clear error, not a wrap."""
+    rewards = torch.empty(1, 2**26 + 1)  # never written: refused before any access
+    with pytest.raises(ValueError, match="2\\^26"):
+        emulated_gain(rewards, torch.zeros(1, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("std", ["group", "global"])
 @pytest.mark.parametrize("columns", [1, 3])
 @pytest.mark.parametrize("unbiased", [False, True])

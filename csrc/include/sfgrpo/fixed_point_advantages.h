@@ -49,6 +49,10 @@ using std::isfinite;  // the device pass has CUDA's own
 
 constexpr int kWarpSize = 32;
 
+// Rewards per row the engine takes: a warp's 32 rows then hold fewer than 2^31 values, so phase 3
+// indexes them with 32-bit integers (2^26 = 67M steps per trajectory: no training run comes close).
+constexpr int64_t kMaxWidth = int64_t{1} << 26;
+
 // ------------------------------------------------------------------------------- bit helpers
 SFGRPO_HD int leading_zeros64(uint64_t x) {  // x != 0
 #if defined(__CUDA_ARCH__)
@@ -755,9 +759,10 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base) {
   warp::each([&](int lane) {
     const int64_t i = base + lane;
     active[lane] = i < p.rows;
-    // the row's moments read its rewards one by one, after the gathers below: from L1 by then
-    if (active[lane]) prefetch_l1(a.rewards + i * p.width, p.width * static_cast<int64_t>(sizeof(T)));
     const int32_t packed = active[lane] ? w.row_rep[i] : 0;
+    // the row's moments read its rewards one by one, after the gathers below: from L1 by then
+    // (after the load of `packed` in program order: the head of this phase's chain goes first)
+    if (active[lane]) prefetch_l1(a.rewards + i * p.width, p.width * static_cast<int64_t>(sizeof(T)));
     finite[lane] = active[lane] && packed >= 0;
     rep[lane] = packed >= 0 ? packed : ~packed;
     rows_of_group[lane] = finite[lane] ? w.size[rep[lane]] : 0;
@@ -878,27 +883,29 @@ SFGRPO_HD RowStats row_stats(const Args<T>& a, int64_t base) {
   return rows;
 }
 
-// The warp's tile and each lane's place in it: (row, column) of the lane's next value; a round
-// moves every lane 32 values on.
+// The warp's tile: its values (rows x columns, < 2^31: the engine takes rows of at most
+// kMaxWidth rewards, so the tile's arithmetic is 32-bit) and each lane's place in it, (row,
+// column) of the lane's next value; a round moves every lane 32 values on.
 template <typename T>
 struct Tile {
   const T* rewards;  // the tile's first row
   T* out;
-  int64_t values;    // rows x columns
-  int64_t columns;
-  int round_rows;  // 32 / columns
-  int64_t round_columns;
+  int values;        // rows x columns
+  int columns;
+  int width;         // rewards per row
+  int round_rows;    // 32 / columns
+  int round_columns;  // 32 % columns
 
-  SFGRPO_HD void start(Lanes<int>& row, Lanes<int64_t>& column) const {
+  SFGRPO_HD void start(Lanes<int>& row, Lanes<int>& column) const {
     warp::each([&](int lane) {
-      row[lane] = static_cast<int>(lane / columns);
+      row[lane] = lane / columns;
       column[lane] = lane % columns;
     });
   }
-  SFGRPO_HD void advance(Lanes<int>& row, Lanes<int64_t>& column) const {
+  SFGRPO_HD void advance(Lanes<int>& row, Lanes<int>& column) const {
     warp::each([&](int lane) {
       column[lane] += round_columns;
-      row[lane] += round_rows;  // 0 when columns > 32
+      row[lane] += round_rows;
       if (column[lane] >= columns) {
         column[lane] -= columns;
         row[lane] += 1;
@@ -907,91 +914,85 @@ struct Tile {
   }
 };
 
-// Up to kRounds rounds of the tile's rewards from `first` on: the value's reward (and the next, for
-// a gain); the cursor (row, column) moves past them.
+// Up to kRounds rounds of the tile's values from `first` on: each value's reward (and the next, for
+// a gain) and its (row, column); the cursor (row, column) moves past them.
 template <int kRounds, typename T>
-struct TileRewards {
+struct TileRound {
   Lanes<T> left[kRounds], right[kRounds];
+  Lanes<int> row[kRounds], column[kRounds];
 
-  SFGRPO_HD void load(const Tile<T>& tile, int64_t width, bool gains, int64_t first, Lanes<int>& row,
-                      Lanes<int64_t>& column) {
+  SFGRPO_HD void load(const Tile<T>& tile, bool gains, int first, Lanes<int>& at_row, Lanes<int>& at_column) {
     SFGRPO_UNROLL
     for (int k = 0; k < kRounds; ++k) {
+      row[k] = at_row;
+      column[k] = at_column;
       warp::each([&](int lane) {
         const bool valid = first + k * kWarpSize + lane < tile.values;
-        const T* at = tile.rewards + row[lane] * width + column[lane];
+        const T* at = tile.rewards + at_row[lane] * tile.width + at_column[lane];
         left[k][lane] = valid ? at[0] : T(0);
         right[k][lane] = valid && gains ? at[1] : T(0);
       });
-      tile.advance(row, column);
+      tile.advance(at_row, at_column);
     }
   }
 };
 
-// The advantages of the rounds that `loaded` holds; the cursor (row, column) retraces their steps.
+// The advantages of the rounds that `loaded` holds.
 template <int kRounds, bool kPooled, typename T>
 SFGRPO_HD void store_rounds(const Args<T>& a, const Tile<T>& tile, const RowStats& rows,
-                            const TileRewards<kRounds, T>& loaded, int64_t first, Lanes<int>& row,
-                            Lanes<int64_t>& column) {
+                            const TileRound<kRounds, T>& loaded, int first) {
   const AdvantageProblem& p = a.p;
   SFGRPO_UNROLL
   for (int k = 0; k < kRounds; ++k) {
-    const int64_t round_first = first + k * kWarpSize;
-    if (round_first < tile.values) {  // warp-uniform (no break: the loop must unroll)
-      Lanes<int> source;
-      warp::each([&](int lane) {
-        source[lane] = round_first + lane < tile.values ? row[lane] : 0;
-      });
-      const Lanes<int> row_flags = warp::shfl(rows.flags, source);
-      Lanes<int> row_rep;
-      Lanes<double> row_mean, row_scale;
-      if (kPooled) {
-        row_mean = warp::shfl(rows.mean, source);
-        row_scale = warp::shfl(rows.scale, source);
-      } else {
-        row_rep = warp::shfl(rows.rep, source);
-      }
-      warp::each([&](int lane) {
-        const int64_t e = round_first + lane;
-        if (e >= tile.values) return;
-        const int64_t c = column[lane];
-        double advantage = 0.0;
-        if ((row_flags[lane] & kRowFinite) && math::column_counted(p.column_mask, c)) {
-          const double value = math::value_of(loaded.left[k][lane], loaded.right[k][lane], p.gains);
-          if (kPooled) {
-            if (!(row_flags[lane] & kRowZero)) advantage = math::standardize(value, row_mean[lane], row_scale[lane], p);
-          } else {
-            const GroupStat g = group_stat(a, row_rep[lane], c);
-            if (!g.zero) advantage = math::standardize(value, g.mean, math::inverse_spread(g.divisor, p), p);
-          }
-        }
-        tile.out[e] = static_cast<T>(advantage);
-      });
+    const int round_first = first + k * kWarpSize;
+    if (round_first >= tile.values) continue;  // warp-uniform (no break: the loop must unroll)
+    Lanes<int> source;
+    warp::each([&](int lane) { source[lane] = round_first + lane < tile.values ? loaded.row[k][lane] : 0; });
+    const Lanes<int> row_flags = warp::shfl(rows.flags, source);
+    Lanes<int> row_rep;
+    Lanes<double> row_mean, row_scale;
+    if (kPooled) {
+      row_mean = warp::shfl(rows.mean, source);
+      row_scale = warp::shfl(rows.scale, source);
+    } else {
+      row_rep = warp::shfl(rows.rep, source);
     }
-    tile.advance(row, column);
+    warp::each([&](int lane) {
+      const int e = round_first + lane;
+      if (e >= tile.values) return;
+      const int c = loaded.column[k][lane];
+      double advantage = 0.0;
+      if ((row_flags[lane] & kRowFinite) && math::column_counted(p.column_mask, c)) {
+        const double value = math::value_of(loaded.left[k][lane], loaded.right[k][lane], p.gains);
+        if (kPooled) {
+          if (!(row_flags[lane] & kRowZero)) advantage = math::standardize(value, row_mean[lane], row_scale[lane], p);
+        } else {
+          const GroupStat g = group_stat(a, row_rep[lane], c);
+          if (!g.zero) advantage = math::standardize(value, g.mean, math::inverse_spread(g.divisor, p), p);
+        }
+      }
+      tile.out[e] = static_cast<T>(advantage);
+    });
   }
 }
 
 template <int kRounds, bool kPooled, typename T>
 SFGRPO_HD void write_tile(const Args<T>& a, int64_t base) {
   const AdvantageProblem& p = a.p;
-  const int64_t columns = p.columns();
-  const int64_t tile_rows = p.rows - base < kWarpSize ? p.rows - base : kWarpSize;
+  const int columns = static_cast<int>(p.columns());
+  const int tile_rows = static_cast<int>(p.rows - base < kWarpSize ? p.rows - base : kWarpSize);
   const Tile<T> tile{a.rewards + base * p.width, a.out + base * columns, tile_rows * columns, columns,
-                     static_cast<int>(kWarpSize / columns), kWarpSize % columns};
-  Lanes<int> load_row, store_row;  // < 32
-  Lanes<int64_t> load_column, store_column;
-  tile.start(load_row, load_column);
-  store_row = load_row;
-  store_column = load_column;
-  TileRewards<kRounds, T> loaded;
-  loaded.load(tile, p.width, p.gains, 0, load_row, load_column);  // in flight with row_stats' gathers
+                     static_cast<int>(p.width), kWarpSize / columns, kWarpSize % columns};
+  Lanes<int> row, column;
+  tile.start(row, column);
+  TileRound<kRounds, T> loaded;
+  loaded.load(tile, p.gains, 0, row, column);  // in flight with row_stats' gathers
   const RowStats rows = row_stats(a, base);
-  for (int64_t first = 0;;) {
-    store_rounds<kRounds, kPooled>(a, tile, rows, loaded, first, store_row, store_column);
-    first += int64_t{kWarpSize} * kRounds;
+  for (int first = 0;;) {
+    store_rounds<kRounds, kPooled>(a, tile, rows, loaded, first);
+    first += kWarpSize * kRounds;
     if (first >= tile.values) break;
-    loaded.load(tile, p.width, p.gains, first, load_row, load_column);
+    loaded.load(tile, p.gains, first, row, column);
   }
 }
 
