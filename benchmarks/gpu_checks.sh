@@ -36,12 +36,16 @@
 #               H100; rows are printed and saved as they are measured, a killed run keeps them), then
 #               fed to check_goals.py --bench:  SKIP_INSTALL=1 STEPS=core bash benchmarks/gpu_checks.sh
 #
-# A session with 15 minutes of device time (machine start included), most valuable first. Issue 9's
-# goals were met on an H200 (2026-11-26, results/gpu-checks-NVIDIA_H200); open there: why the fused
-# norms slow a plain-bf16 SD3.5-M (norms --profile), the advantage kernel's 36 us (ncu), the
-# fused-op tests that failed or were cut short:
-#   call 1 (timeout 590 s): DEADLINE=560 WHEELS=.whl STEPS=tests,norms,ncu,advantages bash benchmarks/gpu_checks.sh
-#   call 2 (warm machine, if >= 5 min are left): SKIP_INSTALL=1 DEADLINE=280 STEPS=normsweep,tune,bench bash benchmarks/gpu_checks.sh
+# A session with 15 minutes of device time (machine start included: ~40 s on an H100), most valuable
+# first. Issue 9's goals were met on an H200 (2026-11-26, results/gpu-checks-NVIDIA_H200); the advantage
+# engine was profiled (ncu) and A/B'd on an H100 (2026-11-27, results/gpu-checks-NVIDIA_H100_80GB_HBM3-
+# 2026-11-27). Open: why the fused norms slow a plain-bf16 SD3.5-M (norms --profile, never run yet),
+# the fused-op tests cut short by their limit (the flux1 torch.compile test), the SDE-step bench and
+# tuning on the current code:
+#   call 1 (timeout 590 s): DEADLINE=560 WHEELS=.whl STEPS=tests,norms,tune,bench bash benchmarks/gpu_checks.sh
+#   an engine change: `git archive -o .whl/baseline.tar <old commit>`, then
+#   DEADLINE=140 WHEELS=.whl BASELINE=.whl/baseline.tar STEPS=advantages,advbase bash benchmarks/gpu_checks.sh
+#   (both builds run in parallel before any step: ~110 s in all on an H100)
 # The device has no diffusers: .whl/ holds diffusers 0.42.1 and importlib_metadata wheels (pip download
 # as the device tool's README says, `echo /.whl/ >> .git/info/exclude`), carried with the call.
 # (DEADLINE cuts each step's limit to what is left of the command, core's included.)
