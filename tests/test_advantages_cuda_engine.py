@@ -98,10 +98,10 @@ def test_the_write_phase_tiles_every_width(normalize, rows, steps):
         assert torch.equal(got[3], torch.zeros(steps))
 
 
-def test_rows_wider_than_2_to_the_26_are_refused():
+def test_rows_wider_than_2_to_the_25_are_refused():
     """Phase 3 indexes a warp's 32 rows in 32-bit integers: wider rows get a clear error, not a wrap."""
-    rewards = torch.empty(1, 2**26 + 1)  # never written: refused before any access
-    with pytest.raises(ValueError, match="2\\^26"):
+    rewards = torch.empty(1, 2**25 + 1)  # never written: refused before any access
+    with pytest.raises(ValueError, match="2\\^25"):
         emulated_gain(rewards, torch.zeros(1, dtype=torch.int64))
 
 

@@ -49,9 +49,10 @@ using std::isfinite;  // the device pass has CUDA's own
 
 constexpr int kWarpSize = 32;
 
-// Rewards per row the engine takes: a warp's 32 rows then hold fewer than 2^31 values, so phase 3
-// indexes them with 32-bit integers (2^26 = 67M steps per trajectory: no training run comes close).
-constexpr int64_t kMaxWidth = int64_t{1} << 26;
+// Rewards per row the engine takes: a warp's 32 rows then hold at most 2^30 values, so phase 3
+// indexes them with 32-bit integers, with room for the rounds past the end (2^25 = 33M steps per
+// trajectory: no training run comes close).
+constexpr int64_t kMaxWidth = int64_t{1} << 25;
 
 // ------------------------------------------------------------------------------- bit helpers
 SFGRPO_HD int leading_zeros64(uint64_t x) {  // x != 0
@@ -883,7 +884,7 @@ SFGRPO_HD RowStats row_stats(const Args<T>& a, int64_t base) {
   return rows;
 }
 
-// The warp's tile: its values (rows x columns, < 2^31: the engine takes rows of at most
+// The warp's tile: its values (rows x columns <= 2^30: the engine takes rows of at most
 // kMaxWidth rewards, so the tile's arithmetic is 32-bit) and each lane's place in it, (row,
 // column) of the lane's next value; a round moves every lane 32 values on.
 template <typename T>
@@ -928,7 +929,8 @@ struct TileRound {
       column[k] = at_column;
       warp::each([&](int lane) {
         const bool valid = first + k * kWarpSize + lane < tile.values;
-        const T* at = tile.rewards + at_row[lane] * tile.width + at_column[lane];
+        // 64-bit: a lane past the tile's end may stand on a row whose offset needs more than 31 bits
+        const T* at = tile.rewards + static_cast<int64_t>(at_row[lane]) * tile.width + at_column[lane];
         left[k][lane] = valid ? at[0] : T(0);
         right[k][lane] = valid && gains ? at[1] : T(0);
       });
