@@ -339,7 +339,8 @@ def bench_model(batch: int, rows: list, name: str = "sd35m", device: str = "cuda
 
 
 # (MIN_ROWS, TARGET_PROGRAMS) of kernels.layer_norm_modulate.launch_config, which the gated-residual
-# kernels share: the shipped (16, 512) first. Each program streams its rows one after another, so the
+# kernels share, set for the launches with partial sums and without (PLAIN_*) alike: the shipped
+# partials' (16, 512) first, the shipped plain (4, 2048) among them. Each program streams its rows one after another, so the
 # rows in flight per SM (and the bandwidth, by Little's law) grow with the programs resident per SM;
 # more programs also mean more dscale / dshift / dgate partial rows in the backward.
 ROW_CHUNKINGS = ((16, 512), (8, 1024), (4, 2048), (2, 4096), (1, 8192))
@@ -351,12 +352,14 @@ def sweep_row_chunking(bandwidth: float, rows: list, quick: bool, dev: str = "cu
     setting: the data for choosing the kernels' defaults."""
     from sfgrpo.kernels import layer_norm_modulate as lnm_kernels
 
-    shipped = (lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS)
+    shipped = (lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS, lnm_kernels.PLAIN_MIN_ROWS,
+               lnm_kernels.PLAIN_TARGET_PROGRAMS)
     dt = torch.bfloat16
     shapes = QUICK_MODULATE if quick else tuple(MODULATE_SHAPES)
     try:
         for min_rows, target in ROW_CHUNKINGS:
-            lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS = min_rows, target
+            lnm_kernels.MIN_ROWS = lnm_kernels.PLAIN_MIN_ROWS = min_rows
+            lnm_kernels.TARGET_PROGRAMS = lnm_kernels.PLAIN_TARGET_PROGRAMS = target
             lnm_kernels.launch_config.cache_clear()
             for name in shapes:
                 b, n, c = MODULATE_SHAPES[name]
@@ -390,7 +393,8 @@ def sweep_row_chunking(bandwidth: float, rows: list, quick: bool, dev: str = "cu
                     print(f"  sweep MIN_ROWS={min_rows:<2d} TARGET_PROGRAMS={target:<5d} {case:34s} {mode:12s} "
                           f"GPU {gpu_ms * 1e3:8.1f} us {gbs:6.0f} GB/s {100 * gbs / bandwidth:5.1f}%", flush=True)
     finally:
-        lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS = shipped
+        (lnm_kernels.MIN_ROWS, lnm_kernels.TARGET_PROGRAMS, lnm_kernels.PLAIN_MIN_ROWS,
+         lnm_kernels.PLAIN_TARGET_PROGRAMS) = shipped
         lnm_kernels.launch_config.cache_clear()
 
 

@@ -27,11 +27,20 @@ from sfgrpo.kernels._launch import DirectLauncher
 # Widest row a program holds in registers (8 fp32 per thread at 32 warps); wider rows run the
 # reference (SD3.5 has C = 1536 / 2432, FLUX 3072).
 MAX_C = 8192
-# Rows per program: at least MIN_ROWS (each program writes a C-wide partial of dscale / dshift, so
-# fewer, longer programs keep that extra traffic to a few % of the streamed activations), more
-# when B * N would give more than TARGET_PROGRAMS programs (a few per SM of an H100 is plenty).
+# Rows per program of the kernels that write per-program partials (dscale / dshift, dgate): at
+# least MIN_ROWS (each program writes a C-wide partial, so fewer, longer programs keep that extra
+# traffic to a few % of the streamed activations), more when B * N would give more than
+# TARGET_PROGRAMS programs (a few per SM of an H100 is plenty).
 MIN_ROWS = 16
 TARGET_PROGRAMS = 512
+# The kernels without partials (forwards, backwards to the input alone) have no such traffic and
+# run shorter programs, 4x as many: on an H100 (2026-11-27, bench_norms_gpu.py --sweep,
+# results/gpu-checks-NVIDIA_H100_80GB_HBM3-2026-11-27) the modulation's forward took 77.8 -> 70.4 us
+# and its forward + input backward 197.2 -> 166.6 us on SD3.5-M's 16 x 1357 x 1536, the residual +
+# norm2 kernels 2 % less, FLUX's 4 x 4608 x 3072 the same or 1-2 % less; with partials the longer
+# programs stay ahead (FLUX's forward + full backward: 507 vs 546 us at 4 rows / 2048 programs).
+PLAIN_MIN_ROWS = 4
+PLAIN_TARGET_PROGRAMS = 2048
 # No FMA contraction: the same rounding in every specialisation, as the SDE-step kernels.
 FP_FUSION = False
 
@@ -151,9 +160,11 @@ def supports(channels: int) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)  # on every call's host path: triton.cdiv / next_power_of_2 cost ~1 us each
-def launch_config(batch: int, rows: int, channels: int) -> tuple[int, int, int, int]:
-    """(rows_per_program, chunks, BLOCK_C, num_warps) for `[batch, rows, channels]`."""
-    per_program = max(MIN_ROWS, triton.cdiv(batch * rows, TARGET_PROGRAMS))
+def launch_config(batch: int, rows: int, channels: int, partials: bool = True) -> tuple[int, int, int, int]:
+    """(rows_per_program, chunks, BLOCK_C, num_warps) for `[batch, rows, channels]`; `partials`:
+    the launch writes per-program partial sums (see MIN_ROWS / PLAIN_MIN_ROWS)."""
+    min_rows, target = (MIN_ROWS, TARGET_PROGRAMS) if partials else (PLAIN_MIN_ROWS, PLAIN_TARGET_PROGRAMS)
+    per_program = max(min_rows, triton.cdiv(batch * rows, target))
     block = max(16, triton.next_power_of_2(channels))
     # 8 elements per thread (one 128-bit access of bf16, two of fp32): the backward with partials
     # keeps x, dy, gain and two accumulators live, 64 registers; at 16 warps C = 6144 took 127 of
@@ -172,7 +183,7 @@ def forward(x, scale, shift, eps: float, out_dtype):
     y = torch.empty((batch, rows, channels), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
-    per_program, chunks, block, num_warps = launch_config(batch, rows, channels)
+    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=False)
     _FWD_LAUNCHER.with_constexprs(
         (batch, chunks),
         (x, scale, shift, y, rows, channels, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0),
@@ -192,7 +203,7 @@ def backward(grad, x, scale, eps: float, need_dx: bool, need_dscale: bool, need_
         zeros = lambda: torch.zeros((batch, channels), dtype=f32, device=x.device)  # noqa: E731
         return dx, zeros() if need_dscale else None, zeros() if need_dshift else None
     grad = grad.contiguous()
-    per_program, chunks, block, num_warps = launch_config(batch, rows, channels)
+    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=need_dscale or need_dshift)
     parts = lambda: torch.empty((batch, chunks, channels), dtype=f32, device=x.device)  # noqa: E731
     dscale_part = parts() if need_dscale else None
     dshift_part = parts() if need_dshift else None

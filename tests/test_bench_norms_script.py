@@ -99,11 +99,14 @@ def test_row_chunking_sweep_times_every_setting_and_restores_the_defaults(script
 
     module, calls = script
     shipped = (kernels.MIN_ROWS, kernels.TARGET_PROGRAMS)
+    shipped_plain = (kernels.PLAIN_MIN_ROWS, kernels.PLAIN_TARGET_PROGRAMS)
     rows = []
     module.sweep_row_chunking(1000.0, rows, quick=True, dev="cpu")
     settings = {(row["min_rows"], row["target_programs"]) for row in rows}
     assert settings == set(module.ROW_CHUNKINGS) and module.ROW_CHUNKINGS[0] == shipped
+    assert shipped_plain in module.ROW_CHUNKINGS
     per_setting = {(row["case"], row["mode"]) for row in rows if (row["min_rows"], row["target_programs"]) == shipped}
     assert {mode for _, mode in per_setting} == {"fwd", "fwd+bwd x", "fwd+bwd all"}
     assert len(per_setting) == 6 and len(rows) == 6 * len(module.ROW_CHUNKINGS) == len(calls)
     assert (kernels.MIN_ROWS, kernels.TARGET_PROGRAMS) == shipped
+    assert (kernels.PLAIN_MIN_ROWS, kernels.PLAIN_TARGET_PROGRAMS) == shipped_plain

@@ -168,6 +168,21 @@ def test_kernel_backward_is_deterministic_across_chunks():
     assert torch.equal(*grads)
 
 
+def test_launches_without_partials_run_shorter_programs(monkeypatch):
+    """Forwards and input-only backwards write no per-program dscale / dshift partials: more, shorter
+    programs (PLAIN_*, from the H100 sweep); a backward with partials keeps the long ones."""
+    plain, with_partials = kernels.launch_config(16, 1357, 1536, False), kernels.launch_config(16, 1357, 1536, True)
+    assert (plain[0], with_partials[0]) == (11, 43) and plain[2:] == with_partials[2:]
+    asked = []
+    real = kernels.launch_config
+    monkeypatch.setattr(kernels, "launch_config", lambda *args, **kw: asked.append(kw["partials"]) or real(*args, **kw))
+    x, scale, shift = _inputs(2, 9, 64, torch.float32)
+    F.layer_norm_modulate(x.requires_grad_(), scale, shift, backend="triton").sum().backward()
+    assert asked == [False, False]
+    F.layer_norm_modulate(x, scale.detach().clone().requires_grad_(), shift, backend="triton").sum().backward()
+    assert asked[2:] == [False, True]
+
+
 def test_chunked_scale_and_shift_are_read_in_place(monkeypatch):
     x, scale, shift = _inputs(3, 5, 64, torch.bfloat16)
     assert scale.stride() == (6 * 64, 1) and not scale.is_contiguous()
