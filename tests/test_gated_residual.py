@@ -16,9 +16,8 @@ from sfgrpo import reference as ref
 from sfgrpo.kernels import gated_residual as kernels
 from sfgrpo.ops.gated_residual import (gated_residual_backward_op, gated_residual_layer_norm_modulate_backward_op,
                                        gated_residual_layer_norm_modulate_op, gated_residual_op)
-from norm_grads import KERNEL_SHAPES, assert_gradients_close, upcast  # tests/ helper
+from norm_grads import DEVICE, KERNEL_SHAPES, assert_gradients_close, upcast  # tests/ helper
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # normed rounded once from fp32 math: half an ulp of the storage dtype, plus fp32 noise
 FWD_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (8e-3, 8e-3), torch.float16: (1e-3, 1e-3)}
