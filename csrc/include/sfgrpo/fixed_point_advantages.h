@@ -181,25 +181,6 @@ SFGRPO_HD uint32_t atomic_cas(uint32_t* at, uint32_t expected, uint32_t desired)
 #endif
 }
 
-// Starts bringing the cache lines of `bytes` from `at` on (at most kPrefetchLines of them) into
-// the SM's L1 without waiting for them: no register, nothing to wait for (the emulation has no
-// cache: a no-op there).
-constexpr int64_t kPrefetchLines = 4;
-
-SFGRPO_HD void prefetch_l1(const void* at, int64_t bytes) {
-#if defined(__CUDA_ARCH__)
-  const char* first = static_cast<const char*>(at);
-  const uintptr_t line = reinterpret_cast<uintptr_t>(first) & ~uintptr_t{127};
-  const uintptr_t end = reinterpret_cast<uintptr_t>(first) + static_cast<uintptr_t>(bytes);
-  for (int64_t k = 0; k < kPrefetchLines && line + 128 * k < end; ++k) {
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(line + 128 * k));
-  }
-#else
-  (void)at;
-  (void)bytes;
-#endif
-}
-
 SFGRPO_HD void atomic_add(uint64_t* at, uint64_t value) {
 #if defined(__CUDA_ARCH__)
   atomicAdd(reinterpret_cast<unsigned long long*>(at), static_cast<unsigned long long>(value));
@@ -760,10 +741,9 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base) {
   warp::each([&](int lane) {
     const int64_t i = base + lane;
     active[lane] = i < p.rows;
+    // (no L1 prefetch of the row's rewards here: tried on an H100, 2026-11-27, it took fewer stalls on
+    // the moment loop's loads but more on this load, 8.6 -> 9.0 us for the phase)
     const int32_t packed = active[lane] ? w.row_rep[i] : 0;
-    // the row's moments read its rewards one by one, after the gathers below: from L1 by then
-    // (after the load of `packed` in program order: the head of this phase's chain goes first)
-    if (active[lane]) prefetch_l1(a.rewards + i * p.width, p.width * static_cast<int64_t>(sizeof(T)));
     finite[lane] = active[lane] && packed >= 0;
     rep[lane] = packed >= 0 ? packed : ~packed;
     rows_of_group[lane] = finite[lane] ? w.size[rep[lane]] : 0;
