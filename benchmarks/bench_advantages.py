@@ -203,11 +203,16 @@ def gpu_section() -> list[str]:
              "| case | call, median µs | GPU only (graph replay), median µs | host, µs per call |",
              "|---|---|---|---|"]
     samples = 100_000
+    # ids permuted: a group's rows scattered over the batch (the goal's case, the engine's worst);
+    # `sorted_ids`: a prompt's samples side by side, as a sampler that repeats each prompt lays them out
     ids = torch.from_numpy(np.random.default_rng(0).permutation(np.arange(samples) // 16)).to(device)
+    sorted_ids = torch.from_numpy(np.arange(samples) // 16).to(device)
     rewards = torch.rand(samples, STEPS + 1, device=device)
     flow = torch.rand(samples, device=device)
     cases = {
         GAIN_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
+        "gain_advantages joint, drop, a prompt's rows side by side": lambda: sfgrpo.gain_advantages(
+            rewards, sorted_ids, nonfinite="drop"),
         "gain_advantages per_step, drop": lambda: sfgrpo.gain_advantages(rewards, ids, normalize="per_step",
                                                                           nonfinite="drop"),
         MULTI_KERNEL_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
