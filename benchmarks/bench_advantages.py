@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -270,22 +271,18 @@ def host_breakdown(gain_call, rewards, host_time) -> list[str]:
     whole call and two plain PyTorch calls of this host for scale."""
     lines = ["Host time per call (back to back, best of 5 x 50):", "", "| call | µs per call |", "|---|---:|"]
     small = torch.ones(16, device=rewards.device)
-    rows = [("gain_advantages joint, drop (the whole call: Python + one cooperative launch)", gain_call),
-            ("the same, the engine's launch replaced by a no-op (Python, output, workspace)", None),
-            ("one eager PyTorch op (x.mul(2), 16 elements)", lambda: small.mul(2)),
-            ("torch.empty of the advantages' size", lambda: torch.empty(rewards.shape[0], STEPS, device=rewards.device))]
-    engine = advantage_ops._cuda_engine()
-    for label, fn in rows:
-        if fn is None:
-            stub = _NoLaunchEngine(engine)
-            original = advantage_ops._cuda_engine
-            advantage_ops._cuda_engine = lambda: stub
-            try:
-                lines.append(f"| {label} | {host_time(gain_call):.1f} |")
-            finally:
-                advantage_ops._cuda_engine = original
-        else:
-            lines.append(f"| {label} | {host_time(fn):.1f} |")
+    whole_call = host_time(gain_call)
+    stub = _NoLaunchEngine(advantage_ops._cuda_engine())
+    with mock.patch.object(advantage_ops, "_cuda_engine", lambda: stub):
+        python_only = host_time(gain_call)
+    for label, us in (
+        ("gain_advantages joint, drop (the whole call: Python + one cooperative launch)", whole_call),
+        ("the same, the engine's launch replaced by a no-op (Python, output, workspace)", python_only),
+        ("one eager PyTorch op (x.mul(2), 16 elements)", host_time(lambda: small.mul(2))),
+        ("torch.empty of the advantages' size",
+         host_time(lambda: torch.empty(rewards.shape[0], STEPS, device=rewards.device))),
+    ):
+        lines.append(f"| {label} | {us:.1f} |")
     return lines
 
 

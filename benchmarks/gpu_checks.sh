@@ -110,18 +110,20 @@ step_tests() {
     "$REPO/tests/test_fused_norms.py" "$REPO/tests/test_lora_linear.py" > "$OUT/tests_fused_ops.txt" 2>&1
   echo "fused-op tests: exit $? ($(tail -1 "$OUT/tests_fused_ops.txt"))"
 }
+advantages_bench() {
+  # bench_advantages --gpu-only into $OUT/<name>.md, the package the caller's environment imports
+  local name=$1
+  timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/$name.md" > /dev/null 2> "$OUT/bench_$name.err"
+  echo "$name bench: exit $?"
+  cat "$OUT/$name.md" 2>/dev/null
+}
 step_advantages() {
-  timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/advantages.md" > /dev/null 2> "$OUT/bench_advantages.err"
-  echo "advantages bench: exit $?"
-  cat "$OUT/advantages.md" 2>/dev/null
+  advantages_bench advantages
 }
 step_advbase() {
   # the advantage engine of the BASELINE build (see above), same benchmark, same GPU, same run
   if [ ! -d "$BASELINE_SITE/sfgrpo" ]; then echo "advantages baseline: no BASELINE build"; return; fi
-  PYTHONPATH="$BASELINE_SITE" timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only \
-    --out "$OUT/advantages_baseline.md" > /dev/null 2> "$OUT/bench_advantages_baseline.err"
-  echo "advantages baseline bench: exit $?"
-  cat "$OUT/advantages_baseline.md" 2>/dev/null
+  PYTHONPATH="$BASELINE_SITE" advantages_bench advantages_baseline
 }
 step_norms() {
   # the fused transformer norms: ops vs diffusers' eager expressions and torch.compile, and what they

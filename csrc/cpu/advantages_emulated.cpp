@@ -53,9 +53,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
                                          int max_blocks) {
   AdvantageCounts counts;
   if (p.rows == 0) return counts;
-  if (p.width > fixed::kMaxWidth) {  // as the device engine: phase 3 indexes a warp's tile in 32 bits
-    throw std::invalid_argument("sfgrpo advantages_cuda_emulated: rows of more than 2^25 rewards");
-  }
+  fixed::check_width(p, "sfgrpo advantages_cuda_emulated");  // as the device engine
   const int64_t n = p.rows;
   const size_t stat_columns = static_cast<size_t>(p.stat_columns());
   const int64_t slots = fixed::table_slots(n);

@@ -248,9 +248,7 @@ static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStrea
 static void check_rows(const AdvantageProblem& p) {
   // row indices are 32-bit in the hash table and CUB's sort; checked before the sort's size query
   if (p.rows > INT32_MAX - 1) throw std::invalid_argument("sfgrpo advantages_cuda: more than 2^31 - 2 rows");
-  if (p.width > fixed::kMaxWidth) {  // phase 3 indexes a warp's tile of rows in 32 bits
-    throw std::invalid_argument("sfgrpo advantages_cuda: rows of more than 2^25 rewards");
-  }
+  fixed::check_width(p, "sfgrpo advantages_cuda");  // phase 3 indexes a warp's tile of rows in 32 bits
 }
 
 size_t advantages_cuda_workspace_bytes(const AdvantageProblem& p, bool with_stats) {

@@ -36,6 +36,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "sfgrpo/advantage_math.h"
 #include "sfgrpo/advantages.h"
@@ -53,6 +55,11 @@ constexpr int kWarpSize = 32;
 // indexes them with 32-bit integers, with room for the rounds past the end (2^25 = 33M steps per
 // trajectory: no training run comes close).
 constexpr int64_t kMaxWidth = int64_t{1} << 25;
+
+// The engines' (the device's and its emulation's) refusal of wider rows; `engine` names the caller.
+inline void check_width(const AdvantageProblem& p, const char* engine) {
+  if (p.width > kMaxWidth) throw std::invalid_argument(std::string(engine) + ": rows of more than 2^25 rewards");
+}
 
 // ------------------------------------------------------------------------------- bit helpers
 SFGRPO_HD int leading_zeros64(uint64_t x) {  // x != 0
