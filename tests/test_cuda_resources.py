@@ -46,9 +46,10 @@ def kernel_resources(source: str, tmp_path) -> dict[str, dict[str, int]]:
 def test_advantage_kernels_fit_three_blocks_per_sm_without_spills(tmp_path):
     kernels = kernel_resources("advantages.cu", tmp_path)
     names = " ".join(kernels)
-    for kernel in ("single_launch_kernel", "warp_rows_kernel", "write_kernel", "pad_claims_kernel"):
+    for kernel in ("single_launch_kernel", "warp_rows_kernel", "finalize_kernel", "write_kernel", "pad_claims_kernel"):
         assert kernel in names, f"{kernel} missing from ptxas' report: {names}"
-    assert len(kernels) == 9  # single launch, write and two phase kernels for float and double, pad claims
+    # single launch, finalize, write and two phase kernels for float and double, pad claims
+    assert len(kernels) == 11
     for name, used in kernels.items():
         assert used["spill_stores"] == 0 and used["spill_loads"] == 0 and used["stack"] == 0, (name, used)
         assert used["registers"] <= MAX_REGISTERS, (name, used)

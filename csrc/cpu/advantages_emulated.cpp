@@ -95,6 +95,9 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
     }
   }
   run_warp_rows<false>(a, as_launched, max_blocks);
+  if (fixed::finalized(p)) {
+    for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::finalize_warp(a, base);  // any order
+  }
   for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::write_warp(a, base);  // any order: no atomics
   if (stats.requested()) {
     for (int64_t j = 0; j < groups; ++j) fixed::write_stats_row(a, j);

@@ -1,13 +1,14 @@
 // CUDA advantage engine: the phases of sfgrpo/fixed_point_advantages.h, all on the caller's
 // stream, nothing waits for the device. Without per-group statistics a call is ONE cooperative
-// launch: the accumulators cleared, then phases 1 (insert), 2 (moments) and 3 (write) with a
-// grid-wide barrier between each, in a grid no larger than what the device runs at once. A call's
-// host cost is its launches (a few us each, more on a slow host), so one launch instead of a memset
-// and three kernels is most of the call on 1M gains. Where a cooperative launch is not available
-// (the device refuses it, a CUDA-graph capture is under way, SFGRPO_ADVANTAGES_COOPERATIVE=0), the
-// same phases run as a memset and three kernels. Either way no sort, no scan, no host-visible group
-// count. Values are summed as 64-bit fixed-point integers, so the atomics give the same bits in any
-// order and any grid size (and the same bits as the host emulation of the same code,
+// launch: the accumulators cleared, then phases 1 (insert), 2 (moments), 2b (finalize, only with
+// several statistics per group) and 3 (write) with a grid-wide barrier between each, in a grid no
+// larger than what the device runs at once. A call's host cost is its launches (a few us each,
+// more on a slow host), so one launch instead of a memset and three kernels is most of the call on
+// 1M gains. Where a cooperative launch is not available (the device refuses it, a CUDA-graph
+// capture is under way, SFGRPO_ADVANTAGES_COOPERATIVE=0), the same phases run as a memset and
+// three kernels (four with phase 2b). Either way no sort, no scan, no host-visible group count.
+// Values are summed as 64-bit fixed-point integers, so the atomics give the same bits in any order
+// and any grid size (and the same bits as the host emulation of the same code,
 // csrc/cpu/advantages_emulated.cpp).
 //
 // Per-group statistics are reported in ascending id order: then the groups' first rows (claimed
@@ -117,6 +118,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) warp_rows_kernel(fi
                                   fixed::Block{blockIdx.x, gridDim.x});
 }
 
+// Phase 2b (fixed::finalized problems only): the statistics of the groups that the block's warps of
+// rows claimed.
+template <typename T>
+__device__ void finalize_rows(const fixed::Args<T>& a) {
+  const fixed::Block block{blockIdx.x, gridDim.x};
+  for (int64_t base = fixed::block::first_warp(block); base < a.p.rows; base = fixed::block::next_warp(block, base)) {
+    fixed::finalize_warp(a, base);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) finalize_kernel(fixed::Args<T> a) {
+  finalize_rows(a);
+}
+
 // Phase 3: the advantages of the block's warps of rows (a coalesced tile each), then the statistics
 // rows (ids sorted) in a grid-stride loop, and the counts.
 template <typename T>
@@ -165,6 +181,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   grid.sync();
   fixed::warp_rows_block<false>(a, moments_batch, reinterpret_cast<uint64_t*>(staged), block);
   grid.sync();
+  if (fixed::finalized(a.p)) {
+    finalize_rows(a);
+    grid.sync();
+  }
   write_rows(a);
 }
 
@@ -184,7 +204,7 @@ __global__ void pad_claims_kernel(fixed::Workspace w, int64_t n) {
 }  // namespace
 
 // ------------------------------------------------------------------------- single launch
-// SFGRPO_ADVANTAGES_COOPERATIVE=0 forces the memset + three kernels (an A/B switch; read per call).
+// SFGRPO_ADVANTAGES_COOPERATIVE=0 forces the memset + kernels (an A/B switch; read per call).
 static bool single_launch_wanted() {
   const char* value = std::getenv("SFGRPO_ADVANTAGES_COOPERATIVE");
   return value == nullptr || !(value[0] == '0' || value[0] == 'f' || value[0] == 'F' || value[0] == 'n' ||
@@ -278,7 +298,7 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   }
   const fixed::Args<T> args{p, rewards, group_ids, out, stats, counts, c.w};
   if (!with_stats && launch_single(args, c, stream)) return;
-  // one memset and three kernels (plus the claims' sort with statistics); no host synchronisation
+  // one memset and three or four kernels (plus the claims' sort with statistics); no host synchronisation
   check(cudaMemsetAsync(workspace, 0, c.zeroed_bytes, stream), "clearing the accumulators");
   const int blocks = blocks_for(p.rows);
   const int insert_batch = fixed::staged_batch_words(p, true);
@@ -297,6 +317,10 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   warp_rows_kernel<T, false><<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(moments_batch), stream>>>(
       args, moments_batch);
   check(cudaGetLastError(), "moments kernel launch");
+  if (fixed::finalized(p)) {
+    finalize_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
+    check(cudaGetLastError(), "finalize_kernel launch");
+  }
   write_kernel<T><<<blocks, kThreads, 0, stream>>>(args);
   check(cudaGetLastError(), "write_kernel launch");
 }

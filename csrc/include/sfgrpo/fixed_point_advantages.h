@@ -22,6 +22,8 @@
 //     count themselves into size[r] and widen [lo, hi] of each statistic (atomicMax on
 //     order-preserving integer encodings of doubles); the claimer zeroes its group's moment sums.
 //  2. moments: each finite row adds its S1 and S2 parts (fixed point, scales from [lo, hi], n).
+//  2b. finalize, only with several statistics per group (per step, or several reward columns):
+//     each (group, statistic)'s mean and std once, written over its moment sums.
 //  3. write:   advantages = (value - mean) / (std + eps), clipped, a warp's rows as one coalesced
 //     tile; statistics rows when asked.
 // Within a warp, consecutive rows of one group (the usual layout: a prompt's samples side by side)
@@ -104,6 +106,21 @@ SFGRPO_HD int popcount32(uint32_t x) {
   for (; x; x &= x - 1) ++n;
   return n;
 #endif
+}
+
+// The position of the n-th set bit of `mask`, counting from 0 (n < popcount32(mask)): a binary
+// search on the halves' popcounts.
+SFGRPO_HD int nth_set_bit(uint32_t mask, int n) {
+  int position = 0;
+  for (int half = 16; half > 0; half >>= 1) {
+    const int below = popcount32(mask & ((1u << half) - 1));
+    if (n >= below) {
+      n -= below;
+      mask >>= half;
+      position += half;
+    }
+  }
+  return position;
 }
 
 // The smallest b with n <= 2^b (0 for n <= 1).
@@ -408,13 +425,19 @@ SFGRPO_HD void reduce_runs(const Runs& runs, Lanes<uint64_t> (&v)[N], Op op) {
 // Doubles as unsigned integers in the same order (larger double <-> larger integer); 0 is below
 // every finite double's code, so a zeroed accumulator means "no value yet" for both bounds (the
 // lower bound is stored complemented, so that atomicMax computes the minimum).
-SFGRPO_HD uint64_t order_code(double v) {
-  uint64_t bits;
+// The IEEE-754 bits of v.
+SFGRPO_HD uint64_t double_bits(double v) {
 #if defined(__CUDA_ARCH__)
-  bits = static_cast<uint64_t>(__double_as_longlong(v));
+  return static_cast<uint64_t>(__double_as_longlong(v));
 #else
+  uint64_t bits;
   std::memcpy(&bits, &v, sizeof bits);
+  return bits;
 #endif
+}
+
+SFGRPO_HD uint64_t order_code(double v) {
+  const uint64_t bits = double_bits(v);
   return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
 }
 
@@ -795,7 +818,7 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base) {
   }
 }
 
-// ------------------------------------------------------------------------------- phase 3
+// ---------------------------------------------------------------------------- phases 2b, 3
 // A group's statistic s as the advantages use it.
 struct GroupStat {
   double mean = 0.0;
@@ -826,18 +849,81 @@ SFGRPO_HD GroupStat group_stat(const Args<T>& a, int64_t r, int64_t s) {
   return g;
 }
 
+// ------------------------------------------------------------------------------- phase 2b
+// With several statistics per group (one per step, or per reward column), phase 3 would compute
+// one per value: a warp's rounds each wait for the ~800-instruction chain of group_stat in turn
+// (10 chains per warp at 10 steps). Phase 2b computes each (group, statistic) once instead: a
+// warp takes the groups its rows claimed (a group's representative is the row that claimed it),
+// spreads their (group, statistic) pairs over its lanes (groups of 16 and 10 steps: 20 pairs, one
+// chain per warp) and writes each result over the group's moment sums, which nothing else reads
+// after phase 2. Phase 3 then gathers each value's statistic. With one statistic per group (joint,
+// one reward column) the phase is skipped: phase 3 computes it once per row, in parallel lanes, in
+// the time this phase would take, without its grid barrier.
+SFGRPO_HD bool finalized(const AdvantageProblem& p) { return p.stat_columns() > 1; }
+
+// A finalized statistic's words (over its moment sums): the mean, the scale 1 / (divisor + eps) and
+// the divisor, whose sign bit (free: a divisor is >= 0) is set when the advantages are 0.
+constexpr uint64_t kSignBit = uint64_t{1} << 63;
+
+SFGRPO_HD uint64_t* final_words(const Workspace& w, int64_t stat_columns, int64_t r, int64_t s) {
+  return w.moments + (r * stat_columns + s) * kMomentWords;
+}
+
+// The statistic as write_stats_row reports it.
+SFGRPO_HD GroupStat final_stat(const uint64_t* words) {
+  GroupStat g;
+  g.mean = double_from_bits(words[0]);
+  g.divisor = double_from_bits(words[2] & ~kSignBit);
+  g.zero = (words[2] & kSignBit) != 0;
+  return g;
+}
+
+// Phase 2b for the groups that the warp's rows base .. base + 31 claimed.
+template <typename T>
+SFGRPO_HD void finalize_warp(const Args<T>& a, int64_t base) {
+  const AdvantageProblem& p = a.p;
+  const int64_t stat_columns = p.stat_columns();
+  Lanes<bool> claimer;
+  warp::each([&](int lane) {
+    const int64_t i = base + lane;
+    const int32_t packed = i < p.rows ? a.w.row_rep[i] : -1;
+    claimer[lane] = i < p.rows && (packed >= 0 ? packed : ~packed) == i;
+  });
+  const uint32_t claims = warp::ballot(claimer);
+  const int64_t pairs = popcount32(claims) * stat_columns;
+  for (int64_t first = 0; first < pairs; first += kWarpSize) {
+    warp::each([&](int lane) {
+      const int64_t e = first + lane;
+      if (e >= pairs) return;
+      const int64_t r = base + nth_set_bit(claims, static_cast<int>(e / stat_columns));
+      const int64_t s = e % stat_columns;
+      const GroupStat g = group_stat(a, r, s);
+      uint64_t* words = final_words(a.w, stat_columns, r, s);
+      words[0] = double_bits(g.mean);
+      words[1] = double_bits(math::inverse_spread(g.divisor, p));
+      words[2] = double_bits(g.divisor) | (g.zero ? kSignBit : 0);
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------- phase 3
 // Phase 3 for the warp's rows base .. base + 31. Their advantages are one contiguous tile of `out`
 // (rows x columns values) that consecutive lanes store value by value, so each store of the warp
 // covers 32 consecutive values (one row per lane spread every store over 32 rows: 32 partial
-// sectors). A pooled statistic is computed once per row, by the row's lane, and shuffled to the
-// lanes that store the row's values; per step (not pooled) each value's lane computes its own.
-// Pooled, the tile's rewards are loaded kPooledRounds rounds of 32 values ahead of their stores:
-// the compiler cannot move a load above a store to `out` (which, for all it knows, may alias the
-// rewards), so a loop of load-then-store would wait for memory once per round; the first rounds'
-// loads are issued before the row statistics' gathers, so both wait for memory together. Per step,
-// one round at a time: the statistic's arithmetic next to 8 loaded values would need more registers
-// than the kernels can have and keep their blocks resident (the cooperative launch's grid).
+// sectors). Where each value's statistic comes from (StatSource): pooled, computed once per row by
+// the row's lane and shuffled to the lanes that store the row's values; finalized (phase 2b),
+// gathered per value; otherwise (one statistic per group, not pooled: one value per row) computed
+// by each value's lane.
+// The tile's rewards (and finalized statistics) are loaded kRounds rounds of 32 values ahead of
+// their stores: the compiler cannot move a load above a store to `out` (which, for all it knows,
+// may alias them), so a loop of load-then-store would wait for memory once per round; the first
+// rounds' loads are issued before the row statistics' gathers, so both wait for memory together.
+// Computed per value, one round at a time: the statistic's arithmetic next to 8 loaded values
+// would need more registers than the kernels can have and keep their blocks resident (the
+// cooperative launch's grid).
+enum class StatSource { kRow, kFinal, kValue };
 constexpr int kPooledRounds = 4;
+constexpr int kFinalRounds = 3;
 
 // Bits of a row's flags in phase 3.
 constexpr int kRowFinite = 1;  // the row counts: every reward finite
@@ -903,11 +989,15 @@ struct Tile {
 };
 
 // Up to kRounds rounds of the tile's values from `first` on: each value's reward (and the next, for
-// a gain) and its (row, column); the cursor (row, column) moves past them.
-template <int kRounds, typename T>
+// a gain) and its (row, column); the cursor (row, column) moves past them. With finalized
+// statistics also each value's {mean, scale, zero} (gather_final).
+template <int kRounds, StatSource kSource, typename T>
 struct TileRound {
+  static constexpr int kStats = kSource == StatSource::kFinal ? kRounds : 0;
   Lanes<T> left[kRounds], right[kRounds];
   Lanes<int> row[kRounds], column[kRounds];
+  Lanes<double> mean[kStats > 0 ? kStats : 1], scale[kStats > 0 ? kStats : 1];
+  Lanes<bool> zero[kStats > 0 ? kStats : 1];
 
   SFGRPO_HD void load(const Tile<T>& tile, bool gains, int first, Lanes<int>& at_row, Lanes<int>& at_column) {
     SFGRPO_UNROLL
@@ -924,13 +1014,35 @@ struct TileRound {
       tile.advance(at_row, at_column);
     }
   }
+
+  // The loaded rounds' finalized statistics: each value's row's representative from its lane, then
+  // one gather per value (all rounds' before any store).
+  SFGRPO_HD void gather_final(const Args<T>& a, const Tile<T>& tile, const RowStats& rows, int first) {
+    SFGRPO_UNROLL
+    for (int k = 0; k < kStats; ++k) {
+      Lanes<int> source;
+      warp::each([&](int lane) { source[lane] = first + k * kWarpSize + lane < tile.values ? row[k][lane] : 0; });
+      const Lanes<int> rep = warp::shfl(rows.rep, source);
+      warp::each([&](int lane) {
+        mean[k][lane] = 0.0;
+        scale[k][lane] = 0.0;
+        zero[k][lane] = true;
+        if (first + k * kWarpSize + lane >= tile.values) return;
+        const uint64_t* words = final_words(a.w, a.p.stat_columns(), rep[lane], column[k][lane]);
+        mean[k][lane] = double_from_bits(words[0]);
+        scale[k][lane] = double_from_bits(words[1]);
+        zero[k][lane] = (words[2] & kSignBit) != 0;
+      });
+    }
+  }
 };
 
 // The advantages of the rounds that `loaded` holds.
-template <int kRounds, bool kPooled, typename T>
+template <int kRounds, StatSource kSource, typename T>
 SFGRPO_HD void store_rounds(const Args<T>& a, const Tile<T>& tile, const RowStats& rows,
-                            const TileRound<kRounds, T>& loaded, int first) {
+                            const TileRound<kRounds, kSource, T>& loaded, int first) {
   const AdvantageProblem& p = a.p;
+  constexpr int kStats = TileRound<kRounds, kSource, T>::kStats;
   SFGRPO_UNROLL
   for (int k = 0; k < kRounds; ++k) {
     const int round_first = first + k * kWarpSize;
@@ -940,10 +1052,10 @@ SFGRPO_HD void store_rounds(const Args<T>& a, const Tile<T>& tile, const RowStat
     const Lanes<int> row_flags = warp::shfl(rows.flags, source);
     Lanes<int> row_rep;
     Lanes<double> row_mean, row_scale;
-    if (kPooled) {
+    if (kSource == StatSource::kRow) {
       row_mean = warp::shfl(rows.mean, source);
       row_scale = warp::shfl(rows.scale, source);
-    } else {
+    } else if (kSource == StatSource::kValue) {
       row_rep = warp::shfl(rows.rep, source);
     }
     warp::each([&](int lane) {
@@ -953,8 +1065,11 @@ SFGRPO_HD void store_rounds(const Args<T>& a, const Tile<T>& tile, const RowStat
       double advantage = 0.0;
       if ((row_flags[lane] & kRowFinite) && math::column_counted(p.column_mask, c)) {
         const double value = math::value_of(loaded.left[k][lane], loaded.right[k][lane], p.gains);
-        if (kPooled) {
+        if (kSource == StatSource::kRow) {
           if (!(row_flags[lane] & kRowZero)) advantage = math::standardize(value, row_mean[lane], row_scale[lane], p);
+        } else if (kSource == StatSource::kFinal) {
+          const int j = kStats > 0 ? k : 0;  // (the other sources hold no statistics to index)
+          if (!loaded.zero[j][lane]) advantage = math::standardize(value, loaded.mean[j][lane], loaded.scale[j][lane], p);
         } else {
           const GroupStat g = group_stat(a, row_rep[lane], c);
           if (!g.zero) advantage = math::standardize(value, g.mean, math::inverse_spread(g.divisor, p), p);
@@ -965,7 +1080,7 @@ SFGRPO_HD void store_rounds(const Args<T>& a, const Tile<T>& tile, const RowStat
   }
 }
 
-template <int kRounds, bool kPooled, typename T>
+template <int kRounds, StatSource kSource, typename T>
 SFGRPO_HD void write_tile(const Args<T>& a, int64_t base) {
   const AdvantageProblem& p = a.p;
   const int columns = static_cast<int>(p.columns());
@@ -974,11 +1089,12 @@ SFGRPO_HD void write_tile(const Args<T>& a, int64_t base) {
                      static_cast<int>(p.width), kWarpSize / columns, kWarpSize % columns};
   Lanes<int> row, column;
   tile.start(row, column);
-  TileRound<kRounds, T> loaded;
+  TileRound<kRounds, kSource, T> loaded;
   loaded.load(tile, p.gains, 0, row, column);  // in flight with row_stats' gathers
   const RowStats rows = row_stats(a, base);
   for (int first = 0;;) {
-    store_rounds<kRounds, kPooled>(a, tile, rows, loaded, first);
+    if (kSource == StatSource::kFinal) loaded.gather_final(a, tile, rows, first);
+    store_rounds<kRounds, kSource>(a, tile, rows, loaded, first);
     first += kWarpSize * kRounds;
     if (first >= tile.values) break;
     loaded.load(tile, p.gains, first, row, column);
@@ -988,9 +1104,11 @@ SFGRPO_HD void write_tile(const Args<T>& a, int64_t base) {
 template <typename T>
 SFGRPO_HD void write_warp(const Args<T>& a, int64_t base) {
   if (a.p.pooled) {
-    write_tile<kPooledRounds, true>(a, base);
+    write_tile<kPooledRounds, StatSource::kRow>(a, base);
+  } else if (finalized(a.p)) {
+    write_tile<kFinalRounds, StatSource::kFinal>(a, base);
   } else {
-    write_tile<1, false>(a, base);
+    write_tile<1, StatSource::kValue>(a, base);
   }
 }
 
@@ -1003,7 +1121,7 @@ SFGRPO_HD void write_stats_row(const Args<T>& a, int64_t j) {
   a.stats.group_ids[j] = w.sorted_ids[j];
   a.stats.size[j] = w.size[r];
   for (int64_t s = 0; s < stat_columns; ++s) {
-    const GroupStat g = group_stat(a, r, s);
+    const GroupStat g = finalized(a.p) ? final_stat(final_words(w, stat_columns, r, s)) : group_stat(a, r, s);
     a.stats.mean[j * stat_columns + s] = g.mean;
     a.stats.std[j * stat_columns + s] = g.divisor;
     a.stats.zero_std[j * stat_columns + s] = g.zero;
