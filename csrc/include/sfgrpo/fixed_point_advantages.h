@@ -131,6 +131,36 @@ SFGRPO_HD uint32_t lanes_above(int lane) { return lane >= kWarpSize - 1 ? 0u : (
 SFGRPO_HD uint32_t lanes_up_to(int lane) { return ~0u >> (kWarpSize - 1 - lane); }
 SFGRPO_HD uint32_t lanes_below(int lane) { return lane == 0 ? 0u : lanes_up_to(lane - 1); }
 
+// ------------------------------------------------------------------------------- doubles
+// The IEEE-754 bits of v.
+SFGRPO_HD uint64_t double_bits(double v) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(v));
+#else
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits;
+#endif
+}
+
+// The double whose IEEE-754 bits these are.
+SFGRPO_HD double double_from_bits(uint64_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  double v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
+}
+
+// 2^e for -1022 <= e <= 1023 (a normal double, built from its bits).
+SFGRPO_HD double pow2(int e) { return double_from_bits(static_cast<uint64_t>(e + 1023) << 52); }
+
+// ldexp(x, e): x * 2^e rounded once. A product with a normal power of two is exactly that (and a
+// few instructions, where CUDA's ldexp is ~25 with its range checks); ldexp for the rest.
+SFGRPO_HD double times_pow2(double x, int e) { return e >= -1022 && e <= 1023 ? x * pow2(e) : ldexp(x, e); }
+
 // ------------------------------------------------------------------------- 128-bit integers
 SFGRPO_HD uint64_t mul_hi(uint64_t a, uint64_t b) {
 #if defined(__CUDA_ARCH__)
@@ -190,7 +220,7 @@ SFGRPO_HD double to_double(U128 q) {
   const int s = leading_zeros64(q.hi);
   const uint64_t top = s == 0 ? q.hi : ((q.hi << s) | (q.lo >> (64 - s)));
   const uint64_t rest = q.lo << s;  // s < 64
-  return ldexp(static_cast<double>(top | (rest != 0 ? 1u : 0u)), 64 - s);
+  return static_cast<double>(top | (rest != 0 ? 1u : 0u)) * pow2(64 - s);  // 1 <= 64 - s <= 64
 }
 
 // ------------------------------------------------------------------------------- atomics
@@ -425,43 +455,21 @@ SFGRPO_HD void reduce_runs(const Runs& runs, Lanes<uint64_t> (&v)[N], Op op) {
 // Doubles as unsigned integers in the same order (larger double <-> larger integer); 0 is below
 // every finite double's code, so a zeroed accumulator means "no value yet" for both bounds (the
 // lower bound is stored complemented, so that atomicMax computes the minimum).
-// The IEEE-754 bits of v.
-SFGRPO_HD uint64_t double_bits(double v) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(v));
-#else
-  uint64_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  return bits;
-#endif
-}
-
 SFGRPO_HD uint64_t order_code(double v) {
   const uint64_t bits = double_bits(v);
   return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
-}
-
-// The double whose IEEE-754 bits these are.
-SFGRPO_HD double double_from_bits(uint64_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(bits));
-#else
-  double v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-#endif
 }
 
 SFGRPO_HD double from_order_code(uint64_t code) {
   return double_from_bits((code >> 63) ? (code & ~(uint64_t{1} << 63)) : ~code);
 }
 
-// 2^e for -1022 <= e <= 1023 (a normal double, built from its bits).
-SFGRPO_HD double pow2(int e) { return double_from_bits(static_cast<uint64_t>(e + 1023) << 52); }
-
-// The smallest e with m < 2^e, for finite m > 0.
+// The smallest e with m < 2^e, for finite m > 0: from the exponent field of a normal m (CUDA's
+// ilogb checks for zeros, infinities and subnormals first: ~30 instructions on the statistics'
+// chain), ilogb for a subnormal one.
 SFGRPO_HD int magnitude_exponent(double m) {
-  return ilogb(m) + 1;  // ilogb, not frexp: no address-taken local on the device
+  const int biased = static_cast<int>((double_bits(m) >> 52) & 0x7ff);
+  return biased != 0 ? biased - 1022 : ilogb(m) + 1;  // ilogb, not frexp: no address-taken local on the device
 }
 
 // ------------------------------------------------------------------------------- layout
@@ -594,7 +602,7 @@ struct Moments {
 SFGRPO_HD double mean_of(const Scales& sc, const uint64_t* moments) {
   if (!sc.any) return 0.0;
   const double s1 = static_cast<double>(static_cast<int64_t>(moments[0]));
-  return sc.center + ldexp(s1, -sc.shift) / static_cast<double>(sc.count);
+  return sc.center + times_pow2(s1, -sc.shift) / static_cast<double>(sc.count);
 }
 
 SFGRPO_HD double squared_deviations(const Scales& sc, const uint64_t* moments) {
@@ -603,7 +611,7 @@ SFGRPO_HD double squared_deviations(const Scales& sc, const uint64_t* moments) {
   const int64_t s1 = static_cast<int64_t>(moments[0]);
   const uint64_t magnitude = s1 < 0 ? uint64_t{0} - static_cast<uint64_t>(s1) : static_cast<uint64_t>(s1);
   const U128 numerator = sub(mul(s2, sc.count), mul_wide(magnitude, magnitude));  // n S2 - S1^2 >= 0
-  return ldexp(to_double(numerator) / static_cast<double>(sc.count), -2 * sc.shift);
+  return times_pow2(to_double(numerator) / static_cast<double>(sc.count), -2 * sc.shift);
 }
 
 SFGRPO_HD double std_of(const Scales& sc, const uint64_t* moments, int ddof) {
