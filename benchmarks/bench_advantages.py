@@ -210,17 +210,22 @@ def gpu_section() -> list[str]:
     sorted_ids = torch.from_numpy(np.arange(samples) // 16).to(device)
     rewards = torch.rand(samples, STEPS + 1, device=device)
     flow = torch.rand(samples, device=device)
+    four_columns = torch.rand(samples, 4, device=device)  # several rewards per sample: one statistic per column
     cases = {
         GAIN_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
         "gain_advantages joint, drop, a prompt's rows side by side": lambda: sfgrpo.gain_advantages(
             rewards, sorted_ids, nonfinite="drop"),
         "gain_advantages per_step, drop": lambda: sfgrpo.gain_advantages(rewards, ids, normalize="per_step",
                                                                           nonfinite="drop"),
+        "gain_advantages per_step, drop, a prompt's rows side by side": lambda: sfgrpo.gain_advantages(
+            rewards, sorted_ids, normalize="per_step", nonfinite="drop"),
         MULTI_KERNEL_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
         "gain_advantages joint, error (1 sync)": lambda: sfgrpo.gain_advantages(rewards, ids),
         "group_advantages 100k samples, drop": lambda: sfgrpo.group_advantages(flow, ids, nonfinite="drop"),
         "group_advantages global std, drop": lambda: sfgrpo.group_advantages(flow, ids, std="global",
                                                                               nonfinite="drop"),
+        "group_advantages 100k samples x 4 reward columns, drop": lambda: sfgrpo.group_advantages(
+            four_columns, ids, nonfinite="drop"),
         "reference gain_advantages (torch)": lambda: sfgrpo.gain_advantages(rewards, ids, backend="reference"),
     }
     def event_times(fn, reps=50):
