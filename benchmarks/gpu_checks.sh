@@ -116,7 +116,7 @@ step_tests() {
 advantages_bench() {
   # bench_advantages --gpu-only into $OUT/<name>.md, the package the caller's environment imports
   local name=$1
-  timeout -k 10 $(limit 45) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/$name.md" > /dev/null 2> "$OUT/bench_$name.err"
+  timeout -k 10 $(limit 60) python3 "$REPO/benchmarks/bench_advantages.py" --gpu-only --out "$OUT/$name.md" > /dev/null 2> "$OUT/bench_$name.err"
   echo "$name bench: exit $?"
   cat "$OUT/$name.md" 2>/dev/null
 }
