@@ -308,10 +308,13 @@ PYBIND11_MODULE(_C, m) {
         return py::dict(py::arg("threads") = fx::kThreads, py::arg("blocks") = blocks,
                         py::arg("rounds") = (rows + per_round - 1) / per_round,
                         py::arg("insert_batch_words") = fx::staged_batch_words(p, true),
-                        py::arg("moments_batch_words") = fx::staged_batch_words(p, false));
+                        py::arg("moments_batch_words") = fx::staged_batch_words(p, false),
+                        py::arg("stage_bytes_float32") = fx::stage_bytes(p, sizeof(float)),
+                        py::arg("stage_bytes_float64") = fx::stage_bytes(p, sizeof(double)));
       },
       "The CUDA advantage engine's launch of phases 1 and 2 (the emulation runs the same): threads "
-      "per block, blocks, grid-stride rounds, batch words each phase stages in shared memory",
+      "per block, blocks, grid-stride rounds, batch words each phase stages in shared memory, the "
+      "bytes of a block's staged rows (0: read from global memory) for float32 and float64 rewards",
       py::arg("rows"), py::arg("width"), py::arg("gains"), py::arg("pooled"), py::arg("global_std"));
 
   testing.def(

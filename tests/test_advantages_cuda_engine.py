@@ -344,7 +344,19 @@ def test_launch_geometry():
     for rows, blocks, rounds in [(1, 1, 1), (256, 1, 1), (257, 2, 1), (GRID_ROWS, 4096, 1), (GRID_ROWS + 1, 4096, 2),
                                  (3 * GRID_ROWS, 4096, 3)]:
         assert launch(rows) == {"threads": 256, "blocks": blocks, "rounds": rounds, "insert_batch_words": 0,
-                                "moments_batch_words": 0}
+                                "moments_batch_words": 0, "stage_bytes_float32": 256 * 4,
+                                "stage_bytes_float64": 256 * 8}
+
+
+# Rows of at most 152 bytes (an odd number of values apart: width | 1) are staged in shared memory,
+# 256 rows per block: with the 8 KiB of staged words, under the 48 KiB a launch may ask for.
+@pytest.mark.parametrize("width, float32, float64", [
+    (1, 4, 8), (2, 12, 24), (11, 44, 88), (18, 76, 152), (19, 76, 152), (20, 84, 0), (37, 148, 0), (38, 0, 0),
+])
+def test_rows_staged_in_shared_memory(width, float32, float64):
+    got = launch(1000, width)
+    assert (got["stage_bytes_float32"], got["stage_bytes_float64"]) == (256 * float32, 256 * float64)
+    assert 8 * 1024 + 256 * max(float32, float64) <= 48 * 1024
 
 
 @pytest.mark.parametrize("columns, pooled, words", [
@@ -400,6 +412,22 @@ def assert_launch_is_exact(rewards, ids, nonfinite_rows, *, permute=True, **prob
     return got
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [19, 20, 37, 38, 64])
+@pytest.mark.parametrize("normalize", ["joint", "per_step"])
+def test_staged_and_global_rows_are_exact(width, dtype, normalize):
+    # rows at and past the stage's limit (float64: 19 staged, 20 not; float32: 37, 38), 3 blocks with a
+    # partial last warp, groups scattered over them, non-finite rows: staged or read from global
+    # memory, the same bits as the phases run warp by warp, and the SPEC's advantages
+    rows = 3 * 256 - 7
+    ids = random_layout(rows, max_group=20, seed=width)
+    rewards = rewards_for(ids, width, dtype, seed=width + 1)
+    bad = [0, 31, 32, 300, rows - 1]
+    rewards[bad, [0, width - 1, 1, width // 2, 2]] = float("nan")
+    got = assert_launch_is_exact(rewards, ids, len(bad), gains=True, pooled=normalize == "joint", stats=True)
+    assert_matches(got, numpy_gain_advantages(rewards, ids, normalize=normalize), dtype)
+
+
 @pytest.mark.parametrize("stats", [False, True], ids=["staged_counts", "claims"])
 @pytest.mark.parametrize("std", ["group", "global"])
 def test_blocks_stage_exact_counts_and_batch_statistics(std, stats):
@@ -444,7 +472,8 @@ def test_grid_stride_rounds():
     # 16 rows shuffled, so groups span rounds and blocks; non-finite rows in both rounds
     rows = GRID_ROWS + 3 * 256 + 40
     assert launch(rows, global_std=True) == {"threads": 256, "blocks": 4096, "rounds": 2, "insert_batch_words": 2,
-                                             "moments_batch_words": 3}
+                                             "moments_batch_words": 3, "stage_bytes_float32": 256 * 4,
+                                             "stage_bytes_float64": 256 * 8}  # a warp restages its rows per round
     ids = (torch.arange(rows) // 16)[torch.randperm(rows, generator=torch.Generator().manual_seed(45))]
     rewards = skewed_rewards(rows, 1, torch.float64, seed=46)
     bad = [5, GRID_ROWS - 1, GRID_ROWS, rows - 1]

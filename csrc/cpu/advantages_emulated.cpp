@@ -6,6 +6,7 @@
 // and, on a GPU, its results must be these bits. Not a production path (the CPU engine,
 // advantages.cpp, is faster on a CPU).
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <stdexcept>
 #include <vector>
@@ -22,26 +23,33 @@ namespace {
 constexpr uint64_t kUnwritten = 0x5a5a5a5a5a5a5a5aULL;
 
 // Phase 1 (kInsert) or 2 as warp_rows_kernel runs it: every block of the grid (capped at
-// `max_blocks` when > 0, as the cooperative single launch caps it) in turn, `staged` standing for
-// its shared memory. Not `as_launched`: warp by warp over the rows, no staging.
+// `max_blocks` when > 0, as the cooperative single launch caps it) in turn, `staged` and `stage`
+// standing for its shared memory. Not `as_launched`: warp by warp over the rows, no staging of
+// accumulators or rows.
 template <bool kInsert, typename T>
 void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks) {
   if (!as_launched) {
     for (int64_t base = 0; base < a.p.rows; base += fixed::kWarpSize) {
       if (kInsert) {
-        fixed::insert_warp(a, base);
+        fixed::insert_warp(a, base, fixed::global_rows(a, base));
       } else {
-        fixed::moments_warp(a, base);
+        fixed::moments_warp(a, base, fixed::global_rows(a, base));
       }
     }
     return;
   }
   const int batch_words = fixed::staged_batch_words(a.p, kInsert);
   std::vector<uint64_t> staged(fixed::staged_words(batch_words));
+  // the rows' stage, garbage until a warp copies its rows there (a phase that read a row it did not
+  // stage would get NaNs, not the rewards)
+  const int64_t stage_bytes = fixed::stage_bytes(a.p, sizeof(T));
+  std::vector<T> stage(static_cast<size_t>(stage_bytes) / sizeof(T));
   const unsigned blocks = static_cast<unsigned>(fixed::grid_blocks(a.p.rows, max_blocks));
   for (unsigned b = 0; b < blocks; ++b) {
     std::fill(staged.begin(), staged.end(), kUnwritten);
-    fixed::warp_rows_block<kInsert>(a, batch_words, staged.data(), fixed::Block{b, blocks});
+    std::memset(stage.data(), 0xff, stage.size() * sizeof(T));  // NaNs
+    fixed::warp_rows_block<kInsert>(a, batch_words, staged.data(), stage_bytes > 0 ? stage.data() : nullptr,
+                                    fixed::Block{b, blocks});
   }
 }
 

@@ -111,10 +111,19 @@ Carved carve(const AdvantageProblem& p, void* base, bool with_stats) {
 // Phases 1 and 2: warps of 32 consecutive rows in a grid-stride loop, their common accumulators
 // staged in shared memory per block (sfgrpo/fixed_point_blocks.h, which the host emulation runs
 // too).
+// The block's shared memory: the staged accumulator words, then (`staged_rows`) the rows' stage.
+template <typename T>
+__device__ T* row_stage(unsigned long long* shared, int words, bool staged_rows) {
+  return staged_rows ? reinterpret_cast<T*>(shared + words) : nullptr;
+}
+
 template <typename T, bool kInsert>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) warp_rows_kernel(fixed::Args<T> a, int batch_words) {
-  extern __shared__ unsigned long long staged[];  // fixed::staged_words(batch_words)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    warp_rows_kernel(fixed::Args<T> a, int batch_words, bool staged_rows) {
+  // fixed::staged_words(batch_words) words, then fixed::stage_bytes when staged_rows
+  extern __shared__ unsigned long long staged[];
   fixed::warp_rows_block<kInsert>(a, batch_words, reinterpret_cast<uint64_t*>(staged),
+                                  row_stage<T>(staged, fixed::staged_words(batch_words), staged_rows),
                                   fixed::Block{blockIdx.x, gridDim.x});
 }
 
@@ -166,8 +175,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) write_kernel(fixed:
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     single_launch_kernel(fixed::Args<T> a, uint64_t* zeroed, int64_t zeroed_words, int insert_batch,
-                         int moments_batch) {
-  extern __shared__ unsigned long long staged[];  // fixed::staged_words(max of the two batches)
+                         int moments_batch, bool staged_rows) {
+  // fixed::staged_words(max of the two batches), then fixed::stage_bytes when staged_rows
+  extern __shared__ unsigned long long staged[];
+  T* stage = row_stage<T>(staged, fixed::staged_words(max(insert_batch, moments_batch)), staged_rows);
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -177,9 +188,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   if (first == 0 && zeroed_words % 2 != 0) zeroed[zeroed_words - 1] = 0;
   grid.sync();
   const fixed::Block block{blockIdx.x, gridDim.x};
-  fixed::warp_rows_block<true>(a, insert_batch, reinterpret_cast<uint64_t*>(staged), block);
+  fixed::warp_rows_block<true>(a, insert_batch, reinterpret_cast<uint64_t*>(staged), stage, block);
   grid.sync();
-  fixed::warp_rows_block<false>(a, moments_batch, reinterpret_cast<uint64_t*>(staged), block);
+  fixed::warp_rows_block<false>(a, moments_batch, reinterpret_cast<uint64_t*>(staged), stage, block);
   grid.sync();
   if (fixed::finalized(a.p)) {
     finalize_rows(a);
@@ -224,7 +235,7 @@ static bool capturing(cudaStream_t stream) {
 constexpr int kMaxDevices = 64;
 
 // Blocks of single_launch_kernel<T> that the current device runs at once (with the most shared
-// memory a call can ask for), 0 when it does not do cooperative launches; queried once per device.
+// memory a call can ask for: at most 48 KiB, no opt-in needed), 0 when it does not do cooperative launches; queried once per device.
 template <typename T>
 static int resident_blocks() {
   static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, else blocks + 1
@@ -237,7 +248,7 @@ static int resident_blocks() {
   check(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device attributes");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "device attributes");
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, single_launch_kernel<T>, kThreads,
-                                                      sizeof(uint64_t) * fixed::kMaxStagedWords),
+                                                      sizeof(uint64_t) * fixed::kMaxStagedWords + fixed::kMaxStageBytes),
         "occupancy query");
   const int blocks = cooperative ? per_sm * sms : 0;
   known[device].store(blocks + 1, std::memory_order_relaxed);
@@ -255,9 +266,12 @@ static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStrea
   int64_t zeroed_words = static_cast<int64_t>((c.zeroed_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
   int insert_batch = fixed::staged_batch_words(a.p, true);
   int moments_batch = fixed::staged_batch_words(a.p, false);
-  const size_t shared = sizeof(uint64_t) * fixed::staged_words(std::max(insert_batch, moments_batch));
+  const int64_t stage_bytes = fixed::stage_bytes(a.p, sizeof(T));
+  bool staged_rows = stage_bytes > 0;
+  const size_t shared = sizeof(uint64_t) * fixed::staged_words(std::max(insert_batch, moments_batch)) + stage_bytes;
   const int blocks = fixed::grid_blocks(a.p.rows, resident);
-  void* params[] = {const_cast<fixed::Args<T>*>(&a), &zeroed, &zeroed_words, &insert_batch, &moments_batch};
+  void* params[] = {const_cast<fixed::Args<T>*>(&a), &zeroed, &zeroed_words, &insert_batch, &moments_batch,
+                    &staged_rows};
   const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(single_launch_kernel<T>),
                                                       dim3(blocks), dim3(kThreads), params, shared, stream);
   if (err == cudaSuccess) return true;
@@ -302,8 +316,10 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   check(cudaMemsetAsync(workspace, 0, c.zeroed_bytes, stream), "clearing the accumulators");
   const int blocks = blocks_for(p.rows);
   const int insert_batch = fixed::staged_batch_words(p, true);
-  warp_rows_kernel<T, true><<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(insert_batch), stream>>>(
-      args, insert_batch);
+  const int64_t stage_bytes = fixed::stage_bytes(p, sizeof(T));
+  warp_rows_kernel<T, true>
+      <<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(insert_batch) + stage_bytes, stream>>>(
+          args, insert_batch, stage_bytes > 0);
   check(cudaGetLastError(), "insert kernel launch");
   if (with_stats) {
     pad_claims_kernel<<<blocks, kThreads, 0, stream>>>(c.w, p.rows);
@@ -314,8 +330,9 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
           "radix sort of the group ids");
   }
   const int moments_batch = fixed::staged_batch_words(p, false);
-  warp_rows_kernel<T, false><<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(moments_batch), stream>>>(
-      args, moments_batch);
+  warp_rows_kernel<T, false>
+      <<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(moments_batch) + stage_bytes, stream>>>(
+          args, moments_batch, stage_bytes > 0);
   check(cudaGetLastError(), "moments kernel launch");
   if (fixed::finalized(p)) {
     finalize_kernel<T><<<blocks, kThreads, 0, stream>>>(args);

@@ -305,6 +305,13 @@ SFGRPO_HD uint32_t ballot(const Lanes<bool>& p) {
 
 SFGRPO_HD bool any(const Lanes<bool>& p) { return ballot(p) != 0; }
 
+// The warp's lanes wait for each other (their shared-memory writes are then visible to one another).
+SFGRPO_HD void sync() {
+#if defined(__CUDA_ARCH__)
+  __syncwarp();
+#endif
+}
+
 // Lane l gets lane l - delta's value (l < delta: its own).
 template <typename T>
 SFGRPO_HD Lanes<T> shfl_up(const Lanes<T>& v, int delta) {
@@ -619,6 +626,54 @@ SFGRPO_HD double std_of(const Scales& sc, const uint64_t* moments, int ddof) {
   return math::std_from(squared_deviations(sc, moments), static_cast<double>(sc.count), ddof);
 }
 
+// ------------------------------------------------------------------------------- warp rows
+// A warp's tile: the values of its rows as one contiguous block (rows x columns <= 2^30: the engine
+// takes rows of at most kMaxWidth rewards, so the tile's arithmetic is 32-bit), and each lane's place
+// in it, (row, column) of the lane's next value; a round moves every lane 32 values on. Phase 3
+// stores the advantages tile by tile; the rows' staging (fixed_point_blocks.h) copies the rewards'.
+template <typename T>
+struct Tile {
+  const T* rewards;  // the tile's first row
+  T* out;            // phase 3: the advantages' tile
+  int values;        // rows x columns
+  int columns;
+  int width;         // rewards per row
+  int round_rows;    // 32 / columns
+  int round_columns;  // 32 % columns
+
+  SFGRPO_HD void start(Lanes<int>& row, Lanes<int>& column) const {
+    warp::each([&](int lane) {
+      row[lane] = lane / columns;
+      column[lane] = lane % columns;
+    });
+  }
+  SFGRPO_HD void advance(Lanes<int>& row, Lanes<int>& column) const {
+    warp::each([&](int lane) {
+      column[lane] += round_columns;
+      row[lane] += round_rows;
+      if (column[lane] >= columns) {
+        column[lane] -= columns;
+        row[lane] += 1;
+      }
+    });
+  }
+};
+
+// Where phases 1 and 2 read the warp's rows: lane l's row at first + l * stride. The rewards
+// themselves (stride = width), or the warp's copy of them in shared memory (fixed_point_blocks.h).
+template <typename T>
+struct WarpRows {
+  const T* first;
+  int64_t stride;
+
+  SFGRPO_HD const T* row(int lane) const { return first + lane * stride; }
+};
+
+template <typename T>
+SFGRPO_HD WarpRows<T> global_rows(const Args<T>& a, int64_t base) {
+  return WarpRows<T>{a.rewards + base * a.p.width, a.p.width};
+}
+
 // ------------------------------------------------------------------------------- phase 1
 // The group of id (row i, the first of its run): claims a slot or finds the one holding the id.
 // Returns the representative row; `claimed` when it is row i.
@@ -662,9 +717,9 @@ SFGRPO_HD void row_range(const AdvantageProblem& p, const T* row, int64_t s, uin
   lo = any ? ~order_code(low) : 0;
 }
 
-// Phase 1 for the warp's rows base .. base + 31.
+// Phase 1 for the warp's rows base .. base + 31, their rewards read from `rows`.
 template <typename T>
-SFGRPO_HD void insert_warp(const Args<T>& a, int64_t base) {
+SFGRPO_HD void insert_warp(const Args<T>& a, int64_t base, const WarpRows<T>& rows) {
   const AdvantageProblem& p = a.p;
   const Workspace& w = a.w;
   const int64_t stat_columns = p.stat_columns();
@@ -674,7 +729,7 @@ SFGRPO_HD void insert_warp(const Args<T>& a, int64_t base) {
     const int64_t i = base + lane;
     active[lane] = i < p.rows;
     id[lane] = active[lane] ? a.ids[i] : 0;
-    finite[lane] = active[lane] && math::row_is_finite(a.rewards + i * p.width, p.width);
+    finite[lane] = active[lane] && math::row_is_finite(rows.row(lane), p.width);
   });
   const Runs runs = runs_of(id, active);
 
@@ -726,7 +781,7 @@ SFGRPO_HD void insert_warp(const Args<T>& a, int64_t base) {
     warp::each([&](int lane) {
       codes[0][lane] = 0;
       codes[1][lane] = 0;
-      if (finite[lane]) row_range(p, a.rewards + (base + lane) * p.width, s, codes[0][lane], codes[1][lane]);
+      if (finite[lane]) row_range(p, rows.row(lane), s, codes[0][lane], codes[1][lane]);
     });
     if (p.global_std) {
       warp::max_once(w.batch_range + s * kRangeWords, warp::maximum(codes[0]));
@@ -767,9 +822,9 @@ SFGRPO_HD void limbs_of(const Moments& m, const Scales& sc, uint64_t& s1, uint64
   split(m.squares, sc.split, low, high);
 }
 
-// Phase 2 for the warp's rows base .. base + 31.
+// Phase 2 for the warp's rows base .. base + 31, their rewards read from `rows`.
 template <typename T>
-SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base) {
+SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base, const WarpRows<T>& rows) {
   const AdvantageProblem& p = a.p;
   const Workspace& w = a.w;
   const int64_t stat_columns = p.stat_columns();
@@ -798,7 +853,7 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base) {
       const Scales sc = scales_of(w.range + (static_cast<int64_t>(rep[lane]) * stat_columns + s) * kRangeWords,
                                   uint64_t{rows_of_group[lane]} * per_row);
       if (!sc.any || sc.equal) return;  // all values equal: the statistic needs no sums
-      const Moments m = row_moments(p, a.rewards + (base + lane) * p.width, s, sc);
+      const Moments m = row_moments(p, rows.row(lane), s, sc);
       limbs_of(m, sc, parts[0][lane], parts[1][lane], parts[2][lane]);
       if (p.global_std) parts[1][lane] = parts[2][lane] = 0;  // the group's std is not used
     });
@@ -808,7 +863,7 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base) {
       warp::each([&](int lane) {
         for (int k = 0; k < kMomentWords; ++k) batch_parts[k][lane] = 0;
         if (!finite[lane] || !sc.any || sc.equal) return;
-        const Moments m = row_moments(p, a.rewards + (base + lane) * p.width, s, sc);
+        const Moments m = row_moments(p, rows.row(lane), s, sc);
         limbs_of(m, sc, batch_parts[0][lane], batch_parts[1][lane], batch_parts[2][lane]);
       });
       for (int k = 0; k < kMomentWords; ++k) {
@@ -964,37 +1019,6 @@ SFGRPO_HD RowStats row_stats(const Args<T>& a, int64_t base) {
   });
   return rows;
 }
-
-// The warp's tile: its values (rows x columns <= 2^30: the engine takes rows of at most
-// kMaxWidth rewards, so the tile's arithmetic is 32-bit) and each lane's place in it, (row,
-// column) of the lane's next value; a round moves every lane 32 values on.
-template <typename T>
-struct Tile {
-  const T* rewards;  // the tile's first row
-  T* out;
-  int values;        // rows x columns
-  int columns;
-  int width;         // rewards per row
-  int round_rows;    // 32 / columns
-  int round_columns;  // 32 % columns
-
-  SFGRPO_HD void start(Lanes<int>& row, Lanes<int>& column) const {
-    warp::each([&](int lane) {
-      row[lane] = lane / columns;
-      column[lane] = lane % columns;
-    });
-  }
-  SFGRPO_HD void advance(Lanes<int>& row, Lanes<int>& column) const {
-    warp::each([&](int lane) {
-      column[lane] += round_columns;
-      row[lane] += round_rows;
-      if (column[lane] >= columns) {
-        column[lane] -= columns;
-        row[lane] += 1;
-      }
-    });
-  }
-};
 
 // Up to kRounds rounds of the tile's values from `first` on: each value's reward (and the next, for
 // a gain) and its (row, column); the cursor (row, column) moves past them. With finalized

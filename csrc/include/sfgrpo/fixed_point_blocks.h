@@ -11,6 +11,7 @@
 // range or moment sums with global_std) are staged in shared memory: the block's warps combine
 // there, and each word reaches global memory in one atomic per block instead of one per warp
 // (same-address atomics serialise in L2). Integer sums and maxima: the same bits in any grouping.
+// Rows of up to a few dozen rewards are staged in shared memory too (below, "row staging").
 #pragma once
 #include <cstdint>
 
@@ -91,6 +92,63 @@ SFGRPO_HD void flush_staged_word(const Workspace& w, const Staging& st, int k, u
   }
 }
 
+// ---------------------------------------------------------------------------------- row staging
+// Phases 1 and 2 read a row's rewards in its own lane, several times (finiteness, range, moments):
+// from global memory, each load instruction of the warp would touch 32 rows, 32 sectors for 4 or 8
+// bytes each (on an H100, 2026-11-27, 78 % of the cooperative kernel's sectors were such excess, and
+// waits on L1TEX were half the insert phase's stalls). So each warp first copies its 32 rows to the
+// block's shared memory with coalesced loads (consecutive lanes, consecutive rewards), and its lanes
+// read their rows there: `stage_stride` values apart, an odd number, so the 32 lanes' reads of one
+// column fall in 32 distinct banks. Rows too wide for kStageRowBytes are read from global memory.
+constexpr int64_t kStageRowBytes = 152;  // with the staged words, a block stays under 48 KiB of shared memory
+constexpr int kStageRounds = 4;          // rounds of 32 rewards loaded before they are stored
+
+SFGRPO_HD int64_t stage_stride(int64_t width) { return width | 1; }
+
+// Bytes of shared memory a block's staged rows take (0: rows too wide, read from global memory).
+SFGRPO_HD int64_t stage_bytes(const AdvantageProblem& p, int64_t element_bytes) {
+  const int64_t row = stage_stride(p.width) * element_bytes;
+  return row <= kStageRowBytes ? row * kThreads : 0;
+}
+
+constexpr int64_t kMaxStageBytes = kStageRowBytes * kThreads;
+
+// The warp's rows base .. base + 31 (those in the batch) copied to `stage`, the warp's 32 x
+// stage_stride(width) values; returns where the phases read them.
+template <typename T>
+SFGRPO_HD WarpRows<T> stage_rows(const Args<T>& a, int64_t base, T* stage) {
+  const AdvantageProblem& p = a.p;
+  const int width = static_cast<int>(p.width);  // staged rows are narrow
+  const int stride = static_cast<int>(stage_stride(p.width));
+  const int rows = static_cast<int>(p.rows - base < kWarpSize ? p.rows - base : kWarpSize);
+  const Tile<T> tile{a.rewards + base * p.width, nullptr, rows * width, width, width, kWarpSize / width,
+                     kWarpSize % width};
+  Lanes<int> row, column;
+  tile.start(row, column);
+  warp::sync();  // every lane is done reading what the warp staged before
+  for (int first = 0; first < tile.values; first += kWarpSize * kStageRounds) {
+    Lanes<T> value[kStageRounds];
+    Lanes<int> at[kStageRounds];
+    SFGRPO_UNROLL
+    for (int k = 0; k < kStageRounds; ++k) {
+      warp::each([&](int lane) {
+        const int e = first + k * kWarpSize + lane;  // the tile is contiguous: its value e is rewards[e]
+        at[k][lane] = e < tile.values ? row[lane] * stride + column[lane] : -1;
+        value[k][lane] = e < tile.values ? tile.rewards[e] : T(0);
+      });
+      tile.advance(row, column);
+    }
+    SFGRPO_UNROLL
+    for (int k = 0; k < kStageRounds; ++k) {
+      warp::each([&](int lane) {
+        if (at[k][lane] >= 0) stage[at[k][lane]] = value[k][lane];
+      });
+    }
+  }
+  warp::sync();
+  return WarpRows<T>{stage, stride};
+}
+
 // ------------------------------------------------------------------------------- block model
 // Like the warp model: on the device the calling thread's share of the block's work, in the
 // emulation all of it, one block at a time (so plain memory stands for the block's shared memory
@@ -144,19 +202,26 @@ SFGRPO_HD int64_t next_warp(Block b, int64_t base) {
 
 // Block b of phase 1 (kInsert) or 2, `staged` its shared memory (staged_words(batch_words) words,
 // any contents): the staged words zeroed, the block's warps run the phase with their common
-// accumulators there, then each word's total goes to global memory in one atomic.
+// accumulators there, then each word's total goes to global memory in one atomic. `stage`: the
+// block's shared memory for its rows (stage_bytes(p, sizeof(T)) bytes, any contents), nullptr to read
+// them from global memory.
 template <bool kInsert, typename T>
-SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* staged, Block b) {
+SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* staged, T* stage, Block b) {
   const Staging st = staging_of(a.w, kInsert, batch_words);
   const int words = staged_words(batch_words);
   block::each_word(words, [&](int k) { staged[k] = 0; });
   block::sync();
   const Args<T> local = staged_args(a, st, staged);
+  const int64_t stride = stage_stride(a.p.width);
   for (int64_t base = block::first_warp(b); base < a.p.rows; base = block::next_warp(b, base)) {
+    // the warp's slice of the stage: its place in the block (a warp keeps it in every round)
+    const WarpRows<T> rows = stage != nullptr
+                                 ? stage_rows(a, base, stage + (base % kThreads) / kWarpSize * kWarpSize * stride)
+                                 : global_rows(a, base);
     if (kInsert) {
-      insert_warp(local, base);
+      insert_warp(local, base, rows);
     } else {
-      moments_warp(local, base);
+      moments_warp(local, base, rows);
     }
   }
   block::sync();  // every warp's atomics are in
