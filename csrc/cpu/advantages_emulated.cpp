@@ -22,12 +22,14 @@ namespace {
 // word before it is cleared gets garbage here too.
 constexpr uint64_t kUnwritten = 0x5a5a5a5a5a5a5a5aULL;
 
-// Phase 1 (kInsert) or 2 as warp_rows_kernel runs it: every block of the grid (capped at
-// `max_blocks` when > 0, as the cooperative single launch caps it) in turn, `staged` and `stage`
-// standing for its shared memory. Not `as_launched`: warp by warp over the rows, no staging of
-// accumulators or rows.
+// Phase 1 (kInsert) or 2 as warp_rows_kernel runs it, or (`max_blocks` > 0) as the cooperative
+// single launch does, its grid capped at max_blocks: every block of the grid in turn, `staged` and
+// the block's part of `stages` standing for its shared memory. The single launch's blocks keep their
+// shared memory from phase 1 to 2 (`stages` is the grid's, kept by the caller between the phases);
+// separate kernels do not (phase 2 finds NaNs there). Not `as_launched`: warp by warp over the rows,
+// no staging of accumulators or rows.
 template <bool kInsert, typename T>
-void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks) {
+void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks, std::vector<T>& stages) {
   if (!as_launched) {
     for (int64_t base = 0; base < a.p.rows; base += fixed::kWarpSize) {
       if (kInsert) {
@@ -40,16 +42,23 @@ void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks) {
   }
   const int batch_words = fixed::staged_batch_words(a.p, kInsert);
   std::vector<uint64_t> staged(fixed::staged_words(batch_words));
-  // the rows' stage, garbage until a warp copies its rows there (a phase that read a row it did not
-  // stage would get NaNs, not the rewards)
-  const int64_t stage_bytes = fixed::stage_bytes(a.p, sizeof(T));
-  std::vector<T> stage(static_cast<size_t>(stage_bytes) / sizeof(T));
+  const size_t stage_values = static_cast<size_t>(fixed::stage_bytes(a.p, sizeof(T))) / sizeof(T);
   const unsigned blocks = static_cast<unsigned>(fixed::grid_blocks(a.p.rows, max_blocks));
+  // the single launch's stages outlive phase 1 when one round covers the batch: then every block's
+  // is kept, otherwise one block's stands for each in turn
+  const bool persistent = max_blocks > 0 && stage_values > 0 && fixed::one_round(a.p.rows, fixed::Block{0, blocks});
+  const bool kept = !kInsert && persistent;
+  if (!kept) {
+    // garbage until a warp copies its rows there: a phase that read a row it did not stage would get
+    // NaNs, not the rewards
+    stages.assign(stage_values * (persistent ? blocks : 1), T(0));
+    std::memset(stages.data(), 0xff, stages.size() * sizeof(T));
+  }
   for (unsigned b = 0; b < blocks; ++b) {
     std::fill(staged.begin(), staged.end(), kUnwritten);
-    std::memset(stage.data(), 0xff, stage.size() * sizeof(T));  // NaNs
-    fixed::warp_rows_block<kInsert>(a, batch_words, staged.data(), stage_bytes > 0 ? stage.data() : nullptr,
-                                    fixed::Block{b, blocks});
+    T* stage = stage_values == 0 ? nullptr : stages.data() + (persistent ? b * stage_values : 0);
+    if (!persistent && b > 0) std::memset(stage, 0xff, stage_values * sizeof(T));
+    fixed::warp_rows_block<kInsert>(a, batch_words, staged.data(), stage, kept, fixed::Block{b, blocks});
   }
 }
 
@@ -91,7 +100,8 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
   }
   const fixed::Args<T> a{p, rewards, group_ids, out, stats, nullptr, w};
 
-  run_warp_rows<true>(a, as_launched, max_blocks);
+  std::vector<T> stages;  // the grid's staged rows (shared memory), kept from phase 1 to 2 by the single launch
+  run_warp_rows<true>(a, as_launched, max_blocks, stages);
   const int64_t groups = static_cast<int64_t>(counters[0]);
   if (stats.requested()) {  // the device sorts the claims by id with CUB
     std::vector<int64_t> order(groups);
@@ -102,7 +112,7 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
       sorted_reps[j] = claim_reps[order[j]];
     }
   }
-  run_warp_rows<false>(a, as_launched, max_blocks);
+  run_warp_rows<false>(a, as_launched, max_blocks, stages);
   if (fixed::finalized(p)) {
     for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::finalize_warp(a, base);  // any order
   }

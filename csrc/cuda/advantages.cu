@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   extern __shared__ unsigned long long staged[];
   fixed::warp_rows_block<kInsert>(a, batch_words, reinterpret_cast<uint64_t*>(staged),
                                   row_stage<T>(staged, fixed::staged_words(batch_words), staged_rows),
-                                  fixed::Block{blockIdx.x, gridDim.x});
+                                  false, fixed::Block{blockIdx.x, gridDim.x});
 }
 
 // Phase 2b (fixed::finalized problems only): the statistics of the groups that the block's warps of
@@ -188,9 +188,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   if (first == 0 && zeroed_words % 2 != 0) zeroed[zeroed_words - 1] = 0;
   grid.sync();
   const fixed::Block block{blockIdx.x, gridDim.x};
-  fixed::warp_rows_block<true>(a, insert_batch, reinterpret_cast<uint64_t*>(staged), stage, block);
+  fixed::warp_rows_block<true>(a, insert_batch, reinterpret_cast<uint64_t*>(staged), stage, false, block);
   grid.sync();
-  fixed::warp_rows_block<false>(a, moments_batch, reinterpret_cast<uint64_t*>(staged), stage, block);
+  // one round: each warp's stage still holds its rows, phase 2 reads them without copying them again
+  const bool kept = stage != nullptr && fixed::one_round(a.p.rows, block);
+  fixed::warp_rows_block<false>(a, moments_batch, reinterpret_cast<uint64_t*>(staged), stage, kept, block);
   grid.sync();
   if (fixed::finalized(a.p)) {
     finalize_rows(a);

@@ -200,13 +200,18 @@ SFGRPO_HD int64_t next_warp(Block b, int64_t base) {
 
 }  // namespace block
 
+// Whether a grid of b.count blocks takes every row in its first round.
+SFGRPO_HD bool one_round(int64_t rows, Block b) { return static_cast<int64_t>(b.count) * kThreads >= rows; }
+
 // Block b of phase 1 (kInsert) or 2, `staged` its shared memory (staged_words(batch_words) words,
 // any contents): the staged words zeroed, the block's warps run the phase with their common
 // accumulators there, then each word's total goes to global memory in one atomic. `stage`: the
-// block's shared memory for its rows (stage_bytes(p, sizeof(T)) bytes, any contents), nullptr to read
-// them from global memory.
+// block's shared memory for its rows (stage_bytes(p, sizeof(T)) bytes), nullptr to read them from
+// global memory; `kept`: it still holds the rows the block's warps staged in the phase before (the
+// cooperative launch's phase 2 when one round covers the batch: same block, warps and rows), else
+// any contents.
 template <bool kInsert, typename T>
-SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* staged, T* stage, Block b) {
+SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* staged, T* stage, bool kept, Block b) {
   const Staging st = staging_of(a.w, kInsert, batch_words);
   const int words = staged_words(batch_words);
   block::each_word(words, [&](int k) { staged[k] = 0; });
@@ -215,9 +220,9 @@ SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* stag
   const int64_t stride = stage_stride(a.p.width);
   for (int64_t base = block::first_warp(b); base < a.p.rows; base = block::next_warp(b, base)) {
     // the warp's slice of the stage: its place in the block (a warp keeps it in every round)
-    const WarpRows<T> rows = stage != nullptr
-                                 ? stage_rows(a, base, stage + (base % kThreads) / kWarpSize * kWarpSize * stride)
-                                 : global_rows(a, base);
+    T* slice = stage + (base % kThreads) / kWarpSize * kWarpSize * stride;
+    const WarpRows<T> rows = stage == nullptr ? global_rows(a, base)
+                                              : (kept ? WarpRows<T>{slice, stride} : stage_rows(a, base, slice));
     if (kInsert) {
       insert_warp(local, base, rows);
     } else {
