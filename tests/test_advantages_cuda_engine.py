@@ -502,6 +502,30 @@ def test_a_capped_grid_gives_the_same_bits(max_blocks, global_std):
         assert torch.equal(capped, full)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [2, 4, 11])
+@pytest.mark.parametrize("gains, pooled", [(True, True), (True, False), (False, False)],
+                         ids=["joint", "per_step", "columns"])
+def test_single_launch_reads_the_rows_it_staged(gains, pooled, width, dtype):
+    # the cooperative launch in one round (396 blocks over 3,000 rows) stages each warp's rows once, in
+    # phase 1, and phases 2 and 3 read them there (an even width is staged width + 1 apart): the bits
+    # of the separate kernels, which read the rewards, and the SPEC's advantages
+    rows = 3000
+    ids = random_layout(rows, max_group=16, seed=width)
+    rewards = rewards_for(ids, width, dtype, seed=width + 7)
+    rewards[[3, rows // 3], [0, width - 1]] = float("inf")
+    problem = dict(gains=gains, pooled=pooled, eps=1e-6)
+    full, _, *full_counts = run_engine("emulated", rewards, ids, **problem)
+    single, _, *single_counts = run_engine("emulated", rewards, ids, max_blocks=396, **problem)
+    assert single_counts == full_counts == [len(torch.unique(ids)), 2]
+    assert torch.equal(single, full)
+    if gains:
+        expected = numpy_gain_advantages(rewards, ids, normalize="joint" if pooled else "per_step", eps=1e-6)
+    else:
+        expected = numpy_group_advantages(rewards, ids, eps=1e-6)
+    assert_matches(single, expected, dtype)
+
+
 # ------------------------------------------------------------------------------------- GPU
 @needs_cuda
 @pytest.mark.parametrize("layout", ["prompts", "random_ids", "edge_ids", "one_group"])

@@ -25,11 +25,11 @@ constexpr uint64_t kUnwritten = 0x5a5a5a5a5a5a5a5aULL;
 // Phase 1 (kInsert) or 2 as warp_rows_kernel runs it, or (`max_blocks` > 0) as the cooperative
 // single launch does, its grid capped at max_blocks: every block of the grid in turn, `staged` and
 // the block's part of `stages` standing for its shared memory. The single launch's blocks keep their
-// shared memory from phase 1 to 2 (`stages` is the grid's, kept by the caller between the phases);
-// separate kernels do not (phase 2 finds NaNs there). Not `as_launched`: warp by warp over the rows,
-// no staging of accumulators or rows.
+// shared memory from phase to phase when one round covers the batch (`persistent`: `stages` is then
+// the grid's, kept by the caller for phases 2 and 3); separate kernels do not (phase 2 finds NaNs
+// there). Not `as_launched`: warp by warp over the rows, no staging of accumulators or rows.
 template <bool kInsert, typename T>
-void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks, std::vector<T>& stages) {
+void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks, bool persistent, std::vector<T>& stages) {
   if (!as_launched) {
     for (int64_t base = 0; base < a.p.rows; base += fixed::kWarpSize) {
       if (kInsert) {
@@ -44,10 +44,7 @@ void run_warp_rows(const fixed::Args<T>& a, bool as_launched, int max_blocks, st
   std::vector<uint64_t> staged(fixed::staged_words(batch_words));
   const size_t stage_values = static_cast<size_t>(fixed::stage_bytes(a.p, sizeof(T))) / sizeof(T);
   const unsigned blocks = static_cast<unsigned>(fixed::grid_blocks(a.p.rows, max_blocks));
-  // the single launch's stages outlive phase 1 when one round covers the batch: then every block's
-  // is kept, otherwise one block's stands for each in turn
-  const bool persistent = max_blocks > 0 && stage_values > 0 && fixed::one_round(a.p.rows, fixed::Block{0, blocks});
-  const bool kept = !kInsert && persistent;
+  const bool kept = !kInsert && persistent;  // else one block's stage stands for each in turn
   if (!kept) {
     // garbage until a warp copies its rows there: a phase that read a row it did not stage would get
     // NaNs, not the rewards
@@ -100,8 +97,14 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
   }
   const fixed::Args<T> a{p, rewards, group_ids, out, stats, nullptr, w};
 
-  std::vector<T> stages;  // the grid's staged rows (shared memory), kept from phase 1 to 2 by the single launch
-  run_warp_rows<true>(a, as_launched, max_blocks, stages);
+  // the rows staged in shared memory: the single launch's (max_blocks > 0) outlive phase 1 when one
+  // round covers the batch, and phases 2 and 3 read them there
+  const int64_t stage_values = fixed::stage_bytes(p, sizeof(T)) / static_cast<int64_t>(sizeof(T));
+  const int blocks = fixed::grid_blocks(n, max_blocks);
+  const bool persistent = as_launched && max_blocks > 0 && stage_values > 0 &&
+                          fixed::one_round(n, fixed::Block{0, static_cast<unsigned>(blocks)});
+  std::vector<T> stages;
+  run_warp_rows<true>(a, as_launched, max_blocks, persistent, stages);
   const int64_t groups = static_cast<int64_t>(counters[0]);
   if (stats.requested()) {  // the device sorts the claims by id with CUB
     std::vector<int64_t> order(groups);
@@ -112,11 +115,15 @@ AdvantageCounts advantages_cuda_emulated(const AdvantageProblem& p, const T* rew
       sorted_reps[j] = claim_reps[order[j]];
     }
   }
-  run_warp_rows<false>(a, as_launched, max_blocks, stages);
+  run_warp_rows<false>(a, as_launched, max_blocks, persistent, stages);
   if (fixed::finalized(p)) {
     for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::finalize_warp(a, base);  // any order
   }
-  for (int64_t base = 0; base < n; base += fixed::kWarpSize) fixed::write_warp(a, base);  // any order: no atomics
+  for (int64_t base = 0; base < n; base += fixed::kWarpSize) {  // any order: no atomics
+    // one round: block base / 256's stage
+    const T* kept = persistent ? stages.data() + base / fixed::kThreads * stage_values : nullptr;
+    fixed::write_warp(a, base, fixed::kept_or_global_rows(a, base, kept));
+  }
   if (stats.requested()) {
     for (int64_t j = 0; j < groups; ++j) fixed::write_stats_row(a, j);
   }

@@ -145,10 +145,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) finalize_kernel(fix
 // Phase 3: the advantages of the block's warps of rows (a coalesced tile each), then the statistics
 // rows (ids sorted) in a grid-stride loop, and the counts.
 template <typename T>
-__device__ void write_rows(const fixed::Args<T>& a) {
+__device__ void write_rows(const fixed::Args<T>& a, const T* kept_stage) {
   const fixed::Block block{blockIdx.x, gridDim.x};
   for (int64_t base = fixed::block::first_warp(block); base < a.p.rows; base = fixed::block::next_warp(block, base)) {
-    fixed::write_warp(a, base);
+    fixed::write_warp(a, base, fixed::kept_or_global_rows(a, base, kept_stage));
   }
   const int64_t groups = static_cast<int64_t>(a.w.counters[0]);
   if (a.stats.requested()) {
@@ -165,7 +165,7 @@ __device__ void write_rows(const fixed::Args<T>& a) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) write_kernel(fixed::Args<T> a) {
-  write_rows(a);
+  write_rows(a, static_cast<const T*>(nullptr));
 }
 
 // The whole call without statistics in one cooperative launch (every block resident, so the grid
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     finalize_rows(a);
     grid.sync();
   }
-  write_rows(a);
+  write_rows(a, kept ? stage : nullptr);  // the staged rows again, for the tile's loads
 }
 
 // Claims past the last group sort last: the largest key, and (the sort is stable) after any real

@@ -1113,12 +1113,12 @@ SFGRPO_HD void store_rounds(const Args<T>& a, const Tile<T>& tile, const RowStat
 }
 
 template <int kRounds, StatSource kSource, typename T>
-SFGRPO_HD void write_tile(const Args<T>& a, int64_t base) {
+SFGRPO_HD void write_tile(const Args<T>& a, int64_t base, const WarpRows<T>& source) {
   const AdvantageProblem& p = a.p;
   const int columns = static_cast<int>(p.columns());
   const int tile_rows = static_cast<int>(p.rows - base < kWarpSize ? p.rows - base : kWarpSize);
-  const Tile<T> tile{a.rewards + base * p.width, a.out + base * columns, tile_rows * columns, columns,
-                     static_cast<int>(p.width), kWarpSize / columns, kWarpSize % columns};
+  const Tile<T> tile{source.first, a.out + base * columns, tile_rows * columns, columns,
+                     static_cast<int>(source.stride), kWarpSize / columns, kWarpSize % columns};
   Lanes<int> row, column;
   tile.start(row, column);
   TileRound<kRounds, kSource, T> loaded;
@@ -1133,14 +1133,16 @@ SFGRPO_HD void write_tile(const Args<T>& a, int64_t base) {
   }
 }
 
+// Phase 3 for the warp's rows base .. base + 31, their rewards read from `source` (the rewards, or
+// the cooperative launch's stage, which still holds them when one round covers the batch).
 template <typename T>
-SFGRPO_HD void write_warp(const Args<T>& a, int64_t base) {
+SFGRPO_HD void write_warp(const Args<T>& a, int64_t base, const WarpRows<T>& source) {
   if (a.p.pooled) {
-    write_tile<kPooledRounds, StatSource::kRow>(a, base);
+    write_tile<kPooledRounds, StatSource::kRow>(a, base, source);
   } else if (finalized(a.p)) {
-    write_tile<kFinalRounds, StatSource::kFinal>(a, base);
+    write_tile<kFinalRounds, StatSource::kFinal>(a, base, source);
   } else {
-    write_tile<1, StatSource::kValue>(a, base);
+    write_tile<1, StatSource::kValue>(a, base, source);
   }
 }
 

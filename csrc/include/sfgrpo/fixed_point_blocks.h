@@ -203,6 +203,21 @@ SFGRPO_HD int64_t next_warp(Block b, int64_t base) {
 // Whether a grid of b.count blocks takes every row in its first round.
 SFGRPO_HD bool one_round(int64_t rows, Block b) { return static_cast<int64_t>(b.count) * kThreads >= rows; }
 
+// The warp at `base`'s slice of its block's stage (a warp keeps its place, so its slice, in every
+// round and phase).
+template <typename T>
+SFGRPO_HD T* stage_slice(T* stage, int64_t base, int64_t stride) {
+  return stage + (base % kThreads) / kWarpSize * kWarpSize * stride;
+}
+
+// Where phase 3 reads the warp's rows: the stage that still holds them (`kept`, non-null: the
+// cooperative launch in one round), else the rewards.
+template <typename T>
+SFGRPO_HD WarpRows<T> kept_or_global_rows(const Args<T>& a, int64_t base, const T* kept) {
+  const int64_t stride = stage_stride(a.p.width);
+  return kept != nullptr ? WarpRows<T>{stage_slice(kept, base, stride), stride} : global_rows(a, base);
+}
+
 // Block b of phase 1 (kInsert) or 2, `staged` its shared memory (staged_words(batch_words) words,
 // any contents): the staged words zeroed, the block's warps run the phase with their common
 // accumulators there, then each word's total goes to global memory in one atomic. `stage`: the
@@ -220,7 +235,7 @@ SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* stag
   const int64_t stride = stage_stride(a.p.width);
   for (int64_t base = block::first_warp(b); base < a.p.rows; base = block::next_warp(b, base)) {
     // the warp's slice of the stage: its place in the block (a warp keeps it in every round)
-    T* slice = stage + (base % kThreads) / kWarpSize * kWarpSize * stride;
+    T* slice = stage_slice(stage, base, stride);
     const WarpRows<T> rows = stage == nullptr ? global_rows(a, base)
                                               : (kept ? WarpRows<T>{slice, stride} : stage_rows(a, base, slice));
     if (kInsert) {
