@@ -236,24 +236,33 @@ static bool capturing(cudaStream_t stream) {
 
 constexpr int kMaxDevices = 64;
 
-// Blocks of single_launch_kernel<T> that the current device runs at once (with the most shared
-// memory a call can ask for: at most 48 KiB, no opt-in needed), 0 when it does not do cooperative launches; queried once per device.
+// Shared memory of a single launch, in classes of kSharedStep bytes: the occupancy is asked once per
+// device and class, for the class's largest size (a launch asks for at most 48 KiB: no opt-in).
+constexpr size_t kSharedStep = 2048;
+constexpr size_t kMaxShared = sizeof(uint64_t) * fixed::kMaxStagedWords + fixed::kMaxStageBytes;
+constexpr int kSharedClasses = static_cast<int>((kMaxShared + kSharedStep - 1) / kSharedStep) + 1;
+
+// Blocks of single_launch_kernel<T> that the current device runs at once with `shared` bytes of
+// shared memory each, 0 when it does not do cooperative launches. Wide staged rows lower it on a
+// GPU with little shared memory per SM (a launch's grid must be resident at once: fewer blocks take
+// more grid-stride rounds); an H100's registers allow 3 blocks per SM whatever the stage.
 template <typename T>
-static int resident_blocks() {
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, else blocks + 1
+static int resident_blocks(size_t shared) {
+  static std::atomic<int> known[kMaxDevices][kSharedClasses];  // 0: not asked yet, else blocks + 1
   int device = 0;
   check(cudaGetDevice(&device), "current device");
-  if (device < 0 || device >= kMaxDevices) return 0;
-  int cached = known[device].load(std::memory_order_relaxed);
+  const int size_class = static_cast<int>((shared + kSharedStep - 1) / kSharedStep);
+  if (device < 0 || device >= kMaxDevices || size_class >= kSharedClasses) return 0;
+  int cached = known[device][size_class].load(std::memory_order_relaxed);
   if (cached != 0) return cached - 1;
   int cooperative = 0, sms = 0, per_sm = 0;
   check(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device attributes");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "device attributes");
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, single_launch_kernel<T>, kThreads,
-                                                      sizeof(uint64_t) * fixed::kMaxStagedWords + fixed::kMaxStageBytes),
+                                                      std::min(size_class * kSharedStep, kMaxShared)),
         "occupancy query");
   const int blocks = cooperative ? per_sm * sms : 0;
-  known[device].store(blocks + 1, std::memory_order_relaxed);
+  known[device][size_class].store(blocks + 1, std::memory_order_relaxed);
   return blocks;
 }
 
@@ -261,8 +270,6 @@ static int resident_blocks() {
 template <typename T>
 static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStream_t stream) {
   if (!single_launch_wanted() || capturing(stream)) return false;
-  const int resident = resident_blocks<T>();
-  if (resident <= 0) return false;
   const fixed::Args<T> a = args;
   uint64_t* zeroed = reinterpret_cast<uint64_t*>(c.w.counters);  // the workspace's start
   int64_t zeroed_words = static_cast<int64_t>((c.zeroed_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
@@ -271,6 +278,8 @@ static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStrea
   const int64_t stage_bytes = fixed::stage_bytes(a.p, sizeof(T));
   bool staged_rows = stage_bytes > 0;
   const size_t shared = sizeof(uint64_t) * fixed::staged_words(std::max(insert_batch, moments_batch)) + stage_bytes;
+  const int resident = resident_blocks<T>(shared);
+  if (resident <= 0) return false;
   const int blocks = fixed::grid_blocks(a.p.rows, resident);
   void* params[] = {const_cast<fixed::Args<T>*>(&a), &zeroed, &zeroed_words, &insert_batch, &moments_batch,
                     &staged_rows};
