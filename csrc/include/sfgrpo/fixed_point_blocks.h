@@ -18,6 +18,10 @@
 #include "sfgrpo/advantages.h"
 #include "sfgrpo/fixed_point_advantages.h"
 
+#if defined(__CUDACC__)
+#include <cuda_pipeline.h>  // cp.async (sm_80 and later: every architecture the build targets)
+#endif
+
 namespace sfgrpo {
 namespace fixed {
 
@@ -101,7 +105,6 @@ SFGRPO_HD void flush_staged_word(const Workspace& w, const Staging& st, int k, u
 // read their rows there: `stage_stride` values apart, an odd number, so the 32 lanes' reads of one
 // column fall in 32 distinct banks. Rows too wide for kStageRowBytes are read from global memory.
 constexpr int64_t kStageRowBytes = 152;  // with the staged words, a block stays under 48 KiB of shared memory
-constexpr int kStageRounds = 4;          // rounds of 32 rewards loaded before they are stored
 
 SFGRPO_HD int64_t stage_stride(int64_t width) { return width | 1; }
 
@@ -126,25 +129,24 @@ SFGRPO_HD WarpRows<T> stage_rows(const Args<T>& a, int64_t base, T* stage) {
   Lanes<int> row, column;
   tile.start(row, column);
   warp::sync();  // every lane is done reading what the warp staged before
-  for (int first = 0; first < tile.values; first += kWarpSize * kStageRounds) {
-    Lanes<T> value[kStageRounds];
-    Lanes<int> at[kStageRounds];
-    SFGRPO_UNROLL
-    for (int k = 0; k < kStageRounds; ++k) {
-      warp::each([&](int lane) {
-        const int e = first + k * kWarpSize + lane;  // the tile is contiguous: its value e is rewards[e]
-        at[k][lane] = e < tile.values ? row[lane] * stride + column[lane] : -1;
-        value[k][lane] = e < tile.values ? tile.rewards[e] : T(0);
-      });
-      tile.advance(row, column);
-    }
-    SFGRPO_UNROLL
-    for (int k = 0; k < kStageRounds; ++k) {
-      warp::each([&](int lane) {
-        if (at[k][lane] >= 0) stage[at[k][lane]] = value[k][lane];
-      });
-    }
+  for (int first = 0; first < tile.values; first += kWarpSize) {
+    warp::each([&](int lane) {
+      const int e = first + lane;  // the tile is contiguous: its value e is rewards[e]
+      if (e >= tile.values) return;
+#if defined(__CUDA_ARCH__)
+      // cp.async, global to shared memory without a register: every round's copy is in flight at
+      // once, and the warp waits for memory once (a load-then-store loop would wait per round)
+      __pipeline_memcpy_async(stage + row[lane] * stride + column[lane], tile.rewards + e, sizeof(T));
+#else
+      stage[row[lane] * stride + column[lane]] = tile.rewards[e];
+#endif
+    });
+    tile.advance(row, column);
   }
+#if defined(__CUDA_ARCH__)
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+#endif
   warp::sync();
   return WarpRows<T>{stage, stride};
 }
