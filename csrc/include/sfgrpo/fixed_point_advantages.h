@@ -44,6 +44,10 @@
 #include "sfgrpo/advantage_math.h"
 #include "sfgrpo/advantages.h"
 
+#if defined(__CUDACC__)
+#include <cuda_pipeline.h>  // cp.async (sm_80 and later: every architecture the build targets)
+#endif
+
 namespace sfgrpo {
 namespace fixed {
 
@@ -660,13 +664,24 @@ struct Tile {
 };
 
 // Where phases 1 and 2 read the warp's rows: lane l's row at first + l * stride. The rewards
-// themselves (stride = width), or the warp's copy of them in shared memory (fixed_point_blocks.h).
+// themselves (stride = width), or the warp's copy of them in shared memory (fixed_point_blocks.h),
+// `pending` while its copies may still be in flight: a phase calls wait() before it reads a row,
+// after its first loads of other data are issued (they then wait for memory with the copies).
 template <typename T>
 struct WarpRows {
   const T* first;
   int64_t stride;
+  bool pending = false;
 
   SFGRPO_HD const T* row(int lane) const { return first + lane * stride; }
+  SFGRPO_HD void wait() const {
+#if defined(__CUDA_ARCH__)
+    if (pending) {
+      __pipeline_wait_prior(0);  // this lane's copies have landed
+      __syncwarp();              // and every lane's
+    }
+#endif
+  }
 };
 
 template <typename T>
@@ -729,8 +744,9 @@ SFGRPO_HD void insert_warp(const Args<T>& a, int64_t base, const WarpRows<T>& ro
     const int64_t i = base + lane;
     active[lane] = i < p.rows;
     id[lane] = active[lane] ? a.ids[i] : 0;
-    finite[lane] = active[lane] && math::row_is_finite(rows.row(lane), p.width);
   });
+  rows.wait();
+  warp::each([&](int lane) { finite[lane] = active[lane] && math::row_is_finite(rows.row(lane), p.width); });
   const Runs runs = runs_of(id, active);
 
   // the first row of each run looks the id up; the run's other rows take its answer
@@ -841,6 +857,7 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base, const WarpRows<T>& r
     rep[lane] = packed >= 0 ? packed : ~packed;
     rows_of_group[lane] = finite[lane] ? w.size[rep[lane]] : 0;
   });
+  rows.wait();
   const Runs runs = runs_of(rep, active);
   const uint64_t batch = p.global_std ? batch_rows(p, w) : 0;
 

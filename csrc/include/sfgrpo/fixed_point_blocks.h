@@ -18,10 +18,6 @@
 #include "sfgrpo/advantages.h"
 #include "sfgrpo/fixed_point_advantages.h"
 
-#if defined(__CUDACC__)
-#include <cuda_pipeline.h>  // cp.async (sm_80 and later: every architecture the build targets)
-#endif
-
 namespace sfgrpo {
 namespace fixed {
 
@@ -117,7 +113,7 @@ SFGRPO_HD int64_t stage_bytes(const AdvantageProblem& p, int64_t element_bytes) 
 constexpr int64_t kMaxStageBytes = kStageRowBytes * kThreads;
 
 // The warp's rows base .. base + 31 (those in the batch) copied to `stage`, the warp's 32 x
-// stage_stride(width) values; returns where the phases read them.
+// stage_stride(width) values; returns where the phases read them, once they wait() for the copies.
 template <typename T>
 SFGRPO_HD WarpRows<T> stage_rows(const Args<T>& a, int64_t base, T* stage) {
   const AdvantageProblem& p = a.p;
@@ -135,7 +131,8 @@ SFGRPO_HD WarpRows<T> stage_rows(const Args<T>& a, int64_t base, T* stage) {
       if (e >= tile.values) return;
 #if defined(__CUDA_ARCH__)
       // cp.async, global to shared memory without a register: every round's copy is in flight at
-      // once, and the warp waits for memory once (a load-then-store loop would wait per round)
+      // once, and the warp waits for memory once, in the phase (a load-then-store loop would wait per
+      // round)
       __pipeline_memcpy_async(stage + row[lane] * stride + column[lane], tile.rewards + e, sizeof(T));
 #else
       stage[row[lane] * stride + column[lane]] = tile.rewards[e];
@@ -145,10 +142,8 @@ SFGRPO_HD WarpRows<T> stage_rows(const Args<T>& a, int64_t base, T* stage) {
   }
 #if defined(__CUDA_ARCH__)
   __pipeline_commit();
-  __pipeline_wait_prior(0);
 #endif
-  warp::sync();
-  return WarpRows<T>{stage, stride};
+  return WarpRows<T>{stage, stride, true};
 }
 
 // ------------------------------------------------------------------------------- block model
