@@ -563,12 +563,13 @@ struct Scales {
   int split = 64;       // S2 is kept as S2 mod 2^split and S2 >> split
 };
 
-SFGRPO_HD Scales scales_of(const uint64_t* range, uint64_t count) {
+// From the accumulator's range words {hi, ~lo} (order codes).
+SFGRPO_HD Scales scales_from(uint64_t hi_code, uint64_t lo_code, uint64_t count) {
   Scales sc;
   sc.count = count;
-  if (count == 0 || range[0] == 0) return sc;
-  const double hi = from_order_code(range[0]);
-  const double lo = from_order_code(~range[1]);
+  if (count == 0 || hi_code == 0) return sc;
+  const double hi = from_order_code(hi_code);
+  const double lo = from_order_code(~lo_code);
   sc.any = true;
   sc.equal = !(hi > lo);
   double center = hi;
@@ -588,6 +589,8 @@ SFGRPO_HD Scales scales_of(const uint64_t* range, uint64_t count) {
   sc.factor = sc.shift >= -1022 && sc.shift <= 1023 ? pow2(sc.shift) : 0.0;
   return sc;
 }
+
+SFGRPO_HD Scales scales_of(const uint64_t* range, uint64_t count) { return scales_from(range[0], range[1], count); }
 
 // round((v - c) * 2^k): a power-of-two product is exact or rounded once, like ldexp.
 SFGRPO_HD int64_t to_fixed(double v, const Scales& sc) {
@@ -838,6 +841,12 @@ SFGRPO_HD void limbs_of(const Moments& m, const Scales& sc, uint64_t& s1, uint64
   split(m.squares, sc.split, low, high);
 }
 
+// Phase 2 reads each group's ranges kRangeChunk statistics at a time, all before the chunk's first
+// atomic: the compiler cannot move a load past an atomic (they may alias), so a range read per
+// statistic would wait for memory once per statistic. The first chunk's are read with the group sizes,
+// before the rows' copies are waited for.
+constexpr int kRangeChunk = 4;
+
 // Phase 2 for the warp's rows base .. base + 31, their rewards read from `rows`.
 template <typename T>
 SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base, const WarpRows<T>& rows) {
@@ -847,6 +856,18 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base, const WarpRows<T>& r
   Lanes<bool> active, finite;
   Lanes<int> rep;
   Lanes<uint32_t> rows_of_group;
+  Lanes<uint64_t> hi[kRangeChunk], lo[kRangeChunk];  // statistics s .. s + kRangeChunk - 1 (at s: [0])
+  const auto gather_ranges = [&](int64_t first) {
+    warp::each([&](int lane) {
+      const uint64_t* range = w.range + (static_cast<int64_t>(rep[lane]) * stat_columns + first) * kRangeWords;
+      SFGRPO_UNROLL
+      for (int k = 0; k < kRangeChunk; ++k) {
+        const bool wanted = finite[lane] && first + k < stat_columns;
+        hi[k][lane] = wanted ? range[k * kRangeWords] : 0;
+        lo[k][lane] = wanted ? range[k * kRangeWords + 1] : 0;
+      }
+    });
+  };
   warp::each([&](int lane) {
     const int64_t i = base + lane;
     active[lane] = i < p.rows;
@@ -857,18 +878,27 @@ SFGRPO_HD void moments_warp(const Args<T>& a, int64_t base, const WarpRows<T>& r
     rep[lane] = packed >= 0 ? packed : ~packed;
     rows_of_group[lane] = finite[lane] ? w.size[rep[lane]] : 0;
   });
+  gather_ranges(0);
   rows.wait();
   const Runs runs = runs_of(rep, active);
   const uint64_t batch = p.global_std ? batch_rows(p, w) : 0;
 
   for (int64_t s = 0; s < stat_columns; ++s) {
+    if (s % kRangeChunk == 0 && s > 0) {
+      gather_ranges(s);
+    } else if (s > 0) {  // the next statistic's range to the front
+      SFGRPO_UNROLL
+      for (int k = 0; k + 1 < kRangeChunk; ++k) {
+        hi[k] = hi[k + 1];
+        lo[k] = lo[k + 1];
+      }
+    }
     const int64_t per_row = values_per_row(p, s);
     Lanes<uint64_t> parts[kMomentWords];
     warp::each([&](int lane) {
       for (int k = 0; k < kMomentWords; ++k) parts[k][lane] = 0;
       if (!finite[lane]) return;
-      const Scales sc = scales_of(w.range + (static_cast<int64_t>(rep[lane]) * stat_columns + s) * kRangeWords,
-                                  uint64_t{rows_of_group[lane]} * per_row);
+      const Scales sc = scales_from(hi[0][lane], lo[0][lane], uint64_t{rows_of_group[lane]} * per_row);
       if (!sc.any || sc.equal) return;  // all values equal: the statistic needs no sums
       const Moments m = row_moments(p, rows.row(lane), s, sc);
       limbs_of(m, sc, parts[0][lane], parts[1][lane], parts[2][lane]);
