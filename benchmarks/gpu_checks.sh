@@ -43,9 +43,11 @@
 # the fused-op tests cut short by their limit (the flux1 torch.compile test), the SDE-step bench and
 # tuning on the current code:
 #   call 1 (timeout 590 s): DEADLINE=560 WHEELS=.whl STEPS=tests,norms,tune,bench bash benchmarks/gpu_checks.sh
-#   the advantage engine's phase 2b (per-step statistics computed once per group) and cheaper statistics
-#   chain (2026-11-27, same bits, never run on a GPU): A/B against 871f2a8, the last measured state
-#   (per_step was 106.9 us of kernel time, joint 32.7-31.5), and the CUDA-engine tests with it;
+#   the advantage engine's rows staged in shared memory (cp.async, read by every phase of the single
+#   launch), phase 2b (per-step statistics once per group), ranges read in chunks and a cheaper
+#   statistics chain (2026-11-27, same bits, never run on a GPU): A/B against 871f2a8, the last measured
+#   state (per_step was 106.9 us of kernel time, joint 32.7-31.5), the CUDA-engine tests with it
+#   (tests/test_advantages_cuda_engine.py: CUDA == emulation), then `STEPS=ncu` if time is left;
 #   an engine change: `git archive -o .whl/baseline.tar <old commit>`, then
 #   DEADLINE=140 WHEELS=.whl BASELINE=.whl/baseline.tar STEPS=advantages,advbase bash benchmarks/gpu_checks.sh
 #   (both builds run in parallel before any step: ~110 s in all on an H100)
