@@ -2,8 +2,6 @@
 finds one flipped bit in one problem's output, the same bits pass, and a run's problems go through
 the emulated engine (a few of them here: the whole grid takes ~30 s)."""
 
-import importlib.util
-import pathlib
 import sys
 
 import pytest
@@ -11,16 +9,14 @@ import torch
 
 from sfgrpo import _native
 
+import benchmark_scripts
+
 pytestmark = pytest.mark.skipif(not _native.available(), reason="sfgrpo._C is not built")
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "advantage_bits.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("advantage_bits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("advantage_bits")
 
 
 def test_compare_finds_one_flipped_bit(script, tmp_path, monkeypatch, capsys):

@@ -2,21 +2,17 @@
 on the CPU with small shapes and its GPU timers replaced by stand-ins, so a GPU session does not
 discover a broken script. The timings themselves need a GPU."""
 
-import importlib.util
-import pathlib
 import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+import benchmark_scripts
 
 
 @pytest.fixture
 def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its `from bench_sde_step_gpu import ...`
-    spec = importlib.util.spec_from_file_location("bench_norms_gpu", BENCHMARKS / "bench_norms_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    monkeypatch.syspath_prepend(str(benchmark_scripts.BENCHMARKS))  # its `from bench_sde_step_gpu import ...`
+    module = benchmark_scripts.load("bench_norms_gpu")
     calls = []
 
     def fake_time(fn, *args, **kwargs):  # runs what would be timed, as the real timers do

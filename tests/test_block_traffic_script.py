@@ -2,23 +2,19 @@
 claims: fewer elementwise bytes for sfgrpo's fused block than for diffusers', and LoRA adapters that
 add peft's full-size passes to diffusers' block but (almost) nothing to the fused one."""
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
+import benchmark_scripts
+
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "block_traffic_cpu.py"
 
 
 def test_fused_block_and_fused_lora_cut_elementwise_traffic():
     from diffusers.models.attention import JointTransformerBlock
 
-    spec = importlib.util.spec_from_file_location("block_traffic_cpu", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_scripts.load("block_traffic_cpu")
     torch.manual_seed(0)
     block = JointTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32, context_pre_only=False,
                                   qk_norm="rms_norm", use_dual_attention=True).to(torch.bfloat16).requires_grad_(False)
@@ -45,9 +41,7 @@ def test_fused_flux_blocks_cut_the_attention_rotation_traffic():
 
     from sfgrpo.models import fused_attention, fused_norms
 
-    spec = importlib.util.spec_from_file_location("block_traffic_cpu", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_scripts.load("block_traffic_cpu")
     tables = script.flux_rotary_tables(16, 4, axes_dim=(8, 12, 12))
     group = "elementwise / norms"
     for cls in (FluxTransformerBlock, FluxSingleTransformerBlock):

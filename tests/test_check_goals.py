@@ -1,23 +1,17 @@
 """benchmarks/check_goals.py: the open issues' GPU goals read from benchmark outputs (a script of
 the repository, not of the package: loaded from its path)."""
 
-import importlib.util
 import json
-import pathlib
 import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "check_goals.py"
+import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def goals():
-    spec = importlib.util.spec_from_file_location("check_goals", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_goals"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
+    yield benchmark_scripts.load("check_goals", register=True)
     sys.modules.pop("check_goals", None)
 
 

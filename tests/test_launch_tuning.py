@@ -3,15 +3,14 @@ tuning sweep prints) and the sweep's choice of a winner."""
 
 import importlib.util
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+import benchmark_scripts
 
-TUNE_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tune_sde_step_gpu.py"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 
 def _tuning_in_a_fresh_process(value: str | None) -> tuple[str, str]:
@@ -54,10 +53,7 @@ def test_launch_config_follows_the_knobs():
 
 @pytest.fixture(scope="module")
 def tune():
-    spec = importlib.util.spec_from_file_location("tune_sde_step_gpu", TUNE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("tune_sde_step_gpu")
 
 
 def test_the_sweep_winner_has_the_best_geometric_mean_over_complete_variants(tune, tmp_path):
