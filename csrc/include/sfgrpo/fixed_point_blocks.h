@@ -97,9 +97,11 @@ SFGRPO_HD void flush_staged_word(const Workspace& w, const Staging& st, int k, u
 // from global memory, each load instruction of the warp would touch 32 rows, 32 sectors for 4 or 8
 // bytes each (on an H100, 2026-11-27, 78 % of the cooperative kernel's sectors were such excess, and
 // waits on L1TEX were half the insert phase's stalls). So each warp first copies its 32 rows to the
-// block's shared memory with coalesced loads (consecutive lanes, consecutive rewards), and its lanes
-// read their rows there: `stage_stride` values apart, an odd number, so the 32 lanes' reads of one
-// column fall in 32 distinct banks. Rows too wide for kStageRowBytes are read from global memory.
+// block's shared memory, coalesced (consecutive lanes copy consecutive rewards, with cp.async), and
+// its lanes read their rows there: `stage_stride` values apart, an odd number, so the 32 lanes'
+// reads of one column fall in 32 distinct banks. The single launch in one round copies them once,
+// in phase 1: phases 2 and 3 read them there too. Rows too wide for kStageRowBytes are read from
+// global memory.
 constexpr int64_t kStageRowBytes = 152;  // with the staged words, a block stays under 48 KiB of shared memory
 
 SFGRPO_HD int64_t stage_stride(int64_t width) { return width | 1; }
@@ -231,10 +233,11 @@ SFGRPO_HD void warp_rows_block(const Args<T>& a, int batch_words, uint64_t* stag
   const Args<T> local = staged_args(a, st, staged);
   const int64_t stride = stage_stride(a.p.width);
   for (int64_t base = block::first_warp(b); base < a.p.rows; base = block::next_warp(b, base)) {
-    // the warp's slice of the stage: its place in the block (a warp keeps it in every round)
-    T* slice = stage_slice(stage, base, stride);
-    const WarpRows<T> rows = stage == nullptr ? global_rows(a, base)
-                                              : (kept ? WarpRows<T>{slice, stride} : stage_rows(a, base, slice));
+    WarpRows<T> rows = global_rows(a, base);
+    if (stage != nullptr) {
+      T* slice = stage_slice(stage, base, stride);
+      rows = kept ? WarpRows<T>{slice, stride} : stage_rows(a, base, slice);
+    }
     if (kInsert) {
       insert_warp(local, base, rows);
     } else {
