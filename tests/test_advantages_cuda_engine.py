@@ -567,6 +567,28 @@ def test_cuda_engine_gives_the_emulation_bits(layout, dtype, single_launch, monk
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("single_launch", ["1", "0"])
+def test_cuda_engine_staged_and_wide_rows_give_the_emulation_bits(single_launch, dtype, monkeypatch):
+    # rows staged in shared memory (cp.async; the single launch reads them there in every phase) or
+    # too wide for the stage (float64 from 20 rewards, float32 from 38), even and odd widths; per-step
+    # statistics (phase 2b) and K reward columns
+    monkeypatch.setenv("SFGRPO_ADVANTAGES_COOPERATIVE", single_launch)
+    ids = (torch.arange(6_000) // 16)[torch.randperm(6_000, generator=torch.Generator().manual_seed(70))]
+    for width in (2, 4, 19, 20, 38):
+        rewards = rewards_for(ids, width, dtype, 71 + width) * 10 + 1
+        rewards[[3, 2_999], [0, width - 1]] = float("inf")
+        for normalize in ("joint", "per_step"):
+            expected, *_ = emulated_gain(rewards, ids, normalize, clip=5.0)
+            got = F.gain_advantages(rewards.cuda(), ids.cuda(), normalize=normalize, clip=5.0, nonfinite="drop",
+                                    backend="native")
+            assert torch.equal(got.cpu(), expected), (width, normalize)
+        expected, *_ = emulated(rewards, ids, gains=False, pooled=False, eps=1e-4)
+        got = F.group_advantages(rewards.cuda(), ids.cuda(), nonfinite="drop", backend="native")
+        assert torch.equal(got.cpu(), expected), (width, "columns")
+
+
+@needs_cuda
 @pytest.mark.parametrize("single_launch", ["1", "0"])
 def test_cuda_engine_runs_the_launch_asked_for_and_its_capped_grid_is_exact(single_launch, monkeypatch):
     # 300k rows need 1,172 blocks: the cooperative launch caps its grid at what the device holds at
