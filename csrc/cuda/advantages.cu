@@ -240,6 +240,7 @@ constexpr int kMaxDevices = 64;
 // device and class, for the class's largest size (a launch asks for at most 48 KiB: no opt-in).
 constexpr size_t kSharedStep = 2048;
 constexpr size_t kMaxShared = sizeof(uint64_t) * fixed::kMaxStagedWords + fixed::kMaxStageBytes;
+static_assert(kMaxShared <= 48 * 1024, "a launch asking for more than 48 KiB of shared memory needs an opt-in");
 constexpr int kSharedClasses = static_cast<int>((kMaxShared + kSharedStep - 1) / kSharedStep) + 1;
 
 // Blocks of single_launch_kernel<T> that the current device runs at once with `shared` bytes of
