@@ -666,8 +666,9 @@ struct Tile {
   }
 };
 
-// Where phases 1 and 2 read the warp's rows: lane l's row at first + l * stride. The rewards
-// themselves (stride = width), or the warp's copy of them in shared memory (fixed_point_blocks.h),
+// Where the phases read the warp's rows: lane l's row at first + l * stride (phase 3 reads them as a
+// tile). The rewards themselves (stride = width), or the warp's copy of them in shared memory
+// (fixed_point_blocks.h),
 // `pending` while its copies may still be in flight: a phase calls wait() before it reads a row,
 // after its first loads of other data are issued (they then wait for memory with the copies).
 template <typename T>
