@@ -108,15 +108,15 @@ Carved carve(const AdvantageProblem& p, void* base, bool with_stats) {
 }
 
 // ---------------------------------------------------------------------------------- kernels
-// Phases 1 and 2: warps of 32 consecutive rows in a grid-stride loop, their common accumulators
-// staged in shared memory per block (sfgrpo/fixed_point_blocks.h, which the host emulation runs
-// too).
 // The block's shared memory: the staged accumulator words, then (`staged_rows`) the rows' stage.
 template <typename T>
 __device__ T* row_stage(unsigned long long* shared, int words, bool staged_rows) {
   return staged_rows ? reinterpret_cast<T*>(shared + words) : nullptr;
 }
 
+// Phases 1 and 2: warps of 32 consecutive rows in a grid-stride loop, their common accumulators
+// and rows staged in shared memory per block (sfgrpo/fixed_point_blocks.h, which the host emulation
+// runs too).
 template <typename T, bool kInsert>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     warp_rows_kernel(fixed::Args<T> a, int batch_words, bool staged_rows) {

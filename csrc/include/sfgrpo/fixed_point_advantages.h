@@ -980,7 +980,13 @@ SFGRPO_HD uint64_t* final_words(const Workspace& w, int64_t stat_columns, int64_
   return w.moments + (r * stat_columns + s) * kMomentWords;
 }
 
-// The statistic as write_stats_row reports it.
+SFGRPO_HD void store_final(uint64_t* words, const GroupStat& g, const AdvantageProblem& p) {
+  words[0] = double_bits(g.mean);
+  words[1] = double_bits(math::inverse_spread(g.divisor, p));
+  words[2] = double_bits(g.divisor) | (g.zero ? kSignBit : 0);
+}
+
+// The statistic (as write_stats_row reports it) and its scale.
 SFGRPO_HD GroupStat final_stat(const uint64_t* words) {
   GroupStat g;
   g.mean = double_from_bits(words[0]);
@@ -988,6 +994,8 @@ SFGRPO_HD GroupStat final_stat(const uint64_t* words) {
   g.zero = (words[2] & kSignBit) != 0;
   return g;
 }
+
+SFGRPO_HD double final_scale(const uint64_t* words) { return double_from_bits(words[1]); }
 
 // Phase 2b for the groups that the warp's rows base .. base + 31 claimed.
 template <typename T>
@@ -1008,11 +1016,7 @@ SFGRPO_HD void finalize_warp(const Args<T>& a, int64_t base) {
       if (e >= pairs) return;
       const int64_t r = base + nth_set_bit(claims, static_cast<int>(e / stat_columns));
       const int64_t s = e % stat_columns;
-      const GroupStat g = group_stat(a, r, s);
-      uint64_t* words = final_words(a.w, stat_columns, r, s);
-      words[0] = double_bits(g.mean);
-      words[1] = double_bits(math::inverse_spread(g.divisor, p));
-      words[2] = double_bits(g.divisor) | (g.zero ? kSignBit : 0);
+      store_final(final_words(a.w, stat_columns, r, s), group_stat(a, r, s), p);
     });
   }
 }
@@ -1109,9 +1113,10 @@ struct TileRound {
         zero[k][lane] = true;
         if (first + k * kWarpSize + lane >= tile.values) return;
         const uint64_t* words = final_words(a.w, a.p.stat_columns(), rep[lane], column[k][lane]);
-        mean[k][lane] = double_from_bits(words[0]);
-        scale[k][lane] = double_from_bits(words[1]);
-        zero[k][lane] = (words[2] & kSignBit) != 0;
+        const GroupStat g = final_stat(words);
+        mean[k][lane] = g.mean;
+        scale[k][lane] = final_scale(words);
+        zero[k][lane] = g.zero;
       });
     }
   }
