@@ -13,6 +13,7 @@ CUDA GPU the script also times 1M gains (100k trajectories x 10 steps) with CUDA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -220,6 +221,9 @@ def gpu_section() -> list[str]:
         "gain_advantages per_step, drop, a prompt's rows side by side": lambda: sfgrpo.gain_advantages(
             rewards, sorted_ids, normalize="per_step", nonfinite="drop"),
         MULTI_KERNEL_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
+        GLOBAL_ROWS_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop"),
+        GLOBAL_ROWS_PER_STEP_CASE: lambda: sfgrpo.gain_advantages(rewards, ids, normalize="per_step",
+                                                                   nonfinite="drop"),
         "gain_advantages joint, error (1 sync)": lambda: sfgrpo.gain_advantages(rewards, ids),
         "group_advantages 100k samples, drop": lambda: sfgrpo.group_advantages(flow, ids, nonfinite="drop"),
         "group_advantages global std, drop": lambda: sfgrpo.group_advantages(flow, ids, std="global",
@@ -294,11 +298,18 @@ def host_breakdown(gain_call, rewards, host_time) -> list[str]:
 # The same call as the first row on the memset + three kernels that the single cooperative launch
 # replaces (the A/B of SFGRPO_ADVANTAGES_COOPERATIVE); CUDA graphs capture that path in every row.
 MULTI_KERNEL_CASE = "gain_advantages joint, drop, memset + 3 kernels"
+# The first and third rows with every phase reading the rows from global memory instead of the
+# shared-memory stage (the A/B of SFGRPO_ADVANTAGES_STAGE_ROWS, same bits)
+GLOBAL_ROWS_CASE = "gain_advantages joint, drop, rows not staged"
+GLOBAL_ROWS_PER_STEP_CASE = "gain_advantages per_step, drop, rows not staged"
+_CASE_SWITCHES = {MULTI_KERNEL_CASE: "SFGRPO_ADVANTAGES_COOPERATIVE", GLOBAL_ROWS_CASE: "SFGRPO_ADVANTAGES_STAGE_ROWS",
+                  GLOBAL_ROWS_PER_STEP_CASE: "SFGRPO_ADVANTAGES_STAGE_ROWS"}
 
 
 def case_environment(name: str):
-    """SFGRPO_ADVANTAGES_COOPERATIVE=0 while the multi-kernel case runs (the engine reads it per call)."""
-    return environment("SFGRPO_ADVANTAGES_COOPERATIVE", "0" if name == MULTI_KERNEL_CASE else None)
+    """The case's A/B switch set to 0 while it runs (the engine reads them per call); none for the others."""
+    switch = _CASE_SWITCHES.get(name)
+    return environment(switch, "0") if switch else contextlib.nullcontext()
 
 
 def synchronises(case: str) -> bool:

@@ -46,7 +46,8 @@
 #   the advantage engine's rows staged in shared memory (cp.async, read by every phase of the single
 #   launch), phase 2b (per-step statistics once per group), ranges read in chunks and a cheaper
 #   statistics chain (2026-11-27, same bits, never run on a GPU): A/B against 871f2a8, the last measured
-#   state (per_step was 106.9 us of kernel time, joint 32.7-31.5), the CUDA-engine tests with it
+#   state (per_step was 106.9 us of kernel time, joint 32.7-31.5; the bench's "rows not staged" rows
+#   are the same build with SFGRPO_ADVANTAGES_STAGE_ROWS=0: the stage's own share), the CUDA-engine tests with it
 #   (tests/test_advantages_cuda_engine.py: CUDA == emulation), then `STEPS=ncu` if time is left;
 #   an engine change: `git archive -o .whl/baseline.tar <old commit>`, then
 #   DEADLINE=140 WHEELS=.whl BASELINE=.whl/baseline.tar STEPS=advantages,advbase bash benchmarks/gpu_checks.sh

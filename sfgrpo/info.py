@@ -87,6 +87,7 @@ def _switches() -> dict[str, str]:
     switches = {
         "SFGRPO_TRITON_DIRECT_LAUNCH": backend.environ_get("SFGRPO_TRITON_DIRECT_LAUNCH") or "(unset: on)",
         "SFGRPO_ADVANTAGES_COOPERATIVE": backend.environ_get("SFGRPO_ADVANTAGES_COOPERATIVE") or "(unset: on)",
+        "SFGRPO_ADVANTAGES_STAGE_ROWS": backend.environ_get("SFGRPO_ADVANTAGES_STAGE_ROWS") or "(unset: on)",
     }
     try:
         from sfgrpo.kernels import sde_step as kernels

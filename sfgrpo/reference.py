@@ -536,18 +536,27 @@ def _check_group_inputs(rewards: Tensor, group_ids: Tensor) -> None:
         raise ValueError(f"group_ids is on {group_ids.device} but rewards on {rewards.device}")
 
 
-def _finite_rows(rewards: Tensor, nonfinite: str) -> Tensor:
-    """Bool `[N]`: rows that take part in the statistics. Raises on NaN/inf under 'error'."""
+def _finite_rows(values: Tensor, nonfinite: str, gains: bool = False) -> Tensor:
+    """Bool `[N]`: rows that take part in the statistics, those whose normalised `values` (the
+    rewards, or their gains) are all finite. Raises on the others under 'error'. A NaN/inf reward
+    makes a gain NaN/inf; so do finite rewards whose difference overflows the dtype (+-3e38 in
+    float32), which would otherwise make the whole group's statistics NaN."""
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    finite = torch.isfinite(rewards).flatten(1).all(dim=1) if rewards.ndim > 1 else torch.isfinite(rewards)
+    finite = torch.isfinite(values).flatten(1).all(dim=1) if values.ndim > 1 else torch.isfinite(values)
     if nonfinite == "error" and not bool(finite.all()):
-        bad = (~finite).nonzero().flatten()[:8].tolist()
-        raise ValueError(
-            f"rewards contain NaN or inf in {int((~finite).sum())} sample(s) (first rows: {bad}); "
-            "pass nonfinite='drop' to leave them out of the statistics with advantage 0"
-        )
+        raise_nonfinite(finite, gains)
     return finite
+
+
+def raise_nonfinite(finite: Tensor, gains: bool) -> None:
+    """The error for rows left out of the statistics (`finite` `[N]` bool, False there)."""
+    bad = (~finite).nonzero().flatten()
+    overflow = " (a gain that overflows the dtype counts as inf)" if gains else ""
+    raise ValueError(
+        f"rewards contain NaN or inf in {bad.numel()} sample(s) (first rows: {bad[:8].tolist()}){overflow}; "
+        "pass nonfinite='drop' to leave them out of the statistics with advantage 0"
+    )
 
 
 def _segment_stats(values: Tensor, weight: Tensor, index: Tensor, num_groups: int, ddof: int):
@@ -637,8 +646,9 @@ def gain_advantages(
     population std taken jointly over all N_g x T gains of each group (`joint`, the paper) or per
     (group, step) (`per_step`, the ablation). `step_mask` `[T]` (bool) leaves steps that are not
     trained out of the statistics and gives them advantage 0. Groups of one trajectory, and groups
-    whose gains are all equal, get 0; NaN/inf rewards raise, or with `nonfinite="drop"` their
-    trajectory is left out and gets 0. Output has the rewards' dtype.
+    whose gains are all equal, get 0; NaN/inf rewards (or finite ones whose gain overflows the
+    dtype) raise, or with `nonfinite="drop"` their trajectory is left out and gets 0. Output has
+    the rewards' dtype.
     """
     _check_group_inputs(rewards, group_ids)
     if normalize not in ("joint", "per_step"):
@@ -650,7 +660,7 @@ def gain_advantages(
     elif step_mask.shape != (steps,) or step_mask.dtype != torch.bool:
         raise ValueError(f"step_mask must be a bool tensor of shape [{steps}], got {step_mask.dtype} {tuple(step_mask.shape)}")
     step_mask = step_mask.to(rewards.device)
-    finite = _finite_rows(rewards, nonfinite)
+    finite = _finite_rows(step_gains, nonfinite, gains=True)
     values = torch.where(finite[:, None], step_gains, 0.0).double()
     unique, index = torch.unique(group_ids, return_inverse=True)
     groups = unique.numel()

@@ -181,6 +181,31 @@ def test_nonfinite_rewards_error_or_drop(kind):
     torch.testing.assert_close(dropped[keep], call(rewards[keep], ids[keep], backend="native"), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gains_that_overflow_count_as_nonfinite(dtype):
+    """Finite rewards whose difference overflows the dtype (a gain of +-inf) would turn their group's
+    statistics into NaN: their rows raise, or are dropped like rows with NaN rewards, on both backends."""
+    ids = random_layout(40, seed=5)
+    rewards = rewards_for(ids, 5, dtype, 5)
+    big = torch.finfo(dtype).max
+    rewards[7, 2], rewards[7, 3] = big, -big  # gain 2: -inf
+    rewards[21, 0], rewards[21, 1] = -big, 0.75 * big  # gain 0: +inf
+    rewards[30, 3], rewards[30, 4] = big, 0.5 * big  # finite gains, at the edge of the range: kept
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[[7, 21]] = False
+    for backend in ("native", "reference"):
+        with pytest.raises(ValueError, match=r"NaN or inf in 2 sample\(s\) \(first rows: \[7, 21\]\) \(a gain that overflows"):
+            F.gain_advantages(rewards, ids, backend=backend)
+        for normalize in ("joint", "per_step"):
+            dropped = F.gain_advantages(rewards, ids, normalize=normalize, nonfinite="drop", backend=backend)
+            assert torch.isfinite(dropped).all()
+            assert torch.equal(dropped[[7, 21]], torch.zeros_like(dropped[[7, 21]]))
+            alone = F.gain_advantages(rewards[keep], ids[keep], normalize=normalize, backend=backend)
+            torch.testing.assert_close(dropped[keep], alone, rtol=0, atol=0)
+    # Flow-GRPO's advantages of the same rewards are finite: nothing to leave out there
+    assert torch.isfinite(F.group_advantages(rewards, ids, backend="native")).all()
+
+
 # ----------------------------------------------------------------------- empty and bad input
 def test_empty_batch():
     empty_ids = torch.zeros(0, dtype=torch.int64)

@@ -121,6 +121,28 @@ def test_group_advantages_match_the_spec_with_nonfinite_rows(std, columns, unbia
 
 
 @pytest.mark.parametrize("normalize", ["joint", "per_step"])
+@pytest.mark.parametrize("width", [11, 40])  # rows staged in shared memory / read from global memory
+def test_gains_that_overflow_leave_their_rows_out(normalize, width):
+    """Finite float32 rewards whose gain overflows (+-inf) count as non-finite rows, as in the CPU
+    engine: advantage 0, out of the statistics (the others get the bits of a batch without them)."""
+    ids = random_layout(500, max_group=16, seed=width)
+    rewards = rewards_for(ids, width, torch.float32, seed=3)
+    big = torch.finfo(torch.float32).max
+    rewards[[40, 41], 5] = big
+    rewards[[40, 41], 6] = torch.tensor([-big, big])  # row 40: gain 5 = -inf; row 41: gain 0, finite
+    rewards[333, width - 2], rewards[333, width - 1] = -big, big  # the last gain: +inf
+    got, _, _, nonfinite = emulated_gain(rewards, ids, normalize)
+    assert nonfinite == 2 and torch.isfinite(got).all()
+    assert torch.equal(got[[40, 333]], torch.zeros_like(got[[40, 333]]))
+    keep = torch.ones(500, dtype=torch.bool)
+    keep[[40, 333]] = False
+    alone, *_ = emulated_gain(rewards[keep], ids[keep], normalize)
+    assert torch.equal(got[keep], alone)
+    cpu = F.gain_advantages(rewards, ids, normalize=normalize, nonfinite="drop", backend="native")
+    assert_matches(got, cpu, torch.float32)
+
+
+@pytest.mark.parametrize("normalize", ["joint", "per_step"])
 def test_advantages_do_not_depend_on_the_row_order(normalize):
     # integer sums: the same bits in any order, so the device's atomics cannot change them either
     ids = random_layout(5000, max_group=24, seed=3)
@@ -569,11 +591,14 @@ def test_cuda_engine_gives_the_emulation_bits(layout, dtype, single_launch, monk
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("single_launch", ["1", "0"])
-def test_cuda_engine_staged_and_wide_rows_give_the_emulation_bits(single_launch, dtype, monkeypatch):
+@pytest.mark.parametrize("stage_rows", ["1", "0"])
+def test_cuda_engine_staged_and_wide_rows_give_the_emulation_bits(stage_rows, single_launch, dtype, monkeypatch):
     # rows staged in shared memory (cp.async; the single launch reads them there in every phase) or
     # too wide for the stage (float64 from 20 rewards, float32 from 38), even and odd widths; per-step
-    # statistics (phase 2b) and K reward columns
+    # statistics (phase 2b) and K reward columns. SFGRPO_ADVANTAGES_STAGE_ROWS=0 (the A/B switch)
+    # reads every row from global memory: the same bits
     monkeypatch.setenv("SFGRPO_ADVANTAGES_COOPERATIVE", single_launch)
+    monkeypatch.setenv("SFGRPO_ADVANTAGES_STAGE_ROWS", stage_rows)
     ids = (torch.arange(6_000) // 16)[torch.randperm(6_000, generator=torch.Generator().manual_seed(70))]
     for width in (2, 4, 19, 20, 38):
         rewards = rewards_for(ids, width, dtype, 71 + width) * 10 + 1

@@ -113,6 +113,7 @@ def test_cli_info_reports_native_build_and_backends():
     assert "LoRA layers under --fused-lora: peft" in text
     # the accelerated paths' switches as the process sees them (the launch knobs from the environment)
     assert report["switches"]["SFGRPO_ADVANTAGES_COOPERATIVE"] == "(unset: on)"
+    assert report["switches"]["SFGRPO_ADVANTAGES_STAGE_ROWS"] == "(unset: on)"
     assert report["switches"]["SFGRPO_SDE_STEP_TUNING"].endswith("(defaults)")
     tuned = subprocess.run(
         [sys.executable, "-m", "sfgrpo.cli", "info", "--json"], capture_output=True, text=True, check=True, cwd="/",

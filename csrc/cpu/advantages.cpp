@@ -44,7 +44,7 @@ GroupLayout build_layout(const AdvantageProblem& p, const T* rewards, const int6
   std::vector<int64_t> group_size;
   GroupIndex index;
   for (int64_t i = 0; i < n; ++i) {
-    const bool finite = math::row_is_finite(rewards + i * p.width, p.width);
+    const bool finite = math::row_is_finite(rewards + i * p.width, p.width, p.gains);
     layout.finite[i] = finite;
     layout.nonfinite_rows += !finite;
     const int64_t g = index.insert(group_ids[i]);

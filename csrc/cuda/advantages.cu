@@ -217,11 +217,22 @@ __global__ void pad_claims_kernel(fixed::Workspace w, int64_t n) {
 }  // namespace
 
 // ------------------------------------------------------------------------- single launch
-// SFGRPO_ADVANTAGES_COOPERATIVE=0 forces the memset + kernels (an A/B switch; read per call).
-static bool single_launch_wanted() {
-  const char* value = std::getenv("SFGRPO_ADVANTAGES_COOPERATIVE");
+// A/B switches, read per call: unset or anything but 0/false/no/off means on.
+//   SFGRPO_ADVANTAGES_COOPERATIVE=0  the memset + kernels instead of the single cooperative launch
+//   SFGRPO_ADVANTAGES_STAGE_ROWS=0   every phase reads the rows from global memory (as rows too wide
+//                                    for the stage do) instead of staging them in shared memory
+static bool switch_on(const char* name) {
+  const char* value = std::getenv(name);
   return value == nullptr || !(value[0] == '0' || value[0] == 'f' || value[0] == 'F' || value[0] == 'n' ||
                                value[0] == 'N' || (value[0] == 'o' && value[1] == 'f'));
+}
+
+static bool single_launch_wanted() { return switch_on("SFGRPO_ADVANTAGES_COOPERATIVE"); }
+
+// Shared memory for the rows' stage: 0 reads them from global memory (same bits either way).
+template <typename T>
+static int64_t row_stage_bytes(const AdvantageProblem& p) {
+  return switch_on("SFGRPO_ADVANTAGES_STAGE_ROWS") ? fixed::stage_bytes(p, sizeof(T)) : 0;
 }
 
 static bool capturing(cudaStream_t stream) {
@@ -276,7 +287,7 @@ static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStrea
   int64_t zeroed_words = static_cast<int64_t>((c.zeroed_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
   int insert_batch = fixed::staged_batch_words(a.p, true);
   int moments_batch = fixed::staged_batch_words(a.p, false);
-  const int64_t stage_bytes = fixed::stage_bytes(a.p, sizeof(T));
+  const int64_t stage_bytes = row_stage_bytes<T>(a.p);
   bool staged_rows = stage_bytes > 0;
   const size_t shared = sizeof(uint64_t) * fixed::staged_words(std::max(insert_batch, moments_batch)) + stage_bytes;
   const int resident = resident_blocks<T>(shared);
@@ -328,7 +339,7 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   check(cudaMemsetAsync(workspace, 0, c.zeroed_bytes, stream), "clearing the accumulators");
   const int blocks = blocks_for(p.rows);
   const int insert_batch = fixed::staged_batch_words(p, true);
-  const int64_t stage_bytes = fixed::stage_bytes(p, sizeof(T));
+  const int64_t stage_bytes = row_stage_bytes<T>(p);
   warp_rows_kernel<T, true>
       <<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(insert_batch) + stage_bytes, stream>>>(
           args, insert_batch, stage_bytes > 0);

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from sfgrpo import _native, backend
-from sfgrpo.reference import NONFINITE_POLICIES, GroupStats
+from sfgrpo.reference import NONFINITE_POLICIES, GroupStats, raise_nonfinite
 from sfgrpo.scratch import stream_scratch
 
 NORMALIZE_MODES = ("joint", "per_step")
@@ -161,13 +161,11 @@ def _padded_stats(rows: int, stat_columns: int, device: torch.device) -> _Padded
     )
 
 
-def _raise_nonfinite(rewards: Tensor) -> None:
-    finite = torch.isfinite(rewards).reshape(rewards.shape[0], -1).all(dim=1)
-    bad = (~finite).nonzero().flatten()
-    raise ValueError(
-        f"rewards contain NaN or inf in {bad.numel()} sample(s) (first rows: {bad[:8].tolist()}); "
-        "pass nonfinite='drop' to leave them out of the statistics with advantage 0"
-    )
+def _raise_nonfinite(rewards: Tensor, gains: bool) -> None:
+    """The engine counted rows left out of the statistics: name them. As the engines do, a gain row is
+    finite when each of its gains is, computed in the rewards' (compute) dtype."""
+    values = rewards[:, 1:] - rewards[:, :-1] if gains else rewards
+    raise_nonfinite(torch.isfinite(values).all(dim=1), gains)
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
@@ -218,7 +216,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         if stats is not None:
             stats.num_groups.fill_(groups)
         if nonfinite == "error" and nonfinite_rows:
-            _raise_nonfinite(rewards)
+            _raise_nonfinite(rewards, problem.gains)
         return out, stats
     # one buffer, the stream's (`_launch`): the engine's scratch, then {groups, nonfinite rows}
     scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled, with_stats)
@@ -233,7 +231,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         if stats is not None:
             stats.num_groups.copy_(counts[0])
         if nonfinite == "error" and bool(counts[1] != 0):  # the one device->host sync of this policy
-            _raise_nonfinite(rewards)
+            _raise_nonfinite(rewards, problem.gains)
     return out, stats
 
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "sfgrpo/advantages.h"
 
@@ -27,14 +28,35 @@ SFGRPO_HD double value_at(const T* row, int64_t column, bool gains) {
   return value_of(row[column], gains ? row[column + 1] : T(0), gains);
 }
 
+// Half the largest finite T (exact): the difference of two rewards within +-kHalfMax cannot overflow.
 template <typename T>
-SFGRPO_HD bool row_is_finite(const T* row, int64_t width) {
-  bool finite = true;
+constexpr T kHalfMax = std::numeric_limits<T>::max() / 2;
+
+template <typename T>
+SFGRPO_HD bool is_finite(T value) {
 #if defined(__CUDA_ARCH__)
-  for (int64_t k = 0; k < width; ++k) finite &= static_cast<bool>(isfinite(row[k]));
+  return static_cast<bool>(isfinite(value));
 #else
-  for (int64_t k = 0; k < width; ++k) finite &= std::isfinite(row[k]);
+  return std::isfinite(value);
 #endif
+}
+
+// Whether a row takes part in the statistics: every value normalised from it is finite. For gains
+// that is each gain, computed in T as value_of does: a NaN/inf reward makes one NaN/inf, and so do
+// finite rewards whose difference overflows T (+-3e38 in float), which would otherwise turn the
+// statistics of the row's whole group into NaN. Only rewards beyond half of T's range can overflow:
+// the gains are checked only then (rare), so that the common path loads each reward once.
+template <typename T>
+SFGRPO_HD bool row_is_finite(const T* row, int64_t width, bool gains) {
+  bool finite = true, large = false;
+  for (int64_t k = 0; k < width; ++k) {
+    const T reward = row[k];
+    finite &= is_finite(reward);
+    large |= reward > kHalfMax<T> || reward < -kHalfMax<T>;
+  }
+  if (gains && finite && large) {
+    for (int64_t k = 0; k + 1 < width; ++k) finite &= is_finite(static_cast<T>(row[k + 1] - row[k]));
+  }
   return finite;
 }
 

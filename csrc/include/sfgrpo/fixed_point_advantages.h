@@ -750,7 +750,9 @@ SFGRPO_HD void insert_warp(const Args<T>& a, int64_t base, const WarpRows<T>& ro
     id[lane] = active[lane] ? a.ids[i] : 0;
   });
   rows.wait();
-  warp::each([&](int lane) { finite[lane] = active[lane] && math::row_is_finite(rows.row(lane), p.width); });
+  warp::each([&](int lane) {
+    finite[lane] = active[lane] && math::row_is_finite(rows.row(lane), p.width, p.gains);
+  });
   const Runs runs = runs_of(id, active);
 
   // the first row of each run looks the id up; the run's other rows take its answer
