@@ -653,7 +653,8 @@ def gain_advantages(
     _check_group_inputs(rewards, group_ids)
     if normalize not in ("joint", "per_step"):
         raise ValueError(f"normalize must be 'joint' or 'per_step', got {normalize!r}")
-    step_gains = gains(rewards)
+    # float16 / bfloat16 rewards take their differences in float32, as the native engines do
+    step_gains = gains(rewards.float() if rewards.dtype in (torch.float16, torch.bfloat16) else rewards)
     n, steps = step_gains.shape
     if step_mask is None:
         step_mask = torch.ones(steps, dtype=torch.bool, device=rewards.device)

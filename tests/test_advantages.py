@@ -266,13 +266,17 @@ def test_non_contiguous_inputs():
                        F.group_advantages(every_other.contiguous(), ids, backend="native"))
 
 
-def test_half_precision_rewards_run_in_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rewards_run_in_float32(dtype):
+    """Gains of float16 / bfloat16 rewards are float32 differences on every backend (a bfloat16
+    difference is rounded to 8 bits): the reference gives the native engine's result."""
     ids = random_layout(64, seed=8)
-    rewards = rewards_for(ids, 5, torch.float32, 8).to(torch.bfloat16)
+    rewards = rewards_for(ids, 5, torch.float32, 8).to(dtype)
     got = F.gain_advantages(rewards, ids, backend="native")
-    assert got.dtype == torch.bfloat16
-    expected = F.gain_advantages(rewards.float(), ids, backend="native").to(torch.bfloat16)
+    assert got.dtype == dtype
+    expected = F.gain_advantages(rewards.float(), ids, backend="native").to(dtype)
     assert torch.equal(got, expected)
+    torch.testing.assert_close(F.gain_advantages(rewards, ids, backend="reference"), expected, rtol=0, atol=0)
 
 
 def test_advantages_carry_no_gradient():
