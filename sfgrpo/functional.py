@@ -314,8 +314,38 @@ def ppo_loss(
     beta: float = 0.0,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """PPO clipped surrogate + beta * KL (SPEC §4.5); see `reference.ppo_loss`."""
+    """PPO clipped surrogate + beta * KL (SPEC §4.5); see `reference.ppo_loss`.
+
+    `log_prob`, `old_log_prob`, `advantages` and, when given, `kl` and `mask` (bool) share one shape
+    and device; `clip_range` is a finite number > 0, `beta` one >= 0, and beta > 0 needs `kl`. An
+    empty batch, or a mask without a True, gives a loss of 0."""
+    _check_ppo_inputs(log_prob, old_log_prob, advantages, clip_range, kl, beta, mask)
     return reference.ppo_loss(log_prob, old_log_prob, advantages, clip_range, kl=kl, beta=beta, mask=mask)
+
+
+def _check_ppo_inputs(log_prob, old_log_prob, advantages, clip_range, kl, beta, mask) -> None:
+    tensors = {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages, "kl": kl, "mask": mask}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.shape != log_prob.shape:
+            raise ValueError(f"{name} must have log_prob's shape {tuple(log_prob.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != log_prob.device:
+            raise ValueError(f"{name} is on {tensor.device} but log_prob is on {log_prob.device}")
+        if name != "mask" and not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True: trained), got {mask.dtype}")
+    if torch.compiler.is_compiling():  # the numbers may be symbolic: checked eagerly only
+        return
+    for name, value, low_ok in (("clip_range", clip_range, False), ("beta", beta, True)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                (value >= 0 if low_ok else value > 0) and value < math.inf):
+            raise ValueError(f"{name} must be a finite number {'>= 0' if low_ok else '> 0'}, got {value!r}")
+    if beta > 0 and kl is None:
+        raise ValueError("beta > 0 needs kl, the per-entry KL to the reference policy (sde_step(..., v_ref=...).kl)")
 
 
 RMS_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

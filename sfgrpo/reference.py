@@ -703,7 +703,8 @@ def ppo_loss(
     """`mean(max(-A r, -A clip(r, 1-eps, 1+eps))) + beta * mean(KL)`, r = exp(logp - logp_old).
 
     All inputs share one shape (e.g. `[N, T]` per trajectory and step); `mask` (bool, same shape)
-    selects the trained entries. Returns a 0-d float32 loss.
+    selects the trained entries. Returns a 0-d float32 loss; 0 when there is no entry to train (an
+    empty batch, or a mask without a True).
     """
     if log_prob.shape != old_log_prob.shape or log_prob.shape != advantages.shape:
         raise ValueError(
@@ -716,7 +717,8 @@ def ppo_loss(
     if kl is not None:
         per_entry = per_entry + beta * kl.float()
     if mask is None:
-        return per_entry.mean()
+        # the mean of no entry is 0, not NaN (a shape, so no sync); the sum keeps the graph
+        return per_entry.mean() if per_entry.numel() else per_entry.sum()
     weight = mask.to(per_entry.dtype)
     return (per_entry * weight).sum() / weight.sum().clamp(min=1.0)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sfgrpo import functional as F
 from sfgrpo import reference as ref
 
 
@@ -186,3 +187,38 @@ def test_ppo_gradient_on_policy_is_minus_advantage():
 def test_ppo_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="share a shape"):
         ref.ppo_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3))
+
+
+def test_ppo_loss_of_no_entry_is_zero_with_a_graph():
+    """An empty batch (or a mask without a True) trains nothing: loss 0, not the NaN of an empty mean,
+    and backward still runs (gradient 0)."""
+    logp = torch.zeros(0, 10, requires_grad=True)
+    loss = F.ppo_loss(logp, torch.zeros(0, 10), torch.zeros(0, 10), 1e-4)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logp.grad.shape == (0, 10)
+    masked = torch.randn(3, 4, requires_grad=True)
+    loss = F.ppo_loss(masked, torch.zeros(3, 4), torch.ones(3, 4), 1e-4, mask=torch.zeros(3, 4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(masked.grad, torch.zeros(3, 4))
+
+
+def test_ppo_loss_rejects_bad_inputs_with_clear_errors():
+    x = torch.zeros(3, 4)
+    cases = [
+        (ValueError, "old_log_prob must have log_prob's shape", lambda: F.ppo_loss(x, x[:2], x, 1e-4)),
+        (ValueError, "kl must have log_prob's shape", lambda: F.ppo_loss(x, x, x, 1e-4, kl=x[0], beta=0.1)),
+        (ValueError, "mask must have log_prob's shape", lambda: F.ppo_loss(x, x, x, mask=torch.ones(3, dtype=torch.bool))),
+        (TypeError, "mask must be a bool tensor", lambda: F.ppo_loss(x, x, x, mask=torch.ones(3, 4))),
+        (TypeError, "advantages must be a floating-point", lambda: F.ppo_loss(x, x, x.long())),
+        (ValueError, "advantages is on meta", lambda: F.ppo_loss(x, x, x.to("meta"))),
+        (ValueError, "clip_range must be a finite number > 0", lambda: F.ppo_loss(x, x, x, 0.0)),
+        (ValueError, "clip_range must be a finite number > 0", lambda: F.ppo_loss(x, x, x, float("nan"))),
+        (ValueError, "beta must be a finite number >= 0", lambda: F.ppo_loss(x, x, x, kl=x, beta=-0.1)),
+        (ValueError, "beta must be a finite number >= 0", lambda: F.ppo_loss(x, x, x, kl=x, beta=float("inf"))),
+        (ValueError, "beta > 0 needs kl", lambda: F.ppo_loss(x, x, x, beta=0.04)),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
