@@ -199,8 +199,25 @@ def _shaped(output: Tensor, shape: torch.Size) -> Tensor:
 def ode_lookahead(
     x: Tensor, t: float | Tensor, velocity_fn: VelocityFn, num_steps: int = 1, *, v: Tensor | None = None
 ) -> Tensor:
-    """Clean-image estimate after `num_steps` Euler sub-steps to t = 0 (SPEC §4.2)."""
-    return reference.ode_lookahead(x, t, velocity_fn, num_steps, v=v)
+    """Clean-image estimate after `num_steps` Euler sub-steps to t = 0 (SPEC §4.2); see
+    `reference.ode_lookahead`. `t` is in [0, 1] (a number is checked; a `[B]` tensor is not: that
+    would sync); `v` and every velocity that `velocity_fn` returns must have x's shape (a
+    broadcastable one, such as one row for the whole batch, is an error, not a silent broadcast)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if isinstance(t, (int, float)) and not torch.compiler.is_compiling() and not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1], got {t}")
+    if v is not None:
+        _check_latent("v", v, x)
+
+    def velocity_of(state: Tensor, t_row: Tensor) -> Tensor:
+        velocity = velocity_fn(state, t_row)
+        if not isinstance(velocity, Tensor) or velocity.shape != x.shape:
+            got = tuple(velocity.shape) if isinstance(velocity, Tensor) else type(velocity).__name__
+            raise ValueError(f"velocity_fn returned {got} for a state of shape {tuple(x.shape)}: it must return x's shape")
+        return velocity
+
+    return reference.ode_lookahead(x, t, velocity_of, num_steps, v=v)
 
 
 def gain_advantages(
@@ -225,8 +242,8 @@ def gain_advantages(
     (group, step) (`"per_step"`). `group_ids` (int64 `[N]`, any values, any order) names the
     groups. `step_mask` (bool `[T]`) leaves steps out of the statistics with advantage 0; `clip`
     clamps to [-clip, clip]. A group of one trajectory, or one whose gains are all equal, gets 0.
-    NaN/inf rewards raise, or with `nonfinite="drop"` their trajectory is left out with advantage 0.
-    `return_stats=True` returns `(advantages, GroupStats)` (groups in ascending id order).
+    NaN/inf rewards (or finite ones whose gain overflows the dtype) raise, or with `nonfinite="drop"`
+    their trajectory is left out with advantage 0. `return_stats=True` returns `(advantages, GroupStats)` (groups in ascending id order).
 
     `gather=True` (or a `process_group`) all-gathers the batch over torch.distributed first, so
     groups may be spread over ranks: every rank gets the same statistics and its own rows back.

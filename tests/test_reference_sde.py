@@ -223,6 +223,33 @@ def test_lookahead_one_step_is_tweedie_and_reuses_rollout_velocity():
     torch.testing.assert_close(calls[0], t * (2 / 3))
 
 
+def test_public_lookahead_checks_its_inputs():
+    """sfgrpo.ode_lookahead gives the reference's estimate and clear errors where the reference would
+    broadcast silently: a velocity of another (broadcastable) shape, t outside [0, 1], no steps."""
+    from sfgrpo import functional as F
+
+    x, v = _state((4, 2, 3, 3))
+    t = torch.rand(4) * 0.9 + 0.1
+
+    def velocity(state, tt):
+        return -state
+
+    torch.testing.assert_close(F.ode_lookahead(x, t, velocity, 3, v=v), ref.ode_lookahead(x, t, velocity, 3, v=v),
+                               rtol=0, atol=0)
+    cases = [
+        ("velocity_fn returned \\(1, 2, 3, 3\\)", lambda: F.ode_lookahead(x, t, lambda s, tt: s[:1], 2)),
+        ("velocity_fn returned list", lambda: F.ode_lookahead(x, t, lambda s, tt: [s], 2)),
+        ("v must have the shape of x", lambda: F.ode_lookahead(x, t, velocity, 2, v=v[:, :1])),
+        ("t must be in \\[0, 1\\], got 1.5", lambda: F.ode_lookahead(x, 1.5, velocity, 2)),
+        ("t must be in \\[0, 1\\], got nan", lambda: F.ode_lookahead(x, float("nan"), velocity, 2)),
+        ("num_steps must be an int >= 1, got 0", lambda: F.ode_lookahead(x, t, velocity, 0)),
+        ("num_steps must be an int >= 1, got 2.0", lambda: F.ode_lookahead(x, t, velocity, 2.0)),
+    ]
+    for message, call in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_lookahead_converges_to_gaussian_flow_map():
     # For data N(m, s^2) the ODE maps x_t to m + s (x_t - mu_t) / sigma_t.
     m, s = 0.3, 0.5
