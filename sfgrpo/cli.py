@@ -15,12 +15,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_config(args: argparse.Namespace):
+    """The command's TrainerConfig, validated before anything loads: a bad flag value or --config file
+    is a one-line error on stderr (exit status 2, as argparse's), not a traceback."""
+    from sfgrpo.trainer.cli_args import config_from_args
+
+    try:
+        return config_from_args(args).validate()
+    except (ValueError, OSError, ImportError) as err:  # the config's own errors; a missing --config file
+        print(f"sfgrpo {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sfgrpo import distributed
     from sfgrpo.trainer import Trainer
-    from sfgrpo.trainer.cli_args import config_from_args
 
-    config = config_from_args(args)
+    config = _checked_config(args)
     # under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set): one process group, NCCL on CUDA, gloo on CPU
     ctx = distributed.init_from_env(config.device)
     try:
@@ -39,9 +50,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sfgrpo import distributed
     from sfgrpo.trainer import Trainer
-    from sfgrpo.trainer.cli_args import config_from_args
 
-    config = config_from_args(args)
+    config = _checked_config(args)
     ctx = distributed.init_from_env(config.device)
     try:
         record = Trainer(config).evaluate()  # the weights of --resume-from (or the starting ones)
@@ -54,10 +64,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from sfgrpo.trainer import Trainer
-    from sfgrpo.trainer.cli_args import config_from_args
     from sfgrpo.trainer.export import export_weights
 
-    trainer = Trainer(config_from_args(args))  # loads --resume-from
+    trainer = Trainer(_checked_config(args))  # loads --resume-from
     use_ema = {"auto": None, "ema": True, "trained": False}[args.weights]
     written = export_weights(trainer, args.export_dir, use_ema=use_ema)
     print(f"iteration {trainer.iteration}: wrote {written}")

@@ -50,8 +50,22 @@ def test_evaluate_a_trained_run(tmp_path):
 
 
 def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
-    result = run("train", "--backbone", "tiny-random", "--mode", "nope", "--output-dir", str(tmp_path))
-    assert result.returncode != 0 and "mode must be one of" in result.stderr
+    """A bad value or --config file is one line on stderr with argparse's exit status, no traceback,
+    for every command that takes the trainer's flags."""
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"group_size": ')
+    cases = [
+        (("train", "--mode", "nope"), "sfgrpo train: error: bad trainer config: mode must be one of"),
+        (("train", "--group-size", "1"), "sfgrpo train: error: bad trainer config: group_size must be >= 2"),
+        (("evaluate", "--config", str(broken)), f"sfgrpo evaluate: error: bad trainer config: {broken} is not valid JSON"),
+        (("export", "--config", str(tmp_path / "missing.json"), "--export-dir", str(tmp_path / "x")),
+         "sfgrpo export: error: [Errno 2] No such file or directory"),
+    ]
+    for args, message in cases:
+        result = run(*args, "--backbone", "tiny-random", "--output-dir", str(tmp_path / "out"))
+        assert result.returncode == 2 and result.stderr.startswith(message), (args, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # rejected before the run wrote anything
 
 
 def test_demo_help():

@@ -341,7 +341,10 @@ class TrainerConfig:
                 raise ImportError(f"{path} is YAML: install PyYAML, or use a JSON config") from err
             values = yaml.safe_load(text) or {}
         else:
-            values = json.loads(text)
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"bad trainer config: {path} is not valid JSON ({err})") from err
         if not isinstance(values, dict):
             raise ValueError(f"bad trainer config: {path} must hold a mapping of field names to values")
         return cls.from_dict({**values, **overrides})
