@@ -57,6 +57,8 @@ def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
     cases = [
         (("train", "--mode", "nope"), "sfgrpo train: error: bad trainer config: mode must be one of"),
         (("train", "--group-size", "1"), "sfgrpo train: error: bad trainer config: group_size must be >= 2"),
+        (("train", "--device", "cuda:99"), "sfgrpo train: error: bad trainer config: device 'cuda:99': torch"),
+        (("train", "--device", "gpu"), "sfgrpo train: error: bad trainer config: device 'gpu' is not a torch device"),
         (("evaluate", "--config", str(broken)), f"sfgrpo evaluate: error: bad trainer config: {broken} is not valid JSON"),
         (("export", "--config", str(tmp_path / "missing.json"), "--export-dir", str(tmp_path / "x")),
          "sfgrpo export: error: [Errno 2] No such file or directory"),
