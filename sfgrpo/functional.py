@@ -91,6 +91,9 @@ def _check_step_numbers(sde_type: str, t, t_next, noise_level, sigma_max) -> Non
         raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level}")
     if sde_type == "sde" and isinstance(sigma_max, number) and not 0.0 <= sigma_max < 1.0:
         raise ValueError(f"sigma_max must be in [0, 1) (the sde step divides by 1 - sigma_max), got {sigma_max}")
+    if sde_type == "sde" and sigma_max is None and isinstance(t_next, number) and t_next >= 1.0:
+        # the default sigma_max is t_next: a step that ends at t' = 1 would divide by zero
+        raise ValueError(f"the sde step needs sigma_max < 1: it defaults to t_next = {t_next}; pass sigma_max")
 
 
 def sde_step(
@@ -130,9 +133,9 @@ def sde_step(
     `torch.randn(generator=...)` drawn like diffusers' `randn_tensor` (bit-compatible sampling),
     with torch's global RNG when no source is given (`ode` needs none).
     Gradients flow to `v` (and `x`, `v_ref` when they require grad) through the mean and the
-    Tweedie estimates; the sample is data. Step values given as numbers are range-checked (0 < t <= 1, 0 <= t' <= t,
-    noise level >= 0, sigma_max in [0, 1)); tensors are not (that would sync): there the caller
-    guarantees it.
+    Tweedie estimates; the sample is data. Step values given as numbers are range-checked
+    (0 < t <= 1, 0 <= t' <= t, noise level >= 0, sigma_max in [0, 1), and for `sde` its default
+    t' < 1); tensors are not (that would sync): there the caller guarantees it.
     """
     if sde_type not in reference.SDE_TYPES:
         raise ValueError(f"sde_type must be one of {reference.SDE_TYPES}, got {sde_type!r}")

@@ -576,6 +576,7 @@ def test_bad_inputs_give_clear_errors():
     ((0.5, 0.4, -0.1), "noise_level must be a finite number"),
     ((0.5, 0.4, float("nan")), "noise_level must be a finite number"),
     ((float("nan"), 0.4, 0.7), r"t must be in \(0, 1\]"),
+    ((1.0, 1.0, 0.7), r"sigma_max < 1: it defaults to t_next = 1.0"),  # sde divides by 1 - sigma_max
 ])
 def test_step_numbers_out_of_range_are_clear_errors_not_nans(values, message):
     x, v, *_ = _inputs((3, 4, 4), torch.float32)
@@ -587,6 +588,9 @@ def test_step_numbers_out_of_range_are_clear_errors_not_nans(values, message):
     # in range, including the edges, they run: first step t = 1, last step t' = 0, no noise
     for ok in ((1.0, 0.9, 0.7), (0.3, 0.0, 0.7), (0.5, 0.5, 0.0)):
         assert torch.isfinite(F.sde_step(x, v, *ok, seed=1).prev_sample).all()
+    # a step that ends at t' = 1 runs with an explicit sigma_max, and with the other SDE types
+    assert torch.isfinite(F.sde_step(x, v, 1.0, 1.0, 0.7, sigma_max=0.9, seed=1).std).all()
+    assert torch.isfinite(F.sde_step(x, v, 1.0, 1.0, 0.7, sde_type="cps", seed=1).std).all()
     # a number next to a tensor is checked alone; tensors are the caller's to keep in range
     with pytest.raises(ValueError, match="t_next must be in"):
         F.sde_step(x, v, torch.full((3,), 0.5), 1.5, 0.7, seed=1)
