@@ -21,7 +21,7 @@ def _checked_config(args: argparse.Namespace):
     from sfgrpo.trainer.cli_args import config_from_args
 
     try:
-        return config_from_args(args).validate()
+        return config_from_args(args).validate().check_device()
     except (ValueError, OSError, ImportError) as err:  # the config's own errors; a missing --config file
         print(f"sfgrpo {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -312,23 +312,34 @@ class TrainerConfig:
              f"attention_backend must be sdpa or xformers, got {self.attention_backend!r}")
         need(self.decode_batch_size >= 1 and self.resolution >= 8, "decode_batch_size must be >= 1, resolution >= 8")
         need(self.prompt_cache_size >= 0, f"prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
-        self._check_device(need)
+        self._torch_device(need)
         return self
 
-    def _check_device(self, need) -> None:
-        """A device torch can use here: a clear error for 'cuda' without a GPU (torch's own is an
-        assertion deep inside the first allocation)."""
+    def _torch_device(self, need):
         import torch
 
         try:
-            device = torch.device(self.device)
+            return torch.device(self.device)
         except (RuntimeError, TypeError) as err:
             need(False, f"device {self.device!r} is not a torch device ({err})")
+
+    def check_device(self) -> "TrainerConfig":
+        """The config's device is usable on this machine (validate() checks the config alone, so that
+        a GPU recipe validates anywhere): a clear error for 'cuda' without a GPU, whose torch error is
+        an assertion deep inside the first allocation. The trainer and the CLI call it."""
+        import torch
+
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(f"bad trainer config: {message}")
+
+        device = self._torch_device(need)
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             need(count > 0, f"device {self.device!r}: torch {torch.__version__} sees no CUDA GPU")
             need(device.index is None or device.index < count,
                  f"device {self.device!r}: torch sees {count} CUDA GPU(s)")
+        return self
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:

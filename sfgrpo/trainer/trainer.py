@@ -55,7 +55,7 @@ class Trainer:
     """Fine-tunes `model` (default: `config.backbone`) on `reward` (default: `config.reward`)."""
 
     def __init__(self, config: TrainerConfig, model=None, reward=None):
-        self.config = cfg = config.validate()
+        self.config = cfg = config.validate().check_device()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         # rank / world size: joins torchrun's process group when launched by torchrun (no-op when the
