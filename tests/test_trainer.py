@@ -428,6 +428,32 @@ def test_the_last_checkpoint_is_written_once_and_never_torn(tmp_path, monkeypatc
         ckpt.resolve_checkpoint("latest", root)
 
 
+def test_a_non_finite_update_stops_the_run_before_its_weights_are_saved(tmp_path):
+    """Iteration 2's gradients turn NaN (a hook on every trained weight): the optimizer applies them,
+    so the run stops right there with a clear error, its metrics row written, no checkpoint or
+    evaluation from those weights (the next rollout would only have failed in the reward)."""
+    trainer = Trainer(tiny_config(tmp_path, iterations=4, checkpoint_every=1))
+    run_iteration = trainer.train_iteration
+
+    def poisoned_second_iteration():
+        hooks = [p.register_hook(lambda grad: grad * float("nan")) for p in trainer.trainable.values()] \
+            if trainer.iteration == 1 else []
+        try:
+            return run_iteration()
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    trainer.train_iteration = poisoned_second_iteration
+    with pytest.raises(FloatingPointError, match="training diverged at iteration 2: .*grad_norm"):
+        trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and _finite(rows[0]) and math.isnan(rows[1]["grad_norm"])
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["iter-000001", "latest"]
+    assert Trainer(tiny_config(tmp_path, iterations=4, resume_from="latest")).iteration == 1
+
+
 def test_pruning_keeps_this_runs_checkpoints_not_an_older_runs_higher_ones(tmp_path):
     old = tmp_path / "run" / "checkpoints"
     Trainer(tiny_config(tmp_path, iterations=6, checkpoint_every=2)).train()  # iter 2, 4, 6

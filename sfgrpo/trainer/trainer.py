@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import random
 import time
 import warnings
@@ -320,6 +321,7 @@ class Trainer:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 self.reporters.log(record, "train")
+            self._check_update_finite(record)  # before anything is evaluated or saved from its weights
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(reward=f"{record['reward_mean']:.4f}", refresh=False)
             if cfg.eval_every and (self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
@@ -337,6 +339,21 @@ class Trainer:
             artifacts.write_plots(self.history, self.output_dir, self.eval_history)
         distributed.barrier()
         return self.history
+
+    def _check_update_finite(self, record: dict) -> None:
+        """Stops the run at the iteration whose update went non-finite (a NaN/inf loss or gradient
+        norm). Without loss scaling the optimizer has applied it: the next rollout would only fail in
+        the reward (NaN images), and a checkpoint would keep the weights. With fp16 the scaler skips
+        such steps itself (an inf gradient norm is then its normal skipped step). The record's
+        numbers are already on the host: no sync."""
+        if self.scaler.is_enabled():
+            return
+        bad = {key: record[key] for key in ("loss", "grad_norm") if not math.isfinite(record[key])}
+        if bad:
+            raise FloatingPointError(
+                f"training diverged at iteration {record['iteration']}: {bad}; the optimizer applied a non-finite "
+                f"update, so the run stops before saving or evaluating those weights. Resume from the last checkpoint "
+                f"(resume_from='latest') with a lower learning_rate or clip_range")
 
     def evaluate(self) -> dict:
         """Scores ODE samples of the eval prompts (trainer/evaluation.py) with the current (EMA)
