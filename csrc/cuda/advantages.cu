@@ -114,6 +114,12 @@ __device__ T* row_stage(unsigned long long* shared, int words, bool staged_rows)
   return staged_rows ? reinterpret_cast<T*>(shared + words) : nullptr;
 }
 
+// The launch's side of that layout: bytes of shared memory for `batch_words` staged words and a
+// stage of `stage_bytes` (0: rows read from global memory).
+static size_t block_shared_bytes(int batch_words, int64_t stage_bytes) {
+  return sizeof(uint64_t) * fixed::staged_words(batch_words) + static_cast<size_t>(stage_bytes);
+}
+
 // Phases 1 and 2: warps of 32 consecutive rows in a grid-stride loop, their common accumulators
 // and rows staged in shared memory per block (sfgrpo/fixed_point_blocks.h, which the host emulation
 // runs too).
@@ -289,7 +295,7 @@ static bool launch_single(const fixed::Args<T>& args, const Carved& c, cudaStrea
   int moments_batch = fixed::staged_batch_words(a.p, false);
   const int64_t stage_bytes = row_stage_bytes<T>(a.p);
   bool staged_rows = stage_bytes > 0;
-  const size_t shared = sizeof(uint64_t) * fixed::staged_words(std::max(insert_batch, moments_batch)) + stage_bytes;
+  const size_t shared = block_shared_bytes(std::max(insert_batch, moments_batch), stage_bytes);
   const int resident = resident_blocks<T>(shared);
   if (resident <= 0) return false;
   const int blocks = fixed::grid_blocks(a.p.rows, resident);
@@ -341,7 +347,7 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   const int insert_batch = fixed::staged_batch_words(p, true);
   const int64_t stage_bytes = row_stage_bytes<T>(p);
   warp_rows_kernel<T, true>
-      <<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(insert_batch) + stage_bytes, stream>>>(
+      <<<blocks, kThreads, block_shared_bytes(insert_batch, stage_bytes), stream>>>(
           args, insert_batch, stage_bytes > 0);
   check(cudaGetLastError(), "insert kernel launch");
   if (with_stats) {
@@ -354,7 +360,7 @@ void advantages_cuda(const AdvantageProblem& p, const T* rewards, const int64_t*
   }
   const int moments_batch = fixed::staged_batch_words(p, false);
   warp_rows_kernel<T, false>
-      <<<blocks, kThreads, sizeof(uint64_t) * fixed::staged_words(moments_batch) + stage_bytes, stream>>>(
+      <<<blocks, kThreads, block_shared_bytes(moments_batch, stage_bytes), stream>>>(
           args, moments_batch, stage_bytes > 0);
   check(cudaGetLastError(), "moments kernel launch");
   if (fixed::finalized(p)) {

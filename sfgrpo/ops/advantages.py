@@ -38,6 +38,7 @@ from torch import Tensor
 
 from sfgrpo import _native, backend
 from sfgrpo.reference import NONFINITE_POLICIES, GroupStats, raise_nonfinite
+from sfgrpo.reference import gains as gains_of
 from sfgrpo.scratch import stream_scratch
 
 NORMALIZE_MODES = ("joint", "per_step")
@@ -164,7 +165,7 @@ def _padded_stats(rows: int, stat_columns: int, device: torch.device) -> _Padded
 def _raise_nonfinite(rewards: Tensor, gains: bool) -> None:
     """The engine counted rows left out of the statistics: name them. As the engines do, a gain row is
     finite when each of its gains is, computed in the rewards' (compute) dtype."""
-    values = rewards[:, 1:] - rewards[:, :-1] if gains else rewards
+    values = gains_of(rewards) if gains else rewards
     raise_nonfinite(torch.isfinite(values).all(dim=1), gains)
 
 

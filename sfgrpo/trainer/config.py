@@ -22,6 +22,11 @@ def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+def _need(condition: bool, message: str) -> None:
+    """A config check: a ValueError naming the problem when `condition` fails."""
+    if not condition:
+        raise ValueError(f"bad trainer config: {message}")
+
 @dataclass
 class TrainerConfig:
     # ------------------------------------------------------------------ run
@@ -225,10 +230,7 @@ class TrainerConfig:
         return self.prompts_per_iteration * self.group_size
 
     def validate(self) -> "TrainerConfig":
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(f"bad trainer config: {message}")
-
+        need = _need
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.advantage_normalize in (None, "joint", "per_step"),
              f"advantage_normalize must be joint or per_step, got {self.advantage_normalize!r}")
@@ -312,16 +314,16 @@ class TrainerConfig:
              f"attention_backend must be sdpa or xformers, got {self.attention_backend!r}")
         need(self.decode_batch_size >= 1 and self.resolution >= 8, "decode_batch_size must be >= 1, resolution >= 8")
         need(self.prompt_cache_size >= 0, f"prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
-        self._torch_device(need)
+        self._torch_device()
         return self
 
-    def _torch_device(self, need):
+    def _torch_device(self):
         import torch
 
         try:
             return torch.device(self.device)
         except (RuntimeError, TypeError) as err:
-            need(False, f"device {self.device!r} is not a torch device ({err})")
+            _need(False, f"device {self.device!r} is not a torch device ({err})")
 
     def check_device(self) -> "TrainerConfig":
         """The config's device is usable on this machine (validate() checks the config alone, so that
@@ -329,15 +331,11 @@ class TrainerConfig:
         an assertion deep inside the first allocation. The trainer and the CLI call it."""
         import torch
 
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(f"bad trainer config: {message}")
-
-        device = self._torch_device(need)
+        device = self._torch_device()
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            need(count > 0, f"device {self.device!r}: torch {torch.__version__} sees no CUDA GPU")
-            need(device.index is None or device.index < count,
+            _need(count > 0, f"device {self.device!r}: torch {torch.__version__} sees no CUDA GPU")
+            _need(device.index is None or device.index < count,
                  f"device {self.device!r}: torch sees {count} CUDA GPU(s)")
         return self
 
