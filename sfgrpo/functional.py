@@ -246,7 +246,8 @@ def gain_advantages(
     groups. `step_mask` (bool `[T]`) leaves steps out of the statistics with advantage 0; `clip`
     clamps to [-clip, clip]. A group of one trajectory, or one whose gains are all equal, gets 0.
     NaN/inf rewards (or finite ones whose gain overflows the dtype) raise, or with `nonfinite="drop"`
-    their trajectory is left out with advantage 0. `return_stats=True` returns `(advantages, GroupStats)` (groups in ascending id order).
+    their trajectory is left out with advantage 0. `return_stats=True` returns
+    `(advantages, GroupStats)` (groups in ascending id order).
 
     `gather=True` (or a `process_group`) all-gathers the batch over torch.distributed first, so
     groups may be spread over ranks: every rank gets the same statistics and its own rows back.
