@@ -6,7 +6,8 @@
 In one run, for SD3.5-M latents (B 8-32 x 16x64x64 and 16x128x128), FLUX packed latents
 (B x 4096 x 64) and a video latent (2 x 16x21x60x104), bf16 and fp32 storage, it times
   sample        draw x' + per-row log-prob + Tweedie x0_hat (what a rollout step needs)
-  score         log-prob of a stored sample, forward + backward to v (the PPO update)
+  score         log-prob of a stored sample, forward + backward to v (the PPO update); the
+                per-row gradient is handed to autograd, so no loss kernels are timed
   score_kl      the same with the KL to a reference velocity (beta > 0)
 for: `fused` (sfgrpo's Triton kernels; Philox noise for sampling), `fused_noise` (given eps),
 `eager` (sfgrpo.reference), `compiled` (torch.compile of the reference), `flow_grpo` (the
@@ -155,12 +156,20 @@ def make_cases(shape, dtype, schedule):
         out = fg.sde_step_with_logprob(sigmas, timesteps, v, timestep, x, 0.7)
         return out, x.float() - sigmas[STEP] * v.float()  # x0_hat for the stepwise rewards
 
+    kl_weights = torch.full((batch,), 0.01, device=device)
+
     def score(step_fn, with_kl):
+        # the per-row gradients a loss `(log_prob * weights).sum() + 0.01 * kl.sum()` would send,
+        # handed to autograd directly: the timed work is the step's forward and backward only (the
+        # loss's own mul / sum / fill kernels, ~4 launches of a few us each whatever the step, are
+        # the caller's and would dominate the small shapes' GPU time; the bytes counted are the step's)
         def run():
             vg = v.detach().requires_grad_()
             out = step_fn(vg, with_kl)
-            loss = (out[0] * weights).sum() + (0.01 * out[1].sum() if with_kl else 0.0)
-            loss.backward()
+            if with_kl:  # Flow-GRPO's KL is [B, 1, ...]: the view matches it (a no-op view for the others)
+                torch.autograd.backward((out[0], out[1]), (weights, kl_weights.view(out[1].shape)))
+            else:
+                torch.autograd.backward(out[0], weights)
         return run
 
     def fused_score(vg, with_kl):
