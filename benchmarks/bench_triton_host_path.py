@@ -88,6 +88,33 @@ def test_score_forward_backward(benchmark, stubbed_launch, latents):
     benchmark(step)
 
 
+def _row_tensors(x):
+    """t, t', noise level as per-row `[B]` float32 tensors, as the GPU benchmark and a trainer with
+    per-row schedules pass them (the kernels read them from memory)."""
+    batch = x.shape[0]
+    return torch.full((batch,), 0.8), torch.full((batch,), 0.7), torch.full((batch,), 0.7)
+
+
+def test_sample_philox_row_tensors(benchmark, stubbed_launch, latents):
+    x, v = latents
+    t, t_next, level = _row_tensors(x)
+    benchmark(lambda: F.sde_step(x, v, t, t_next, level, seed=1, return_x0_hat=True))
+
+
+def test_score_forward_backward_row_tensors(benchmark, stubbed_launch, latents):
+    """bench_sde_step_gpu.py's `score` row: the per-row gradient handed to autograd (no loss ops)."""
+    x, v = latents
+    t, t_next, level = _row_tensors(x)
+    sample = F.sde_step(x, v, t, t_next, level, seed=1).prev_sample
+    weights = torch.randn(x.shape[0])
+
+    def step():
+        vg = v.detach().requires_grad_()
+        torch.autograd.backward(F.sde_step(x, vg, t, t_next, level, prev_sample=sample).log_prob, weights)
+
+    benchmark(step)
+
+
 # ------------------------------------------------------------- the fused transformer norms
 @pytest.fixture
 def stubbed_norm_launch(monkeypatch):

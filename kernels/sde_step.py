@@ -22,6 +22,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
@@ -511,6 +512,9 @@ def philox_fast_math() -> bool:
     return PHILOX_FAST_MATH and not _INTERPRETED
 
 
+_NO_VALUES = (0.0,) * 4  # the by-value step values' slots when the kernels read per-row tensors
+
+
 class _Rows:
     """The per-row (t, t', a, sigma_max) as the kernels take them: four scalars when each is one
     value for every row (a Python number or a 0-d CPU tensor: nothing to build on the device), else
@@ -525,14 +529,20 @@ class _Rows:
         if type(t) is float and type(t_next) is float and type(level) is float and type(sigma_max) is float:
             self._scalars(values, like)
             return
-        import torch
-
+        # then per-row tensors (sfgrpo.sde_step has made them float32 `[B]` on the latents' device)
+        tensor = torch.Tensor
+        if (isinstance(t, tensor) and isinstance(t_next, tensor) and isinstance(level, tensor)
+                and isinstance(sigma_max, tensor) and t.ndim and t_next.ndim and level.ndim and sigma_max.ndim):
+            self.scalars = False
+            self.values = _NO_VALUES
+            self.pointers = tuple(values)
+            return
         one = [not isinstance(v, torch.Tensor) or (v.ndim == 0 and v.device.type == "cpu") for v in values]
         if all(one):
             self._scalars(tuple(float(v) for v in values), like)  # CPU tensors: no device sync
             return
         self.scalars = False
-        self.values = (0.0,) * 4
+        self.values = _NO_VALUES
         self.pointers = tuple(
             torch.full((like.shape[0],), float(v), dtype=torch.float32, device=like.device) if single else v
             for v, single in zip(values, one)
@@ -615,8 +625,6 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     """Launches the fused forward on `[B, D]` contiguous tensors; returns the op's 8 outputs (None
     for those not asked for). `for_backward`: autograd will run the backward on these inputs (the
     L2 hints' cue)."""
-    import torch
-
     batch, elements = _batch_elements(x)
     cfg = launch_config(batch, elements, x.element_size())
     rows = _Rows((t, t_next, noise_level, sigma_max), x)
@@ -627,14 +635,15 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         mode = MODE_PHILOX
     else:
         mode = MODE_NOISE
+    device = x.device  # read once: each Tensor.device builds a new object
     sample_out = torch.empty_like(x) if mode != MODE_SCORE else None
-    mean = torch.empty(x.shape, dtype=f32, device=x.device) if write_mean else None
-    x0 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x0 else None
-    x1 = torch.empty(x.shape, dtype=f32, device=x.device) if write_x1 else None
-    log_prob = torch.empty(batch, dtype=f32, device=x.device)
-    std = torch.empty(batch, dtype=f32, device=x.device)
-    std_dev_t = torch.empty(batch, dtype=f32, device=x.device)
-    kl_out = torch.empty(batch, dtype=f32, device=x.device) if v_ref is not None else None
+    mean = torch.empty(x.shape, dtype=f32, device=device) if write_mean else None
+    x0 = torch.empty(x.shape, dtype=f32, device=device) if write_x0 else None
+    x1 = torch.empty(x.shape, dtype=f32, device=device) if write_x1 else None
+    log_prob = torch.empty(batch, dtype=f32, device=device)
+    std = torch.empty(batch, dtype=f32, device=device)
+    std_dev_t = torch.empty(batch, dtype=f32, device=device)
+    kl_out = torch.empty(batch, dtype=f32, device=device) if v_ref is not None else None
     if batch == 0:
         return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
     programs = batch * cfg.num_chunks
@@ -644,8 +653,8 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
         # reused by every launch on this stream (sfgrpo.scratch): the row's last program resets
         # its ticket counter, so no allocation and no memset per step. The KL's partials follow
         # the log-prob's in the same buffer (the kernel derives their address).
-        partial = stream_scratch("sde_step.partials", x.device, programs * (2 if v_ref is not None else 1), torch.float32)
-        tickets = stream_scratch("sde_step.tickets", x.device, batch, torch.int32, zeroed=True)
+        partial = stream_scratch("sde_step.partials", device, programs * (2 if v_ref is not None else 1), torch.float32)
+        tickets = stream_scratch("sde_step.tickets", device, batch, torch.int32, zeroed=True)
     noise = noise if mode == MODE_NOISE else None
     seed, seed_offset = int(seed), int(seed_offset)
     evict = "evict_last" if for_backward and L2_HINTS and mode == MODE_SCORE else ""
@@ -690,8 +699,6 @@ def _aligned_dtypes(tensors) -> tuple | None:
 def philox_noise(seed: int, seed_offset: int, rows: int, elements: int, device, block: int = 1024):
     """`[rows, elements]` float32: the in-kernel Philox noise of a sampling step, as the forward
     kernel draws it (same code, same approximations) — `reference.philox_step_noise` on the GPU."""
-    import torch
-
     out = torch.empty((rows, elements), dtype=torch.float32, device=device)
     if out.numel():
         blocks = triton.cdiv(elements, block)
@@ -703,8 +710,6 @@ def philox_noise(seed: int, seed_offset: int, rows: int, elements: int, device, 
 def backward(x, v, sample, v_ref, t, t_next, noise_level, sigma_max, grad_log_prob, grad_kl,
              grad_mean, grad_x0, grad_x1, sde_type, logprob, reduction, kl, need_dv_ref, need_dx):
     """Launches the one-pass backward; returns (dv, dv_ref, dx), None where not needed."""
-    import torch
-
     batch, elements = _batch_elements(x)
     cfg = launch_config(batch, elements, x.element_size())
     rows = _Rows((t, t_next, noise_level, sigma_max), x)

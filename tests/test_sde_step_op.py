@@ -123,20 +123,24 @@ def test_multi_chunk_rows_are_deterministic_and_on_policy(accel):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sde_type", ref.SDE_TYPES)
 def test_one_value_for_every_row_equals_per_row_tensors(backend, sde_type):
-    # Python numbers reach the kernels by value (no per-row tensors): same bits as [B] tensors
+    # Python numbers reach the kernels by value (no per-row tensors): same bits as [B] tensors, as
+    # a mix of both (the numbers become rows on the device) and as 0-d CPU tensors
     x, v, v_ref, *_ = _inputs((3, 2, 40_000), torch.bfloat16, seed=12)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     t, tn, level, smax = 0.85, 0.55, 0.7, 0.9
     rows = [torch.full((3,), value, device=DEVICE) for value in (t, tn, level, smax)]
+    mixed = (rows[0], tn, rows[2], smax)
+    zero_dim = [torch.tensor(value) for value in (t, tn, level, smax)]
     results = []
-    for values in ((t, tn, level, smax), rows):
+    for values in ((t, tn, level, smax), rows, mixed, zero_dim):
         vg = v.float().requires_grad_()
         out = F.sde_step(x, vg, *values[:3], sigma_max=values[3], sde_type=sde_type, noise=noise, v_ref=v_ref,
                          return_x0_hat=True, backend=backend)
         (out.log_prob.sum() + out.kl.sum() + out.x0_hat.sum()).backward()
         results.append((out.prev_sample, out.log_prob, out.kl, out.std, out.x0_hat, vg.grad))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the native SDE step is the CPU kernel")

@@ -152,9 +152,16 @@ def _setup_context(ctx, inputs, output):
      backend_name) = inputs
     sample = output[0] if prev_sample is None else prev_sample
     rows = (t, t_next, noise_level, sigma_max)
-    # step values that are numbers (eager calls) stay on ctx: only tensors can be saved
-    ctx.save_for_backward(x, v, sample, v_ref, *(r for r in rows if isinstance(r, Tensor)))
-    ctx.row_numbers = tuple(None if isinstance(r, Tensor) else r for r in rows)
+    # step values that are numbers (eager calls) stay on ctx: only tensors can be saved. The two
+    # common cases (all numbers, all tensors) skip the per-value bookkeeping of a mix
+    row_tensors = [r for r in rows if isinstance(r, Tensor)]
+    ctx.save_for_backward(x, v, sample, v_ref, *row_tensors)
+    if not row_tensors:
+        ctx.row_numbers = rows
+    elif len(row_tensors) == len(rows):
+        ctx.row_numbers = None
+    else:
+        ctx.row_numbers = tuple(None if isinstance(r, Tensor) else r for r in rows)
     ctx.options = (sde_type, logprob, reduction, kl, backend_name)
     ctx.has_v_ref = v_ref is not None
     # outputs without a gradient (the std rows always, often the KL) stay None in the backward
@@ -170,8 +177,14 @@ def _gradients(ctx, grads, need_dx: bool, need_dv_ref: bool, run_backward) -> tu
     """-> (dx, dv, dv_ref), None where not needed."""
     g_sample, g_log_prob, g_std, g_std_dev_t, g_mean, g_x0, g_x1, g_kl = grads
     x, v, sample, v_ref, *row_tensors = ctx.saved_tensors
-    row_tensors = iter(row_tensors)
-    t, t_next, noise_level, sigma_max = (next(row_tensors) if n is None else n for n in ctx.row_numbers)
+    numbers = ctx.row_numbers
+    if numbers is None:
+        t, t_next, noise_level, sigma_max = row_tensors
+    elif not row_tensors:
+        t, t_next, noise_level, sigma_max = numbers
+    else:
+        row_tensors = iter(row_tensors)
+        t, t_next, noise_level, sigma_max = (next(row_tensors) if n is None else n for n in numbers)
     sde_type, logprob, reduction, kl, backend_name = ctx.options
     need_dv_ref = ctx.has_v_ref and need_dv_ref
     dv, dv_ref, dx = run_backward(
