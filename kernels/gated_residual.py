@@ -172,8 +172,8 @@ def forward(h, y, gate, scale, shift, eps: float, out_dtype, normed_dtype):
 
     batch, rows, channels = h.shape
     norm = scale is not None
-    out = torch.empty((batch, rows, channels), dtype=out_dtype, device=h.device)
-    normed = torch.empty((batch, rows, channels), dtype=normed_dtype, device=h.device) if norm else None
+    out = torch.empty(batch, rows, channels, dtype=out_dtype, device=h.device)
+    normed = torch.empty(batch, rows, channels, dtype=normed_dtype, device=h.device) if norm else None
     if out.numel() == 0:
         return out, normed
     per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=False)
@@ -203,20 +203,20 @@ def backward(g_out, g_normed, h_out, y, gate, scale, eps: float, dh_dtype, dy_dt
     need_dshift = need_dshift and norm
     need_dh = need_dh and norm
     f32 = torch.float32
-    dh = torch.empty((batch, rows, channels), dtype=dh_dtype, device=device) if need_dh else None
-    dy = torch.empty((batch, rows, channels), dtype=dy_dtype, device=device) if need_dy else None
+    dh = torch.empty(batch, rows, channels, dtype=dh_dtype, device=device) if need_dh else None
+    dy = torch.empty(batch, rows, channels, dtype=dy_dtype, device=device) if need_dy else None
     if stream.numel() == 0 or not (need_dh or need_dy or need_dgate or need_dscale or need_dshift):
-        zeros = lambda need: torch.zeros((batch, channels), dtype=f32, device=device) if need else None  # noqa: E731
+        zeros = lambda need: torch.zeros(batch, channels, dtype=f32, device=device) if need else None  # noqa: E731
         return dh, dy, zeros(need_dgate), zeros(need_dscale), zeros(need_dshift)
     g_out = None if g_out is None else g_out.contiguous()
     g_normed = None if g_normed is None else g_normed.contiguous()
     per_program, chunks, block, num_warps = launch_config(batch, rows, channels,
                                                           partials=need_dgate or need_dscale or need_dshift)
-    parts = lambda need: torch.empty((batch, chunks, channels), dtype=f32, device=device) if need else None  # noqa: E731
+    parts = lambda need: torch.empty(batch, chunks, channels, dtype=f32, device=device) if need else None  # noqa: E731
     dgate_part, dscale_part, dshift_part = parts(need_dgate), parts(need_dscale), parts(need_dshift)
     split = _split_dgate(block, norm, need_dgate, need_dscale, need_dshift)
     if split and dh is None:  # the second pass reads total from here
-        dh = torch.empty((batch, rows, channels), dtype=h_out.dtype, device=device)
+        dh = torch.empty(batch, rows, channels, dtype=h_out.dtype, device=device)
     first_pass = (g_out, g_normed, h_out, dh, dy, None if split else dgate_part, dscale_part, dshift_part,
                   dict(NORM=norm, HAS_G_OUT=g_out is not None, WRITE_DH=need_dh or split, WRITE_DY=need_dy,
                        WRITE_DGATE=need_dgate and not split, WRITE_DSCALE=need_dscale, WRITE_DSHIFT=need_dshift))

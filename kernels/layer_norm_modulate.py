@@ -180,7 +180,7 @@ def forward(x, scale, shift, eps: float, out_dtype):
     import torch
 
     batch, rows, channels = x.shape
-    y = torch.empty((batch, rows, channels), dtype=out_dtype, device=x.device)
+    y = torch.empty(batch, rows, channels, dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
     per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=False)
@@ -198,13 +198,13 @@ def backward(grad, x, scale, eps: float, need_dx: bool, need_dscale: bool, need_
 
     batch, rows, channels = x.shape
     f32 = torch.float32
-    dx = torch.empty((batch, rows, channels), dtype=x.dtype, device=x.device) if need_dx else None
+    dx = torch.empty(batch, rows, channels, dtype=x.dtype, device=x.device) if need_dx else None
     if x.numel() == 0:  # no rows: the sums over them are zero
-        zeros = lambda: torch.zeros((batch, channels), dtype=f32, device=x.device)  # noqa: E731
+        zeros = lambda: torch.zeros(batch, channels, dtype=f32, device=x.device)  # noqa: E731
         return dx, zeros() if need_dscale else None, zeros() if need_dshift else None
     grad = grad.contiguous()
     per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=need_dscale or need_dshift)
-    parts = lambda: torch.empty((batch, chunks, channels), dtype=f32, device=x.device)  # noqa: E731
+    parts = lambda: torch.empty(batch, chunks, channels, dtype=f32, device=x.device)  # noqa: E731
     dscale_part = parts() if need_dscale else None
     dshift_part = parts() if need_dshift else None
     # unused pointer slots get a tensor of the right device; the constexpr flags never touch them

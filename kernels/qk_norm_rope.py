@@ -172,7 +172,7 @@ def forward(x, cos, sin, weight, eps, norm_dtype, out_dtype):
     import torch
 
     B, N, H, D = x.shape
-    y = torch.empty((B, N, H, D), dtype=out_dtype, device=x.device)
+    y = torch.empty(B, N, H, D, dtype=out_dtype, device=x.device)
     R = B * N * H
     if R == 0 or D == 0:
         return y
@@ -198,13 +198,13 @@ def backward(g, x, cos, sin, weight, eps, need_dx: bool, need_dw: bool):
     R = B * N * H
     has_norm = eps is not None
     need_dw = need_dw and has_norm and weight is not None
-    dx = torch.empty((B, N, H, D), dtype=x.dtype, device=x.device) if need_dx else None
+    dx = torch.empty(B, N, H, D, dtype=x.dtype, device=x.device) if need_dx else None
     if R == 0 or D == 0 or not (need_dx or need_dw):
         return dx, (torch.zeros_like(weight) if need_dw else None)
     block_rows, block_d, num_warps = tile_config(D, min(x.element_size(), g.element_size()), vectors=1)
     tiles = (R + block_rows - 1) // block_rows
     programs = min(tiles, MAX_PARTIALS) if need_dw else tiles
-    partials = torch.empty((programs, D), dtype=torch.float32, device=x.device) if need_dw else None
+    partials = torch.empty(programs, D, dtype=torch.float32, device=x.device) if need_dw else None
     out = x if dx is None else dx
     weight = None if weight is None else weight.contiguous()
     _BWD.with_constexprs(

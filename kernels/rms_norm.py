@@ -199,7 +199,7 @@ def backward(dy, x, weight, eps: float, need_dx: bool, need_dw: bool, dy_rows=No
     tiles = (R + block_rows - 1) // block_rows  # not triton.cdiv: a constexpr_function, ~1 us a call
     weight = None if weight is None else weight.contiguous()
     programs = min(tiles, MAX_PARTIALS) if need_dw else tiles
-    partials = torch.empty((programs, D), dtype=torch.float32, device=x.device) if need_dw else None
+    partials = torch.empty(programs, D, dtype=torch.float32, device=x.device) if need_dw else None
     (_, s1, s2), (st0, st1, st2) = dy_rows if dy_rows is not None else ((R, 1, 1), (0, 0, 0))
     _BWD.with_constexprs(
         (programs,), (x, x if weight is None else weight, dy, x if dx is None else dx,

@@ -206,13 +206,13 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
     columns = width - 1 if problem.gains else width
     stat_columns = 1 if problem.pooled else columns
     device = rewards.device
-    out = torch.empty((rows, columns), dtype=rewards.dtype, device=device)
+    out = torch.empty(rows, columns, dtype=rewards.dtype, device=device)
     stats = _padded_stats(rows, stat_columns, device) if with_stats else None
     if rows == 0:
         return out, stats
     mask = column_mask.contiguous().view(torch.uint8) if column_mask is not None else None
     args = engine_args(rewards, group_ids, out, problem, mask, stats)
-    if device.type == "cpu":
+    if rewards.is_cpu:  # a bool attribute; device.type would build a string
         groups, nonfinite_rows = _cpu_engine().advantages(*args, get_num_threads())
         if stats is not None:
             stats.num_groups.fill_(groups)

@@ -1,0 +1,191 @@
+"""Host cost of sfgrpo's per-call Python paths in CPU instructions, counted by valgrind's callgrind:
+deterministic where wall time on a shared VM is not (this 2-core machine's timings of the same
+call drift by 2x from day to day and by 20 % between runs), so an A/B of a host-path change needs
+one run of each version, not a session's worth of medians.
+
+    python benchmarks/host_instructions.py                  # every case, 2,000 calls each
+    python benchmarks/host_instructions.py score_rows --calls 500
+
+Each case runs in its own process under `valgrind --tool=callgrind --instr-atstart=no`: the import
+and a warm-up run uninstrumented, then `callgrind_control -i on` / `off` brackets the timed calls
+(the toggles themselves cost < 0.5 % of 1,000 calls). The launches are stubbed exactly as in
+bench_triton_host_path.py (Triton's runner a no-op, CPU tensors) and bench_advantages_host_path.py
+(the CUDA engine a no-op, meta tensors), so the count is sfgrpo's Python plus the torch calls it
+makes: on a GPU host, Triton's launcher and the CUDA launch come on top. Needs valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+BATCH = 8
+LATENT = (BATCH, 16, 8, 8)  # small: CPU allocation stays negligible; the host path does not depend on size
+
+
+def _replace(obj, name: str, value) -> None:
+    """setattr that refuses to add an attribute: a stub of something renamed must fail, not sit
+    unused while the real code runs."""
+    if not hasattr(obj, name):
+        raise AttributeError(f"{obj!r} has no attribute {name!r} to stub")
+    setattr(obj, name, value)
+
+
+def _stub_cuda_queries() -> None:
+    _replace(torch.cuda, "current_device", lambda: None)  # the CPU / meta tensors' device index
+    setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0)  # absent from CPU builds of torch
+
+
+def _stub_sde_step_launches() -> None:
+    """The Triton path on CPU tensors with every launch a no-op (bench_triton_host_path's fixture)."""
+    sys.path.insert(0, str(HERE))
+    from bench_triton_host_path import _NoOpKernel
+
+    from sfgrpo.kernels import _launch
+    from sfgrpo.kernels import sde_step as kernels
+    from sfgrpo.ops import sde_step as ops
+
+    if not _launch.enabled():
+        raise RuntimeError(f"the direct launch path is off (TRITON_INTERPRET or {_launch.ENV_VAR} set)")
+    for launcher in (kernels._FWD_LAUNCHER, kernels._BWD_LAUNCHER):
+        if launcher.constexpr is None:
+            raise RuntimeError("Triton's interpreter was on at import: unset TRITON_INTERPRET")
+        _replace(launcher, "kernel", _NoOpKernel())
+        _replace(launcher, "compiled", {})
+    _stub_cuda_queries()
+    _replace(ops, "_implementation", lambda device, backend_name: kernels)
+
+
+def _stub_advantage_engine() -> None:
+    """The CUDA branch of the advantage ops on meta tensors, the engine a no-op
+    (bench_advantages_host_path's fixture)."""
+    sys.path.insert(0, str(HERE))
+    from bench_advantages_host_path import _NoOpEngine
+
+    from sfgrpo import functional
+    from sfgrpo.ops import advantages
+
+    _replace(advantages, "_cuda_engine", lambda: _NoOpEngine())
+    _stub_cuda_queries()
+    _replace(functional, "resolve_backend", lambda op, device, override=None: "native")
+
+
+def _sde_step_cases() -> dict:
+    from sfgrpo import functional as F
+
+    _stub_sde_step_launches()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(LATENT, generator=g).bfloat16()
+    v = torch.randn(LATENT, generator=g).bfloat16()
+    t, t_next, level = (torch.full((BATCH,), value) for value in (0.8, 0.7, 0.7))
+    sample = F.sde_step(x, v, 0.8, 0.7, seed=1).prev_sample
+    weights = torch.randn(BATCH, generator=g)
+
+    def score_numbers():  # the trainer's call: step values as numbers, a loss built on the log-prob
+        vg = v.detach().requires_grad_()
+        (F.sde_step(x, vg, 0.8, 0.7, 0.7, prev_sample=sample).log_prob * weights).sum().backward()
+
+    def score_rows():  # bench_sde_step_gpu's scoring row: [B] step values, the per-row gradient given
+        vg = v.detach().requires_grad_()
+        torch.autograd.backward(F.sde_step(x, vg, t, t_next, level, prev_sample=sample).log_prob, weights)
+
+    return {
+        "sample_numbers": lambda: F.sde_step(x, v, 0.8, 0.7, 0.7, seed=1, return_x0_hat=True),
+        "sample_rows": lambda: F.sde_step(x, v, t, t_next, level, seed=1, return_x0_hat=True),
+        "score_numbers": score_numbers,
+        "score_rows": score_rows,
+    }
+
+
+def _advantage_cases() -> dict:
+    import sfgrpo
+
+    _stub_advantage_engine()
+    rewards = torch.empty(100_000, 11, device="meta")  # issue 5's 1M gains (meta: no data)
+    ids = torch.empty(100_000, dtype=torch.int64, device="meta")
+    return {"gain_advantages_cuda_path": lambda: sfgrpo.gain_advantages(rewards, ids, nonfinite="drop")}
+
+
+def _scale_case() -> dict:
+    x = torch.ones(LATENT)
+    return {"one_eager_op": lambda: x.mul(2)}  # for scale: one ATen op from Python
+
+
+# each case's builder: one process builds only its own group's stubs
+_BUILDER = {
+    **dict.fromkeys(("sample_numbers", "sample_rows", "score_numbers", "score_rows"), _sde_step_cases),
+    "gain_advantages_cuda_path": _advantage_cases,
+    "one_eager_op": _scale_case,
+}
+CASES = tuple(_BUILDER)
+
+
+def build(case: str):
+    """The callable of `case`, with its stubs in place (for this process's lifetime)."""
+    return _BUILDER[case]()[case]
+
+
+def _child(case: str, calls: int) -> None:
+    """Runs inside callgrind: warm up uninstrumented, then count `calls` calls."""
+    fn = build(case)
+    for _ in range(200):  # first-call work (compiled-kernel lookups, caches) stays out of the count
+        fn()
+    pid = str(os.getpid())
+    subprocess.run(["callgrind_control", "-i", "on", pid], check=True, stdout=subprocess.DEVNULL)
+    for _ in range(calls):
+        fn()
+    subprocess.run(["callgrind_control", "-i", "off", pid], check=True, stdout=subprocess.DEVNULL)
+
+
+def count(case: str, calls: int) -> int:
+    """Instructions per call of `case` (a fresh process under callgrind)."""
+    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=/dev/null",
+               sys.executable, str(pathlib.Path(__file__).resolve()), "--child", case, "--calls", str(calls)]
+    env = {name: value for name, value in os.environ.items() if name != "SFGRPO_TRITON_DIRECT_LAUNCH"}
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "TRITON_INTERPRET": "0"})
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{case}: callgrind run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return int(found.group(1)) // calls
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cases", nargs="*", help=f"any of {', '.join(CASES)} (default: all)")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--check", action="store_true",
+                        help="build and call each case a few times without valgrind (a smoke test)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.calls)
+        return 0
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {CASES}")
+    if args.check:
+        for case in args.cases or CASES:
+            fn = build(case)
+            for _ in range(3):
+                fn()
+            print(f"{case}: ok")
+        return 0
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} not found (install valgrind)")
+    print(f"| case | instructions per call ({args.calls} calls, callgrind) |\n|---|---:|")
+    for case in args.cases or CASES:
+        print(f"| {case} | {count(case, args.calls):,} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
