@@ -9,9 +9,10 @@ one run of each version, not a session's worth of medians.
 Each case runs in its own process under `valgrind --tool=callgrind --instr-atstart=no`: the import
 and a warm-up run uninstrumented, then `callgrind_control -i on` / `off` brackets the timed calls
 (the toggles themselves cost < 0.5 % of 1,000 calls). The launches are stubbed exactly as in
-bench_triton_host_path.py (Triton's runner a no-op, CPU tensors) and bench_advantages_host_path.py
-(the CUDA engine a no-op, meta tensors), so the count is sfgrpo's Python plus the torch calls it
-makes: on a GPU host, Triton's launcher and the CUDA launch come on top. Needs valgrind.
+bench_triton_host_path.py (Triton's runner a no-op, CPU tensors; its stubbed_norm_launch for the
+fused norms) and bench_advantages_host_path.py (the CUDA engine a no-op, meta tensors), so the
+count is sfgrpo's Python plus the torch calls it makes: on a GPU host, Triton's launcher and the
+CUDA launch come on top. Needs valgrind.
 """
 
 from __future__ import annotations
@@ -78,6 +79,44 @@ def _stub_advantage_engine() -> None:
     _replace(functional, "resolve_backend", lambda op, device, override=None: "native")
 
 
+def _stub_norm_launches() -> None:
+    """The fused norms' Triton path on CPU tensors, every launch a no-op (bench_triton_host_path's
+    stubbed_norm_launch)."""
+    sys.path.insert(0, str(HERE))
+    from bench_triton_host_path import _NoOpKernel
+
+    from sfgrpo import backend
+    from sfgrpo.kernels import _launch, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm
+
+    for module in (rms_norm, layer_norm_modulate, gated_residual, qk_norm_rope):
+        for launcher in vars(module).values():
+            if isinstance(launcher, _launch.DirectLauncher):
+                if launcher.constexpr is None:
+                    raise RuntimeError("Triton's interpreter was on at import: unset TRITON_INTERPRET")
+                _replace(launcher, "kernel", _NoOpKernel())
+                _replace(launcher, "compiled", {})
+    _stub_cuda_queries()
+    resolve = backend.resolve_backend
+    norm_ops = ("rms_norm", "layer_norm_modulate", "gated_residual", "qk_norm_rope")
+    _replace(backend, "resolve_backend",
+             lambda op, device, override=None: "triton" if op in norm_ops else resolve(op, device, override))
+
+
+def _norm_cases() -> dict:
+    """An SD3.5-M block's adaLN calls on tiny activations (the host path does not depend on size):
+    x / residual [2, 16, 128] bf16, shift / scale / gate chunks of a [2, 6 x 128] embedding."""
+    from sfgrpo import functional as F
+
+    _stub_norm_launches()
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 16, 128, generator=g).bfloat16() for _ in range(2))
+    shift, scale, gate = torch.randn(2, 6 * 128, generator=g).bfloat16().chunk(6, dim=1)[:3]
+    return {
+        "layer_norm_modulate": lambda: F.layer_norm_modulate(x, scale, shift),
+        "gated_residual_layer_norm_modulate": lambda: F.gated_residual_layer_norm_modulate(x, y, gate, scale, shift),
+    }
+
+
 def _sde_step_cases() -> dict:
     from sfgrpo import functional as F
 
@@ -123,6 +162,7 @@ def _scale_case() -> dict:
 _BUILDER = {
     **dict.fromkeys(("sample_numbers", "sample_rows", "score_numbers", "score_rows"), _sde_step_cases),
     "gain_advantages_cuda_path": _advantage_cases,
+    **dict.fromkeys(("layer_norm_modulate", "gated_residual_layer_norm_modulate"), _norm_cases),
     "one_eager_op": _scale_case,
 }
 CASES = tuple(_BUILDER)

@@ -22,6 +22,7 @@ import operator
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from sfgrpo.backend import environ_get
@@ -190,8 +191,6 @@ class DirectLauncher:
         if self.constexpr is None or not enabled():
             self.kernel[grid](*args, **options)
             return
-        import torch
-
         first = args[0]
         device = (first if isinstance(first, Tensor) else next(a for a in args if isinstance(a, Tensor))).device
         if device.index != torch.cuda.current_device():  # Triton launches on the current device
@@ -231,8 +230,6 @@ class DirectLauncher:
         self.by_caller_key[caller_key] = compiled
 
     def _run(self, compiled, grid: tuple[int, ...], args: tuple, options: dict, device) -> None:
-        import torch
-
         grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         stream = torch._C._cuda_getCurrentRawStream(device.index)
         try:

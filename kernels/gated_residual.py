@@ -29,6 +29,7 @@ a second, residual-only pass when the LayerNorm's partials are needed too (see R
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -168,8 +169,6 @@ def forward(h, y, gate, scale, shift, eps: float, out_dtype, normed_dtype):
     """h, y `[B, N, C]` with unit last stride (any batch / row strides), gate (scale, shift) `[B, C]`
     with unit last stride and any row stride -> (h_out in `out_dtype`, normed in `normed_dtype` or
     None when scale is None), both contiguous [B, N, C]."""
-    import torch
-
     batch, rows, channels = h.shape
     norm = scale is not None
     out = torch.empty(batch, rows, channels, dtype=out_dtype, device=h.device)
@@ -181,8 +180,8 @@ def forward(h, y, gate, scale, shift, eps: float, out_dtype, normed_dtype):
     _FWD_LAUNCHER.with_constexprs(
         (batch, chunks),
         (h, y, gate, scale if norm else gate, shift if norm else gate, out, normed if norm else out, rows, channels,
-         h.stride(0), h.stride(1), y.stride(0), y.stride(1), gate.stride(0), scale.stride(0) if norm else 0,
-         shift.stride(0) if norm else 0, per_program, float(eps)),
+         *h.stride()[:2], *y.stride()[:2], gate.stride()[0], scale.stride()[0] if norm else 0,
+         shift.stride()[0] if norm else 0, per_program, float(eps)),
         dict(BLOCK_C=block, NORM=norm), num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return out, normed
 
@@ -193,8 +192,6 @@ def backward(g_out, g_normed, h_out, y, gate, scale, eps: float, dh_dtype, dy_dt
     needed. With `g_normed` None (no norm, or its output unused) total = g_out and dh is left to the
     caller (None: it is g_out cast to h's dtype); g_out may be None only with g_normed. y is read only
     for dgate and gate only for dy: either may be None when not needed."""
-    import torch
-
     norm = g_normed is not None
     stream = g_normed if norm else g_out
     batch, rows, channels = stream.shape
@@ -234,7 +231,7 @@ def backward(g_out, g_normed, h_out, y, gate, scale, eps: float, dh_dtype, dy_dt
         _BWD_LAUNCHER.with_constexprs(
             (batch, chunks),
             (pick(g_o), pick(g_n), pick(x), y_, gate_, scale_, pick(dh_), pick(dy_), pick(dgate_p), pick(dscale_p),
-             pick(dshift_p), rows, channels, y_.stride(0), y_.stride(1), gate_.stride(0), scale_.stride(0),
+             pick(dshift_p), rows, channels, *y_.stride()[:2], gate_.stride()[0], scale_.stride()[0],
              per_program, chunks, float(eps)),
             dict(flags, BLOCK_C=block, RELOAD=block > RELOAD_ABOVE), num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     if split and not need_dh:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
@@ -177,8 +178,6 @@ def forward(x, scale, shift, eps: float, out_dtype):
     """`x` [B, N, C] with unit last stride, `scale` / `shift` [B, C] with unit last stride (any row
     stride: the chunks of diffusers' [B, 6C] embedding are read in place) -> y [B, N, C] contiguous
     in `out_dtype`."""
-    import torch
-
     batch, rows, channels = x.shape
     y = torch.empty(batch, rows, channels, dtype=out_dtype, device=x.device)
     if y.numel() == 0:
@@ -186,7 +185,7 @@ def forward(x, scale, shift, eps: float, out_dtype):
     per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=False)
     _FWD_LAUNCHER.with_constexprs(
         (batch, chunks),
-        (x, scale, shift, y, rows, channels, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0),
+        (x, scale, shift, y, rows, channels, *x.stride()[:2], scale.stride()[0], shift.stride()[0],
          per_program, float(eps)),
         dict(BLOCK_C=block), num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return y
@@ -194,8 +193,6 @@ def forward(x, scale, shift, eps: float, out_dtype):
 
 def backward(grad, x, scale, eps: float, need_dx: bool, need_dscale: bool, need_dshift: bool):
     """-> (dx in x's dtype, dscale, dshift as float32 [B, C]), None where not needed."""
-    import torch
-
     batch, rows, channels = x.shape
     f32 = torch.float32
     dx = torch.empty(batch, rows, channels, dtype=x.dtype, device=x.device) if need_dx else None
@@ -211,7 +208,7 @@ def backward(grad, x, scale, eps: float, need_dx: bool, need_dscale: bool, need_
     _BWD_LAUNCHER.with_constexprs(
         (batch, chunks),
         (grad, x, scale, grad if dx is None else dx, grad if dscale_part is None else dscale_part,
-         grad if dshift_part is None else dshift_part, rows, channels, x.stride(0), x.stride(1), scale.stride(0),
+         grad if dshift_part is None else dshift_part, rows, channels, *x.stride()[:2], scale.stride()[0],
          per_program, chunks, float(eps)),
         dict(BLOCK_C=block, WRITE_DX=need_dx, WRITE_DSCALE=need_dscale, WRITE_DSHIFT=need_dshift),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION)

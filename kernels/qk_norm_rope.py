@@ -23,6 +23,7 @@ intermediate rounding as the identity (as autograd does) and keeps fp32 througho
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -157,20 +158,16 @@ _BWD = DirectLauncher(qk_norm_rope_bwd_kernel)
 
 def round_code(dtype) -> int:
     """ROUND_H for the dtype the normalised rows are rounded to (float32: none)."""
-    import torch
-
     return {torch.bfloat16: ROUND_BF16, torch.float16: ROUND_FP16}.get(dtype, ROUND_NONE)
 
 
 def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]  # one call: t.stride(i) parses its argument each time
 
 
 def forward(x, cos, sin, weight, eps, norm_dtype, out_dtype):
     """y `[B, N, H, D]` (contiguous, `out_dtype`); eps None: the rotation only. x's channel stride
     and cos / sin's must be 1 (the op layer sees to it)."""
-    import torch
-
     B, N, H, D = x.shape
     y = torch.empty(B, N, H, D, dtype=out_dtype, device=x.device)
     R = B * N * H
@@ -182,7 +179,7 @@ def forward(x, cos, sin, weight, eps, norm_dtype, out_dtype):
     _FWD.with_constexprs(
         ((R + block_rows - 1) // block_rows,),
         (x, x if weight is None else weight, cos, sin, y, R, N, H, D, float(eps or 0.0),
-         *_strides(x), *_strides(y), cos.stride(0)),
+         *_strides(x), *_strides(y), cos.stride()[0]),
         dict(HAS_NORM=has_norm, HAS_W=has_norm and weight is not None,
              ROUND_H=round_code(norm_dtype) if has_norm else ROUND_NONE, BLOCK_ROWS=block_rows, BLOCK_D=block_d),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION)
@@ -192,8 +189,6 @@ def forward(x, cos, sin, weight, eps, norm_dtype, out_dtype):
 def backward(g, x, cos, sin, weight, eps, need_dx: bool, need_dw: bool):
     """(dx `[B, N, H, D]` contiguous in x's dtype, dweight), None where not needed; g of any
     strides with channel stride 1."""
-    import torch
-
     B, N, H, D = x.shape
     R = B * N * H
     has_norm = eps is not None
@@ -210,7 +205,7 @@ def backward(g, x, cos, sin, weight, eps, need_dx: bool, need_dw: bool):
     _BWD.with_constexprs(
         (programs,),
         (x, x if weight is None else weight, cos, sin, g, out, x if partials is None else partials,
-         R, N, H, D, float(eps or 0.0), tiles, *_strides(x), *_strides(g), *_strides(out), cos.stride(0)),
+         R, N, H, D, float(eps or 0.0), tiles, *_strides(x), *_strides(g), *_strides(out), cos.stride()[0]),
         dict(HAS_NORM=has_norm, HAS_W=has_norm and weight is not None, WRITE_DX=need_dx, WRITE_DW=need_dw,
              BLOCK_ROWS=block_rows, BLOCK_D=block_d),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
@@ -168,8 +169,6 @@ def _round_w(weight) -> bool:
 
 def forward(x, weight, eps: float, out_dtype):
     """y = rms_norm(x) in `out_dtype`, laid out like x (rows consecutive in memory, see above)."""
-    import torch
-
     y = torch.empty_like(x, dtype=out_dtype)
     D = x.shape[-1]
     R = x.numel() // D if D else 0
@@ -187,8 +186,6 @@ def forward(x, weight, eps: float, out_dtype):
 def backward(dy, x, weight, eps: float, need_dx: bool, need_dw: bool, dy_rows=None):
     """(dx, dweight), None where not needed. dy has x's layout, or `dy_rows` = ((S0, S1, S2),
     (ST0, ST1, ST2)) maps x's memory-order rows to dy's (`sfgrpo.ops.rms_norm.row_map`)."""
-    import torch
-
     D = x.shape[-1]
     R = x.numel() // D if D else 0
     need_dw = need_dw and weight is not None

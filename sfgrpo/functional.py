@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sfgrpo import reference
-from sfgrpo.backend import resolve_backend
+from sfgrpo.backend import device_type, resolve_backend
 from sfgrpo.gather import gather_batch
 from sfgrpo.ops import advantages as advantage_ops
 from sfgrpo.ops import gated_residual as gated_residual_ops
@@ -414,7 +414,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, back
     if x.dtype not in RMS_NORM_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     _check_rms_weight_and_eps(x, weight, eps)
-    out_dtype = reference.rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, x.device.type)
+    out_dtype = reference.rms_norm_output_dtype(x.dtype, None if weight is None else weight.dtype, device_type(x.device))
     return rms_norm_ops.rms_norm(x, weight, float(eps), out_dtype, backend)
 
 
@@ -454,7 +454,7 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor | None = No
         _check_rms_weight_and_eps(x, weight, eps)
     elif weight is not None:
         raise ValueError("a weight needs eps (the norm): eps=None is the rotation alone")
-    norm_dtype, out_dtype = reference.qk_norm_rope_dtypes(x.dtype, x.device.type)
+    norm_dtype, out_dtype = reference.qk_norm_rope_dtypes(x.dtype, device_type(x.device))
     return qk_norm_rope_ops.qk_norm_rope(x, cos, sin, weight, None if eps is None else float(eps), norm_dtype,
                                          out_dtype, backend)
 
@@ -470,11 +470,11 @@ def _check_norm_eps(eps) -> None:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
 
 
-def _modulated_dtype(device_type: str, x_dtype, scale_dtype, shift_dtype) -> tuple[bool, torch.dtype]:
-    """(autocast on, output dtype) of a modulated LayerNorm: the autocast dtype under autocast, else
-    the eager expression's type promotion."""
-    if torch.is_autocast_enabled(device_type):
-        return True, torch.get_autocast_dtype(device_type)
+def _modulated_dtype(kind: str, x_dtype, scale_dtype, shift_dtype) -> tuple[bool, torch.dtype]:
+    """(autocast on, output dtype) of a modulated LayerNorm on a `kind` device: the autocast dtype
+    under autocast, else the eager expression's type promotion."""
+    if torch.is_autocast_enabled(kind):
+        return True, torch.get_autocast_dtype(kind)
     return False, torch.promote_types(torch.promote_types(x_dtype, scale_dtype), shift_dtype)
 
 
@@ -507,15 +507,16 @@ def _check_per_sample_inputs(x_name: str, x: Tensor, y: Tensor | None = None, **
 def _token_rows(x: Tensor) -> Tensor:
     """x `[B, ..., C]` as `[B, N, C]` with unit last stride: a view when it can be one (the
     kernels read any batch and token strides)."""
-    if x.ndim == 3 and x.stride(-1) == 1:  # the blocks' activations: x itself (a reshape costs ~2 us)
+    # Tensor.stride() then an index: stride(i) runs torch's argument parser (twice the cost)
+    if x.ndim == 3 and x.stride()[-1] == 1:  # the blocks' activations: x itself (a reshape costs ~2 us)
         return x
     rows = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # N from the shape: B may be 0
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return rows if rows.stride()[-1] == 1 else rows.contiguous()
 
 
 def _channels_adjacent(t: Tensor) -> Tensor:
     """[B, C] read through its row stride (chunks of diffusers' [B, kC] embedding stay in place)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.stride()[-1] == 1 else t.contiguous()
 
 
 def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *,
@@ -534,7 +535,7 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     """
     _check_per_sample_inputs("x", x, scale=scale, shift=shift)
     _check_norm_eps(eps)
-    autocast, out_dtype = _modulated_dtype(x.device.type, x.dtype, scale.dtype, shift.dtype)
+    autocast, out_dtype = _modulated_dtype(device_type(x.device), x.dtype, scale.dtype, shift.dtype)
     y = layer_norm_modulate_ops.layer_norm_modulate(_token_rows(x), _channels_adjacent(scale),
                                                     _channels_adjacent(shift), float(eps), out_dtype, autocast, backend)
     return _shaped(y, x.shape)  # itself for [B, N, C] x (no view: no extra autograd node), else a view
@@ -574,7 +575,7 @@ def gated_residual_layer_norm_modulate(h: Tensor, y: Tensor, gate: Tensor, scale
     _check_per_sample_inputs("h", h, y, gate=gate, scale=scale, shift=shift)
     _check_norm_eps(eps)
     h_out_dtype = torch.promote_types(h.dtype, torch.promote_types(gate.dtype, y.dtype))
-    autocast, out_dtype = _modulated_dtype(h.device.type, h_out_dtype, scale.dtype, shift.dtype)
+    autocast, out_dtype = _modulated_dtype(device_type(h.device), h_out_dtype, scale.dtype, shift.dtype)
     h_out, normed = gated_residual_ops.gated_residual_layer_norm_modulate(
         _token_rows(h), _token_rows(y), _channels_adjacent(gate), _channels_adjacent(scale), _channels_adjacent(shift),
         float(eps), out_dtype, autocast, backend)
@@ -623,8 +624,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
         raise ValueError(f"bias must be [out] = [{out_features}], got {tuple(bias.shape)}")
     if not torch.compiler.is_compiling() and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
         raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    kind = device_type(x.device)
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)

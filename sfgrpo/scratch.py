@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from sfgrpo.backend import eager_device_type
+
 _HELD: dict[tuple, torch.Tensor] = {}
-
-
-_IS_CUDA: dict[torch.device, bool] = {}  # device.type builds a new string on every read: once per device
 
 
 def _stream_key(device: torch.device):
     """None while the current stream is capturing a CUDA graph (no reuse), else the stream's key.
     Off CUDA (CPU tensors; Triton's interpreter) every launch has run when the call returns."""
-    is_cuda = _IS_CUDA.get(device)
-    if is_cuda is None:
-        is_cuda = _IS_CUDA[device] = device.type == "cuda"
-    if not is_cuda:
+    if eager_device_type(device) != "cuda":
         return device
     if torch.cuda.is_current_stream_capturing():
         return None

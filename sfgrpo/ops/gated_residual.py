@@ -78,7 +78,7 @@ class _Kernels:
 
     @staticmethod
     def forward(h, y, gate, scale, shift, eps, normed_dtype, autocast):
-        from sfgrpo.kernels import gated_residual as kernels
+        kernels = backend.kernel_module("gated_residual")
 
         return kernels.forward(h, y, gate, scale, shift, eps, residual_dtype(h, y, gate), normed_dtype)
 
@@ -87,7 +87,7 @@ class _Kernels:
                  need_dh, need_dy, need_dgate, need_dscale, need_dshift, y_dtype=None, gate_dtype=None):
         """y is read only for dgate and gate only for dy (the eager path saves them only then, and
         passes their dtypes); h_out only with g_normed."""
-        from sfgrpo.kernels import gated_residual as kernels
+        kernels = backend.kernel_module("gated_residual")
 
         y_dtype = y.dtype if y_dtype is None else y_dtype
         gate_dtype = gate.dtype if gate_dtype is None else gate_dtype

@@ -60,13 +60,13 @@ class _Kernels:
 
     @staticmethod
     def forward(x, scale, shift, eps, out_dtype, autocast):
-        from sfgrpo.kernels import layer_norm_modulate as kernels
+        kernels = backend.kernel_module("layer_norm_modulate")
 
         return kernels.forward(x, scale, shift, eps, out_dtype)
 
     @staticmethod
     def backward(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift):
-        from sfgrpo.kernels import layer_norm_modulate as kernels
+        kernels = backend.kernel_module("layer_norm_modulate")
 
         dx, dscale, dshift = kernels.backward(grad, x, scale, eps, need_dx, need_dscale, need_dshift)
         return (dx, None if dscale is None else dscale.to(scale.dtype),
@@ -83,7 +83,7 @@ def kernels_run(op_name: str, tensors, out_dtypes, backend_name: Optional[str]) 
     with no error (wider rows, float64)."""
     if backend.resolve_backend(op_name, tensors[0].device, backend_name) != "triton":
         return False
-    from sfgrpo.kernels import layer_norm_modulate as kernels
+    kernels = backend.kernel_module("layer_norm_modulate")
 
     return (kernels.supports(tensors[0].shape[-1]) and all(d in _KERNEL_DTYPES for d in out_dtypes)
             and all(t.dtype in _KERNEL_DTYPES for t in tensors if t is not None))

@@ -60,7 +60,7 @@ class _Reference:
 
 def _implementation(x: Tensor, backend_name: Optional[str]):
     if backend.resolve_backend(OP_NAME, x.device, backend_name) == "triton":
-        from sfgrpo.kernels import qk_norm_rope as kernels
+        kernels = backend.kernel_module("qk_norm_rope")
 
         if x.shape[-1] <= kernels.MAX_D:
             return kernels
