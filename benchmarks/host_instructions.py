@@ -104,16 +104,38 @@ def _stub_norm_launches() -> None:
 
 def _norm_cases() -> dict:
     """An SD3.5-M block's adaLN calls on tiny activations (the host path does not depend on size):
-    x / residual [2, 16, 128] bf16, shift / scale / gate chunks of a [2, 6 x 128] embedding."""
+    x / residual [1, 2, 64] bf16, shift / scale / gate chunks of a [1, 6 x 64] embedding; the fused
+    ops (launches stubbed) and diffusers' eager expressions they replace, whose ATen ops compute on
+    the CPU here (on 128 elements: a small part of each op's count). `_train`: the activations
+    require grad (the modulation frozen, as under LoRA), forward and backward."""
+    from bench_norms_gpu import diffusers_modulate, diffusers_residual_norm2
+
     from sfgrpo import functional as F
 
     _stub_norm_launches()
     g = torch.Generator().manual_seed(0)
-    x, y = (torch.randn(2, 16, 128, generator=g).bfloat16() for _ in range(2))
-    shift, scale, gate = torch.randn(2, 6 * 128, generator=g).bfloat16().chunk(6, dim=1)[:3]
+    x, y = (torch.randn(1, 2, 64, generator=g).bfloat16() for _ in range(2))
+    shift, scale, gate = torch.randn(1, 6 * 64, generator=g).bfloat16().chunk(6, dim=1)[:3]
+    grad = torch.ones_like(x)
+
+    def train(step, n_inputs):
+        def run():
+            inputs = [t.detach().requires_grad_() for t in (x, y)[:n_inputs]]
+            out = step(*inputs)
+            torch.autograd.backward(out, (grad,) * len(out) if isinstance(out, tuple) else grad)
+        return run
+
+    fused_norm2 = lambda h, y: F.gated_residual_layer_norm_modulate(h, y, gate, scale, shift)  # noqa: E731
+    diffusers_norm2 = lambda h, y: diffusers_residual_norm2(h, y, gate, scale, shift)  # noqa: E731
     return {
         "layer_norm_modulate": lambda: F.layer_norm_modulate(x, scale, shift),
-        "gated_residual_layer_norm_modulate": lambda: F.gated_residual_layer_norm_modulate(x, y, gate, scale, shift),
+        "diffusers_layer_norm_modulate": lambda: diffusers_modulate(x, scale, shift),
+        "gated_residual_layer_norm_modulate": lambda: fused_norm2(x, y),
+        "diffusers_gated_residual_layer_norm_modulate": lambda: diffusers_norm2(x, y),
+        "layer_norm_modulate_train": train(lambda x: F.layer_norm_modulate(x, scale, shift), 1),
+        "diffusers_layer_norm_modulate_train": train(lambda x: diffusers_modulate(x, scale, shift), 1),
+        "gated_residual_layer_norm_modulate_train": train(fused_norm2, 2),
+        "diffusers_gated_residual_layer_norm_modulate_train": train(diffusers_norm2, 2),
     }
 
 
@@ -162,7 +184,8 @@ def _scale_case() -> dict:
 _BUILDER = {
     **dict.fromkeys(("sample_numbers", "sample_rows", "score_numbers", "score_rows"), _sde_step_cases),
     "gain_advantages_cuda_path": _advantage_cases,
-    **dict.fromkeys(("layer_norm_modulate", "gated_residual_layer_norm_modulate"), _norm_cases),
+    **dict.fromkeys([f"{prefix}{op}{suffix}" for suffix in ("", "_train") for op in (
+        "layer_norm_modulate", "gated_residual_layer_norm_modulate") for prefix in ("", "diffusers_")], _norm_cases),
     "one_eager_op": _scale_case,
 }
 CASES = tuple(_BUILDER)
@@ -190,7 +213,10 @@ def count(case: str, calls: int) -> int:
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=/dev/null",
                sys.executable, str(pathlib.Path(__file__).resolve()), "--child", case, "--calls", str(calls)]
     env = {name: value for name, value in os.environ.items() if name != "SFGRPO_TRITON_DIRECT_LAUNCH"}
-    done = subprocess.run(command, capture_output=True, text=True, env={**env, "TRITON_INTERPRET": "0"})
+    # one thread: callgrind counts every thread's instructions, and ATen's CPU ops would otherwise
+    # wake OpenMP workers that spin (the diffusers cases' counts tripled)
+    env.update(TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"{case}: callgrind run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
