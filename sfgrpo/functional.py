@@ -473,8 +473,9 @@ def _check_norm_eps(eps) -> None:
 def _modulated_dtype(kind: str, x_dtype, scale_dtype, shift_dtype) -> tuple[bool, torch.dtype]:
     """(autocast on, output dtype) of a modulated LayerNorm on a `kind` device: the autocast dtype
     under autocast, else the eager expression's type promotion."""
-    if torch.is_autocast_enabled(kind):
-        return True, torch.get_autocast_dtype(kind)
+    autocast = reference.autocast_dtype(kind)
+    if autocast is not None:
+        return True, autocast
     return False, torch.promote_types(torch.promote_types(x_dtype, scale_dtype), shift_dtype)
 
 
@@ -622,10 +623,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
                          "(want [..., in], [out, in], [r, in], [out, r])")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must be [out] = [{out_features}], got {tuple(bias.shape)}")
-    if not torch.compiler.is_compiling() and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
-        raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
-    kind = device_type(x.device)
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if not torch.compiler.is_compiling():
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+            raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
+        if not math.isfinite(scaling):  # NaN / inf would silently fill the output with them
+            raise ValueError(f"scaling must be finite, got {scaling}")
+    dtype = reference.autocast_dtype(device_type(x.device)) or x.dtype
 
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)

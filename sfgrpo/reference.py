@@ -534,6 +534,8 @@ def _check_group_inputs(rewards: Tensor, group_ids: Tensor) -> None:
         )
     if group_ids.device != rewards.device:
         raise ValueError(f"group_ids is on {group_ids.device} but rewards on {rewards.device}")
+    if rewards.is_meta:  # the groups, and so every output's size, come from the values
+        raise ValueError("advantages depend on the rewards' and group ids' values: meta tensors (no data) cannot give them")
 
 
 def _finite_rows(values: Tensor, nonfinite: str, gains: bool = False) -> Tensor:
@@ -723,6 +725,25 @@ def ppo_loss(
     return (per_entry * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+# ------------------------------------------------------------------------------------ autocast
+def _autocast_device_types() -> frozenset[str]:
+    names = ["cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "ipu", "maia", torch._C._get_privateuse1_backend_name()]
+    return frozenset(name for name in names if torch.amp.is_autocast_available(name))
+
+
+# the device types torch.autocast knows: torch.is_autocast_enabled raises for the others (meta
+# tensors, say), where nothing runs under autocast. Read once: a constant set is cheap to test and
+# transparent to torch.compile
+AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast runs ops in on `device_type` when it is active there, else None."""
+    if device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 # ---------------------------------------------------------------- RMSNorm (QK-norm of SD3.5 / FLUX)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -731,8 +752,9 @@ def rms_norm_output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype | None
     """diffusers' RMSNorm output dtype: the weight's when it is half precision, float32 (promotion)
     for a float32 weight, x's without a weight; under torch.autocast for `device_type` the autocast
     dtype instead (the result feeds attention, which autocast casts to it anyway)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    autocast = autocast_dtype(device_type)
+    if autocast is not None:
+        return autocast
     if weight_dtype is None:
         return x_dtype
     if weight_dtype in _HALF_DTYPES:
@@ -785,8 +807,9 @@ def qk_norm_rope_dtypes(x_dtype: torch.dtype, device_type: str) -> tuple[torch.d
     autocast dtype (the result feeds attention, which autocast casts to it) and, on CUDA, the norm
     runs in fp32 (torch's autocast policy for rms_norm there: no intermediate rounding)."""
     norm_dtype = x_dtype
-    if torch.is_autocast_enabled(device_type):
-        return (torch.float32 if device_type == "cuda" else norm_dtype), torch.get_autocast_dtype(device_type)
+    autocast = autocast_dtype(device_type)
+    if autocast is not None:
+        return (torch.float32 if device_type == "cuda" else norm_dtype), autocast
     return norm_dtype, norm_dtype
 
 
@@ -854,9 +877,8 @@ def layer_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e
     casts to that dtype anyway)."""
     index = _per_sample_index(x)
     y = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[index]) + shift[index]
-    if torch.is_autocast_enabled(x.device.type):
-        y = y.to(torch.get_autocast_dtype(x.device.type))
-    return y
+    autocast = autocast_dtype(x.device.type)
+    return y if autocast is None else y.to(autocast)
 
 
 def layer_norm_modulate_backward(

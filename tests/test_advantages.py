@@ -221,11 +221,16 @@ def test_empty_batch():
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_bad_inputs_raise_clear_errors(backend):
     r, ids = torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64)
+    meta_error = (ValueError, r"meta tensors \(no data\)") if backend == "reference" else (RuntimeError, "device type 'meta'")
     cases = [
         (TypeError, "floating-point", lambda: F.gain_advantages(r.long(), ids, backend=backend)),
         (TypeError, "int64, got torch.int32", lambda: F.gain_advantages(r, ids.int(), backend=backend)),
         (ValueError, "group_ids must be", lambda: F.gain_advantages(r, torch.zeros(4, dtype=torch.int64), backend=backend)),
         (ValueError, "group_ids is on meta", lambda: F.gain_advantages(r, ids.to("meta"), backend=backend)),
+        # both on meta: the reference names the problem (it used to fail in Tensor.item()), the native
+        # backend refuses the device
+        (*meta_error, lambda: F.gain_advantages(r.to("meta"), ids.to("meta"), backend=backend)),
+        (*meta_error, lambda: F.group_advantages(r.to("meta"), ids.to("meta"), backend=backend)),
         (ValueError, r"\[N, T\+1\]", lambda: F.gain_advantages(torch.zeros(3, 1), ids, backend=backend)),
         (ValueError, r"\[N, T\+1\]", lambda: F.gain_advantages(torch.zeros(3), ids, backend=backend)),
         (ValueError, "step_mask", lambda: F.gain_advantages(r, ids, step_mask=torch.ones(3, dtype=torch.bool), backend=backend)),

@@ -580,3 +580,15 @@ def test_hooked_norms_and_projections_keep_diffusers_calls(monkeypatch):
     handle.remove()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert split_projection(linear.double(), first.double(), second.double()) is None
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_fused_transformer_runs_on_meta_tensors_like_diffusers(name):
+    """A transformer on the meta device (shape inference, deferred initialisation) runs with its norms
+    fused as diffusers' runs: same output shape and dtype, no data. (torch.autocast knows no meta device:
+    asking it whether it was active there used to fail inside every fused norm.)"""
+    original, fused = _pair(name)
+    assert fuse_norms(fused) > 0
+    inputs = {k: v.to("meta") for k, v in ARCHITECTURES[name](original).items()}
+    outs = [model.to("meta")(**inputs, return_dict=False)[0] for model in (original, fused)]
+    assert outs[1].is_meta and outs[1].shape == outs[0].shape and outs[1].dtype == outs[0].dtype

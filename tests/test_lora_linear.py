@@ -161,6 +161,9 @@ def test_bad_inputs_are_clear_errors(bad, message):
         F.lora_linear(*bad(_inputs()), 0.5)
     with pytest.raises(TypeError, match="scaling"):
         F.lora_linear(*_inputs(), "0.5")
+    for scaling in (float("nan"), float("inf")):  # would fill the output with NaN / inf
+        with pytest.raises(ValueError, match="scaling must be finite"):
+            F.lora_linear(*_inputs(), scaling)
 
 
 # ------------------------------------------------------------- fused LoRA in peft models

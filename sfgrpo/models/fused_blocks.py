@@ -26,6 +26,7 @@ import torch
 
 from sfgrpo import functional as F
 from sfgrpo.backend import runs_reference
+from sfgrpo.reference import autocast_dtype
 from sfgrpo.models.class_swap import global_module_hooks, unhooked
 
 # sha256[:16] of the dedented source of each block's forward, per diffusers release checked
@@ -235,11 +236,11 @@ def split_projection(linear, first, second):
     if not unhooked(linear) or global_module_hooks() or linear.weight.device != first.device:
         return None
     weight, bias = linear.weight, linear.bias
-    device_type = first.device.type
-    if torch.is_autocast_enabled(device_type):  # what autocast would hand the GEMM
+    autocast = autocast_dtype(first.device.type)
+    if autocast is not None:  # what autocast would hand the GEMM
         if torch.float64 in (first.dtype, second.dtype, weight.dtype):
             return None  # autocast leaves float64 alone: diffusers' call
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = autocast
     else:
         dtype = first.dtype
         if any(t is not None and t.dtype != dtype for t in (second, weight, bias)):

@@ -33,6 +33,7 @@ from torch import nn
 from sfgrpo import functional as F
 from sfgrpo.backend import requested_backend
 from sfgrpo.models.class_swap import global_module_hooks, swap_back, swap_in, swapped_count, unhooked
+from sfgrpo.reference import autocast_dtype
 
 __all__ = ["fuse_lora", "unfuse_lora", "fused_lora_count"]
 
@@ -91,7 +92,7 @@ def _fusable_adapter(layer, x) -> str | None:
     if any(t.device != x.device for t in tensors):  # offloaded or meta weights: peft's path moves them
         return None
     dtypes = {t.dtype for t in tensors}
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_dtype(x.device.type) is not None:
         # autocast casts every one of these to its dtype, as the fused op does; float64 it leaves alone
         return adapter if dtypes <= set(_AUTOCAST_ELIGIBLE) else None
     return adapter if len(dtypes) == 1 and dtypes <= set(_AUTOCAST_ELIGIBLE + (torch.float64,)) else None
