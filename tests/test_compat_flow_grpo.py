@@ -189,6 +189,13 @@ def test_scheduler_without_timesteps_is_a_clear_error():
         compat.sde_step_with_logprob(table, torch.randn(1, 4), torch.tensor([1.0]), torch.randn(1, 4))
 
 
+def test_scheduler_before_set_timesteps_is_a_clear_error():
+    # diffusers' constructor leaves 1000 training timesteps and as many sigmas (no final 0)
+    with pytest.raises(ValueError, match="call it first"):
+        compat.sde_step_with_logprob(FlowMatchEulerDiscreteScheduler(shift=3.0), torch.randn(1, 4), 500.0,
+                                     torch.randn(1, 4))
+
+
 def test_unknown_timestep_is_a_clear_error(scheduler):
     with pytest.raises(RuntimeError, match="not in scheduler.timesteps"):
         compat.sde_step_with_logprob(scheduler, torch.randn(2, 4), torch.tensor([123.0, 456.0]), torch.randn(2, 4))

@@ -36,7 +36,7 @@ class _ScheduleTable:
         if self.sigmas.numel() != self.timesteps.numel() + 1:
             raise ValueError(
                 f"scheduler has {self.timesteps.numel()} timesteps but {self.sigmas.numel()} sigmas; "
-                "expected one more sigma (the final 0)"
+                "expected one more sigma (the final 0, which scheduler.set_timesteps appends: call it first)"
             )
         if self.timesteps.numel() == 0:
             raise ValueError("scheduler has no timesteps: call scheduler.set_timesteps first")
