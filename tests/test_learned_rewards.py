@@ -106,6 +106,9 @@ def test_bad_specs_fail_clearly(tmp_path):
         get_reward("0.5*sparkle + brightness")
     with pytest.raises(ValueError, match="bad reward term"):
         get_reward("0.5 + brightness")
+    for spec in ("nan*brightness", "inf*brightness + darkness", {"brightness": float("nan")}):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            get_reward(spec)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         get_reward(f"clip_score:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="unknown reward option"):

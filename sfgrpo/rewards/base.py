@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import urllib.parse
 from typing import Callable, Sequence
 
@@ -149,9 +150,18 @@ def _single(spec: str) -> RewardFunction:
 
 def _as_weight(text: str) -> float | None:
     try:
-        return float(text)
+        weight = float(text)
     except ValueError:
         return None
+    return _finite_weight(weight, text)
+
+
+def _finite_weight(weight: float, text) -> float:
+    """A mixture weight; NaN / inf would turn every score into NaN / inf, reported only later as a
+    reward that "returned NaN or inf" instead of the spec's mistake."""
+    if not math.isfinite(weight):
+        raise ValueError(f"reward weight {text!r} must be a finite number")
+    return weight
 
 
 def _term(text: str) -> tuple[float, RewardFunction]:
@@ -192,7 +202,7 @@ def get_reward(spec: str | dict | Callable | RewardFunction) -> RewardFunction:
     if isinstance(spec, dict):
         if not spec:
             raise ValueError("an empty reward mixture")
-        terms = [(float(weight), _single(name)) for name, weight in spec.items()]
+        terms = [(_finite_weight(float(weight), weight), _single(name)) for name, weight in spec.items()]
         return _mixture_spec(terms, " + ".join(f"{w}*{n}" for n, w in spec.items()))
     if callable(spec):
         return RewardFunction(getattr(spec, "__name__", "custom"), spec)
