@@ -175,7 +175,7 @@ def forward(h, y, gate, scale, shift, eps: float, out_dtype, normed_dtype):
     normed = torch.empty(batch, rows, channels, dtype=normed_dtype, device=h.device) if norm else None
     if out.numel() == 0:
         return out, normed
-    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=False)
+    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, False)  # positional: a keyword makes the cache key dearer
     # unused pointer slots get a tensor of the right device; NORM = False never touches them
     _FWD_LAUNCHER.with_constexprs(
         (batch, chunks),
@@ -207,8 +207,7 @@ def backward(g_out, g_normed, h_out, y, gate, scale, eps: float, dh_dtype, dy_dt
         return dh, dy, zeros(need_dgate), zeros(need_dscale), zeros(need_dshift)
     g_out = None if g_out is None else g_out.contiguous()
     g_normed = None if g_normed is None else g_normed.contiguous()
-    per_program, chunks, block, num_warps = launch_config(batch, rows, channels,
-                                                          partials=need_dgate or need_dscale or need_dshift)
+    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, need_dgate or need_dscale or need_dshift)
     parts = lambda need: torch.empty(batch, chunks, channels, dtype=f32, device=device) if need else None  # noqa: E731
     dgate_part, dscale_part, dshift_part = parts(need_dgate), parts(need_dscale), parts(need_dshift)
     split = _split_dgate(block, norm, need_dgate, need_dscale, need_dshift)

@@ -182,7 +182,7 @@ def forward(x, scale, shift, eps: float, out_dtype):
     y = torch.empty(batch, rows, channels, dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
-    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=False)
+    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, False)  # positional: a keyword makes the cache key dearer
     _FWD_LAUNCHER.with_constexprs(
         (batch, chunks),
         (x, scale, shift, y, rows, channels, *x.stride()[:2], scale.stride()[0], shift.stride()[0],
@@ -200,7 +200,7 @@ def backward(grad, x, scale, eps: float, need_dx: bool, need_dscale: bool, need_
         zeros = lambda: torch.zeros(batch, channels, dtype=f32, device=x.device)  # noqa: E731
         return dx, zeros() if need_dscale else None, zeros() if need_dshift else None
     grad = grad.contiguous()
-    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, partials=need_dscale or need_dshift)
+    per_program, chunks, block, num_warps = launch_config(batch, rows, channels, need_dscale or need_dshift)
     parts = lambda: torch.empty(batch, chunks, channels, dtype=f32, device=x.device)  # noqa: E731
     dscale_part = parts() if need_dscale else None
     dshift_part = parts() if need_dshift else None

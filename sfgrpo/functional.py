@@ -476,6 +476,8 @@ def _modulated_dtype(kind: str, x_dtype, scale_dtype, shift_dtype) -> tuple[bool
     autocast = reference.autocast_dtype(kind)
     if autocast is not None:
         return True, autocast
+    if x_dtype == scale_dtype == shift_dtype:  # the usual case: no promotion to ask torch for
+        return False, x_dtype
     return False, torch.promote_types(torch.promote_types(x_dtype, scale_dtype), shift_dtype)
 
 
@@ -487,18 +489,19 @@ def _check_per_sample_inputs(x_name: str, x: Tensor, y: Tensor | None = None, **
     for name, tensor in named:
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    if x.ndim < 2:
-        raise ValueError(f"{x_name} must be [B, ..., C] with at least 2 dims, got shape {tuple(x.shape)}")
-    if y is not None and y.shape != x.shape:
-        raise ValueError(f"y must have {x_name}'s shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    batch, channels = x.shape[0], x.shape[-1]
+    shape, device = x.shape, x.device  # read once: each read builds a new object
+    if len(shape) < 2:
+        raise ValueError(f"{x_name} must be [B, ..., C] with at least 2 dims, got shape {tuple(shape)}")
+    if y is not None and y.shape != shape:
+        raise ValueError(f"y must have {x_name}'s shape {tuple(shape)}, got {tuple(y.shape)}")
+    rows = (shape[0], shape[-1])
     for name, tensor in per_sample.items():
-        if tensor.shape != (batch, channels):
-            raise ValueError(f"{name} must have shape [B, C] = [{batch}, {channels}] to match {x_name} of shape "
-                             f"{tuple(x.shape)}, got {tuple(tensor.shape)}")
+        if tensor.shape != rows:
+            raise ValueError(f"{name} must have shape [B, C] = [{rows[0]}, {rows[1]}] to match {x_name} of shape "
+                             f"{tuple(shape)}, got {tuple(tensor.shape)}")
     for name, tensor in named[1:]:
-        if tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but {x_name} is on {x.device}")
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {x_name} is on {device}")
     for name, tensor in named:
         if tensor.dtype not in _MODULATE_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (float64 runs the reference), "

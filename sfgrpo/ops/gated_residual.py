@@ -79,7 +79,6 @@ class _Kernels:
     @staticmethod
     def forward(h, y, gate, scale, shift, eps, normed_dtype, autocast):
         kernels = backend.kernel_module("gated_residual")
-
         return kernels.forward(h, y, gate, scale, shift, eps, residual_dtype(h, y, gate), normed_dtype)
 
     @staticmethod
@@ -88,7 +87,6 @@ class _Kernels:
         """y is read only for dgate and gate only for dy (the eager path saves them only then, and
         passes their dtypes); h_out only with g_normed."""
         kernels = backend.kernel_module("gated_residual")
-
         y_dtype = y.dtype if y_dtype is None else y_dtype
         gate_dtype = gate.dtype if gate_dtype is None else gate_dtype
         if g_out is None and g_normed is None:  # neither output reached the loss: all zero

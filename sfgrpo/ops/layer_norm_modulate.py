@@ -61,13 +61,11 @@ class _Kernels:
     @staticmethod
     def forward(x, scale, shift, eps, out_dtype, autocast):
         kernels = backend.kernel_module("layer_norm_modulate")
-
         return kernels.forward(x, scale, shift, eps, out_dtype)
 
     @staticmethod
     def backward(grad, x, scale, shift, eps, out_dtype, autocast, need_dx, need_dscale, need_dshift):
         kernels = backend.kernel_module("layer_norm_modulate")
-
         dx, dscale, dshift = kernels.backward(grad, x, scale, eps, need_dx, need_dscale, need_dshift)
         return (dx, None if dscale is None else dscale.to(scale.dtype),
                 None if dshift is None else dshift.to(shift.dtype))
@@ -84,9 +82,15 @@ def kernels_run(op_name: str, tensors, out_dtypes, backend_name: Optional[str]) 
     if backend.resolve_backend(op_name, tensors[0].device, backend_name) != "triton":
         return False
     kernels = backend.kernel_module("layer_norm_modulate")
-
-    return (kernels.supports(tensors[0].shape[-1]) and all(d in _KERNEL_DTYPES for d in out_dtypes)
-            and all(t.dtype in _KERNEL_DTYPES for t in tensors if t is not None))
+    if not kernels.supports(tensors[0].shape[-1]):
+        return False
+    for dtype in out_dtypes:  # loops, not all() over generators: this runs on every call
+        if dtype not in _KERNEL_DTYPES:
+            return False
+    for tensor in tensors:
+        if tensor is not None and tensor.dtype not in _KERNEL_DTYPES:
+            return False
+    return True
 
 
 def _implementation(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype, backend_name: Optional[str]):

@@ -61,7 +61,6 @@ class _Reference:
 def _implementation(x: Tensor, backend_name: Optional[str]):
     if backend.resolve_backend(OP_NAME, x.device, backend_name) == "triton":
         kernels = backend.kernel_module("qk_norm_rope")
-
         if x.shape[-1] <= kernels.MAX_D:
             return kernels
     return _Reference
