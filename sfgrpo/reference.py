@@ -728,7 +728,14 @@ def ppo_loss(
 # ------------------------------------------------------------------------------------ autocast
 def _autocast_device_types() -> frozenset[str]:
     names = ["cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "ipu", "maia", torch._C._get_privateuse1_backend_name()]
-    return frozenset(name for name in names if torch.amp.is_autocast_available(name))
+    known = set()
+    for name in names:
+        try:
+            torch.is_autocast_enabled(name)  # the question asked later: it raises for unknown types
+        except RuntimeError:
+            continue
+        known.add(name)
+    return frozenset(known)
 
 
 # the device types torch.autocast knows: torch.is_autocast_enabled raises for the others (meta
