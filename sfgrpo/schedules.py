@@ -7,6 +7,9 @@ to what SD3 pipelines sample with. Any other decreasing grid works through `Sche
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +30,23 @@ def validate_sigmas(sigmas: Tensor | list[float]) -> Tensor:
     return grid
 
 
+def _check_num_steps(num_steps) -> None:
+    """An integer >= 1 (numpy and torch integers too: anything with __index__), not a bool or float."""
+    try:
+        steps = operator.index(num_steps)
+    except TypeError:
+        steps = None
+    if isinstance(num_steps, bool) or steps is None or steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+
+
 def sd3_sigmas(num_steps: int = 10, shift: float = 3.0) -> Tensor:
     """The SD3 shifted grid with `num_steps + 1` entries, ending at 0 (via diffusers)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    _check_num_steps(num_steps)
+    value = float(shift) if isinstance(shift, numbers.Real) and not isinstance(shift, bool) else None
+    if value is None or not 0.0 < value < math.inf:
+        # 0 divides by zero in the shift formula, a negative one reverses the grid
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -40,8 +56,7 @@ def sd3_sigmas(num_steps: int = 10, shift: float = 3.0) -> Tensor:
 
 def uniform_sigmas(num_steps: int) -> Tensor:
     """`num_steps` equal steps from t = 1 to t = 0."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    _check_num_steps(num_steps)
     return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
 
 

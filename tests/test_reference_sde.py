@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,18 @@ def test_schedule_matches_sd3_grid_of_the_spec():
 def test_schedule_rejects_bad_grids(grid, message):
     with pytest.raises(ValueError, match=message):
         validate_sigmas(grid)
+
+
+def test_schedule_rejects_bad_step_counts_and_shifts():
+    for steps in (0, -1, 2.5, True, "10"):
+        for build in (lambda: sd3_sigmas(steps), lambda: uniform_sigmas(steps)):
+            with pytest.raises(ValueError, match="num_steps must be an int >= 1"):
+                build()
+    for shift in (0.0, -1.0, float("nan"), float("inf"), "3", True):
+        with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+            sd3_sigmas(10, shift)
+    # integers and floats of numpy / torch are numbers too
+    assert Schedule.sd3(np.int64(4), np.float32(3.0)).num_steps == 4 and uniform_sigmas(torch.tensor(3)).numel() == 4
 
 
 @pytest.mark.parametrize("shape", SHAPES)
