@@ -142,11 +142,13 @@ def _norm_cases() -> dict:
 def _sde_step_cases() -> dict:
     from sfgrpo import functional as F
 
-    _stub_sde_step_launches()
+    _stub_sde_step_launches()  # puts benchmarks/ on sys.path
+    from bench_triton_host_path import _row_tensors
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(LATENT, generator=g).bfloat16()
     v = torch.randn(LATENT, generator=g).bfloat16()
-    t, t_next, level = (torch.full((BATCH,), value) for value in (0.8, 0.7, 0.7))
+    t, t_next, level = _row_tensors(x)
     sample = F.sde_step(x, v, 0.8, 0.7, seed=1).prev_sample
     weights = torch.randn(BATCH, generator=g)
 

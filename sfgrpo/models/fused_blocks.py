@@ -25,9 +25,9 @@ import textwrap
 import torch
 
 from sfgrpo import functional as F
-from sfgrpo.backend import runs_reference
-from sfgrpo.reference import autocast_dtype
+from sfgrpo.backend import device_type, runs_reference
 from sfgrpo.models.class_swap import global_module_hooks, unhooked
+from sfgrpo.reference import autocast_dtype
 
 # sha256[:16] of the dedented source of each block's forward, per diffusers release checked
 _VERIFIED = {
@@ -236,7 +236,7 @@ def split_projection(linear, first, second):
     if not unhooked(linear) or global_module_hooks() or linear.weight.device != first.device:
         return None
     weight, bias = linear.weight, linear.bias
-    autocast = autocast_dtype(first.device.type)
+    autocast = autocast_dtype(device_type(first.device))
     if autocast is not None:  # what autocast would hand the GEMM
         if torch.float64 in (first.dtype, second.dtype, weight.dtype):
             return None  # autocast leaves float64 alone: diffusers' call

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from sfgrpo import functional as F
-from sfgrpo.backend import requested_backend
+from sfgrpo.backend import device_type, requested_backend
 from sfgrpo.models.class_swap import global_module_hooks, swap_back, swap_in, swapped_count, unhooked
 from sfgrpo.reference import autocast_dtype
 
@@ -92,7 +92,7 @@ def _fusable_adapter(layer, x) -> str | None:
     if any(t.device != x.device for t in tensors):  # offloaded or meta weights: peft's path moves them
         return None
     dtypes = {t.dtype for t in tensors}
-    if autocast_dtype(x.device.type) is not None:
+    if autocast_dtype(device_type(x.device)) is not None:
         # autocast casts every one of these to its dtype, as the fused op does; float64 it leaves alone
         return adapter if dtypes <= set(_AUTOCAST_ELIGIBLE) else None
     return adapter if len(dtypes) == 1 and dtypes <= set(_AUTOCAST_ELIGIBLE + (torch.float64,)) else None

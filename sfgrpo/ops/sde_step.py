@@ -87,8 +87,7 @@ def sde_step_op(
 def _implementation(device: torch.device, backend_name: Optional[str]):
     chosen = backend.resolve_backend(OP_NAME, device, backend_name)
     if chosen == "triton":
-        kernels = backend.kernel_module("sde_step")
-        return kernels
+        return backend.kernel_module("sde_step")
     return _sde_step_native if chosen == "native" else _sde_step_torch
 
 

@@ -27,6 +27,7 @@ def _need(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(f"bad trainer config: {message}")
 
+
 @dataclass
 class TrainerConfig:
     # ------------------------------------------------------------------ run
