@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sfgrpo
-from sfgrpo import functional
+from sfgrpo import backend, functional
 from sfgrpo.ops import advantages as advantage_ops
 
 ROWS, STEPS = 100_000, 10  # the 1M-gains case of issue 5 (the meta tensors hold no data)
@@ -30,7 +30,7 @@ class _NoOpEngine:
 @pytest.fixture
 def stubbed_cuda_engine(monkeypatch):
     monkeypatch.setattr(advantage_ops, "_cuda_engine", lambda: _NoOpEngine())
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # the meta tensors' device index
+    monkeypatch.setattr(backend, "current_cuda_device", lambda: None)  # the meta tensors' device index
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     # the backend table has no entry for the meta device: the native engine, as on CUDA
     monkeypatch.setattr(functional, "resolve_backend", lambda op, device, override=None: "native")

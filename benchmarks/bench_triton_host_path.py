@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from sfgrpo import backend as sfgrpo_backend
 from sfgrpo import functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' own modules
@@ -52,7 +53,7 @@ def stubbed_launch(monkeypatch):
             pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
         monkeypatch.setattr(launcher, "kernel", _NoOpKernel())
         monkeypatch.setattr(launcher, "compiled", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # CPU tensors' device index
+    monkeypatch.setattr(sfgrpo_backend, "current_cuda_device", lambda: None)  # CPU tensors' device index
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
 
@@ -134,7 +135,7 @@ def stubbed_norm_launch(monkeypatch):
             pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
         monkeypatch.setattr(launcher, "kernel", _NoOpKernel())
         monkeypatch.setattr(launcher, "compiled", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(backend, "current_cuda_device", lambda: None)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     resolve = backend.resolve_backend
     norm_ops = ("rms_norm", "layer_norm_modulate", "gated_residual", "qk_norm_rope")

@@ -41,7 +41,9 @@ def _replace(obj, name: str, value) -> None:
 
 
 def _stub_cuda_queries() -> None:
-    _replace(torch.cuda, "current_device", lambda: None)  # the CPU / meta tensors' device index
+    from sfgrpo import backend
+
+    _replace(backend, "current_cuda_device", lambda: None)  # the CPU / meta tensors' device index
     setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0)  # absent from CPU builds of torch
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sfgrpo import backend
 from sfgrpo.backend import environ_get
 
 ENV_VAR = "SFGRPO_TRITON_DIRECT_LAUNCH"
@@ -193,7 +194,7 @@ class DirectLauncher:
             return
         first = args[0]
         device = (first if isinstance(first, Tensor) else next(a for a in args if isinstance(a, Tensor))).device
-        if device.index != torch.cuda.current_device():  # Triton launches on the current device
+        if device.index != backend.current_cuda_device():  # Triton launches on the current device
             with torch.cuda.device(device):
                 self.kernel[grid](*args, **options)
             return

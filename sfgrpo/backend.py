@@ -78,6 +78,20 @@ def _environ_reader():
 environ_get = _environ_reader()
 
 
+def _raw_environ():
+    """(mapping, key of SFGRPO_BACKEND, key of TRITON_INTERPRET) whose `mapping.get(key)` gives each
+    variable's value in some encoding: enough for a memo key (any change of a value changes it),
+    without `environ_get`'s call and decoding. CPython: os.environ's encoded dict, as above."""
+    data = getattr(os.environ, "_data", None)
+    encodekey = getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and encodekey is not None:
+        return data, encodekey(ENV_VAR), encodekey("TRITON_INTERPRET")
+    return os.environ, ENV_VAR, "TRITON_INTERPRET"
+
+
+_ENVIRON, _BACKEND_KEY, _INTERPRET_KEY = _raw_environ()
+
+
 def requested_backend(override: str | None = None) -> str:
     value = override if override is not None else (environ_get(ENV_VAR) or "auto")
     value = value.strip().lower() or "auto"
@@ -172,6 +186,13 @@ def eager_device_type(device: torch.device) -> str:
     return kind
 
 
+def current_cuda_device() -> int:
+    """`torch.cuda.current_device()` for the ops' hot paths, which hold a CUDA tensor (so CUDA is
+    initialised): torch's function first runs `_lazy_init`'s checks, three Python calls per read."""
+    get_device = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU builds of torch
+    return torch.cuda.current_device() if get_device is None else get_device()
+
+
 def device_type(device: torch.device) -> str:
     """`eager_device_type`, or under torch.compile `.type` itself (the trace needs no memo, and
     should not see one)."""
@@ -193,11 +214,12 @@ def resolve_backend(op: str, device: torch.device | str, override: str | None = 
     variables are read each time, so changing them takes effect immediately)."""
     family = _OPS.get(op)
     cpu_family = _CPU_FAMILY.get(op)
+    environ = _ENVIRON
     # TRITON_INTERPRET only matters to ops with a Triton kernel
-    interpret = environ_get("TRITON_INTERPRET") if "triton" in (family, cpu_family) else None
+    interpret = environ.get(_INTERPRET_KEY) if "triton" in (family, cpu_family) else None
     # keyed by the device as given (a torch.device hashes in ~1/5 of the time its .type takes to
-    # build a new string): only a miss reads the type
-    key = (op, family, cpu_family, device, override, environ_get(ENV_VAR), interpret, _native.available())
+    # build a new string): only a miss reads the type. The variables' raw values: a miss decodes them
+    key = (op, family, cpu_family, device, override, environ.get(_BACKEND_KEY), interpret, _native._C is not None)
     chosen = _RESOLVED.get(key)
     if chosen is None:
         device_type = device.type if isinstance(device, torch.device) else torch.device(device).type

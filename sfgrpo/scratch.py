@@ -14,17 +14,21 @@ import torch
 
 from sfgrpo.backend import eager_device_type
 
-_HELD: dict[tuple, torch.Tensor] = {}
+# (purpose, dtype, zeroed, stream key) -> (buffer, its numel): the size kept next to the buffer,
+# since Tensor.numel() is a call on every lookup
+_HELD: dict[tuple, tuple[torch.Tensor, int]] = {}
 
 
 def _stream_key(device: torch.device):
     """None while the current stream is capturing a CUDA graph (no reuse), else the stream's key.
-    Off CUDA (CPU tensors; Triton's interpreter) every launch has run when the call returns."""
+    Off CUDA (CPU tensors; Triton's interpreter) every launch has run when the call returns.
+    torch._C's functions directly: torch.cuda's wrappers add a Python call each."""
     if eager_device_type(device) != "cuda":
         return device
-    if torch.cuda.is_current_stream_capturing():
+    if torch._C._cuda_isCurrentStreamCapturing():
         return None
-    return (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    index = device.index
+    return index, torch._C._cuda_getCurrentRawStream(index)
 
 
 def stream_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.dtype,
@@ -39,11 +43,12 @@ def stream_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.
         return (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
     key = (purpose, dtype, zeroed, stream)
     held = _HELD.get(key)
-    if held is None or held.numel() < numel:
-        size = numel if held is None else max(numel, 2 * held.numel())  # grow geometrically
-        held = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
-        _HELD[key] = held
-    return held
+    if held is not None and held[1] >= numel:
+        return held[0]
+    size = numel if held is None else max(numel, 2 * held[1])  # grow geometrically
+    buffer = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
+    _HELD[key] = buffer, size
+    return buffer
 
 
 def release() -> None:

@@ -668,7 +668,7 @@ def test_split_rows_reuse_one_scratch_per_stream_and_leave_the_tickets_at_zero()
     from sfgrpo import scratch
 
     def tickets():
-        (key, held), = [(k, t) for k, t in scratch._HELD.items() if k[0] == "sde_step.tickets"]
+        (key, (held, _)), = [(k, t) for k, t in scratch._HELD.items() if k[0] == "sde_step.tickets"]
         return held
 
     scratch.release()
@@ -707,7 +707,7 @@ def test_cuda_graph_capture_of_split_rows_interleaves_with_eager_steps(monkeypat
         expected = F.sde_step(x, v, t, tn, level, noise=noise)
     torch.cuda.synchronize()
     side_key = (x.device.index, side.cuda_stream)
-    held = {key: buffer.data_ptr() for key, buffer in scratch._HELD.items() if key[-1] == side_key}
+    held = {key: buffer.data_ptr() for key, (buffer, _) in scratch._HELD.items() if key[-1] == side_key}
     assert len(held) == 2  # the side stream's partials and tickets
     handed_out = []
 
@@ -728,7 +728,7 @@ def test_cuda_graph_capture_of_split_rows_interleaves_with_eager_steps(monkeypat
             eager = F.sde_step(x, v, t, tn, level, noise=noise)
             assert torch.equal(eager.log_prob, expected.log_prob)
     torch.cuda.synchronize()
-    assert {key: buffer.data_ptr() for key, buffer in scratch._HELD.items() if key in held} == held
+    assert {key: buffer.data_ptr() for key, (buffer, _) in scratch._HELD.items() if key in held} == held
     assert torch.equal(captured.log_prob, expected.log_prob)
     assert torch.equal(captured.prev_sample, expected.prev_sample)
 

@@ -6,6 +6,8 @@ import importlib.util
 import pytest
 import torch
 
+from sfgrpo import backend
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 if importlib.util.find_spec("triton") is not None:
     # imported now, under the session's TRITON_INTERPRET (conftest): importing it inside a test, under
@@ -57,7 +59,7 @@ def launch(monkeypatch):
     monkeypatch.delenv(_launch.ENV_VAR, raising=False)
     monkeypatch.setattr(_launch, "_disabled_reason", None)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # the fake tensors' (CPU) device index
+    monkeypatch.setattr(backend, "current_cuda_device", lambda: None)  # the fake tensors' (CPU) device index
     return _launch
 
 

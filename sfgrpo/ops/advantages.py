@@ -45,6 +45,7 @@ NORMALIZE_MODES = ("joint", "per_step")
 STD_MODES = ("group", "global")
 NATIVE_DTYPES = (torch.float32, torch.float64)
 THREADS_ENV = "SFGRPO_NUM_THREADS"
+_INF = float("inf")
 
 backend.register_op("gain_advantages", "native")
 backend.register_op("group_advantages", "native")
@@ -80,40 +81,46 @@ def get_num_threads() -> int:
 
 # ------------------------------------------------------------------------------- validation
 def _check_common(rewards: Tensor, group_ids: Tensor, eps: float, clip: float | None, nonfinite: str,
-                  native_only: bool) -> None:
+                  native_only: bool) -> torch.Size:
+    """Checks what both ops take alike; returns `rewards.shape` (read once: each read builds a Size)."""
     if not isinstance(rewards, Tensor) or not isinstance(group_ids, Tensor):
         raise TypeError("rewards and group_ids must be tensors")
-    if not rewards.is_floating_point():
-        raise TypeError(f"rewards must be a floating-point tensor (float32 or float64), got {rewards.dtype}")
-    if native_only and rewards.dtype not in NATIVE_DTYPES:
-        raise TypeError(f"the native advantage ops take float32 or float64 rewards, got {rewards.dtype}")
+    dtype = rewards.dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"rewards must be a floating-point tensor (float32 or float64), got {dtype}")
+    if native_only and dtype not in NATIVE_DTYPES:
+        raise TypeError(f"the native advantage ops take float32 or float64 rewards, got {dtype}")
     if group_ids.dtype != torch.int64:
         raise TypeError(f"group_ids must be int64, got {group_ids.dtype} (convert with group_ids.long())")
-    if rewards.ndim < 1 or group_ids.ndim != 1 or group_ids.shape[0] != rewards.shape[0]:
-        n = rewards.shape[0] if rewards.ndim >= 1 else "?"
-        raise ValueError(f"group_ids must be [N] with N = rewards.shape[0] = {n}, got {tuple(group_ids.shape)}")
-    if group_ids.device != rewards.device:
-        raise ValueError(f"group_ids is on {group_ids.device} but rewards on {rewards.device}")
-    if native_only and rewards.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the native advantage ops run on CPU and CUDA tensors, got {rewards.device}")
-    if not isinstance(eps, (int, float)) or not (eps >= 0.0 and eps != float("inf")):
+    shape, ids_shape = rewards.shape, group_ids.shape
+    if not shape or len(ids_shape) != 1 or ids_shape[0] != shape[0]:
+        n = shape[0] if shape else "?"
+        raise ValueError(f"group_ids must be [N] with N = rewards.shape[0] = {n}, got {tuple(ids_shape)}")
+    device = rewards.device
+    if group_ids.device != device:
+        raise ValueError(f"group_ids is on {group_ids.device} but rewards on {device}")
+    if native_only and backend.eager_device_type(device) not in ("cpu", "cuda"):
+        raise ValueError(f"the native advantage ops run on CPU and CUDA tensors, got {device}")
+    # NaN fails both comparisons; a bool is an int (True: 1.0)
+    if not isinstance(eps, (int, float)) or not 0.0 <= eps < _INF:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0.0):
         raise ValueError(f"clip must be None or a number > 0, got {clip!r}")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    return shape
 
 
 def check_gain_inputs(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: float, clip: float | None,
                       step_mask: Tensor | None, nonfinite: str, native_only: bool = False) -> None:
     """Clear errors for every malformed input of `gain_advantages`, before any kernel runs."""
-    _check_common(rewards, group_ids, eps, clip, nonfinite, native_only)
-    if rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be [N, T+1] with T >= 1, got {tuple(rewards.shape)}")
+    shape = _check_common(rewards, group_ids, eps, clip, nonfinite, native_only)
+    if len(shape) != 2 or shape[1] < 2:
+        raise ValueError(f"rewards must be [N, T+1] with T >= 1, got {tuple(shape)}")
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be 'joint' or 'per_step', got {normalize!r}")
     if step_mask is not None:
-        steps = rewards.shape[1] - 1
+        steps = shape[1] - 1
         if not isinstance(step_mask, Tensor) or step_mask.dtype != torch.bool or step_mask.shape != (steps,):
             got = f"{step_mask.dtype} {tuple(step_mask.shape)}" if isinstance(step_mask, Tensor) else type(step_mask)
             raise ValueError(f"step_mask must be a bool tensor of shape [{steps}], got {got}")
@@ -124,9 +131,9 @@ def check_gain_inputs(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps
 def check_group_inputs(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float, clip: float | None,
                        nonfinite: str, native_only: bool = False) -> None:
     """Clear errors for every malformed input of `group_advantages`, before any kernel runs."""
-    _check_common(rewards, group_ids, eps, clip, nonfinite, native_only)
-    if rewards.ndim not in (1, 2) or (rewards.ndim == 2 and rewards.shape[1] < 1):
-        raise ValueError(f"rewards must be [N] or [N, K] with K >= 1, got {tuple(rewards.shape)}")
+    shape = _check_common(rewards, group_ids, eps, clip, nonfinite, native_only)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] < 1):
+        raise ValueError(f"rewards must be [N] or [N, K] with K >= 1, got {tuple(shape)}")
     if std not in STD_MODES:
         raise ValueError(f"std must be 'group' or 'global', got {std!r}")
 
@@ -173,11 +180,12 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 def engine_args(rewards: Tensor, group_ids: Tensor, out: Tensor, problem: _Problem, mask: Tensor | None,
-                stats: _PaddedStats | None) -> tuple:
+                stats: _PaddedStats | None, shape: tuple[int, int] | None = None) -> tuple:
     """The native engines' leading positional arguments (dtype, addresses of contiguous tensors, the
     problem, the statistics' addresses), in the bindings' order: positional arguments, because
-    pybind11 matches keywords by name on every call (~1.4 us for these 14)."""
-    rows, width = rewards.shape
+    pybind11 matches keywords by name on every call (~1.4 us for these 14). `shape`: rewards' (rows,
+    width) when the caller has read it already."""
+    rows, width = rewards.shape if shape is None else shape
     return (
         _DTYPE_NAMES[rewards.dtype], rewards.data_ptr(), group_ids.data_ptr(), out.data_ptr(), rows, width,
         problem.gains, problem.pooled, problem.global_std, problem.ddof, problem.eps, problem.clip,
@@ -202,16 +210,15 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
     """Runs the engine on a 2-d `rewards`; returns advantages `[N, columns]` (and padded stats)."""
     rewards = rewards.contiguous()
     group_ids = group_ids.contiguous()
-    rows, width = rewards.shape
+    shape = rows, width = rewards.shape
     columns = width - 1 if problem.gains else width
-    stat_columns = 1 if problem.pooled else columns
     device = rewards.device
     out = torch.empty(rows, columns, dtype=rewards.dtype, device=device)
-    stats = _padded_stats(rows, stat_columns, device) if with_stats else None
+    stats = _padded_stats(rows, 1 if problem.pooled else columns, device) if with_stats else None
     if rows == 0:
         return out, stats
     mask = column_mask.contiguous().view(torch.uint8) if column_mask is not None else None
-    args = engine_args(rewards, group_ids, out, problem, mask, stats)
+    args = engine_args(rewards, group_ids, out, problem, mask, stats, shape)
     if rewards.is_cpu:  # a bool attribute; device.type would build a string
         groups, nonfinite_rows = _cpu_engine().advantages(*args, get_num_threads())
         if stats is not None:
@@ -221,8 +228,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         return out, stats
     # one buffer, the stream's (`_launch`): the engine's scratch, then {groups, nonfinite rows}
     scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled, with_stats)
-    index = device.index
-    if index == torch.cuda.current_device():
+    if device.index == backend.current_cuda_device():
         buffer = _launch(args, scratch, device)
     else:  # kernels launch on the current device: switch only when the tensors live on another one
         with torch.cuda.device(device):
@@ -381,12 +387,51 @@ for _op in (gain_advantages_op, gain_advantages_with_stats_op, group_advantages_
 
 
 # ------------------------------------------------------------------ Python-level entry points
-def _compute_dtype(rewards: Tensor) -> Tensor:
-    """float16/bfloat16 rewards run in float32 (the result is cast back to their dtype)."""
-    return rewards if rewards.dtype in NATIVE_DTYPES else rewards.float()
+# Under torch.compile the registered op (traced as one node); in eager mode its body directly, where
+# the op's Python dispatch layers cost more than the engine (the torch.ops lookups happen only when
+# compiling: they are ~0.4 us of an eager call). float16 / bfloat16 rewards run in float32 and the
+# result is cast back to their dtype.
+def gain_advantages(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: float, clip: float | None,
+                    step_mask: Tensor | None, nonfinite: str, return_stats: bool, validated: bool = False):
+    """Runs `sfgrpo::gain_advantages[_with_stats]`; the same results as `reference.gain_advantages`.
+    `validated`: the caller has checked the inputs with `check_gain_inputs` and resolved the native
+    backend for their device (so they are CPU or CUDA tensors), with `step_mask` on that device."""
+    dtype = rewards.dtype
+    computed = rewards if dtype in NATIVE_DTYPES else rewards.float()
+    if torch.compiler.is_compiling():
+        ops = torch.ops.sfgrpo
+        # not a bool index: dynamo before torch 2.13 refuses one (graph break)
+        op = ops.gain_advantages_with_stats if return_stats else ops.gain_advantages
+        out = op(computed, group_ids, normalize, eps, clip, step_mask, nonfinite)
+    else:
+        body = _gain_advantages_run if validated else _gain_advantages_impl
+        out = body(computed, group_ids, normalize, eps, clip, step_mask, nonfinite, return_stats)
+    if not return_stats:
+        return out if computed is rewards else out.to(dtype)
+    adv, *padded = out
+    return _as_dtype(adv, dtype), _group_stats(padded, squeeze_columns=normalize == "joint")
 
 
-def _group_stats(padded: tuple[Tensor, ...], squeeze_columns: bool) -> GroupStats:
+def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float, unbiased: bool,
+                     clip: float | None, nonfinite: str, return_stats: bool, validated: bool = False):
+    """Runs `sfgrpo::group_advantages[_with_stats]`; the same results as `reference.group_advantages`.
+    `validated` as in `gain_advantages` (`check_group_inputs`)."""
+    dtype = rewards.dtype
+    computed = rewards if dtype in NATIVE_DTYPES else rewards.float()
+    if torch.compiler.is_compiling():
+        ops = torch.ops.sfgrpo
+        op = ops.group_advantages_with_stats if return_stats else ops.group_advantages
+        out = op(computed, group_ids, std, eps, unbiased, clip, nonfinite)
+    else:
+        body = _group_advantages_run if validated else _group_advantages_impl
+        out = body(computed, group_ids, std, eps, unbiased, clip, nonfinite, return_stats)
+    if not return_stats:
+        return out if computed is rewards else out.to(dtype)
+    adv, *padded = out
+    return _as_dtype(adv, dtype), _group_stats(padded, squeeze_columns=rewards.ndim == 1)
+
+
+def _group_stats(padded: list[Tensor], squeeze_columns: bool) -> GroupStats:
     group_ids, mean, std, size, zero_std, num_groups = padded
     groups = int(num_groups)  # statistics are for logging: one sync on CUDA is fine here
 
@@ -397,49 +442,5 @@ def _group_stats(padded: tuple[Tensor, ...], squeeze_columns: bool) -> GroupStat
     return GroupStats(take(group_ids), take(mean), take(std), take(size), take(zero_std))
 
 
-def gain_advantages(rewards: Tensor, group_ids: Tensor, *, normalize: str, eps: float, clip: float | None,
-                    step_mask: Tensor | None, nonfinite: str, return_stats: bool, validated: bool = False):
-    """Runs `sfgrpo::gain_advantages[_with_stats]`; the same results as `reference.gain_advantages`.
-    `validated`: the caller has checked the inputs with `check_gain_inputs` and resolved the native
-    backend for their device (so they are CPU or CUDA tensors), with `step_mask` on that device."""
-    args = (_compute_dtype(rewards), group_ids, normalize, eps, clip, step_mask, nonfinite)
-    out = _call(_gain_ops, _gain_advantages_run if validated else _gain_advantages_impl, args, return_stats)
-    if not return_stats:
-        return _as_dtype(out, rewards.dtype)
-    adv, *padded = out
-    return _as_dtype(adv, rewards.dtype), _group_stats(padded, squeeze_columns=normalize == "joint")
-
-
-def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str, eps: float, unbiased: bool,
-                     clip: float | None, nonfinite: str, return_stats: bool, validated: bool = False):
-    """Runs `sfgrpo::group_advantages[_with_stats]`; the same results as `reference.group_advantages`.
-    `validated` as in `gain_advantages` (`check_group_inputs`)."""
-    args = (_compute_dtype(rewards), group_ids, std, eps, unbiased, clip, nonfinite)
-    out = _call(_group_ops, _group_advantages_run if validated else _group_advantages_impl, args, return_stats)
-    if not return_stats:
-        return _as_dtype(out, rewards.dtype)
-    adv, *padded = out
-    return _as_dtype(adv, rewards.dtype), _group_stats(padded, squeeze_columns=rewards.ndim == 1)
-
-
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # Tensor.to costs ~1 us even when it returns t
-
-
-def _gain_ops():
-    return torch.ops.sfgrpo.gain_advantages, torch.ops.sfgrpo.gain_advantages_with_stats
-
-
-def _group_ops():
-    return torch.ops.sfgrpo.group_advantages, torch.ops.sfgrpo.group_advantages_with_stats
-
-
-def _call(ops, body, args: tuple, with_stats: bool):
-    """The registered op (`ops()` = (plain, with stats)) under torch.compile; its body directly in
-    eager mode, where the op's Python dispatch layers cost more than the engine (looked up only when
-    compiling: the two torch.ops lookups are ~0.4 us of an eager call)."""
-    if torch.compiler.is_compiling():
-        plain, with_statistics = ops()
-        # not a bool index: dynamo before torch 2.13 refuses one (graph break)
-        return (with_statistics if with_stats else plain)(*args)
-    return body(*args, with_stats)
