@@ -25,6 +25,7 @@ from sfgrpo.ops import qk_norm_rope as qk_norm_rope_ops
 from sfgrpo.ops import rms_norm as rms_norm_ops
 from sfgrpo.ops import sde_step as sde_step_ops
 from sfgrpo.reference import VelocityFn
+from sfgrpo.schedules import step_count
 
 
 class StepResult(NamedTuple):
@@ -216,8 +217,7 @@ def ode_lookahead(
     `reference.ode_lookahead`. `t` is in [0, 1] (a number is checked; a `[B]` tensor is not: that
     would sync); `v` and every velocity that `velocity_fn` returns must have x's shape (a
     broadcastable one, such as one row for the whole batch, is an error, not a silent broadcast)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    num_steps = step_count(num_steps)  # numpy / torch integers too, as the schedules take them
     if isinstance(t, (int, float)) and not torch.compiler.is_compiling() and not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
     if v is not None:

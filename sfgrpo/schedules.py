@@ -30,19 +30,21 @@ def validate_sigmas(sigmas: Tensor | list[float]) -> Tensor:
     return grid
 
 
-def _check_num_steps(num_steps) -> None:
-    """An integer >= 1 (numpy and torch integers too: anything with __index__), not a bool or float."""
+def step_count(num_steps) -> int:
+    """`num_steps` as an int >= 1: integers of Python, numpy and torch (anything with __index__)
+    pass; a bool, a float or anything else is an error naming the value."""
     try:
         steps = operator.index(num_steps)
     except TypeError:
         steps = None
     if isinstance(num_steps, bool) or steps is None or steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    return steps
 
 
 def sd3_sigmas(num_steps: int = 10, shift: float = 3.0) -> Tensor:
     """The SD3 shifted grid with `num_steps + 1` entries, ending at 0 (via diffusers)."""
-    _check_num_steps(num_steps)
+    num_steps = step_count(num_steps)
     value = float(shift) if isinstance(shift, numbers.Real) and not isinstance(shift, bool) else None
     if value is None or not 0.0 < value < math.inf:
         # 0 divides by zero in the shift formula, a negative one reverses the grid
@@ -56,7 +58,7 @@ def sd3_sigmas(num_steps: int = 10, shift: float = 3.0) -> Tensor:
 
 def uniform_sigmas(num_steps: int) -> Tensor:
     """`num_steps` equal steps from t = 1 to t = 0."""
-    _check_num_steps(num_steps)
+    num_steps = step_count(num_steps)
     return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
 
 

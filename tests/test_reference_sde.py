@@ -257,10 +257,15 @@ def test_public_lookahead_checks_its_inputs():
         ("t must be in \\[0, 1\\], got nan", lambda: F.ode_lookahead(x, float("nan"), velocity, 2)),
         ("num_steps must be an int >= 1, got 0", lambda: F.ode_lookahead(x, t, velocity, 0)),
         ("num_steps must be an int >= 1, got 2.0", lambda: F.ode_lookahead(x, t, velocity, 2.0)),
+        ("num_steps must be an int >= 1, got True", lambda: F.ode_lookahead(x, t, velocity, True)),
     ]
     for message, call in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    # integers of numpy / torch are step counts, as for the schedules
+    expected = F.ode_lookahead(x, t, velocity, 3, v=v)
+    for steps in (np.int64(3), torch.tensor(3)):
+        torch.testing.assert_close(F.ode_lookahead(x, t, velocity, steps, v=v), expected, rtol=0, atol=0)
 
 
 def test_lookahead_converges_to_gaussian_flow_map():
