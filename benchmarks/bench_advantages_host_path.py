@@ -7,33 +7,23 @@ small batch. On a GPU the engine's launch (one cooperative launch) comes on top.
     pytest benchmarks/bench_advantages_host_path.py --benchmark-enable --benchmark-columns=median,ops
 """
 
+import pathlib
+import sys
+
 import pytest
 import torch
 
 import sfgrpo
-from sfgrpo import backend, functional
-from sfgrpo.ops import advantages as advantage_ops
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' own modules
+import host_path_stubs as stubs  # noqa: E402
 
 ROWS, STEPS = 100_000, 10  # the 1M-gains case of issue 5 (the meta tensors hold no data)
 
 
-class _NoOpEngine:
-    """Stands for sfgrpo._C.cuda: launches nothing."""
-
-    def advantages(self, *args):
-        return None
-
-    def advantages_workspace_bytes(self, *args):
-        return 4096
-
-
 @pytest.fixture
 def stubbed_cuda_engine(monkeypatch):
-    monkeypatch.setattr(advantage_ops, "_cuda_engine", lambda: _NoOpEngine())
-    monkeypatch.setattr(backend, "current_cuda_device", lambda: None)  # the meta tensors' device index
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
-    # the backend table has no entry for the meta device: the native engine, as on CUDA
-    monkeypatch.setattr(functional, "resolve_backend", lambda op, device, override=None: "native")
+    stubs.stub_advantage_engine(stubs.monkeypatch_patch(monkeypatch))
 
 
 def test_gain_advantages_cuda_path_python(benchmark, stubbed_cuda_engine):

@@ -14,48 +14,30 @@ import sys
 import pytest
 import torch
 
-from sfgrpo import backend as sfgrpo_backend
 from sfgrpo import functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' own modules
+import host_path_stubs as stubs  # noqa: E402
 from bench_norms_gpu import diffusers_modulate, diffusers_residual, diffusers_residual_norm2  # noqa: E402
 
 SHAPES = {"flux_b16": (16, 4096, 64), "tiny_b4": (4, 16)}  # split rows (scratch, tickets) / one program per row
 
 
-class _NoOpCompiled:
-    """Stands for a CompiledKernel: `compiled[grid](*args, stream=...)` launches nothing."""
+def _stubbed(monkeypatch, stub) -> None:
+    from sfgrpo.kernels import _launch
 
-    function = 0
-
-    def __getitem__(self, grid):
-        return lambda *args, **options: None
-
-
-class _NoOpKernel:
-    """Stands for a JITFunction: the first launch of a specialisation returns the compiled kernel."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **options: _NoOpCompiled()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(_launch.ENV_VAR, raising=False)
+    try:
+        stub(stubs.monkeypatch_patch(monkeypatch))
+    except stubs.InterpreterOn as err:
+        pytest.skip(str(err))
 
 
 @pytest.fixture
 def stubbed_launch(monkeypatch):
     """The Triton path on CPU tensors with every launch a no-op."""
-    from sfgrpo.kernels import _launch
-    from sfgrpo.kernels import sde_step as kernels
-    from sfgrpo.ops import sde_step as ops
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv(_launch.ENV_VAR, raising=False)
-    for launcher in (kernels._FWD_LAUNCHER, kernels._BWD_LAUNCHER):
-        if launcher.constexpr is None:
-            pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
-        monkeypatch.setattr(launcher, "kernel", _NoOpKernel())
-        monkeypatch.setattr(launcher, "compiled", {})
-    monkeypatch.setattr(sfgrpo_backend, "current_cuda_device", lambda: None)  # CPU tensors' device index
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
-    monkeypatch.setattr(ops, "_implementation", lambda device, backend_name: kernels)
+    _stubbed(monkeypatch, stubs.stub_sde_step_launches)
 
 
 @pytest.fixture(params=list(SHAPES))
@@ -121,26 +103,7 @@ def test_score_forward_backward_row_tensors(benchmark, stubbed_launch, latents):
 def stubbed_norm_launch(monkeypatch):
     """The norm ops' Triton path on CPU tensors with every launch a no-op (the kernels' outputs are
     left unwritten: only the host work is timed)."""
-    from sfgrpo import backend
-    from sfgrpo.kernels import _launch
-    from sfgrpo.kernels import gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv(_launch.ENV_VAR, raising=False)
-    launchers = [value for module in (rms_norm, layer_norm_modulate, gated_residual, qk_norm_rope)
-                 for value in vars(module).values()
-                 if isinstance(value, _launch.DirectLauncher)]
-    for launcher in launchers:
-        if launcher.constexpr is None:
-            pytest.skip("Triton's interpreter was on at import: the kernels are not JIT functions")
-        monkeypatch.setattr(launcher, "kernel", _NoOpKernel())
-        monkeypatch.setattr(launcher, "compiled", {})
-    monkeypatch.setattr(backend, "current_cuda_device", lambda: None)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
-    resolve = backend.resolve_backend
-    norm_ops = ("rms_norm", "layer_norm_modulate", "gated_residual", "qk_norm_rope")
-    monkeypatch.setattr(backend, "resolve_backend",
-                        lambda op, device, override=None: "triton" if op in norm_ops else resolve(op, device, override))
+    _stubbed(monkeypatch, stubs.stub_norm_launches)
 
 
 def _sd35_block_tensors():

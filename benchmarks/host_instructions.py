@@ -8,9 +8,9 @@ one run of each version, not a session's worth of medians.
 
 Each case runs in its own process under `valgrind --tool=callgrind --instr-atstart=no`: the import
 and a warm-up run uninstrumented, then `callgrind_control -i on` / `off` brackets the timed calls
-(the toggles themselves cost < 0.5 % of 1,000 calls). The launches are stubbed exactly as in
-bench_triton_host_path.py (Triton's runner a no-op, CPU tensors; its stubbed_norm_launch for the
-fused norms) and bench_advantages_host_path.py (the CUDA engine a no-op, meta tensors), so the
+(the toggles themselves cost < 0.5 % of 1,000 calls). The launches are stubbed by
+host_path_stubs.py, as in bench_triton_host_path.py (Triton's runner a no-op, CPU tensors) and
+bench_advantages_host_path.py (the CUDA engine a no-op, meta tensors), so the
 count is sfgrpo's Python plus the torch calls it makes: on a GPU host, Triton's launcher and the
 CUDA launch come on top. Needs valgrind.
 """
@@ -32,76 +32,31 @@ BATCH = 8
 LATENT = (BATCH, 16, 8, 8)  # small: CPU allocation stays negligible; the host path does not depend on size
 
 
-def _replace(obj, name: str, value) -> None:
-    """setattr that refuses to add an attribute: a stub of something renamed must fail, not sit
-    unused while the real code runs."""
-    if not hasattr(obj, name):
-        raise AttributeError(f"{obj!r} has no attribute {name!r} to stub")
-    setattr(obj, name, value)
+def _stubs():
+    """benchmarks/host_path_stubs.py (the pytest benchmarks' fixtures use the same stubs)."""
+    sys.path.insert(0, str(HERE))
+    import host_path_stubs
 
-
-def _stub_cuda_queries() -> None:
-    from sfgrpo import backend
-
-    _replace(backend, "current_cuda_device", lambda: None)  # the CPU / meta tensors' device index
-    setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0)  # absent from CPU builds of torch
+    return host_path_stubs
 
 
 def _stub_sde_step_launches() -> None:
-    """The Triton path on CPU tensors with every launch a no-op (bench_triton_host_path's fixture)."""
-    sys.path.insert(0, str(HERE))
-    from bench_triton_host_path import _NoOpKernel
-
     from sfgrpo.kernels import _launch
-    from sfgrpo.kernels import sde_step as kernels
-    from sfgrpo.ops import sde_step as ops
 
     if not _launch.enabled():
         raise RuntimeError(f"the direct launch path is off (TRITON_INTERPRET or {_launch.ENV_VAR} set)")
-    for launcher in (kernels._FWD_LAUNCHER, kernels._BWD_LAUNCHER):
-        if launcher.constexpr is None:
-            raise RuntimeError("Triton's interpreter was on at import: unset TRITON_INTERPRET")
-        _replace(launcher, "kernel", _NoOpKernel())
-        _replace(launcher, "compiled", {})
-    _stub_cuda_queries()
-    _replace(ops, "_implementation", lambda device, backend_name: kernels)
+    stubs = _stubs()
+    stubs.stub_sde_step_launches(stubs.setattr_patch)
 
 
 def _stub_advantage_engine() -> None:
-    """The CUDA branch of the advantage ops on meta tensors, the engine a no-op
-    (bench_advantages_host_path's fixture)."""
-    sys.path.insert(0, str(HERE))
-    from bench_advantages_host_path import _NoOpEngine
-
-    from sfgrpo import functional
-    from sfgrpo.ops import advantages
-
-    _replace(advantages, "_cuda_engine", lambda: _NoOpEngine())
-    _stub_cuda_queries()
-    _replace(functional, "resolve_backend", lambda op, device, override=None: "native")
+    stubs = _stubs()
+    stubs.stub_advantage_engine(stubs.setattr_patch)
 
 
 def _stub_norm_launches() -> None:
-    """The fused norms' Triton path on CPU tensors, every launch a no-op (bench_triton_host_path's
-    stubbed_norm_launch)."""
-    sys.path.insert(0, str(HERE))
-    from bench_triton_host_path import _NoOpKernel
-
-    from sfgrpo import backend
-    from sfgrpo.kernels import _launch, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm
-
-    for module in (rms_norm, layer_norm_modulate, gated_residual, qk_norm_rope):
-        for launcher in vars(module).values():
-            if isinstance(launcher, _launch.DirectLauncher):
-                if launcher.constexpr is None:
-                    raise RuntimeError("Triton's interpreter was on at import: unset TRITON_INTERPRET")
-                _replace(launcher, "kernel", _NoOpKernel())
-                _replace(launcher, "compiled", {})
-    _stub_cuda_queries()
-    resolve = backend.resolve_backend
-    norm_ops = ("rms_norm", "layer_norm_modulate", "gated_residual", "qk_norm_rope")
-    _replace(backend, "resolve_backend",
-             lambda op, device, override=None: "triton" if op in norm_ops else resolve(op, device, override))
+    stubs = _stubs()
+    stubs.stub_norm_launches(stubs.setattr_patch)
 
 
 def _norm_cases() -> dict:
