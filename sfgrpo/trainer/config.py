@@ -232,6 +232,7 @@ class TrainerConfig:
 
     def validate(self) -> "TrainerConfig":
         need = _need
+        finite = math.isfinite  # NaN fails every comparison below; inf passes them
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.advantage_normalize in (None, "joint", "per_step"),
              f"advantage_normalize must be joint or per_step, got {self.advantage_normalize!r}")
@@ -256,11 +257,25 @@ class TrainerConfig:
         need(self.prompts_per_iteration >= 1, f"prompts_per_iteration must be >= 1, got {self.prompts_per_iteration}")
         need(len(self.prompt_list) >= 1, "prompts is empty")
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
-        need(self.noise_level > 0, f"noise_level must be > 0 (a rollout without noise cannot be trained), got {self.noise_level}")
+        need(self.noise_level > 0 and finite(self.noise_level),
+             f"noise_level must be a finite number > 0 (a rollout without noise cannot be trained), got {self.noise_level}")
+        need(self.shift > 0 and finite(self.shift), f"shift must be a finite number > 0, got {self.shift}")
+        need(self.threads is None or self.threads >= 1, f"threads must be >= 1 (or None: torch's default), got {self.threads}")
+        need(self.advantage_eps is None or (self.advantage_eps >= 0 and finite(self.advantage_eps)),
+             f"advantage_eps must be a finite number >= 0, got {self.advantage_eps}")
+        need(self.advantage_clip is None or self.advantage_clip > 0,
+             f"advantage_clip must be > 0 (None: the mode's default), got {self.advantage_clip}")
         # below 1 diffusers' pipelines switch CFG off (they apply it only above 1), where the formula
         # would interpolate towards the unconditional model: refused rather than silently different
-        need(self.guidance_scale >= 1, f"guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(self.guidance_scale >= 1 and finite(self.guidance_scale),
+             f"guidance_scale must be a finite number >= 1 (1 = no CFG), got {self.guidance_scale}")
+        need(self.learning_rate > 0 and finite(self.learning_rate),
+             f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        need(self.weight_decay >= 0 and finite(self.weight_decay),
+             f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+             f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        need(self.adam_eps >= 0 and finite(self.adam_eps), f"adam_eps must be a finite number >= 0, got {self.adam_eps}")
         need(self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}")
         need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         need(self.lr_warmup_iterations >= 0 and 0 <= self.lr_min <= self.learning_rate,
@@ -271,7 +286,7 @@ class TrainerConfig:
              f"({self.lr_warmup_iterations} iterations)")
         need(self.lr_decay_iterations is None or self.lr_decay_iterations >= 1,
              f"lr_decay_iterations must be >= 1, got {self.lr_decay_iterations}")
-        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(self.beta >= 0 and finite(self.beta), f"beta must be a finite number >= 0, got {self.beta}")
         need(self.num_inner_epochs >= 1, f"num_inner_epochs must be >= 1, got {self.num_inner_epochs}")
         need(0.0 < self.train_step_fraction <= 1.0, f"train_step_fraction must be in (0, 1], got {self.train_step_fraction}")
         need(self.train_batch_size is None or 1 <= self.train_batch_size <= self.batch_size,
@@ -281,7 +296,8 @@ class TrainerConfig:
         need(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
-        need(self.lora_alpha > 0, f"lora_alpha must be > 0 (the adapters' scale alpha / rank), got {self.lora_alpha}")
+        need(self.lora_alpha > 0 and finite(self.lora_alpha),
+             f"lora_alpha must be a finite number > 0 (the adapters' scale alpha / rank), got {self.lora_alpha}")
         need(self.checkpoint_every >= 0 and self.image_every >= 0, "checkpoint_every and image_every must be >= 0")
         try:
             from sfgrpo.trainer.reporting import parse_report_to
@@ -290,8 +306,8 @@ class TrainerConfig:
         except ValueError as err:
             need(False, str(err))
         need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
-        need(self.distributed_timeout_minutes > 0,
-             f"distributed_timeout_minutes must be > 0, got {self.distributed_timeout_minutes}")
+        need(self.distributed_timeout_minutes > 0 and finite(self.distributed_timeout_minutes),
+             f"distributed_timeout_minutes must be a finite number > 0, got {self.distributed_timeout_minutes}")
         need(self.checkpoint_format in ("full", "sharded"),
              f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
@@ -303,8 +319,8 @@ class TrainerConfig:
             need(len(eval_prompts(self)) >= 1, "the eval prompts are empty (eval_prompts / eval_prompt_file)")
         need(self.eval_num_steps >= 1 and self.eval_samples_per_prompt >= 1 and self.eval_batch_size >= 1,
              "eval_num_steps, eval_samples_per_prompt and eval_batch_size must be >= 1")
-        need(self.eval_guidance_scale is None or self.eval_guidance_scale >= 1,
-             f"eval_guidance_scale must be >= 1 (1 = no CFG), got {self.eval_guidance_scale}")
+        need(self.eval_guidance_scale is None or (self.eval_guidance_scale >= 1 and finite(self.eval_guidance_scale)),
+             f"eval_guidance_scale must be a finite number >= 1 (1 = no CFG), got {self.eval_guidance_scale}")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
         need(not (self.distributed == "fsdp" and self.mixed_precision == "fp16"),
              "mixed_precision=fp16 is not supported with distributed=fsdp (sharded gradients); use bf16")
@@ -315,6 +331,10 @@ class TrainerConfig:
              f"attention_backend must be sdpa or xformers, got {self.attention_backend!r}")
         need(self.decode_batch_size >= 1 and self.resolution >= 8, "decode_batch_size must be >= 1, resolution >= 8")
         need(self.prompt_cache_size >= 0, f"prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
+        need(self.max_sequence_length is None or self.max_sequence_length >= 1,
+             f"max_sequence_length must be >= 1 (None: the model's default), got {self.max_sequence_length}")
+        need(finite(self.embedded_guidance_scale),
+             f"embedded_guidance_scale must be a finite number, got {self.embedded_guidance_scale}")
         self._torch_device()
         return self
 
