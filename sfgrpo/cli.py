@@ -15,16 +15,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage_error(args: argparse.Namespace, err: Exception):
+    """A bad argument: one line on stderr with argparse's exit status 2, not a traceback."""
+    print(f"sfgrpo {args.command}: error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def _checked_config(args: argparse.Namespace):
-    """The command's TrainerConfig, validated before anything loads: a bad flag value or --config file
-    is a one-line error on stderr (exit status 2, as argparse's), not a traceback."""
+    """The command's TrainerConfig, validated before the backbone loads, its reward spec resolved
+    (an unknown reward name, a reward model path that does not exist: the trainer reuses what is
+    resolved here, rewards are cached by spec)."""
+    from sfgrpo.rewards import get_reward
     from sfgrpo.trainer.cli_args import config_from_args
 
     try:
-        return config_from_args(args).validate().check_device()
+        config = config_from_args(args).validate().check_device()
+        get_reward(config.reward)
+        return config
     except (ValueError, OSError, ImportError) as err:  # the config's own errors; a missing --config file
-        print(f"sfgrpo {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _usage_error(args, err)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -76,6 +85,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sfgrpo import demo
 
+    try:
+        demo.plan(args)
+    except (ValueError, OSError, ImportError) as err:
+        _usage_error(args, err)
     return demo.main(args)
 
 

@@ -195,13 +195,39 @@ def plot_curves(results: dict, path: Path) -> bool:
     return True
 
 
-def main(args: argparse.Namespace) -> int:
+def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]], list[dict], list[float]]:
+    """The demo's runs (reward, mode, seed), their trainer configs (validated, rewards resolved) and
+    the threshold fractions, before anything runs: a bad argument is a ValueError naming it, not a
+    traceback from a worker process minutes later. `--quick` sets the seeds and iterations."""
     if args.quick:
         args.seeds, args.iterations = 1, 8
+    for flag in ("seeds", "iterations", "jobs"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     rewards = [r.strip() for r in args.rewards.split(",") if r.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not rewards or not modes:
+        raise ValueError(f"--rewards and --modes must name at least one each, got {args.rewards!r} and {args.modes!r}")
+    try:
+        fractions = [float(f) for f in args.thresholds.split(",") if f.strip()]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"--thresholds must be comma-separated fractions in (0, 1], got {args.thresholds!r}")
+    from sfgrpo.rewards import get_reward
+    from sfgrpo.trainer import TrainerConfig
+
+    for reward in rewards:
+        get_reward(reward)  # resolved (and cached) here: an unknown name fails now
     jobs = [(reward, mode, seed) for reward in rewards for seed in range(args.seeds) for mode in modes]
     configs = [run_config(args, *job) for job in jobs]
+    for config in configs:
+        TrainerConfig(**config).validate()
+    return jobs, configs, fractions
+
+
+def main(args: argparse.Namespace) -> int:
+    jobs, configs, fractions = plan(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"sfgrpo demo: {len(jobs)} runs x {args.iterations} iterations ({args.jobs} in parallel) -> {out}")
@@ -218,7 +244,6 @@ def main(args: argparse.Namespace) -> int:
     for (reward, mode, _seed), (history, evals) in zip(jobs, outcomes):
         results.setdefault(reward, {}).setdefault(mode, []).append(history)
         evaluations.setdefault(reward, {}).setdefault(mode, []).append(evals)
-    fractions = [float(f) for f in args.thresholds.split(",") if f.strip()]
     summary = summarise(results, fractions, args.iterations, evaluations)
     summary["wall_seconds"] = time.time() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

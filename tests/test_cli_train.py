@@ -59,6 +59,8 @@ def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
         (("train", "--group-size", "1"), "sfgrpo train: error: bad trainer config: group_size must be >= 2"),
         (("train", "--device", "cuda:99"), "sfgrpo train: error: bad trainer config: device 'cuda:99': torch"),
         (("train", "--device", "gpu"), "sfgrpo train: error: bad trainer config: device 'gpu' is not a torch device"),
+        (("train", "--reward", "nope"), "sfgrpo train: error: unknown reward(s) ['nope']"),
+        (("train", "--learning-rate", "inf"), "sfgrpo train: error: bad trainer config: learning_rate must be a finite"),
         (("evaluate", "--config", str(broken)), f"sfgrpo evaluate: error: bad trainer config: {broken} is not valid JSON"),
         (("export", "--config", str(tmp_path / "missing.json"), "--export-dir", str(tmp_path / "x")),
          "sfgrpo export: error: [Errno 2] No such file or directory"),
@@ -68,6 +70,27 @@ def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
         assert result.returncode == 2 and result.stderr.startswith(message), (args, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # rejected before the run wrote anything
+
+
+def test_demo_rejects_bad_arguments_before_any_run(tmp_path):
+    """Each bad demo argument is one line on stderr (exit status 2) before anything trains or is
+    written; they used to surface as tracebacks from the runs' worker processes (or, for thresholds
+    beyond 1 or zero seeds, as a summary of nothing)."""
+    cases = [
+        (("--seeds", "0"), "--seeds must be >= 1"),
+        (("--jobs", "0"), "--jobs must be >= 1"),
+        (("--rewards", ","), "--rewards and --modes must name at least one each"),
+        (("--rewards", "nope"), "unknown reward(s) ['nope']"),
+        (("--modes", "foo"), "bad trainer config: mode must be one of"),
+        (("--thresholds", "2"), "--thresholds must be comma-separated fractions in (0, 1]"),
+        (("--thresholds", "abc"), "--thresholds must be comma-separated fractions in (0, 1]"),
+        (("--eval-samples-per-prompt", "0"), "bad trainer config: eval_num_steps, eval_samples_per_prompt"),
+    ]
+    for args, message in cases:
+        result = run("demo", *args, "--backbone", "tiny-random", "--output-dir", str(tmp_path / "out"))
+        assert result.returncode == 2 and result.stderr.startswith(f"sfgrpo demo: error: {message}"), (args, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_help():

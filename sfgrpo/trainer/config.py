@@ -313,12 +313,12 @@ class TrainerConfig:
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         need(self.eval_prompt_file is None or Path(self.eval_prompt_file).is_file(),
              f"eval_prompt_file {self.eval_prompt_file!r} not found")
+        need(self.eval_num_steps >= 1 and self.eval_samples_per_prompt >= 1 and self.eval_batch_size >= 1,
+             "eval_num_steps, eval_samples_per_prompt and eval_batch_size must be >= 1")
         if self.eval_every or self.eval_prompts is not None or self.eval_prompt_file is not None:
             from sfgrpo.trainer.evaluation import eval_prompts
 
             need(len(eval_prompts(self)) >= 1, "the eval prompts are empty (eval_prompts / eval_prompt_file)")
-        need(self.eval_num_steps >= 1 and self.eval_samples_per_prompt >= 1 and self.eval_batch_size >= 1,
-             "eval_num_steps, eval_samples_per_prompt and eval_batch_size must be >= 1")
         need(self.eval_guidance_scale is None or (self.eval_guidance_scale >= 1 and finite(self.eval_guidance_scale)),
              f"eval_guidance_scale must be a finite number >= 1 (1 = no CFG), got {self.eval_guidance_scale}")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
