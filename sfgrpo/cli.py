@@ -95,6 +95,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sfgrpo import bench
 
+    try:
+        bench.check_arguments(args)
+    except ValueError as err:
+        _usage_error(args, err)
     return bench.main(args)
 
 

@@ -274,6 +274,23 @@ def test_time_budget_skips_and_records(tmp_path, monkeypatch, capsys):
     assert "skipped (time budget)" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (("--threads", "0"), "--threads must be >= 1, got 0"),
+    (("--time-budget", "-5"), "--time-budget must be a number of seconds >= 0, got -5.0"),
+    (("--time-budget", "nan"), "--time-budget must be a number of seconds >= 0, got nan"),
+    (("--device", "foo"), "--device 'foo' is not a torch device"),
+    (("--cases", "no such case"), "--cases 'no such case' matches no case of suite 'quick': rollout cfg=on"),
+])
+def test_bad_flags_are_usage_errors_before_anything_runs(tmp_path, capsys, flags, message):
+    """One line on stderr, exit status 2, no results folder (an empty --cases match wrote one with no
+    rows; a negative --threads or a bad --device was a traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--no-progress", *flags, "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"sfgrpo bench: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_rows_are_saved_as_they_are_measured(tmp_path, monkeypatch):
     original, calls = runner.run_one, []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from sfgrpo.bench.measure import BackboneClock, SyncCounter
 from sfgrpo.bench.suites import SUITES, Case, Suite, get_suite
 
-__all__ = ["BackboneClock", "Case", "SUITES", "Suite", "SyncCounter", "get_suite", "main", "run"]
+__all__ = ["BackboneClock", "Case", "SUITES", "Suite", "SyncCounter", "check_arguments", "get_suite", "main", "run"]
 
 
 def run(suite: str | Suite, output_dir: str, progress: bool = True, case_filter: str | None = None,
@@ -62,12 +62,33 @@ def add_arguments(parser) -> None:
                         "`timeout 300`). Results are written after every row either way")
 
 
+def check_arguments(args) -> None:
+    """A ValueError naming a bad flag, before anything is built or written (an empty --cases match
+    used to write a results folder with no rows; a bad --device, a traceback)."""
+    import torch
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.time_budget is not None and not args.time_budget >= 0:  # 0: every run recorded as skipped
+        raise ValueError(f"--time-budget must be a number of seconds >= 0, got {args.time_budget}")
+    if args.device:
+        try:
+            torch.device(args.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"--device {args.device!r} is not a torch device ({err})") from None
+    suite = get_suite("quick" if args.quick else args.suite)
+    if args.cases and not any(args.cases in case.name for case in suite.cases):
+        raise ValueError(f"--cases {args.cases!r} matches no case of suite {suite.name!r}: "
+                         f"{', '.join(case.name for case in suite.cases)}")
+
+
 def main(args) -> int:
     import signal
     import threading
 
     import torch
 
+    check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     suite = get_suite("quick" if args.quick else args.suite)
