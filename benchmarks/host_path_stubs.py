@@ -94,11 +94,14 @@ def stub_norm_launches(patch: Patch) -> None:
 def stub_advantage_engine(patch: Patch) -> None:
     """The CUDA branch of the advantage ops on meta tensors, the engine a no-op; the backend table
     has no entry for the meta device, so the choice is pinned to the native engine, as on CUDA."""
-    from sfgrpo import functional
+    from sfgrpo import alloc, functional
     from sfgrpo.ops import advantages
 
     patch(advantages, "_cuda_engine", lambda: NoOpEngine())
     stub_cuda_queries(patch)
+    # the output from the fast allocator, as on the current CUDA device (CPU memory here: the engine
+    # is a no-op; torch.empty on meta tensors would count torch's argument parser instead)
+    patch(alloc, "allocator", lambda device: alloc.empty_strided_cpu)
     patch(functional, "resolve_backend", lambda op, device, override=None: "native")
 
 

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from sfgrpo import alloc
 from sfgrpo.kernels._launch import DirectLauncher, _int_key
 from sfgrpo.scratch import stream_scratch
 
@@ -641,10 +642,7 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     mean = torch.empty_like(x, dtype=f32) if write_mean else None
     x0 = torch.empty_like(x, dtype=f32) if write_x0 else None
     x1 = torch.empty_like(x, dtype=f32) if write_x1 else None
-    log_prob = torch.empty(batch, dtype=f32, device=device)
-    std = torch.empty(batch, dtype=f32, device=device)
-    std_dev_t = torch.empty(batch, dtype=f32, device=device)
-    kl_out = torch.empty(batch, dtype=f32, device=device) if v_ref is not None else None
+    log_prob, std, std_dev_t, kl_out = _row_outputs(batch, device, v_ref is not None)
     if batch == 0:
         return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
     programs = batch * cfg.num_chunks
@@ -682,6 +680,19 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     _FWD_LAUNCHER.launch_keyed((programs,), caller_key, runtime + plan.constexprs, num_warps=cfg.num_warps,
                                enable_fp_fusion=plan.fp_fusion)
     return sample_out, log_prob, std, std_dev_t, mean, x0, x1, kl_out
+
+
+def _row_outputs(batch: int, device: torch.device, with_kl: bool) -> tuple:
+    """Fresh float32 `[batch]` tensors for the per-row outputs (log-prob, std, std_dev_t, and the KL
+    or None), from sfgrpo.alloc's allocator where there is one (~4k host instructions each instead
+    of torch.empty's ~9k)."""
+    allocate = alloc.allocator(device)
+    if allocate is None:
+        def allocate(size, stride, dtype):
+            return torch.empty(batch, dtype=dtype, device=device)
+    size, stride, f32 = (batch,), (1,), torch.float32
+    return (allocate(size, stride, f32), allocate(size, stride, f32), allocate(size, stride, f32),
+            allocate(size, stride, f32) if with_kl else None)
 
 
 def _aligned_dtypes(tensors) -> tuple | None:

@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from sfgrpo import _native, backend
+from sfgrpo import _native, alloc, backend
 from sfgrpo.reference import NONFINITE_POLICIES, GroupStats, raise_nonfinite
 from sfgrpo.reference import gains as gains_of
 from sfgrpo.scratch import stream_scratch
@@ -217,11 +217,17 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         rows = matrix[0]
         shape = rows, width = rows, 1
         columns = 1
-        out = torch.empty(rows, dtype=rewards.dtype, device=device)
+        size, stride = (rows,), (1,)
     else:
         shape = rows, width = matrix
         columns = width - 1 if problem.gains else width
-        out = torch.empty(rows, columns, dtype=rewards.dtype, device=device)
+        size, stride = (rows, columns), (columns, 1)
+    # on CUDA: None unless the tensors are on the current device (the launch below needs to know too)
+    allocate = alloc.allocator(device)
+    if allocate is not None:
+        out = allocate(size, stride, rewards.dtype)
+    else:
+        out = torch.empty(*size, dtype=rewards.dtype, device=device)  # ints: a tuple costs the parser more
     stats = _padded_stats(rows, 1 if problem.pooled else columns, device) if with_stats else None
     if rows == 0:
         return out, stats
@@ -236,7 +242,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         return out, stats
     # one buffer, the stream's (`_launch`): the engine's scratch, then {groups, nonfinite rows}
     scratch = _workspace_bytes(rows, width, problem.gains, problem.pooled, with_stats)
-    if device.index == backend.current_cuda_device():
+    if allocate is not None:  # the current device's: launch there
         buffer = _launch(args, scratch, device)
     else:  # kernels launch on the current device: switch only when the tensors live on another one
         with torch.cuda.device(device):
