@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sfgrpo import _native
+from sfgrpo import _native, alloc
 
 _STORAGE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _SDE_TYPES = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
@@ -77,11 +77,15 @@ def forward(x, v, t, t_next, noise_level, sigma_max, prev_sample, noise, v_ref, 
     problem, keep_alive = _problem(x, (t, t_next, noise_level, sigma_max), sde_type, logprob, reduction, kl)
     # in-kernel Philox: (seed, first counter) as unsigned 64-bit words, the layout of the Triton kernels
     philox = (int(seed) & _U64, int(seed_offset) & _U64) if prev_sample is None and use_philox else None
-    sample = x.new_empty(x.shape) if prev_sample is None else None
-    log_prob, std, std_dev_t = (x.new_empty((batch,), dtype=torch.float32) for _ in range(3))
-    full = lambda flag: x.new_empty(x.shape, dtype=torch.float32) if flag else None  # noqa: E731
-    mean, x0_hat, x1_hat = full(write_mean), full(write_x0), full(write_x1)
-    kl_value = x.new_empty((batch,), dtype=torch.float32) if v_ref is not None else None
+    # x is contiguous [B, D] here: empty_like keeps that layout (and costs the parser less than a shape)
+    sample = torch.empty_like(x) if prev_sample is None else None
+    f32, row, one = torch.float32, (batch,), (1,)
+    empty = alloc.empty_strided_cpu
+    log_prob, std, std_dev_t = empty(row, one, f32), empty(row, one, f32), empty(row, one, f32)
+    mean = torch.empty_like(x, dtype=f32) if write_mean else None
+    x0_hat = torch.empty_like(x, dtype=f32) if write_x0 else None
+    x1_hat = torch.empty_like(x, dtype=f32) if write_x1 else None
+    kl_value = empty(row, one, f32) if v_ref is not None else None
     if batch > 0:
         module.cpu.sde_step_forward(
             problem, _latent(x), _latent(v), _latent(prev_sample), _latent(noise), _latent(v_ref), _latent(sample),
