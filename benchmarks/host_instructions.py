@@ -8,7 +8,7 @@ one run of each version, not a session's worth of medians.
 
 Each case runs in its own process under `valgrind --tool=callgrind --instr-atstart=no`: the import
 and a warm-up run uninstrumented, then `callgrind_control -i on` / `off` brackets the timed calls
-(the toggles themselves cost < 0.5 % of 1,000 calls). The launches are stubbed by
+(the toggles themselves cost < 0.5 % of 1,000 calls), with Python's cyclic garbage collector off. The launches are stubbed by
 host_path_stubs.py, as in bench_triton_host_path.py (Triton's runner a no-op, CPU tensors) and
 bench_advantages_host_path.py (the CUDA engine a no-op, meta tensors), so the
 count is sfgrpo's Python plus the torch calls it makes: on a GPU host, Triton's launcher and the
@@ -18,6 +18,7 @@ CUDA launch come on top. Needs valgrind.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import pathlib
 import re
@@ -161,10 +162,16 @@ def _child(case: str, calls: int) -> None:
     for _ in range(200):  # first-call work (compiled-kernel lookups, caches) stays out of the count
         fn()
     pid = str(os.getpid())
+    # Python's cyclic GC off while counting: its collections cost what the whole heap holds (the
+    # imports, the stubs' modules), not what the call does; with it on, moving a stub to another
+    # module moved a fused norm's count by 2 %
+    gc.collect()
+    gc.disable()
     subprocess.run(["callgrind_control", "-i", "on", pid], check=True, stdout=subprocess.DEVNULL)
     for _ in range(calls):
         fn()
     subprocess.run(["callgrind_control", "-i", "off", pid], check=True, stdout=subprocess.DEVNULL)
+    gc.enable()
 
 
 def count(case: str, calls: int) -> int:
