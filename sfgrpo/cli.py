@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -24,13 +25,17 @@ def _usage_error(args: argparse.Namespace, err: Exception):
 def _checked_config(args: argparse.Namespace):
     """The command's TrainerConfig, validated before the backbone loads, its reward spec resolved
     (an unknown reward name, a reward model path that does not exist: the trainer reuses what is
-    resolved here, rewards are cached by spec)."""
+    resolved here, rewards are cached by spec) and a --resume-from directory checked (`latest`
+    without a checkpoint yet is the trainer's fresh start, with its warning)."""
     from sfgrpo.rewards import get_reward
+    from sfgrpo.trainer import checkpoint
     from sfgrpo.trainer.cli_args import config_from_args
 
     try:
         config = config_from_args(args).validate().check_device()
         get_reward(config.reward)
+        if config.resume_from is not None and config.resume_from != checkpoint.LATEST:
+            checkpoint.resolve_checkpoint(config.resume_from, Path(config.output_dir) / "checkpoints")
         return config
     except (ValueError, OSError, ImportError) as err:  # the config's own errors; a missing --config file
         _usage_error(args, err)

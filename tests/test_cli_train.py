@@ -61,6 +61,7 @@ def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
         (("train", "--device", "gpu"), "sfgrpo train: error: bad trainer config: device 'gpu' is not a torch device"),
         (("train", "--reward", "nope"), "sfgrpo train: error: unknown reward(s) ['nope']"),
         (("train", "--learning-rate", "inf"), "sfgrpo train: error: bad trainer config: learning_rate must be a finite"),
+        (("evaluate", "--resume-from", str(tmp_path)), f"sfgrpo evaluate: error: {tmp_path} is not a checkpoint directory"),
         (("evaluate", "--config", str(broken)), f"sfgrpo evaluate: error: bad trainer config: {broken} is not valid JSON"),
         (("export", "--config", str(tmp_path / "missing.json"), "--export-dir", str(tmp_path / "x")),
          "sfgrpo export: error: [Errno 2] No such file or directory"),
