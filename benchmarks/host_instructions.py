@@ -8,10 +8,10 @@ one run of each version, not a session's worth of medians.
 
 Each case runs in its own process under `valgrind --tool=callgrind --instr-atstart=no`: the import
 and a warm-up run uninstrumented, then `callgrind_control -i on` / `off` brackets the timed calls
-(the toggles themselves cost < 0.5 % of 1,000 calls), with Python's cyclic garbage collector off. The launches are stubbed by
-host_path_stubs.py, as in bench_triton_host_path.py (Triton's runner a no-op, CPU tensors) and
-bench_advantages_host_path.py (the CUDA engine a no-op, meta tensors), so the
-count is sfgrpo's Python plus the torch calls it makes: on a GPU host, Triton's launcher and the
+(the toggles themselves cost < 0.5 % of 1,000 calls), with Python's cyclic garbage collector off.
+The launches are stubbed by host_path_stubs.py, as in bench_triton_host_path.py (Triton's runner a
+no-op, CPU tensors) and bench_advantages_host_path.py (the CUDA engine a no-op, meta tensors), so
+the count is sfgrpo's Python plus the torch calls it makes: on a GPU host, Triton's launcher and the
 CUDA launch come on top. Needs valgrind.
 """
 

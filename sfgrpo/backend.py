@@ -186,11 +186,13 @@ def eager_device_type(device: torch.device) -> str:
     return kind
 
 
+_CUDA_GET_DEVICE = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU builds of torch
+
+
 def current_cuda_device() -> int:
     """`torch.cuda.current_device()` for the ops' hot paths, which hold a CUDA tensor (so CUDA is
     initialised): torch's function first runs `_lazy_init`'s checks, three Python calls per read."""
-    get_device = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU builds of torch
-    return torch.cuda.current_device() if get_device is None else get_device()
+    return torch.cuda.current_device() if _CUDA_GET_DEVICE is None else _CUDA_GET_DEVICE()
 
 
 def device_type(device: torch.device) -> str:

@@ -91,10 +91,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sfgrpo import demo
 
     try:
-        demo.plan(args)
+        planned = demo.plan(args)
     except (ValueError, OSError, ImportError) as err:
         _usage_error(args, err)
-    return demo.main(args)
+    return demo.main(args, planned)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

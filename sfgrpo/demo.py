@@ -226,8 +226,10 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]], list[dic
     return jobs, configs, fractions
 
 
-def main(args: argparse.Namespace) -> int:
-    jobs, configs, fractions = plan(args)
+def main(args: argparse.Namespace, planned: tuple | None = None) -> int:
+    """Runs the demo; `planned`: what `plan(args)` returned, when the caller has checked the
+    arguments with it already (the CLI does, to report a bad one before anything runs)."""
+    jobs, configs, fractions = planned if planned is not None else plan(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"sfgrpo demo: {len(jobs)} runs x {args.iterations} iterations ({args.jobs} in parallel) -> {out}")
