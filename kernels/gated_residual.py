@@ -9,8 +9,8 @@ scale, shift) once, and streams its rows, each held whole in registers (C <= MAX
 
 Rounding is the eager expression's, so h_out is bit-identical to torch's: the product gate * y
 (exact in fp32 for 2-byte storage) is rounded to promote(gate, y) (`_product`), the fp32 sum to
-h_out's dtype, each with `rms_norm._round_to` (round-to-nearest on the bits, so that Triton's
-interpreter, whose fp32 -> bf16 cast truncates, gives the GPU's bits). No FMA contraction. The
+h_out's dtype, each with `_rounding.round_to` (to nearest even, on the GPU and in Triton's
+interpreter alike). No FMA contraction. The
 LayerNorm then reads h_out *as rounded*, as diffusers' norm2 reads the stored hidden states.
 
 Backward. `total = g_hout + d(layer_norm_modulate)/d(h_out) . g_normed` (g_hout optional), then
@@ -37,7 +37,7 @@ from sfgrpo.kernels._launch import DirectLauncher
 # one row per program's registers, the same limit and launch geometry as layer_norm_modulate's kernels
 from sfgrpo.kernels.layer_norm_modulate import (MAX_C, _row_stats, launch_config, layer_norm_input_grad,
                                                 modulate_grad_row, store_modulate_partials, supports)
-from sfgrpo.kernels.rms_norm import _round_to
+from sfgrpo.kernels._rounding import round_to
 
 __all__ = ["MAX_C", "supports", "launch_config", "forward", "backward", "aot_variants"]
 
@@ -63,7 +63,7 @@ def _product(gate, y, GATE_T: tl.constexpr, Y_T: tl.constexpr):
     (fp32 with anything, or bf16 with fp16, promotes to fp32)."""
     p = gate * y
     if GATE_T == Y_T:
-        p = _round_to(p, GATE_T).to(tl.float32)
+        p = round_to(p, GATE_T).to(tl.float32)
     return p
 
 
@@ -93,13 +93,13 @@ def gated_residual_fwd_kernel(h_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, out_
         h = tl.load(h_row + n64 * stride_hn + cols, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_row + n64 * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
         p = _product(gate, y, gate_ptr.dtype.element_ty, y_ptr.dtype.element_ty)
-        out = _round_to(h + p, out_ptr.dtype.element_ty)
+        out = round_to(h + p, out_ptr.dtype.element_ty)
         tl.store(out_row + n64 * C + cols, out, mask=mask)
         if NORM:
             # the LayerNorm reads h_out as stored (masked lanes are 0: loaded as 0, 0 + 0 * 0)
             centred, rstd = _row_stats(out.to(tl.float32), mask, C, eps)
             normed = centred * rstd * gain + shift
-            tl.store(normed_row + n64 * C + cols, _round_to(normed, normed_ptr.dtype.element_ty), mask=mask)
+            tl.store(normed_row + n64 * C + cols, round_to(normed, normed_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -145,13 +145,13 @@ def gated_residual_bwd_kernel(g_out_ptr, g_normed_ptr, x_ptr, y_ptr, gate_ptr, s
             if HAS_G_OUT:
                 total += tl.load(g_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if WRITE_DH:
-                tl.store(dh_ptr + offs, _round_to(total, dh_ptr.dtype.element_ty), mask=mask)
+                tl.store(dh_ptr + offs, round_to(total, dh_ptr.dtype.element_ty), mask=mask)
         else:
             total = tl.load(g_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if WRITE_DY:
             if RELOAD:
                 gate = tl.load(gate_row + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dy_ptr + offs, _round_to(total * gate, dy_ptr.dtype.element_ty), mask=mask)
+            tl.store(dy_ptr + offs, round_to(total * gate, dy_ptr.dtype.element_ty), mask=mask)
         if WRITE_DGATE:
             y = tl.load(y_row + n64 * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
             dgate += total * y

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
+from sfgrpo.kernels._rounding import round_to
 
 # Widest row a program holds in registers (8 fp32 per thread at 32 warps); wider rows run the
 # reference (SD3.5 has C = 1536 / 2432, FLUX 3072).
@@ -119,7 +120,7 @@ def ln_modulate_fwd_kernel(x_ptr, scale_ptr, shift_ptr, y_ptr, N, C, stride_xb, 
         x = tl.load(x_row + n64 * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
         centred, rstd = _row_stats(x, mask, C, eps)
         y = centred * rstd * gain + shift
-        tl.store(y_row + n64 * C + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + n64 * C + cols, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -147,7 +148,7 @@ def ln_modulate_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_part_ptr, ds
         if WRITE_DX:
             # LayerNorm's backward with the upstream gradient dy * (1 + scale); masked lanes are 0
             dx = layer_norm_input_grad(dy * gain, xhat, rstd, C)
-            tl.store(dx_row + n64 * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_row + n64 * C + cols, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     store_modulate_partials((b64 * num_chunks + chunk) * C + cols, dscale, dshift, dscale_part_ptr, dshift_part_ptr,
                             mask, WRITE_DSCALE, WRITE_DSHIFT)
 

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
-from sfgrpo.kernels.rms_norm import _inv_rms, _inv_rms_input_grad, _round_to
+from sfgrpo.kernels._rounding import round_to
+from sfgrpo.kernels.rms_norm import _inv_rms, _inv_rms_input_grad
 from sfgrpo.kernels.rms_norm import tile_config as rms_tile_config
 
 # Widest head dim one tile holds (attention heads are 64-256 wide); wider rows run the reference.
@@ -66,7 +67,7 @@ def _interleave(even, odd, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def _round_code(h, ROUND_H: tl.constexpr):
     if ROUND_H == 1:
-        h = _round_to(h, tl.bfloat16).to(tl.float32)
+        h = round_to(h, tl.bfloat16).to(tl.float32)
     elif ROUND_H == 2:
         h = h.to(tl.float16).to(tl.float32)
     return h
@@ -97,7 +98,7 @@ def qk_norm_rope_fwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, R, N, H, D, e
     # diffusers: x * cos + stack(-x_odd, x_even) * sin, each product rounded (no FMA)
     y = _interleave(x_even * cos_even - x_odd * sin_even, x_odd * cos_odd + x_even * sin_odd, BLOCK_ROWS, BLOCK_D)
     y_offs = (b * y_sb + n * y_sn + h * y_sh)[:, None] + cols[None, :]
-    tl.store(y_ptr + y_offs, _round_to(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -141,7 +142,7 @@ def qk_norm_rope_bwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, g_ptr, dx_ptr, dw_pt
             dx = u
         if WRITE_DX:
             dx_offs = (b * dx_sb + n * dx_sn + h * dx_sh)[:, None] + cols[None, :]
-            tl.store(dx_ptr + dx_offs, _round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + dx_offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_DW:
         tl.store(dw_ptr + pid.to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=cols < D)
 

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from sfgrpo.kernels._launch import DirectLauncher
+from sfgrpo.kernels._rounding import round_to
 
 # Widest row one tile holds (larger D runs the reference: `sfgrpo.ops.rms_norm`). At 8192 the
 # backward holds x, dy, the dweight partials and the weight slice: 16 fp32 values each per thread
@@ -58,18 +59,6 @@ def _inv_rms_input_grad(g, x, r, D):
 
 
 @triton.jit
-def _round_to(h, dtype: tl.constexpr):
-    """fp32 -> `dtype`, to nearest even. bfloat16 is rounded on the bits first: Triton's interpreter
-    truncates fp32 -> bf16, the GPU's cvt.rn rounds; with the low half already zero both casts are
-    exact, so the interpreter tests check the GPU's bits (NaNs kept: the carry would corrupt them)."""
-    if dtype == tl.bfloat16:
-        bits = h.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        h = tl.where(h != h, h, bits.to(tl.float32, bitcast=True))
-    return h.to(dtype)
-
-
-@triton.jit
 def _tile(R, D, tile, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -89,10 +78,10 @@ def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, R, D, eps,
         cols = tl.arange(0, BLOCK_D)
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
         if ROUND_W:  # diffusers: h.to(weight.dtype) * weight, a half-precision product
-            h = _round_to(_round_to(h, w.dtype).to(tl.float32) * w.to(tl.float32)[None, :], w.dtype)
+            h = round_to(round_to(h, w.dtype).to(tl.float32) * w.to(tl.float32)[None, :], w.dtype)
         else:
             h = h * w.to(tl.float32)[None, :]
-    tl.store(y_ptr + offs, _round_to(h.to(tl.float32), y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, round_to(h.to(tl.float32), y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -133,11 +122,11 @@ def rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, eps, TILES, 
             g = dy
         if WRITE_DX:
             dx = _inv_rms_input_grad(g, x, r, D)
-            tl.store(dx_ptr + offs, _round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         if WRITE_DW:
             h = x * r
             if ROUND_W:  # the forward multiplied the weight by h rounded to its dtype
-                h = _round_to(h, w_store.dtype).to(tl.float32)
+                h = round_to(h, w_store.dtype).to(tl.float32)
             # padding rows have r = 1 / sqrt(eps): inf when eps = 0, and 0 * inf is NaN
             acc += tl.where(mask, dy * h, 0.0)
     if WRITE_DW:

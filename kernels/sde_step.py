@@ -29,6 +29,7 @@ from triton.language.extra.cuda import libdevice
 
 from sfgrpo import alloc
 from sfgrpo.kernels._launch import DirectLauncher, _int_key
+from sfgrpo.kernels._rounding import round_to
 from sfgrpo.scratch import stream_scratch
 
 SDE_TYPE_IDS = {"sde": 0, "cps": 1, "ddim": 2, "ode": 3}
@@ -270,7 +271,7 @@ def sde_step_fwd_kernel(
                 quads = seed_offset + row.to(tl.int64) * ((D + 3) // 4) + (chunk_start + i * BLOCK) // 4
                 eps = _philox_block(seed, quads, BLOCK, FAST_MATH)
             # round to the storage dtype first: the log-prob must be that of the stored sample
-            stored = (mean + std * eps).to(sample_out_ptr.dtype.element_ty)
+            stored = round_to(mean + std * eps, sample_out_ptr.dtype.element_ty)
             tl.store(sample_out_ptr + offs, stored, mask=mask)
             sample = stored.to(tl.float32)
         diff = tl.where(mask, sample - mean, 0.0)
@@ -400,7 +401,7 @@ def sde_step_bwd_kernel(
             g_kl_mean = k_kl * (mean - (c_x * x + c_v * v_ref))
             dv += c_v * g_kl_mean
             if WRITE_DVREF:
-                tl.store(dvref_ptr + offs, (-c_v * g_kl_mean).to(dvref_ptr.dtype.element_ty), mask=mask)
+                tl.store(dvref_ptr + offs, round_to(-c_v * g_kl_mean, dvref_ptr.dtype.element_ty), mask=mask)
         dx = c_x * g_on_mean
         if HAS_G_X0:
             g_x0 = tl.load(g_x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -410,9 +411,9 @@ def sde_step_bwd_kernel(
             g_x1 = tl.load(g_x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dv += (1.0 - t) * g_x1
             dx += g_x1
-        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + offs, round_to(dv, dv_ptr.dtype.element_ty), mask=mask)
         if WRITE_DX:
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------ launch config

@@ -61,6 +61,11 @@ def test_kernel_matches_reference_sampling_with_given_noise(shape, dtype, sde_ty
     # the sample may differ by one storage ulp where fp32 rounding differs
     ulp = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     _close(got.prev_sample, oracle.prev_sample, ulp * 4, ulp, "prev_sample")
+    if dtype != torch.float32:
+        # rounded to nearest even like torch: a 2-byte value differs only where the fp32 values
+        # differ next to a rounding boundary (none here; in Triton's interpreter its own truncating
+        # fp32 -> bf16 cast made about half of them one step off)
+        assert (got.prev_sample != oracle.prev_sample).float().mean().item() <= 1e-3
     _close(got.mean, oracle.mean, 2e-6, 2e-6, "mean")
     _close(got.x0_hat, oracle.x0_hat, 2e-6, 2e-6, "x0_hat")
     _close(got.x1_hat, oracle.x1_hat, 2e-6, 2e-6, "x1_hat")
@@ -260,9 +265,9 @@ def test_philox_kernel_noise_is_the_reference_noise(rows, elements, seed_offset)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_philox_sample_is_drawn_from_the_written_out_noise(dtype):
     # the fused forward and kernels.philox_noise share the noise code (4 and 8 elements per thread):
-    # the stored sample is (mean + std * noise) rounded to the storage dtype, on the GPU
-    # (approximations) as in the interpreter; exactly in fp32, within the one bf16 ulp by which the
-    # interpreter's conversion (towards zero) may differ from torch's (to nearest)
+    # the stored sample is (mean + std * noise) rounded to the storage dtype (to nearest even, like
+    # torch: also in Triton's interpreter, whose own fp32 -> bf16 cast truncates), on the GPU
+    # (approximations) as in the interpreter
     pytest.importorskip("triton")
     from sfgrpo.kernels import sde_step as kernels
 
@@ -271,10 +276,7 @@ def test_fused_philox_sample_is_drawn_from_the_written_out_noise(dtype):
     got = F.sde_step(x, v, t, tn, level, seed=99, seed_offset=2**32 - 7, backend="triton", return_mean=True)
     noise = kernels.philox_noise(99, 2**32 - 7, 3, 5001, DEVICE)
     want = (got.mean + ref.per_row(got.std, x) * noise).to(dtype)
-    if dtype == torch.float32:
-        assert torch.equal(got.prev_sample, want)
-    else:
-        torch.testing.assert_close(got.prev_sample.float(), want.float(), atol=1e-30, rtol=2.0**-7)
+    assert torch.equal(got.prev_sample, want)
 
 
 # counters whose first or second Box-Muller u1 (seed 7) lies within 2^-22 of 1, where lg2.approx's
