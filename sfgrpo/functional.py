@@ -72,6 +72,15 @@ def _float32(value: float, compiling: bool) -> float:
 
 
 _FLOAT32 = struct.Struct("f")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _wrap_int64(value: int) -> int:
+    """A Philox seed or counter offset beyond int64 as the op's int (int64): modulo 2^64, two's
+    complement (Philox takes their 64 bits, so -1 and 2^64 - 1 draw the same noise). Such values
+    ran eagerly on the native and reference backends (modulo 2^64) but failed in Triton's launcher
+    and under torch.compile (the op's schema is int64)."""
+    return (value - _INT64_MIN) % 2**64 + _INT64_MIN
 
 
 def _step_value(value: float | Tensor, batch: int, device: torch.device, compiling: bool) -> float | Tensor:
@@ -140,7 +149,8 @@ def sde_step(
     it was captured with: pass tensors to change them between replays). Noise, when sampling: `noise` (eps) if given; else in-kernel Philox from `seed`
     (fast and reproducible, not bit-equal to torch.randn; a call uses Philox counters
     `seed_offset .. seed_offset + B * ceil(D / 4) - 1`, 4 normals each, so steps that share a seed
-    take disjoint counter ranges, `reference.philox_step_noise` gives the same noise); else
+    take disjoint counter ranges, `reference.philox_step_noise` gives the same noise; any Python
+    integers, taken modulo 2^64); else
     `torch.randn(generator=...)` drawn like diffusers' `randn_tensor` (bit-compatible sampling),
     with torch's global RNG when no source is given (`ode` needs none).
     Gradients flow to `v` (and `x`, `v_ref` when they require grad) through the mean and the
@@ -183,11 +193,15 @@ def sde_step(
     t_next_row = _step_value(t_next, batch, device, compiling)
     level_row = _step_value(noise_level, batch, device, compiling)
     sigma_max_row = t_next_row if sigma_max is None else _step_value(sigma_max, batch, device, compiling)
+    use_philox = seed is not None
+    seed, seed_offset = int(seed) if use_philox else 0, int(seed_offset)
+    if not (_INT64_MIN <= seed <= _INT64_MAX and _INT64_MIN <= seed_offset <= _INT64_MAX):  # (rare: no call otherwise)
+        seed, seed_offset = _wrap_int64(seed), _wrap_int64(seed_offset)
     outputs = sde_step_ops.sde_step(  # latents as given: the op flattens them where it must
         x, v, t_row, t_next_row, level_row, sigma_max_row,
         prev_sample if prev_sample is None or prev_sample.dtype == x.dtype else prev_sample.to(x.dtype),
         noise, v_ref,
-        0 if seed is None else int(seed), int(seed_offset), seed is not None,
+        seed, seed_offset, use_philox,
         sde_type, logprob, reduction, kl, return_mean, return_x0_hat, return_x1_hat, backend,
     )
     sample, log_prob, std, std_dev_t, mean, x0_hat, x1_hat, kl_value = outputs

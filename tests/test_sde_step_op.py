@@ -111,6 +111,27 @@ def test_scoring_the_drawn_sample_gives_ratio_exactly_one(dtype, sde_type, sourc
     assert torch.equal(torch.exp(scored.log_prob - drawn.log_prob), torch.ones_like(drawn.log_prob))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_philox_seed_and_offset_are_taken_modulo_2_64(backend):
+    # any Python integers: the noise of their 64 bits, on every backend (a seed beyond int64 failed
+    # in Triton's launcher, one of 2^63 or more under torch.compile: the op's schema is int64)
+    x, v, _, t, tn, level = _inputs((2, 3, 5), torch.float32, seed=3)
+
+    def sample(seed, seed_offset):
+        return F.sde_step(x, v, t, tn, level, seed=seed, seed_offset=seed_offset, backend=backend).prev_sample
+
+    assert torch.equal(sample(2**70 + 9, 2**64 - 5), sample(9, -5))
+    assert torch.equal(sample(2**64 - 1, -(2**63) - 1), sample(-1, 2**63 - 1))
+    assert not torch.equal(sample(9, -5), sample(9, -4))
+
+    def compiled_sample(x, v):
+        return F.sde_step(x, v, t, tn, level, seed=2**64 - 1, seed_offset=2**63, backend=backend).prev_sample
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(compiled_sample, fullgraph=True, backend="aot_eager")(x, v),
+                       sample(-1, -(2**63)))
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 def test_multi_chunk_rows_are_deterministic_and_on_policy(accel):
     # 3 x 300k elements: several chunks per row, partial sums added by the row's last program
