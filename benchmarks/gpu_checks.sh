@@ -13,7 +13,8 @@
 # only a hung step reaches its limit).
 # steps, run in the order STEPS names them (default: all but core, in this order):
 #   tests       op tests on CUDA: SDE step (incl. direct launch, sync-debug, CUDA graphs), advantages
-#               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat; then the fused
+#               (CUDA engine == its host emulation, bit for bit), Flow-GRPO compat, the stores' rounding
+#               (kernels/_rounding.py == torch's casts); then the fused
 #               transformer ops (norms, block tails, QK-norm + rotation, LoRA linear; whole fused SD3.5-M /
 #               FLUX.1 / FLUX.2-architecture transformers vs diffusers)
 #   advantages  advantage engine: eager call vs CUDA-graph replay, its kernels, host time breakdown
@@ -109,7 +110,7 @@ step_tests() {
   # torch.compile'd FLUX.1 architecture), hence 210 s
   timeout -k 10 $(limit 120) python3 -m pytest -v -rfE $XDIST --maxfail=25 -p no:cacheprovider "$REPO/tests/test_sde_step_op.py" \
     "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_advantages.py" "$REPO/tests/test_advantages_cuda_engine.py" \
-    "$REPO/tests/test_compat_flow_grpo.py" > "$OUT/tests.txt" 2>&1
+    "$REPO/tests/test_compat_flow_grpo.py" "$REPO/tests/test_rounding.py" > "$OUT/tests.txt" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
   timeout -k 10 $(limit 210) python3 -m pytest -v -rfE $XDIST --maxfail=25 -p no:cacheprovider "$REPO/tests/test_rms_norm.py" \
     "$REPO/tests/test_qk_norm_rope.py" "$REPO/tests/test_layer_norm_modulate.py" "$REPO/tests/test_gated_residual.py" \
