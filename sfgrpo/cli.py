@@ -41,15 +41,27 @@ def _checked_config(args: argparse.Namespace):
         _usage_error(args, err)
 
 
+def _trainer(args: argparse.Namespace, config):
+    """The command's Trainer; a config error that needs the backbone to show (its sampling grid, a
+    guidance-distilled checkpoint asked for CFG) is a one-line usage error too."""
+    from sfgrpo.trainer import Trainer
+
+    try:
+        return Trainer(config)
+    except ValueError as err:
+        if str(err).startswith("bad trainer config"):
+            _usage_error(args, err)
+        raise
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sfgrpo import distributed
-    from sfgrpo.trainer import Trainer
 
     config = _checked_config(args)
     # under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set): one process group, NCCL on CUDA, gloo on CPU
     ctx = distributed.init_from_env(config.device)
     try:
-        history = Trainer(config).train()
+        history = _trainer(args, config).train()
     finally:
         distributed.shutdown()
     if ctx.is_main:
@@ -63,12 +75,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sfgrpo import distributed
-    from sfgrpo.trainer import Trainer
 
     config = _checked_config(args)
     ctx = distributed.init_from_env(config.device)
     try:
-        record = Trainer(config).evaluate()  # the weights of --resume-from (or the starting ones)
+        record = _trainer(args, config).evaluate()  # the weights of --resume-from (or the starting ones)
     finally:
         distributed.shutdown()
     if ctx.is_main:
@@ -77,10 +88,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from sfgrpo.trainer import Trainer
     from sfgrpo.trainer.export import export_weights
 
-    trainer = Trainer(_checked_config(args))  # loads --resume-from
+    trainer = _trainer(args, _checked_config(args))  # loads --resume-from
     use_ema = {"auto": None, "ema": True, "trained": False}[args.weights]
     written = export_weights(trainer, args.export_dir, use_ema=use_ema)
     print(f"iteration {trainer.iteration}: wrote {written}")

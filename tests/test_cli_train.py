@@ -61,6 +61,9 @@ def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
         (("train", "--device", "gpu"), "sfgrpo train: error: bad trainer config: device 'gpu' is not a torch device"),
         (("train", "--reward", "nope"), "sfgrpo train: error: unknown reward(s) ['nope']"),
         (("train", "--learning-rate", "inf"), "sfgrpo train: error: bad trainer config: learning_rate must be a finite"),
+        # ddim's first step (from t = 1) is deterministic, the last is not trained: nothing to train
+        (("train", "--sde-type", "ddim", "--num-steps", "2"),
+         "sfgrpo train: error: bad trainer config: no trainable step: every step of this 'ddim' schedule"),
         (("evaluate", "--resume-from", str(tmp_path)), f"sfgrpo evaluate: error: {tmp_path} is not a checkpoint directory"),
         (("evaluate", "--config", str(broken)), f"sfgrpo evaluate: error: bad trainer config: {broken} is not valid JSON"),
         (("export", "--config", str(tmp_path / "missing.json"), "--export-dir", str(tmp_path / "x")),
@@ -111,3 +114,28 @@ def test_demo_runs_both_modes_and_writes_the_summary(tmp_path):
     evals = summary["rewards"]["brightness"]["modes"]["stepwise"]["eval_reward"]
     assert evals["start"][0] > 0 and evals["final"][0] > 0
     assert (tmp_path / "brightness" / "stepwise" / "seed1" / "metrics.jsonl").exists()
+
+
+def test_a_config_error_only_the_backbone_shows_is_a_usage_error_too(monkeypatch, capsys):
+    """The trainer's own config checks (its backbone's sampling grid, CFG asked of a guidance-distilled
+    checkpoint) are one line with argparse's exit status, like the config's."""
+    import pytest
+
+    from sfgrpo import cli, trainer
+
+    def refuse(config):
+        raise ValueError("bad trainer config: no trainable step (on Backbone's sampling grid)")
+
+    monkeypatch.setattr(trainer, "Trainer", refuse)
+    args = cli.build_parser().parse_args(["train", "--backbone", "tiny-random"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli._trainer(args, None)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "sfgrpo train: error: bad trainer config: no trainable step (on Backbone's sampling grid)\n"
+
+    def crash(config):
+        raise ValueError("something else")
+
+    monkeypatch.setattr(trainer, "Trainer", crash)
+    with pytest.raises(ValueError, match="something else"):  # not a config error: not hidden
+        cli._trainer(args, None)

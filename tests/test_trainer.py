@@ -564,10 +564,21 @@ def test_prompts_are_a_deterministic_function_of_seed_and_iteration(tmp_path):
     ({"embedded_guidance_scale": float("nan")}, "embedded_guidance_scale must be a finite number"),
     ({"distributed_timeout_minutes": float("inf")}, "distributed_timeout_minutes must be a finite number > 0"),
     ({"lr_schedule": "cosine", "lr_warmup_iterations": 5, "lr_decay_iterations": 5}, "must come after the warm-up"),
+    # nothing to train: ddim's first step (from t = 1) has no noise, the last one is not trained
+    ({"sde_type": "ddim", "num_steps": 2}, "no trainable step"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **overrides).validate()  # before any backbone loads
+    with pytest.raises(ValueError, match=message):
         Trainer(tiny_config(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("overrides", [{"sde_type": "ddim", "num_steps": 3}, {"sde_type": "cps", "num_steps": 2},
+                                       {"sde_type": "sde", "num_steps": 2}])
+def test_schedules_with_one_trainable_step_pass_the_config_check(tmp_path, overrides):
+    trainer = Trainer(tiny_config(tmp_path, **overrides))
+    assert len(trainer.steps.trained) >= 1
 
 
 def test_unknown_config_fields_and_files(tmp_path):

@@ -335,8 +335,24 @@ class TrainerConfig:
              f"max_sequence_length must be >= 1 (None: the model's default), got {self.max_sequence_length}")
         need(finite(self.embedded_guidance_scale),
              f"embedded_guidance_scale must be a finite number, got {self.embedded_guidance_scale}")
+        self._check_trainable_steps()
         self._torch_device()
         return self
+
+    def _check_trainable_steps(self) -> None:
+        """Some step must have a density to train (ddim's and cps's steps at the grid's ends have none:
+        with 2 steps and the last one not trained, nothing is left). Checked on SD3's grid of this
+        num_steps and shift before any backbone loads; every grid starts at t = 1 and ends at 0,
+        where those steps lie (the trainer checks its actual grid again)."""
+        from sfgrpo.schedules import Schedule
+        from sfgrpo.trainer.rollout import StepTable
+
+        try:
+            StepTable.build(Schedule.sd3(self.num_steps, self.shift).sigmas, self.sde_type, self.noise_level,
+                            self.train_last_step)
+        except ValueError as err:
+            _need(False, f"{err} ({self.num_steps} steps{', the last not trained' if not self.train_last_step else ''}; "
+                         f"more steps have noisy steps in between)")
 
     def _torch_device(self):
         import torch

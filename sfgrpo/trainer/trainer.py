@@ -78,8 +78,11 @@ class Trainer:
         if cfg.fused_norms:  # before the reference copy, LoRA, DDP/FSDP and torch.compile see the modules
             fuse_norms(self.model)
         self.reward = get_reward(reward if reward is not None else cfg.reward)
-        self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
-                                     cfg.train_last_step)
+        try:  # the config check tried SD3's grid; this is the backbone's own
+            self.steps = StepTable.build(sampling_sigmas(self.model, cfg), cfg.sde_type, cfg.noise_level,
+                                         cfg.train_last_step)
+        except ValueError as err:
+            raise ValueError(f"bad trainer config: {err} (on {type(self.model).__name__}'s sampling grid)") from None
         # `[T]` bool mask of the trained steps, on the device once (indexing a CUDA tensor with a
         # Python list in every iteration would copy the indices and synchronise)
         mask = torch.zeros(self.steps.num_steps, dtype=torch.bool)
