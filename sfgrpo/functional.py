@@ -114,6 +114,12 @@ def _check_step_numbers(sde_type: str, t, t_next, noise_level, sigma_max) -> Non
     if sde_type == "sde" and sigma_max is None and isinstance(t_next, number) and t_next >= 1.0:
         # the default sigma_max is t_next: a step that ends at t' = 1 would divide by zero
         raise ValueError(f"the sde step needs sigma_max < 1: it defaults to t_next = {t_next}; pass sigma_max")
+    if sde_type == "cps" and isinstance(noise_level, number) and noise_level > 1.0:
+        raise ValueError(f"noise_level must be in [0, 1] for cps (std = t' sin(a pi / 2): levels in (1, 2] repeat "
+                         f"those of 2 - a, beyond 2 the std is negative or vanishes), got {noise_level}")
+    if sde_type == "ddim" and isinstance(noise_level, number) and isinstance(t, number) and noise_level * math.sqrt(1.0 - t) > 1.0 + 1e-6:
+        raise ValueError(f"noise_level {noise_level} is too large for ddim at t = {t}: std = a t' sqrt(1 - t) would "
+                         f"exceed t' (the mean keeps sqrt(t'^2 - std^2) of x1_hat); a must be <= {1 / math.sqrt(1 - t):.6g}")
 
 
 def sde_step(
@@ -155,8 +161,9 @@ def sde_step(
     with torch's global RNG when no source is given (`ode` needs none).
     Gradients flow to `v` (and `x`, `v_ref` when they require grad) through the mean and the
     Tweedie estimates; the sample is data. Step values given as numbers are range-checked
-    (0 < t <= 1, 0 <= t' <= t, noise level >= 0, sigma_max in [0, 1), and for `sde` its default
-    t' < 1); tensors are not (that would sync): there the caller guarantees it.
+    (0 < t <= 1, 0 <= t' <= t, noise level >= 0, sigma_max in [0, 1), for `sde` its default
+    t' < 1, for `cps` a noise level <= 1, for `ddim` a std a t' sqrt(1 - t) <= t'); tensors are not
+    (that would sync): there the caller guarantees it.
     """
     if sde_type not in reference.SDE_TYPES:
         raise ValueError(f"sde_type must be one of {reference.SDE_TYPES}, got {sde_type!r}")

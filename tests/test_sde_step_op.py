@@ -623,6 +623,22 @@ def test_step_numbers_out_of_range_are_clear_errors_not_nans(values, message):
         F.sde_step(x, v, torch.full((3,), 0.5), 1.5, 0.7, seed=1)
 
 
+def test_noise_levels_outside_the_samplers_range_are_clear_errors():
+    # cps: std = t' sin(a pi / 2) turns negative past a = 2 (the sample took -std, the log-prob said
+    # "no density": a step trained on nothing) and vanishes at 2 (log-probs of a collapsed Gaussian)
+    x, v, *_ = _inputs((3, 4, 4), torch.float32)
+    for level in (1.5, 2.0, 3.0):
+        with pytest.raises(ValueError, match=r"noise_level must be in \[0, 1\] for cps"):
+            F.sde_step(x, v, 0.6, 0.3, level, sde_type="cps", seed=1)
+    assert (F.sde_step(x, v, 0.6, 0.3, 1.0, sde_type="cps", seed=1).std > 0).all()
+    # ddim: std = a t' sqrt(1 - t) above t' (the mean's sqrt(t'^2 - std^2) clamped to 0: another sampler)
+    with pytest.raises(ValueError, match=r"too large for ddim at t = 0.6.*a must be <= 1.58114"):
+        F.sde_step(x, v, 0.6, 0.3, 1.6, sde_type="ddim", seed=1)
+    out = F.sde_step(x, v, 0.6, 0.3, 1.58, sde_type="ddim", seed=1)
+    assert (out.std <= 0.3).all() and (out.std > 0.29).all()
+    assert (F.sde_step(x, v, 1.0, 0.9, 50.0, sde_type="ddim", seed=1).std == 0).all()  # t = 1: no noise at any level
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", ["tensors", "floats"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -566,6 +566,8 @@ def test_prompts_are_a_deterministic_function_of_seed_and_iteration(tmp_path):
     ({"lr_schedule": "cosine", "lr_warmup_iterations": 5, "lr_decay_iterations": 5}, "must come after the warm-up"),
     # nothing to train: ddim's first step (from t = 1) has no noise, the last one is not trained
     ({"sde_type": "ddim", "num_steps": 2}, "no trainable step"),
+    ({"sde_type": "cps", "noise_level": 1.2}, r"noise_level must be in \(0, 1\] for sde_type cps"),
+    ({"sde_type": "ddim", "noise_level": 3.0}, r"noise_level 3.0 does not fit 'ddim' at step 1 .* must be in \[0, t'\]"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -260,6 +260,8 @@ class TrainerConfig:
         need(self.noise_level > 0 and finite(self.noise_level),
              f"noise_level must be a finite number > 0 (a rollout without noise cannot be trained), got {self.noise_level}")
         need(self.shift > 0 and finite(self.shift), f"shift must be a finite number > 0, got {self.shift}")
+        need(self.sde_type != "cps" or self.noise_level <= 1.0,
+             f"noise_level must be in (0, 1] for sde_type cps (std = t' sin(a pi / 2)), got {self.noise_level}")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1 (or None: torch's default), got {self.threads}")
         need(self.advantage_eps is None or (self.advantage_eps >= 0 and finite(self.advantage_eps)),
              f"advantage_eps must be a finite number >= 0, got {self.advantage_eps}")
@@ -341,9 +343,10 @@ class TrainerConfig:
 
     def _check_trainable_steps(self) -> None:
         """Some step must have a density to train (ddim's and cps's steps at the grid's ends have none:
-        with 2 steps and the last one not trained, nothing is left). Checked on SD3's grid of this
-        num_steps and shift before any backbone loads; every grid starts at t = 1 and ends at 0,
-        where those steps lie (the trainer checks its actual grid again)."""
+        with 2 steps and the last one not trained, nothing is left), and every step's std must fit the
+        sampler (ddim's a t' sqrt(1 - t) at most t'). Checked on SD3's grid of this num_steps and shift
+        before any backbone loads; every grid starts at t = 1 and ends at 0, where those steps lie (the
+        trainer checks its actual grid again)."""
         from sfgrpo.schedules import Schedule
         from sfgrpo.trainer.rollout import StepTable
 
@@ -351,8 +354,11 @@ class TrainerConfig:
             StepTable.build(Schedule.sd3(self.num_steps, self.shift).sigmas, self.sde_type, self.noise_level,
                             self.train_last_step)
         except ValueError as err:
-            _need(False, f"{err} ({self.num_steps} steps{', the last not trained' if not self.train_last_step else ''}; "
-                         f"more steps have noisy steps in between)")
+            hint = ""
+            if str(err).startswith("no trainable step"):
+                hint = (f" ({self.num_steps} steps{', the last not trained' if not self.train_last_step else ''}; more "
+                        f"steps have noisy steps in between)")
+            _need(False, f"{err}{hint}")
 
     def _torch_device(self):
         import torch

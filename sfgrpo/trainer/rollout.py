@@ -349,6 +349,11 @@ class StepTable:
             probe, probe, torch.tensor(t), torch.tensor(t_next), torch.tensor(levels), sde_type=sde_type,
             noise=probe, sigma_max=sigma_max,
         ).std
+        if sde_type in ("cps", "ddim"):  # std in [0, t']: the mean keeps sqrt(t'^2 - std^2) of x1_hat
+            for k in range(len(t)):
+                if not 0.0 <= float(std[k]) <= t_next[k] * (1.0 + 1e-6):  # (functional.sde_step's tolerance)
+                    raise ValueError(f"noise_level {noise_level} does not fit {sde_type!r} at step {k} (t = {t[k]:.6g}, "
+                                     f"t' = {t_next[k]:.6g}): its std {float(std[k]):.6g} must be in [0, t']")
         trained = [k for k in range(len(t)) if float(std[k]) > 0 and (train_last_step or k < len(t) - 1)]
         if not trained:
             raise ValueError(f"no trainable step: every step of this {sde_type!r} schedule is deterministic")
