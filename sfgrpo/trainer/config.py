@@ -337,11 +337,11 @@ class TrainerConfig:
              f"max_sequence_length must be >= 1 (None: the model's default), got {self.max_sequence_length}")
         need(finite(self.embedded_guidance_scale),
              f"embedded_guidance_scale must be a finite number, got {self.embedded_guidance_scale}")
-        self._check_trainable_steps()
+        self._check_schedule()
         self._torch_device()
         return self
 
-    def _check_trainable_steps(self) -> None:
+    def _check_schedule(self) -> None:
         """Some step must have a density to train (ddim's and cps's steps at the grid's ends have none:
         with 2 steps and the last one not trained, nothing is left), and every step's std must fit the
         sampler (ddim's a t' sqrt(1 - t) at most t'). Checked on SD3's grid of this num_steps and shift
