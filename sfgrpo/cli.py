@@ -88,10 +88,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from sfgrpo.trainer.export import export_weights
+    from sfgrpo.trainer.export import check_export, export_weights
 
-    trainer = _trainer(args, _checked_config(args))  # loads --resume-from
+    config = _checked_config(args)
     use_ema = {"auto": None, "ema": True, "trained": False}[args.weights]
+    try:
+        check_export(config, use_ema)  # before the backbone loads
+    except ValueError as err:
+        _usage_error(args, err)
+    trainer = _trainer(args, config)  # loads --resume-from
     written = export_weights(trainer, args.export_dir, use_ema=use_ema)
     print(f"iteration {trainer.iteration}: wrote {written}")
     return 0

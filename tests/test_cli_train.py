@@ -49,6 +49,34 @@ def test_evaluate_a_trained_run(tmp_path):
     assert record["iteration"] == 2 and record["eval_reward_mean"] == during[-1]["eval_reward_mean"]
 
 
+def test_checkpoint_and_export_mismatches_are_one_line_errors(tmp_path):
+    """Resuming a LoRA run without LoRA (or another rank), exporting a LoRA without a diffusers
+    pipeline or EMA weights a run does not keep: one line with argparse's status, no traceback (they
+    were ValueError tracebacks from deep in the loading or the export)."""
+    out = tmp_path / "out"
+    common = ("--backbone", "tiny-random", "--num-steps", "3", "--group-size", "2", "--prompts-per-iteration", "2",
+              "--output-dir", str(out), "--no-progress", "--threads", "1")
+    result = run("train", *common, "--iterations", "1", "--use-lora", "--lora-rank", "4", "--checkpoint-every", "1")
+    assert result.returncode == 0, result.stderr
+    cases = [
+        (("evaluate", *common, "--resume-from", "latest"),
+         "sfgrpo evaluate: error: bad trainer config: checkpoint ", "was trained with use_lora = True, this run has False"),
+        (("evaluate", *common, "--resume-from", "latest", "--use-lora", "--lora-rank", "8"),
+         "sfgrpo evaluate: error: bad trainer config: checkpoint ", "was trained with lora_rank = 4, this run has 8"),
+        (("export", *common, "--resume-from", "latest", "--use-lora", "--lora-rank", "4", "--export-dir", str(tmp_path / "x")),
+         "sfgrpo export: error: cannot export a LoRA in diffusers' pipeline LoRA format", ""),
+        (("export", *common, "--resume-from", "latest", "--use-lora", "--lora-rank", "4", "--weights", "ema",
+          "--export-dir", str(tmp_path / "x")), "sfgrpo export: error: cannot export the EMA weights", ""),
+    ]
+    for args, start, part in cases:
+        result = run(*args)
+        assert result.returncode == 2 and result.stderr.startswith(start) and part in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    # with the run's own settings it evaluates
+    result = run("evaluate", "--config", str(out / "config.json"), "--resume-from", "latest", "--no-progress")
+    assert result.returncode == 0, result.stderr
+
+
 def test_train_rejects_bad_flags_with_a_clear_message(tmp_path):
     """A bad value or --config file is one line on stderr with argparse's exit status, no traceback,
     for every command that takes the trainer's flags."""

@@ -21,6 +21,22 @@ from sfgrpo import distributed
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_export(config, use_ema: bool | None) -> None:
+    """What the config alone shows an export cannot do, checked before any backbone loads (the same
+    checks run in export_weights, on the trainer itself)."""
+    if use_ema and config.ema_decay == 0:
+        raise ValueError(NO_EMA)
+    backbone = str(config.backbone)
+    # a 'module:factory' backbone may carry a diffusers pipeline: export_weights decides for it
+    if config.use_lora and ":" not in backbone and not (Path(backbone) / "model_index.json").is_file():
+        raise ValueError(LORA_NEEDS_PIPELINE)
+
+
+NO_EMA = "cannot export the EMA weights: this run keeps no EMA (ema_decay = 0)"
+LORA_NEEDS_PIPELINE = ("cannot export a LoRA in diffusers' pipeline LoRA format without a diffusers checkpoint "
+                       "backbone (--backbone /path/to/checkpoint)")
+
+
 def export_weights(trainer, directory: str | Path, *, use_ema: bool | None = None) -> Path:
     """Writes the trainer's current weights (EMA ones when `use_ema`, default: when it has them)
     to `directory` in a diffusers format; returns the file or folder written."""
@@ -28,7 +44,7 @@ def export_weights(trainer, directory: str | Path, *, use_ema: bool | None = Non
     directory.mkdir(parents=True, exist_ok=True)
     use_ema = trainer.ema is not None if use_ema is None else use_ema
     if use_ema and trainer.ema is None:
-        raise ValueError("use_ema=True, but this run keeps no EMA (ema_decay = 0)")
+        raise ValueError(NO_EMA)
     transformer = distributed.unwrap(trainer.model.transformer)
     with trainer.ema_weights() if use_ema else contextlib.nullcontext():
         if trainer.config.use_lora:
@@ -41,8 +57,7 @@ def _export_lora(trainer, transformer, directory: Path) -> Path:
 
     pipe = getattr(trainer.model, "pipe", None)
     if pipe is None:
-        raise ValueError("LoRA export writes diffusers' pipeline LoRA format: it needs a diffusers checkpoint "
-                         "backbone (--backbone /path/to/checkpoint)")
+        raise ValueError(LORA_NEEDS_PIPELINE)
     layers = {name: value.detach().cpu().contiguous() for name, value in get_peft_model_state_dict(transformer).items()}
     # the adapter's config travels along: without it a loader assumes lora_alpha = r (scale 1)
     config = next(iter(transformer.peft_config.values())).to_dict()

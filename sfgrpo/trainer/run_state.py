@@ -73,12 +73,13 @@ def resume_state(trainer) -> dict:
 def load(trainer, spec: str) -> None:
     path = ckpt.resolve_checkpoint(spec, trainer.output_dir / "checkpoints")
     saved = ckpt.load_checkpoint(path)
+    state = saved["state"]
+    saved_config = state["config"]
+    _check_trained_layout(trainer.config, saved_config, path)
     if "sharded" in saved:
         _load_sharded(trainer, saved["sharded"])
     else:
         _load_full(trainer, path, saved)
-    state = saved["state"]
-    saved_config = state["config"]
     changed = {k: (saved_config[k], v) for k, v in trainer.config.to_dict().items()
                if k not in RESUMABLE_CHANGES and k in saved_config and saved_config[k] != v}
     unknown = sorted(k for k in trainer.config.to_dict() if k not in RESUMABLE_CHANGES and k not in saved_config)
@@ -109,6 +110,16 @@ def load(trainer, spec: str) -> None:
     trainer.eval_history = [r for r in state.get("eval_history", []) if r["iteration"] <= trainer.iteration]
 
 
+def _check_trained_layout(cfg, saved_config: dict, path: Path) -> None:
+    """The settings that decide which tensors are trained must be the checkpoint's: a config error
+    naming the setting (else a missing tensor or a size mismatch deep in the loading)."""
+    for name in ("use_lora", "lora_rank") if saved_config.get("use_lora") and cfg.use_lora else ("use_lora",):
+        if name in saved_config and saved_config[name] != getattr(cfg, name):
+            raise ValueError(f"bad trainer config: checkpoint {path} was trained with {name} = {saved_config[name]!r}, "
+                             f"this run has {getattr(cfg, name)!r}: resume with the checkpoint's setting (--config "
+                             f"RUN/config.json takes all of the run's)")
+
+
 # ------------------------------------------------------------------------------ full format
 def _full_optimizer_state(trainer) -> dict:
     if not trainer._sharded:
@@ -122,8 +133,8 @@ def _full_optimizer_state(trainer) -> dict:
 def _load_full(trainer, path: Path, saved: dict) -> None:
     missing = sorted(set(trainer.trainable) - set(saved["weights"].keys()))
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} trained tensor(s), e.g. {missing[:3]} "
-                         "(LoRA vs full fine-tune mismatch?)")
+        raise ValueError(f"bad trainer config: checkpoint {path} lacks {len(missing)} trained tensor(s), e.g. "
+                         f"{missing[:3]} (trained with other LoRA target modules?)")
     # tensors are read from the file one at a time: host memory holds one whole tensor, not the model
     for name, param in trainer.trainable.items():
         distributed.copy_full_into(param, saved["weights"].get_tensor(name))
