@@ -97,7 +97,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except ValueError as err:
         _usage_error(args, err)
     trainer = _trainer(args, config)  # loads --resume-from
-    written = export_weights(trainer, args.export_dir, use_ema=use_ema)
+    try:
+        written = export_weights(trainer, args.export_dir, use_ema=use_ema)
+    except ValueError as err:  # what only the loaded backbone shows (a 'module:factory' one without a pipeline)
+        if str(err).startswith("cannot export"):
+            _usage_error(args, err)
+        raise
     print(f"iteration {trainer.iteration}: wrote {written}")
     return 0
 

@@ -21,6 +21,11 @@ from sfgrpo import distributed
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+NO_EMA = "cannot export the EMA weights: this run keeps no EMA (ema_decay = 0)"
+LORA_NEEDS_PIPELINE = ("cannot export a LoRA in diffusers' pipeline LoRA format without a diffusers checkpoint "
+                       "backbone (--backbone /path/to/checkpoint)")
+
+
 def check_export(config, use_ema: bool | None) -> None:
     """What the config alone shows an export cannot do, checked before any backbone loads (the same
     checks run in export_weights, on the trainer itself)."""
@@ -30,11 +35,6 @@ def check_export(config, use_ema: bool | None) -> None:
     # a 'module:factory' backbone may carry a diffusers pipeline: export_weights decides for it
     if config.use_lora and ":" not in backbone and not (Path(backbone) / "model_index.json").is_file():
         raise ValueError(LORA_NEEDS_PIPELINE)
-
-
-NO_EMA = "cannot export the EMA weights: this run keeps no EMA (ema_decay = 0)"
-LORA_NEEDS_PIPELINE = ("cannot export a LoRA in diffusers' pipeline LoRA format without a diffusers checkpoint "
-                       "backbone (--backbone /path/to/checkpoint)")
 
 
 def export_weights(trainer, directory: str | Path, *, use_ema: bool | None = None) -> Path:
