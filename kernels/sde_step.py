@@ -687,10 +687,7 @@ def _row_outputs(batch: int, device: torch.device, with_kl: bool) -> tuple:
     """Fresh float32 `[batch]` tensors for the per-row outputs (log-prob, std, std_dev_t, and the KL
     or None), from sfgrpo.alloc's allocator where there is one (~4k host instructions each instead
     of torch.empty's ~9k)."""
-    allocate = alloc.allocator(device)
-    if allocate is None:
-        def allocate(size, stride, dtype):
-            return torch.empty(batch, dtype=dtype, device=device)
+    allocate = alloc.allocator(device) or alloc.empty_strided_on(device)
     size, stride, f32 = (batch,), (1,), torch.float32
     return (allocate(size, stride, f32), allocate(size, stride, f32), allocate(size, stride, f32),
             allocate(size, stride, f32) if with_kl else None)

@@ -21,7 +21,9 @@ from sfgrpo import backend
 Allocator = Callable[[tuple, tuple, torch.dtype], torch.Tensor]
 
 
-def _fallback(device: str) -> Allocator:
+def empty_strided_on(device: str | torch.device) -> Allocator:
+    """`torch.empty_strided` on `device` as an Allocator: where `allocator(device)` has none."""
+
     def empty_strided(size: tuple, stride: tuple, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty_strided(size, stride, dtype=dtype, device=device)
 
@@ -43,10 +45,10 @@ def _fast_cpu(guards) -> Allocator | None:
 
 _GUARDS = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
 _FAST_CPU = _fast_cpu(_GUARDS)
-empty_strided_cpu: Allocator = _FAST_CPU or _fallback("cpu")
+empty_strided_cpu: Allocator = _FAST_CPU or empty_strided_on("cpu")
 # trusted when its CPU sibling passed (the same argument parsing in torch); not probed here, which
 # would create a CUDA context at import. The fallback allocates on the current CUDA device too.
-empty_strided_cuda: Allocator = (getattr(_GUARDS, "_empty_strided_cuda", None) if _FAST_CPU else None) or _fallback("cuda")
+empty_strided_cuda: Allocator = (getattr(_GUARDS, "_empty_strided_cuda", None) if _FAST_CPU else None) or empty_strided_on("cuda")
 
 
 def allocator(device: torch.device) -> Allocator | None:

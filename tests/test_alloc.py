@@ -6,7 +6,7 @@ from sfgrpo import alloc, backend
 
 
 def test_allocators_give_the_asked_tensor():
-    for allocate in (alloc.empty_strided_cpu, alloc._fallback("cpu")):
+    for allocate in (alloc.empty_strided_cpu, alloc.empty_strided_on("cpu")):
         for size, stride, dtype in (((5,), (1,), torch.float32), ((3, 4), (4, 1), torch.float64), ((0, 7), (7, 1), torch.float32)):
             out = allocate(size, stride, dtype)
             assert (out.shape, out.stride(), out.dtype, out.device.type) == (size, stride, dtype, "cpu")

@@ -224,10 +224,7 @@ def _run_native(rewards: Tensor, group_ids: Tensor, problem: _Problem, column_ma
         size, stride = (rows, columns), (columns, 1)
     # on CUDA: None unless the tensors are on the current device (the launch below needs to know too)
     allocate = alloc.allocator(device)
-    if allocate is not None:
-        out = allocate(size, stride, rewards.dtype)
-    else:
-        out = torch.empty(*size, dtype=rewards.dtype, device=device)  # ints: a tuple costs the parser more
+    out = (allocate or alloc.empty_strided_on(device))(size, stride, rewards.dtype)
     stats = _padded_stats(rows, 1 if problem.pooled else columns, device) if with_stats else None
     if rows == 0:
         return out, stats
